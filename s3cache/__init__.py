@@ -1,0 +1,43 @@
+"""s3cache: a verified local SSD cache of S3 objects, prefetched in manifest order for training jobs.
+
+``from s3cache import resolve`` is all a training job needs; this module imports neither boto3 nor
+TensorFlow, so readers start fast and the daemon never loads TensorFlow.
+"""
+
+from .errors import (
+    CacheDirError,
+    CacheFull,
+    CacheLocked,
+    ChecksumMismatch,
+    ConfigError,
+    DaemonNotRunning,
+    FetchFailed,
+    ManifestError,
+    ObjectChanged,
+    ProtocolError,
+    ResolveTimeout,
+    S3CacheError,
+    UnsafeKey,
+)
+from .resolve import iter_resolve, resolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "resolve",
+    "iter_resolve",
+    "S3CacheError",
+    "CacheDirError",
+    "CacheFull",
+    "CacheLocked",
+    "ChecksumMismatch",
+    "ConfigError",
+    "DaemonNotRunning",
+    "FetchFailed",
+    "ManifestError",
+    "ObjectChanged",
+    "ProtocolError",
+    "ResolveTimeout",
+    "UnsafeKey",
+    "__version__",
+]

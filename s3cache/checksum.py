@@ -1,0 +1,168 @@
+"""Streaming checksums: what an object's bytes must hash to, and checking that they do.
+
+An ``Expectation`` is one claim about the bytes (a manifest SHA-256, an ETag that is an MD5, ...). The
+fetcher picks the strongest claim available and checks it; the size is always checked as well.
+Beside it, every file gets a local CRC32C (hardware-accelerated, ~GB/s) recorded in the index, so that
+``s3cache verify`` can re-check files on disk cheaply.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from typing import BinaryIO, NamedTuple
+
+import crc32c as _crc32c
+
+from .errors import ChecksumMismatch
+
+# Strongest first. "etag-md5" is the ETag of a single-part upload; "etag-multipart" is the MD5 of the
+# part MD5s (needs the part size); "size" alone proves little and status warns about it.
+METHODS = (
+    "sha256",
+    "md5",
+    "crc32c",
+    "s3-sha256",
+    "s3-sha1",
+    "s3-crc32c",
+    "s3-crc32",
+    "etag-md5",
+    "etag-multipart",
+    "size",
+)
+
+
+class Expectation(NamedTuple):
+    method: str
+    value: str  # lower-case hex, or for etag-multipart the ETag text "hex-N"
+    part_size: int = 0
+
+
+def strongest(expectations: list[Expectation]) -> Expectation | None:
+    usable = [e for e in expectations if e.method != "size"]
+    return min(usable, key=lambda e: METHODS.index(e.method)) if usable else None
+
+
+def b64_to_hex(value: str) -> str:
+    return base64.b64decode(value).hex()
+
+
+class _Crc32c:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = _crc32c.crc32c(data, self.value)
+
+    def hexdigest(self) -> str:
+        return self.value.to_bytes(4, "big").hex()
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return self.value.to_bytes(4, "big").hex()
+
+
+class _MultipartEtag:
+    """MD5 of the concatenated part MD5s, then ``-N``: what S3 reports for a multipart upload."""
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.parts: list[bytes] = []
+        self.current = hashlib.md5()
+        self.filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self.part_size - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.part_size:
+                self.parts.append(self.current.digest())
+                self.current, self.filled = hashlib.md5(), 0
+
+    def hexdigest(self) -> str:
+        parts = list(self.parts)
+        if self.filled or not parts:
+            parts.append(self.current.digest())
+        return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+
+
+def _hasher(exp: Expectation):
+    m = exp.method
+    if m in ("sha256", "s3-sha256"):
+        return hashlib.sha256()
+    if m in ("md5", "etag-md5"):
+        return hashlib.md5()
+    if m == "s3-sha1":
+        return hashlib.sha1()
+    if m in ("crc32c", "s3-crc32c"):
+        return _Crc32c()
+    if m == "s3-crc32":
+        return _Crc32()
+    if m == "etag-multipart":
+        return _MultipartEtag(exp.part_size)
+    raise ValueError(f"no hasher for {m}")
+
+
+class Digest:
+    """Feeds bytes, in order, to the expectation's hasher and to the local CRC32C."""
+
+    def __init__(self, expect: Expectation | None) -> None:
+        self.expect = expect
+        self._remote = _hasher(expect) if expect else None
+        self._local = _Crc32c()
+        self.nbytes = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self._remote is not None:
+            self._remote.update(data)
+        self._local.update(data)
+        self.nbytes += len(data)
+
+    @property
+    def local_crc32c(self) -> str:
+        return self._local.hexdigest()
+
+    def check(self, what: str, size: int | None) -> str:
+        """Raise ChecksumMismatch unless size and expectation hold; return the method that verified."""
+        if size is not None and self.nbytes != size:
+            raise ChecksumMismatch(f"{what}: got {self.nbytes} bytes, expected {size}")
+        if self.expect is None or self._remote is None:
+            return "size"
+        actual = self._remote.hexdigest()
+        if actual != self.expect.value:
+            raise ChecksumMismatch(
+                f"{what}: {self.expect.method} is {actual}, expected {self.expect.value}"
+            )
+        return self.expect.method
+
+
+CHUNK = 1 << 20
+
+
+def digest_file(f: BinaryIO, expect: Expectation | None) -> Digest:
+    """Read an open file from the start through a Digest, one chunk at a time (memory stays flat)."""
+    d = Digest(expect)
+    f.seek(0)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            return d
+        d.update(view[:n])
+
+
+def local_crc32c_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return digest_file(f, None).local_crc32c

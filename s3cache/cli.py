@@ -1,0 +1,164 @@
+"""The ``s3cache`` command: a thin click shell over the library.
+
+Every S3CacheError becomes one line on stderr and its exit code (2 for bad input, 1 otherwise); only a
+bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import Settings, default_cache_dir, human_size, parse_size
+from .errors import ConfigError, S3CacheError
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = _Size()
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except S3CacheError as e:
+        click.echo(f"s3cache: error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="S3CACHE_DIR",
+    default=default_cache_dir, show_default="$S3CACHE_DIR or /var/cache/s3cache",
+    help="The cache directory.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="s3cache")
+def main() -> None:
+    """Prefetch S3 objects into a verified local cache; training jobs read plain local files."""
+
+
+@main.command()
+@cache_dir_option
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), envvar="S3CACHE_MANIFEST",
+              help="Objects to prefetch, one s3:// URI per line, in order. Watched for changes.")
+@click.option("--max-size", type=SIZE, envvar="S3CACHE_MAX_SIZE", default="100G", show_default=True,
+              help="Bytes of cached files at most (e.g. 500G, 1.5T).")
+@click.option("--workers", type=int, envvar="S3CACHE_WORKERS", default=16, show_default=True,
+              help="Objects fetched in parallel (and parts of one large object in parallel).")
+@click.option("--part-size", type=SIZE, default="16M", show_default=True,
+              help="Ranged-GET part size for large objects.")
+@click.option("--lease", type=float, envvar="S3CACHE_LEASE", default=600.0, show_default=True,
+              help="Seconds a resolved file is protected from eviction.")
+@click.option("--readahead", type=SIZE, default="0", help="Bytes fetched ahead of each in-order reader "
+              "when the cache is full (default: 1/8 of --max-size).")
+@click.option("--min-free", type=float, default=0.05, show_default=True,
+              help="Pause prefetch when the filesystem's free fraction falls below this.")
+@click.option("--endpoint-url", envvar=["S3CACHE_ENDPOINT_URL", "AWS_ENDPOINT_URL"],
+              help="S3 endpoint (for S3-compatible stores and tests).")
+@click.option("--region", envvar="AWS_REGION", help="AWS region (default: boto3's configuration).")
+@click.option("--read-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds without a byte before a request is retried.")
+@click.option("--max-attempts", type=int, default=8, show_default=True, help="Attempts per request.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              envvar="S3CACHE_LOG_LEVEL", show_default=True)
+def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
+          lease: float, readahead: int, min_free: float, endpoint_url: str | None, region: str | None,
+          read_timeout: float, max_attempts: int, log_level: str) -> None:
+    """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
+    from .daemon import Daemon
+
+    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # boto's own loggers would print request details (and with debug, signed headers): keep them quiet.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
+                    part_size=part_size, lease=lease, readahead=readahead, min_free=min_free,
+                    endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
+                    max_attempts=max_attempts)
+    _run(Daemon(settings).run)
+
+
+@main.command("resolve")
+@cache_dir_option
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.argument("uris", nargs=-1, required=True)
+def resolve_cmd(cache_dir: Path, timeout: float | None, uris: tuple[str, ...]) -> None:
+    """Print the local path of each URI, one a line, waiting until each file has landed."""
+    from .resolve import resolve
+
+    for p in _run(resolve, list(uris), cache_dir=cache_dir, timeout=timeout):
+        click.echo(p)
+
+
+def _status(cache_dir: Path) -> dict:
+    from .control import Client
+    from .store import Layout
+
+    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir)) as c:
+        return c.request({"op": "status"})["status"]
+
+
+@main.command()
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(cache_dir: Path, as_json: bool) -> None:
+    """What the daemon is doing: objects by state, bytes against the maximum, throughput, failures."""
+    st = _run(_status, cache_dir)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    o, b = st["objects"], st["bytes"]
+    pct = 100.0 * b["ready"] / b["max"] if b["max"] else 0.0
+    click.echo(f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)")
+    click.echo(f"manifest    {st['manifest']} ({st['manifest_entries']} entries)")
+    click.echo(f"objects     {o['queued']} queued, {o['fetching']} fetching, {o['ready']} ready, "
+               f"{o['failed']} failed")
+    click.echo(f"cache use   {human_size(b['ready'])} of {human_size(b['max'])} ({pct:.1f}%), "
+               f"{human_size(b['reserved'])} reserved, filesystem {100 * b['free_fraction']:.1f}% free")
+    click.echo(f"throughput  {human_size(st['throughput_bytes_per_s'])}/s")
+    click.echo(f"readers     {st['readers']} ({st['hits']} hits, {st['misses']} misses)")
+    click.echo(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
+               f"files, {human_size(st['evicted_bytes'])}")
+    methods = st.get("verified_by", {})
+    if methods:
+        click.echo("verified    " + ", ".join(f"{k}: {v}" for k, v in sorted(methods.items())))
+        if methods.get("size"):
+            click.echo(f"warning     {methods['size']} file(s) verified by size alone (no checksum known)")
+    if st.get("disk_full"):
+        click.echo("warning     the cache filesystem is full: prefetch paused until space returns")
+    for f in st["failures"]:
+        click.echo(f"failed      {f['uri']}: {f['code']}")
+    for e in st.get("manifest_errors", []):
+        click.echo(f"manifest    {e}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put the demo's cache and data (default: a temporary directory).")
+@click.option("--shards", type=int, default=16, show_default=True)
+@click.option("--records", type=int, default=4096, show_default=True, help="Records per shard.")
+def demo(workdir: Path | None, shards: int, records: int) -> None:
+    """Run the whole path on an embedded S3 (moto): upload TFRecords, serve, read back, train a step."""
+    from .demo import run_demo
+
+    sys.exit(_run(run_demo, workdir=workdir, shards=shards, records=records, out=click.echo))
+
+
+if __name__ == "__main__":
+    main()

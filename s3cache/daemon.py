@@ -1,0 +1,743 @@
+"""The daemon: the composition root that ties manifest, fetcher, store, index and policy together.
+
+Threads, and what each owns:
+
+* workers (``--workers``): take the next job (demand first, then prefetch), fetch it into a temp file.
+* publisher: publishes verified temp files in batches (one index transaction and one fsync per
+  directory for many objects) and wakes the readers waiting on them.
+* housekeeping: flushes readers' usage to the index once a second, samples throughput, re-checks
+  leases when prefetch is paused.
+* control server: answers readers (``want``, ``status``, ``use``) and receives usage datagrams.
+* manifest watcher (watchdog): re-reads the manifest when it changes.
+
+All shared state is guarded by one lock (``self.lock``). Eviction additionally takes the cache's lease
+lock exclusively, which readers take shared around their fast path: a reader that saw a file and sent
+its usage note is either seen by the eviction or finds the file gone and asks the daemon for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import replace
+
+from . import manifest as manifest_mod
+from .checksum import local_crc32c_of
+from .config import Settings, human_size
+from .control import MAX_DATAGRAM, Connection, Server
+from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
+from .evict import Resident, ReaderTracker, choose_victims, next_use
+from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace, make_client
+from .index import PUBLISHING, READY, Index, IndexCorrupt, Record
+from .manifest import Entry
+from .refs import parse_uri
+from .store import Store
+
+log = logging.getLogger("s3cache.daemon")
+
+LEASE_LOCK = "lease.lock"
+
+
+def lease_lock_path(private_dir: str) -> str:
+    return os.path.join(private_dir, LEASE_LOCK)
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.store = Store(str(settings.cache_dir))
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.index: Index | None = None
+        self.server: Server | None = None
+        self.fetcher: Fetcher | None = None
+        self._threads: list[threading.Thread] = []
+        self._observer = None
+        self._reload = threading.Event()
+        self._publish_q: queue.Queue = queue.Queue()
+        self._lease_fd: int | None = None
+
+        self.entries: list[Entry] = []  # the manifest, in fetch order
+        self.positions: dict[str, int] = {}  # uri -> manifest position
+        self.extra: dict[str, Entry] = {}  # objects asked for by readers but not in the manifest
+        self.ready: dict[str, Record] = {}
+        self.fetching: set[str] = set()
+        self.failed: dict[str, tuple[str, str]] = {}  # uri -> (code, message)
+        self.known_sizes: dict[str, int] = {}  # sizes learned from S3 before the object was admitted
+        self.blocked: set[str] = set()  # waiting for room in the cache
+        self.reservations: dict[str, int] = {}
+        self.demand: deque[Entry] = deque()
+        self.waiters: dict[str, set[Connection]] = {}
+        self.used = 0  # bytes of ready files
+        self.reserved = 0  # bytes promised to downloads in flight
+        self.cursor = 0
+        self.prefetch_paused = False
+        self.disk_full = False
+        self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
+        self._dirty_use: dict[str, float] = {}
+        self.stats = {"fetched": 0, "fetched_bytes": 0, "evicted": 0, "evicted_bytes": 0,
+                      "hits": 0, "misses": 0, "failed": 0}
+        self._tp_samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self.manifest_errors: list[str] = []
+        self.started_at = time.time()
+
+    # == lifecycle ====================================================================================
+
+    def start(self) -> None:
+        """Take the cache dir, reconcile, load the manifest and start serving. Raises S3CacheError."""
+        self.store.open()
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _start(self) -> None:
+        lay = self.store.layout
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run", removed)
+        self._lease_fd = os.open(lease_lock_path(lay.private), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.index = self._open_index()
+        self._reconcile()
+        client = make_client(self.s.endpoint_url, self.s.region, pool=self.s.workers * 2 + 4,
+                             connect_timeout=self.s.connect_timeout, read_timeout=self.s.read_timeout)
+        self.fetcher = Fetcher(client, part_size=self.s.part_size, workers=self.s.workers,
+                               max_attempts=self.s.max_attempts, cancel=self.stopping,
+                               new_temp=self.store.new_temp, discard=self.store.discard)
+        if self.s.manifest is not None:
+            self._install_manifest(self._read_manifest())
+        self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._on_close)
+        self.server.start()
+        self._spawn(self._use_loop, "s3cache-use")
+        self._spawn(self._publish_loop, "s3cache-publish")
+        self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
+        for i in range(self.s.workers):
+            self._spawn(self._worker_loop, f"s3cache-worker-{i}")
+        if self.s.manifest is not None:
+            self._watch_manifest()
+        log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
+                 len(self.entries), len(self.ready), human_size(self.used), human_size(self.s.max_size))
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        """Ask every thread to stop; ``wait`` returns once they have."""
+        self.stopping.set()
+        self._reload.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        while not self.stopping.wait(0.5):
+            pass
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self.stopping.set()
+        self._reload.set()
+        with self.cond:
+            self.cond.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        self._publish_q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.server is not None:
+            self.server.stop()
+        if self.fetcher is not None:
+            self.fetcher.close()
+        self._flush_use()
+        self.store.clean_tmp()
+        if self.index is not None:
+            self.index.close()
+        if self._lease_fd is not None:
+            os.close(self._lease_fd)
+        self.store.close()
+        log.info("stopped")
+
+    def run(self) -> None:
+        """start(), stop on SIGTERM or SIGINT, clean up, return. For ``s3cache serve``."""
+        self.start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self.wait()
+
+    # == index and reconcile ==========================================================================
+
+    def _open_index(self) -> Index:
+        path = self.store.layout.index
+        try:
+            return Index(path)
+        except IndexCorrupt as e:
+            aside = f"{path}.corrupt.{int(time.time())}"
+            log.error("%s; moving it to %s and starting a fresh index", e, aside)
+            os.rename(path, aside)
+            return Index(path)
+
+    def _reconcile(self) -> None:
+        """Make the index agree with the disk without re-hashing or asking S3 about ready files.
+
+        ``publishing`` rows (a crash between intent and ready) are settled by checking their file's size
+        and local CRC32C; ``ready`` rows whose file is gone are dropped, so the object is fetched again.
+        """
+        assert self.index is not None
+        promote: list[tuple[str, Record]] = []
+        drop: list[str] = []
+        for uri, rec in self.index.items():
+            path = self.store.layout.abspath(rec.path)
+            if rec.state == PUBLISHING:
+                try:
+                    ok = os.path.getsize(path) == rec.size and local_crc32c_of(path) == rec.crc32c
+                except OSError:
+                    ok = False
+                if ok:
+                    rec = replace(rec, state=READY)
+                    promote.append((uri, rec))
+                else:
+                    self.store.remove(rec.path)
+                    drop.append(uri)
+                    continue
+            elif not self.store.exists(rec.path):
+                drop.append(uri)
+                continue
+            self.ready[uri] = rec
+            self.used += rec.size
+        if promote:
+            self.index.put_many(promote)
+        if drop:
+            self.index.delete_many(drop)
+        if promote or drop:
+            log.info("reconciled index: %d interrupted publish(es) completed, %d missing file(s) re-queued",
+                     len(promote), len(drop))
+
+    # == manifest =====================================================================================
+
+    def _read_manifest(self) -> list[Entry]:
+        path = str(self.s.manifest)
+        errors: list[str] = []
+
+        def lister(bucket: str, prefix: str):
+            assert self.fetcher is not None
+            try:
+                return self.fetcher.list(bucket, prefix)
+            except (FetchFailed, Cancelled) as e:
+                errors.append(f"{path}: cannot list s3://{bucket}/{prefix}: {e}")
+                log.error("%s", errors[-1])
+                return []
+
+        seen: set[str] = set()
+        entries = []
+        for e in manifest_mod.expand(manifest_mod.read(path), lister):
+            if e.uri not in seen:
+                seen.add(e.uri)
+                entries.append(e)
+        self.manifest_errors = errors
+        return entries
+
+    def _install_manifest(self, entries: list[Entry]) -> None:
+        stale: list[Record] = []
+        with self.lock:
+            old = set(self.positions)
+            self.entries = entries
+            self.positions = {e.uri: i for i, e in enumerate(entries)}
+            for e in entries:
+                self.extra.pop(e.uri, None)
+                rec = self.ready.get(e.uri)
+                if rec is not None and ((e.version and rec.version != e.version)
+                                        or (e.size is not None and rec.size != e.size)):
+                    stale.append(rec)
+                    self._forget_ready(e.uri)
+            self.cursor = 0
+            self.prefetch_paused = False
+            self.failed = {u: f for u, f in self.failed.items() if u not in self.positions}
+            self.tracker.forget()
+            self.cond.notify_all()
+        for rec in stale:
+            self.store.remove(rec.path)
+        if stale:
+            log.info("manifest asks for a different version of %d cached file(s); fetching again", len(stale))
+        added = len(set(self.positions) - old)
+        log.info("manifest %s: %d entries (%d new)", self.s.manifest, len(entries), added)
+
+    def _watch_manifest(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        target = os.path.abspath(str(self.s.manifest))
+        reload = self._reload
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                paths = {os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")}
+                if target in paths and event.event_type in ("created", "modified", "moved", "closed"):
+                    reload.set()
+
+        # Watch the directory, not the file: editors save by renaming a new file over the old one.
+        obs = Observer()
+        obs.schedule(Handler(), os.path.dirname(target), recursive=False)
+        obs.daemon = True
+        obs.start()
+        self._observer = obs
+        self._spawn(self._reload_loop, "s3cache-manifest")
+
+    def _reload_loop(self) -> None:
+        while True:
+            self._reload.wait()
+            if self.stopping.is_set():
+                return
+            # Let a burst of events (write, close, rename) settle into one reload.
+            while self._reload.is_set():
+                self._reload.clear()
+                if self.stopping.wait(0.2):
+                    return
+            try:
+                self._install_manifest(self._read_manifest())
+            except S3CacheError as e:
+                log.error("manifest not reloaded, keeping the previous one: %s", e)
+
+    # == scheduling ===================================================================================
+
+    def _entry_for(self, uri: str) -> Entry | None:
+        pos = self.positions.get(uri)
+        return self.entries[pos] if pos is not None else self.extra.get(uri)
+
+    def _wanted(self, uri: str) -> bool:
+        return (uri not in self.ready and uri not in self.fetching
+                and uri not in self.failed and uri not in self.blocked)
+
+    def _next_job(self) -> tuple[Entry, bool] | None:
+        with self.cond:
+            while not self.stopping.is_set():
+                while self.demand:
+                    e = self.demand.popleft()
+                    if e.uri not in self.ready and e.uri not in self.fetching:
+                        self.fetching.add(e.uri)
+                        return e, True
+                if not self.prefetch_paused and not self.disk_full:
+                    e = self._next_prefetch()
+                    if e is not None:
+                        self.fetching.add(e.uri)
+                        return e, False
+                self.cond.wait(1.0)
+        return None
+
+    def _readahead_files(self) -> int:
+        known = [e.size for e in self.entries[:256] if e.size]
+        avg = (sum(known) / len(known)) if known else self.s.part_size
+        return max(1, int(self.s.readahead_bytes / max(avg, 1)))
+
+    def _next_prefetch(self) -> Entry | None:
+        n = len(self.entries)
+        if not n:
+            return None
+        readers = self.tracker.positions(n, time.time())
+        if not readers:
+            while self.cursor < n:
+                e = self.entries[self.cursor]
+                if self._wanted(e.uri):
+                    return e
+                self.cursor += 1
+            return None
+        # Readers go in order: fill in order of next use, nearest first; beyond the readahead window
+        # only into free space (evicting for a file needed later than what is resident would be a loss).
+        window = self._readahead_files()
+        free = self.s.max_size - self.used - self.reserved
+        for k in range(n):
+            for r in readers:
+                e = self.entries[(r + k) % n]
+                if self._wanted(e.uri):
+                    if k < window or (e.size or self.s.part_size) <= free:
+                        return e
+                    return None
+        return None
+
+    def _resume_prefetch(self) -> None:
+        """Something changed that may make room (eviction possible, readers moved, leases expired)."""
+        with self.cond:
+            if self.prefetch_paused or self.blocked:
+                self.prefetch_paused = False
+                for uri in self.blocked:
+                    pos = self.positions.get(uri)
+                    if pos is not None:
+                        self.cursor = min(self.cursor, pos)
+                waiting_demand = [u for u in self.blocked if u in self.waiters]
+                self.blocked.clear()
+                for uri in waiting_demand:
+                    e = self._entry_for(uri)
+                    if e is not None:
+                        self.demand.appendleft(e)
+                self.cond.notify_all()
+
+    # == space ========================================================================================
+
+    def _admit(self, entry: Entry, size: int, demand: bool) -> bool:
+        """Reserve ``size`` bytes for ``entry``, evicting by policy if needed. False: no room yet."""
+        uri = entry.uri
+        with self.lock:
+            if uri in self.reservations:
+                return True
+            if not demand and self.s.min_free and self.store.free_fraction() < self.s.min_free:
+                log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
+                return False
+            if self.used + self.reserved + size <= self.s.max_size:
+                self._reserve(uri, size)
+                return True
+        if size > self.s.max_size:
+            return False
+        # Eviction: hold the lease lock exclusively so no reader is between "saw the file" and "told us".
+        assert self._lease_fd is not None
+        fcntl.flock(self._lease_fd, fcntl.LOCK_EX)
+        try:
+            with self.lock:
+                self._drain_use()
+                if self.used + self.reserved + size <= self.s.max_size:
+                    self._reserve(uri, size)
+                    return True
+                now = time.time()
+                n = len(self.entries)
+                readers = self.tracker.positions(n, now)
+                pos = self.positions.get(uri)
+                target = 0 if demand else (next_use(pos, readers, n) if pos is not None and readers else None)
+                need = self.used + self.reserved + size - self.s.max_size
+                low = int(self.s.max_size * self.s.low_watermark)
+                extra = max(0, self.used + self.reserved + size - low - need)
+                residents = [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), r.pinned)
+                             for u, r in self.ready.items()]
+                victims = choose_victims(residents, need=need, extra=extra, readers=readers, n=n,
+                                         target_distance=target, demand=demand, now=now, lease=self.s.lease)
+                if victims is None:
+                    return False
+                for v in victims:
+                    rec = self._forget_ready(v.uri)
+                    if rec is not None:
+                        self.store.remove(rec.path)  # the file first: a crash leaves a row to drop
+                    self.stats["evicted"] += 1
+                    self.stats["evicted_bytes"] += v.size
+                assert self.index is not None
+                self.index.delete_many(v.uri for v in victims)
+                self.cursor = min([self.cursor] + [v.position for v in victims if v.position is not None])
+                log.debug("evicted %d file(s), %s, for %s", len(victims), human_size(sum(v.size for v in victims)), uri)
+                self._reserve(uri, size)
+                return True
+        finally:
+            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+
+    def _reserve(self, uri: str, size: int) -> None:
+        self.reservations[uri] = size
+        self.reserved += size
+
+    def _release(self, uri: str) -> None:
+        size = self.reservations.pop(uri, 0)
+        self.reserved -= size
+
+    def _forget_ready(self, uri: str) -> Record | None:
+        rec = self.ready.pop(uri, None)
+        if rec is not None:
+            self.used -= rec.size
+            self._dirty_use.pop(uri, None)
+        return rec
+
+    # == workers ======================================================================================
+
+    def _worker_loop(self) -> None:
+        assert self.fetcher is not None
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            entry, demand = job
+            uri = entry.uri
+            size = entry.size if entry.size is not None else self.known_sizes.get(uri)
+            try:
+                if size is not None and not self._admit(entry, size, demand):
+                    raise NeedSpace(size)
+                fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand))
+            except NeedSpace as e:
+                with self.cond:
+                    self.fetching.discard(uri)
+                    self.known_sizes[uri] = e.size
+                    self.blocked.add(uri)
+                    if not demand:
+                        self.prefetch_paused = True
+                continue
+            except Cancelled:
+                with self.cond:
+                    self.fetching.discard(uri)
+                    self._release(uri)
+                return
+            except DiskFull as e:
+                log.error("%s: %s; evicting and pausing until space returns", uri, e)
+                with self.cond:
+                    self.fetching.discard(uri)
+                    self._release(uri)
+                    self.disk_full = True
+                    self.blocked.add(uri)
+                continue
+            except FetchFailed as e:
+                self._fail(uri, e.code, e.reason)
+                continue
+            except (ChecksumMismatch, ObjectChanged) as e:
+                self._fail(uri, type(e).__name__, str(e))
+                continue
+            except Exception as e:
+                log.exception("unexpected error fetching %s", uri)
+                self._fail(uri, "InternalError", f"{type(e).__name__}: {e}")
+                continue
+            self._publish_q.put((entry, fetched))
+
+    def _fail(self, uri: str, code: str, message: str) -> None:
+        log.error("failed %s: %s: %s", uri, code, message)
+        with self.cond:
+            self.fetching.discard(uri)
+            self._release(uri)
+            self.failed[uri] = (code, message)
+            self.stats["failed"] += 1
+            for conn in self.waiters.pop(uri, ()):
+                conn.send({"event": "failed", "uri": uri, "code": code, "message": message})
+            self.cond.notify_all()
+
+    # == publishing ===================================================================================
+
+    def _publish_loop(self) -> None:
+        while True:
+            first = self._publish_q.get()
+            if first is None:
+                return
+            batch: list[tuple[Entry, Fetched]] = [first]
+            stop_after = False
+            while len(batch) < 512:
+                try:
+                    item = self._publish_q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_after = True
+                    break
+                batch.append(item)
+            try:
+                self._publish(batch)
+            except Exception as e:
+                log.exception("publishing %d file(s) failed", len(batch))
+                for entry, f in batch:
+                    self.store.discard(f.tmp_path)
+                    self._fail(entry.uri, "PublishFailed", f"{type(e).__name__}: {e}")
+            if stop_after:
+                return
+
+    def _publish(self, batch: list[tuple[Entry, Fetched]]) -> None:
+        assert self.index is not None
+        now = time.time()
+        plans: list[tuple[Entry, Fetched, Record]] = []
+        for entry, f in batch:
+            rel = self.store.prepare(entry.ref)
+            rec = Record(PUBLISHING, rel, f.size, f.etag, f.version, f.method, f.crc32c, now, 0.0, entry.pin)
+            plans.append((entry, f, rec))
+        # The order below is the crash-safety rule (see store.py).
+        self.index.put_many((e.uri, rec) for e, _, rec in plans)
+        self.store.publish((f.tmp_path, rec.path) for _, f, rec in plans)
+        ready = [(e.uri, replace(rec, state=READY)) for e, _, rec in plans]
+        self.index.put_many(ready)
+        with self.cond:
+            for (entry, f, _), (uri, rec) in zip(plans, ready):
+                old = self._forget_ready(uri)
+                if old is not None and old.path != rec.path:
+                    self.store.remove(old.path)
+                self._release(uri)
+                self.fetching.discard(uri)
+                self.failed.pop(uri, None)
+                waiting = self.waiters.get(uri)
+                if waiting:
+                    rec = rec.used(now)  # a reader is about to open it: its lease starts now
+                    self._dirty_use[uri] = now
+                self.ready[uri] = rec
+                self.used += rec.size
+                self.known_sizes.pop(uri, None)
+                self.stats["fetched"] += 1
+                self.stats["fetched_bytes"] += rec.size
+                for conn in self.waiters.pop(uri, ()):
+                    conn.send({"event": "ready", "uri": uri, "path": rec.path})
+            self.disk_full = False
+            self.cond.notify_all()
+        for entry, f, rec in plans:
+            log.debug("ready %s (%d bytes, %s)", entry.uri, rec.size, rec.method)
+
+    # == readers ======================================================================================
+
+    def _note_use(self, reader: str, uris: list[str], hit: bool) -> None:
+        """A reader resolved these URIs (caller holds the lock)."""
+        now = time.time()
+        n = len(self.entries)
+        moved = False
+        for uri in uris:
+            rec = self.ready.get(uri)
+            if rec is not None:
+                self.ready[uri] = rec.used(now)
+                self._dirty_use[uri] = now
+            pos = self.positions.get(uri)
+            if pos is not None:
+                self.tracker.saw(reader, pos, n, now)
+                moved = True
+            self.stats["hits" if hit else "misses"] += 1
+        if moved and (self.prefetch_paused or self.blocked):
+            self._resume_prefetch()
+        elif moved:
+            self.cond.notify_all()
+
+    def _drain_use(self) -> None:
+        """Apply every usage datagram waiting in the socket (caller holds the lock)."""
+        if self.server is None:
+            return
+        while True:
+            try:
+                data = self.server.use.recv(MAX_DATAGRAM)
+            except (BlockingIOError, OSError):
+                return
+            reader, _, rest = data.decode("utf-8", "replace").partition("\n")
+            self._note_use(reader, [u for u in rest.split("\n") if u], hit=True)
+
+    def _use_loop(self) -> None:
+        import select
+
+        assert self.server is not None
+        sock = self.server.use
+        while not self.stopping.is_set():
+            try:
+                r, _, _ = select.select([sock], [], [], 0.5)
+            except (OSError, ValueError):
+                return
+            if r:
+                with self.lock:
+                    self._drain_use()
+
+    def _handle(self, conn: Connection, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "want":
+            return {"results": self._want(conn, str(msg.get("reader", "")), list(msg.get("uris", [])))}
+        if op == "use":
+            with self.lock:
+                self._note_use(str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])], hit=True)
+            return {"ok": True}
+        if op == "status":
+            return {"status": self.status()}
+        if op == "hello":
+            return {"ok": True, "pid": os.getpid()}
+        return {"error": f"unknown op {op!r}"}
+
+    def _want(self, conn: Connection, reader: str, uris: list[str]) -> list[dict]:
+        results = []
+        front: list[Entry] = []
+        with self.cond:
+            self._note_use(reader, [u for u in uris if u in self.ready], hit=False)
+            for raw in uris:
+                try:
+                    ref = parse_uri(raw)
+                except S3CacheError as e:
+                    results.append({"uri": raw, "state": "invalid", "message": str(e)})
+                    continue
+                uri = ref.uri
+                rec = self.ready.get(uri)
+                if rec is not None:
+                    if self.store.exists(rec.path):
+                        results.append({"uri": uri, "state": "ready", "path": rec.path})
+                        continue
+                    self._forget_ready(uri)  # removed behind our back: fetch it again
+                # A failed object is tried again when a reader asks: the fresh answer comes back
+                # pushed on this connection within one request's time.
+                self.failed.pop(uri, None)
+                entry = self._entry_for(uri)
+                if entry is None:
+                    entry = Entry(ref)
+                    self.extra[uri] = entry
+                self.waiters.setdefault(uri, set()).add(conn)
+                if uri not in self.fetching:
+                    front.append(entry)
+                    self.blocked.discard(uri)
+                rel = self.store.prepare(ref)
+                results.append({"uri": uri, "state": "pending", "watch": os.path.dirname(rel)})
+            for e in reversed(front):
+                self.demand.appendleft(e)
+            self.cond.notify_all()
+        return results
+
+    def _on_close(self, conn: Connection) -> None:
+        with self.lock:
+            for uri in [u for u, cs in self.waiters.items() if conn in cs]:
+                self.waiters[uri].discard(conn)
+                if not self.waiters[uri]:
+                    del self.waiters[uri]
+
+    # == housekeeping =================================================================================
+
+    def _flush_use(self) -> None:
+        with self.lock:
+            dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
+            self._dirty_use.clear()
+        if dirty and self.index is not None:
+            self.index.put_many(dirty)
+
+    def _housekeeping_loop(self) -> None:
+        while not self.stopping.wait(1.0):
+            try:
+                self._flush_use()
+            except Exception:
+                log.exception("flushing usage to the index failed")
+            with self.lock:
+                self._tp_samples.append((time.monotonic(), self.fetcher.counters.bytes if self.fetcher else 0))
+            # Leases expire with time alone; a paused prefetch may now find room.
+            self._resume_prefetch()
+            if self.disk_full and self.store.free_fraction() > max(self.s.min_free, 0.01):
+                with self.cond:
+                    self.disk_full = False
+                    self.cond.notify_all()
+
+    # == status =======================================================================================
+
+    def status(self) -> dict:
+        with self.lock:
+            in_manifest_ready = sum(1 for u in self.positions if u in self.ready)
+            failed_in_manifest = sum(1 for u in self.positions if u in self.failed)
+            fetching = len(self.fetching)
+            queued = max(0, len(self.entries) - in_manifest_ready - failed_in_manifest
+                         - sum(1 for u in self.fetching if u in self.positions)) + len(self.demand)
+            throughput = 0.0
+            if len(self._tp_samples) >= 2:
+                (t0, b0), (t1, b1) = self._tp_samples[max(0, len(self._tp_samples) - 11)], self._tp_samples[-1]
+                throughput = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+            methods: dict[str, int] = {}
+            for r in self.ready.values():
+                methods[r.method] = methods.get(r.method, 0) + 1
+            counters = self.fetcher.counters if self.fetcher else None
+            return {
+                "cache_dir": self.store.layout.root,
+                "pid": os.getpid(),
+                "uptime": round(time.time() - self.started_at, 1),
+                "manifest": str(self.s.manifest) if self.s.manifest else None,
+                "manifest_entries": len(self.entries),
+                "objects": {"queued": queued, "fetching": fetching, "ready": len(self.ready),
+                            "failed": len(self.failed)},
+                "bytes": {"ready": self.used, "reserved": self.reserved, "max": self.s.max_size,
+                          "free_fraction": round(self.store.free_fraction(), 4)},
+                "throughput_bytes_per_s": round(throughput),
+                "verified_by": methods,
+                "failures": [{"uri": u, "code": c, "message": m} for u, (c, m) in list(self.failed.items())[:50]],
+                "manifest_errors": self.manifest_errors,
+                "prefetch_paused": self.prefetch_paused,
+                "disk_full": self.disk_full,
+                "readers": len(self.tracker),
+                "requests": counters.requests if counters else 0,
+                "retries": counters.retries if counters else 0,
+                **{k: v for k, v in self.stats.items()},
+            }

@@ -1,0 +1,137 @@
+"""Which files to evict, and where readers are. Pure logic: no filesystem, no clock of its own.
+
+The policy, as a user can follow it:
+
+* Never evicted: a pinned file, a file resolved within the last ``lease`` seconds, a file being fetched.
+* Files not in the manifest (fetched on demand) go first, least recently used first.
+* When readers walk the manifest in order, the daemon knows when each file will be needed next: its
+  distance ahead of the nearest reader, wrapping into the next epoch. It evicts the file needed furthest
+  in the future (Belady's rule), and only to make room for a file needed sooner. A file just read is the
+  one needed furthest away, so a dataset larger than the cache keeps a stable resident set and streams the
+  rest, instead of evicting each file just before the next epoch needs it (what plain LRU does).
+* With no reader in order, files already read go least recently used first. A file fetched ahead and not
+  read yet is never evicted to make room for a later manifest entry: prefetch pauses instead. Only a
+  reader waiting on a file may evict it, furthest manifest position first.
+* Files with no known future (not in the manifest, or read with no order) are evicted in a batch from the
+  limit down to the low watermark, so deletions are grouped; files with a known next use are evicted one
+  at a time, because evicting them early only costs a refetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A ready file as the policy sees it."""
+
+    uri: str
+    size: int
+    last_used: float  # 0.0: never resolved by a reader
+    fetched_at: float
+    position: int | None  # manifest position, None if not in the manifest
+    pinned: bool = False
+
+
+def leased(r: Resident, now: float, lease: float) -> bool:
+    return r.last_used > 0 and now - r.last_used < lease
+
+
+def next_use(position: int, readers: Iterable[int], n: int) -> int | None:
+    """Files until the nearest reader (at its next position) reaches ``position``; None with no readers."""
+    best = None
+    for r in readers:
+        d = (position - r) % n
+        if best is None or d < best:
+            best = d
+    return best
+
+
+def choose_victims(
+    residents: Iterable[Resident],
+    *,
+    need: int,
+    extra: int,
+    readers: list[int],
+    n: int,
+    target_distance: int | None,
+    demand: bool,
+    now: float,
+    lease: float,
+) -> list[Resident] | None:
+    """Victims freeing at least ``need`` bytes (plus up to ``extra`` from files with no known future).
+
+    ``target_distance`` is how soon the file to be fetched is needed (None when unknown). Returns None,
+    evicting nothing, when the eligible files cannot free ``need`` bytes.
+    """
+    cold: list[tuple[float, Resident]] = []  # no known future: LRU
+    future: list[tuple[int, Resident]] = []  # known next use: furthest first
+    unread: list[tuple[int, Resident]] = []  # prefetched, never read: only for a waiting reader
+    for r in residents:
+        if r.pinned or leased(r, now, lease):
+            continue
+        if r.position is None or n == 0:
+            cold.append((r.last_used or r.fetched_at, r))
+        elif readers:
+            d = next_use(r.position, readers, n)
+            if target_distance is None or d > target_distance:
+                future.append((d, r))
+        elif r.last_used > 0:
+            cold.append((r.last_used, r))
+        elif demand:
+            unread.append((r.position, r))
+    cold.sort(key=lambda t: t[0])
+    future.sort(key=lambda t: -t[0])
+    unread.sort(key=lambda t: -t[0])
+
+    victims: list[Resident] = []
+    freed = 0
+    for _, r in cold:
+        if freed >= need + extra:
+            break
+        victims.append(r)
+        freed += r.size
+    for _, r in future + unread:
+        if freed >= need:
+            break
+        victims.append(r)
+        freed += r.size
+    return victims if freed >= need else None
+
+
+class ReaderTracker:
+    """Where each reader is in the manifest, learned from the positions it resolves.
+
+    A reader counts as ordered once it has made two steps forward of at most ``stride`` positions; its
+    position is then the next file it will read. A reader silent for ``idle`` seconds is forgotten.
+    """
+
+    def __init__(self, idle: float = 600.0, stride: int = 64) -> None:
+        self.idle = idle
+        self.stride = stride
+        self._last: dict[str, tuple[int, int, float]] = {}  # reader -> (position, in-order steps, when)
+
+    def saw(self, reader: str, position: int, n: int, now: float) -> None:
+        prev = self._last.get(reader)
+        steps = 0
+        if prev is not None and n:
+            step = (position - prev[0]) % n
+            steps = prev[1] + 1 if 0 < step <= self.stride else (prev[1] if step == 0 else 0)
+        self._last[reader] = (position, steps, now)
+
+    def positions(self, n: int, now: float) -> list[int]:
+        """Next positions of the readers that go in order (the manifest has ``n`` entries)."""
+        for reader, (_, _, when) in list(self._last.items()):
+            if now - when > self.idle:
+                del self._last[reader]
+        if not n:
+            return []
+        return sorted({(p + 1) % n for p, steps, _ in self._last.values() if steps >= 2})
+
+    def forget(self) -> None:
+        self._last.clear()
+
+    def __len__(self) -> int:
+        return len(self._last)

@@ -1,0 +1,416 @@
+"""Fetch one object from S3 into a verified, fsync'd temp file. Choosing paths and evicting is not here.
+
+Per object:
+
+* The first request is a GET of the first part (``Range: bytes=0-PART``). For an object that fits in one
+  part this is the only request: there is no HEAD round trip, which is what matters for small objects.
+  Its ``Content-Range`` gives the total size and its ETag pins the version.
+* Further parts are ranged GETs with ``IfMatch=<etag>`` (or the manifest's VersionId), fetched in
+  parallel and written with ``pwrite`` at their offsets, so an overwrite in S3 mid-download yields a 412
+  (``ObjectChanged``) and never a file mixed from two versions.
+* Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
+* The strongest available checksum is checked, with the size, before the file is handed back.
+
+Retries (exponential backoff, full jitter) cover throttling, 5xx, connection errors, read timeouts and
+short or broken bodies; a throttled request slows every worker, so a burst of 503s does not become a
+retry storm. Permanent errors (NoSuchKey, AccessDenied, ...) fail at once with their S3 error code.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from .checksum import CHUNK, Digest, Expectation, b64_to_hex, digest_file, strongest
+from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
+from .manifest import Entry, Listed
+
+log = logging.getLogger("s3cache.fetch")
+
+_RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "BadDigest",
+}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+_PERMANENT_BY_STATUS = {403: "AccessDenied", 404: "NoSuchKey", 400: "BadRequest", 416: "InvalidRange"}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_S3_CHECKSUMS = (("ChecksumSHA256", "s3-sha256"), ("ChecksumSHA1", "s3-sha1"),
+                 ("ChecksumCRC32C", "s3-crc32c"), ("ChecksumCRC32", "s3-crc32"))
+
+
+class Cancelled(S3CacheError):
+    """The daemon is stopping; the download was abandoned and its temp file removed."""
+
+
+class NeedSpace(S3CacheError):
+    """The object's size became known and the cache has no room for it yet."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        super().__init__(f"no room for {size} bytes")
+
+
+class DiskFull(S3CacheError):
+    """The filesystem under the cache dir ran out of space (ENOSPC) during a download."""
+
+
+class _Retry(Exception):
+    def __init__(self, cause: BaseException, throttled: bool = False) -> None:
+        self.cause = cause
+        self.throttled = throttled
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A verified temp file ready to publish."""
+
+    tmp_path: str
+    size: int
+    etag: str
+    version: str
+    method: str
+    crc32c: str
+
+
+@dataclass
+class Counters:
+    """Request and byte counts, for status and for tests that check there is no retry storm."""
+
+    requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    throttled: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+def make_client(endpoint_url: str | None, region: str | None, pool: int,
+                connect_timeout: float, read_timeout: float):
+    """A boto3 S3 client whose connection pool matches our concurrency and that never retries itself."""
+    cfg = botocore.config.Config(
+        max_pool_connections=pool,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": 1},  # one retry policy, ours, with shared throttling
+        response_checksum_validation="when_required",  # we verify the strongest checksum ourselves
+        tcp_keepalive=True,
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
+
+
+def _error_code(e: botocore.exceptions.ClientError) -> tuple[str, int]:
+    err = e.response.get("Error", {})
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = err.get("Code") or str(status)
+    if code.isdigit():
+        code = _PERMANENT_BY_STATUS.get(int(code), code)
+    return code, status
+
+
+def classify(e: BaseException, uri: str) -> BaseException:
+    """Map an exception from boto3 to a _Retry, or to the typed error to give up with."""
+    if isinstance(e, botocore.exceptions.ClientError):
+        code, status = _error_code(e)
+        if code == "PreconditionFailed" or status == 412:
+            return ObjectChanged(f"{uri} changed in S3 during the download")
+        if code in _RETRY_CODES or status >= 500 or status == 429:
+            return _Retry(e, throttled=code in _THROTTLE_CODES or status in (429, 503))
+        return FetchFailed(uri, code, e.response.get("Error", {}).get("Message", ""))
+    if isinstance(e, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return FetchFailed(uri, "NoCredentials", "no AWS credentials found (boto3's credential chain)")
+    if isinstance(e, (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError,
+                      ConnectionError, TimeoutError)):
+        return _Retry(e)
+    if isinstance(e, ChecksumMismatch):
+        return _Retry(e)  # a flipped byte on the wire: fetch again; give up after max_attempts
+    return e
+
+
+class Fetcher:
+    def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
+                 cancel: threading.Event, new_temp: Callable[[str], tuple[int, str]],
+                 discard: Callable[[str], None]) -> None:
+        self.client = client
+        self.part_size = part_size
+        self.max_attempts = max_attempts
+        self.cancel = cancel
+        self._new_temp = new_temp
+        self._discard = discard
+        self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
+        self._throttle_until = 0.0
+        self._throttle_lock = threading.Lock()
+        self.counters = Counters()
+
+    def close(self) -> None:
+        self._parts.shutdown(wait=True, cancel_futures=True)
+
+    # -- retry machinery ---------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(20.0, 0.1 * (2 ** attempt)))
+
+    def _wait_throttle(self) -> None:
+        delay = self._throttle_until - time.monotonic()
+        if delay > 0 and self.cancel.wait(delay):
+            raise Cancelled("stopping")
+
+    def _attempts(self, uri: str, op: Callable[[], object]):
+        """Run ``op`` until it succeeds, fails for good, or runs out of attempts (keeping the last error)."""
+        last: BaseException | None = None
+        for attempt in range(self.max_attempts):
+            if self.cancel.is_set():
+                raise Cancelled("stopping")
+            self._wait_throttle()
+            try:
+                return op()
+            except (Cancelled, NeedSpace, DiskFull, ObjectChanged, FetchFailed):
+                raise
+            except Exception as e:  # classified below: anything unknown is re-raised as is
+                verdict = classify(e, uri)
+                if not isinstance(verdict, _Retry):
+                    raise verdict from e
+                last = verdict.cause
+                delay = self._backoff(attempt)
+                self.counters.add(retries=1, throttled=int(verdict.throttled))
+                if verdict.throttled:
+                    with self._throttle_lock:
+                        self._throttle_until = max(self._throttle_until, time.monotonic() + delay)
+                log.info("retrying %s after %s (attempt %d/%d, %.2fs)", uri,
+                         type(last).__name__, attempt + 1, self.max_attempts, delay)
+                if self.cancel.wait(delay):
+                    raise Cancelled("stopping")
+        code = type(last).__name__ if last else "Unknown"
+        if isinstance(last, botocore.exceptions.ClientError):
+            code = _error_code(last)[0]
+        if isinstance(last, ChecksumMismatch):
+            raise last
+        raise FetchFailed(uri, code, f"gave up after {self.max_attempts} attempts: {last}")
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _get(self, entry: Entry, first: int, last: int | None, etag: str | None):
+        kw: dict = {"Bucket": entry.ref.bucket, "Key": entry.ref.key}
+        if last is not None:
+            kw["Range"] = f"bytes={first}-{last}"
+        if entry.version:
+            kw["VersionId"] = entry.version
+        if etag:
+            kw["IfMatch"] = etag
+        else:
+            kw["ChecksumMode"] = "ENABLED"
+        self.counters.add(requests=1)
+        return self.client.get_object(**kw)
+
+    def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None) -> None:
+        """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried."""
+        got = 0
+        try:
+            while True:
+                if self.cancel.is_set():
+                    raise Cancelled("stopping")
+                chunk = body.read(CHUNK)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    try:
+                        n = os.pwrite(fd, view, offset + got)
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC:
+                            raise DiskFull("no space left on the cache filesystem") from None
+                        raise
+                    if digest is not None:
+                        digest.update(view[:n])
+                    view = view[n:]
+                    got += n
+                self.counters.add(bytes=len(chunk))
+        finally:
+            body.close()
+        if got != expect_len:
+            raise botocore.exceptions.IncompleteReadError(actual_bytes=got, expected_bytes=expect_len)
+
+    def list(self, bucket: str, prefix: str) -> list[Listed]:
+        """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
+        out: list[Listed] = []
+        uri = f"s3://{bucket}/{prefix}"
+
+        def page(token: str | None):
+            kw = {"Bucket": bucket, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            self.counters.add(requests=1)
+            return self.client.list_objects_v2(**kw)
+
+        token = None
+        while True:
+            resp = self._attempts(uri, lambda: page(token))
+            for o in resp.get("Contents", []):
+                out.append(Listed(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"')))
+            if not resp.get("IsTruncated"):
+                return out
+            token = resp["NextContinuationToken"]
+
+    # -- one object --------------------------------------------------------------------------------
+
+    def fetch(self, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
+        """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
+
+        Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
+        ObjectChanged if the object kept changing, ChecksumMismatch if it never verified, Cancelled.
+        """
+        uri = entry.uri
+        changed = 0
+        while True:
+            try:
+                return self._attempts(uri, lambda: self._fetch_once(entry, admit))
+            except ObjectChanged:
+                changed += 1
+                if changed >= 3:
+                    raise
+                log.info("%s changed in S3 during the download; starting over", uri)
+
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
+        uri = entry.uri
+        last = self.part_size - 1
+        resp = self._get(entry, 0, last, None)
+        body = resp["Body"]
+        etag = resp.get("ETag", "").strip('"')
+        version = resp.get("VersionId") or entry.version or ""
+        m = _CONTENT_RANGE.match(resp.get("ContentRange", "") or "")
+        total = int(m.group(3)) if m else int(resp["ContentLength"])
+        if entry.size is not None and total != entry.size:
+            body.close()
+            raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+        if not admit(total):
+            body.close()
+            raise NeedSpace(total)
+        single = total <= self.part_size
+        expect = self._expectation(entry, resp, etag, whole=single)
+        if expect is not None and expect.method == "etag-multipart":
+            expect = self._multipart_expectation(entry, etag)
+        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
+        ok = False
+        try:
+            if total:
+                try:
+                    os.posix_fallocate(fd, 0, total)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise DiskFull(f"no space left for {uri} ({total} bytes)") from None
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+            first_len = min(total, self.part_size)
+            if single:
+                digest = Digest(expect)
+                self._stream(body, fd, 0, first_len, digest)
+            else:
+                self._fetch_rest(entry, body, fd, total, etag)
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    digest = digest_file(f, expect)
+            method = digest.check(uri, total)
+            os.fsync(fd)
+            ok = True
+            return Fetched(tmp, total, etag, version, method, digest.local_crc32c)
+        finally:
+            os.close(fd)
+            if not ok:
+                self._discard(tmp)
+
+    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str) -> None:
+        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match."""
+        uri = entry.uri
+        pin = None if entry.version else etag
+
+        def part(start: int) -> None:
+            end = min(total, start + self.part_size) - 1
+
+            def once() -> None:
+                r = self._get(entry, start, end, pin)
+                self._stream(r["Body"], fd, start, end - start + 1, None)
+
+            self._attempts(uri, once)
+
+        starts = range(self.part_size, total, self.part_size)
+        futures = [self._parts.submit(part, s) for s in starts]
+        try:
+            try:
+                self._stream(first_body, fd, 0, self.part_size, None)
+            except Exception as e:
+                verdict = classify(e, uri)
+                if not isinstance(verdict, _Retry):
+                    raise
+                part(0)  # retry only the first part, the others are already under way
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    try:
+                        f.exception()
+                    except Exception:
+                        pass
+
+    def _expectation(self, entry: Entry, resp: dict, etag: str, whole: bool) -> Expectation | None:
+        """The strongest claim about the bytes that is known before reading them."""
+        exps: list[Expectation] = []
+        if entry.sha256:
+            exps.append(Expectation("sha256", entry.sha256))
+        if entry.md5:
+            exps.append(Expectation("md5", entry.md5))
+        if entry.crc32c:
+            exps.append(Expectation("crc32c", entry.crc32c))
+        if whole and resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            for header, method in _S3_CHECKSUMS:
+                value = resp.get(header)
+                if value and "-" not in value:
+                    exps.append(Expectation(method, b64_to_hex(value)))
+        encrypted = resp.get("SSECustomerAlgorithm") or resp.get("ServerSideEncryption") == "aws:kms"
+        if etag and not encrypted:  # with SSE-KMS or SSE-C the ETag is not an MD5 of the bytes
+            if re.fullmatch(r"[0-9a-f]{32}", etag):
+                exps.append(Expectation("etag-md5", etag))
+            elif re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
+                exps.append(Expectation("etag-multipart", etag))
+        return strongest(exps)
+
+    def _multipart_expectation(self, entry: Entry, etag: str) -> Expectation | None:
+        """For a multipart ETag, learn the part size (HeadObject PartNumber=1) so the ETag can be checked."""
+        if not re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
+            return None
+        kw: dict = {"Bucket": entry.ref.bucket, "Key": entry.ref.key, "PartNumber": 1, "IfMatch": etag}
+        if entry.version:
+            kw["VersionId"] = entry.version
+        self.counters.add(requests=1)
+        head = self._attempts(entry.uri, lambda: self.client.head_object(**kw))
+        part_size = int(head["ContentLength"])
+        if not head.get("PartsCount") or part_size <= 0:
+            return None
+        return Expectation("etag-multipart", etag, part_size)

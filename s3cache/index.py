@@ -1,0 +1,113 @@
+"""The durable index: one diskcache row per object that has (or is about to have) a file on disk.
+
+Only durable facts live here. ``publishing`` is an intent written before a verified file is renamed
+into place; ``ready`` is written after the rename and the directory fsync. Queued and fetching are the
+daemon's live view (derived from the manifest minus this index), so a crash cannot leave them lying.
+
+Rows are written in group transactions (one fsync for many objects): per-object bookkeeping must stay
+cheap when objects are small and many.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+
+import diskcache
+
+from .errors import CacheDirError
+
+PUBLISHING = "publishing"
+READY = "ready"
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the cache knows about one object's file. ``path`` is relative to the cache dir."""
+
+    state: str
+    path: str
+    size: int
+    etag: str = ""
+    version: str = ""
+    method: str = "size"  # which checksum verified the bytes (see checksum.METHODS)
+    crc32c: str = ""  # local CRC32C of the file, for `s3cache verify`
+    fetched_at: float = 0.0
+    last_used: float = 0.0
+    pinned: bool = False
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        row["v"] = SCHEMA
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> Record:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    def used(self, when: float) -> Record:
+        return replace(self, last_used=when)
+
+
+class Index:
+    """Process-safe, crash-safe map from ``s3://bucket/key`` to Record, backed by diskcache (SQLite)."""
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            self._cache = diskcache.Cache(
+                directory,
+                eviction_policy="none",  # s3cache evicts; diskcache must never drop a row on its own
+                size_limit=1 << 62,
+                cull_limit=0,
+                statistics=0,
+                tag_index=0,
+                sqlite_synchronous=2,  # FULL: a commit survives power loss, not only a process crash
+                disk_min_file_size=1 << 30,  # rows stay inside SQLite, no side files
+            )
+        except sqlite3.DatabaseError as e:
+            raise IndexCorrupt(f"index at {directory} is unreadable: {e}") from e
+        except OSError as e:
+            raise CacheDirError(f"cannot open index at {directory}: {e.strerror}") from e
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o600)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def get(self, uri: str) -> Record | None:
+        row = self._cache.get(uri)
+        return Record.from_row(row) if row is not None else None
+
+    def items(self) -> Iterator[tuple[str, Record]]:
+        for uri in list(self._cache.iterkeys()):
+            row = self._cache.get(uri)
+            if row is not None:
+                yield uri, Record.from_row(row)
+
+    def put_many(self, records: Iterable[tuple[str, Record]]) -> None:
+        """Write many rows in one transaction: all of them land, or (after a crash) none."""
+        with self._cache.transact():
+            for uri, rec in records:
+                self._cache.set(uri, rec.to_row())
+
+    def delete_many(self, uris: Iterable[str]) -> None:
+        with self._cache.transact():
+            for uri in uris:
+                self._cache.delete(uri)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class IndexCorrupt(CacheDirError):
+    """The index file is damaged; the daemon rebuilds it from the files on disk."""
+
+
+def now() -> float:
+    return time.time()

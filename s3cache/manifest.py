@@ -1,0 +1,190 @@
+"""Parse a manifest: one S3 object (or prefix) per line, in the order the daemon should fetch them.
+
+Grammar, one line::
+
+    s3://BUCKET/KEY [FIELD=VALUE ...]   # comment
+
+* ``KEY`` is percent-decoded (UTF-8): write a space as ``%20``, ``#`` as ``%23`` and ``%`` as ``%25``.
+  Everything else, including non-ASCII text, may be written as is.
+* Fields: ``size=`` (bytes), ``sha256=``, ``md5=``, ``crc32c=`` (hex, or base64 as S3 prints them),
+  ``version=`` (an S3 VersionId to fetch), ``pin=1`` (keep resident; see ``s3cache pin``).
+* A URI ending in ``/`` stands for every object under that prefix, in key order (ListObjectsV2).
+  Only ``pin=`` may follow a prefix.
+* ``#`` starts a comment; blank lines are ignored.
+
+Every malformed line raises ``ManifestError`` naming the file, the line number and the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+from .errors import ManifestError, UnsafeKey
+from .refs import ObjectRef, check_bucket, check_key
+
+_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_DIGEST_BYTES = {"sha256": 32, "md5": 16, "crc32c": 4}
+FIELDS = ("size", "sha256", "md5", "crc32c", "version", "pin")
+
+
+class Entry(NamedTuple):
+    """One object to fetch and what it must look like. Checksums are lower-case hex."""
+
+    ref: ObjectRef
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    crc32c: str | None = None
+    version: str | None = None
+    pin: bool = False
+
+    @property
+    def uri(self) -> str:
+        return self.ref.uri
+
+
+class Prefix(NamedTuple):
+    """Every object under ``bucket/prefix``, expanded with ListObjectsV2."""
+
+    bucket: str
+    prefix: str
+    pin: bool = False
+
+
+class Listed(NamedTuple):
+    """One object a listing returned."""
+
+    key: str
+    size: int
+    etag: str
+
+
+def _decode_digest(name: str, value: str) -> str:
+    """Hex or base64 to lower-case hex, checked for the algorithm's length."""
+    want = _DIGEST_BYTES[name]
+    if len(value) == 2 * want and _HEX.match(value):
+        return value.lower()
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != want:
+        raise ValueError(f"{name}= must be {2 * want} hex digits or base64 of {want} bytes, got {value!r}")
+    return raw.hex()
+
+
+def _decode_key(text: str) -> str:
+    if _PCT.search(text):
+        raise ValueError("a '%' in a key must be followed by two hex digits (write '%' itself as %25)")
+    raw = bytearray()
+    i = 0
+    data = text.encode("utf-8")
+    while i < len(data):
+        c = data[i]
+        if c == 0x25:  # '%'
+            raw.append(int(data[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(c)
+            i += 1
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"percent-encoded key is not valid UTF-8 ({e.reason})") from e
+
+
+def parse_line(text: str) -> Entry | Prefix | None:
+    """One manifest line to an Entry, a Prefix, or None for blank and comment lines.
+
+    Raises ValueError with a message fit for the user; ``parse`` adds the file and line.
+    """
+    body = text.split("#", 1)[0].strip()
+    if not body:
+        return None
+    uri, *fields = body.split()
+    if not uri.startswith("s3://"):
+        raise ValueError(f"expected s3://bucket/key, got {uri!r}")
+    bucket, sep, raw_key = uri[5:].partition("/")
+    if not sep:
+        raise ValueError(f"expected s3://bucket/key, got {uri!r} (a whole bucket is written s3://{bucket}/)")
+    try:
+        check_bucket(bucket)
+    except UnsafeKey as e:
+        raise ValueError(str(e)) from None
+    key = _decode_key(raw_key)
+    values: dict[str, str] = {}
+    for f in fields:
+        name, eq, value = f.partition("=")
+        if not eq or not value:
+            raise ValueError(f"expected NAME=VALUE after the URI, got {f!r}")
+        if name not in FIELDS:
+            raise ValueError(f"unknown field {name!r} (known: {', '.join(FIELDS)})")
+        if name in values:
+            raise ValueError(f"field {name!r} given twice")
+        values[name] = value
+    pin = values.pop("pin", "0")
+    if pin not in ("0", "1"):
+        raise ValueError(f"pin= must be 0 or 1, got {pin!r}")
+    if key == "" or key.endswith("/"):
+        if values:
+            raise ValueError(f"a prefix line takes only pin=, not {', '.join(sorted(values))}")
+        return Prefix(bucket, key, pin == "1")
+    try:
+        check_key(key)
+    except UnsafeKey as e:
+        raise ValueError(str(e)) from None
+    size = None
+    if "size" in values:
+        if not values["size"].isdigit():
+            raise ValueError(f"size= must be a whole number of bytes, got {values['size']!r}")
+        size = int(values["size"])
+    digests = {n: _decode_digest(n, values[n]) for n in _DIGEST_BYTES if n in values}
+    return Entry(ObjectRef(bucket, key), size, version=values.get("version"), pin=pin == "1", **digests)
+
+
+def parse(lines: Iterable[str], path: str = "<manifest>") -> Iterator[Entry | Prefix]:
+    """Entries and prefixes in file order. Raises ManifestError at the first bad line."""
+    for lineno, text in enumerate(lines, 1):
+        try:
+            item = parse_line(text)
+        except ValueError as e:
+            raise ManifestError(path, lineno, str(e)) from None
+        if item is not None:
+            yield item
+
+
+def read(path: str) -> Iterator[Entry | Prefix]:
+    """Parse the manifest file at ``path`` (UTF-8)."""
+    try:
+        f = open(path, encoding="utf-8", newline=None)
+    except OSError as e:
+        raise ManifestError(path, 0, f"cannot read manifest: {e.strerror}") from None
+    with f:
+        try:
+            yield from parse(f, path)
+        except UnicodeDecodeError as e:
+            raise ManifestError(path, 0, f"manifest is not UTF-8 text ({e.reason})") from None
+
+
+Lister = Callable[[str, str], Iterable[Listed]]
+
+
+def expand(items: Iterable[Entry | Prefix], lister: Lister) -> Iterator[Entry]:
+    """Entries in manifest order with each prefix replaced by its listing (in key order).
+
+    ``lister(bucket, prefix)`` yields the objects under a prefix. Duplicates are left in; the catalog
+    collapses them to the first occurrence because it can compare keys without holding a second copy.
+    """
+    for item in items:
+        if isinstance(item, Entry):
+            yield item
+            continue
+        for obj in lister(item.bucket, item.prefix):
+            if obj.key.endswith("/"):
+                continue  # "folder" marker objects carry no data
+            yield Entry(ObjectRef(item.bucket, obj.key), obj.size, pin=item.pin)
