@@ -82,6 +82,7 @@ class Daemon:
         self.disk_full = False
         self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
         self._dirty_use: dict[str, float] = {}
+        self._early_use: dict[str, float] = {}  # used by a reader between rename and "ready"
         self.stats = {"fetched": 0, "fetched_bytes": 0, "evicted": 0, "evicted_bytes": 0,
                       "hits": 0, "misses": 0, "failed": 0}
         self._tp_samples: deque[tuple[float, int]] = deque(maxlen=64)
@@ -169,10 +170,11 @@ class Daemon:
 
     def run(self) -> None:
         """start(), stop on SIGTERM or SIGINT, clean up, return. For ``s3cache serve``."""
-        self.start()
+        # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+        self.start()
         self.wait()
 
     # == index and reconcile ==========================================================================
@@ -410,7 +412,14 @@ class Daemon:
                 n = len(self.entries)
                 readers = self.tracker.positions(n, now)
                 pos = self.positions.get(uri)
-                target = 0 if demand else (next_use(pos, readers, n) if pos is not None and readers else None)
+                # How soon the new file is needed: now for a waiting reader; its distance ahead of the
+                # readers in order; with none, its manifest position (as if a reader stood at the start).
+                if demand:
+                    target = 0
+                elif pos is None:
+                    target = None
+                else:
+                    target = next_use(pos, readers, n) if readers else pos
                 need = self.used + self.reserved + size - self.s.max_size
                 low = int(self.s.max_size * self.s.low_watermark)
                 extra = max(0, self.used + self.reserved + size - low - need)
@@ -429,7 +438,8 @@ class Daemon:
                 assert self.index is not None
                 self.index.delete_many(v.uri for v in victims)
                 self.cursor = min([self.cursor] + [v.position for v in victims if v.position is not None])
-                log.debug("evicted %d file(s), %s, for %s", len(victims), human_size(sum(v.size for v in victims)), uri)
+                log.debug("evicted %s (%s) for %s", [v.uri for v in victims],
+                          human_size(sum(v.size for v in victims)), uri)
                 self._reserve(uri, size)
                 return True
         finally:
@@ -466,6 +476,9 @@ class Daemon:
                     raise NeedSpace(size)
                 fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand))
             except NeedSpace as e:
+                if e.size > self.s.max_size:
+                    self._fail(uri, "TooLarge", f"{e.size} bytes will never fit in --max-size {self.s.max_size}")
+                    continue
                 with self.cond:
                     self.fetching.discard(uri)
                     self.known_sizes[uri] = e.size
@@ -504,6 +517,7 @@ class Daemon:
             self.fetching.discard(uri)
             self._release(uri)
             self.failed[uri] = (code, message)
+            self._early_use.pop(uri, None)
             self.stats["failed"] += 1
             for conn in self.waiters.pop(uri, ()):
                 conn.send({"event": "failed", "uri": uri, "code": code, "message": message})
@@ -541,13 +555,27 @@ class Daemon:
         assert self.index is not None
         now = time.time()
         plans: list[tuple[Entry, Fetched, Record]] = []
+        planned: set[str] = set()
         for entry, f in batch:
-            rel = self.store.prepare(entry.ref)
+            try:
+                rel = self.store.prepare(entry.ref, planned)
+            except (OSError, S3CacheError) as e:
+                self.store.discard(f.tmp_path)
+                self._fail(entry.uri, "PublishFailed", f"{type(e).__name__}: {e}")
+                continue
+            planned.add(rel)
             rec = Record(PUBLISHING, rel, f.size, f.etag, f.version, f.method, f.crc32c, now, 0.0, entry.pin)
             plans.append((entry, f, rec))
         # The order below is the crash-safety rule (see store.py).
         self.index.put_many((e.uri, rec) for e, _, rec in plans)
-        self.store.publish((f.tmp_path, rec.path) for _, f, rec in plans)
+        errors = self.store.publish([(f.tmp_path, rec.path) for _, f, rec in plans])
+        for (entry, f, _), err in zip(plans, errors):
+            if err is not None:
+                self.store.discard(f.tmp_path)
+                self._fail(entry.uri, "PublishFailed", f"{type(err).__name__}: {err}")
+        if any(errors):
+            self.index.delete_many(e.uri for (e, _, _), err in zip(plans, errors) if err is not None)
+            plans = [p for p, err in zip(plans, errors) if err is None]
         ready = [(e.uri, replace(rec, state=READY)) for e, _, rec in plans]
         self.index.put_many(ready)
         with self.cond:
@@ -558,10 +586,12 @@ class Daemon:
                 self._release(uri)
                 self.fetching.discard(uri)
                 self.failed.pop(uri, None)
-                waiting = self.waiters.get(uri)
-                if waiting:
-                    rec = rec.used(now)  # a reader is about to open it: its lease starts now
-                    self._dirty_use[uri] = now
+                used_at = self._early_use.pop(uri, 0.0)
+                if self.waiters.get(uri):
+                    used_at = now  # a reader is about to open it: its lease starts now
+                if used_at:
+                    rec = rec.used(used_at)
+                    self._dirty_use[uri] = used_at
                 self.ready[uri] = rec
                 self.used += rec.size
                 self.known_sizes.pop(uri, None)
@@ -577,7 +607,8 @@ class Daemon:
     # == readers ======================================================================================
 
     def _note_use(self, reader: str, uris: list[str], hit: bool) -> None:
-        """A reader resolved these URIs (caller holds the lock)."""
+        """A reader resolved these URIs; ``hit``: they were there when it first looked (caller holds
+        the lock)."""
         now = time.time()
         n = len(self.entries)
         moved = False
@@ -586,11 +617,16 @@ class Daemon:
             if rec is not None:
                 self.ready[uri] = rec.used(now)
                 self._dirty_use[uri] = now
+            elif uri in self.fetching:
+                # Renamed into place but not yet marked ready: the reader already has it. Its lease
+                # must start now, or the file could be evicted the moment it becomes ready.
+                self._early_use[uri] = now
             pos = self.positions.get(uri)
             if pos is not None:
                 self.tracker.saw(reader, pos, n, now)
                 moved = True
-            self.stats["hits" if hit else "misses"] += 1
+            if hit:
+                self.stats["hits"] += 1
         if moved and (self.prefetch_paused or self.blocked):
             self._resume_prefetch()
         elif moved:
@@ -605,8 +641,9 @@ class Daemon:
                 data = self.server.use.recv(MAX_DATAGRAM)
             except (BlockingIOError, OSError):
                 return
-            reader, _, rest = data.decode("utf-8", "replace").partition("\n")
-            self._note_use(reader, [u for u in rest.split("\n") if u], hit=True)
+            header, _, rest = data.decode("utf-8", "replace").partition("\n")
+            # The header is "h<reader>" for a first look, "w<reader>" for a look after waiting.
+            self._note_use(header[1:], [u for u in rest.split("\n") if u], hit=header[:1] == "h")
 
     def _use_loop(self) -> None:
         import select
@@ -637,10 +674,12 @@ class Daemon:
         return {"error": f"unknown op {op!r}"}
 
     def _want(self, conn: Connection, reader: str, uris: list[str]) -> list[dict]:
+        log.debug("want %s from %s", uris, reader)
         results = []
         front: list[Entry] = []
         with self.cond:
-            self._note_use(reader, [u for u in uris if u in self.ready], hit=False)
+            self._note_use(reader, uris, hit=False)
+            self.stats["misses"] += sum(1 for u in uris if u not in self.ready)
             for raw in uris:
                 try:
                     ref = parse_uri(raw)

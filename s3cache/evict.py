@@ -10,8 +10,9 @@ The policy, as a user can follow it:
   one needed furthest away, so a dataset larger than the cache keeps a stable resident set and streams the
   rest, instead of evicting each file just before the next epoch needs it (what plain LRU does).
 * With no reader in order, files already read go least recently used first. A file fetched ahead and not
-  read yet is never evicted to make room for a later manifest entry: prefetch pauses instead. Only a
-  reader waiting on a file may evict it, furthest manifest position first.
+  read yet is never evicted to make room for a later manifest entry: prefetch pauses instead. It may
+  give way to an earlier entry (parallel workers can land entries out of order) or to a reader waiting
+  on a file, furthest manifest position first.
 * Files with no known future (not in the manifest, or read with no order) are evicted in a batch from the
   limit down to the low watermark, so deletions are grouped; files with a known next use are evicted one
   at a time, because evicting them early only costs a refetch.
@@ -80,7 +81,7 @@ def choose_victims(
                 future.append((d, r))
         elif r.last_used > 0:
             cold.append((r.last_used, r))
-        elif demand:
+        elif demand or (target_distance is not None and r.position > target_distance):
             unread.append((r.position, r))
     cold.sort(key=lambda t: t[0])
     future.sort(key=lambda t: -t[0])

@@ -74,9 +74,9 @@ class Resolver:
     def reader_id(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def _note(self, uris: list[str]) -> None:
+    def _note(self, uris: list[str], first_look: bool) -> None:
         """Tell the daemon these files were used (one datagram per ~60 KB of URIs)."""
-        header = self.reader_id() + "\n"
+        header = ("h" if first_look else "w") + self.reader_id() + "\n"
         batch: list[str] = []
         size = len(header)
         for u in uris:
@@ -104,13 +104,15 @@ class Resolver:
                 raise
             # No daemon: nothing can evict the file either, so the lease needs no note.
 
-    def lookup(self, refs: Sequence[ObjectRef]) -> list[str | None]:
-        """Paths of the files already present (None where missing), marking them used."""
+    def lookup(self, refs: Sequence[ObjectRef], first_look: bool = True) -> list[str | None]:
+        """Paths of the files already present (None where missing), marking them used.
+
+        ``first_look``: this is the reader's first look, so a file found counts as a cache hit."""
         with self._shared_lease():
             found = [self._find(r) for r in refs]
             used = [r.uri for r, p in zip(refs, found) if p is not None]
             if used:
-                self._note(used)
+                self._note(used, first_look)
         return found
 
     # -- slow path ---------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class Resolver:
             pending = list(range(len(refs)))
             asked = False
             while True:
-                found = self.lookup([refs[i] for i in pending])
+                found = self.lookup([refs[i] for i in pending], first_look=False)
                 for i, p in zip(list(pending), found):
                     if p is not None:
                         result[i] = p

@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from . import paths
@@ -145,15 +145,17 @@ class Store:
 
     # -- placement and publishing ------------------------------------------------------------------
 
-    def _make_parent(self, rel: str) -> bool:
+    def _make_parent(self, rel: str, planned: Collection[str]) -> bool:
         """Create the parent directories of ``rel`` inside the root; False if a file is in the way.
 
         Walks one component at a time with lstat so that a symlink planted in the cache dir can never
-        lead a write outside it.
+        lead a write outside it. ``planned`` files count as in the way although not yet renamed there.
         """
         parts = rel.split("/")[:-1]
         cur = self.layout.root
-        for part in parts:
+        for i, part in enumerate(parts):
+            if "/".join(parts[: i + 1]) in planned:
+                return False
             cur = os.path.join(cur, part)
             try:
                 st = os.lstat(cur)
@@ -167,11 +169,14 @@ class Store:
                 return False
         return True
 
-    def prepare(self, ref: ObjectRef) -> str:
-        """The relative path this object will take, with its parent directories created."""
+    def prepare(self, ref: ObjectRef, planned: Collection[str] = ()) -> str:
+        """The relative path this object will take, with its parent directories created.
+
+        ``planned``: paths already chosen for files of the same batch that are not renamed yet.
+        """
         for rel in paths.candidates(ref):
             target = self.layout.abspath(rel)
-            if not self._make_parent(rel):
+            if not self._make_parent(rel, planned):
                 continue
             try:
                 if stat.S_ISDIR(os.lstat(target).st_mode):
@@ -181,24 +186,31 @@ class Store:
             return rel
         raise CacheDirError(f"no safe place for {ref.uri} in {self.layout.root}")
 
-    def publish(self, items: Iterable[tuple[str, str]]) -> None:
+    def publish(self, items: Iterable[tuple[str, str]]) -> list[Exception | None]:
         """Rename verified, fsync'd temp files to their prepared relative paths, then fsync each
-        touched directory once.
+        touched directory once. Returns, per item, None or the error that kept it from publishing.
 
         The caller commits ``ready`` rows only after this returns, so a row never points at a directory
         entry that a power loss could still take back.
         """
         dirs: set[str] = set()
+        errors: list[Exception | None] = []
         for tmp_path, rel in items:
             target = self.layout.abspath(rel)
             parent = os.path.dirname(target)
-            if not paths.is_within(self._real_root or self.layout.root, parent):
-                raise CacheDirError(f"refusing to write {rel!r} outside the cache dir")
-            os.chmod(tmp_path, 0o644)
-            os.rename(tmp_path, target)
+            try:
+                if not paths.is_within(self._real_root or self.layout.root, parent):
+                    raise CacheDirError(f"refusing to write {rel!r} outside the cache dir")
+                os.chmod(tmp_path, 0o644)
+                os.rename(tmp_path, target)
+            except (OSError, CacheDirError) as e:
+                errors.append(e)
+                continue
+            errors.append(None)
             dirs.add(parent)
         for d in dirs:
             _fsync_dir(d)
+        return errors
 
     def remove(self, rel: str) -> None:
         """Delete a published file (eviction). Readers holding it open keep their bytes."""

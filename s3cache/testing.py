@@ -148,11 +148,13 @@ class DaemonProcess:
         with Client(Layout(str(self.cache_dir.absolute())).control_socket, str(self.cache_dir)) as c:
             return c.request({"op": "status"})["status"]
 
-    def wait_until(self, cond: Callable[[dict], object], timeout: float = 120, what: str = "a daemon state"):
+    def wait_until(self, cond: Callable[[dict], object], timeout: float = 120, what: str = "a daemon state") -> dict:
+        """Poll status until ``cond(status)`` holds; returns that status."""
         def check():
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            return cond(self.status())
+            st = self.status()
+            return st if cond(st) else None
 
         return wait_for(check, timeout, what, interval=0.1)
 

@@ -1,0 +1,159 @@
+"""The fetcher against moto's real S3 server over HTTP: one object at a time, into a temp file."""
+
+import hashlib
+import os
+import threading
+
+import botocore
+import pytest
+
+from s3cache.errors import ChecksumMismatch, FetchFailed
+from s3cache.fetch import Fetcher, NeedSpace, make_client
+from s3cache.manifest import Entry
+from s3cache.refs import ObjectRef
+from s3cache.store import Store
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "cache"))
+    s.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def make_fetcher(moto, store):
+    made = []
+
+    def make(client=None, part_size=MiB, max_attempts=3):
+        f = Fetcher(client or make_client(moto.url, "us-east-1", 16, 5, 10), part_size=part_size, workers=4,
+                    max_attempts=max_attempts, cancel=threading.Event(), new_temp=store.new_temp,
+                    discard=store.discard)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_small_object_is_one_request_and_verified_by_etag(s3, bucket, make_fetcher, store):
+    body = os.urandom(100_000)
+    s3.put_object(Bucket=bucket, Key="small.bin", Body=body)
+    f = make_fetcher()
+    got = f.fetch(Entry(ObjectRef(bucket, "small.bin")), admit=lambda n: True)
+    assert read(got.tmp_path) == body
+    assert got.method == "etag-md5" and got.size == len(body)
+    assert f.counters.requests == 1
+    assert os.path.dirname(got.tmp_path) == store.layout.tmp
+    assert oct(os.stat(got.tmp_path).st_mode & 0o777) == "0o600"
+
+
+def test_large_object_in_parallel_ranged_parts(s3, bucket, make_fetcher):
+    body = os.urandom(5 * MiB + 123)
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=body)
+    f = make_fetcher(part_size=MiB)
+    got = f.fetch(Entry(ObjectRef(bucket, "big.bin")), admit=lambda n: True)
+    assert read(got.tmp_path) == body
+    assert f.counters.requests == 6
+    assert got.method == "etag-md5"
+
+
+def test_multipart_etag_with_short_last_part(s3, bucket, make_fetcher):
+    parts = [os.urandom(5 * MiB), os.urandom(5 * MiB), os.urandom(MiB + 7)]
+    mpu = s3.create_multipart_upload(Bucket=bucket, Key="mp.bin")
+    done = []
+    for i, p in enumerate(parts, 1):
+        r = s3.upload_part(Bucket=bucket, Key="mp.bin", UploadId=mpu["UploadId"], PartNumber=i, Body=p)
+        done.append({"PartNumber": i, "ETag": r["ETag"]})
+    s3.complete_multipart_upload(Bucket=bucket, Key="mp.bin", UploadId=mpu["UploadId"],
+                                 MultipartUpload={"Parts": done})
+    f = make_fetcher(part_size=4 * MiB)
+    got = f.fetch(Entry(ObjectRef(bucket, "mp.bin")), admit=lambda n: True)
+    assert read(got.tmp_path) == b"".join(parts)
+    assert got.method == "etag-multipart" and got.etag.endswith("-3")
+
+
+def test_manifest_checksum_wins_and_a_mismatch_is_never_handed_back(s3, bucket, make_fetcher, store):
+    body = b"hello world" * 1000
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    f = make_fetcher()
+    good = f.fetch(Entry(ObjectRef(bucket, "k"), sha256=hashlib.sha256(body).hexdigest()), admit=lambda n: True)
+    assert good.method == "sha256"
+    os.unlink(good.tmp_path)
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        f.fetch(Entry(ObjectRef(bucket, "k"), sha256="0" * 64), admit=lambda n: True)
+    assert os.listdir(store.layout.tmp) == []
+    assert f.counters.requests == 1 + 3  # three attempts, then it gives up
+
+
+def test_object_overwritten_mid_download_never_yields_a_mixed_file(s3, bucket, make_fetcher):
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    s3.put_object(Bucket=bucket, Key="moving.bin", Body=old)
+    overwritten = []
+
+    def admit(n):
+        # Called after the first part's response arrived: overwrite the object before the other parts.
+        if not overwritten:
+            s3.put_object(Bucket=bucket, Key="moving.bin", Body=new)
+            overwritten.append(True)
+        return True
+
+    f = make_fetcher(part_size=MiB)
+    got = f.fetch(Entry(ObjectRef(bucket, "moving.bin")), admit=admit)
+    assert read(got.tmp_path) == new
+    assert got.etag == hashlib.md5(new).hexdigest()
+
+
+@pytest.mark.parametrize("key_exists,bucket_exists,code", [(False, True, "NoSuchKey"), (False, False, "NoSuchBucket")])
+def test_permanent_errors_fail_at_once_with_their_code(s3, bucket, make_fetcher, key_exists, bucket_exists, code):
+    f = make_fetcher()
+    b = bucket if bucket_exists else bucket + "-missing"
+    with pytest.raises(FetchFailed) as ei:
+        f.fetch(Entry(ObjectRef(b, "nope")), admit=lambda n: True)
+    assert ei.value.code == code
+    assert f.counters.retries == 0
+
+
+def test_access_denied_is_not_retried(moto, s3, bucket, make_fetcher):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"x")
+    unsigned = make_fetcher(client=moto.client(signature_version=botocore.UNSIGNED,
+                                               retries={"total_max_attempts": 1}))
+    with pytest.raises(FetchFailed) as ei:
+        unsigned.fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+    assert ei.value.code == "AccessDenied"
+    assert unsigned.counters.retries == 0
+
+
+def test_size_mismatch_with_manifest(s3, bucket, make_fetcher):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"12345")
+    with pytest.raises(FetchFailed) as ei:
+        make_fetcher().fetch(Entry(ObjectRef(bucket, "k"), size=4), admit=lambda n: True)
+    assert ei.value.code == "SizeMismatch"
+
+
+def test_no_room_aborts_before_writing(s3, bucket, make_fetcher, store):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"x" * 5000)
+    with pytest.raises(NeedSpace) as ei:
+        make_fetcher().fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: False)
+    assert ei.value.size == 5000
+    assert os.listdir(store.layout.tmp) == []
+
+
+def test_listing_is_paginated_and_in_key_order(s3, bucket, make_fetcher):
+    keys = [f"p/{i:04d}" for i in range(1005)]
+    for k in keys:
+        s3.put_object(Bucket=bucket, Key=k, Body=b"")
+    s3.put_object(Bucket=bucket, Key="other", Body=b"")
+    f = make_fetcher()
+    listed = f.list(bucket, "p/")
+    assert [o.key for o in listed] == keys
+    assert f.counters.requests == 2
