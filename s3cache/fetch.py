@@ -298,8 +298,12 @@ class Fetcher:
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
         uri = entry.uri
-        last = self.part_size - 1
-        resp = self._get(entry, 0, last, None)
+        try:
+            resp = self._get(entry, 0, self.part_size - 1, None)
+        except botocore.exceptions.ClientError as e:
+            if _error_code(e)[1] != 416:
+                raise
+            resp = self._get(entry, 0, None, None)  # an empty object has no byte 0 to range over
         body = resp["Body"]
         etag = resp.get("ETag", "").strip('"')
         version = resp.get("VersionId") or entry.version or ""

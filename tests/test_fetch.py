@@ -157,3 +157,9 @@ def test_listing_is_paginated_and_in_key_order(s3, bucket, make_fetcher):
     listed = f.list(bucket, "p/")
     assert [o.key for o in listed] == keys
     assert f.counters.requests == 2
+
+
+def test_empty_object(s3, bucket, make_fetcher):
+    s3.put_object(Bucket=bucket, Key="empty", Body=b"")
+    got = make_fetcher().fetch(Entry(ObjectRef(bucket, "empty")), admit=lambda n: True)
+    assert read(got.tmp_path) == b"" and got.size == 0 and got.method == "etag-md5"
