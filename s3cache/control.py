@@ -4,13 +4,16 @@
 
     {"op": "want", "uris": [...], "reader": "..."}   ->  {"results": [{"uri", "state", ...}, ...]}
     {"op": "status"}                                  ->  {"status": {...}}
-    {"op": "use" | "pin" | "unpin" | "verify", ...}   ->  {"ok": true, ...}
+    {"op": "hello"}                                   ->  {"ok": true, "pid": ...}
 
 After a ``want``, the daemon pushes ``{"event": "ready" | "failed", "uri": ...}`` on the same connection
 for every URI it answered ``pending``; a reader that loses the connection knows the daemon is gone.
 
-``use.sock`` (datagrams) carries fire-and-forget usage notes from readers' fast path: the reader id on
-the first line, one URI per following line. Sending one costs a reader a single syscall.
+``use.sock`` (stream) carries fire-and-forget usage notes from readers' fast path over one connection per
+reader process: NUL-terminated records, ``R<reader id>`` once, then ``h<uri>`` (found on the first look,
+a cache hit) or ``w<uri>`` (found after waiting). Keys never contain NUL. A note costs a reader one
+``send``; a stream (unlike datagrams, capped at 10 queued by Linux's default ``max_dgram_qlen``) absorbs
+bursts in its socket buffer and pushes back, rather than dropping, when the daemon falls behind.
 
 Both sockets are mode 0660: readers must share the daemon's group (see the systemd unit).
 """
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from .errors import DaemonNotRunning, ProtocolError
 
 PROTOCOL = 1
-MAX_DATAGRAM = 60_000
+NOTE_BATCH = 1 << 16  # bytes of usage notes a reader sends in one call
 
 
 def encode(msg: dict) -> bytes:
@@ -72,10 +75,7 @@ class Server:
         self._conns_lock = threading.Lock()
         self.ctl = self._bind(socket.SOCK_STREAM, ctl_path)
         self.ctl.listen(128)
-        self.use = self._bind(socket.SOCK_DGRAM, use_path)
-        self.use.setblocking(False)
-        # A deep receive buffer lets a burst of readers' notes wait for the daemon instead of failing.
-        self.use.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.use = UseChannel(self._bind(socket.SOCK_STREAM, use_path))
 
     @staticmethod
     def _bind(kind: int, path: str) -> socket.socket:
@@ -144,11 +144,11 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
-        for s in (self.ctl, self.use):
-            try:
-                s.close()
-            except OSError:
-                pass
+        self.use.close()
+        try:
+            self.ctl.close()
+        except OSError:
+            pass
         with self._conns_lock:
             conns = list(self._conns)
         for c in conns:
@@ -165,7 +165,108 @@ class Server:
             t.join(timeout=5)
 
 
+class UseChannel:
+    """The daemon's side of ``use.sock``: every reader connection, read without blocking.
+
+    The caller serialises ``drain`` (the daemon holds its state lock), so a note read is a note applied:
+    eviction can drain too and know it has seen every note sent before it took the lease lock.
+    """
+
+    def __init__(self, listener: socket.socket) -> None:
+        listener.listen(512)
+        listener.setblocking(False)
+        self.listener = listener
+        self._conns: dict[socket.socket, list] = {}  # sock -> [reader id, partial bytes]
+
+    def fds(self) -> list[socket.socket]:
+        return [self.listener, *self._conns]
+
+    def drain(self) -> list[tuple[str, str, str]]:
+        """(reader, kind, uri) for every complete note waiting, accepting new readers first."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, OSError):
+                break
+            sock.setblocking(False)
+            self._conns[sock] = ["", b""]
+        out: list[tuple[str, str, str]] = []
+        for sock, state in list(self._conns.items()):
+            while True:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    sock.close()
+                    del self._conns[sock]
+                    break
+                records = (state[1] + data).split(b"\0")
+                state[1] = records.pop()
+                for rec in records:
+                    kind, text = rec[:1].decode(), rec[1:].decode("utf-8", "replace")
+                    if kind == "R":
+                        state[0] = text
+                    elif kind in ("h", "w"):
+                        out.append((state[0], kind, text))
+        return out
+
+    def close(self) -> None:
+        for sock in [self.listener, *self._conns]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._conns.clear()
+
+
 # -- client side ------------------------------------------------------------------------------------
+
+
+class UseNotes:
+    """A reader process's connection to ``use.sock``; silently idle when no daemon listens."""
+
+    def __init__(self, path: str, reader: str) -> None:
+        self.path = path
+        self.reader = reader
+        self._sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket | None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        try:
+            s.connect(self.path)
+            s.sendall(b"R" + self.reader.encode() + b"\0")
+        except OSError:
+            s.close()
+            return None
+        return s
+
+    def send(self, kind: str, uris: list[str]) -> None:
+        """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting."""
+        if not uris:
+            return
+        data = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
+        for _ in range(2):  # once more on a fresh connection if the daemon restarted since the last note
+            if self._sock is None:
+                self._sock = self._connect()
+                if self._sock is None:
+                    return  # no daemon: nothing can evict the file either, so no lease is needed
+            try:
+                self._sock.sendall(data)
+                return
+            except OSError:
+                self._sock.close()
+                self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 
 
 class Client:

@@ -30,7 +30,7 @@ from dataclasses import replace
 from . import manifest as manifest_mod
 from .checksum import local_crc32c_of
 from .config import Settings, human_size
-from .control import MAX_DATAGRAM, Connection, Server
+from .control import Connection, Server
 from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
 from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace, make_client
@@ -79,6 +79,8 @@ class Daemon:
         self.reserved = 0  # bytes promised to downloads in flight
         self.cursor = 0
         self.prefetch_paused = False
+        self._scan_idle = False  # the last scan found nothing to prefetch
+        self._scan_limited = False  # ... because the readahead window stopped it
         self.disk_full = False
         self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
         self._dirty_use: dict[str, float] = {}
@@ -266,7 +268,7 @@ class Daemon:
             self.prefetch_paused = False
             self.failed = {u: f for u, f in self.failed.items() if u not in self.positions}
             self.tracker.forget()
-            self.cond.notify_all()
+            self._work_changed()
         for rec in stale:
             self.store.remove(rec.path)
         if stale:
@@ -328,11 +330,12 @@ class Daemon:
                     if e.uri not in self.ready and e.uri not in self.fetching:
                         self.fetching.add(e.uri)
                         return e, True
-                if not self.prefetch_paused and not self.disk_full:
+                if not self.prefetch_paused and not self.disk_full and not self._scan_idle:
                     e = self._next_prefetch()
                     if e is not None:
                         self.fetching.add(e.uri)
                         return e, False
+                    self._scan_idle = True  # until something changes (see _work_changed)
                 self.cond.wait(1.0)
         return None
 
@@ -357,14 +360,21 @@ class Daemon:
         # only into free space (evicting for a file needed later than what is resident would be a loss).
         window = self._readahead_files()
         free = self.s.max_size - self.used - self.reserved
+        self._scan_limited = False
         for k in range(n):
             for r in readers:
                 e = self.entries[(r + k) % n]
                 if self._wanted(e.uri):
                     if k < window or (e.size or self.s.part_size) <= free:
                         return e
+                    self._scan_limited = True  # a reader moving on may bring this into the window
                     return None
         return None
+
+    def _work_changed(self) -> None:
+        """Something may have become worth prefetching: let idle workers scan again (lock held)."""
+        self._scan_idle = False
+        self.cond.notify_all()
 
     def _resume_prefetch(self) -> None:
         """Something changed that may make room (eviction possible, readers moved, leases expired)."""
@@ -381,7 +391,7 @@ class Daemon:
                     e = self._entry_for(uri)
                     if e is not None:
                         self.demand.appendleft(e)
-                self.cond.notify_all()
+                self._work_changed()
 
     # == space ========================================================================================
 
@@ -458,6 +468,7 @@ class Daemon:
         if rec is not None:
             self.used -= rec.size
             self._dirty_use.pop(uri, None)
+            self._scan_idle = False  # it may be wanted again
         return rec
 
     # == workers ======================================================================================
@@ -629,32 +640,30 @@ class Daemon:
                 self.stats["hits"] += 1
         if moved and (self.prefetch_paused or self.blocked):
             self._resume_prefetch()
-        elif moved:
-            self.cond.notify_all()
+        elif moved and self._scan_limited:
+            self._work_changed()
 
     def _drain_use(self) -> None:
-        """Apply every usage datagram waiting in the socket (caller holds the lock)."""
+        """Apply every usage note readers have sent so far (caller holds the lock)."""
         if self.server is None:
             return
-        while True:
-            try:
-                data = self.server.use.recv(MAX_DATAGRAM)
-            except (BlockingIOError, OSError):
-                return
-            header, _, rest = data.decode("utf-8", "replace").partition("\n")
-            # The header is "h<reader>" for a first look, "w<reader>" for a look after waiting.
-            self._note_use(header[1:], [u for u in rest.split("\n") if u], hit=header[:1] == "h")
+        batch: dict[tuple[str, bool], list[str]] = {}
+        for reader, kind, uri in self.server.use.drain():
+            batch.setdefault((reader, kind == "h"), []).append(uri)
+        for (reader, hit), uris in batch.items():
+            self._note_use(reader, uris, hit=hit)
 
     def _use_loop(self) -> None:
         import select
 
         assert self.server is not None
-        sock = self.server.use
         while not self.stopping.is_set():
             try:
-                r, _, _ = select.select([sock], [], [], 0.5)
+                r, _, _ = select.select(self.server.use.fds(), [], [], 0.5)
             except (OSError, ValueError):
-                return
+                with self.lock:  # a reader's connection closed between drain and select
+                    self._drain_use()
+                continue
             if r:
                 with self.lock:
                     self._drain_use()
@@ -663,10 +672,6 @@ class Daemon:
         op = msg.get("op")
         if op == "want":
             return {"results": self._want(conn, str(msg.get("reader", "")), list(msg.get("uris", [])))}
-        if op == "use":
-            with self.lock:
-                self._note_use(str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])], hit=True)
-            return {"ok": True}
         if op == "status":
             return {"status": self.status()}
         if op == "hello":
@@ -735,8 +740,11 @@ class Daemon:
                 log.exception("flushing usage to the index failed")
             with self.lock:
                 self._tp_samples.append((time.monotonic(), self.fetcher.counters.bytes if self.fetcher else 0))
-            # Leases expire with time alone; a paused prefetch may now find room.
+            # Leases expire with time alone, and idle readers are forgotten: either may open up work.
             self._resume_prefetch()
+            with self.cond:
+                if self._scan_limited:
+                    self._work_changed()
             if self.disk_full and self.store.free_fraction() > max(self.s.min_free, 0.01):
                 with self.cond:
                     self.disk_full = False

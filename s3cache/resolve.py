@@ -1,9 +1,10 @@
 """``resolve()``: from ``s3://bucket/key`` to a local path whose bytes were verified, waiting if needed.
 
 Fast path (the file is there): under the cache's lease lock, held shared, ``stat`` the candidate paths
-and send the daemon one usage datagram for the whole batch. No round trip, no index access: a few
-syscalls per file. The shared lock is what makes the lease exact: eviction takes it exclusively and
-reads every pending datagram first, so a file this function returns is never evicted within its lease.
+and send the daemon one usage note for the whole batch over a connection kept open. No round trip, no
+index access: a few syscalls per call. The shared lock is what makes the lease exact: eviction takes it
+exclusively and reads every pending note first, so a file this function returns is never evicted within
+its lease.
 
 Slow path (a file is missing): ask the daemon over ``ctl.sock`` (which puts the objects at the front of
 its queue), then sleep until a file event (watchdog/inotify) or a daemon message says something changed.
@@ -13,7 +14,6 @@ DaemonNotRunning at once; ``timeout`` raises ResolveTimeout.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import select
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 from . import paths
 from .config import default_cache_dir
-from .control import MAX_DATAGRAM, Client
+from .control import Client, UseNotes
 from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
 from .refs import ObjectRef, parse_uri
 from .store import Layout
@@ -40,9 +40,9 @@ class Resolver:
         self.root = os.path.abspath(cache_dir)
         self.layout = Layout(self.root)
         self._lease_fd: int | None = None
-        self._use = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._use.setblocking(False)
         self._pid = os.getpid()
+        self._reader = f"{socket.gethostname()}:{self._pid}"
+        self._notes = UseNotes(self.layout.use_socket, self._reader)
 
     # -- fast path ---------------------------------------------------------------------------------
 
@@ -72,37 +72,10 @@ class Resolver:
             fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
 
     def reader_id(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+        return self._reader
 
     def _note(self, uris: list[str], first_look: bool) -> None:
-        """Tell the daemon these files were used (one datagram per ~60 KB of URIs)."""
-        header = ("h" if first_look else "w") + self.reader_id() + "\n"
-        batch: list[str] = []
-        size = len(header)
-        for u in uris:
-            if size + len(u) + 1 > MAX_DATAGRAM and batch:
-                self._send_note(header, batch)
-                batch, size = [], len(header)
-            batch.append(u)
-            size += len(u.encode()) + 1
-        if batch:
-            self._send_note(header, batch)
-
-    def _send_note(self, header: str, batch: list[str]) -> None:
-        data = (header + "\n".join(batch)).encode()
-        try:
-            self._use.sendto(data, self.layout.use_socket)
-        except BlockingIOError:
-            # The daemon's queue is full: say it over the control socket, which cannot drop it.
-            try:
-                with Client(self.layout.control_socket, self.root) as c:
-                    c.request({"op": "use", "reader": self.reader_id(), "uris": batch})
-            except DaemonNotRunning:
-                pass
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
-                raise
-            # No daemon: nothing can evict the file either, so the lease needs no note.
+        self._notes.send("h" if first_look else "w", uris)
 
     def lookup(self, refs: Sequence[ObjectRef], first_look: bool = True) -> list[str | None]:
         """Paths of the files already present (None where missing), marking them used.
