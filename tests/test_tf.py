@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_manifest
 from s3cache import FetchFailed, resolve
-from s3cache.demo import make_shards, parse_fn
+from s3cache.demo import collect, make_shards
 
 tf = pytest.importorskip("tensorflow")
 import s3cache.tf  # noqa: E402
@@ -26,8 +26,7 @@ def dataset(tmp_path, s3, bucket):
 
 
 def records(ds):
-    parse = parse_fn()
-    return {int(e["id"]): (e["x"].numpy().tolist(), int(e["label"])) for e in ds.map(parse)}
+    return collect(ds)
 
 
 def test_tfrecorddataset_over_resolve(tmp_path, dataset, daemons):
