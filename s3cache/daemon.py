@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import replace
 
 from . import manifest as manifest_mod
-from .checksum import local_crc32c_of
+from .checksum import Expectation, digest_file, local_crc32c_of
 from .config import Settings, human_size
 from .control import Connection, Server
 from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
@@ -36,7 +36,8 @@ from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace, make_client
 from .index import PUBLISHING, READY, Index, IndexCorrupt, Record
 from .manifest import Entry
-from .refs import parse_uri
+from .paths import HASHED_DIR, PRIVATE_DIR, readable_path
+from .refs import make_ref, parse_uri
 from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
@@ -108,15 +109,19 @@ class Daemon:
         if removed:
             log.info("removed %d temp file(s) left by an interrupted run", removed)
         self._lease_fd = os.open(lease_lock_path(lay.private), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self.index = self._open_index()
-        self._reconcile()
         client = make_client(self.s.endpoint_url, self.s.region, pool=self.s.workers * 2 + 4,
                              connect_timeout=self.s.connect_timeout, read_timeout=self.s.read_timeout)
         self.fetcher = Fetcher(client, part_size=self.s.part_size, workers=self.s.workers,
                                max_attempts=self.s.max_attempts, cancel=self.stopping,
                                new_temp=self.store.new_temp, discard=self.store.discard)
+        entries = self._read_manifest() if self.s.manifest is not None else []
+        self.index, damaged = self._open_index()
+        if damaged:
+            self._rebuild(entries)
+        else:
+            self._reconcile()
         if self.s.manifest is not None:
-            self._install_manifest(self._read_manifest())
+            self._install_manifest(entries)
         self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._on_close)
         self.server.start()
         self._spawn(self._use_loop, "s3cache-use")
@@ -181,15 +186,92 @@ class Daemon:
 
     # == index and reconcile ==========================================================================
 
-    def _open_index(self) -> Index:
+    def _open_index(self) -> tuple[Index, bool]:
+        """The index, and whether it was lost or damaged (then the disk must be re-verified)."""
         path = self.store.layout.index
         try:
-            return Index(path)
+            index = Index(path)
         except IndexCorrupt as e:
-            aside = f"{path}.corrupt.{int(time.time())}"
-            log.error("%s; moving it to %s and starting a fresh index", e, aside)
+            aside = f"{path}.damaged.{int(time.time())}"
+            log.error("%s; moving it to %s and rebuilding the index from the disk", e, aside)
             os.rename(path, aside)
-            return Index(path)
+            return Index(path), True
+        if len(index) == 0 and self._any_cached_file():
+            log.error("the index is empty but the cache holds files; rebuilding the index from the disk")
+            return index, True
+        return index, False
+
+    def _cached_files(self):
+        """(relative path) of every file under the cache dir outside the private dir."""
+        root = self.store.layout.root
+        for top in sorted(os.listdir(root)):
+            if top == PRIVATE_DIR:
+                continue
+            for dirpath, _, files in os.walk(os.path.join(root, top)):
+                for name in files:
+                    yield os.path.relpath(os.path.join(dirpath, name), root)
+
+    def _any_cached_file(self) -> bool:
+        return next(iter(self._cached_files()), None) is not None
+
+    def _rebuild(self, entries: list[Entry]) -> None:
+        """Re-verify every file on disk and index those that pass; remove the rest.
+
+        The expected checksum comes from the manifest where it has one, else from S3 (one HEAD: the
+        object's additional checksum or its ETag). A file in the hashed namespace cannot be mapped back
+        to its key, and a file S3 no longer vouches for cannot be verified: both are removed and fetched
+        again if wanted. No GET is made.
+        """
+        assert self.index is not None and self.fetcher is not None
+        by_uri = {e.uri: e for e in entries}
+        rows: list[tuple[str, Record]] = []
+        removed = 0
+        for rel in list(self._cached_files()):
+            bucket, _, key = rel.partition("/")
+            rec = None
+            if bucket != HASHED_DIR:
+                try:
+                    ref = make_ref(bucket, key)
+                    rec = self._reverify(rel, by_uri.get(ref.uri) or Entry(ref)) if readable_path(ref) == rel else None
+                except S3CacheError as e:
+                    log.info("cannot re-verify %s: %s", rel, e)
+            if rec is None:
+                self.store.remove(rel)
+                removed += 1
+            else:
+                rows.append((make_ref(bucket, key).uri, rec))
+        self.index.put_many(rows)
+        for uri, rec in rows:
+            self.ready[uri] = rec
+            self.used += rec.size
+        log.info("rebuilt the index from the disk: %d file(s) re-verified, %d removed", len(rows), removed)
+
+    def _reverify(self, rel: str, entry: Entry) -> Record | None:
+        assert self.fetcher is not None
+        path = self.store.layout.abspath(rel)
+        size = os.path.getsize(path)
+        expect = None
+        etag = version = ""
+        for method, value in (("sha256", entry.sha256), ("md5", entry.md5), ("crc32c", entry.crc32c)):
+            if value:
+                expect = Expectation(method, value)
+                break
+        if expect is None:
+            described = self.fetcher.describe(entry)
+            expect, etag, version = described.expect, described.etag, described.version
+            if described.size != size:
+                return None
+        if expect is None:
+            return None  # size alone is not enough to trust a file nobody watched being written
+        with open(path, "rb") as f:
+            digest = digest_file(f, expect)
+        try:
+            method = digest.check(rel, entry.size if entry.size is not None else size)
+        except ChecksumMismatch as e:
+            log.error("re-verification failed, removing: %s", e)
+            return None
+        return Record(READY, rel, size, etag, version, method, digest.local_crc32c,
+                      os.path.getmtime(path), 0.0, entry.pin)
 
     def _reconcile(self) -> None:
         """Make the index agree with the disk without re-hashing or asking S3 about ready files.

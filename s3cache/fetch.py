@@ -92,6 +92,16 @@ class Fetched:
     crc32c: str
 
 
+@dataclass(frozen=True)
+class Described:
+    """What S3 says an object is now (one HEAD), and the strongest check its bytes can be held to."""
+
+    size: int
+    etag: str
+    version: str
+    expect: Expectation | None
+
+
 @dataclass
 class Counters:
     """Request and byte counts, for status and for tests that check there is no retry storm."""
@@ -382,6 +392,19 @@ class Fetcher:
                         f.exception()
                     except Exception:
                         pass
+
+    def describe(self, entry: Entry) -> Described:
+        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
+        kw: dict = {"Bucket": entry.ref.bucket, "Key": entry.ref.key, "ChecksumMode": "ENABLED"}
+        if entry.version:
+            kw["VersionId"] = entry.version
+        self.counters.add(requests=1)
+        head = self._attempts(entry.uri, lambda: self.client.head_object(**kw))
+        etag = head.get("ETag", "").strip('"')
+        expect = self._expectation(entry, head, etag, whole=True)
+        if expect is not None and expect.method == "etag-multipart":
+            expect = self._multipart_expectation(entry, etag)
+        return Described(int(head["ContentLength"]), etag, head.get("VersionId") or entry.version or "", expect)
 
     def _expectation(self, entry: Entry, resp: dict, etag: str, whole: bool) -> Expectation | None:
         """The strongest claim about the bytes that is known before reading them."""

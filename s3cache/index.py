@@ -59,6 +59,7 @@ class Index:
 
     def __init__(self, directory: str) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        _check(os.path.join(directory, "cache.db"))
         try:
             self._cache = diskcache.Cache(
                 directory,
@@ -107,6 +108,23 @@ class Index:
 
 class IndexCorrupt(CacheDirError):
     """The index file is damaged; the daemon rebuilds it from the files on disk."""
+
+
+def _check(db: str) -> None:
+    """Raise IndexCorrupt unless SQLite's quick_check passes (a missing file is a fresh index)."""
+    if not os.path.exists(db):
+        return
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+            con.execute("SELECT count(*) FROM Cache").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise IndexCorrupt(f"index {db} is damaged: {e}") from None
+    if verdict != "ok":
+        raise IndexCorrupt(f"index {db} is damaged: {verdict}")
 
 
 def now() -> float:

@@ -1,0 +1,238 @@
+"""An HTTP proxy between the daemon and moto's S3 server that counts requests, injects faults, and can
+add latency: for the integrity tests and the benchmarks (S3-like conditions on loopback, where the
+kernel offers no netem).
+
+It runs an asyncio loop in a background thread. Per request, ``plan(method, path, query)`` returns a
+fault name or None:
+
+* ``"503"`` / ``"500"``: answer with an S3 error (SlowDown / InternalError) without asking upstream.
+* ``"reset"``: send the headers and half the body, then reset the connection (RST).
+* ``"short"``: send the headers and half the body, then close normally: a short body.
+* ``"flip"``: flip one byte of the body.
+* ``"stall"``: send the headers, then nothing for ``stall_seconds``, then close.
+
+``latency`` delays every response by that many seconds (added before the response is sent), and
+``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
+
+Plan = Callable[[str, str, str], "str | None"]
+
+_ERRORS = {
+    "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
+}
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int, plan: Plan | None = None, *, latency: float = 0.0,
+                 bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0) -> None:
+        self.upstream_port = upstream_port
+        self.plan = plan or (lambda m, p, q: None)
+        self.latency = latency
+        self.bandwidth = bandwidth
+        self.stall_seconds = stall_seconds
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, object path) -> count
+        self.faults: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- counters ----------------------------------------------------------------------------------
+
+    def gets(self, path_prefix: str = "") -> int:
+        """GET requests for objects (not listings) whose path starts with ``path_prefix``."""
+        with self.lock:
+            return sum(n for (m, p), n in self.requests.items() if m == "GET" and p.startswith(path_prefix))
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.requests.values())
+
+    def snapshot(self) -> Counter:
+        with self.lock:
+            return Counter(self.requests)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> FaultProxy:
+        self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("fault proxy did not start")
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._ready.set()
+            async with self._server:
+                await self._server.serve_forever()
+
+        try:
+            loop.run_until_complete(main())
+        except (asyncio.CancelledError, RuntimeError):
+            pass
+        finally:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._server is not None:
+            def shutdown() -> None:
+                self._server.close()
+                for task in asyncio.all_tasks(self._loop):
+                    task.cancel()
+            self._loop.call_soon_threadsafe(shutdown)
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- one client connection ---------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r = up_w = None
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                headers = _headers(head)
+                body = b""
+                if int(headers.get("content-length", "0")):
+                    body = await reader.readexactly(int(headers["content-length"]))
+                parts = urlsplit(target)
+                path, query = unquote(parts.path), parts.query
+                is_object = method in ("GET", "HEAD") and "list-type" not in query and path.count("/") >= 2
+                with self.lock:
+                    self.requests[(method, path if is_object else path + "?" + query.split("&")[0])] += 1
+                fault = self.plan(method, path, query) if is_object else None
+                if fault:
+                    with self.lock:
+                        self.faults[fault] += 1
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                if fault in _ERRORS:
+                    status, reason, code, msg = _ERRORS[fault]
+                    xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                           f"<Message>{msg}</Message></Error>").encode()
+                    writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+                                 f"Content-Length: {len(xml)}\r\n\r\n".encode() + xml)
+                    await writer.drain()
+                    continue
+                if up_w is None:
+                    up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                up_w.write(head + body)
+                await up_w.drain()
+                rhead = await up_r.readuntil(b"\r\n\r\n")
+                rheaders = _headers(rhead)
+                rbody = b""
+                if method != "HEAD" and "content-length" in rheaders:
+                    rbody = await up_r.readexactly(int(rheaders["content-length"]))
+                if rheaders.get("connection", "").lower() == "close":
+                    up_w.close()
+                    up_r = up_w = None
+                if fault in ("reset", "short", "stall") and len(rbody) >= 2:
+                    writer.write(rhead)
+                    if fault == "stall":
+                        await writer.drain()
+                        await asyncio.sleep(self.stall_seconds)
+                    else:
+                        writer.write(rbody[: len(rbody) // 2])
+                        await writer.drain()
+                    if fault == "reset":
+                        sock = writer.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort() if fault == "reset" else writer.close()
+                    return
+                if fault == "flip" and rbody:
+                    i = self.rng.randrange(len(rbody))
+                    rbody = rbody[:i] + bytes([rbody[i] ^ 0x40]) + rbody[i + 1:]
+                writer.write(rhead)
+                await self._send_body(writer, rbody)
+                with self.lock:
+                    self.bytes_sent += len(rbody)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return
+        finally:
+            for w in (writer, up_w):
+                if w is not None:
+                    try:
+                        w.close()
+                    except Exception:
+                        pass
+
+    async def _send_body(self, writer: asyncio.StreamWriter, body: bytes) -> None:
+        if not self.bandwidth:
+            writer.write(body)
+            await writer.drain()
+            return
+        step = 64 << 10
+        for i in range(0, len(body), step):
+            writer.write(body[i : i + step])
+            await writer.drain()
+            await asyncio.sleep(min(step, len(body) - i) / self.bandwidth)
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.split(b"\r\n")[1:]:
+        if b":" in line:
+            k, v = line.split(b":", 1)
+            out[k.decode("latin-1").strip().lower()] = v.decode("latin-1").strip()
+    return out
+
+
+def random_plan(rates: dict[str, float], seed: int = 0) -> Plan:
+    """A plan that injects each fault with the given probability per object request."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def plan(method: str, path: str, query: str) -> str | None:
+        with lock:
+            x = rng.random()
+        acc = 0.0
+        for fault, p in rates.items():
+            acc += p
+            if x < acc:
+                if method == "HEAD" and fault in ("reset", "short", "flip", "stall"):
+                    return None  # a HEAD has no body to break
+                return fault
+        return None
+
+    return plan
