@@ -91,7 +91,7 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
                     part_size=part_size, lease=lease, readahead=readahead, min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
                     max_attempts=max_attempts)
-    _run(Daemon(settings).run)
+    sys.exit(_run(Daemon(settings).run))
 
 
 @main.command("resolve")

@@ -83,6 +83,8 @@ class Daemon:
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
         self.disk_full = False
+        self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
+        self.exit_code = 0
         self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
         self._dirty_use: dict[str, float] = {}
         self._early_use: dict[str, float] = {}  # used by a reader between rename and "ready"
@@ -166,23 +168,30 @@ class Daemon:
             self.server.stop()
         if self.fetcher is not None:
             self.fetcher.close()
-        self._flush_use()
-        self.store.clean_tmp()
+        try:
+            self._flush_use()
+            self.store.clean_tmp()
+        except OSError as e:  # the cache dir may have vanished under us
+            log.error("could not clean up %s: %s", self.store.layout.root, e.strerror)
         if self.index is not None:
-            self.index.close()
+            try:
+                self.index.close()
+            except Exception:
+                pass
         if self._lease_fd is not None:
             os.close(self._lease_fd)
         self.store.close()
         log.info("stopped")
 
-    def run(self) -> None:
-        """start(), stop on SIGTERM or SIGINT, clean up, return. For ``s3cache serve``."""
+    def run(self) -> int:
+        """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
         # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         self.start()
         self.wait()
+        return self.exit_code
 
     # == index and reconcile ==========================================================================
 
@@ -407,7 +416,7 @@ class Daemon:
     def _next_job(self) -> tuple[Entry, bool] | None:
         with self.cond:
             while not self.stopping.is_set():
-                while self.demand:
+                while self.demand and not self.disk_full:
                     e = self.demand.popleft()
                     if e.uri not in self.ready and e.uri not in self.fetching:
                         self.fetching.add(e.uri)
@@ -515,24 +524,48 @@ class Daemon:
                 need = self.used + self.reserved + size - self.s.max_size
                 low = int(self.s.max_size * self.s.low_watermark)
                 extra = max(0, self.used + self.reserved + size - low - need)
-                residents = [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), r.pinned)
-                             for u, r in self.ready.items()]
-                victims = choose_victims(residents, need=need, extra=extra, readers=readers, n=n,
+                victims = choose_victims(self._residents(), need=need, extra=extra, readers=readers, n=n,
                                          target_distance=target, demand=demand, now=now, lease=self.s.lease)
                 if victims is None:
                     return False
-                for v in victims:
-                    rec = self._forget_ready(v.uri)
-                    if rec is not None:
-                        self.store.remove(rec.path)  # the file first: a crash leaves a row to drop
-                    self.stats["evicted"] += 1
-                    self.stats["evicted_bytes"] += v.size
-                assert self.index is not None
-                self.index.delete_many(v.uri for v in victims)
-                self.cursor = min([self.cursor] + [v.position for v in victims if v.position is not None])
-                log.debug("evicted %s (%s) for %s", [v.uri for v in victims],
-                          human_size(sum(v.size for v in victims)), uri)
+                self._evict(victims, uri)
                 self._reserve(uri, size)
+                return True
+        finally:
+            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+
+    def _evict(self, victims: list[Resident], why: str) -> None:
+        """Remove victims' files, then their rows (caller holds the lease lock and the state lock)."""
+        assert self.index is not None
+        for v in victims:
+            rec = self._forget_ready(v.uri)
+            if rec is not None:
+                self.store.remove(rec.path)  # the file first: a crash leaves a row to drop, not an orphan
+            self.stats["evicted"] += 1
+            self.stats["evicted_bytes"] += v.size
+        self.index.delete_many(v.uri for v in victims)
+        self.cursor = min([self.cursor] + [v.position for v in victims if v.position is not None])
+        log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
+
+    def _residents(self) -> list[Resident]:
+        return [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), r.pinned)
+                for u, r in self.ready.items()]
+
+    def _evict_for_disk(self, size: int) -> bool:
+        """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
+        assert self._lease_fd is not None
+        fcntl.flock(self._lease_fd, fcntl.LOCK_EX)
+        try:
+            with self.lock:
+                self._drain_use()
+                now = time.time()
+                n = len(self.entries)
+                victims = choose_victims(self._residents(), need=size, extra=0,
+                                         readers=self.tracker.positions(n, now), n=n, target_distance=None,
+                                         demand=False, now=now, lease=self.s.lease)
+                if not victims:
+                    return False
+                self._evict(victims, "a full filesystem")
                 return True
         finally:
             fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
@@ -585,12 +618,25 @@ class Daemon:
                     self._release(uri)
                 return
             except DiskFull as e:
-                log.error("%s: %s; evicting and pausing until space returns", uri, e)
                 with self.cond:
                     self.fetching.discard(uri)
                     self._release(uri)
+                    self.known_sizes[uri] = e.size
+                if self._evict_for_disk(e.size):
+                    log.info("%s: %s; evicted files to make room, trying again", uri, e)
+                    with self.cond:
+                        if demand:
+                            self.demand.appendleft(entry)
+                        self._work_changed()
+                    continue
+                log.error("%s: %s; prefetch paused until space returns", uri, e)
+                with self.cond:
                     self.disk_full = True
-                    self.blocked.add(uri)
+                    self._disk_need = max(e.size, 1 << 20)
+                    if demand:
+                        self.demand.appendleft(entry)  # served once space returns
+                    else:
+                        self.blocked.add(uri)
                 continue
             except FetchFailed as e:
                 self._fail(uri, e.code, e.reason)
@@ -827,10 +873,16 @@ class Daemon:
             with self.cond:
                 if self._scan_limited:
                     self._work_changed()
-            if self.disk_full and self.store.free_fraction() > max(self.s.min_free, 0.01):
+            if not os.path.exists(self.store.layout.lock):
+                log.error("cache dir %s vanished (deleted or unmounted); stopping", self.store.layout.root)
+                self.exit_code = 1
+                self.stop()
+                return
+            if self.disk_full and self.store.free_bytes() >= self._disk_need:
+                log.info("space returned on the cache filesystem; fetching resumes")
                 with self.cond:
                     self.disk_full = False
-                    self.cond.notify_all()
+                    self._work_changed()
 
     # == status =======================================================================================
 

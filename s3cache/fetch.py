@@ -73,6 +73,10 @@ class NeedSpace(S3CacheError):
 class DiskFull(S3CacheError):
     """The filesystem under the cache dir ran out of space (ENOSPC) during a download."""
 
+    def __init__(self, message: str, size: int = 0) -> None:
+        self.size = size
+        super().__init__(message)
+
 
 class _Retry(Exception):
     def __init__(self, cause: BaseException, throttled: bool = False) -> None:
@@ -254,7 +258,7 @@ class Fetcher:
                         n = os.pwrite(fd, view, offset + got)
                     except OSError as e:
                         if e.errno == errno.ENOSPC:
-                            raise DiskFull("no space left on the cache filesystem") from None
+                            raise DiskFull("no space left on the cache filesystem", os.fstat(fd).st_size) from None
                         raise
                     if digest is not None:
                         digest.update(view[:n])
@@ -337,7 +341,7 @@ class Fetcher:
                     os.posix_fallocate(fd, 0, total)
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise DiskFull(f"no space left for {uri} ({total} bytes)") from None
+                        raise DiskFull(f"no space left for {uri} ({total} bytes)", total) from None
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
             first_len = min(total, self.part_size)
