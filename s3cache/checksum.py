@@ -25,6 +25,7 @@ METHODS = (
     "crc32c",
     "s3-sha256",
     "s3-sha1",
+    "s3-crc64nvme",
     "s3-crc32c",
     "s3-crc32",
     "etag-md5",
@@ -34,8 +35,11 @@ METHODS = (
 
 
 class Expectation(NamedTuple):
+    """One claim about the bytes. ``value`` is lower-case hex; a multipart ETag or a COMPOSITE S3
+    checksum is ``hex-N`` and needs ``part_size`` (from ``HeadObject(PartNumber=1)``)."""
+
     method: str
-    value: str  # lower-case hex, or for etag-multipart the ETag text "hex-N"
+    value: str
     part_size: int = 0
 
 
@@ -55,28 +59,27 @@ class _Crc32c:
     def update(self, data: bytes | memoryview) -> None:
         self.value = _crc32c.crc32c(data, self.value)
 
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
     def hexdigest(self) -> str:
-        return self.value.to_bytes(4, "big").hex()
+        return self.digest().hex()
 
 
-class _Crc32:
-    def __init__(self) -> None:
-        self.value = 0
-
+class _Crc32(_Crc32c):
     def update(self, data: bytes | memoryview) -> None:
         self.value = zlib.crc32(data, self.value)
 
-    def hexdigest(self) -> str:
-        return self.value.to_bytes(4, "big").hex()
 
+class _PerPart:
+    """A checksum of the concatenated per-part checksums, then ``-N``: S3's multipart ETag (MD5 of the
+    part MD5s) and its COMPOSITE additional checksums (e.g. CRC32 of the part CRC32s) are both this."""
 
-class _MultipartEtag:
-    """MD5 of the concatenated part MD5s, then ``-N``: what S3 reports for a multipart upload."""
-
-    def __init__(self, part_size: int) -> None:
+    def __init__(self, make, part_size: int) -> None:
+        self.make = make
         self.part_size = part_size
         self.parts: list[bytes] = []
-        self.current = hashlib.md5()
+        self.current = make()
         self.filled = 0
 
     def update(self, data: bytes | memoryview) -> None:
@@ -88,30 +91,68 @@ class _MultipartEtag:
             view = view[take:]
             if self.filled == self.part_size:
                 self.parts.append(self.current.digest())
-                self.current, self.filled = hashlib.md5(), 0
+                self.current, self.filled = self.make(), 0
 
     def hexdigest(self) -> str:
         parts = list(self.parts)
         if self.filled or not parts:
             parts.append(self.current.digest())
-        return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+        whole = self.make()
+        whole.update(b"".join(parts))
+        return f"{whole.hexdigest()}-{len(parts)}"
+
+
+class _Crc64nvme:
+    """CRC64NVME (S3's default for new uploads) through awscrt, when installed (extra "crt")."""
+
+    def __init__(self) -> None:
+        from awscrt.checksums import crc64nvme
+
+        self._fn = crc64nvme
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = self._fn(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(8, "big")
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+
+def have_crc64nvme() -> bool:
+    try:
+        import awscrt.checksums  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_MAKERS = {
+    "s3-crc64nvme": _Crc64nvme,
+    "sha256": hashlib.sha256, "s3-sha256": hashlib.sha256,
+    "md5": hashlib.md5, "etag-md5": hashlib.md5, "etag-multipart": hashlib.md5,
+    "s3-sha1": hashlib.sha1,
+    "crc32c": _Crc32c, "s3-crc32c": _Crc32c,
+    "s3-crc32": _Crc32,
+}
 
 
 def _hasher(exp: Expectation):
-    m = exp.method
-    if m in ("sha256", "s3-sha256"):
-        return hashlib.sha256()
-    if m in ("md5", "etag-md5"):
-        return hashlib.md5()
-    if m == "s3-sha1":
-        return hashlib.sha1()
-    if m in ("crc32c", "s3-crc32c"):
-        return _Crc32c()
-    if m == "s3-crc32":
-        return _Crc32()
-    if m == "etag-multipart":
-        return _MultipartEtag(exp.part_size)
-    raise ValueError(f"no hasher for {m}")
+    make = _MAKERS.get(exp.method)
+    if make is None:
+        raise ValueError(f"no hasher for {exp.method}")
+    if is_per_part(exp):
+        if not exp.part_size:
+            raise ValueError(f"{exp.method} {exp.value} needs the part size")
+        return _PerPart(make, exp.part_size)
+    return make()
+
+
+def is_per_part(exp: Expectation) -> bool:
+    """True for multipart ETags and composite checksums, whose value ends in ``-N``."""
+    return exp.method == "etag-multipart" or "-" in exp.value
 
 
 class Digest:

@@ -74,11 +74,13 @@ def main() -> None:
 @click.option("--read-timeout", type=float, default=30.0, show_default=True,
               help="Seconds without a byte before a request is retried.")
 @click.option("--max-attempts", type=int, default=8, show_default=True, help="Attempts per request.")
+@click.option("--revalidate", type=float, default=0.0, envvar="S3CACHE_REVALIDATE",
+              help="Every this many seconds, ask S3 whether cached objects changed (0: never).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               envvar="S3CACHE_LOG_LEVEL", show_default=True)
 def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
           lease: float, readahead: int, min_free: float, endpoint_url: str | None, region: str | None,
-          read_timeout: float, max_attempts: int, log_level: str) -> None:
+          read_timeout: float, max_attempts: int, revalidate: float, log_level: str) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
 
@@ -90,7 +92,7 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
     settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
                     part_size=part_size, lease=lease, readahead=readahead, min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
-                    max_attempts=max_attempts)
+                    max_attempts=max_attempts, revalidate=revalidate)
     sys.exit(_run(Daemon(settings).run))
 
 
@@ -146,6 +148,46 @@ def status(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"failed      {f['uri']}: {f['code']}")
     for e in st.get("manifest_errors", []):
         click.echo(f"manifest    {e}")
+
+
+def _verify(cache_dir: Path, uris: list[str], everything: bool, source: bool) -> dict:
+    from .control import Client
+    from .store import Layout
+
+    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=None) as c:
+        return c.request({"op": "verify", "uris": uris, "all": everything, "source": source})["report"]
+
+
+@main.command()
+@cache_dir_option
+@click.option("--all", "everything", is_flag=True, help="Every cached file.")
+@click.option("--source", is_flag=True, help="Also ask S3 whether each object changed since it was cached.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.argument("uris", nargs=-1)
+def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris: tuple[str, ...]) -> None:
+    """Re-hash cached files against their recorded checksum (and with --source, check S3 for changes).
+
+    A file that no longer matches is moved to .s3cache/quarantine (never deleted silently) and fetched
+    again; the command then exits 1. Objects changed in S3 are fetched again.
+    """
+    if not everything and not uris:
+        raise click.UsageError("name URIs to verify, or --all")
+    report = _run(_verify, cache_dir, list(uris), everything, source)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        click.echo(f"checked {report['checked']} file(s): {report['ok']} ok, {len(report['mismatched'])} "
+                   f"corrupt, {len(report['changed'])} changed in S3, {len(report['gone'])} gone from S3")
+        for m in report["mismatched"]:
+            click.echo(f"corrupt     {m['uri']} ({m['path']}): quarantined at {m['quarantined']}, fetching again")
+        for c in report["changed"]:
+            click.echo(f"changed     {c['uri']}: ETag {c['was']} -> {c['etag']}, fetching again")
+        for g in report["gone"]:
+            click.echo(f"gone        {g['uri']}: {g['code']}")
+        for u in report["not_cached"]:
+            click.echo(f"not cached  {u}")
+    if report["mismatched"]:
+        sys.exit(1)
 
 
 @main.command()

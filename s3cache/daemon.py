@@ -133,6 +133,8 @@ class Daemon:
             self._spawn(self._worker_loop, f"s3cache-worker-{i}")
         if self.s.manifest is not None:
             self._watch_manifest()
+        if self.s.revalidate > 0:
+            self._spawn(self._revalidate_loop, "s3cache-revalidate")
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
                  len(self.entries), len(self.ready), human_size(self.used), human_size(self.s.max_size))
 
@@ -802,6 +804,9 @@ class Daemon:
             return {"results": self._want(conn, str(msg.get("reader", "")), list(msg.get("uris", [])))}
         if op == "status":
             return {"status": self.status()}
+        if op == "verify":
+            return {"report": self.verify([str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
+                                          bool(msg.get("source")))}
         if op == "hello":
             return {"ok": True, "pid": os.getpid()}
         return {"error": f"unknown op {op!r}"}
@@ -850,6 +855,88 @@ class Daemon:
                 self.waiters[uri].discard(conn)
                 if not self.waiters[uri]:
                     del self.waiters[uri]
+
+    # == verification =================================================================================
+
+    def verify(self, uris: list[str], everything: bool, source: bool) -> dict:
+        """Re-hash cached files against their recorded CRC32C; with ``source``, also ask S3 (HEAD)
+        whether each object changed since it was cached. A mismatch is moved to the quarantine folder
+        and the object fetched again; a changed object is fetched again. Returns a report."""
+        assert self.fetcher is not None
+        with self.lock:
+            if everything:
+                targets = list(self.ready.items())
+            else:
+                targets = [(u, self.ready[u]) for u in (parse_uri(x).uri for x in uris) if u in self.ready]
+                missing = [x for x in uris if parse_uri(x).uri not in self.ready]
+        report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [],
+                        "not_cached": [] if everything else missing}
+        for uri, rec in targets:
+            path = self.store.layout.abspath(rec.path)
+            try:
+                actual = local_crc32c_of(path)
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            report["checked"] += 1
+            if actual != rec.crc32c:
+                where = self._withdraw(uri, rec, quarantine=True)
+                log.error("verify: %s does not match its recorded CRC32C (%s, expected %s); quarantined at %s",
+                          uri, actual, rec.crc32c, where)
+                report["mismatched"].append({"uri": uri, "path": rec.path, "quarantined": where})
+                continue
+            if source:
+                entry = self._entry_for(uri) or Entry(parse_uri(uri))
+                try:
+                    now_is = self.fetcher.describe(entry)
+                except FetchFailed as e:
+                    report["gone"].append({"uri": uri, "code": e.code})
+                    continue
+                if (now_is.etag and rec.etag and now_is.etag != rec.etag) or now_is.size != rec.size:
+                    self._withdraw(uri, rec, quarantine=False)
+                    log.info("verify: %s changed in S3 since it was cached; fetching it again", uri)
+                    report["changed"].append({"uri": uri, "etag": now_is.etag, "was": rec.etag})
+                    continue
+            report["ok"] += 1
+        return report
+
+    def _withdraw(self, uri: str, rec: Record, quarantine: bool) -> str | None:
+        """Take a file out of readers' reach and fetch the object again. Returns the quarantine path."""
+        assert self._lease_fd is not None and self.index is not None
+        where = None
+        fcntl.flock(self._lease_fd, fcntl.LOCK_EX)
+        try:
+            with self.cond:
+                if self.ready.get(uri) is None or self.ready[uri].path != rec.path:
+                    return None  # replaced or evicted meanwhile
+                self._forget_ready(uri)
+                if quarantine:
+                    where = self.store.quarantine(rec.path)
+                else:
+                    self.store.remove(rec.path)
+                self.index.delete_many([uri])
+                entry = self._entry_for(uri) or Entry(parse_uri(uri))
+                pos = self.positions.get(uri)
+                if pos is not None:
+                    self.cursor = min(self.cursor, pos)
+                self.demand.append(entry)
+                self._work_changed()
+        finally:
+            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+        return where
+
+    def _revalidate_loop(self) -> None:
+        """``--revalidate``: every so often, ask S3 whether cached manifest objects changed."""
+        while not self.stopping.wait(self.s.revalidate):
+            with self.lock:
+                uris = [u for u in self.positions if u in self.ready]
+            try:
+                report = self.verify(uris, False, True)
+            except Exception:
+                log.exception("revalidation failed")
+                continue
+            if report["changed"] or report["mismatched"]:
+                log.info("revalidated %d file(s): %d changed in S3, %d corrupt", report["checked"],
+                         len(report["changed"]), len(report["mismatched"]))
 
     # == housekeeping =================================================================================
 

@@ -34,7 +34,8 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from .checksum import CHUNK, Digest, Expectation, b64_to_hex, digest_file, strongest
+from .checksum import (CHUNK, Digest, Expectation, b64_to_hex, digest_file, have_crc64nvme, is_per_part,
+                       strongest)
 from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
 
@@ -55,7 +56,8 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
 _PERMANENT_BY_STATUS = {403: "AccessDenied", 404: "NoSuchKey", 400: "BadRequest", 416: "InvalidRange"}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _S3_CHECKSUMS = (("ChecksumSHA256", "s3-sha256"), ("ChecksumSHA1", "s3-sha1"),
-                 ("ChecksumCRC32C", "s3-crc32c"), ("ChecksumCRC32", "s3-crc32"))
+                 ("ChecksumCRC64NVME", "s3-crc64nvme"), ("ChecksumCRC32C", "s3-crc32c"),
+                 ("ChecksumCRC32", "s3-crc32"))
 
 
 class Cancelled(S3CacheError):
@@ -331,8 +333,12 @@ class Fetcher:
             raise NeedSpace(total)
         single = total <= self.part_size
         expect = self._expectation(entry, resp, etag, whole=single)
-        if expect is not None and expect.method == "etag-multipart":
-            expect = self._multipart_expectation(entry, etag)
+        if not single and (expect is None or expect.method.startswith("etag")):
+            # A ranged GET carries no whole-object checksum; one HEAD can find a stronger one.
+            described = self.describe(entry)
+            if described.etag == etag and described.expect is not None:
+                expect = strongest([described.expect] + ([expect] if expect else []))
+        expect = self._with_part_size(entry, expect)
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
         try:
@@ -405,13 +411,11 @@ class Fetcher:
         self.counters.add(requests=1)
         head = self._attempts(entry.uri, lambda: self.client.head_object(**kw))
         etag = head.get("ETag", "").strip('"')
-        expect = self._expectation(entry, head, etag, whole=True)
-        if expect is not None and expect.method == "etag-multipart":
-            expect = self._multipart_expectation(entry, etag)
+        expect = self._with_part_size(entry, self._expectation(entry, head, etag, whole=True))
         return Described(int(head["ContentLength"]), etag, head.get("VersionId") or entry.version or "", expect)
 
     def _expectation(self, entry: Entry, resp: dict, etag: str, whole: bool) -> Expectation | None:
-        """The strongest claim about the bytes that is known before reading them."""
+        """The strongest claim about the bytes that is known before reading them (no part size yet)."""
         exps: list[Expectation] = []
         if entry.sha256:
             exps.append(Expectation("sha256", entry.sha256))
@@ -419,25 +423,32 @@ class Fetcher:
             exps.append(Expectation("md5", entry.md5))
         if entry.crc32c:
             exps.append(Expectation("crc32c", entry.crc32c))
-        if whole and resp.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        multipart = re.fullmatch(r"[0-9a-f]{32}-(\d+)", etag or "")
+        if whole:
             for header, method in _S3_CHECKSUMS:
                 value = resp.get(header)
-                if value and "-" not in value:
-                    exps.append(Expectation(method, b64_to_hex(value)))
+                if not value or (method == "s3-crc64nvme" and not have_crc64nvme()):
+                    continue
+                b64, _, parts = value.partition("-")
+                # S3 marks composite checksums "-N"; moto does not, so for a multipart object anything not
+                # declared FULL_OBJECT is taken as composite over the ETag's part count.
+                if not parts and multipart and resp.get("ChecksumType") != "FULL_OBJECT":
+                    parts = multipart.group(1)
+                exps.append(Expectation(method, b64_to_hex(b64) + (f"-{parts}" if parts else "")))
         encrypted = resp.get("SSECustomerAlgorithm") or resp.get("ServerSideEncryption") == "aws:kms"
         if etag and not encrypted:  # with SSE-KMS or SSE-C the ETag is not an MD5 of the bytes
             if re.fullmatch(r"[0-9a-f]{32}", etag):
                 exps.append(Expectation("etag-md5", etag))
-            elif re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
+            elif multipart:
                 exps.append(Expectation("etag-multipart", etag))
         return strongest(exps)
 
-    def _multipart_expectation(self, entry: Entry, etag: str) -> Expectation | None:
-        """For a multipart ETag, learn the part size (HeadObject PartNumber=1) so the ETag can be checked."""
-        if not re.fullmatch(r"[0-9a-f]{32}-\d+", etag):
-            return None
+    def _with_part_size(self, entry: Entry, expect: Expectation | None) -> Expectation | None:
+        """Per-part checksums need the part size: learn it from ``HeadObject(PartNumber=1)``."""
+        if expect is None or not is_per_part(expect) or expect.part_size:
+            return expect
         # No If-Match here: moto answers a part HEAD with 412 even for the right ETag. A changed object
-        # would fail the ETag check below and be fetched again, so nothing wrong can be published.
+        # would fail the check anyway and be fetched again, so nothing wrong can be published.
         kw: dict = {"Bucket": entry.ref.bucket, "Key": entry.ref.key, "PartNumber": 1}
         if entry.version:
             kw["VersionId"] = entry.version
@@ -446,4 +457,4 @@ class Fetcher:
         part_size = int(head["ContentLength"])
         if not head.get("PartsCount") or part_size <= 0:
             return None
-        return Expectation("etag-multipart", etag, part_size)
+        return expect._replace(part_size=part_size)

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -221,8 +222,9 @@ class Store:
 
     def quarantine(self, rel: str) -> str:
         """Move a file that failed re-verification out of readers' reach; returns its new path."""
-        dest = os.path.join(self.layout.quarantine, rel.replace("/", "%2F"))
+        dest = os.path.join(self.layout.quarantine, f"{int(time.time())}-{rel.replace('/', '%2F')}"[:255])
         os.rename(self.layout.abspath(rel), dest)
+        os.chmod(dest, 0o600)
         return dest
 
     def exists(self, rel: str) -> bool:

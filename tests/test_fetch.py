@@ -63,7 +63,7 @@ def test_large_object_in_parallel_ranged_parts(s3, bucket, make_fetcher):
     f = make_fetcher(part_size=MiB)
     got = f.fetch(Entry(ObjectRef(bucket, "big.bin")), admit=lambda n: True)
     assert read(got.tmp_path) == body
-    assert f.counters.requests == 6
+    assert f.counters.requests == 1 + 5 + 1  # first part, four more parts, one HEAD for a whole-object checksum
     assert got.method == "etag-md5"
 
 
@@ -163,3 +163,46 @@ def test_empty_object(s3, bucket, make_fetcher):
     s3.put_object(Bucket=bucket, Key="empty", Body=b"")
     got = make_fetcher().fetch(Entry(ObjectRef(bucket, "empty")), admit=lambda n: True)
     assert read(got.tmp_path) == b"" and got.size == 0 and got.method == "etag-md5"
+
+
+@pytest.mark.parametrize("how,algo,method", [
+    ("put", None, "s3-crc32"),  # boto3's default CRC32 on a single PUT
+    ("multipart", None, "s3-crc32"),  # boto3's default on a multipart upload
+    ("multipart", "SHA256", "s3-sha256"),  # COMPOSITE: the SHA-256 of the part SHA-256s, "-N"
+    ("multipart", "CRC32C", "s3-crc32c"),
+])
+def test_s3_additional_checksums_verify_large_objects(moto, bucket, make_fetcher, how, algo, method):
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    if algo == "CRC32C":
+        pytest.importorskip("awscrt", reason="boto3 computes CRC32C only with awscrt")
+    s3 = moto.client()  # with boto3's default checksums
+    body = os.urandom(12 * MiB + 77)
+    extra = {"ChecksumAlgorithm": algo} if algo else {}
+    if how == "put":
+        s3.put_object(Bucket=bucket, Key="k", Body=body, **extra)
+    else:
+        s3.upload_fileobj(io.BytesIO(body), bucket, "k", ExtraArgs=extra,
+                          Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    got = make_fetcher(part_size=4 * MiB).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+    assert read(got.tmp_path) == body
+    assert got.method == method
+
+
+def test_small_object_checksum_from_the_one_response(moto, bucket, make_fetcher):
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="k", Body=b"abc" * 1000, ChecksumAlgorithm="SHA256")
+    f = make_fetcher()
+    got = f.fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+    assert got.method == "s3-sha256" and f.counters.requests == 1
+
+
+def test_crc64nvme_full_object_checksum(moto, bucket, make_fetcher):
+    pytest.importorskip("awscrt")
+    s3 = moto.client()
+    body = os.urandom(6 * MiB + 1)
+    s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumAlgorithm="CRC64NVME")
+    got = make_fetcher(part_size=2 * MiB).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+    assert read(got.tmp_path) == body and got.method == "s3-crc64nvme"

@@ -1,0 +1,71 @@
+"""`s3cache verify` and `serve --revalidate`: corrupt files are quarantined, changed objects refetched."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from conftest import write_manifest
+from s3cache import resolve
+from s3cache.cli import main
+from s3cache.testing import wait_for
+
+
+def setup(tmp_path, s3, bucket, daemons, n=4, args=()):
+    data = {}
+    for i in range(n):
+        body = os.urandom(40_000)
+        s3.put_object(Bucket=bucket, Key=f"v/{i}", Body=body)
+        data[f"s3://{bucket}/v/{i}"] = body
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", list(data)), args=list(args))
+    d.wait_until(lambda st: st["objects"]["ready"] == n)
+    return d, data
+
+
+def test_verify_quarantines_a_corrupt_file_and_fetches_it_again(tmp_path, s3, bucket, daemons):
+    d, data = setup(tmp_path, s3, bucket, daemons)
+    victim = list(data)[1]
+    path = Path(resolve(victim, cache_dir=d.cache_dir))
+    raw = bytearray(path.read_bytes())
+    raw[1234] ^= 0x10  # bit rot on the SSD
+    path.write_bytes(bytes(raw))
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--all", "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.output)
+    assert report["checked"] == 4 and report["ok"] == 3
+    [bad] = report["mismatched"]
+    assert bad["uri"] == victim
+    quarantined = Path(bad["quarantined"])
+    assert quarantined.parent == d.cache_dir.absolute() / ".s3cache" / "quarantine"
+    assert quarantined.read_bytes() == bytes(raw)  # kept for inspection, out of readers' reach
+    wait_for(lambda: path.exists() and path.read_bytes() == data[victim], 120, "the object to be fetched again")
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--all"])
+    assert r.exit_code == 0 and "4 ok, 0 corrupt" in r.output
+
+
+def test_verify_source_refetches_objects_changed_in_s3(tmp_path, s3, bucket, daemons):
+    d, data = setup(tmp_path, s3, bucket, daemons)
+    uri = list(data)[0]
+    s3.put_object(Bucket=bucket, Key="v/0", Body=b"new contents")
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", uri])
+    assert r.exit_code == 0, r.output
+    assert "1 changed in S3" in r.output
+    path = d.cache_dir / bucket / "v" / "0"
+    wait_for(lambda: path.exists() and path.read_bytes() == b"new contents", 120, "the new version")
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", "--all"])
+    assert "4 ok" in r.output and "0 changed" in r.output
+
+
+def test_serve_revalidate_notices_changes_by_itself(tmp_path, s3, bucket, daemons):
+    d, data = setup(tmp_path, s3, bucket, daemons, args=["--revalidate", "0.5"])
+    s3.put_object(Bucket=bucket, Key="v/3", Body=b"v2")
+    path = d.cache_dir / bucket / "v" / "3"
+    wait_for(lambda: path.exists() and path.read_bytes() == b"v2", 120, "revalidation to pick up v2")
+
+
+def test_verify_needs_a_target(tmp_path):
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "--all" in r.output
