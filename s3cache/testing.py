@@ -57,14 +57,16 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> int:
 class MotoServer:
     """moto's S3 server on a free 127.0.0.1 port, as a subprocess."""
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
+        self._env = env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MotoServer:
-        env = {**os.environ, **FAKE_CREDENTIALS, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(128 << 20)}
+        env = {**os.environ, **FAKE_CREDENTIALS, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(128 << 20), **self._env}
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -84,12 +86,12 @@ class MotoServer:
         wait_for(up, 60, "moto's S3 server to answer")
         return self
 
-    def client(self, **config):
+    def client(self, service: str = "s3", key: str = "testing", secret: str = "testing", **config):
         import boto3
         import botocore.config
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing",
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=key, aws_secret_access_key=secret,
                             config=botocore.config.Config(**config) if config else None)
 
     def stop(self) -> None:
