@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import Settings, default_cache_dir, human_size, parse_size
+from .config import Settings, default_cache_dir, human_size, parse_readahead, parse_size
 from .errors import ConfigError, S3CacheError
 
 
@@ -64,8 +64,9 @@ def main() -> None:
               help="Ranged-GET part size for large objects.")
 @click.option("--lease", type=float, envvar="S3CACHE_LEASE", default=600.0, show_default=True,
               help="Seconds a resolved file is protected from eviction.")
-@click.option("--readahead", type=SIZE, default="0", help="Bytes fetched ahead of each in-order reader "
-              "when the cache is full (default: 1/8 of --max-size).")
+@click.option("--readahead", default="0", envvar="S3CACHE_READAHEAD",
+              help="How far ahead of each in-order reader to fetch when the cache is full: bytes (2G) or "
+              "files (8f). Default: 1/8 of --max-size.")
 @click.option("--min-free", type=float, default=0.05, show_default=True,
               help="Pause prefetch when the filesystem's free fraction falls below this.")
 @click.option("--endpoint-url", envvar=["S3CACHE_ENDPOINT_URL", "AWS_ENDPOINT_URL"],
@@ -79,7 +80,7 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               envvar="S3CACHE_LOG_LEVEL", show_default=True)
 def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
-          lease: float, readahead: int, min_free: float, endpoint_url: str | None, region: str | None,
+          lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
           read_timeout: float, max_attempts: int, revalidate: float, log_level: str) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
@@ -89,8 +90,13 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
     # boto's own loggers would print request details (and with debug, signed headers): keep them quiet.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        ahead_bytes, ahead_files = parse_readahead(readahead)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--readahead") from None
     settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
-                    part_size=part_size, lease=lease, readahead=readahead, min_free=min_free,
+                    part_size=part_size, lease=lease, readahead=ahead_bytes, readahead_files=ahead_files,
+                    min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
                     max_attempts=max_attempts, revalidate=revalidate)
     sys.exit(_run(Daemon(settings).run))
@@ -134,7 +140,10 @@ def status(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"cache use   {human_size(b['ready'])} of {human_size(b['max'])} ({pct:.1f}%), "
                f"{human_size(b['reserved'])} reserved, filesystem {100 * b['free_fraction']:.1f}% free")
     click.echo(f"throughput  {human_size(st['throughput_bytes_per_s'])}/s")
-    click.echo(f"readers     {st['readers']} ({st['hits']} hits, {st['misses']} misses)")
+    click.echo(f"readers     {st['readers']} ({st['hits']} hits, {st['misses']} misses, "
+               f"{st['wait_seconds']:.1f}s spent waiting)")
+    for e in st.get("epochs", []):
+        click.echo(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, {e['misses']} misses)")
     click.echo(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
                f"files, {human_size(st['evicted_bytes'])}")
     methods = st.get("verified_by", {})
@@ -148,6 +157,32 @@ def status(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"failed      {f['uri']}: {f['code']}")
     for e in st.get("manifest_errors", []):
         click.echo(f"manifest    {e}")
+
+
+def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
+    from .control import Client
+    from .store import Layout
+
+    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=timeout) as c:
+        return c.request(msg)
+
+
+@main.command()
+@cache_dir_option
+@click.argument("uris", nargs=-1, required=True)
+def pin(cache_dir: Path, uris: tuple[str, ...]) -> None:
+    """Keep these objects resident (fetching them now) until unpinned; survives restarts."""
+    reply = _run(_request, cache_dir, {"op": "pin", "uris": list(uris)})
+    click.echo(f"pinned {len(uris)} object(s); {reply['pinned']} pinned in all")
+
+
+@main.command()
+@cache_dir_option
+@click.argument("uris", nargs=-1, required=True)
+def unpin(cache_dir: Path, uris: tuple[str, ...]) -> None:
+    """Let these objects be evicted again."""
+    reply = _run(_request, cache_dir, {"op": "unpin", "uris": list(uris)})
+    click.echo(f"unpinned {len(uris)} object(s); {reply['pinned']} pinned in all")
 
 
 def _verify(cache_dir: Path, uris: list[str], everything: bool, source: bool) -> dict:

@@ -37,6 +37,14 @@ def human_size(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def parse_readahead(text: str) -> tuple[int, int]:
+    """``"2G"`` -> (bytes, 0); ``"8 files"`` or ``"8f"`` -> (0, 8)."""
+    m = re.match(r"^\s*(\d+)\s*(f|files?)\s*$", str(text), re.IGNORECASE)
+    if m:
+        return 0, int(m.group(1))
+    return parse_size(text), 0
+
+
 def default_cache_dir() -> str:
     """The cache dir a reader uses when none is given: ``$S3CACHE_DIR`` or the system default."""
     return os.environ.get("S3CACHE_DIR") or DEFAULT_CACHE_DIR
@@ -52,7 +60,8 @@ class Settings:
     workers: int = 16
     part_size: int = 16 << 20
     lease: float = 600.0
-    readahead: int = 0  # bytes of lookahead per reader beyond what is resident; 0 = auto (1/8 of max_size)
+    readahead: int = 0  # bytes fetched ahead of each in-order reader; 0 = auto (1/8 of max_size)
+    readahead_files: int = 0  # ... or a number of files, when given
     min_free: float = 0.05
     low_watermark: float = 0.90
     endpoint_url: str | None = None

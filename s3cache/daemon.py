@@ -71,10 +71,13 @@ class Daemon:
         self.ready: dict[str, Record] = {}
         self.fetching: set[str] = set()
         self.failed: dict[str, tuple[str, str]] = {}  # uri -> (code, message)
-        self.known_sizes: dict[str, int] = {}  # sizes learned from S3 before the object was admitted
+        # Sizes of manifest objects that the manifest did not give, learned from S3 (a first response or
+        # a cached file) and kept after eviction, so that deciding whether a file fits costs no GET.
+        self.known_sizes: dict[str, int] = {}
         self.blocked: set[str] = set()  # waiting for room in the cache
         self.reservations: dict[str, int] = {}
         self.demand: deque[Entry] = deque()
+        self.pinned: set[str] = set()  # pinned with `s3cache pin` (manifest pin=1 entries are pinned too)
         self.waiters: dict[str, set[Connection]] = {}
         self.used = 0  # bytes of ready files
         self.reserved = 0  # bytes promised to downloads in flight
@@ -89,7 +92,9 @@ class Daemon:
         self._dirty_use: dict[str, float] = {}
         self._early_use: dict[str, float] = {}  # used by a reader between rename and "ready"
         self.stats = {"fetched": 0, "fetched_bytes": 0, "evicted": 0, "evicted_bytes": 0,
-                      "hits": 0, "misses": 0, "failed": 0}
+                      "hits": 0, "misses": 0, "failed": 0, "wait_seconds": 0.0}
+        self.epochs: dict[int, dict[str, int]] = {}  # readers' epoch -> hits and misses
+        self._wanted_at: dict[str, float] = {}  # when a reader first started waiting for a file
         self._tp_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self.manifest_errors: list[str] = []
         self.started_at = time.time()
@@ -118,6 +123,7 @@ class Daemon:
                                new_temp=self.store.new_temp, discard=self.store.discard)
         entries = self._read_manifest() if self.s.manifest is not None else []
         self.index, damaged = self._open_index()
+        self.pinned = set(self.index.get_meta("pins", []))
         if damaged:
             self._rebuild(entries)
         else:
@@ -360,6 +366,7 @@ class Daemon:
             self.cursor = 0
             self.prefetch_paused = False
             self.failed = {u: f for u, f in self.failed.items() if u not in self.positions}
+            self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in self.positions}
             self.tracker.forget()
             self._work_changed()
         for rec in stale:
@@ -433,6 +440,8 @@ class Daemon:
         return None
 
     def _readahead_files(self) -> int:
+        if self.s.readahead_files:
+            return self.s.readahead_files
         known = [e.size for e in self.entries[:256] if e.size]
         avg = (sum(known) / len(known)) if known else self.s.part_size
         return max(1, int(self.s.readahead_bytes / max(avg, 1)))
@@ -458,7 +467,8 @@ class Daemon:
             for r in readers:
                 e = self.entries[(r + k) % n]
                 if self._wanted(e.uri):
-                    if k < window or (e.size or self.s.part_size) <= free:
+                    size = e.size if e.size is not None else self.known_sizes.get(e.uri, self.s.part_size)
+                    if k < window or size <= free:
                         return e
                     self._scan_limited = True  # a reader moving on may bring this into the window
                     return None
@@ -527,7 +537,8 @@ class Daemon:
                 low = int(self.s.max_size * self.s.low_watermark)
                 extra = max(0, self.used + self.reserved + size - low - need)
                 victims = choose_victims(self._residents(), need=need, extra=extra, readers=readers, n=n,
-                                         target_distance=target, demand=demand, now=now, lease=self.s.lease)
+                                         target_distance=target, demand=demand, now=now, lease=self.s.lease,
+                                         protected=self.tracker.current())
                 if victims is None:
                     return False
                 self._evict(victims, uri)
@@ -550,8 +561,30 @@ class Daemon:
         log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
 
     def _residents(self) -> list[Resident]:
-        return [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), r.pinned)
+        return [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), self._is_pinned(u))
                 for u, r in self.ready.items()]
+
+    def _is_pinned(self, uri: str) -> bool:
+        if uri in self.pinned:
+            return True
+        pos = self.positions.get(uri)
+        return pos is not None and self.entries[pos].pin
+
+    def _pin(self, uris: list[str], pin: bool) -> dict:
+        """``s3cache pin/unpin``: keep files resident (fetching them now) or release them."""
+        assert self.index is not None
+        refs = [parse_uri(u) for u in uris]
+        with self.cond:
+            for ref in refs:
+                if pin:
+                    self.pinned.add(ref.uri)
+                    if ref.uri not in self.ready and ref.uri not in self.fetching:
+                        self.demand.append(self._entry_for(ref.uri) or self.extra.setdefault(ref.uri, Entry(ref)))
+                else:
+                    self.pinned.discard(ref.uri)
+            self.index.set_meta("pins", sorted(self.pinned))
+            self._work_changed()
+            return {"ok": True, "pinned": len(self.pinned)}
 
     def _evict_for_disk(self, size: int) -> bool:
         """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
@@ -564,7 +597,8 @@ class Daemon:
                 n = len(self.entries)
                 victims = choose_victims(self._residents(), need=size, extra=0,
                                          readers=self.tracker.positions(n, now), n=n, target_distance=None,
-                                         demand=False, now=now, lease=self.s.lease)
+                                         demand=False, now=now, lease=self.s.lease,
+                                         protected=self.tracker.current())
                 if not victims:
                     return False
                 self._evict(victims, "a full filesystem")
@@ -584,6 +618,8 @@ class Daemon:
         rec = self.ready.pop(uri, None)
         if rec is not None:
             self.used -= rec.size
+            if uri in self.positions and self.entries[self.positions[uri]].size is None:
+                self.known_sizes[uri] = rec.size
             self._dirty_use.pop(uri, None)
             self._scan_idle = False  # it may be wanted again
         return rec
@@ -662,6 +698,7 @@ class Daemon:
             self.stats["failed"] += 1
             for conn in self.waiters.pop(uri, ()):
                 conn.send({"event": "failed", "uri": uri, "code": code, "message": message})
+            self._stop_waiting(uri)
             self.cond.notify_all()
 
     # == publishing ===================================================================================
@@ -735,11 +772,11 @@ class Daemon:
                     self._dirty_use[uri] = used_at
                 self.ready[uri] = rec
                 self.used += rec.size
-                self.known_sizes.pop(uri, None)
                 self.stats["fetched"] += 1
                 self.stats["fetched_bytes"] += rec.size
                 for conn in self.waiters.pop(uri, ()):
                     conn.send({"event": "ready", "uri": uri, "path": rec.path})
+                self._stop_waiting(uri)
             self.disk_full = False
             self.cond.notify_all()
         for entry, f, rec in plans:
@@ -748,8 +785,8 @@ class Daemon:
     # == readers ======================================================================================
 
     def _note_use(self, reader: str, uris: list[str], hit: bool) -> None:
-        """A reader resolved these URIs; ``hit``: they were there when it first looked (caller holds
-        the lock)."""
+        """A reader resolved these URIs; ``hit``: they were there when it first looked, which counts as
+        a cache hit in the reader's current epoch (caller holds the lock)."""
         now = time.time()
         n = len(self.entries)
         moved = False
@@ -763,15 +800,25 @@ class Daemon:
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
             pos = self.positions.get(uri)
+            epoch = self.tracker.epoch_of(reader)
             if pos is not None:
-                self.tracker.saw(reader, pos, n, now)
+                epoch = self.tracker.saw(reader, pos, n, now)
                 moved = True
             if hit:
                 self.stats["hits"] += 1
+                self._epoch(epoch)["hits"] += 1
         if moved and (self.prefetch_paused or self.blocked):
             self._resume_prefetch()
         elif moved and self._scan_limited:
             self._work_changed()
+
+    def _epoch(self, epoch: int) -> dict[str, int]:
+        return self.epochs.setdefault(epoch, {"hits": 0, "misses": 0})
+
+    def _stop_waiting(self, uri: str) -> None:
+        started = self._wanted_at.pop(uri, None)
+        if started is not None:
+            self.stats["wait_seconds"] += time.monotonic() - started
 
     def _drain_use(self) -> None:
         """Apply every usage note readers have sent so far (caller holds the lock)."""
@@ -801,23 +848,34 @@ class Daemon:
     def _handle(self, conn: Connection, msg: dict) -> dict:
         op = msg.get("op")
         if op == "want":
-            return {"results": self._want(conn, str(msg.get("reader", "")), list(msg.get("uris", [])))}
+            return {"results": self._want(conn, str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])],
+                                          [str(u) for u in msg.get("ahead", [])])}
         if op == "status":
             return {"status": self.status()}
         if op == "verify":
             return {"report": self.verify([str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
                                           bool(msg.get("source")))}
+        if op in ("pin", "unpin"):
+            return self._pin([str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
             return {"ok": True, "pid": os.getpid()}
         return {"error": f"unknown op {op!r}"}
 
-    def _want(self, conn: Connection, reader: str, uris: list[str]) -> list[dict]:
-        log.debug("want %s from %s", uris, reader)
+    def _want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = ()) -> list[dict]:
+        """A reader waits for ``uris`` (they go to the front of the queue) and will soon want ``ahead``.
+
+        ``ahead`` is a hint for objects the manifest does not list (for listed ones the readahead policy
+        already knows what comes next): they are queued behind the demand, with no one waiting yet.
+        """
+        log.debug("want %s (then %d more) from %s", uris, len(ahead), reader)
         results = []
         front: list[Entry] = []
         with self.cond:
+            self._drain_use()  # the reader's earlier notes first, so its position moves in order
             self._note_use(reader, uris, hit=False)
-            self.stats["misses"] += sum(1 for u in uris if u not in self.ready)
+            misses = sum(1 for u in uris if u not in self.ready)
+            self.stats["misses"] += misses
+            self._epoch(self.tracker.epoch_of(reader))["misses"] += misses
             for raw in uris:
                 try:
                     ref = parse_uri(raw)
@@ -839,6 +897,7 @@ class Daemon:
                     entry = Entry(ref)
                     self.extra[uri] = entry
                 self.waiters.setdefault(uri, set()).add(conn)
+                self._wanted_at.setdefault(uri, time.monotonic())
                 if uri not in self.fetching:
                     front.append(entry)
                     self.blocked.discard(uri)
@@ -846,6 +905,17 @@ class Daemon:
                 results.append({"uri": uri, "state": "pending", "watch": os.path.dirname(rel)})
             for e in reversed(front):
                 self.demand.appendleft(e)
+            for raw in ahead:
+                try:
+                    ref = parse_uri(raw)
+                except S3CacheError:
+                    continue
+                uri = ref.uri
+                if uri in self.positions or uri in self.ready or uri in self.fetching:
+                    continue
+                entry = self.extra.setdefault(uri, Entry(ref))
+                if entry not in self.demand:
+                    self.demand.append(entry)
             self.cond.notify_all()
         return results
 
@@ -1004,8 +1074,12 @@ class Daemon:
                 "manifest_errors": self.manifest_errors,
                 "prefetch_paused": self.prefetch_paused,
                 "disk_full": self.disk_full,
+                "pinned": {"files": sum(1 for u in self.ready if self._is_pinned(u)),
+                           "bytes": sum(r.size for u, r in self.ready.items() if self._is_pinned(u))},
                 "readers": len(self.tracker),
+                "epochs": [{"epoch": e, **v, "hit_rate": round(v["hits"] / max(1, v["hits"] + v["misses"]), 4)}
+                           for e, v in sorted(self.epochs.items())],
                 "requests": counters.requests if counters else 0,
                 "retries": counters.retries if counters else 0,
-                **{k: v for k, v in self.stats.items()},
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.stats.items()},
             }

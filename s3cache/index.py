@@ -20,6 +20,7 @@ import diskcache
 
 from .errors import CacheDirError
 
+_META = "\x00meta:"  # a prefix no s3:// URI can start with
 PUBLISHING = "publishing"
 READY = "ready"
 SCHEMA = 1
@@ -87,6 +88,8 @@ class Index:
 
     def items(self) -> Iterator[tuple[str, Record]]:
         for uri in list(self._cache.iterkeys()):
+            if uri.startswith(_META):
+                continue
             row = self._cache.get(uri)
             if row is not None:
                 yield uri, Record.from_row(row)
@@ -102,8 +105,16 @@ class Index:
             for uri in uris:
                 self._cache.delete(uri)
 
+    def get_meta(self, name: str, default=None):
+        """Daemon-wide settings that must survive restarts (e.g. pins), beside the object rows."""
+        return self._cache.get(_META + name, default)
+
+    def set_meta(self, name: str, value) -> None:
+        self._cache.set(_META + name, value)
+
     def __len__(self) -> int:
-        return len(self._cache)
+        """Object rows (metadata not counted)."""
+        return sum(1 for k in self._cache.iterkeys() if not k.startswith(_META))
 
 
 class IndexCorrupt(CacheDirError):

@@ -103,10 +103,10 @@ class Resolver:
                 client.close()
 
     def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef]) -> set[str]:
-        uris = [r.uri for r in refs]
-        reply = client.request({"op": "want", "reader": self.reader_id(), "uris": uris + [r.uri for r in also]})
+        reply = client.request({"op": "want", "reader": self.reader_id(), "uris": [r.uri for r in refs],
+                                "ahead": [r.uri for r in also]})
         watch: set[str] = set()
-        for res in reply.get("results", [])[: len(uris)]:
+        for res in reply.get("results", []):
             _raise_for(res)
             if res["state"] == "pending":
                 watch.add(os.path.join(self.root, res.get("watch", "")))
@@ -223,33 +223,24 @@ def iter_resolve(uris: Iterable[str | ObjectRef], *, cache_dir: str | os.PathLik
                  timeout: float | None = None) -> Iterator[str]:
     """Yield each URI's local path in order, as soon as that file is there.
 
-    Files already cached cost no round trip (they are looked up in batches); for a missing one the
-    daemon is asked for it and the next few missing ones together, over one connection kept open.
-    ``timeout`` bounds the wait for each file.
+    Each file is looked up (and marked used) only when the consumer asks for it, so the daemon learns
+    where the reader really is and its lease starts when the reader is about to open it. A file already
+    cached costs no round trip; for a missing one the daemon is asked for it and the next few missing
+    ones together, over one connection kept open. ``timeout`` bounds the wait for each file.
     """
     r = resolver_for(cache_dir)
     refs = [parse_uri(u) for u in uris]
     client: Client | None = None
     try:
-        i = 0
-        while i < len(refs):
-            chunk = refs[i : i + 1024]
-            found = r.lookup(chunk)
-            for j, p in enumerate(found):
-                if p is None:
-                    if client is None:
-                        client = Client(r.layout.control_socket, r.root)
-                    ahead = [ref for ref, q in zip(chunk[j + 1 : j + WANT_WINDOW], found[j + 1 : j + WANT_WINDOW])
-                             if q is None]
-                    deadline = None if timeout is None else time.monotonic() + timeout
-                    p = r.wait([chunk[j]], deadline, client, also=ahead)[0]
-                    # Later entries of this chunk may have landed meanwhile; look again from here.
-                    yield p
-                    i += j + 1
-                    break
-                yield p
-            else:
-                i += len(chunk)
+        for i, ref in enumerate(refs):
+            p = r.lookup([ref])[0]
+            if p is None:
+                if client is None:
+                    client = Client(r.layout.control_socket, r.root)
+                ahead = [a for a in refs[i + 1 : i + WANT_WINDOW] if r._find(a) is None]
+                deadline = None if timeout is None else time.monotonic() + timeout
+                p = r.wait([ref], deadline, client, also=ahead)[0]
+            yield p
     finally:
         if client is not None:
             client.close()

@@ -1,0 +1,23 @@
+"""Hit rates of plain LRU, s3cache's policy and Belady's optimum on replayed traces.
+
+    python -m bench.simulate [--files 200] [--cache 100] [--epochs 4] [--window 2]
+"""
+
+import argparse
+
+from s3cache.simulate import markdown, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--cache", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--window", type=int, default=2)
+    a = ap.parse_args()
+    print("Hit rate = 1 - GETs / accesses, after the first epoch (what the S3 bill sees).")
+    print(markdown(table(a.files, a.cache, a.epochs, a.window)))
+
+
+if __name__ == "__main__":
+    main()
