@@ -638,7 +638,7 @@ class Daemon:
             try:
                 if size is not None and not self._admit(entry, size, demand):
                     raise NeedSpace(size)
-                fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand))
+                fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand), foreground=demand)
             except NeedSpace as e:
                 if e.size > self.s.max_size:
                     self._fail(uri, "TooLarge", f"{e.size} bytes will never fit in --max-size {self.s.max_size}")

@@ -179,13 +179,20 @@ class Fetcher:
         self.cancel = cancel
         self._new_temp = new_temp
         self._discard = discard
+        # Two part pools, so that a reader's object never queues behind parts of background prefetch.
         self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
+        self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
+        self._fg_active = 0
+        self._fg_lock = threading.Lock()
+        self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
+        self._fg_idle.set()
         self._throttle_until = 0.0
         self._throttle_lock = threading.Lock()
         self.counters = Counters()
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
+        self._fg_parts.shutdown(wait=True, cancel_futures=True)
 
     # -- retry machinery ---------------------------------------------------------------------------
 
@@ -244,13 +251,21 @@ class Fetcher:
         self.counters.add(requests=1)
         return self.client.get_object(**kw)
 
-    def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None) -> None:
-        """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried."""
+    def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
+                background: bool = False) -> None:
+        """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried.
+
+        A background (prefetch) stream pauses between chunks while a reader waits on another fetch, so
+        the reader's bytes get the CPU and the bandwidth; the pause is bounded so that an idle connection
+        is not dropped by the server.
+        """
         got = 0
         try:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled("stopping")
+                if background and not self._fg_idle.is_set():
+                    self._fg_idle.wait(10.0)
                 chunk = body.read(CHUNK)
                 if not chunk:
                     break
@@ -295,24 +310,36 @@ class Fetcher:
 
     # -- one object --------------------------------------------------------------------------------
 
-    def fetch(self, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
         """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
 
+        ``foreground``: a reader waits on it; background fetches yield to it while it runs.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified, Cancelled.
         """
         uri = entry.uri
         changed = 0
-        while True:
-            try:
-                return self._attempts(uri, lambda: self._fetch_once(entry, admit))
-            except ObjectChanged:
-                changed += 1
-                if changed >= 3:
-                    raise
-                log.info("%s changed in S3 during the download; starting over", uri)
+        if foreground:
+            with self._fg_lock:
+                self._fg_active += 1
+                self._fg_idle.clear()
+        try:
+            while True:
+                try:
+                    return self._attempts(uri, lambda: self._fetch_once(entry, admit, not foreground))
+                except ObjectChanged:
+                    changed += 1
+                    if changed >= 3:
+                        raise
+                    log.info("%s changed in S3 during the download; starting over", uri)
+        finally:
+            if foreground:
+                with self._fg_lock:
+                    self._fg_active -= 1
+                    if not self._fg_active:
+                        self._fg_idle.set()
 
-    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], background: bool) -> Fetched:
         uri = entry.uri
         try:
             resp = self._get(entry, 0, self.part_size - 1, None)
@@ -353,9 +380,9 @@ class Fetcher:
             first_len = min(total, self.part_size)
             if single:
                 digest = Digest(expect)
-                self._stream(body, fd, 0, first_len, digest)
+                self._stream(body, fd, 0, first_len, digest, background)
             else:
-                self._fetch_rest(entry, body, fd, total, etag)
+                self._fetch_rest(entry, body, fd, total, etag, background)
                 with os.fdopen(os.dup(fd), "rb") as f:
                     digest = digest_file(f, expect)
             method = digest.check(uri, total)
@@ -367,7 +394,7 @@ class Fetcher:
             if not ok:
                 self._discard(tmp)
 
-    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str) -> None:
+    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, background: bool) -> None:
         """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match."""
         uri = entry.uri
         pin = None if entry.version else etag
@@ -377,15 +404,16 @@ class Fetcher:
 
             def once() -> None:
                 r = self._get(entry, start, end, pin)
-                self._stream(r["Body"], fd, start, end - start + 1, None)
+                self._stream(r["Body"], fd, start, end - start + 1, None, background)
 
             self._attempts(uri, once)
 
         starts = range(self.part_size, total, self.part_size)
-        futures = [self._parts.submit(part, s) for s in starts]
+        pool = self._parts if background else self._fg_parts
+        futures = [pool.submit(part, s) for s in starts]
         try:
             try:
-                self._stream(first_body, fd, 0, self.part_size, None)
+                self._stream(first_body, fd, 0, self.part_size, None, background)
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, _Retry):

@@ -93,3 +93,21 @@ def test_vanished_cache_dir_stops_the_daemon_with_a_clear_error(tmp_path, s3, bu
     assert d.proc.wait(60) == 1
     d.proc = None
     assert "vanished" in d.log() and "Traceback" not in d.log()
+
+
+def test_min_free_pauses_prefetch_before_the_disk_is_full(tmp_path, s3, bucket, daemons, small_fs):
+    fs = small_fs("fs", "size=8m")
+    data = put(s3, bucket, 6, MiB)
+    m = tmp_path / "m.txt"
+    m.write_text("\n".join(data) + "\n")
+    filler = fs / "filler"
+    filler.write_bytes(b"\0" * (3 * MiB))
+    # 8 MiB filesystem, 3 MiB taken: prefetch must stop while 40% is still free, without hitting ENOSPC.
+    d = daemons(fs / "cache", manifest=m, args=["--max-size", "100M", "--min-free", "0.4", "--workers", "1"])
+    st = d.wait_until(lambda st: st["prefetch_paused"] and st["objects"]["fetching"] == 0)
+    assert st["bytes"]["free_fraction"] >= 0.3 and not st["disk_full"]
+    assert st["objects"]["ready"] < 6
+    assert "no space left" not in d.log()
+    # A reader still gets what it asks for: min-free holds back prefetch, not demand.
+    missing = [u for u in data if not (fs / "cache" / u[5:]).exists()][0]
+    assert Path(resolve(missing, cache_dir=d.cache_dir, timeout=120)).read_bytes() == data[missing]
