@@ -35,6 +35,7 @@ from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
 from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace, make_client
 from .index import PUBLISHING, READY, Index, IndexCorrupt, Record
+from .catalog import Catalog
 from .manifest import Entry
 from .paths import HASHED_DIR, PRIVATE_DIR, readable_path
 from .refs import make_ref, parse_uri
@@ -65,8 +66,7 @@ class Daemon:
         self._publish_q: queue.Queue = queue.Queue()
         self._lease_fd: int | None = None
 
-        self.entries: list[Entry] = []  # the manifest, in fetch order
-        self.positions: dict[str, int] = {}  # uri -> manifest position
+        self.catalog = Catalog()  # the manifest, in fetch order
         self.extra: dict[str, Entry] = {}  # objects asked for by readers but not in the manifest
         self.ready: dict[str, Record] = {}
         self.fetching: set[str] = set()
@@ -121,15 +121,15 @@ class Daemon:
         self.fetcher = Fetcher(client, part_size=self.s.part_size, workers=self.s.workers,
                                max_attempts=self.s.max_attempts, cancel=self.stopping,
                                new_temp=self.store.new_temp, discard=self.store.discard)
-        entries = self._read_manifest() if self.s.manifest is not None else []
+        catalog = self._read_manifest() if self.s.manifest is not None else Catalog()
         self.index, damaged = self._open_index()
         self.pinned = set(self.index.get_meta("pins", []))
         if damaged:
-            self._rebuild(entries)
+            self._rebuild(catalog)
         else:
             self._reconcile()
         if self.s.manifest is not None:
-            self._install_manifest(entries)
+            self._install_manifest(catalog)
         self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._on_close)
         self.server.start()
         self._spawn(self._use_loop, "s3cache-use")
@@ -142,7 +142,7 @@ class Daemon:
         if self.s.revalidate > 0:
             self._spawn(self._revalidate_loop, "s3cache-revalidate")
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
-                 len(self.entries), len(self.ready), human_size(self.used), human_size(self.s.max_size))
+                 len(self.catalog), len(self.ready), human_size(self.used), human_size(self.s.max_size))
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -231,7 +231,7 @@ class Daemon:
     def _any_cached_file(self) -> bool:
         return next(iter(self._cached_files()), None) is not None
 
-    def _rebuild(self, entries: list[Entry]) -> None:
+    def _rebuild(self, catalog: Catalog) -> None:
         """Re-verify every file on disk and index those that pass; remove the rest.
 
         The expected checksum comes from the manifest where it has one, else from S3 (one HEAD: the
@@ -240,7 +240,6 @@ class Daemon:
         again if wanted. No GET is made.
         """
         assert self.index is not None and self.fetcher is not None
-        by_uri = {e.uri: e for e in entries}
         rows: list[tuple[str, Record]] = []
         removed = 0
         for rel in list(self._cached_files()):
@@ -249,7 +248,9 @@ class Daemon:
             if bucket != HASHED_DIR:
                 try:
                     ref = make_ref(bucket, key)
-                    rec = self._reverify(rel, by_uri.get(ref.uri) or Entry(ref)) if readable_path(ref) == rel else None
+                    pos = catalog.position(ref.uri)
+                    entry = catalog.entry(pos) if pos is not None else Entry(ref)
+                    rec = self._reverify(rel, entry) if readable_path(ref) == rel else None
                 except S3CacheError as e:
                     log.info("cannot re-verify %s: %s", rel, e)
             if rec is None:
@@ -328,7 +329,7 @@ class Daemon:
 
     # == manifest =====================================================================================
 
-    def _read_manifest(self) -> list[Entry]:
+    def _read_manifest(self) -> Catalog:
         path = str(self.s.manifest)
         errors: list[str] = []
 
@@ -341,40 +342,36 @@ class Daemon:
                 log.error("%s", errors[-1])
                 return []
 
-        seen: set[str] = set()
-        entries = []
-        for e in manifest_mod.expand(manifest_mod.read(path), lister):
-            if e.uri not in seen:
-                seen.add(e.uri)
-                entries.append(e)
+        catalog = Catalog.build(manifest_mod.expand(manifest_mod.read(path), lister))
         self.manifest_errors = errors
-        return entries
+        return catalog
 
-    def _install_manifest(self, entries: list[Entry]) -> None:
+    def _install_manifest(self, catalog: Catalog) -> None:
+        """Switch to a new manifest. Work is proportional to what is cached, not to the manifest."""
         stale: list[Record] = []
         with self.lock:
-            old = set(self.positions)
-            self.entries = entries
-            self.positions = {e.uri: i for i, e in enumerate(entries)}
-            for e in entries:
-                self.extra.pop(e.uri, None)
-                rec = self.ready.get(e.uri)
-                if rec is not None and ((e.version and rec.version != e.version)
-                                        or (e.size is not None and rec.size != e.size)):
+            self.catalog = catalog
+            for uri in [u for u in self.extra if u in catalog]:
+                del self.extra[uri]
+            for uri, rec in list(self.ready.items()):
+                pos = catalog.position(uri)
+                if pos is None:
+                    continue
+                e = catalog.entry(pos)
+                if (e.version and rec.version != e.version) or (e.size is not None and rec.size != e.size):
                     stale.append(rec)
-                    self._forget_ready(e.uri)
+                    self._forget_ready(uri)
             self.cursor = 0
             self.prefetch_paused = False
-            self.failed = {u: f for u, f in self.failed.items() if u not in self.positions}
-            self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in self.positions}
+            self.failed = {u: f for u, f in self.failed.items() if u not in catalog}  # listed again: retry
+            self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in catalog}
             self.tracker.forget()
             self._work_changed()
         for rec in stale:
             self.store.remove(rec.path)
         if stale:
             log.info("manifest asks for a different version of %d cached file(s); fetching again", len(stale))
-        added = len(set(self.positions) - old)
-        log.info("manifest %s: %d entries (%d new)", self.s.manifest, len(entries), added)
+        log.info("manifest %s: %d entries", self.s.manifest, len(catalog))
 
     def _watch_manifest(self) -> None:
         from watchdog.events import FileSystemEventHandler
@@ -415,8 +412,8 @@ class Daemon:
     # == scheduling ===================================================================================
 
     def _entry_for(self, uri: str) -> Entry | None:
-        pos = self.positions.get(uri)
-        return self.entries[pos] if pos is not None else self.extra.get(uri)
+        pos = self.catalog.position(uri)
+        return self.catalog.entry(pos) if pos is not None else self.extra.get(uri)
 
     def _wanted(self, uri: str) -> bool:
         return (uri not in self.ready and uri not in self.fetching
@@ -442,18 +439,17 @@ class Daemon:
     def _readahead_files(self) -> int:
         if self.s.readahead_files:
             return self.s.readahead_files
-        known = [e.size for e in self.entries[:256] if e.size]
-        avg = (sum(known) / len(known)) if known else self.s.part_size
+        avg = self.catalog.avg_size or self.s.part_size
         return max(1, int(self.s.readahead_bytes / max(avg, 1)))
 
     def _next_prefetch(self) -> Entry | None:
-        n = len(self.entries)
+        n = len(self.catalog)
         if not n:
             return None
         readers = self.tracker.positions(n, time.time())
         if not readers:
             while self.cursor < n:
-                e = self.entries[self.cursor]
+                e = self.catalog.entry(self.cursor)
                 if self._wanted(e.uri):
                     return e
                 self.cursor += 1
@@ -465,7 +461,7 @@ class Daemon:
         self._scan_limited = False
         for k in range(n):
             for r in readers:
-                e = self.entries[(r + k) % n]
+                e = self.catalog.entry((r + k) % n)
                 if self._wanted(e.uri):
                     size = e.size if e.size is not None else self.known_sizes.get(e.uri, self.s.part_size)
                     if k < window or size <= free:
@@ -485,7 +481,7 @@ class Daemon:
             if self.prefetch_paused or self.blocked:
                 self.prefetch_paused = False
                 for uri in self.blocked:
-                    pos = self.positions.get(uri)
+                    pos = self.catalog.position(uri)
                     if pos is not None:
                         self.cursor = min(self.cursor, pos)
                 waiting_demand = [u for u in self.blocked if u in self.waiters]
@@ -522,9 +518,9 @@ class Daemon:
                     self._reserve(uri, size)
                     return True
                 now = time.time()
-                n = len(self.entries)
+                n = len(self.catalog)
                 readers = self.tracker.positions(n, now)
-                pos = self.positions.get(uri)
+                pos = self.catalog.position(uri)
                 # How soon the new file is needed: now for a waiting reader; its distance ahead of the
                 # readers in order; with none, its manifest position (as if a reader stood at the start).
                 if demand:
@@ -561,14 +557,18 @@ class Daemon:
         log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
 
     def _residents(self) -> list[Resident]:
-        return [Resident(u, r.size, r.last_used, r.fetched_at, self.positions.get(u), self._is_pinned(u))
-                for u, r in self.ready.items()]
+        out = []
+        for u, r in self.ready.items():
+            pos = self.catalog.position(u)
+            out.append(Resident(u, r.size, r.last_used, r.fetched_at, pos,
+                                u in self.pinned or (pos is not None and pos in self.catalog.pinned)))
+        return out
 
     def _is_pinned(self, uri: str) -> bool:
         if uri in self.pinned:
             return True
-        pos = self.positions.get(uri)
-        return pos is not None and self.entries[pos].pin
+        pos = self.catalog.position(uri)
+        return pos is not None and pos in self.catalog.pinned
 
     def _pin(self, uris: list[str], pin: bool) -> dict:
         """``s3cache pin/unpin``: keep files resident (fetching them now) or release them."""
@@ -594,7 +594,7 @@ class Daemon:
             with self.lock:
                 self._drain_use()
                 now = time.time()
-                n = len(self.entries)
+                n = len(self.catalog)
                 victims = choose_victims(self._residents(), need=size, extra=0,
                                          readers=self.tracker.positions(n, now), n=n, target_distance=None,
                                          demand=False, now=now, lease=self.s.lease,
@@ -618,7 +618,8 @@ class Daemon:
         rec = self.ready.pop(uri, None)
         if rec is not None:
             self.used -= rec.size
-            if uri in self.positions and self.entries[self.positions[uri]].size is None:
+            pos = self.catalog.position(uri)
+            if pos is not None and self.catalog.entry(pos).size is None:
                 self.known_sizes[uri] = rec.size
             self._dirty_use.pop(uri, None)
             self._scan_idle = False  # it may be wanted again
@@ -788,7 +789,7 @@ class Daemon:
         """A reader resolved these URIs; ``hit``: they were there when it first looked, which counts as
         a cache hit in the reader's current epoch (caller holds the lock)."""
         now = time.time()
-        n = len(self.entries)
+        n = len(self.catalog)
         moved = False
         for uri in uris:
             rec = self.ready.get(uri)
@@ -799,7 +800,7 @@ class Daemon:
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
-            pos = self.positions.get(uri)
+            pos = self.catalog.position(uri)
             epoch = self.tracker.epoch_of(reader)
             if pos is not None:
                 epoch = self.tracker.saw(reader, pos, n, now)
@@ -911,7 +912,7 @@ class Daemon:
                 except S3CacheError:
                     continue
                 uri = ref.uri
-                if uri in self.positions or uri in self.ready or uri in self.fetching:
+                if uri in self.ready or uri in self.fetching or uri in self.catalog:
                     continue
                 entry = self.extra.setdefault(uri, Entry(ref))
                 if entry not in self.demand:
@@ -985,7 +986,7 @@ class Daemon:
                     self.store.remove(rec.path)
                 self.index.delete_many([uri])
                 entry = self._entry_for(uri) or Entry(parse_uri(uri))
-                pos = self.positions.get(uri)
+                pos = self.catalog.position(uri)
                 if pos is not None:
                     self.cursor = min(self.cursor, pos)
                 self.demand.append(entry)
@@ -998,7 +999,7 @@ class Daemon:
         """``--revalidate``: every so often, ask S3 whether cached manifest objects changed."""
         while not self.stopping.wait(self.s.revalidate):
             with self.lock:
-                uris = [u for u in self.positions if u in self.ready]
+                uris = [u for u in self.ready if u in self.catalog]
             try:
                 report = self.verify(uris, False, True)
             except Exception:
@@ -1045,11 +1046,13 @@ class Daemon:
 
     def status(self) -> dict:
         with self.lock:
-            in_manifest_ready = sum(1 for u in self.positions if u in self.ready)
-            failed_in_manifest = sum(1 for u in self.positions if u in self.failed)
+            # Proportional to what is cached and in flight, not to the manifest: status must stay fast
+            # with a million entries.
+            in_manifest_ready = sum(1 for u in self.ready if u in self.catalog)
+            failed_in_manifest = sum(1 for u in self.failed if u in self.catalog)
             fetching = len(self.fetching)
-            queued = max(0, len(self.entries) - in_manifest_ready - failed_in_manifest
-                         - sum(1 for u in self.fetching if u in self.positions)) + len(self.demand)
+            queued = max(0, len(self.catalog) - in_manifest_ready - failed_in_manifest
+                         - sum(1 for u in self.fetching if u in self.catalog)) + len(self.demand)
             throughput = 0.0
             if len(self._tp_samples) >= 2:
                 (t0, b0), (t1, b1) = self._tp_samples[max(0, len(self._tp_samples) - 11)], self._tp_samples[-1]
@@ -1063,7 +1066,7 @@ class Daemon:
                 "pid": os.getpid(),
                 "uptime": round(time.time() - self.started_at, 1),
                 "manifest": str(self.s.manifest) if self.s.manifest else None,
-                "manifest_entries": len(self.entries),
+                "manifest_entries": len(self.catalog),
                 "objects": {"queued": queued, "fetching": fetching, "ready": len(self.ready),
                             "failed": len(self.failed)},
                 "bytes": {"ready": self.used, "reserved": self.reserved, "max": self.s.max_size,

@@ -79,6 +79,8 @@ def _decode_digest(name: str, value: str) -> str:
 
 
 def _decode_key(text: str) -> str:
+    if "%" not in text:
+        return text
     if _PCT.search(text):
         raise ValueError("a '%' in a key must be followed by two hex digits (write '%' itself as %25)")
     raw = bytearray()

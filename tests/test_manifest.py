@@ -115,3 +115,32 @@ def test_any_key_round_trips_through_percent_encoding(key):
 
     e = one("s3://bkt/" + quote(key, safe="/"))
     assert e.ref.key == key
+
+
+def test_catalog_round_trips_dedupes_and_finds():
+    from s3cache.catalog import Catalog, format_entry
+    from s3cache.manifest import parse_line
+
+    entries = [Entry(ObjectRef("bkt", "a b#%/é.jpg"), 5, sha256="0" * 64, pin=True),
+               Entry(ObjectRef("bkt", "x"), None, md5="1" * 32, version="v9"),
+               Entry(ObjectRef("bkt", "a b#%/é.jpg"), 7),  # duplicate: the first occurrence wins
+               Entry(ObjectRef("other", "x"))]
+    for e in entries:
+        assert parse_line(format_entry(e)) == e
+    c = Catalog.build(entries)
+    assert len(c) == 3
+    assert [c.entry(i) for i in range(3)] == [entries[0], entries[1], entries[3]]
+    assert c.position("s3://bkt/a b#%/é.jpg") == 0 and c.position("s3://other/x") == 2
+    assert c.position("s3://bkt/nope") is None and "s3://bkt/x" in c
+    assert c.pinned == {0} and c.avg_size == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+               min_size=1, max_size=60).filter(lambda k: not k.endswith("/")))
+def test_any_key_round_trips_through_the_catalog_line(key):
+    from s3cache.catalog import format_entry
+    from s3cache.manifest import parse_line
+
+    e = Entry(ObjectRef("bkt", key), 3)
+    assert parse_line(format_entry(e)) == e
