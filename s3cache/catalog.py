@@ -40,6 +40,9 @@ def format_entry(e: Entry) -> str:
     return " ".join(parts)
 
 
+MEMO_SIZE = 200_000
+
+
 def _key(ref: ObjectRef) -> int:
     return hash((ref.bucket, ref.key))
 
@@ -57,6 +60,8 @@ class Catalog:
         self._positions = array("Q")
         self.pinned: frozenset[int] = frozenset()  # positions of pin=1 entries
         self.avg_size = 0.0  # mean of the sizes the manifest gives (0 if none)
+        # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
+        self._memo: dict[str, int | None] = {}
 
     @classmethod
     def build(cls, entries: Iterable[Entry]) -> Catalog:
@@ -118,6 +123,16 @@ class Catalog:
 
     def position(self, uri: str) -> int | None:
         """Where ``s3://bucket/key`` stands in the manifest, or None if it is not listed."""
+        try:
+            return self._memo[uri]
+        except KeyError:
+            pass
+        if len(self._memo) > MEMO_SIZE:
+            self._memo.clear()
+        pos = self._memo[uri] = self._lookup(uri)
+        return pos
+
+    def _lookup(self, uri: str) -> int | None:
         ref = ref_of(uri)
         h = _key(ref)
         j = bisect_left(self._hashes, h)

@@ -230,11 +230,13 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
               help="Where to put the demo's cache and data (default: a temporary directory).")
 @click.option("--shards", type=int, default=16, show_default=True)
 @click.option("--records", type=int, default=4096, show_default=True, help="Records per shard.")
-def demo(workdir: Path | None, shards: int, records: int) -> None:
+@click.option("--images", type=int, default=0, show_default=True,
+              help="Also run an image pipeline over this many small JPEG objects.")
+def demo(workdir: Path | None, shards: int, records: int, images: int) -> None:
     """Run the whole path on an embedded S3 (moto): upload TFRecords, serve, read back, train a step."""
     from .demo import run_demo
 
-    sys.exit(_run(run_demo, workdir=workdir, shards=shards, records=records, out=click.echo))
+    sys.exit(_run(run_demo, workdir=workdir, shards=shards, records=records, out=click.echo, images=images))
 
 
 if __name__ == "__main__":

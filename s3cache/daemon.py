@@ -46,6 +46,14 @@ log = logging.getLogger("s3cache.daemon")
 LEASE_LOCK = "lease.lock"
 
 
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def lease_lock_path(private_dir: str) -> str:
     return os.path.join(private_dir, LEASE_LOCK)
 
@@ -63,6 +71,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._observer = None
         self._reload = threading.Event()
+        self._manifest_seen: tuple[int, int, int] | None = None
         self._publish_q: queue.Queue = queue.Queue()
         self._lease_fd: int | None = None
 
@@ -86,6 +95,7 @@ class Daemon:
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
         self.disk_full = False
+        self._free_checked = (0.0, 1.0)  # (when, free fraction)
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
         self.exit_code = 0
         self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
@@ -130,6 +140,9 @@ class Daemon:
             self._reconcile()
         if self.s.manifest is not None:
             self._install_manifest(catalog)
+        if self.s.manifest is not None:
+            # Watch before anyone can see us serving, so an edit made right after start is not missed.
+            self._watch_manifest()
         self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._on_close)
         self.server.start()
         self._spawn(self._use_loop, "s3cache-use")
@@ -137,8 +150,6 @@ class Daemon:
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
         for i in range(self.s.workers):
             self._spawn(self._worker_loop, f"s3cache-worker-{i}")
-        if self.s.manifest is not None:
-            self._watch_manifest()
         if self.s.revalidate > 0:
             self._spawn(self._revalidate_loop, "s3cache-revalidate")
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
@@ -342,6 +353,7 @@ class Daemon:
                 log.error("%s", errors[-1])
                 return []
 
+        self._manifest_seen = _identity(path)
         catalog = Catalog.build(manifest_mod.expand(manifest_mod.read(path), lister))
         self.manifest_errors = errors
         return catalog
@@ -393,6 +405,8 @@ class Daemon:
         obs.start()
         self._observer = obs
         self._spawn(self._reload_loop, "s3cache-manifest")
+        if _identity(target) != self._manifest_seen:
+            reload.set()  # it changed between our reading it and the watch starting
 
     def _reload_loop(self) -> None:
         while True:
@@ -497,10 +511,11 @@ class Daemon:
     def _admit(self, entry: Entry, size: int, demand: bool) -> bool:
         """Reserve ``size`` bytes for ``entry``, evicting by policy if needed. False: no room yet."""
         uri = entry.uri
+        low_on_space = not demand and self.s.min_free and self._free_fraction() < self.s.min_free
         with self.lock:
             if uri in self.reservations:
                 return True
-            if not demand and self.s.min_free and self.store.free_fraction() < self.s.min_free:
+            if low_on_space:
                 log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
                 return False
             if self.used + self.reserved + size <= self.s.max_size:
@@ -605,6 +620,14 @@ class Daemon:
                 return True
         finally:
             fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+
+    def _free_fraction(self) -> float:
+        """The filesystem's free fraction, asked at most every 100 ms (one statvfs per small object
+        added up)."""
+        now = time.monotonic()
+        if now - self._free_checked[0] > 0.1:
+            self._free_checked = (now, self.store.free_fraction())
+        return self._free_checked[1]
 
     def _reserve(self, uri: str, size: int) -> None:
         self.reservations[uri] = size

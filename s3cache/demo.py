@@ -73,16 +73,55 @@ def collect(ds, batch: int = 1024, first: list[float] | None = None) -> dict[int
 
 
 def run_demo(workdir: Path | None = None, shards: int = 16, records: int = 4096,
-             out: Callable[[str], None] = print) -> int:
+             out: Callable[[str], None] = print, images: int = 0) -> int:
+    """The demo; ``images`` > 0 also runs the image pipeline (JPEG objects -> decode_jpeg)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="s3cache-demo-") as tmp:
-            return _run(Path(tmp), shards, records, out)
+            return _run(Path(tmp), shards, records, out, images)
     workdir.mkdir(parents=True, exist_ok=True)
-    return _run(workdir, shards, records, out)
+    return _run(workdir, shards, records, out, images)
 
 
-def _run(work: Path, shards: int, records: int, out: Callable[[str], None]) -> int:
+def _images(s3, cache: Path, manifest: Path, count: int, out: Callable[[str], None]) -> bool:
+    """Upload ``count`` small JPEGs, append them to the running daemon's manifest, read them back
+    through s3cache.tf.files -> read_file -> decode_jpeg with labels in step; True if all check out."""
+    import tensorflow as tf
+
+    from . import tf as s3tf
+
+    uris, labels, shade = [], [], []
+    for i in range(count):
+        v = (i * 37) % 256
+        img = tf.cast(tf.fill([32, 32, 3], v), tf.uint8)
+        key = f"images/class-{i % 10}/{i:06d}.jpg"
+        s3.put_object(Bucket="demo", Key=key, Body=tf.io.encode_jpeg(img, quality=95).numpy())
+        uris.append(f"s3://demo/{key}")
+        labels.append(i % 10)
+        shade.append(v)
+    with open(manifest, "a") as f:
+        f.write("s3://demo/images/\n")  # the running daemon picks the edit up
+    t0 = time.monotonic()
+    files = s3tf.files(uris, cache_dir=cache, timeout=120)
+    pixels = files.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE).map(
+        tf.io.decode_jpeg, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((pixels, tf.data.Dataset.from_tensor_slices(labels))).batch(64)
+    got_labels, bad = [], 0
+    i = 0
+    for imgs, labs in ds:
+        means = tf.reduce_mean(tf.cast(imgs, tf.float32), axis=[1, 2, 3]).numpy()
+        for mean, lab in zip(means, labs.numpy().tolist()):
+            bad += abs(mean - shade[i]) > 3  # JPEG is lossy, barely, for a flat image
+            got_labels.append(lab)
+            i += 1
+    dt = time.monotonic() - t0
+    ok = got_labels == labels and bad == 0
+    out(f"images (s3cache.tf.files -> read_file -> decode_jpeg): {len(got_labels)} JPEGs in {dt:.2f}s, "
+        f"{len(got_labels) / dt:,.0f} images/s; labels in step: {got_labels == labels}; wrong pixels: {bad}")
+    return ok
+
+
+def _run(work: Path, shards: int, records: int, out: Callable[[str], None], images: int = 0) -> int:
     import tensorflow as tf
 
     from . import resolve
@@ -134,11 +173,12 @@ def _run(work: Path, shards: int, records: int, out: Callable[[str], None]) -> i
                                          tf.keras.layers.Dense(1, activation="sigmoid")])
             model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
             hist = model.fit(train.repeat(), epochs=2, steps_per_epoch=max(1, len(expected) // 64), verbose=0)
+            images_ok = _images(s3, cache, manifest, images, out) if images else True
             st = daemon.status()
 
     mismatches += sum(1 for rid, v in expected.items() if seen.get(rid) != v)
     missing = len(expected) - len(seen)
-    ok = mismatches == 0 and missing == 0 and warm_records == len(expected)
+    ok = mismatches == 0 and missing == 0 and warm_records == len(expected) and images_ok
     out(f"cold epoch (daemon start + streaming via s3cache.tf.files): {len(seen)} records in {cold:.2f}s, "
         f"{len(seen) / cold:,.0f} records/s, {human_size(total_bytes / cold)}/s; "
         f"first batch of 1024 records {first_record:.2f}s after starting the daemon")

@@ -47,6 +47,7 @@ class FaultProxy:
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, object path) -> count
         self.faults: Counter[str] = Counter()
         self.bytes_sent = 0
+        self.connections = 0  # client connections accepted: few means keep-alive works
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -124,6 +125,8 @@ class FaultProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r = up_w = None
+        with self.lock:
+            self.connections += 1
         try:
             while True:
                 try:
@@ -164,8 +167,11 @@ class FaultProxy:
                 if method != "HEAD" and "content-length" in rheaders:
                     rbody = await up_r.readexactly(int(rheaders["content-length"]))
                 if rheaders.get("connection", "").lower() == "close":
+                    # moto closes every connection; S3 keeps them alive. Reconnect upstream, and let the
+                    # client keep its connection, as it would with S3.
                     up_w.close()
                     up_r = up_w = None
+                    rhead = _drop_header(rhead, b"connection")
                 if fault in ("reset", "short", "stall") and len(rbody) >= 2:
                     writer.write(rhead)
                     if fault == "stall":
@@ -209,6 +215,11 @@ class FaultProxy:
             await asyncio.sleep(min(step, len(body) - i) / self.bandwidth)
 
 
+def _drop_header(head: bytes, name: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(name + b":"))
+
+
 def _headers(head: bytes) -> dict[str, str]:
     out = {}
     for line in head.split(b"\r\n")[1:]:
@@ -236,3 +247,34 @@ def random_plan(rates: dict[str, float], seed: int = 0) -> Plan:
         return None
 
     return plan
+
+
+def main() -> None:
+    """Run a latency proxy in its own process: ``python -m s3cache.faultproxy UPSTREAM_PORT LATENCY``.
+    Prints the port it listens on, then serves until killed."""
+    import sys
+    import time
+
+    p = FaultProxy(int(sys.argv[1]), latency=float(sys.argv[2]),
+                   bandwidth=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0).start()
+    print(p.port, flush=True)
+    try:
+        if len(sys.argv) > 4 and sys.argv[4] == "stats":
+            # Answer each "stats" line on stdin with the counters, as JSON, one line.
+            import json
+
+            for _ in sys.stdin:
+                with p.lock:
+                    gets = sum(n for (m, _), n in p.requests.items() if m == "GET")
+                    out = {"gets": gets, "requests": sum(p.requests.values()), "bytes": p.bytes_sent}
+                print(json.dumps(out), flush=True)
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    p.stop()
+
+
+if __name__ == "__main__":
+    main()

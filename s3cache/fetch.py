@@ -282,9 +282,14 @@ class Fetcher:
                     view = view[n:]
                     got += n
                 self.counters.add(bytes=len(chunk))
-        finally:
+        except BaseException:
+            # A body abandoned half-read must be closed: its connection cannot be reused. A body read to
+            # the end has already handed its connection back to the pool, which is what keeps small
+            # objects from paying a TCP (and TLS) handshake each.
             body.close()
+            raise
         if got != expect_len:
+            body.close()
             raise botocore.exceptions.IncompleteReadError(actual_bytes=got, expected_bytes=expect_len)
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
@@ -386,7 +391,7 @@ class Fetcher:
                 with os.fdopen(os.dup(fd), "rb") as f:
                     digest = digest_file(f, expect)
             method = digest.check(uri, total)
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
             ok = True
             return Fetched(tmp, total, etag, version, method, digest.local_crc32c)
         finally:

@@ -91,7 +91,9 @@ def test_env_file_variables_reach_serve(tmp_path, moto):
 
 def test_demo_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "s3cache", "demo", "--workdir", str(tmp_path / "demo"),
-                        "--shards", "4", "--records", "200"], capture_output=True, text=True, timeout=600)
+                        "--shards", "4", "--records", "200", "--images", "40"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo OK: every record read back equals what was written" in r.stdout
     assert "records checked: 800; missing 0; mismatched 0" in r.stdout
+    assert "40 JPEGs" in r.stdout and "labels in step: True; wrong pixels: 0" in r.stdout

@@ -204,3 +204,13 @@ def test_a_damaged_index_is_rebuilt_from_the_disk(tmp_path, s3, bucket, proxy, d
     assert [Path(p).read_bytes() for p in resolve([f"s3://{bucket}/{k}" for k in keys],
                                                   cache_dir=d2.cache_dir)] == list(data.values())
     assert st["verified_by"].get("size", 0) == 0
+
+
+def test_connections_are_kept_alive_across_small_objects(tmp_path, s3, bucket, proxy, daemons):
+    data = put_objects(s3, bucket, [20 * KiB] * 60, seed=9)
+    m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/{k}" for k in data])
+    d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--workers", "4"])
+    d.wait_until(lambda st: st["objects"]["ready"] == 60)
+    # moto closes every connection; the proxy keeps the daemon's side alive as S3 would, so this
+    # counts the daemon's own connection handling: a handful for 60 objects, not one each.
+    assert proxy.connections <= 4 * 2 + 4, proxy.connections
