@@ -95,7 +95,8 @@ class Daemon:
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
         self.disk_full = False
-        self._free_checked = (0.0, 1.0)  # (when, free fraction)
+        self._free_checked = (-1.0, 0, 0)  # (when, free bytes, total bytes) of the last statvfs
+        self._admitted_since_check = 0
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
         self.exit_code = 0
         self.tracker = ReaderTracker(idle=max(settings.lease, 60.0))
@@ -622,14 +623,19 @@ class Daemon:
             fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
 
     def _free_fraction(self) -> float:
-        """The filesystem's free fraction, asked at most every 100 ms (one statvfs per small object
-        added up)."""
+        """The filesystem's free fraction: statvfs at most every 100 ms (one per small object added up),
+        less what was admitted since, so a burst of admissions cannot overshoot --min-free."""
         now = time.monotonic()
-        if now - self._free_checked[0] > 0.1:
-            self._free_checked = (now, self.store.free_fraction())
-        return self._free_checked[1]
+        with self.lock:
+            when, free, total = self._free_checked
+            if now - when > 0.1:
+                free, total = self.store.free_bytes(), self.store.total_bytes()
+                self._free_checked = (now, free, total)
+                self._admitted_since_check = 0
+            return max(0, free - self._admitted_since_check) / total if total else 0.0
 
     def _reserve(self, uri: str, size: int) -> None:
+        self._admitted_since_check += size
         self.reservations[uri] = size
         self.reserved += size
 

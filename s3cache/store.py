@@ -237,6 +237,10 @@ class Store:
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
 
+    def total_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_blocks * st.f_frsize
+
     def free_fraction(self) -> float:
         st = os.statvfs(self.layout.root)
         return st.f_bavail / st.f_blocks if st.f_blocks else 0.0
