@@ -12,14 +12,9 @@ import time
 from pathlib import Path
 
 from s3cache.config import human_size
-from s3cache.testing import DaemonProcess, MotoServer
+from s3cache.testing import DaemonProcess, MotoServer, wait_for
 
-
-def rss(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+from .proc import memory
 
 
 def main() -> None:
@@ -41,19 +36,16 @@ def main() -> None:
         d = DaemonProcess(Path(tmp) / "cache", moto.url, manifest=m, args=["--max-size", "1T", "--min-free", "0"])
         d.start(wait=False)
         try:
-            d.wait_for_socket = None
-            from s3cache.testing import wait_for
-
             wait_for(d._ready, 600, "the daemon to serve")
             serving = time.monotonic() - t0
-            st = d.wait_until(lambda st: st["objects"]["ready"] >= 1, timeout=600)
+            d.wait_until(lambda st: st["objects"]["ready"] >= 1, timeout=600)
             first_ready = time.monotonic() - t0
             lat = []
             for _ in range(5):
                 t = time.monotonic()
-                st = d.status()
+                d.status()
                 lat.append(time.monotonic() - t)
-            peak, now = rss(d.proc.pid, "VmHWM"), rss(d.proc.pid)
+            peak, now = memory(d.proc.pid, "VmHWM"), memory(d.proc.pid)
         finally:
             d.stop()
     print(f"manifest of {a.entries:,} entries: serving after {serving:.1f}s, first file ready after "

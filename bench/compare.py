@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from s3cache.config import human_size, parse_size
+
+from .proc import cpu_seconds, memory
 from s3cache.testing import DaemonProcess, MotoServer
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,18 +56,6 @@ class Proxy:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
-
-
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def make_dataset(out: Path, shards: int, shard_size: int) -> int:
@@ -214,7 +204,7 @@ def main() -> None:
                     s3tf.files(uris, cache_dir=d.cache_dir), num_parallel_reads=tf.data.AUTOTUNE))
                 secs = time.monotonic() - t0  # cold includes starting the daemon
                 d.wait_until(lambda st: st["objects"]["ready"] == len(uris))
-                cpu = cpu_of(pid)
+                cpu = cpu_seconds(pid)
                 row("s3cache: epoch 1 (cold, tf.files; includes daemon start)", n, secs, ttfr, before, proxy.stats(),
                     cpu=cpu)
                 for epoch in (2, 3):
@@ -222,7 +212,7 @@ def main() -> None:
                     n, secs, ttfr = timed_epoch(lambda: tf.data.TFRecordDataset(
                         resolve(uris, cache_dir=d.cache_dir), num_parallel_reads=tf.data.AUTOTUNE))
                     row(f"s3cache: epoch {epoch} (warm, resolve)", n, secs, ttfr, before, proxy.stats())
-                rss = peak_rss(pid)
+                rss = memory(pid, "VmHWM")
         finally:
             proxy.stop()
     report(rows, a, total, records, one_shard, rss)
@@ -254,7 +244,6 @@ def _split_records(blob):
 
 
 def report(rows: list[dict], a, total: int, records: int, one_shard: float, rss: int) -> None:
-    by = {r["contender"]: r for r in rows}
     c1 = next(r for r in rows if r["contender"].startswith("ceiling 1"))
     c2 = next(r for r in rows if r["contender"].startswith("ceiling 2"))
     base = next(r for r in rows if r["contender"].startswith("baseline A"))

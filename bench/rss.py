@@ -14,12 +14,7 @@ from pathlib import Path
 from s3cache.config import human_size, parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
-
-def vm(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from .proc import memory
 
 
 def upload(s3, bucket: str, key: str, size: int) -> None:
@@ -50,14 +45,14 @@ def main() -> None:
         with DaemonProcess(Path(tmp) / "cache", moto.url, args=["--part-size", a.part_size, "--workers", a.workers,
                                                                  "--max-size", str(2 * size)]) as d:
             pid = d.proc.pid
-            idle = vm(pid, "VmRSS")
+            idle = memory(pid, "VmRSS")
             from s3cache import resolve
 
             t0 = time.monotonic()
             path = resolve("s3://bench/big.bin", cache_dir=d.cache_dir, timeout=600)
             dt = time.monotonic() - t0
             st = d.wait_until(lambda st: st["objects"]["ready"] == 1)
-            peak = vm(pid, "VmHWM")
+            peak = memory(pid, "VmHWM")
         assert os.path.getsize(path) == size
         print(f"object {human_size(size)} in {dt:.1f}s ({human_size(size / dt)}/s), verified by "
               f"{st['verified_by']}, {st['requests']} requests")

@@ -22,10 +22,7 @@ from pathlib import Path
 from s3cache.config import parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
-
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from .proc import cpu_seconds
 
 
 def plain_client(url: str, keys: list[str], out: Path, workers: int) -> tuple[float, float]:
@@ -78,12 +75,12 @@ def main() -> None:
             manifest.write_text("")
             with DaemonProcess(Path(tmp) / "cache", url, manifest=manifest,
                                args=["--workers", str(a.workers), "--max-size", "100G", "--min-free", "0"]) as d:
-                c0, t0 = cpu_of(d.proc.pid), time.monotonic()
+                c0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
                 new = Path(tmp) / "m.new"
                 new.write_text("s3://bench/img/\n")
                 os.replace(new, manifest)
                 d.wait_until(lambda st: st["objects"]["ready"] == a.objects, timeout=3600, what="all objects")
-                cpu, wall = cpu_of(d.proc.pid) - c0, time.monotonic() - t0
+                cpu, wall = cpu_seconds(d.proc.pid) - c0, time.monotonic() - t0
         finally:
             if proxy:
                 proxy.terminate()

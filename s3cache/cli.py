@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -114,12 +113,12 @@ def resolve_cmd(cache_dir: Path, timeout: float | None, uris: tuple[str, ...]) -
         click.echo(p)
 
 
-def _status(cache_dir: Path) -> dict:
+def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
     from .control import Client
     from .store import Layout
 
-    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir)) as c:
-        return c.request({"op": "status"})["status"]
+    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=timeout) as c:
+        return c.request(msg)
 
 
 @main.command()
@@ -127,7 +126,7 @@ def _status(cache_dir: Path) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(cache_dir: Path, as_json: bool) -> None:
     """What the daemon is doing: objects by state, bytes against the maximum, throughput, failures."""
-    st = _run(_status, cache_dir)
+    st = _run(_request, cache_dir, {"op": "status"})["status"]
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -159,14 +158,6 @@ def status(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"manifest    {e}")
 
 
-def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
-    from .control import Client
-    from .store import Layout
-
-    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=timeout) as c:
-        return c.request(msg)
-
-
 @main.command()
 @cache_dir_option
 @click.argument("uris", nargs=-1, required=True)
@@ -185,14 +176,6 @@ def unpin(cache_dir: Path, uris: tuple[str, ...]) -> None:
     click.echo(f"unpinned {len(uris)} object(s); {reply['pinned']} pinned in all")
 
 
-def _verify(cache_dir: Path, uris: list[str], everything: bool, source: bool) -> dict:
-    from .control import Client
-    from .store import Layout
-
-    with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=None) as c:
-        return c.request({"op": "verify", "uris": uris, "all": everything, "source": source})["report"]
-
-
 @main.command()
 @cache_dir_option
 @click.option("--all", "everything", is_flag=True, help="Every cached file.")
@@ -207,7 +190,8 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
     """
     if not everything and not uris:
         raise click.UsageError("name URIs to verify, or --all")
-    report = _run(_verify, cache_dir, list(uris), everything, source)
+    report = _run(_request, cache_dir, {"op": "verify", "uris": list(uris), "all": everything, "source": source},
+                  timeout=None)["report"]
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

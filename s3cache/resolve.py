@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from . import paths
 from .config import default_cache_dir
 from .control import Client, UseNotes
-from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
+from .errors import FetchFailed, ResolveTimeout, UnsafeKey
 from .refs import ObjectRef, parse_uri
 from .store import Layout
 

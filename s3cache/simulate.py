@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .evict import Resident, ReaderTracker, choose_victims, next_use
+from .evict import Resident, ReaderTracker, choose_victims
 
 Trace = list[tuple[str, int]]  # (reader, file)
 
