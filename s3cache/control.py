@@ -29,7 +29,6 @@ from collections.abc import Callable
 from .errors import DaemonNotRunning, ProtocolError
 
 PROTOCOL = 1
-NOTE_BATCH = 1 << 16  # bytes of usage notes a reader sends in one call
 
 
 def encode(msg: dict) -> bytes:

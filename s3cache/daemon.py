@@ -30,7 +30,7 @@ from dataclasses import replace
 from . import manifest as manifest_mod
 from .checksum import Expectation, digest_file, local_crc32c_of
 from .config import Settings, human_size
-from .control import Connection, Server
+from .control import PROTOCOL, Connection, Server
 from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
 from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace, make_client
@@ -888,7 +888,7 @@ class Daemon:
         if op in ("pin", "unpin"):
             return self._pin([str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
-            return {"ok": True, "pid": os.getpid()}
+            return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL}
         return {"error": f"unknown op {op!r}"}
 
     def _want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = ()) -> list[dict]:
