@@ -1,6 +1,6 @@
 """s3cache against what people use today, side by side in one run, on the same endpoint and dataset.
 
-    python -m bench [--shards 16] [--shard-size 16M] [--latency 0.02] [--smoke]
+    python -m bench [--shards 16] [--shard-size 16M] [--latency 0.02] [--bandwidth 80M] [--smoke]
 
 Every contender reads the same TFRecord shards of tf.train.Example records from moto's S3 server through
 a latency-adding proxy (s3cache.faultproxy, in its own process: each response waits ``--latency``
@@ -43,9 +43,9 @@ MiB = 1 << 20
 class Proxy:
     """The latency proxy in its own process; ``stats()`` reads its counters."""
 
-    def __init__(self, upstream_port: int, latency: float) -> None:
+    def __init__(self, upstream_port: int, latency: float, bandwidth: float = 0.0) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "s3cache.faultproxy", str(upstream_port), str(latency),
-                                      "0", "stats"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      str(bandwidth), "stats"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.proc.stdout.readline().strip()}"
 
     def stats(self) -> dict:
@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--shard-size", default="16M")
     ap.add_argument("--latency", type=float, default=0.02)
     ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--bandwidth", default="0", help="cap each connection at this many bytes/s, like one S3 "
+                    "connection (e.g. 80M); 0: no cap")
     ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves the benchmark works")
     a = ap.parse_args()
     if a.smoke:
@@ -134,7 +136,7 @@ def main() -> None:
         keys = [f"train/{f.name}" for f in files]
         for f, k in zip(files, keys):
             s3.put_object(Bucket="bench", Key=k, Body=f.read_bytes())
-        proxy = Proxy(moto.port, a.latency)
+        proxy = Proxy(moto.port, a.latency, float(parse_size(a.bandwidth)))
         try:
             client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
                                   aws_access_key_id="testing", aws_secret_access_key="testing",
