@@ -931,6 +931,8 @@ class Daemon:
                 if uri not in self.fetching:
                     front.append(entry)
                     self.blocked.discard(uri)
+                elif self.fetcher is not None:
+                    self.fetcher.promote(uri)  # it was prefetching: now a reader waits on it
                 rel = self.store.prepare(ref)
                 results.append({"uri": uri, "state": "pending", "watch": os.path.dirname(rel)})
             for e in reversed(front):

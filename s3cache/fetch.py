@@ -98,6 +98,15 @@ class Fetched:
     crc32c: str
 
 
+class _Priority:
+    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs."""
+
+    __slots__ = ("foreground",)
+
+    def __init__(self, foreground: bool) -> None:
+        self.foreground = foreground
+
+
 @dataclass(frozen=True)
 class Described:
     """What S3 says an object is now (one HEAD), and the strongest check its bytes can be held to."""
@@ -186,6 +195,7 @@ class Fetcher:
         self._fg_lock = threading.Lock()
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
         self._fg_idle.set()
+        self._inflight: dict[str, _Priority] = {}
         self._throttle_until = 0.0
         self._throttle_lock = threading.Lock()
         self.counters = Counters()
@@ -252,7 +262,7 @@ class Fetcher:
         return self.client.get_object(**kw)
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
-                background: bool = False) -> None:
+                prio: _Priority | None = None) -> None:
         """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried.
 
         A background (prefetch) stream pauses between chunks while a reader waits on another fetch, so
@@ -264,7 +274,7 @@ class Fetcher:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled("stopping")
-                if background and not self._fg_idle.is_set():
+                if prio is not None and not prio.foreground and not self._fg_idle.is_set():
                     self._fg_idle.wait(10.0)
                 chunk = body.read(CHUNK)
                 if not chunk:
@@ -324,27 +334,43 @@ class Fetcher:
         """
         uri = entry.uri
         changed = 0
-        if foreground:
-            with self._fg_lock:
+        prio = _Priority(foreground)
+        with self._fg_lock:
+            self._inflight[uri] = prio
+            if foreground:
                 self._fg_active += 1
                 self._fg_idle.clear()
         try:
             while True:
                 try:
-                    return self._attempts(uri, lambda: self._fetch_once(entry, admit, not foreground))
+                    return self._attempts(uri, lambda: self._fetch_once(entry, admit, prio))
                 except ObjectChanged:
                     changed += 1
                     if changed >= 3:
                         raise
                     log.info("%s changed in S3 during the download; starting over", uri)
         finally:
-            if foreground:
-                with self._fg_lock:
+            with self._fg_lock:
+                if self._inflight.get(uri) is prio:
+                    del self._inflight[uri]
+                if prio.foreground:
                     self._fg_active -= 1
                     if not self._fg_active:
                         self._fg_idle.set()
 
-    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], background: bool) -> Fetched:
+    def promote(self, uri: str) -> bool:
+        """A reader now waits on a fetch that started as prefetch: from its next chunk on, it runs in
+        the foreground and other prefetch yields to it. False if no such fetch is in flight."""
+        with self._fg_lock:
+            prio = self._inflight.get(uri)
+            if prio is None or prio.foreground:
+                return False
+            prio.foreground = True
+            self._fg_active += 1
+            self._fg_idle.clear()
+            return True
+
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority) -> Fetched:
         uri = entry.uri
         try:
             resp = self._get(entry, 0, self.part_size - 1, None)
@@ -385,9 +411,9 @@ class Fetcher:
             first_len = min(total, self.part_size)
             if single:
                 digest = Digest(expect)
-                self._stream(body, fd, 0, first_len, digest, background)
+                self._stream(body, fd, 0, first_len, digest, prio)
             else:
-                self._fetch_rest(entry, body, fd, total, etag, background)
+                self._fetch_rest(entry, body, fd, total, etag, prio)
                 with os.fdopen(os.dup(fd), "rb") as f:
                     digest = digest_file(f, expect)
             method = digest.check(uri, total)
@@ -399,7 +425,7 @@ class Fetcher:
             if not ok:
                 self._discard(tmp)
 
-    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, background: bool) -> None:
+    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority) -> None:
         """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match."""
         uri = entry.uri
         pin = None if entry.version else etag
@@ -409,16 +435,16 @@ class Fetcher:
 
             def once() -> None:
                 r = self._get(entry, start, end, pin)
-                self._stream(r["Body"], fd, start, end - start + 1, None, background)
+                self._stream(r["Body"], fd, start, end - start + 1, None, prio)
 
             self._attempts(uri, once)
 
         starts = range(self.part_size, total, self.part_size)
-        pool = self._parts if background else self._fg_parts
+        pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in starts]
         try:
             try:
-                self._stream(first_body, fd, 0, self.part_size, None, background)
+                self._stream(first_body, fd, 0, self.part_size, None, prio)
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, _Retry):

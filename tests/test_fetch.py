@@ -206,3 +206,18 @@ def test_crc64nvme_full_object_checksum(moto, bucket, make_fetcher):
     s3.put_object(Bucket=bucket, Key="k", Body=body, ChecksumAlgorithm="CRC64NVME")
     got = make_fetcher(part_size=2 * MiB).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
     assert read(got.tmp_path) == body and got.method == "s3-crc64nvme"
+
+
+def test_a_prefetch_in_flight_can_be_promoted_once(s3, bucket, make_fetcher):
+    s3.put_object(Bucket=bucket, Key="k", Body=os.urandom(3 * MiB))
+    f = make_fetcher(part_size=MiB)
+    seen = []
+
+    def admit(n):  # runs inside the fetch, after the first response: the fetch is in flight
+        seen.append((f.promote(f"s3://{bucket}/k"), f.promote(f"s3://{bucket}/k")))
+        return True
+
+    assert not f.promote(f"s3://{bucket}/k")  # nothing in flight yet
+    got = f.fetch(Entry(ObjectRef(bucket, "k")), admit=admit)
+    assert seen == [(True, False)]
+    assert read(got.tmp_path) and f._fg_idle.is_set()  # the foreground count went back to zero
