@@ -301,7 +301,7 @@ class Daemon:
             log.error("re-verification failed, removing: %s", e)
             return None
         return Record(READY, rel, size, etag, version, method, digest.local_crc32c,
-                      os.path.getmtime(path), 0.0, entry.pin)
+                      os.path.getmtime(path), 0.0)
 
     def _reconcile(self) -> None:
         """Make the index agree with the disk without re-hashing or asking S3 about ready files.
@@ -573,12 +573,8 @@ class Daemon:
         log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
 
     def _residents(self) -> list[Resident]:
-        out = []
-        for u, r in self.ready.items():
-            pos = self.catalog.position(u)
-            out.append(Resident(u, r.size, r.last_used, r.fetched_at, pos,
-                                u in self.pinned or (pos is not None and pos in self.catalog.pinned)))
-        return out
+        return [Resident(u, r.size, r.last_used, r.fetched_at, self.catalog.position(u), self._is_pinned(u))
+                for u, r in self.ready.items()]
 
     def _is_pinned(self, uri: str) -> bool:
         if uri in self.pinned:
@@ -772,7 +768,7 @@ class Daemon:
                 self._fail(entry.uri, "PublishFailed", f"{type(e).__name__}: {e}")
                 continue
             planned.add(rel)
-            rec = Record(PUBLISHING, rel, f.size, f.etag, f.version, f.method, f.crc32c, now, 0.0, entry.pin)
+            rec = Record(PUBLISHING, rel, f.size, f.etag, f.version, f.method, f.crc32c, now, 0.0)
             plans.append((entry, f, rec))
         # The order below is the crash-safety rule (see store.py).
         self.index.put_many((e.uri, rec) for e, _, rec in plans)
@@ -1088,6 +1084,7 @@ class Daemon:
             if len(self._tp_samples) >= 2:
                 (t0, b0), (t1, b1) = self._tp_samples[max(0, len(self._tp_samples) - 11)], self._tp_samples[-1]
                 throughput = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+            pinned = [r for u, r in self.ready.items() if self._is_pinned(u)]
             methods: dict[str, int] = {}
             for r in self.ready.values():
                 methods[r.method] = methods.get(r.method, 0) + 1
@@ -1108,8 +1105,7 @@ class Daemon:
                 "manifest_errors": self.manifest_errors,
                 "prefetch_paused": self.prefetch_paused,
                 "disk_full": self.disk_full,
-                "pinned": {"files": sum(1 for u in self.ready if self._is_pinned(u)),
-                           "bytes": sum(r.size for u, r in self.ready.items() if self._is_pinned(u))},
+                "pinned": {"files": len(pinned), "bytes": sum(r.size for r in pinned)},
                 "readers": len(self.tracker),
                 "epochs": [{"epoch": e, **v, "hit_rate": round(v["hits"] / max(1, v["hits"] + v["misses"]), 4)}
                            for e, v in sorted(self.epochs.items())],

@@ -39,7 +39,6 @@ class Record:
     crc32c: str = ""  # local CRC32C of the file, for `s3cache verify`
     fetched_at: float = 0.0
     last_used: float = 0.0
-    pinned: bool = False
 
     def to_row(self) -> dict:
         row = asdict(self)
