@@ -22,11 +22,14 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 Plan = Callable[[str, str, str], "str | None"]
+
+_STEP = 64 << 10  # bytes relayed per write: small enough to pace smoothly
 
 _ERRORS = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -163,36 +166,39 @@ class FaultProxy:
                 await up_w.drain()
                 rhead = await up_r.readuntil(b"\r\n\r\n")
                 rheaders = _headers(rhead)
-                rbody = b""
-                if method != "HEAD" and "content-length" in rheaders:
-                    rbody = await up_r.readexactly(int(rheaders["content-length"]))
-                if rheaders.get("connection", "").lower() == "close":
+                length = int(rheaders.get("content-length", "0")) if method != "HEAD" else 0
+                close_upstream = rheaders.get("connection", "").lower() == "close"
+                if close_upstream:
                     # moto closes every connection; S3 keeps them alive. Reconnect upstream, and let the
                     # client keep its connection, as it would with S3.
+                    rhead = _drop_header(rhead, b"connection")
+                if fault in ("reset", "short", "stall", "flip") and length >= 2:
+                    rbody = await up_r.readexactly(length)
+                    if fault == "flip":
+                        i = self.rng.randrange(len(rbody))
+                        rbody = rbody[:i] + bytes([rbody[i] ^ 0x40]) + rbody[i + 1:]
+                    else:
+                        writer.write(rhead)
+                        if fault == "stall":
+                            await writer.drain()
+                            await asyncio.sleep(self.stall_seconds)
+                        else:
+                            writer.write(rbody[: len(rbody) // 2])
+                            await writer.drain()
+                        if fault == "reset":
+                            sock = writer.get_extra_info("socket")
+                            if sock is not None:
+                                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.transport.abort() if fault == "reset" else writer.close()
+                        return
+                    writer.write(rhead)
+                    await self._send(writer, rbody)
+                else:
+                    writer.write(rhead)
+                    await self._pipe(up_r, writer, length)
+                if close_upstream:
                     up_w.close()
                     up_r = up_w = None
-                    rhead = _drop_header(rhead, b"connection")
-                if fault in ("reset", "short", "stall") and len(rbody) >= 2:
-                    writer.write(rhead)
-                    if fault == "stall":
-                        await writer.drain()
-                        await asyncio.sleep(self.stall_seconds)
-                    else:
-                        writer.write(rbody[: len(rbody) // 2])
-                        await writer.drain()
-                    if fault == "reset":
-                        sock = writer.get_extra_info("socket")
-                        if sock is not None:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.transport.abort() if fault == "reset" else writer.close()
-                    return
-                if fault == "flip" and rbody:
-                    i = self.rng.randrange(len(rbody))
-                    rbody = rbody[:i] + bytes([rbody[i] ^ 0x40]) + rbody[i + 1:]
-                writer.write(rhead)
-                await self._send_body(writer, rbody)
-                with self.lock:
-                    self.bytes_sent += len(rbody)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
@@ -203,16 +209,34 @@ class FaultProxy:
                     except Exception:
                         pass
 
-    async def _send_body(self, writer: asyncio.StreamWriter, body: bytes) -> None:
-        if not self.bandwidth:
-            writer.write(body)
-            await writer.drain()
-            return
-        step = 64 << 10
-        for i in range(0, len(body), step):
-            writer.write(body[i : i + step])
-            await writer.drain()
-            await asyncio.sleep(min(step, len(body) - i) / self.bandwidth)
+    async def _pipe(self, src: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> None:
+        """Relay ``length`` body bytes as they arrive, as S3 streams them: the first byte reaches the
+        client before the last leaves the server, and a client that stops reading stops the server
+        (backpressure), which is what a client's own scheduling relies on."""
+        start, sent = time.monotonic(), 0
+        while sent < length:
+            chunk = await src.read(min(_STEP, length - sent))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", length - sent)
+            sent = await self._paced(writer, chunk, start, sent)
+
+    async def _send(self, writer: asyncio.StreamWriter, body: bytes) -> None:
+        start, sent = time.monotonic(), 0
+        for i in range(0, len(body), _STEP):
+            sent = await self._paced(writer, body[i : i + _STEP], start, sent)
+
+    async def _paced(self, writer: asyncio.StreamWriter, chunk: bytes, start: float, sent: int) -> int:
+        writer.write(chunk)
+        await writer.drain()
+        sent += len(chunk)
+        with self.lock:
+            self.bytes_sent += len(chunk)
+        if self.bandwidth:
+            # Against the clock since the body began, so time spent writing is not added on top.
+            delay = start + sent / self.bandwidth - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return sent
 
 
 def _drop_header(head: bytes, name: bytes) -> bytes:
