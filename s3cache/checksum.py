@@ -3,7 +3,8 @@
 An ``Expectation`` is one claim about the bytes (a manifest SHA-256, an ETag that is an MD5, ...). The
 fetcher picks the strongest claim available and checks it; the size is always checked as well.
 Beside it, every file gets a local CRC32C (hardware-accelerated, ~GB/s) recorded in the index, so that
-``s3cache verify`` can re-check files on disk cheaply.
+``s3cache verify`` can re-check files on disk cheaply. CRCs of parallel parts join into the whole
+object's (SplitDigest), so an object checked by a CRC is never read twice.
 """
 
 from __future__ import annotations
@@ -129,6 +130,48 @@ def have_crc64nvme() -> bool:
     return True
 
 
+class _Combiner:
+    """Joins reflected CRCs of consecutive byte ranges: crc(A + B) from crc(A), crc(B) and len(B).
+
+    What lets parallel ranged parts be checked as they stream, with no second pass over the file. This
+    is zlib's crc32_combine (multiplication by x^(8n) modulo the polynomial, from a table of x^(2^k)),
+    for any width; it holds for CRCs whose init and final xor are all ones, as S3's CRC32, CRC32C and
+    CRC64NVME are.
+    """
+
+    def __init__(self, poly: int, width: int) -> None:
+        self.poly, self.top = poly, 1 << (width - 1)
+        self.x2n = [self.top >> 1]  # x^1
+        for _ in range(1, 64):
+            self.x2n.append(self._mult(self.x2n[-1], self.x2n[-1]))
+
+    def _mult(self, a: int, b: int) -> int:
+        m, p = self.top, 0
+        while m:
+            if a & m:
+                p ^= b
+            b = (b >> 1) ^ self.poly if b & 1 else b >> 1
+            m >>= 1
+        return p
+
+    def combine(self, crc1: int, crc2: int, len2: int) -> int:
+        p, k, n = self.top, 3, len2  # x^0; then x^(8 * len2): k = 3 starts at x^8, one byte
+        while n:
+            if n & 1:
+                p = self._mult(self.x2n[k % 64], p)
+            n >>= 1
+            k += 1
+        return self._mult(p, crc1) ^ crc2
+
+
+_COMBINERS = {
+    "crc32c": _Combiner(0x82F63B78, 32), "s3-crc32c": _Combiner(0x82F63B78, 32),
+    "s3-crc32": _Combiner(0xEDB88320, 32),
+    "s3-crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64),
+}
+_LOCAL = _COMBINERS["crc32c"]
+
+
 _MAKERS = {
     "s3-crc64nvme": _Crc64nvme,
     "sha256": hashlib.sha256, "s3-sha256": hashlib.sha256,
@@ -186,6 +229,58 @@ class Digest:
                 f"{what}: {self.expect.method} is {actual}, expected {self.expect.value}"
             )
         return self.expect.method
+
+
+class RangeDigest:
+    """The CRCs of one byte range, fed as a parallel part streams (see SplitDigest)."""
+
+    def __init__(self, method: str | None) -> None:
+        self.remote = _MAKERS[method]() if method else None
+        self.local = _Crc32c()
+        self.nbytes = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self.remote is not None:
+            self.remote.update(data)
+        self.local.update(data)
+        self.nbytes += len(data)
+
+
+class SplitDigest:
+    """An object's checksums joined from those of its parts, which may stream in any order.
+
+    Only for an expectation that is a whole-object CRC, or none (``splittable``): a hash such as MD5
+    needs the bytes in order, so those objects are read back once they are whole (``digest_file``).
+    """
+
+    def __init__(self, expect: Expectation | None) -> None:
+        self.expect = expect
+        self._parts: dict[int, RangeDigest] = {}
+
+    @staticmethod
+    def splittable(expect: Expectation | None) -> bool:
+        return expect is None or (expect.method in _COMBINERS and not is_per_part(expect))
+
+    def part(self) -> RangeDigest:
+        """A fresh digest for one attempt at one part; hand it to ``done`` once the part is whole."""
+        return RangeDigest(self.expect.method if self.expect else None)
+
+    def done(self, offset: int, d: RangeDigest) -> None:
+        self._parts[offset] = d
+
+    def joined(self) -> Digest:
+        """The whole object's Digest, ready for ``check``. The parts must cover it from byte 0 on."""
+        out = Digest(self.expect)
+        for offset in sorted(self._parts):
+            d = self._parts[offset]
+            if offset != out.nbytes:
+                raise ValueError(f"parts do not meet: one ends at {out.nbytes}, the next starts at {offset}")
+            out._local.value = _LOCAL.combine(out._local.value, d.local.value, d.nbytes)
+            if out._remote is not None and d.remote is not None:
+                out._remote.value = _COMBINERS[self.expect.method].combine(out._remote.value, d.remote.value,
+                                                                            d.nbytes)
+            out.nbytes += d.nbytes
+        return out
 
 
 CHUNK = 1 << 20

@@ -34,8 +34,8 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from .checksum import (CHUNK, Digest, Expectation, b64_to_hex, digest_file, have_crc64nvme, is_per_part,
-                       strongest)
+from .checksum import (CHUNK, Digest, Expectation, SplitDigest, b64_to_hex, digest_file, have_crc64nvme,
+                       is_per_part, strongest)
 from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
 
@@ -412,10 +412,14 @@ class Fetcher:
             if single:
                 digest = Digest(expect)
                 self._stream(body, fd, 0, first_len, digest, prio)
+            elif SplitDigest.splittable(expect):
+                split = SplitDigest(expect)
+                self._fetch_rest(entry, body, fd, total, etag, prio, split)
+                digest = split.joined()
             else:
-                self._fetch_rest(entry, body, fd, total, etag, prio)
+                self._fetch_rest(entry, body, fd, total, etag, prio, None)
                 with os.fdopen(os.dup(fd), "rb") as f:
-                    digest = digest_file(f, expect)
+                    digest = digest_file(f, expect)  # a hash such as MD5 needs the bytes in order
             method = digest.check(uri, total)
             os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
             ok = True
@@ -425,26 +429,29 @@ class Fetcher:
             if not ok:
                 self._discard(tmp)
 
-    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority) -> None:
-        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match."""
+    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority,
+                    split: SplitDigest | None) -> None:
+        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match;
+        each part feeds its own digest to ``split`` as it streams, when there is one."""
         uri = entry.uri
         pin = None if entry.version else etag
 
+        def stream(body, start: int, length: int) -> None:
+            d = split.part() if split is not None else None
+            self._stream(body, fd, start, length, d, prio)
+            if split is not None:
+                split.done(start, d)
+
         def part(start: int) -> None:
             end = min(total, start + self.part_size) - 1
-
-            def once() -> None:
-                r = self._get(entry, start, end, pin)
-                self._stream(r["Body"], fd, start, end - start + 1, None, prio)
-
-            self._attempts(uri, once)
+            self._attempts(uri, lambda: stream(self._get(entry, start, end, pin)["Body"], start, end - start + 1))
 
         starts = range(self.part_size, total, self.part_size)
         pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in starts]
         try:
             try:
-                self._stream(first_body, fd, 0, self.part_size, None, prio)
+                stream(first_body, 0, self.part_size)
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, _Retry):
