@@ -1,22 +1,33 @@
 """s3cache against what people use today, side by side in one run, on the same endpoint and dataset.
 
-    python -m bench [--shards 16] [--shard-size 16M] [--latency 0.02] [--bandwidth 80M] [--smoke]
+    python -m bench [--shards 32] [--shard-size 32M] [--record-size 100K] [--latency 0.02]
+                    [--bandwidth 80M] [--repeat 3] [--legacy-objects] [--setup-envs] [--smoke]
 
 Every contender reads the same TFRecord shards of tf.train.Example records from moto's S3 server through
-a latency-adding proxy (s3cache.faultproxy, in its own process: each response waits ``--latency``
-seconds, like S3's per-request delay; loopback alone flatters every approach). The proxy counts GETs
-and bytes, which is what an S3 bill shows.
+a proxy (s3cache.faultproxy, in its own process) that streams each response after ``--latency`` seconds
+and paces every connection to ``--bandwidth`` bytes/s: S3's per-request delay and per-connection
+throughput, which loopback alone hides. The proxy counts requests and bytes, which is what an S3 bill
+shows. Records default to 100 KiB, the size of an ImageNet JPEG in its TFRecords.
 
 Contenders:
-* baseline A, what people copy: tf.data from_tensor_slices(keys).map(py_function(boto3 get_object)),
-  AUTOTUNE, every epoch refetching;
 * ceiling 1, the network side: boto3 get_object on 16 threads streamed to files;
 * ceiling 2, the disk side: TFRecordDataset over local copies;
-* s3cache: the daemon plus s3cache.tf.files (cold, epoch 1) and resolve() (warm, epochs 2 and 3).
-Baselines B (fsspec filecache) and C (tensorflow-io) need their own environments (s3fs pins an older
-botocore; tensorflow-io needs TensorFlow 2.16) and are reported as not run.
+* baseline A, what people copy: tf.data from_tensor_slices(keys).map(py_function(boto3 get_object)),
+  AUTOTUNE, every epoch refetching;
+* baseline B: fsspec ``filecache::s3://`` (open_local, then TFRecordDataset), epochs 1 and 2;
+* baseline C: tensorflow-io's ``s3://`` filesystem under TFRecordDataset;
+* s3cache: the daemon already running (as under systemd), the job's manifest arriving, then
+  s3cache.tf.files (cold, epoch 1) and resolve() (warm, epochs 2 and 3).
+B and C run in environments of their own (``python -m bench.envs``, or ``--setup-envs`` here); without
+them they are reported as not run.
 
-Writes bench/results/compare.md (and compare.png when matplotlib is installed).
+Objects are uploaded as boto3 does today, with a CRC32 checksum that S3 keeps and returns: the daemon
+verifies against it and botocore validates ceiling 1's GETs with it. ``--legacy-objects`` uploads
+without one, as older tools did; then the daemon verifies the ETag's MD5 and ceiling 1 checks nothing.
+
+Each contender runs ``--repeat`` times, interleaved, and the table shows medians (with the MB/s range),
+because one run on a shared 2-core machine says little. Writes bench/results/compare.md (and
+compare.png when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -24,20 +35,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3cache.config import human_size, parse_size
-
-from .proc import cpu_seconds, memory
 from s3cache.testing import DaemonProcess, MotoServer
 
+from . import envs
+from .epoch import timed_epoch
+from .proc import cpu_seconds, memory
+
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+EPOCHS_B = 2  # fsspec: the download epoch and one from its cache
+EPOCHS_C = 2  # tensorflow-io caches nothing: the second epoch shows it
 
 
 class Proxy:
@@ -58,167 +78,197 @@ class Proxy:
         self.proc.wait()
 
 
-def make_dataset(out: Path, shards: int, shard_size: int) -> int:
-    """TFRecord shards of Examples with a 4 KiB payload each; returns records per shard."""
+@dataclass
+class Sample:
+    records: int
+    seconds: float
+    ttfr: float
+    requests: int
+    bytes: int
+    cpu: float | None = None
+
+
+@dataclass
+class Row:
+    contender: str
+    samples: list[Sample] = field(default_factory=list)
+    status: str = ""  # why it did not run, if it did not
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+def make_dataset(out: Path, shards: int, shard_size: int, record_size: int) -> int:
+    """TFRecord shards of Examples (an id and a random payload of ``record_size`` bytes); returns
+    records per shard."""
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    per = max(1, shard_size // 4200)
+    per = max(1, shard_size // (record_size + 64))
     for s in range(shards):
         with tf.io.TFRecordWriter(str(out / f"shard-{s:05d}.tfrecord")) as w:
             for r in range(per):
                 ex = tf.train.Example(features=tf.train.Features(feature={
                     "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[s * per + r])),
-                    "payload": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rng.bytes(4096)])),
+                    "payload": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rng.bytes(record_size)])),
                 }))
                 w.write(ex.SerializeToString())
     return per
 
 
-def parse_count(ds) -> int:
-    import tensorflow as tf
+class Bench:
+    """One dataset on one endpoint; each method measures one contender once and appends a Sample."""
 
-    spec = {"id": tf.io.FixedLenFeature([], tf.int64), "payload": tf.io.FixedLenFeature([], tf.string)}
-    n = 0
-    for b in ds.batch(256).map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE):
-        n += int(b["id"].shape[0])
-    return n
+    def __init__(self, a, tmp: Path, proxy: Proxy, keys: list[str], total: int) -> None:
+        import boto3
+        import botocore.config
 
+        self.a, self.tmp, self.proxy, self.keys, self.total = a, tmp, proxy, keys, total
+        self.uris = [f"s3://bench/{k}" for k in keys]
+        self.rows: dict[str, Row] = {}
+        self.one_shard: list[float] = []
+        self.resolve_us: list[float] = []
+        self.rss: list[int] = []
+        self.client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing",
+                                   config=botocore.config.Config(max_pool_connections=a.workers))
 
-def timed_epoch(make_ds) -> tuple[int, float, float]:
-    """(records, seconds, time to first record) for one pass over a fresh dataset."""
-    import tensorflow as tf
+    def row(self, name: str) -> Row:
+        return self.rows.setdefault(name, Row(name))
 
-    t0 = time.monotonic()
-    ds = make_ds()
-    first = None
-    n = 0
-    spec = {"id": tf.io.FixedLenFeature([], tf.int64), "payload": tf.io.FixedLenFeature([], tf.string)}
-    for b in ds.batch(256).map(lambda x: tf.io.parse_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE):
-        if first is None:
-            first = time.monotonic() - t0
-        n += int(b["id"].shape[0])
-    return n, time.monotonic() - t0, first or 0.0
+    def measure(self, name: str, run: Callable[[], tuple[int, float, float]], cpu: Callable[[], float] | None = None):
+        before = self.proxy.stats()
+        c0 = cpu() if cpu else 0.0
+        n, secs, ttfr = run()
+        c1 = cpu() if cpu else 0.0
+        after = self.proxy.stats()
+        self.row(name).samples.append(Sample(n, secs, ttfr, after["requests"] - before["requests"],
+                                             after["bytes"] - before["bytes"], (c1 - c0) if cpu else None))
 
+    def round(self, r: int) -> None:
+        import tensorflow as tf
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--shard-size", default="16M")
-    ap.add_argument("--latency", type=float, default=0.02)
-    ap.add_argument("--workers", type=int, default=16)
-    ap.add_argument("--bandwidth", default="0", help="cap each connection at this many bytes/s, like one S3 "
-                    "connection (e.g. 80M); 0: no cap")
-    ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves the benchmark works")
-    a = ap.parse_args()
-    if a.smoke:
-        a.shards, a.shard_size = 3, "256K"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import boto3
-    import botocore.config
-    import tensorflow as tf
+        work = self.tmp / f"round-{r}"
+        work.mkdir()
 
-    import s3cache.tf as s3tf
-    from s3cache import resolve
+        t = time.monotonic()
+        self.client.get_object(Bucket="bench", Key=self.keys[0])["Body"].read()
+        self.one_shard.append(time.monotonic() - t)
 
-    shard_size = parse_size(a.shard_size)
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="s3cache-bench-") as tmp, MotoServer() as moto:
-        tmp = Path(tmp)
-        (tmp / "src").mkdir()
-        per = make_dataset(tmp / "src", a.shards, shard_size)
-        files = sorted((tmp / "src").iterdir())
-        total = sum(f.stat().st_size for f in files)
-        records = per * a.shards
-        s3 = moto.client(request_checksum_calculation="when_required")
-        s3.create_bucket(Bucket="bench")
-        keys = [f"train/{f.name}" for f in files]
-        for f, k in zip(files, keys):
-            s3.put_object(Bucket="bench", Key=k, Body=f.read_bytes())
-        proxy = Proxy(moto.port, a.latency, float(parse_size(a.bandwidth)))
-        try:
-            client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
-                                  aws_access_key_id="testing", aws_secret_access_key="testing",
-                                  config=botocore.config.Config(max_pool_connections=a.workers))
+        # ceiling 1: raw parallel download to files (its records are the ones it downloaded)
+        local = work / "local"
+        local.mkdir()
 
-            def row(name, n, secs, ttfr, before, after, cpu=None, note=""):
-                rows.append({"contender": name, "records": n, "seconds": secs, "ttfr": ttfr,
-                             "mb_s": total / secs / MiB if secs else 0, "rec_s": n / secs if secs else 0,
-                             "gets": after["gets"] - before["gets"], "bytes": after["bytes"] - before["bytes"],
-                             "cpu_per_gb": None if cpu is None else cpu / (total / (1 << 30)), "note": note})
+        def dl(k: str) -> None:
+            body = self.client.get_object(Bucket="bench", Key=k)["Body"]
+            out = local / (Path(k).name + ".tmp")
+            with open(out, "wb") as f:
+                for chunk in iter(lambda: body.read(1 << 20), b""):
+                    f.write(chunk)
+            os.rename(out, local / Path(k).name)
 
-            # one shard alone: the time-to-first-record reference
-            t = time.monotonic()
-            client.get_object(Bucket="bench", Key=keys[0])["Body"].read()
-            one_shard = time.monotonic() - t
+        def ceiling1():
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(self.a.workers) as ex:
+                list(ex.map(dl, self.keys))
+            return self.records, time.monotonic() - t0, float("nan")  # it reads no records
 
-            # ceiling 1: raw parallel download to files
-            local = tmp / "local"
-            local.mkdir()
+        self.measure("ceiling 1: boto3, 16 threads, to files", ceiling1, time.process_time)
 
-            def dl(k: str) -> None:
-                body = client.get_object(Bucket="bench", Key=k)["Body"]
-                out = local / (Path(k).name + ".tmp")
-                with open(out, "wb") as f:
-                    for chunk in iter(lambda: body.read(1 << 20), b""):
-                        f.write(chunk)
-                os.rename(out, local / Path(k).name)
+        local_paths = [str(local / Path(k).name) for k in self.keys]
+        self.measure("ceiling 2: TFRecordDataset, local files", lambda: timed_epoch(
+            lambda: tf.data.TFRecordDataset(local_paths, num_parallel_reads=tf.data.AUTOTUNE)))
+        shutil.rmtree(local)
 
-            before, c0, t0 = proxy.stats(), time.process_time(), time.monotonic()
-            with ThreadPoolExecutor(a.workers) as ex:
-                list(ex.map(dl, keys))
-            secs = time.monotonic() - t0
-            row("ceiling 1: boto3, 16 threads, to files", records, secs, 0.0, before, proxy.stats(),
-                cpu=time.process_time() - c0, note="download only, no parsing")
+        # baseline A: boto3 inside tf.data
+        def fetch(key):
+            return self.client.get_object(Bucket="bench", Key=key.numpy().decode())["Body"].read()
 
-            # ceiling 2: local TFRecords
-            local_paths = [str(local / Path(k).name) for k in keys]
-            before = proxy.stats()
-            n, secs, ttfr = timed_epoch(lambda: tf.data.TFRecordDataset(local_paths, num_parallel_reads=tf.data.AUTOTUNE))
-            row("ceiling 2: TFRecordDataset, local files", n, secs, ttfr, before, proxy.stats())
+        def baseline_a():
+            ds = tf.data.Dataset.from_tensor_slices(self.keys).map(
+                lambda k: tf.py_function(fetch, [k], tf.string), num_parallel_calls=tf.data.AUTOTUNE)
+            return _records_from_blobs(ds)
 
-            # baseline A: boto3 inside tf.data
-            def fetch(key):
-                return client.get_object(Bucket="bench", Key=key.numpy().decode())["Body"].read()
+        for epoch in (1, 2):
+            self.measure(f"baseline A: boto3 in tf.data, epoch {epoch}", lambda: timed_epoch(baseline_a))
 
-            def baseline_a():
-                ds = tf.data.Dataset.from_tensor_slices(keys).map(
-                    lambda k: tf.py_function(fetch, [k], tf.string), num_parallel_calls=tf.data.AUTOTUNE)
-                return _records_from_blobs(ds)
+        self.s3cache(work)
+        self.baseline("fsspec", "baseline B: fsspec filecache", EPOCHS_B,
+                      ["-m", "bench.baseline_fsspec", self.proxy.url, str(work / "fsspec-cache")])
+        self.baseline("tfio", "baseline C: tensorflow-io s3://", EPOCHS_C,
+                      ["-m", "bench.baseline_tfio", self.proxy.url])
+        shutil.rmtree(work)
 
-            for epoch in (1, 2):
-                before = proxy.stats()
-                n, secs, ttfr = timed_epoch(baseline_a)
-                row(f"baseline A: boto3 in tf.data, epoch {epoch}", n, secs, ttfr, before, proxy.stats())
+    def s3cache(self, work: Path) -> None:
+        """The daemon already runs on the host (systemd), idle; the job brings its manifest and starts
+        reading at once, as a training job would."""
+        import tensorflow as tf
 
-            # s3cache: the daemon already runs on the host (systemd), idle; the job brings its manifest
-            # and starts reading at once, as a training job would.
-            manifest = tmp / "manifest.txt"
-            manifest.write_text("")
-            uris = [f"s3://bench/{k}" for k in keys]
-            with DaemonProcess(tmp / "cache", proxy.url, manifest=manifest,
-                               args=["--workers", str(a.workers), "--max-size", str(4 * total + (64 << 20)),
-                                     "--min-free", "0"]) as d:
-                pid = d.proc.pid
-                before, c0 = proxy.stats(), cpu_seconds(pid)
-                new = tmp / "manifest.new"
-                new.write_text("".join(f"s3://bench/{k} size={f.stat().st_size}\n" for k, f in zip(keys, files)))
+        import s3cache.tf as s3tf
+        from s3cache import resolve
+
+        manifest = work / "manifest.txt"
+        manifest.write_text("")
+        with DaemonProcess(work / "cache", self.proxy.url, manifest=manifest,
+                           args=["--workers", str(self.a.workers), "--max-size", str(4 * self.total + (64 << 20)),
+                                 "--min-free", "0"]) as d:
+            pid = d.proc.pid
+
+            def cold():
+                new = work / "manifest.new"
+                new.write_text("".join(f"{u}\n" for u in self.uris))
                 os.replace(new, manifest)
-                n, secs, ttfr = timed_epoch(lambda: tf.data.TFRecordDataset(
-                    s3tf.files(uris, cache_dir=d.cache_dir), num_parallel_reads=tf.data.AUTOTUNE))
-                d.wait_until(lambda st: st["objects"]["ready"] == len(uris))
-                cpu = cpu_seconds(pid) - c0
-                row("s3cache: epoch 1 (cold, tf.files)", n, secs, ttfr, before, proxy.stats(), cpu=cpu)
-                for epoch in (2, 3):
-                    before = proxy.stats()
-                    n, secs, ttfr = timed_epoch(lambda: tf.data.TFRecordDataset(
-                        resolve(uris, cache_dir=d.cache_dir), num_parallel_reads=tf.data.AUTOTUNE))
-                    row(f"s3cache: epoch {epoch} (warm, resolve)", n, secs, ttfr, before, proxy.stats())
-                rss = memory(pid, "VmHWM")
+                out = timed_epoch(lambda: tf.data.TFRecordDataset(
+                    s3tf.files(self.uris, cache_dir=d.cache_dir), num_parallel_reads=tf.data.AUTOTUNE))
+                d.wait_until(lambda st: st["objects"]["ready"] == len(self.uris))
+                return out
+
+            self.measure("s3cache: epoch 1 (cold, tf.files)", cold, lambda: cpu_seconds(pid))
+            for epoch in (2, 3):
+                self.measure(f"s3cache: epoch {epoch} (warm, resolve)", lambda: timed_epoch(
+                    lambda: tf.data.TFRecordDataset(resolve(self.uris, cache_dir=d.cache_dir),
+                                                    num_parallel_reads=tf.data.AUTOTUNE)))
+            self.rss.append(memory(pid, "VmHWM"))
+            for i in range(2000):
+                t0 = time.perf_counter()
+                resolve(self.uris[i % len(self.uris)], cache_dir=d.cache_dir)
+                self.resolve_us.append((time.perf_counter() - t0) * 1e6)
+
+    def baseline(self, env: str, name: str, epochs: int, argv: list[str]) -> None:
+        """A baseline in its own environment: the worker runs one epoch per line it reads on stdin and
+        answers with one JSON line, so that the proxy's counters can be read between epochs."""
+        python = envs.python_of(env, self.a.envs)
+        if python is None:
+            for e in range(1, epochs + 1):
+                self.row(f"{name}, epoch {e}").status = f"not run: no environment (python -m bench.envs {env})"
+            return
+        proc = subprocess.Popen([str(python), *argv, str(epochs), *self.uris], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "PYTHONPATH": ""})
+        try:
+            for e in range(1, epochs + 1):
+                def epoch():
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"{name}: the worker exited with {proc.wait()}")
+                    r = json.loads(line)
+                    return r["records"], r["seconds"], r["ttfr"]
+
+                self.measure(f"{name}, epoch {e}", epoch)
         finally:
-            proxy.stop()
-    report(rows, a, total, records, one_shard, rss)
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @property
+    def records(self) -> int:
+        return self.a.records_total
 
 
 def _records_from_blobs(blobs):
@@ -235,48 +285,124 @@ def _records_from_blobs(blobs):
 def _split_records(blob):
     import struct
 
+    import tensorflow as tf
+
     data = blob.numpy()
     out, i = [], 0
     while i < len(data):
         (length,) = struct.unpack_from("<Q", data, i)
         out.append(data[i + 12 : i + 12 + length])
         i += 12 + length + 4
-    import tensorflow as tf
-
     return tf.constant(out, dtype=tf.string)  # a plain list would be taken as several outputs
 
 
-def report(rows: list[dict], a, total: int, records: int, one_shard: float, rss: int) -> None:
-    c1 = next(r for r in rows if r["contender"].startswith("ceiling 1"))
-    c2 = next(r for r in rows if r["contender"].startswith("ceiling 2"))
-    base = next(r for r in rows if r["contender"].startswith("baseline A"))
-    cold = next(r for r in rows if "epoch 1 (cold" in r["contender"])
-    warm = [r for r in rows if "warm" in r["contender"]]
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=32)
+    ap.add_argument("--shard-size", default="32M")
+    ap.add_argument("--record-size", default="100K", help="payload bytes per tf.train.Example")
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added before every S3 response")
+    ap.add_argument("--bandwidth", default="80M", help="bytes/s for each connection, like one S3 connection; "
+                    "0: no cap")
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    ap.add_argument("--legacy-objects", action="store_true",
+                    help="upload without an additional checksum, as tools before 2025 did")
+    ap.add_argument("--envs", type=Path, default=envs.DEFAULT_DIR, help="where the baselines' venvs live")
+    ap.add_argument("--setup-envs", action="store_true", help="make the baselines' venvs first if missing")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves the benchmark works")
+    a = ap.parse_args()
+    if a.smoke:
+        a.shards, a.shard_size, a.record_size, a.repeat = 3, "256K", "4K", 1
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if a.setup_envs:
+        for name in envs.PACKAGES:
+            if envs.python_of(name, a.envs) is None:
+                print(f"making the {name} environment in {a.envs}", flush=True)
+                envs.create(name, a.envs)
+
+    with tempfile.TemporaryDirectory(prefix="s3cache-bench-") as tmp, MotoServer() as moto:
+        tmp = Path(tmp)
+        (tmp / "src").mkdir()
+        per = make_dataset(tmp / "src", a.shards, parse_size(a.shard_size), parse_size(a.record_size))
+        files = sorted((tmp / "src").iterdir())
+        total = sum(f.stat().st_size for f in files)
+        a.records_total = per * a.shards
+        cfg = {"request_checksum_calculation": "when_required"} if a.legacy_objects else {}
+        s3 = moto.client(**cfg)
+        s3.create_bucket(Bucket="bench")
+        keys = [f"train/{f.name}" for f in files]
+        for f, k in zip(files, keys):
+            s3.put_object(Bucket="bench", Key=k, Body=f.read_bytes())
+        shutil.rmtree(tmp / "src")
+        proxy = Proxy(moto.port, a.latency, float(parse_size(a.bandwidth)))
+        try:
+            bench = Bench(a, tmp, proxy, keys, total)
+            for r in range(a.repeat):
+                print(f"round {r + 1} of {a.repeat}", file=sys.stderr, flush=True)
+                bench.round(r)
+        finally:
+            proxy.stop()
+    report(bench, a, total)
+
+
+def report(b: Bench, a, total: int) -> None:
+    rows = list(b.rows.values())
+    ran = [r for r in rows if r.samples]
+    by = {r.contender: r for r in ran}
+
+    def mb_s(r: Row) -> float:
+        return total / r.median("seconds") / 1e6
+
+    def get(prefix: str) -> Row | None:
+        return next((r for r in ran if r.contender.startswith(prefix)), None)
+
+    c1, c2 = get("ceiling 1"), get("ceiling 2")
+    base, cold = get("baseline A"), get("s3cache: epoch 1")
+    warm = [r for r in ran if "warm" in r.contender]
+    one_shard = statistics.median(b.one_shard)
+    gb = total / 1e9
+    legacy = "without additional checksums (ETag MD5 only)" if a.legacy_objects else "with boto3's default CRC32"
+    cap = f", each connection paced to {human_size(parse_size(a.bandwidth))}/s" if parse_size(a.bandwidth) else ""
     lines = [
-        f"Dataset: {a.shards} shards x {human_size(total / a.shards)} ({human_size(total)}, {records:,} records); "
-        f"{a.latency * 1000:.0f} ms added to every S3 response; {os.cpu_count()} cores.",
+        f"Dataset: {a.shards} shards x {human_size(total / a.shards)} ({human_size(total)}, {a.records_total:,} "
+        f"records of {human_size(parse_size(a.record_size))}), uploaded {legacy}; {a.latency * 1000:.0f} ms added "
+        f"before every S3 response{cap}; {os.cpu_count()} cores; medians of {a.repeat} "
+        f"round{'s' if a.repeat > 1 else ''}.",
         "",
-        "| contender | MB/s | records/s | first record (s) | GETs | MB from S3 | CPU s/GB |",
+        "| contender | MB/s (range) | records/s | first batch (s) | S3 requests | MB from S3 | CPU s/GB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cpu = f"{r['cpu_per_gb']:.1f}" if r["cpu_per_gb"] is not None else ""
-        lines.append(f"| {r['contender']} | {r['mb_s']:.0f} | {r['rec_s']:,.0f} | {r['ttfr']:.2f} | {r['gets']} | "
-                     f"{r['bytes'] / MiB:.0f} | {cpu} |")
+        if not r.samples:
+            lines.append(f"| {r.contender} | {r.status} | | | | | |")
+            continue
+        speeds = [total / s.seconds / 1e6 for s in r.samples]
+        spread = f" ({min(speeds):.0f}–{max(speeds):.0f})" if len(speeds) > 1 else ""
+        cpu = f"{r.median('cpu') / gb:.1f}" if r.samples[0].cpu is not None else ""
+        ttfr = r.median("ttfr")
+        lines.append(f"| {r.contender} | {mb_s(r):.0f}{spread} | {r.median('records') / r.median('seconds'):,.0f} | "
+                     f"{'' if ttfr != ttfr else f'{ttfr:.2f}'} | {r.median('requests'):.0f} | {r.median('bytes') / 1e6:.0f} | {cpu} |")
+    res = sorted(b.resolve_us)
+    p50, p99 = res[len(res) // 2], res[int(len(res) * 0.99)]
+    cold_cpu, c1_cpu = cold.median("cpu") / gb, c1.median("cpu") / gb
     lines += [
-        "| baseline B: fsspec filecache | not run | | | | | |",
-        "| baseline C: tensorflow-io s3:// | not run | | | | | |",
         "",
         "Goals (S3-like condition):",
-        f"- cold epoch {cold['mb_s'] / c1['mb_s']:.2f}x ceiling 1 (goal >= 0.9) and "
-        f"{cold['mb_s'] / base['mb_s']:.2f}x baseline A (goal >= 3)",
-        f"- warm epochs {min(w['mb_s'] for w in warm) / c2['mb_s']:.2f}x ceiling 2 (goal >= 0.95), "
-        f"S3 requests in warm epochs: {sum(w['gets'] for w in warm)} (goal 0)",
-        f"- time to first record {cold['ttfr']:.2f}s = {cold['ttfr'] / one_shard:.1f}x the time to fetch one shard "
-        f"({one_shard:.2f}s; goal <= 2x)",
-        f"- daemon CPU {cold['cpu_per_gb']:.1f} s/GB = {cold['cpu_per_gb'] / c1['cpu_per_gb']:.2f}x ceiling 1's "
-        f"(goal <= 1.2x, and the daemon also verifies every byte); daemon peak RSS {human_size(rss)} (goal < 200 MB)",
+        f"- cold epoch {mb_s(cold) / mb_s(c1):.2f}x ceiling 1 (goal >= 0.9) and "
+        f"{mb_s(cold) / mb_s(base):.2f}x baseline A (goal >= 3)",
+        f"- warm epochs {min(mb_s(w) for w in warm) / mb_s(c2):.2f}x ceiling 2 (goal >= 0.95), "
+        f"S3 requests in warm epochs: {sum(s.requests for w in warm for s in w.samples)} (goal 0)",
+        f"- first batch {cold.median('ttfr'):.2f}s = {cold.median('ttfr') / one_shard:.1f}x the time to fetch one "
+        f"shard ({one_shard:.2f}s; goal <= 2x)",
+        f"- daemon CPU {cold_cpu:.1f} s/GB = {cold_cpu / c1_cpu:.2f}x ceiling 1's (goal <= 1.2x); "
+        f"daemon peak RSS {human_size(max(b.rss))} (goal < 200 MB)",
+        f"- resolve() of a cached file: p50 {p50:.1f} us, p99 {p99:.1f} us",
     ]
+    for name in ("baseline B", "baseline C"):
+        r = by.get(f"{name}: fsspec filecache, epoch 1") or by.get(f"{name}: tensorflow-io s3://, epoch 1")
+        if r is not None:
+            lines.append(f"- s3cache cold epoch {mb_s(cold) / mb_s(r):.2f}x {name}'s first epoch")
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -290,10 +416,10 @@ def report(rows: list[dict], a, total: int, records: int, one_shard: float, rss:
     except ImportError:
         print("(matplotlib not installed: no chart)")
         return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh([r["contender"] for r in rows][::-1], [r["mb_s"] for r in rows][::-1], color="#4c72b0")
-    ax.set_xlabel("MB/s (higher is better)")
-    ax.set_title(f"{a.latency * 1000:.0f} ms per S3 response, {human_size(total)} of TFRecords")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.barh([r.contender for r in ran][::-1], [mb_s(r) for r in ran][::-1], color="#4c72b0")
+    ax.set_xlabel("MB/s, median (higher is better)")
+    ax.set_title(f"{a.latency * 1000:.0f} ms per S3 response{cap}, {human_size(total)} of TFRecords")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
