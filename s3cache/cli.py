@@ -60,7 +60,9 @@ def main() -> None:
 @click.option("--workers", type=int, envvar="S3CACHE_WORKERS", default=16, show_default=True,
               help="Objects fetched in parallel (and parts of one large object in parallel).")
 @click.option("--part-size", type=SIZE, default="16M", show_default=True,
-              help="Ranged-GET part size for large objects.")
+              help="Ranged-GET part size of an object a reader waits on.")
+@click.option("--prefetch-part-size", type=SIZE, default="64M", show_default=True,
+              help="Ranged-GET part size when prefetching (many objects are in flight already).")
 @click.option("--lease", type=float, envvar="S3CACHE_LEASE", default=600.0, show_default=True,
               help="Seconds a resolved file is protected from eviction.")
 @click.option("--readahead", default="0", envvar="S3CACHE_READAHEAD",
@@ -79,7 +81,7 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               envvar="S3CACHE_LOG_LEVEL", show_default=True)
 def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
-          lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
+          prefetch_part_size: int, lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
           read_timeout: float, max_attempts: int, revalidate: float, log_level: str) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
@@ -94,7 +96,7 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="--readahead") from None
     settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
-                    part_size=part_size, lease=lease, readahead=ahead_bytes, readahead_files=ahead_files,
+                    part_size=part_size, prefetch_part_size=prefetch_part_size, lease=lease, readahead=ahead_bytes, readahead_files=ahead_files,
                     min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
                     max_attempts=max_attempts, revalidate=revalidate)

@@ -58,7 +58,8 @@ class Settings:
     manifest: Path | None = None
     max_size: int = 100 << 30
     workers: int = 16
-    part_size: int = 16 << 20
+    part_size: int = 16 << 20  # ranged parts of an object a reader waits on
+    prefetch_part_size: int = 64 << 20  # ... and of one prefetched with others in flight
     lease: float = 600.0
     readahead: int = 0  # bytes fetched ahead of each in-order reader; 0 = auto (1/8 of max_size)
     readahead_files: int = 0  # ... or a number of files, when given
@@ -79,6 +80,8 @@ class Settings:
             raise ConfigError("--workers must be between 1 and 512")
         if self.part_size < (1 << 20):
             raise ConfigError("--part-size must be at least 1M")
+        if self.prefetch_part_size < (1 << 20):
+            raise ConfigError("--prefetch-part-size must be at least 1M")
         if self.lease < 0:
             raise ConfigError("--lease must not be negative")
         if not 0 <= self.min_free < 1:

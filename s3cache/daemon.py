@@ -129,8 +129,8 @@ class Daemon:
         self._lease_fd = os.open(lease_lock_path(lay.private), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         client = make_client(self.s.endpoint_url, self.s.region, pool=self.s.workers * 2 + 4,
                              connect_timeout=self.s.connect_timeout, read_timeout=self.s.read_timeout)
-        self.fetcher = Fetcher(client, part_size=self.s.part_size, workers=self.s.workers,
-                               max_attempts=self.s.max_attempts, cancel=self.stopping,
+        self.fetcher = Fetcher(client, part_size=self.s.part_size, prefetch_part_size=self.s.prefetch_part_size,
+                               workers=self.s.workers, max_attempts=self.s.max_attempts, cancel=self.stopping,
                                new_temp=self.store.new_temp, discard=self.store.discard)
         catalog = self._read_manifest() if self.s.manifest is not None else Catalog()
         self.index, damaged = self._open_index()
@@ -414,10 +414,11 @@ class Daemon:
             self._reload.wait()
             if self.stopping.is_set():
                 return
-            # Let a burst of events (write, close, rename) settle into one reload.
+            # Let a burst of events (write, close, rename) settle into one reload. They come within
+            # a millisecond or two; a longer settle only delays a job that just wrote its manifest.
             while self._reload.is_set():
                 self._reload.clear()
-                if self.stopping.wait(0.2):
+                if self.stopping.wait(0.05):
                     return
             try:
                 self._install_manifest(self._read_manifest())

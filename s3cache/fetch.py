@@ -181,9 +181,13 @@ def classify(e: BaseException, uri: str) -> BaseException:
 class Fetcher:
     def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
                  cancel: threading.Event, new_temp: Callable[[str], tuple[int, str]],
-                 discard: Callable[[str], None]) -> None:
+                 discard: Callable[[str], None], prefetch_part_size: int | None = None) -> None:
         self.client = client
+        # A reader waiting on one object wants it split across many connections; prefetch already has
+        # many objects in flight, so more parts would add requests (a round trip, and server work,
+        # each) without adding bandwidth: it splits only objects larger than prefetch_part_size.
         self.part_size = part_size
+        self.prefetch_part_size = prefetch_part_size or part_size
         self.max_attempts = max_attempts
         self.cancel = cancel
         self._new_temp = new_temp
@@ -372,8 +376,9 @@ class Fetcher:
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority) -> Fetched:
         uri = entry.uri
+        part_size = self.part_size if prio.foreground else self.prefetch_part_size
         try:
-            resp = self._get(entry, 0, self.part_size - 1, None)
+            resp = self._get(entry, 0, part_size - 1, None)
         except botocore.exceptions.ClientError as e:
             if _error_code(e)[1] != 416:
                 raise
@@ -389,7 +394,7 @@ class Fetcher:
         if not admit(total):
             body.close()
             raise NeedSpace(total)
-        single = total <= self.part_size
+        single = total <= part_size
         expect = self._expectation(entry, resp, etag, whole=single)
         if not single and (expect is None or expect.method.startswith("etag")):
             # A ranged GET carries no whole-object checksum; one HEAD can find a stronger one.
@@ -408,16 +413,16 @@ class Fetcher:
                         raise DiskFull(f"no space left for {uri} ({total} bytes)", total) from None
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
-            first_len = min(total, self.part_size)
+            first_len = min(total, part_size)
             if single:
                 digest = Digest(expect)
                 self._stream(body, fd, 0, first_len, digest, prio)
             elif SplitDigest.splittable(expect):
                 split = SplitDigest(expect)
-                self._fetch_rest(entry, body, fd, total, etag, prio, split)
+                self._fetch_rest(entry, body, fd, total, etag, prio, part_size, split)
                 digest = split.joined()
             else:
-                self._fetch_rest(entry, body, fd, total, etag, prio, None)
+                self._fetch_rest(entry, body, fd, total, etag, prio, part_size, None)
                 with os.fdopen(os.dup(fd), "rb") as f:
                     digest = digest_file(f, expect)  # a hash such as MD5 needs the bytes in order
             method = digest.check(uri, total)
@@ -430,7 +435,7 @@ class Fetcher:
                 self._discard(tmp)
 
     def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority,
-                    split: SplitDigest | None) -> None:
+                    part_size: int, split: SplitDigest | None) -> None:
         """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match;
         each part feeds its own digest to ``split`` as it streams, when there is one."""
         uri = entry.uri
@@ -443,15 +448,15 @@ class Fetcher:
                 split.done(start, d)
 
         def part(start: int) -> None:
-            end = min(total, start + self.part_size) - 1
+            end = min(total, start + part_size) - 1
             self._attempts(uri, lambda: stream(self._get(entry, start, end, pin)["Body"], start, end - start + 1))
 
-        starts = range(self.part_size, total, self.part_size)
+        starts = range(part_size, total, part_size)
         pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in starts]
         try:
             try:
-                stream(first_body, 0, self.part_size)
+                stream(first_body, 0, part_size)
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, _Retry):

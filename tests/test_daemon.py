@@ -157,7 +157,7 @@ def test_bad_manifest_refuses_to_start_naming_file_and_line(tmp_path, moto):
 def test_sigterm_stops_cleanly_and_removes_temp_files(tmp_path, s3, bucket, daemons):
     data = put_many(s3, bucket, 4, 40 * MiB)
     m = write_manifest(tmp_path / "m.txt", list(data))
-    d = daemons(manifest=m, args=["--workers", "2", "--part-size", "4M"])
+    d = daemons(manifest=m, args=["--workers", "2", "--part-size", "4M", "--prefetch-part-size", "4M"])
     d.wait_until(lambda st: st["objects"]["fetching"] > 0 or st["objects"]["ready"] == 4, what="a fetch under way")
     proc = d.proc
     proc.send_signal(signal.SIGTERM)
@@ -202,7 +202,7 @@ def test_restart_downloads_nothing_already_verified(tmp_path, s3, bucket, daemon
 def test_sigkill_mid_fetch_then_restart(tmp_path, s3, bucket, daemons):
     data = put_many(s3, bucket, 24, 2 * MiB)
     m = write_manifest(tmp_path / "m.txt", list(data))
-    d = daemons(manifest=m, args=["--workers", "4", "--part-size", "1M"])
+    d = daemons(manifest=m, args=["--workers", "4", "--part-size", "1M", "--prefetch-part-size", "1M"])
     d.wait_until(lambda st: st["objects"]["ready"] >= 3, what="a few files ready")
     d.kill()
     # Whatever is visible after the kill is complete and verified.

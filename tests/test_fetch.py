@@ -221,3 +221,19 @@ def test_a_prefetch_in_flight_can_be_promoted_once(s3, bucket, make_fetcher):
     got = f.fetch(Entry(ObjectRef(bucket, "k")), admit=admit)
     assert seen == [(True, False)]
     assert read(got.tmp_path) and f._fg_idle.is_set()  # the foreground count went back to zero
+
+
+def test_prefetch_takes_larger_parts_than_a_waiting_reader(s3, bucket, moto, store):
+    body = os.urandom(4 * MiB + 5)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    f = Fetcher(make_client(moto.url, "us-east-1", 16, 5, 10), part_size=MiB, prefetch_part_size=8 * MiB,
+                workers=4, max_attempts=3, cancel=threading.Event(), new_temp=store.new_temp,
+                discard=store.discard)
+    try:
+        bg = f.fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+        assert f.counters.requests == 1  # one GET: with other objects in flight, parts add no bandwidth
+        fg = f.fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True, foreground=True)
+        assert f.counters.requests == 1 + 5 + 1  # five 1 MiB ranged GETs for the reader, one HEAD
+        assert read(bg.tmp_path) == read(fg.tmp_path) == body
+    finally:
+        f.close()

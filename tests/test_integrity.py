@@ -97,7 +97,7 @@ def test_network_faults_never_publish_a_wrong_byte(tmp_path, moto, s3, bucket, p
                               "stall": 0.03}, seed=2)
     m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/{k}" for k in data])
     with PublishWatcher(tmp_path / "cache", bucket, data) as watch:
-        d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--part-size", "1M", "--workers", "6",
+        d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--part-size", "1M", "--prefetch-part-size", "1M", "--workers", "6",
                                       "--read-timeout", "1", "--max-attempts", "30"])
         st = d.wait_until(lambda st: st["objects"]["ready"] + st["objects"]["failed"] == len(data), timeout=240,
                           what="every object to land through the faults")
@@ -131,7 +131,7 @@ def test_sigkill_at_random_moments(tmp_path, s3, bucket, proxy, daemons):
     data = put_objects(s3, bucket, sizes, seed=4)
     m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/{k}" for k in data])
     cache = tmp_path / "cache"
-    args = ["--workers", "4", "--part-size", "1M", "--endpoint-url", proxy.url]
+    args = ["--workers", "4", "--part-size", "1M", "--prefetch-part-size", "1M", "--endpoint-url", proxy.url]
     proxy.latency = 0.01  # slow enough that kills land mid-download
     frozen: dict[str, int] = {}  # key -> GETs counted when it was first seen published
     kills = 0
@@ -179,7 +179,7 @@ def test_a_damaged_index_is_rebuilt_from_the_disk(tmp_path, s3, bucket, proxy, d
     keys = list(data)
     lines = [f"s3://{bucket}/{k}" for k in keys]
     m = write_manifest(tmp_path / "m.txt", lines)
-    args = ["--endpoint-url", proxy.url, "--part-size", "1M"]
+    args = ["--endpoint-url", proxy.url, "--part-size", "1M", "--prefetch-part-size", "1M"]
     d = daemons(manifest=m, args=args)
     d.wait_until(lambda st: st["objects"]["ready"] == len(data))
     d.stop()
