@@ -665,7 +665,11 @@ class Daemon:
             try:
                 if size is not None and not self._admit(entry, size, demand):
                     raise NeedSpace(size)
-                fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand), foreground=demand)
+                # Foreground only while a reader waits: files a reader will want next ("ahead") come
+                # through the demand queue too, and must not compete with the one it waits on.
+                with self.cond:
+                    foreground = demand and bool(self.waiters.get(uri))
+                fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand), foreground=foreground)
             except NeedSpace as e:
                 if e.size > self.s.max_size:
                     self._fail(uri, "TooLarge", f"{e.size} bytes will never fit in --max-size {self.s.max_size}")

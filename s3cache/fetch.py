@@ -357,21 +357,24 @@ class Fetcher:
             with self._fg_lock:
                 if self._inflight.get(uri) is prio:
                     del self._inflight[uri]
-                if prio.foreground:
+                if foreground:
                     self._fg_active -= 1
                     if not self._fg_active:
                         self._fg_idle.set()
 
     def promote(self, uri: str) -> bool:
-        """A reader now waits on a fetch that started as prefetch: from its next chunk on, it runs in
-        the foreground and other prefetch yields to it. False if no such fetch is in flight."""
+        """A reader now waits on a fetch that started as prefetch: it stops yielding to other waited-on
+        fetches. False if no such fetch is in flight.
+
+        It does not make other prefetch pause, as a fresh demand does: its parts are already laid out,
+        so it cannot use the connections others would give up (one S3 connection tops out at ~80 MB/s),
+        and a reader that caught up with prefetch wants those other files next. Pausing them on every
+        promotion cut a cold epoch's throughput by a quarter in bench/compare.py."""
         with self._fg_lock:
             prio = self._inflight.get(uri)
             if prio is None or prio.foreground:
                 return False
             prio.foreground = True
-            self._fg_active += 1
-            self._fg_idle.clear()
             return True
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority) -> Fetched:
@@ -396,12 +399,8 @@ class Fetcher:
             raise NeedSpace(total)
         single = total <= part_size
         expect = self._expectation(entry, resp, etag, whole=single)
-        if not single and (expect is None or expect.method.startswith("etag")):
-            # A ranged GET carries no whole-object checksum; one HEAD can find a stronger one.
-            described = self.describe(entry)
-            if described.etag == etag and described.expect is not None:
-                expect = strongest([described.expect] + ([expect] if expect else []))
-        expect = self._with_part_size(entry, expect)
+        if single:
+            expect = self._with_part_size(entry, expect)
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
         try:
@@ -417,14 +416,8 @@ class Fetcher:
             if single:
                 digest = Digest(expect)
                 self._stream(body, fd, 0, first_len, digest, prio)
-            elif SplitDigest.splittable(expect):
-                split = SplitDigest(expect)
-                self._fetch_rest(entry, body, fd, total, etag, prio, part_size, split)
-                digest = split.joined()
             else:
-                self._fetch_rest(entry, body, fd, total, etag, prio, part_size, None)
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    digest = digest_file(f, expect)  # a hash such as MD5 needs the bytes in order
+                digest = self._fetch_rest(entry, body, fd, total, etag, prio, part_size, expect)
             method = digest.check(uri, total)
             os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
             ok = True
@@ -435,13 +428,23 @@ class Fetcher:
                 self._discard(tmp)
 
     def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority,
-                    part_size: int, split: SplitDigest | None) -> None:
-        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match;
-        each part feeds its own digest to ``split`` as it streams, when there is one."""
+                    part_size: int, expect: Expectation | None) -> Digest:
+        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match, and
+        return the whole object's digest.
+
+        A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part size a
+        multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
+        that round trip was most of the time to a waiting reader's first file. Parts start writing
+        once the expectation is settled, each feeding its own CRC when it is one (SplitDigest).
+        """
         uri = entry.uri
         pin = None if entry.version else etag
+        settled = threading.Event()
+        final: list = [expect, None]  # the expectation, and its SplitDigest when it splits
 
         def stream(body, start: int, length: int) -> None:
+            settled.wait()
+            split = final[1]
             d = split.part() if split is not None else None
             self._stream(body, fd, start, length, d, prio)
             if split is not None:
@@ -455,6 +458,19 @@ class Fetcher:
         pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in starts]
         try:
+            try:
+                if expect is None or expect.method.startswith("etag"):
+                    described = self.describe(entry)
+                    if described.etag == etag and described.expect is not None:
+                        final[0] = strongest([described.expect] + ([expect] if expect else []))
+                final[0] = self._with_part_size(entry, final[0])
+                if SplitDigest.splittable(final[0]):
+                    final[1] = SplitDigest(final[0])
+            except BaseException:
+                first_body.close()
+                raise
+            finally:
+                settled.set()  # on failure too: the parts must not wait for ever
             try:
                 stream(first_body, 0, part_size)
             except Exception as e:
@@ -473,6 +489,10 @@ class Fetcher:
                         f.exception()
                     except Exception:
                         pass
+        if final[1] is not None:
+            return final[1].joined()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return digest_file(f, final[0])  # a hash such as MD5 needs the bytes in order
 
     def describe(self, entry: Entry) -> Described:
         """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
