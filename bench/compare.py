@@ -370,7 +370,7 @@ def report(b: Bench, a, total: int) -> None:
         f"before every S3 response{cap}; {os.cpu_count()} cores; medians of {a.repeat} "
         f"round{'s' if a.repeat > 1 else ''}.",
         "",
-        "| contender | MB/s (range) | records/s | first batch (s) | S3 requests | MB from S3 | CPU s/GB |",
+        "| contender | MB/s (range) | records/s | first record (s) | S3 requests | MB from S3 | CPU s/GB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -393,7 +393,7 @@ def report(b: Bench, a, total: int) -> None:
         f"{mb_s(cold) / mb_s(base):.2f}x baseline A (goal >= 3)",
         f"- warm epochs {min(mb_s(w) for w in warm) / mb_s(c2):.2f}x ceiling 2 (goal >= 0.95), "
         f"S3 requests in warm epochs: {sum(s.requests for w in warm for s in w.samples)} (goal 0)",
-        f"- first batch {cold.median('ttfr'):.2f}s = {cold.median('ttfr') / one_shard:.1f}x the time to fetch one "
+        f"- first record {cold.median('ttfr'):.2f}s = {cold.median('ttfr') / one_shard:.1f}x the time to fetch one "
         f"shard ({one_shard:.2f}s; goal <= 2x)",
         f"- daemon CPU {cold_cpu:.1f} s/GB = {cold_cpu / c1_cpu:.2f}x ceiling 1's (goal <= 1.2x); "
         f"daemon peak RSS {human_size(max(b.rss))} (goal < 200 MB)",

@@ -237,3 +237,13 @@ def test_prefetch_takes_larger_parts_than_a_waiting_reader(s3, bucket, moto, sto
         assert read(bg.tmp_path) == read(fg.tmp_path) == body
     finally:
         f.close()
+
+
+def test_the_body_is_hashed_once_by_us_not_again_by_botocore(moto, bucket):
+    from botocore.response import StreamingBody
+
+    moto.client().put_object(Bucket=bucket, Key="k", Body=b"x" * 1000)  # with boto3's default CRC32
+    r = make_client(moto.url, "us-east-1", 4, 5, 10).get_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+    assert r["ChecksumCRC32"]  # still there for our Digest to check
+    assert type(r["Body"]) is StreamingBody  # not botocore's hashing wrapper: that was a second pass
+    assert r["Body"].read() == b"x" * 1000
