@@ -665,10 +665,13 @@ class Daemon:
             try:
                 if size is not None and not self._admit(entry, size, demand):
                     raise NeedSpace(size)
-                # Foreground only while a reader waits: files a reader will want next ("ahead") come
-                # through the demand queue too, and must not compete with the one it waits on.
+                # Foreground while a reader waits: files a reader will want next ("ahead") come through
+                # the demand queue too, and must not compete with the one it waits on. The head of the
+                # manifest counts as waited on: a job that just wrote its manifest reads it first, and
+                # is usually still starting up when the fetch begins.
                 with self.cond:
-                    foreground = demand and bool(self.waiters.get(uri))
+                    foreground = (bool(self.waiters.get(uri)) if demand
+                                  else self.catalog.position(uri) == 0)
                 fetched = self.fetcher.fetch(entry, lambda n: self._admit(entry, n, demand), foreground=foreground)
             except NeedSpace as e:
                 if e.size > self.s.max_size:
