@@ -231,21 +231,6 @@ class Digest:
         return self.expect.method
 
 
-class RangeDigest:
-    """The CRCs of one byte range, fed as a parallel part streams (see SplitDigest)."""
-
-    def __init__(self, method: str | None) -> None:
-        self.remote = _MAKERS[method]() if method else None
-        self.local = _Crc32c()
-        self.nbytes = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        if self.remote is not None:
-            self.remote.update(data)
-        self.local.update(data)
-        self.nbytes += len(data)
-
-
 class SplitDigest:
     """An object's checksums joined from those of its parts, which may stream in any order.
 
@@ -255,17 +240,17 @@ class SplitDigest:
 
     def __init__(self, expect: Expectation | None) -> None:
         self.expect = expect
-        self._parts: dict[int, RangeDigest] = {}
+        self._parts: dict[int, Digest] = {}
 
     @staticmethod
     def splittable(expect: Expectation | None) -> bool:
         return expect is None or (expect.method in _COMBINERS and not is_per_part(expect))
 
-    def part(self) -> RangeDigest:
+    def part(self) -> Digest:
         """A fresh digest for one attempt at one part; hand it to ``done`` once the part is whole."""
-        return RangeDigest(self.expect.method if self.expect else None)
+        return Digest(self.expect)
 
-    def done(self, offset: int, d: RangeDigest) -> None:
+    def done(self, offset: int, d: Digest) -> None:
         self._parts[offset] = d
 
     def joined(self) -> Digest:
@@ -275,9 +260,9 @@ class SplitDigest:
             d = self._parts[offset]
             if offset != out.nbytes:
                 raise ValueError(f"parts do not meet: one ends at {out.nbytes}, the next starts at {offset}")
-            out._local.value = _LOCAL.combine(out._local.value, d.local.value, d.nbytes)
-            if out._remote is not None and d.remote is not None:
-                out._remote.value = _COMBINERS[self.expect.method].combine(out._remote.value, d.remote.value,
+            out._local.value = _LOCAL.combine(out._local.value, d._local.value, d.nbytes)
+            if out._remote is not None:
+                out._remote.value = _COMBINERS[self.expect.method].combine(out._remote.value, d._remote.value,
                                                                             d.nbytes)
             out.nbytes += d.nbytes
         return out
