@@ -53,23 +53,34 @@ def b64_to_hex(value: str) -> str:
     return base64.b64decode(value).hex()
 
 
-class _Crc32c:
+class _Crc:
+    """A CRC with hashlib's interface. ``value`` is the running CRC, which SplitDigest joins."""
+
+    width = 4  # bytes in the digest
+
     def __init__(self) -> None:
         self.value = 0
 
+    @staticmethod
+    def _fn(data: bytes | memoryview, value: int) -> int:
+        raise NotImplementedError
+
     def update(self, data: bytes | memoryview) -> None:
-        self.value = _crc32c.crc32c(data, self.value)
+        self.value = self._fn(data, self.value)
 
     def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
+        return self.value.to_bytes(self.width, "big")
 
     def hexdigest(self) -> str:
         return self.digest().hex()
 
 
-class _Crc32(_Crc32c):
-    def update(self, data: bytes | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+class _Crc32c(_Crc):
+    _fn = staticmethod(_crc32c.crc32c)
+
+
+class _Crc32(_Crc):
+    _fn = staticmethod(zlib.crc32)
 
 
 class _PerPart:
@@ -103,23 +114,16 @@ class _PerPart:
         return f"{whole.hexdigest()}-{len(parts)}"
 
 
-class _Crc64nvme:
+class _Crc64nvme(_Crc):
     """CRC64NVME (S3's default for new uploads) through awscrt, when installed (extra "crt")."""
+
+    width = 8
 
     def __init__(self) -> None:
         from awscrt.checksums import crc64nvme
 
+        super().__init__()
         self._fn = crc64nvme
-        self.value = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.value = self._fn(data, self.value)
-
-    def digest(self) -> bytes:
-        return self.value.to_bytes(8, "big")
-
-    def hexdigest(self) -> str:
-        return self.digest().hex()
 
 
 def have_crc64nvme() -> bool:
