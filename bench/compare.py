@@ -120,11 +120,11 @@ def make_dataset(out: Path, shards: int, shard_size: int, record_size: int) -> i
 class Bench:
     """One dataset on one endpoint; each method measures one contender once and appends a Sample."""
 
-    def __init__(self, a, tmp: Path, proxy: Proxy, keys: list[str], total: int) -> None:
+    def __init__(self, a, tmp: Path, proxy: Proxy, keys: list[str], total: int, records: int) -> None:
         import boto3
         import botocore.config
 
-        self.a, self.tmp, self.proxy, self.keys, self.total = a, tmp, proxy, keys, total
+        self.a, self.tmp, self.proxy, self.keys, self.total, self.records = a, tmp, proxy, keys, total, records
         self.uris = [f"s3://bench/{k}" for k in keys]
         self.rows: dict[str, Row] = {}
         self.one_shard: list[float] = []
@@ -266,10 +266,6 @@ class Bench:
                 proc.kill()
                 proc.wait()
 
-    @property
-    def records(self) -> int:
-        return self.a.records_total
-
 
 def _records_from_blobs(blobs):
     """Baseline A's parsing: split each fetched shard into its records in memory."""
@@ -327,7 +323,6 @@ def main() -> None:
         per = make_dataset(tmp / "src", a.shards, parse_size(a.shard_size), parse_size(a.record_size))
         files = sorted((tmp / "src").iterdir())
         total = sum(f.stat().st_size for f in files)
-        a.records_total = per * a.shards
         cfg = {"request_checksum_calculation": "when_required"} if a.legacy_objects else {}
         s3 = moto.client(**cfg)
         s3.create_bucket(Bucket="bench")
@@ -337,7 +332,7 @@ def main() -> None:
         shutil.rmtree(tmp / "src")
         proxy = Proxy(moto.port, a.latency, float(parse_size(a.bandwidth)))
         try:
-            bench = Bench(a, tmp, proxy, keys, total)
+            bench = Bench(a, tmp, proxy, keys, total, per * a.shards)
             for r in range(a.repeat):
                 print(f"round {r + 1} of {a.repeat}", file=sys.stderr, flush=True)
                 bench.round(r)
@@ -365,7 +360,7 @@ def report(b: Bench, a, total: int) -> None:
     legacy = "without additional checksums (ETag MD5 only)" if a.legacy_objects else "with boto3's default CRC32"
     cap = f", each connection paced to {human_size(parse_size(a.bandwidth))}/s" if parse_size(a.bandwidth) else ""
     lines = [
-        f"Dataset: {a.shards} shards x {human_size(total / a.shards)} ({human_size(total)}, {a.records_total:,} "
+        f"Dataset: {a.shards} shards x {human_size(total / a.shards)} ({human_size(total)}, {b.records:,} "
         f"records of {human_size(parse_size(a.record_size))}), uploaded {legacy}; {a.latency * 1000:.0f} ms added "
         f"before every S3 response{cap}; {os.cpu_count()} cores; medians of {a.repeat} "
         f"round{'s' if a.repeat > 1 else ''}.",
