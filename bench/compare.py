@@ -4,7 +4,7 @@
                     [--bandwidth 80M] [--repeat 3] [--legacy-objects] [--setup-envs] [--smoke]
 
 Every contender reads the same TFRecord shards of tf.train.Example records from moto's S3 server through
-a proxy (s3cache.faultproxy, in its own process) that streams each response after ``--latency`` seconds
+a proxy (s3cache.testing.faultproxy, in its own process) that streams each response after ``--latency`` seconds
 and paces every connection to ``--bandwidth`` bytes/s: S3's per-request delay and per-connection
 throughput, which loopback alone hides. The proxy counts requests and bytes, which is what an S3 bill
 shows. Records default to 100 KiB, the size of an ImageNet JPEG in its TFRecords.
@@ -64,7 +64,7 @@ class Proxy:
     """The latency proxy in its own process; ``stats()`` reads its counters."""
 
     def __init__(self, upstream_port: int, latency: float, bandwidth: float = 0.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "s3cache.faultproxy", str(upstream_port), str(latency),
+        self.proc = subprocess.Popen([sys.executable, "-m", "s3cache.testing.faultproxy", str(upstream_port), str(latency),
                                       str(bandwidth), "stats"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.proc.stdout.readline().strip()}"
 

@@ -3,7 +3,7 @@ fetching the same objects to files with the same number of threads, in the same 
 
     python -m bench.small_objects [--objects 2000] [--size 128K] [--workers 16] [--latency 0]
 
-With --latency (seconds, each response) both go through s3cache.faultproxy, like S3's per-request delay.
+With --latency (seconds, each response) both go through s3cache.testing.faultproxy, like S3's per-request delay.
 The plain client writes each object to a temp file and renames it (no fsync; s3cache fsyncs every file
 and, per batch, every directory, and checksums every byte: that is part of what it costs).
 """
@@ -66,7 +66,7 @@ def main() -> None:
         proxy = None
         url = moto.url
         if a.latency:
-            proxy = subprocess.Popen([sys.executable, "-m", "s3cache.faultproxy", str(moto.port), str(a.latency)],
+            proxy = subprocess.Popen([sys.executable, "-m", "s3cache.testing.faultproxy", str(moto.port), str(a.latency)],
                                      stdout=subprocess.PIPE, text=True)
             url = f"http://127.0.0.1:{proxy.stdout.readline().strip()}"
         try:

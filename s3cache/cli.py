@@ -220,7 +220,7 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
               help="Also run an image pipeline over this many small JPEG objects.")
 def demo(workdir: Path | None, shards: int, records: int, images: int) -> None:
     """Run the whole path on an embedded S3 (moto): upload TFRecords, serve, read back, train a step."""
-    from .demo import run_demo
+    from .testing.demo import run_demo
 
     sys.exit(_run(run_demo, workdir=workdir, shards=shards, records=records, out=click.echo, images=images))
 

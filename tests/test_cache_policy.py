@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_manifest
 from s3cache import iter_resolve, simulate
-from s3cache.faultproxy import FaultProxy
+from s3cache.testing.faultproxy import FaultProxy
 
 KiB = 1 << 10
 

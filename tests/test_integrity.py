@@ -1,6 +1,6 @@
 """Never serve a wrong byte: network faults, SIGKILL at random moments, a damaged index.
 
-Between the daemon and moto runs s3cache.faultproxy, which injects faults and counts every request, so
+Between the daemon and moto runs s3cache.testing.faultproxy, which injects faults and counts every request, so
 the tests can check both what readers see and what it cost at the server.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import write_manifest
 from s3cache import resolve
-from s3cache.faultproxy import FaultProxy, random_plan
+from s3cache.testing.faultproxy import FaultProxy, random_plan
 from s3cache.index import READY, Index
 from s3cache.testing import wait_for
 

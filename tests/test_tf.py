@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_manifest
 from s3cache import FetchFailed, resolve
-from s3cache.demo import collect, make_shards
+from s3cache.testing.demo import collect, make_shards
 
 tf = pytest.importorskip("tensorflow")
 import s3cache.tf  # noqa: E402

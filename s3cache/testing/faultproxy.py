@@ -274,7 +274,7 @@ def random_plan(rates: dict[str, float], seed: int = 0) -> Plan:
 
 
 def main() -> None:
-    """Run a latency proxy in its own process: ``python -m s3cache.faultproxy UPSTREAM_PORT LATENCY``.
+    """Run a latency proxy in its own process: ``python -m s3cache.testing.faultproxy UPSTREAM_PORT LATENCY``.
     Prints the port it listens on, then serves until killed."""
     import sys
     import time

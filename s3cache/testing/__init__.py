@@ -131,9 +131,9 @@ class DaemonProcess:
         return self
 
     def _ready(self) -> bool:
-        from .control import Client
-        from .errors import DaemonNotRunning
-        from .store import Layout
+        from ..control import Client
+        from ..errors import DaemonNotRunning
+        from ..store import Layout
 
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
@@ -144,8 +144,8 @@ class DaemonProcess:
             return False
 
     def status(self) -> dict:
-        from .control import Client
-        from .store import Layout
+        from ..control import Client
+        from ..store import Layout
 
         with Client(Layout(str(self.cache_dir.absolute())).control_socket, str(self.cache_dir)) as c:
             return c.request({"op": "status"})["status"]
