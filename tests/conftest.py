@@ -72,3 +72,142 @@ def no_thread_leaks():
 def write_manifest(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# == shared fixtures for the trust work: a CPU hog, a small filesystem, a second local user ==========
+#
+# Tests that need them ask for them; the `--cpu-hog` option puts the whole run under a hog on every core
+# (the stress mode: `python -m pytest --cpu-hog`), so races that need a loaded machine show up on demand.
+
+import multiprocessing
+import shutil
+import subprocess
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-hog", action="store_true", default=False,
+                     help="run every test with a busy process on each core (the stress mode)")
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+class CpuHog:
+    """One busy process per core (or ``n``), killed by ``stop``. Idempotent; safe to nest."""
+
+    def __init__(self, n: int | None = None) -> None:
+        self.n = n or os.cpu_count() or 2
+        self.procs: list[multiprocessing.Process] = []
+
+    def start(self) -> "CpuHog":
+        ctx = multiprocessing.get_context("fork")
+        for _ in range(self.n):
+            p = ctx.Process(target=_spin, daemon=True)
+            p.start()
+            self.procs.append(p)
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join(10)
+        self.procs.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cpu_hog(request):
+    if not request.config.getoption("--cpu-hog"):
+        yield None
+        return
+    hog = CpuHog().start()
+    yield hog
+    hog.stop()
+
+
+@pytest.fixture
+def cpu_hog():
+    """A busy process on each core for the duration of the test."""
+    hog = CpuHog().start()
+    yield hog
+    hog.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """``small_fs(size) -> Path``: a tmpfs of ``size`` (e.g. "12m") mounted for this test and unmounted
+    after it. Skips where mounting is not allowed (not root, no tmpfs)."""
+    mounts: list[Path] = []
+
+    def make(size: str = "8m", name: str = "smallfs") -> Path:
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("mounting a tmpfs needs root")
+        where = tmp_path / f"{name}-{len(mounts)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for m in reversed(mounts):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+class LocalUser:
+    """A throwaway local user (and optionally a member of a group), removed at the end of the test."""
+
+    def __init__(self, name: str, uid: int, gid: int, groups: list[str]) -> None:
+        self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        """Run ``argv`` as this user (via setpriv, keeping the environment)."""
+        import grp
+        gids = [grp.getgrnam(g).gr_gid for g in self.groups]
+        pre = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+               "--groups=" + (",".join(map(str, gids)) if gids else ""), "--"] if gids else \
+              ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+        return subprocess.run(pre + argv, capture_output=True, text=True, **kw)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        import grp
+        gids = [grp.getgrnam(g).gr_gid for g in self.groups]
+        pre = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}"]
+        pre += [f"--groups={','.join(map(str, gids))}"] if gids else ["--clear-groups"]
+        return subprocess.Popen(pre + ["--"] + argv, **kw)
+
+
+@pytest.fixture
+def local_user():
+    """``local_user(groups=[...]) -> LocalUser``: a fresh unprivileged user, deleted after the test
+    (with any group this fixture created). Skips where users cannot be made (not root, no useradd)."""
+    import grp
+    import pwd
+    made_users: list[str] = []
+    made_groups: list[str] = []
+
+    def make(groups: tuple[str, ...] = ()) -> LocalUser:
+        if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setpriv"):
+            pytest.skip("creating a local user needs root, useradd and setpriv")
+        for g in groups:
+            try:
+                grp.getgrnam(g)
+            except KeyError:
+                subprocess.run(["groupadd", g], check=True, capture_output=True)
+                made_groups.append(g)
+        name = "s3ct" + uuid.uuid4().hex[:8]
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-U", name]
+                       + (["-G", ",".join(groups)] if groups else []), check=True, capture_output=True)
+        made_users.append(name)
+        pw = pwd.getpwnam(name)
+        return LocalUser(name, pw.pw_uid, pw.pw_gid, list(groups))
+
+    yield make
+    for u in made_users:
+        subprocess.run(["userdel", u], capture_output=True)
+    for g in made_groups:
+        subprocess.run(["groupdel", g], capture_output=True)
