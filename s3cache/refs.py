@@ -7,14 +7,22 @@ local file) and lets a changed manifest replace a stale file in place.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import NamedTuple
 
 from .errors import UnsafeKey
 
-# S3's rules plus the legacy ones (upper case, underscores) that old buckets still use. A bucket name
-# is one path segment in the cache dir, so it must never be "." or ".." or start with a dot.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,62}$")
+# S3's bucket naming rules (general purpose buckets): 3-63 characters of lower-case letters, digits, dots
+# and hyphens, beginning and ending with a letter or digit, no two adjacent dots, not an IP address, none
+# of the reserved prefixes and suffixes. A name outside them cannot exist in S3, so refusing it locally
+# says so at once instead of sending a request that comes back NoSuchBucket. (Legacy us-east-1 names with
+# upper case or underscores are refused too: S3 stopped allowing them in 2018 and virtual-hosted
+# addressing cannot reach them.) A bucket name is one path segment in the cache dir, and these rules
+# also keep it from being "." or ".." or starting with a dot.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap")  # "--x-s3" names directory buckets: valid
 MAX_KEY_BYTES = 1024  # S3's own limit
 
 
@@ -30,9 +38,34 @@ class ObjectRef(NamedTuple):
         return self.uri
 
 
+def bucket_problem(bucket: str) -> str | None:
+    """Why ``bucket`` is not a valid S3 bucket name, or None if it is."""
+    if not 3 <= len(bucket) <= 63:
+        return f"must be 3 to 63 characters long, not {len(bucket)}"
+    if not _BUCKET_RE.match(bucket):
+        return "must be lower-case letters, digits, dots and hyphens, and begin and end with a letter or digit"
+    if ".." in bucket:
+        return "must not contain two adjacent dots"
+    try:
+        ipaddress.IPv4Address(bucket)
+    except ValueError:
+        pass
+    else:
+        return "must not be formatted as an IP address"
+    for p in _RESERVED_PREFIXES:
+        if bucket.startswith(p):
+            return f"must not begin with {p!r} (reserved by S3)"
+    for sfx in _RESERVED_SUFFIXES:
+        if bucket.endswith(sfx):
+            return f"must not end with {sfx!r} (reserved by S3)"
+    return None
+
+
 def check_bucket(bucket: str) -> str:
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise UnsafeKey(f"invalid bucket name {bucket!r}")
+    """``bucket`` if it follows S3's bucket naming rules; else UnsafeKey saying which rule it breaks."""
+    problem = bucket_problem(bucket)
+    if problem is not None:
+        raise UnsafeKey(f"invalid bucket name {bucket!r}: {problem}")
     return bucket
 
 
