@@ -20,15 +20,26 @@ class ConfigError(S3CacheError):
 
 
 class ManifestError(S3CacheError):
-    """A manifest line is malformed. ``path`` and ``line`` point at it (line is 1-based)."""
+    """A manifest line is malformed. ``path`` and ``line`` point at it (line is 1-based; None when the
+    problem is the file as a whole, e.g. it cannot be opened)."""
 
     exit_code = 2
 
-    def __init__(self, path: str, line: int, message: str) -> None:
+    def __init__(self, path: str, line: int | None, message: str) -> None:
         self.path = path
         self.line = line
         self.reason = message
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{path}: {message}" if line is None else f"{path}:{line}: {message}")
+
+
+class ManifestUnstable(S3CacheError):
+    """The manifest file is being written (it changed while it was read, or very recently): read it
+    again after ``retry_after`` seconds rather than install what may be half of it."""
+
+    def __init__(self, path: str, reason: str, retry_after: float) -> None:
+        self.path = path
+        self.retry_after = retry_after
+        super().__init__(f"{path}: {reason}; reading it again in {retry_after:.2f}s")
 
 
 class UnsafeKey(S3CacheError):

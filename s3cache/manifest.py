@@ -28,6 +28,8 @@ from .refs import ObjectRef, check_bucket, check_key
 
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_DIGITS = re.compile(r"[0-9]+")
+MAX_OBJECT_SIZE = 5 << 40  # S3's largest object: 5 TiB
 _DIGEST_BYTES = {"sha256": 32, "md5": 16, "crc32c": 4}
 FIELDS = ("size", "sha256", "md5", "crc32c", "version", "pin")
 
@@ -76,6 +78,18 @@ def _decode_digest(name: str, value: str) -> str:
     if len(raw) != want:
         raise ValueError(f"{name}= must be {2 * want} hex digits or base64 of {want} bytes, got {value!r}")
     return raw.hex()
+
+
+def _parse_size(text: str) -> int:
+    """``size=``: ASCII digits only (str.isdigit would take '²' and '٣'), at most S3's largest object."""
+    if not _DIGITS.fullmatch(text):
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise ValueError(f"size= must be a whole number of bytes, got {shown!r}")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_OBJECT_SIZE)) or int(digits) > MAX_OBJECT_SIZE:
+        shown = digits if len(digits) <= 40 else f"a number of {len(digits)} digits"
+        raise ValueError(f"size= is {shown}, more than S3's largest object ({MAX_OBJECT_SIZE} bytes, 5 TiB)")
+    return int(digits)
 
 
 def _decode_key(text: str) -> str:
@@ -142,9 +156,7 @@ def parse_line(text: str) -> Entry | Prefix | None:
         raise ValueError(str(e)) from None
     size = None
     if "size" in values:
-        if not values["size"].isdigit():
-            raise ValueError(f"size= must be a whole number of bytes, got {values['size']!r}")
-        size = int(values["size"])
+        size = _parse_size(values["size"])
     digests = {n: _decode_digest(n, values[n]) for n in _DIGEST_BYTES if n in values}
     return Entry(ObjectRef(bucket, key), size, version=values.get("version"), pin=pin == "1", **digests)
 
@@ -161,16 +173,39 @@ def parse(lines: Iterable[str], path: str = "<manifest>") -> Iterator[Entry | Pr
 
 
 def read(path: str) -> Iterator[Entry | Prefix]:
-    """Parse the manifest file at ``path`` (UTF-8)."""
+    """Parse the manifest file at ``path`` (UTF-8; a leading byte-order mark is allowed).
+
+    A file that cannot be opened is a ManifestError without a line; a byte that is not UTF-8 is one
+    on the line that holds it.
+    """
     try:
-        f = open(path, encoding="utf-8", newline=None)
+        f = open(path, encoding="utf-8-sig", newline=None)
     except OSError as e:
-        raise ManifestError(path, 0, f"cannot read manifest: {e.strerror}") from None
+        raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
     with f:
         try:
             yield from parse(f, path)
         except UnicodeDecodeError as e:
-            raise ManifestError(path, 0, f"manifest is not UTF-8 text ({e.reason})") from None
+            # The decoder works in chunks, so its offset does not say which line: find it again.
+            lineno, col = _first_undecodable(path)
+            raise ManifestError(path, lineno, f"not UTF-8 text: byte {col + 1} of the line ({e.reason})") from None
+        except OSError as e:
+            raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
+
+
+def _first_undecodable(path: str) -> tuple[int, int]:
+    """The 1-based line and 0-based byte column of the first bytes that are not UTF-8.
+
+    Lines are split as text mode splits them (\n, \r\n, \r): latin-1 decodes every byte, and a UTF-8
+    sequence never contains the bytes of \r or \n, so the lines are the same ones UTF-8 would give.
+    """
+    with open(path, encoding="latin-1", newline=None) as f:
+        for lineno, text in enumerate(f, 1):
+            try:
+                text.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError as e:
+                return lineno, e.start
+    return 1, 0  # the file changed since: report its start rather than nothing
 
 
 Lister = Callable[[str, str], Iterable[Listed]]

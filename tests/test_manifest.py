@@ -68,16 +68,74 @@ def test_bad_lines_name_file_line_and_problem(line, problem):
     assert str(ei.value).startswith("data/m.txt:3: ")
 
 
-def test_read_missing_file(tmp_path):
-    with pytest.raises(ManifestError, match="cannot read manifest"):
-        list(read(str(tmp_path / "nope.txt")))
+def test_read_missing_file_has_no_line_number(tmp_path):
+    path = str(tmp_path / "nope.txt")
+    with pytest.raises(ManifestError, match="cannot read manifest") as ei:
+        list(read(path))
+    assert ei.value.line is None
+    assert str(ei.value) == f"{path}: cannot read manifest: No such file or directory"
 
 
-def test_read_not_utf8(tmp_path):
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_read_not_utf8_names_the_line_that_holds_the_byte(tmp_path, newline):
     p = tmp_path / "m.txt"
-    p.write_bytes(b"s3://bkt/\xff\n")
-    with pytest.raises(ManifestError, match="not UTF-8"):
+    p.write_bytes(newline.join([b"# caf\xc3\xa9", b"s3://bkt/ok", b"s3://bkt/\xff", b"s3://bkt/also-ok", b""]))
+    with pytest.raises(ManifestError, match="not UTF-8") as ei:
         list(read(str(p)))
+    assert ei.value.line == 3
+    assert str(ei.value).startswith(f"{p}:3: not UTF-8 text: byte 10 of the line")
+
+
+def test_read_not_utf8_deep_in_a_big_file(tmp_path):
+    # Past the text decoder's first chunk: its offset alone would not say which line.
+    p = tmp_path / "m.txt"
+    good = b"".join(b"s3://bkt/k%06d size=1\n" % i for i in range(5000))
+    p.write_bytes(good + b"s3://bkt/\xe9t\xe9\n")
+    with pytest.raises(ManifestError) as ei:
+        list(read(str(p)))
+    assert ei.value.line == 5001
+
+
+def test_read_allows_a_byte_order_mark(tmp_path):
+    p = tmp_path / "m.txt"
+    p.write_bytes(b"\xef\xbb\xbfs3://bkt/k\n")
+    assert [e.ref.key for e in read(str(p))] == ["k"]
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "9" * 5000, str((5 << 40) + 1), "1" + "0" * 19])
+def test_huge_sizes_are_a_manifest_error_on_their_line(tmp_path, value):
+    from s3cache.catalog import Catalog
+
+    p = tmp_path / "m.txt"
+    p.write_text(f"s3://bkt/a size=1\ns3://bkt/b size={value}\n")
+    with pytest.raises(ManifestError) as ei:
+        Catalog.build(expand(read(str(p)), lister=lambda b, pfx: []))
+    assert ei.value.line == 2 and "more than S3's largest object" in str(ei.value)
+    assert len(str(ei.value)) < 200  # the 400 digits are not echoed back
+
+
+def test_largest_object_size_is_accepted():
+    assert one(f"s3://bkt/k size={5 << 40}").size == 5 << 40
+    assert one("s3://bkt/k size=000").size == 0
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "+1", "1_000", "0x10"])
+def test_size_takes_ascii_digits_only(value):
+    with pytest.raises(ManifestError, match="size= must be a whole number"):
+        one(f"s3://bkt/k size={value}")
+
+
+def test_serve_with_a_400_digit_size_exits_2_naming_file_and_line(tmp_path):
+    import subprocess
+    import sys
+
+    m = tmp_path / "m.txt"
+    m.write_text("s3://bkt/a\ns3://bkt/b size=" + "9" * 400 + "\n")
+    r = subprocess.run([sys.executable, "-m", "s3cache", "serve", "--cache-dir", str(tmp_path / "c"), "--manifest",
+                        str(m), "--endpoint-url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"{m}:2: size= is a number of 400 digits" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_expand_lists_prefixes_in_place_and_skips_folder_markers():
