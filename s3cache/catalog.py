@@ -4,6 +4,10 @@ Python objects per entry (a tuple, two strings, an int, a dict slot) cost ~500 b
 canonical manifest line per entry in a single buffer, and an index of 64-bit hashes sorted for binary
 search: about 100 bytes per entry. An entry is parsed back (a few microseconds) when it is needed.
 Duplicates collapse to their first occurrence, compared by key, not by hash.
+
+With a shard (``--shard I/N``) the catalog holds only this host's share: the entries at expanded
+positions ``p % N == I`` (see shard.py), with their lines, and of every other entry just a 64-bit hash,
+so that a demand for another host's object can be told apart from one for an object not in the manifest.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from urllib.parse import quote
 
 from .manifest import Entry, parse_line
 from .refs import ObjectRef
+from .shard import WHOLE, Shard
 
 
 _NEEDS_QUOTING = re.compile(r"[%#\s\x00-\x1f\x7f]")
 
 
 def format_entry(e: Entry) -> str:
-    """The canonical manifest line for an entry (parse_line(format_entry(e)) == e)."""
+    """The canonical manifest line for an entry: parse_line(format_entry(e)) == e, except for
+    ``size_is_hint``, which no manifest line can say (the catalog keeps it beside the line)."""
     key = e.ref.key
     if _NEEDS_QUOTING.search(key):  # most keys need no quoting, and quote() is the slow part
         key = quote(key, safe="/")
@@ -52,41 +58,84 @@ def ref_of(uri: str) -> ObjectRef:
     return ObjectRef(bucket, key)
 
 
+_HINT = 1  # flag bits: the entry's size came from a listing,
+_PIN = 2  # ... the entry says pin=1
+
+
 class Catalog:
+    """The manifest's entries (this host's share of them), in manifest order.
+
+    Invariants: entry ``i`` (0 <= i < len) is the line ``_data[_offsets[i]:_offsets[i+1]-1]`` with the
+    flags ``_flags[i]``; ``_global[i]`` is its position in the whole expanded manifest, strictly
+    increasing in ``i`` and owned by ``shard``; ``_hashes`` is sorted and ``_positions[j]`` is the entry
+    whose key hashes to ``_hashes[j]``; no two entries share a key; ``_others`` is the sorted hashes of
+    the keys at positions outside the share; ``total`` counts every expanded position, all shares.
+    Positions (``position``, ``entry``, ``pinned``) are indexes into this catalog, in the order this
+    host's readers read (tf.data's shard keeps the manifest's order within a share).
+    """
+
     def __init__(self) -> None:
         self._data = bytearray()
         self._offsets = array("Q", [0])
+        self._flags = bytearray()
+        self._global = array("Q")
         self._hashes = array("q")
         self._positions = array("Q")
+        self._others = array("q")
+        self.shard: Shard = WHOLE
+        self.total = 0  # expanded entries in the whole manifest, every share, duplicates included
         self.pinned: frozenset[int] = frozenset()  # positions of pin=1 entries
         self.avg_size = 0.0  # mean of the sizes the manifest gives (0 if none)
         # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
         self._memo: dict[str, int | None] = {}
 
     @classmethod
-    def build(cls, entries: Iterable[Entry]) -> Catalog:
+    def build(cls, entries: Iterable[Entry], shard: Shard = WHOLE) -> Catalog:
+        """The catalog of ``shard``'s share of ``entries`` (the expanded manifest, in order)."""
         c = cls()
+        c.shard = shard
         hashes = array("q")
-        pinned = []
-        total = known = 0
-        for e in entries:
+        others = array("q")
+        sizes = array("q")  # -1: no size given
+        total = 0
+        for total, e in enumerate(entries, 1):
+            if not shard.owns(total - 1):
+                others.append(_key(e.ref))
+                continue
             c._data += format_entry(e).encode() + b"\n"
             c._offsets.append(len(c._data))
+            c._flags.append((_HINT if e.size_is_hint else 0) | (_PIN if e.pin else 0))
+            c._global.append(total - 1)
             hashes.append(_key(e.ref))
-            if e.pin:
-                pinned.append(len(hashes) - 1)
-            if e.size is not None:
-                total += e.size
-                known += 1
+            sizes.append(-1 if e.size is None else e.size)
+        c.total = total
         order = sorted(range(len(hashes)), key=hashes.__getitem__)
         dups = c._duplicates(order, hashes)
         if dups:
-            return cls.build(e for i, e in enumerate(c.entries()) if i not in dups)
+            c._drop(dups)
+            hashes = array("q", (h for i, h in enumerate(hashes) if i not in dups))
+            sizes = array("q", (n for i, n in enumerate(sizes) if i not in dups))
+            order = sorted(range(len(hashes)), key=hashes.__getitem__)
         c._hashes = array("q", (hashes[i] for i in order))
         c._positions = array("Q", order)
-        c.pinned = frozenset(pinned)
-        c.avg_size = total / known if known else 0.0
+        del order, hashes
+        c._others = array("q", sorted(others))
+        c.pinned = frozenset(i for i, f in enumerate(c._flags) if f & _PIN)
+        known = sum(1 for n in sizes if n >= 0)
+        c.avg_size = sum(n for n in sizes if n >= 0) / known if known else 0.0
         return c
+
+    def _drop(self, dups: set[int]) -> None:
+        """Remove the entries at ``dups`` (later occurrences of a key), keeping the rest in order."""
+        data, offsets, flags, glob = bytearray(), array("Q", [0]), bytearray(), array("Q")
+        for i in range(len(self)):
+            if i in dups:
+                continue
+            data += self._data[self._offsets[i] : self._offsets[i + 1]]
+            offsets.append(len(data))
+            flags.append(self._flags[i])
+            glob.append(self._global[i])
+        self._data, self._offsets, self._flags, self._global = data, offsets, flags, glob
 
     def _duplicates(self, order: list[int], hashes: array) -> set[int]:
         dups: set[int] = set()
@@ -115,7 +164,13 @@ class Catalog:
     def entry(self, i: int) -> Entry:
         item = parse_line(self.line(i))
         assert isinstance(item, Entry)
+        if self._flags[i] & _HINT:
+            item = item._replace(size_is_hint=True)
         return item
+
+    def global_position(self, i: int) -> int:
+        """Entry ``i``'s position in the whole expanded manifest (the one tf.data's shard counts)."""
+        return self._global[i]
 
     def entries(self):
         for i in range(len(self)):
@@ -145,3 +200,16 @@ class Catalog:
 
     def __contains__(self, uri: str) -> bool:
         return self.position(uri) is not None
+
+    def off_share(self, uri: str) -> bool:
+        """Whether ``uri`` is in the manifest but in another host's share (not in this catalog).
+
+        Judged by the 64-bit hash of the key alone (the other shares' lines are not kept): a key not in
+        the manifest is taken for an off-share one with odds of about one in 2**64 / (manifest size).
+        Fit for reporting, never for deciding what bytes to serve.
+        """
+        if not self._others or self.position(uri) is not None:
+            return False
+        h = _key(ref_of(uri))
+        j = bisect_left(self._others, h)
+        return j < len(self._others) and self._others[j] == h

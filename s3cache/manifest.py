@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
@@ -33,9 +34,17 @@ MAX_OBJECT_SIZE = 5 << 40  # S3's largest object: 5 TiB
 _DIGEST_BYTES = {"sha256": 32, "md5": 16, "crc32c": 4}
 FIELDS = ("size", "sha256", "md5", "crc32c", "version", "pin")
 
+log = logging.getLogger(__name__)
+
 
 class Entry(NamedTuple):
-    """One object to fetch and what it must look like. Checksums are lower-case hex."""
+    """One object to fetch and what it must look like. Checksums are lower-case hex.
+
+    ``size`` is a hard expectation when the manifest wrote it (``size_is_hint`` False): bytes of another
+    size are the wrong object. A size taken from a prefix listing is only a hint (``size_is_hint``
+    True): the object may have been rewritten since it was listed, so a fetch that finds another size
+    takes S3's size (and re-lists or re-HEADs) instead of failing with SizeMismatch.
+    """
 
     ref: ObjectRef
     size: int | None = None
@@ -44,6 +53,7 @@ class Entry(NamedTuple):
     crc32c: str | None = None
     version: str | None = None
     pin: bool = False
+    size_is_hint: bool = False
 
     @property
     def uri(self) -> str:
@@ -211,17 +221,82 @@ def _first_undecodable(path: str) -> tuple[int, int]:
 Lister = Callable[[str, str], Iterable[Listed]]
 
 
-def expand(items: Iterable[Entry | Prefix], lister: Lister) -> Iterator[Entry]:
+class Skipped(NamedTuple):
+    """A listed object left out of the manifest, and why. ``uri`` is escaped and shortened for display
+    (it came from a listing, so it may hold control characters or be a kilobyte long)."""
+
+    uri: str
+    reason: str
+
+
+class SkipLog:
+    """Listed objects that failed the checks manifest keys get, for the log and for ``status``.
+
+    Invariant: ``count`` is every skip seen; ``items`` holds the first ``keep`` of them, so a hostile
+    listing of a million bad keys costs a counter, not a million records. Each skip is logged once (the
+    first ``log_first``, then one line with the count at ``close``).
+    """
+
+    def __init__(self, keep: int = 100, log_first: int = 10) -> None:
+        self.items: list[Skipped] = []
+        self.count = 0
+        self._keep = keep
+        self._log_first = log_first
+
+    def add(self, bucket: str, key: str, reason: str) -> None:
+        self.count += 1
+        if len(self.items) < self._keep:
+            self.items.append(Skipped(shown_uri(bucket, key), reason))
+        if self.count <= self._log_first:
+            log.warning("skipping listed object %s: %s", shown_uri(bucket, key), reason)
+
+    def close(self) -> None:
+        if self.count > self._log_first:
+            log.warning("skipped %d listed object(s) in all (the first %d are logged above)",
+                        self.count, self._log_first)
+
+
+def shown_uri(bucket: str, key: str, limit: int = 200) -> str:
+    """``s3://bucket/key`` fit for one log line: control characters escaped, long keys shortened."""
+    text = repr(key)[1:-1] if not key.isprintable() else key
+    if len(text) > limit:
+        text = f"{text[:limit]}...({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
+    return f"s3://{bucket}/{text}"
+
+
+def _listed_problem(prefix: str, obj: Listed) -> str | None:
+    """Why a listed object cannot be an entry (the checks a manifest key gets, and a sane size)."""
+    if not isinstance(obj.key, str) or not obj.key.startswith(prefix):
+        return f"the listing of {prefix!r} returned a key outside that prefix"
+    try:
+        check_key(obj.key)
+    except UnsafeKey as e:
+        return str(e) if len(str(e)) <= 120 else str(e).split(":")[0]
+    if not isinstance(obj.size, int) or not 0 <= obj.size <= MAX_OBJECT_SIZE:
+        return f"the listing gives size {obj.size!r}, not between 0 and {MAX_OBJECT_SIZE} bytes"
+    return None
+
+
+def expand(items: Iterable[Entry | Prefix], lister: Lister, skipped: SkipLog | None = None) -> Iterator[Entry]:
     """Entries in manifest order with each prefix replaced by its listing (in key order).
 
-    ``lister(bucket, prefix)`` yields the objects under a prefix. Duplicates are left in; the catalog
+    ``lister(bucket, prefix)`` yields the objects under a prefix. A listed key gets the checks a manifest
+    key gets (S3 refuses such keys, but moto and some S3-compatible stores list them): one that fails is
+    left out and recorded in ``skipped`` (logged once), never passed on to fail later where nobody
+    catches it. A listed size is a hint (``Entry.size_is_hint``). Duplicates are left in; the catalog
     collapses them to the first occurrence because it can compare keys without holding a second copy.
     """
+    skips = skipped if skipped is not None else SkipLog()
     for item in items:
         if isinstance(item, Entry):
             yield item
             continue
         for obj in lister(item.bucket, item.prefix):
-            if obj.key.endswith("/"):
+            if isinstance(obj.key, str) and obj.key.endswith("/") and obj.key.startswith(item.prefix):
                 continue  # "folder" marker objects carry no data
-            yield Entry(ObjectRef(item.bucket, obj.key), obj.size, pin=item.pin)
+            problem = _listed_problem(item.prefix, obj)
+            if problem is not None:
+                skips.add(item.bucket, str(obj.key), problem)
+                continue
+            yield Entry(ObjectRef(item.bucket, obj.key), obj.size, pin=item.pin, size_is_hint=True)
+    skips.close()

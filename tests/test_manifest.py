@@ -202,3 +202,62 @@ def test_any_key_round_trips_through_the_catalog_line(key):
 
     e = Entry(ObjectRef("bkt", key), 3)
     assert parse_line(format_entry(e)) == e
+
+
+def test_listed_sizes_are_hints_manifest_sizes_are_expectations():
+    items = [Entry(ObjectRef("bkt", "given"), 5), Prefix("bkt", "p/")]
+    given, listed = expand(items, lambda b, p: [Listed("p/a", 7, "e")])
+    assert given.size == 5 and not given.size_is_hint
+    assert listed.size == 7 and listed.size_is_hint
+
+
+def test_hostile_listed_keys_are_skipped_reported_and_logged_once(caplog):
+    from s3cache.manifest import SkipLog
+
+    bad = {"p/" + "x" * 1100: "1102 bytes, S3 allows at most 1024", "p/nul\x00key": "NUL byte",
+           "p/\udcff": "not valid Unicode", "elsewhere/k": "outside that prefix"}
+    listing = [Listed("p/a", 1, "e"), *(Listed(k, 1, "e") for k in bad), Listed("p/neg", -1, "e"),
+               Listed("p/huge", 6 << 40, "e"), Listed("p/b", 2, "e")]
+    skipped = SkipLog()
+    with caplog.at_level("WARNING", logger="s3cache.manifest"):
+        out = list(expand([Prefix("bkt", "p/")], lambda b, p: listing, skipped))
+    assert [e.ref.key for e in out] == ["p/a", "p/b"]
+    assert skipped.count == 6 and len(skipped.items) == 6
+    reasons = dict(skipped.items)
+    for key, why in bad.items():
+        uri = next(u for u in reasons if u.startswith("s3://bkt/" + repr(key)[1:-1][:10]))
+        assert why in reasons[uri]
+        assert "\x00" not in uri and "\n" not in uri and len(uri) < 300
+    assert "between 0 and" in reasons["s3://bkt/p/neg"]
+    assert len([r for r in caplog.records if "skipping listed object" in r.getMessage()]) == 6
+
+
+def test_a_flood_of_bad_keys_costs_a_counter_not_a_list(caplog):
+    from s3cache.manifest import SkipLog
+
+    skipped = SkipLog(keep=5, log_first=3)
+    with caplog.at_level("WARNING", logger="s3cache.manifest"):
+        out = list(expand([Prefix("bkt", "p/")], lambda b, p: (Listed(f"p/{i}\x00", 1, "") for i in range(10_000)),
+                          skipped))
+    assert out == [] and skipped.count == 10_000 and len(skipped.items) == 5
+    assert len(caplog.records) == 4 and "10000" in caplog.records[-1].getMessage()
+
+
+def test_hostile_keys_from_a_real_listing_are_skipped(moto, s3, bucket, tmp_path):
+    """moto lists keys AWS would refuse (1,100 bytes, a NUL): expand leaves them out (issue 18.12)."""
+    import threading
+
+    from s3cache.fetch import Fetcher, make_client
+    from s3cache.manifest import SkipLog
+
+    for k in ["p/ok", "p/" + "x" * 1100, "p/nul\x00key", "p/zz"]:
+        s3.put_object(Bucket=bucket, Key=k, Body=b"abc")
+    f = Fetcher(make_client(moto.url, "us-east-1", 4, 5, 10), part_size=1 << 20, workers=1, max_attempts=2,
+                cancel=threading.Event(), new_temp=lambda: None, discard=lambda p: None)
+    try:
+        skipped = SkipLog()
+        out = list(expand([Prefix(bucket, "p/")], f.list, skipped))
+    finally:
+        f.close()
+    assert [e.ref.key for e in out] == ["p/ok", "p/zz"] and all(e.size_is_hint for e in out)
+    assert skipped.count == 2
