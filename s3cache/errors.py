@@ -36,9 +36,10 @@ class ManifestUnstable(S3CacheError):
     """The manifest file is being written (it changed while it was read, or very recently): read it
     again after ``retry_after`` seconds rather than install what may be half of it."""
 
-    def __init__(self, path: str, reason: str, retry_after: float) -> None:
+    def __init__(self, path: str, reason: str, retry_after: float, identity: object = None) -> None:
         self.path = path
         self.retry_after = retry_after
+        self.identity = identity  # what the file looked like; pass it back as load(..., seen=)
         super().__init__(f"{path}: {reason}; reading it again in {retry_after:.2f}s")
 
 

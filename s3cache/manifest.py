@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple, TextIO
 
 from .errors import ManifestError, UnsafeKey
 from .refs import ObjectRef, check_bucket, check_key
@@ -193,29 +194,42 @@ def read(path: str) -> Iterator[Entry | Prefix]:
     except OSError as e:
         raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
     with f:
-        try:
-            yield from parse(f, path)
-        except UnicodeDecodeError as e:
-            # The decoder works in chunks, so its offset does not say which line: find it again.
-            lineno, col = _first_undecodable(path)
-            raise ManifestError(path, lineno, f"not UTF-8 text: byte {col + 1} of the line ({e.reason})") from None
-        except OSError as e:
-            raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
+        yield from read_open(f, path)
 
 
-def _first_undecodable(path: str) -> tuple[int, int]:
-    """The 1-based line and 0-based byte column of the first bytes that are not UTF-8.
+def read_open(f: TextIO, path: str) -> Iterator[Entry | Prefix]:
+    """Parse an already open manifest (text mode, UTF-8) named ``path`` in messages."""
+    try:
+        yield from parse(f, path)
+    except UnicodeDecodeError as e:
+        # The decoder works in chunks, so its offset does not say which line: find it again.
+        lineno, col = _first_undecodable(f.buffer)
+        where = f": byte {col + 1} of the line" if lineno is not None else ""
+        raise ManifestError(path, lineno, f"not UTF-8 text{where} ({e.reason})") from None
+    except OSError as e:
+        raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
 
-    Lines are split as text mode splits them (\n, \r\n, \r): latin-1 decodes every byte, and a UTF-8
-    sequence never contains the bytes of \r or \n, so the lines are the same ones UTF-8 would give.
+
+def _first_undecodable(binary: BinaryIO) -> tuple[int | None, int]:
+    """The 1-based line and 0-based byte column of the first bytes that are not UTF-8 (None if unknown).
+
+    Lines are split as text mode splits them (LF, CR LF, CR): latin-1 decodes every byte, and a UTF-8
+    sequence never contains the bytes of CR or LF, so the lines are the same ones UTF-8 would give.
     """
-    with open(path, encoding="latin-1", newline=None) as f:
-        for lineno, text in enumerate(f, 1):
+    try:
+        binary.seek(0)  # the same open file: its name may point elsewhere by now
+    except (OSError, ValueError):
+        return None, 0
+    text = io.TextIOWrapper(binary, encoding="latin-1", newline=None)
+    try:
+        for lineno, line in enumerate(text, 1):
             try:
-                text.encode("latin-1").decode("utf-8")
+                line.encode("latin-1").decode("utf-8")
             except UnicodeDecodeError as e:
                 return lineno, e.start
-    return 1, 0  # the file changed since: report its start rather than nothing
+    finally:
+        text.detach()  # leave the file to its owner
+    return None, 0  # the file changed since
 
 
 Lister = Callable[[str, str], Iterable[Listed]]
