@@ -1,12 +1,22 @@
 """A manifest of 1.2 million entries (ImageNet-sized): how soon the daemon fetches, its RSS, and how
 fast `status` answers. The bucket holds only the first few objects: start-up and memory are the point.
 
-    python -m bench.big_manifest [--entries 1200000]
+    python -m bench.big_manifest [--entries 1200000] [--shard I/N]
+    python -m bench.big_manifest --catalog --entries 1000000 --shard 0/1 --shard 0/64
+
+``--catalog`` measures the part of start-up that depends on the manifest alone, in a fresh process per
+share: reading, parsing and holding the manifest (manifest_file.load, as a daemon does before its first
+GET), then the RSS of the process holding that catalog. ``--shard`` there may be given several times.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,23 +27,76 @@ from s3cache.testing import DaemonProcess, MotoServer, wait_for
 from .proc import memory
 
 
+def write_manifest(path: Path, entries: int) -> None:
+    with open(path, "w") as f:
+        for i in range(entries):
+            cls = f"n{1440764 + i // 1300:08d}"
+            f.write(f"s3://imagenet/train/{cls}/{cls}_{i:07d}.JPEG size=110000\n")
+
+
+def catalog_child(manifest: str, shard: str) -> None:
+    """In a fresh process: load the manifest as a daemon would, report time and memory as JSON."""
+    from s3cache.manifest_file import load
+    from s3cache.shard import parse_shard
+
+    t0 = time.monotonic()
+    loaded = load(manifest, lambda b, p: [], parse_shard(shard), seen=None, clock=lambda: time.time() + 3600)
+    first = loaded.catalog.entry(0) if len(loaded.catalog) else None
+    took = time.monotonic() - t0
+    gc.collect()
+    print(json.dumps({"shard": shard, "entries": len(loaded.catalog), "total": loaded.catalog.total,
+                      "first": first.uri if first else None, "seconds": took,
+                      "rss": memory(os.getpid()), "peak": memory(os.getpid(), "VmHWM")}))
+
+
+def catalog_bench(entries: int, shards: list[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="s3cache-big-") as tmp:
+        m = Path(tmp) / "m.txt"
+        write_manifest(m, entries)
+        base = json.loads(subprocess.run([sys.executable, "-c", "import json, os, s3cache.manifest_file; "
+                                          "from bench.proc import memory; print(json.dumps(memory(os.getpid())))"],
+                                         capture_output=True, text=True, check=True).stdout)
+        print(f"manifest of {entries:,} entries ({os.path.getsize(m) / 2**20:.0f} MiB); a process that has "
+              f"imported s3cache holds {base / 2**20:.0f} MiB\n")
+        print("| shard | entries held | time to first entry (s) | RSS (MiB) | peak RSS (MiB) |")
+        print("|---|---:|---:|---:|---:|")
+        for shard in shards:
+            out = subprocess.run([sys.executable, "-m", "bench.big_manifest", "--catalog-child", str(m), "--shard",
+                                  shard], capture_output=True, text=True, check=True).stdout
+            r = json.loads(out)
+            print(f"| {r['shard']} | {r['entries']:,} of {r['total']:,} | {r['seconds']:.2f} | "
+                  f"{r['rss'] / 2**20:.0f} | {r['peak'] / 2**20:.0f} |")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--entries", type=int, default=1_200_000)
+    ap = argparse.ArgumentParser(prog="python -m bench.big_manifest")
+    ap.add_argument("--entries", type=int, default=1_200_000, help="manifest entries (default: %(default)s)")
+    ap.add_argument("--shard", action="append", default=None,
+                    help="this host's share I/N (the daemon's --shard); with --catalog, may repeat")
+    ap.add_argument("--catalog", action="store_true", help="measure loading the manifest alone, per shard")
+    ap.add_argument("--catalog-child", metavar="MANIFEST", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.catalog_child:
+        return catalog_child(a.catalog_child, (a.shard or ["0/1"])[0])
+    if a.catalog:
+        return catalog_bench(a.entries, a.shard or ["0/1", "0/64"])
+    shard_args = ["--shard", a.shard[0]] if a.shard else []
     with tempfile.TemporaryDirectory(prefix="s3cache-big-") as tmp, MotoServer() as moto:
         s3 = moto.client(request_checksum_calculation="when_required")
         s3.create_bucket(Bucket="imagenet")
         m = Path(tmp) / "m.txt"
-        with open(m, "w") as f:
-            for i in range(a.entries):
-                cls = f"n{1440764 + i // 1300:08d}"
-                f.write(f"s3://imagenet/train/{cls}/{cls}_{i:07d}.JPEG size=110000\n")
-        first = [f"train/n{1440764:08d}/n{1440764:08d}_{i:07d}.JPEG" for i in range(20)]
+        write_manifest(m, a.entries)
+        from s3cache.shard import parse_shard
+
+        share = parse_shard(a.shard[0] if a.shard else None, environ={})
+        first = []  # the share's first objects: the only ones the bucket holds
+        for i in range(share.index, min(a.entries, share.index + 20 * share.count), share.count):
+            cls = f"n{1440764 + i // 1300:08d}"
+            first.append(f"train/{cls}/{cls}_{i:07d}.JPEG")
         for k in first:
             s3.put_object(Bucket="imagenet", Key=k, Body=b"\xff" * 110000)
         t0 = time.monotonic()
-        d = DaemonProcess(Path(tmp) / "cache", moto.url, manifest=m, args=["--max-size", "1T", "--min-free", "0"])
+        d = DaemonProcess(Path(tmp) / "cache", moto.url, manifest=m, args=["--max-size", "1T", "--min-free", "0", *shard_args])
         d.start(wait=False)
         try:
             wait_for(d._ready, 600, "the daemon to serve")

@@ -12,6 +12,7 @@ so that a demand for another host's object can be told apart from one for an obj
 
 from __future__ import annotations
 
+import heapq
 import re
 from array import array
 from bisect import bisect_left
@@ -56,6 +57,15 @@ def _key(ref: ObjectRef) -> int:
 def ref_of(uri: str) -> ObjectRef:
     bucket, _, key = uri[5:].partition("/")
     return ObjectRef(bucket, key)
+
+
+def _sorted(a: array, chunk: int = 1 << 16) -> array:
+    """``a`` sorted, without the million-int list ``sorted(a)`` would build at once (40 bytes an
+    element): a sharded catalog would otherwise peak at several times what it keeps."""
+    if len(a) <= chunk:
+        return array(a.typecode, sorted(a))
+    runs = [array(a.typecode, sorted(a[i : i + chunk])) for i in range(0, len(a), chunk)]
+    return array(a.typecode, heapq.merge(*runs))
 
 
 _HINT = 1  # flag bits: the entry's size came from a listing,
@@ -119,7 +129,7 @@ class Catalog:
         c._hashes = array("q", (hashes[i] for i in order))
         c._positions = array("Q", order)
         del order, hashes
-        c._others = array("q", sorted(others))
+        c._others = _sorted(others)
         c.pinned = frozenset(i for i, f in enumerate(c._flags) if f & _PIN)
         known = sum(1 for n in sizes if n >= 0)
         c.avg_size = sum(n for n in sizes if n >= 0) / known if known else 0.0

@@ -265,7 +265,7 @@ class SkipLog:
             log.warning("skipping listed object %s: %s", shown_uri(bucket, key), reason)
 
     def close(self) -> None:
-        if self.count > self._log_first:
+        if self._log_first and self.count > self._log_first:
             log.warning("skipped %d listed object(s) in all (the first %d are logged above)",
                         self.count, self._log_first)
 

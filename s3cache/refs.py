@@ -7,6 +7,7 @@ local file) and lets a changed manifest replace a stale file in place.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from .errors import UnsafeKey
 # addressing cannot reach them.) A bucket name is one path segment in the cache dir, and these rules
 # also keep it from being "." or ".." or starting with a dot.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IPV4_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 _RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap")  # "--x-s3" names directory buckets: valid
 MAX_KEY_BYTES = 1024  # S3's own limit
@@ -38,6 +40,7 @@ class ObjectRef(NamedTuple):
         return self.uri
 
 
+@functools.lru_cache(maxsize=1024)  # a manifest names a few buckets a million times
 def bucket_problem(bucket: str) -> str | None:
     """Why ``bucket`` is not a valid S3 bucket name, or None if it is."""
     if not 3 <= len(bucket) <= 63:
@@ -46,12 +49,13 @@ def bucket_problem(bucket: str) -> str | None:
         return "must be lower-case letters, digits, dots and hyphens, and begin and end with a letter or digit"
     if ".." in bucket:
         return "must not contain two adjacent dots"
-    try:
-        ipaddress.IPv4Address(bucket)
-    except ValueError:
-        pass
-    else:
-        return "must not be formatted as an IP address"
+    if _IPV4_LIKE.fullmatch(bucket):
+        try:
+            ipaddress.IPv4Address(bucket)
+        except ValueError:
+            pass
+        else:
+            return "must not be formatted as an IP address"
     for p in _RESERVED_PREFIXES:
         if bucket.startswith(p):
             return f"must not begin with {p!r} (reserved by S3)"

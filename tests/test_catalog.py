@@ -57,3 +57,14 @@ def test_duplicates_keep_the_first_occurrences_flags():
     c = Catalog.build([e("k", size=3, size_is_hint=True), e("m", size=1), e("k", size=4, pin=True)])
     assert list(c.entries()) == [e("k", size=3, size_is_hint=True), e("m", size=1)]
     assert c.pinned == frozenset() and c.avg_size == 2
+
+
+def test_off_share_hashes_are_sorted_in_runs_like_sorted_would():
+    import random
+    from array import array
+
+    from s3cache.catalog import _sorted
+
+    a = array("q", (random.getrandbits(64) - (1 << 63) for _ in range(5000)))
+    assert _sorted(a, chunk=300) == array("q", sorted(a))
+    assert _sorted(array("q"), chunk=300) == array("q")
