@@ -80,9 +80,12 @@ def main() -> None:
               help="Every this many seconds, ask S3 whether cached objects changed (0: never).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               envvar="S3CACHE_LOG_LEVEL", show_default=True)
+@click.option("--shard", envvar="S3CACHE_SHARD", default=None,
+              help="Prefetch only this host's share I/N of the manifest (positions p with p % N == I, as "
+              "tf.data's Dataset.shard(N, I)), or 'auto' to take it from TF_CONFIG.")
 def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
           prefetch_part_size: int, lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
-          read_timeout: float, max_attempts: int, revalidate: float, log_level: str) -> None:
+          read_timeout: float, max_attempts: int, revalidate: float, log_level: str, shard: str | None) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
 
@@ -95,11 +98,17 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
         ahead_bytes, ahead_files = parse_readahead(readahead)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="--readahead") from None
+    from .shard import parse_shard
+
+    try:
+        share = parse_shard(shard)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--shard") from None
     settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
                     part_size=part_size, prefetch_part_size=prefetch_part_size, lease=lease, readahead=ahead_bytes, readahead_files=ahead_files,
                     min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
-                    max_attempts=max_attempts, revalidate=revalidate)
+                    max_attempts=max_attempts, revalidate=revalidate, shard=share)
     sys.exit(_run(Daemon(settings).run))
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .shard import WHOLE, Shard
 
 DEFAULT_CACHE_DIR = "/var/cache/s3cache"
 
@@ -71,6 +72,7 @@ class Settings:
     connect_timeout: float = 10.0
     max_attempts: int = 8
     revalidate: float = 0.0
+    shard: Shard = WHOLE  # this host's share of the manifest (--shard I/N, or auto from TF_CONFIG)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class Settings:
             raise ConfigError("timeouts must be positive")
         if self.max_attempts < 1:
             raise ConfigError("--max-attempts must be at least 1")
+        if not (isinstance(self.shard, Shard) and 0 <= self.shard.index < self.shard.count):
+            raise ConfigError(f"--shard must be I/N with 0 <= I < N, got {self.shard!r}")
 
     @property
     def readahead_bytes(self) -> int:

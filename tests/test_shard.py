@@ -98,3 +98,27 @@ def test_auto_fails_clearly_naming_tf_config(env, why):
     with pytest.raises(ConfigError, match=why) as ei:
         parse_shard("auto", environ=env)
     assert "TF_CONFIG" in str(ei.value) or "parameter server" in str(ei.value)
+
+
+def test_serve_refuses_a_bad_shard_naming_the_option(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from s3cache.cli import main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    base = ["serve", "--cache-dir", str(tmp_path / "c")]
+    r = CliRunner().invoke(main, [*base, "--shard", "4/4"])
+    assert r.exit_code == 2 and "--shard" in r.output and "between 0 and N-1" in r.output
+    r = CliRunner().invoke(main, [*base, "--shard", "auto"])
+    assert r.exit_code == 2 and "needs TF_CONFIG" in r.output
+    r = CliRunner().invoke(main, base, env={"S3CACHE_SHARD": "x"})
+    assert r.exit_code == 2 and "must be I/N" in r.output
+
+
+def test_settings_carry_the_shard(tmp_path):
+    from s3cache.config import Settings
+
+    assert Settings(cache_dir=tmp_path).shard == WHOLE
+    assert Settings(cache_dir=tmp_path, shard=Shard(3, 64)).shard == Shard(3, 64)
+    with pytest.raises(ConfigError, match="--shard"):
+        Settings(cache_dir=tmp_path, shard=Shard(64, 64))
