@@ -9,7 +9,9 @@ Grammar, one line::
 * Fields: ``size=`` (bytes), ``sha256=``, ``md5=``, ``crc32c=`` (hex, or base64 as S3 prints them),
   ``version=`` (an S3 VersionId to fetch), ``pin=1`` (keep resident; see ``s3cache pin``).
 * A URI ending in ``/`` stands for every object under that prefix, in key order (ListObjectsV2).
-  Only ``pin=`` may follow a prefix.
+  Only ``pin=`` may follow a prefix. Listed keys get the same checks as written ones (a bad one is
+  skipped and reported), and listed sizes are hints, not expectations. For ``--shard I/N`` each listed
+  object is a position of its own (shard.py).
 * ``#`` starts a comment; blank lines are ignored.
 
 Every malformed line raises ``ManifestError`` naming the file, the line number and the problem.
