@@ -18,7 +18,10 @@ import socket
 import time
 from collections.abc import Mapping
 
-__all__ = ["notify", "ready", "reloading", "status", "stopping", "watchdog", "watchdog_interval", "Watchdog"]
+from .config import human_size
+
+__all__ = ["notify", "ready", "reloading", "status", "stopping", "watchdog", "watchdog_interval", "Watchdog",
+           "progress_line"]
 
 
 def _address(environ: Mapping[str, str]) -> str | None:
@@ -70,6 +73,15 @@ def stopping(status_line: str | None = None) -> bool:
 
 def status(line: str) -> bool:
     return notify(status=line)
+
+
+def progress_line(objects_done: int, objects_total: int, bytes_done: int, bytes_total: int | None,
+                  bytes_per_s: float) -> str:
+    """The STATUS= line ``systemctl status`` shows: ``"412/1000 objects, 31.2 GiB of 80.0 GiB, 1.9 GiB/s"``
+    (``bytes_total`` None: the total is unknown, only what landed is shown)."""
+    of = f" of {human_size(bytes_total)}" if bytes_total is not None else ""
+    return (f"{objects_done}/{objects_total} objects, {human_size(bytes_done)}{of}, "
+            f"{human_size(bytes_per_s)}/s")
 
 
 def watchdog() -> bool:

@@ -106,3 +106,10 @@ def test_a_child_process_finds_the_socket_in_its_environment(manager):
     r = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), timeout=60)
     assert r.returncode == 0
     assert manager() == {"READY": "1", "STATUS": "up"}
+
+
+def test_progress_line(manager):
+    line = notify.progress_line(412, 1000, int(31.2 * 2**30), 80 * 2**30, 1.9 * 2**30)
+    assert line == "412/1000 objects, 31.2 GiB of 80.0 GiB, 1.9 GiB/s"
+    assert notify.progress_line(0, 3, 0, None, 0) == "0/3 objects, 0 B, 0 B/s"
+    assert notify.status(line) and manager() == {"STATUS": line}
