@@ -14,21 +14,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import Settings, default_cache_dir, human_size, parse_readahead, parse_size
+from .config import Kind, Option, default_cache_dir, human_size, options
+from .config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
 from .errors import ConfigError, S3CacheError
-
-
-class _Size(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_size(value)
-        except ConfigError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = _Size()
 
 
 def _run(fn, *args, **kwargs):
@@ -51,65 +39,77 @@ def main() -> None:
     """Prefetch S3 objects into a verified local cache; training jobs read plain local files."""
 
 
-@main.command()
-@cache_dir_option
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), envvar="S3CACHE_MANIFEST",
-              help="Objects to prefetch, one s3:// URI per line, in order. Watched for changes.")
-@click.option("--max-size", type=SIZE, envvar="S3CACHE_MAX_SIZE", default="100G", show_default=True,
-              help="Bytes of cached files at most (e.g. 500G, 1.5T).")
-@click.option("--workers", type=int, envvar="S3CACHE_WORKERS", default=16, show_default=True,
-              help="Objects fetched in parallel (and parts of one large object in parallel).")
-@click.option("--part-size", type=SIZE, default="16M", show_default=True,
-              help="Ranged-GET part size of an object a reader waits on.")
-@click.option("--prefetch-part-size", type=SIZE, default="64M", show_default=True,
-              help="Ranged-GET part size when prefetching (many objects are in flight already).")
-@click.option("--lease", type=float, envvar="S3CACHE_LEASE", default=600.0, show_default=True,
-              help="Seconds a resolved file is protected from eviction.")
-@click.option("--readahead", default="0", envvar="S3CACHE_READAHEAD",
-              help="How far ahead of each in-order reader to fetch when the cache is full: bytes (2G) or "
-              "files (8f). Default: 1/8 of --max-size.")
-@click.option("--min-free", type=float, default=0.05, show_default=True,
-              help="Pause prefetch when the filesystem's free fraction falls below this.")
-@click.option("--endpoint-url", envvar=["S3CACHE_ENDPOINT_URL", "AWS_ENDPOINT_URL"],
-              help="S3 endpoint (for S3-compatible stores and tests).")
-@click.option("--region", envvar="AWS_REGION", help="AWS region (default: boto3's configuration).")
-@click.option("--read-timeout", type=float, default=30.0, show_default=True,
-              help="Seconds without a byte before a request is retried.")
-@click.option("--max-attempts", type=int, default=8, show_default=True, help="Attempts per request.")
-@click.option("--revalidate", type=float, default=0.0, envvar="S3CACHE_REVALIDATE",
-              help="Every this many seconds, ask S3 whether cached objects changed (0: never).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              envvar="S3CACHE_LOG_LEVEL", show_default=True)
-@click.option("--shard", envvar="S3CACHE_SHARD", default=None,
-              help="Prefetch only this host's share I/N of the manifest (positions p with p % N == I, as "
-              "tf.data's Dataset.shard(N, I)), or 'auto' to take it from TF_CONFIG.")
-def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
-          prefetch_part_size: int, lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
-          read_timeout: float, max_attempts: int, revalidate: float, log_level: str, shard: str | None) -> None:
+class _KindType(click.ParamType):
+    """A click type from a ``config.Kind``: the flag is parsed and checked exactly as the file's key is."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+        self.name = kind.metavar
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = self.kind.parse(value)
+            self.kind.check(parsed)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+        return parsed
+
+
+def _option_help(opt: Option) -> str:
+    default = "unset" if opt.default is None else opt.format(opt.default)
+    env = ", ".join(f"${name}" for name in opt.env)
+    return f"{opt.help} [default: {default}; env: {env}; file key: {opt.name}]"
+
+
+def serve_options(fn):
+    """``--config`` and one flag per row of the settings table (``config.Settings``).
+
+    No click defaults or envvars: ``config_sources.load`` layers flag > environment > file > default and
+    records where each value came from."""
+    for opt in reversed(options()):
+        fn = click.option(opt.flag, opt.name, type=_KindType(opt.kind), default=None, metavar=opt.kind.metavar,
+                          help=_option_help(opt))(fn)
+    return click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help=f"TOML file of settings (keys as listed below). [default: {DEFAULT_CONFIG} if it exists; "
+        f"env: ${CONFIG_ENV}]")(fn)
+
+
+def _effective(config_file: Path | None, given: dict) -> Effective:
+    return _run(load, {k: v for k, v in given.items() if v is not None}, config=config_file)
+
+
+@main.command(epilog="Precedence: flag > environment > configuration file > default. "
+              "`s3cache config show` prints the result. Without --manifest, objects are fetched on demand only.")
+@serve_options
+def serve(config_file: Path | None, **given) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
 
-    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+    settings = _effective(config_file, given).settings
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # boto's own loggers would print request details (and with debug, signed headers): keep them quiet.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        ahead_bytes, ahead_files = parse_readahead(readahead)
-    except ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--readahead") from None
-    from .shard import parse_shard
-
-    try:
-        share = parse_shard(shard)
-    except ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--shard") from None
-    settings = _run(Settings, cache_dir=cache_dir, manifest=manifest, max_size=max_size, workers=workers,
-                    part_size=part_size, prefetch_part_size=prefetch_part_size, lease=lease, readahead=ahead_bytes, readahead_files=ahead_files,
-                    min_free=min_free,
-                    endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
-                    max_attempts=max_attempts, revalidate=revalidate, shard=share)
     sys.exit(_run(Daemon(settings).run))
+
+
+@main.group()
+def config() -> None:
+    """Inspect serve's configuration."""
+
+
+@config.command("show", epilog="Secrets (a password in an endpoint URL, tokens) are never printed.")
+@serve_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: {key: {value, source}}.")
+def config_show(config_file: Path | None, as_json: bool, **given) -> None:
+    """Print the settings serve would run with, and where each came from (default, file:PATH, env:NAME
+    or flag). Takes serve's options, so `config show --workers 4` shows their effect too."""
+    eff = _effective(config_file, given)
+    click.echo(eff.as_json() if as_json else "\n".join(eff.show()))
 
 
 @main.command("resolve")
