@@ -94,9 +94,14 @@ def main() -> None:
               help="Every this many seconds, ask S3 whether cached objects changed (0: never).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               envvar="S3CACHE_LOG_LEVEL", show_default=True)
+@click.option("--metrics-addr", envvar="S3CACHE_METRICS_ADDR", default=None,
+              help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9109). Default: no metrics.")
+@click.option("--metrics-allow-remote", is_flag=True, envvar="S3CACHE_METRICS_ALLOW_REMOTE",
+              help="Allow a --metrics-addr that is not loopback (a scraper on the network).")
 def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, part_size: int,
           prefetch_part_size: int, lease: float, readahead: str, min_free: float, endpoint_url: str | None, region: str | None,
-          read_timeout: float, max_attempts: int, revalidate: float, log_level: str) -> None:
+          read_timeout: float, max_attempts: int, revalidate: float, log_level: str, metrics_addr: str | None,
+          metrics_allow_remote: bool) -> None:
     """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
     from .daemon import Daemon
 
@@ -114,7 +119,22 @@ def serve(cache_dir: Path, manifest: Path | None, max_size: int, workers: int, p
                     min_free=min_free,
                     endpoint_url=endpoint_url, region=region, read_timeout=read_timeout,
                     max_attempts=max_attempts, revalidate=revalidate)
-    sys.exit(_run(Daemon(settings).run))
+    daemon = Daemon(settings)
+    if metrics_addr is None:
+        sys.exit(_run(daemon.run))
+    from .metrics import parse_addr, serve_metrics
+
+    try:
+        parse_addr(metrics_addr, metrics_allow_remote)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics-addr") from None
+    # No fetch histogram here: the daemon's workers do not call FetchHistogram.record_fetch yet.
+    metrics = _run(serve_metrics, metrics_addr, daemon.status, allow_remote=metrics_allow_remote)
+    try:
+        code = _run(daemon.run)
+    finally:
+        metrics.stop()
+    sys.exit(code)
 
 
 @main.command("resolve")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from conftest import write_manifest
 from s3cache import resolve
 from s3cache.errors import ConfigError, FetchFailed
 from s3cache.metrics import FetchHistogram, parse_addr, serve_metrics
+from s3cache.testing import FAKE_CREDENTIALS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "s3cache.json"
@@ -165,3 +169,24 @@ def test_grafana_dashboard_uses_only_exported_metrics(daemons):
                  "s3cache_fetch_duration_seconds_bucket", "s3cache_s3_retries_total", "s3cache_s3_requests_total",
                  "s3cache_disk_full", "s3cache_failed_objects"):
         assert name in used, name
+
+
+def test_serve_exports_metrics_on_metrics_addr(tmp_path, s3, bucket, daemons):
+    s3.put_object(Bucket=bucket, Key="k", Body=b"12345")
+    port = free_port()
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/k"]),
+                args=["--metrics-addr", f"127.0.0.1:{port}"])
+    d.wait_until(lambda st: st["fetched"] == 1)
+    m = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert m[("s3cache_fetched_bytes_total", ())] == 5 and m[("s3cache_manifest_entries", ())] == 1
+    d.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_serve_refuses_a_remote_metrics_addr_unless_allowed(tmp_path, moto):
+    env = {**os.environ, **FAKE_CREDENTIALS}
+    r = subprocess.run([sys.executable, "-m", "s3cache", "serve", "--cache-dir", str(tmp_path / "c"),
+                        "--endpoint-url", moto.url, "--metrics-addr", "0.0.0.0:9109"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "is not loopback" in r.stderr and "--metrics-allow-remote" in r.stderr
