@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -16,6 +17,23 @@ from conftest import write_manifest
 from s3cache import resolve
 from s3cache.progress import eta_text, landing, render
 from s3cache.testing import wait_for
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def undocumented(st: dict) -> set[str]:
+    """Fields of a status dict that the README's `status --json` table does not name."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### `status --json`"):]
+    table = table[: table.index("\n### ", 5)]
+    names = set()
+    for key, value in st.items():
+        if isinstance(value, dict) and key in ("objects", "bytes", "pinned"):
+            names.update(f"{key}.{k}" for k in value)
+        else:
+            names.add(key)
+    return {n for n in names if f"`{n}`" not in table and f"`.{n.rpartition('.')[2]}`" not in table}
 
 
 def text_of(st: dict) -> str:
@@ -39,6 +57,7 @@ def test_progress_of_a_real_daemon(tmp_path, s3, bucket, daemons):
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", [*uris, f"s3://{bucket}/gone"]),
                 args=["--max-size", "1M"])
     st = d.wait_until(lambda st: st["objects"]["ready"] == 3 and st["objects"]["failed"] == 1)
+    assert not undocumented(st), "document these status --json fields in the README"
     out = text_of(st)
     assert "3 of 4 ready, 0 fetching, 0 queued, 1 failed" in out
     assert "6.0 KiB of 1.0 MiB (0.6%)" in out  # cache fill against the maximum
