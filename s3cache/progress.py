@@ -41,28 +41,33 @@ def _pct(done: float, total: float) -> str:
 def landing(st: dict) -> tuple[int, int | None, float | None, bool]:
     """(bytes landed, total bytes or None, ETA seconds or None, whether the total is an estimate).
 
-    With ``manifest_bytes`` in status the total is the manifest's; without it, the bytes still to come
-    are estimated as the objects still to come times the average size of those cached so far.
+    Exact when status has ``manifest_bytes`` and the manifest gives every size. Otherwise each object of
+    unknown size counts as the average: of the sizes the manifest gives, else of the files cached so far
+    (then the bytes still to come are the objects still to come times that average).
     """
     o, b = st["objects"], st["bytes"]
     rate = st.get("throughput_bytes_per_s", 0) or 0
     mb = st.get("manifest_bytes")
+    avg = b["ready"] / o["ready"] if o["ready"] else None
     if mb is not None:
-        landed, total = mb.get("ready", b["ready"]), mb["total"]
-        left = max(0, total - landed)
-        estimated = bool(mb.get("unknown_sizes"))
+        landed, unknown = mb["ready"], mb.get("unknown_sizes", 0)
+        sized = st["manifest_entries"] - unknown
+        if sized:
+            avg = mb["total"] / sized
+        total = mb["total"] + unknown * avg if unknown and avg is not None else mb["total"] if not unknown else None
+        estimated = bool(unknown)
     else:
-        landed, total, estimated = b["ready"], None, True
+        landed, estimated = b["ready"], True
         remaining_objects = o["queued"] + o["fetching"]
-        left = remaining_objects * (b["ready"] / o["ready"]) if o["ready"] else None
-        if left is not None:
-            total = int(landed + left)
-        elif remaining_objects == 0:
-            total, left = landed, 0
-    if left == 0:
+        total = landed + remaining_objects * avg if avg is not None else landed if not remaining_objects else None
+    done = o["queued"] + o["fetching"] == 0  # nothing left to fetch (failed objects never land)
+    if total is None:
+        return landed, None, 0.0 if done else None, estimated
+    total = int(total)
+    left = max(0, total - landed)
+    if left == 0 or done:
         return landed, total, 0.0, estimated
-    eta = left / rate if rate and left is not None else None
-    return landed, total, eta, estimated
+    return landed, total, (left / rate if rate else None), estimated
 
 
 def render(st: dict) -> RenderableType:
@@ -91,8 +96,7 @@ def render(st: dict) -> RenderableType:
     rate = st.get("throughput_bytes_per_s", 0) or 0
     grid.add_row("throughput", Text(f"{human_size(rate)}/s"),
                  f"ETA {'~' if estimated and eta else ''}{eta_text(eta)}"
-                 + (" (estimated from the average object size)" if estimated and eta and "manifest_bytes" not in st
-                    else ""))
+                 + (" (estimated from the average object size)" if estimated and eta else ""))
     fill = b["ready"] + b["reserved"]
     grid.add_row("cache", _bar(fill, b["max"]),
                  f"{human_size(b['ready'])} of {human_size(b['max'])} ({_pct(b['ready'], b['max'])}), "

@@ -61,7 +61,9 @@ def test_progress_of_a_real_daemon(tmp_path, s3, bucket, daemons):
     out = text_of(st)
     assert "3 of 4 ready, 0 fetching, 0 queued, 1 failed" in out
     assert "6.0 KiB of 1.0 MiB (0.6%)" in out  # cache fill against the maximum
-    assert "6.0 KiB of ~6.0 KiB (100.0%)" in out  # landed of the (estimated) total
+    # landed of the estimated total: the failed object of unknown size counts once status gives the
+    # manifest's bytes (as the average size: 8 KiB in all), and not before (6 KiB)
+    assert "6.0 KiB of ~6.0 KiB (100.0%)" in out or "6.0 KiB of ~8.0 KiB (75.0%)" in out
     assert "ETA 0s" in out
     assert f"s3://{bucket}/gone: NoSuchKey" in out and "1 failed:" in out
     assert "0 hits, 0 misses" in out and "0.0s spent waiting" in out
@@ -92,6 +94,10 @@ def test_eta_from_throughput_and_manifest_bytes():
     assert landing(st) == (200 << 20, 2000 << 20, 18.0, False)
     out = text_of(st)
     assert "200.0 MiB of 2.0 GiB (10.0%)" in out and "ETA 18s" in out and "~" not in out
+    # Two entries without a size: each counts as the average of the eight sizes given (100 MiB).
+    st["manifest_bytes"] = {"total": 800 << 20, "ready": 200 << 20, "unknown_sizes": 2}
+    assert landing(st) == (200 << 20, 1000 << 20, 8.0, True)
+    assert "ETA ~8s (estimated from the average object size)" in text_of(st)
     st["disk_full"] = True
     assert "the cache filesystem is full" in text_of(st)
 
