@@ -26,8 +26,10 @@ verifies against it and botocore validates ceiling 1's GETs with it. ``--legacy-
 without one, as older tools did; then the daemon verifies the ETag's MD5 and ceiling 1 checks nothing.
 
 Each contender runs ``--repeat`` times, interleaved, and the table shows medians (with the MB/s range),
-because one run on a shared 2-core machine says little. Writes bench/results/compare.md (and
-compare.png when matplotlib is installed).
+because one run on a shared 2-core machine says little. Writes the table to ``--out`` (default
+bench/results/local/compare.md, or compare-smoke.md with --smoke; that directory is git-ignored) and
+a chart beside it when matplotlib is installed. The committed figures are regenerated on purpose only:
+``python -m bench --out bench/results/compare.md``.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from . import envs
 from .epoch import timed_epoch
 from .proc import cpu_seconds, memory
 
-RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
+LOCAL_RESULTS = ROOT / "bench" / "results" / "local"  # git-ignored: a run never touches committed figures
 MiB = 1 << 20
 EPOCHS_B = 2  # fsspec: the download epoch and one from its cache
 EPOCHS_C = 2  # tensorflow-io caches nothing: the second epoch shows it
@@ -292,24 +294,48 @@ def _split_records(blob):
     return tf.constant(out, dtype=tf.string)  # a plain list would be taken as several outputs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shards", type=int, default=32)
-    ap.add_argument("--shard-size", default="32M")
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help text itself says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", formatter_class=_Help,
+        description="s3cache against boto3, tf.data, fsspec and tensorflow-io on one endpoint and dataset: "
+                    "prints a markdown table and writes it to --out.")
+    ap.add_argument("--shards", type=int, default=32, help="TFRecord shards in the dataset")
+    ap.add_argument("--shard-size", default="32M", help="bytes per shard (K, M, G suffixes)")
     ap.add_argument("--record-size", default="100K", help="payload bytes per tf.train.Example")
     ap.add_argument("--latency", type=float, default=0.02, help="seconds added before every S3 response")
     ap.add_argument("--bandwidth", default="80M", help="bytes/s for each connection, like one S3 connection; "
                     "0: no cap")
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=16, help="parallel fetches (s3cache --workers, boto3 threads)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     ap.add_argument("--legacy-objects", action="store_true",
                     help="upload without an additional checksum, as tools before 2025 did")
     ap.add_argument("--envs", type=Path, default=envs.DEFAULT_DIR, help="where the baselines' venvs live")
     ap.add_argument("--setup-envs", action="store_true", help="make the baselines' venvs first if missing")
     ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves the benchmark works")
-    a = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where to write the table (and a .png chart beside it); default "
+                         f"{LOCAL_RESULTS.relative_to(ROOT)}/compare.md or compare-smoke.md (git-ignored); "
+                         f"bench/results/compare.md regenerates the committed figures")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    a = ap.parse_args(argv)
     if a.smoke:
         a.shards, a.shard_size, a.record_size, a.repeat = 3, "256K", "4K", 1
+    if a.out is None:
+        a.out = LOCAL_RESULTS / ("compare-smoke.md" if a.smoke else "compare.md")
+    a.out = a.out.absolute()
+    # Subprocesses (the daemon, the proxy) import the same s3cache as this process, from any directory.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if a.setup_envs:
         for name in envs.PACKAGES:
@@ -400,23 +426,23 @@ def report(b: Bench, a, total: int) -> None:
             lines.append(f"- s3cache cold epoch {mb_s(cold) / mb_s(r):.2f}x {name}'s first epoch")
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    name = "compare-smoke" if a.smoke else "compare"
-    (RESULTS / f"{name}.md").write_text(text + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text + "\n")
+    print(f"(written to {a.out})", file=sys.stderr)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no chart)")
+        print("(matplotlib not installed: no chart)", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(9, 5))
     ax.barh([r.contender for r in ran][::-1], [mb_s(r) for r in ran][::-1], color="#4c72b0")
     ax.set_xlabel("MB/s, median (higher is better)")
     ax.set_title(f"{a.latency * 1000:.0f} ms per S3 response{cap}, {human_size(total)} of TFRecords")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    fig.savefig(a.out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":

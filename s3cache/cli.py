@@ -1,7 +1,7 @@
 """The ``s3cache`` command: a thin click shell over the library.
 
-Every S3CacheError becomes one line on stderr and its exit code (2 for bad input, 1 otherwise); only a
-bug prints a traceback.
+Every S3CacheError becomes one line on stderr and its exit code (EXIT_CODES: 2 for bad input, as click's
+usage errors, 1 otherwise); only a bug prints a traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +14,23 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import Kind, Option, default_cache_dir, human_size, options
+from .config import Bool, Kind, Option, default_cache_dir, human_size, options
 from .config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
-from .errors import ConfigError, S3CacheError
+from .errors import ConfigError, ManifestError, S3CacheError, UnsafeKey
+
+# The one place errors become exit codes. 2 is bad input (what click's UsageError exits with): the user
+# must change the command, a setting, the manifest or a URI. 1 is everything else: S3 refused, the
+# daemon is not there, time ran out, the cache is full.
+BAD_INPUT = click.UsageError.exit_code
+EXIT_CODES: dict[type[S3CacheError], int] = {ConfigError: BAD_INPUT, ManifestError: BAD_INPUT, UnsafeKey: BAD_INPUT}
+
+
+def exit_code(error: S3CacheError) -> int:
+    """The exit code for ``error``: that of the nearest class in EXIT_CODES, else 1."""
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return 1
 
 
 def _run(fn, *args, **kwargs):
@@ -24,7 +38,7 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except S3CacheError as e:
         click.echo(f"s3cache: error: {e}", err=True)
-        sys.exit(e.exit_code)
+        sys.exit(exit_code(e))
 
 
 cache_dir_option = click.option(
@@ -69,6 +83,10 @@ def serve_options(fn):
     No click defaults or envvars: ``config_sources.load`` layers flag > environment > file > default and
     records where each value came from."""
     for opt in reversed(options()):
+        if isinstance(opt.kind, Bool):
+            fn = click.option(f"{opt.flag}/--no-{opt.flag[2:]}", opt.name, default=None,
+                              help=_option_help(opt))(fn)
+            continue
         fn = click.option(opt.flag, opt.name, type=_KindType(opt.kind), default=None, metavar=opt.kind.metavar,
                           help=_option_help(opt))(fn)
     return click.option(
@@ -94,7 +112,19 @@ def serve(config_file: Path | None, **given) -> None:
     # boto's own loggers would print request details (and with debug, signed headers): keep them quiet.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    sys.exit(_run(Daemon(settings).run))
+    daemon = Daemon(settings)
+    if settings.metrics_addr is None:
+        sys.exit(_run(daemon.run))
+    from .metrics import parse_addr, serve_metrics
+
+    _run(parse_addr, settings.metrics_addr, settings.metrics_allow_remote)
+    metrics = _run(serve_metrics, settings.metrics_addr, daemon.status, getattr(daemon, "fetch_histogram", None),
+                   allow_remote=settings.metrics_allow_remote)
+    try:
+        code = _run(daemon.run)
+    finally:
+        metrics.stop()
+    sys.exit(code)
 
 
 @main.group()
@@ -114,14 +144,73 @@ def config_show(config_file: Path | None, as_json: bool, **given) -> None:
 
 @main.command("resolve")
 @cache_dir_option
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (all URIs together).")
 @click.argument("uris", nargs=-1, required=True)
 def resolve_cmd(cache_dir: Path, timeout: float | None, uris: tuple[str, ...]) -> None:
-    """Print the local path of each URI, one a line, waiting until each file has landed."""
+    """Print the local path of each URI, one a line, waiting until each file has landed.
+
+    Paths that resolved go to stdout in the order given; each URI that did not gets one error line on
+    stderr, and the exit code is 2 if a URI was malformed, else 1 if any failed.
+    """
+    outcomes = _run(_resolve_each, list(uris), cache_dir, timeout)
+    codes = []
+    for uri, got in outcomes:
+        if isinstance(got, S3CacheError):
+            text = str(got)
+            click.echo(f"s3cache: error: {text if uri in text else f'{uri}: {text}'}", err=True)
+            codes.append(exit_code(got))
+        else:
+            click.echo(got)
+    if codes:
+        sys.exit(max(codes))
+
+
+def _resolve_each(uris: list[str], cache_dir: Path, timeout: float | None) -> list[tuple[str, str | S3CacheError]]:
+    """Each URI with its path or its own error. All are asked for at once (so they are fetched side by
+    side); a failure the batch cannot pin on one URI is settled by asking for the rest one at a time.
+    DaemonNotRunning concerns them all and is raised."""
+    import time
+
+    from .errors import DaemonNotRunning, FetchFailed
+    from .refs import parse_uri
     from .resolve import resolve
 
-    for p in _run(resolve, list(uris), cache_dir=cache_dir, timeout=timeout):
-        click.echo(p)
+    got: dict[int, str | S3CacheError] = {}
+    canonical: dict[int, str] = {}
+    for i, u in enumerate(uris):
+        try:
+            canonical[i] = parse_uri(u).uri
+        except S3CacheError as e:
+            got[i] = e
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    pending = list(canonical)
+    while pending:
+        try:
+            got.update(zip(pending, resolve([uris[i] for i in pending], cache_dir=cache_dir, timeout=left())))
+            break
+        except DaemonNotRunning:
+            raise
+        except FetchFailed as e:
+            failed = [i for i in pending if canonical[i] == e.uri]
+            if failed:
+                got.update((i, e) for i in failed)
+                pending = [i for i in pending if i not in failed]
+                continue
+        except S3CacheError:
+            pass
+        for i in pending:  # which URI the error was about is not known: ask for each alone
+            try:
+                got[i] = resolve(uris[i], cache_dir=cache_dir, timeout=left())
+            except DaemonNotRunning:
+                raise
+            except S3CacheError as e:
+                got[i] = e
+        break
+    return [(u, got[i]) for i, u in enumerate(uris)]
 
 
 def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
@@ -134,9 +223,16 @@ def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
 
 @main.command()
 @cache_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(cache_dir: Path, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output (fields in the README); with --watch, one JSON object a line.")
+@click.option("--watch", is_flag=True, help="Redraw live progress every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between redraws with --watch.")
+def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None:
     """What the daemon is doing: objects by state, bytes against the maximum, throughput, failures."""
+    if watch:
+        _run(_watch, cache_dir, as_json, interval)
+        return
     st = _run(_request, cache_dir, {"op": "status"})["status"]
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
@@ -169,22 +265,99 @@ def status(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"manifest    {e}")
 
 
+def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:
+    """Fetch status and redraw until Ctrl-C: in place on a terminal, one frame after another otherwise
+    (a log or a pipe gets plain text, no cursor movement)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from .progress import render
+
+    console = Console(file=sys.stdout)
+    try:
+        if as_json:
+            while True:
+                click.echo(json.dumps(_request(cache_dir, {"op": "status"})["status"], sort_keys=True))
+                time.sleep(interval)
+        if not console.is_terminal:
+            while True:
+                console.print(render(_request(cache_dir, {"op": "status"})["status"]))
+                console.print()
+                console.file.flush()
+                time.sleep(interval)
+        with Live(render(_request(cache_dir, {"op": "status"})["status"]), console=console,
+                  auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(_request(cache_dir, {"op": "status"})["status"]), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def _check_uris(uris: tuple[str, ...]) -> list[str]:
+    """The URIs as the daemon names them; raises UnsafeKey (exit 2) for the first malformed one, before
+    anything is sent, so a typo changes nothing."""
+    from .refs import parse_uri
+
+    return [parse_uri(u).uri for u in uris]
+
+
+# What the daemon's pin/unpin reply says happened to each URI ("outcome"), and whether that is what the
+# user asked for. The reply: {"ok": true, "pinned": <URIs pinned in all, CLI and manifest pins each
+# counted once>, "results": [{"uri": "s3://...", "outcome": "<one of the keys below>"}, ...]}.
+PIN_OUTCOMES: dict[str, dict[str, tuple[str, bool]]] = {
+    "pin": {"pinned": ("pinned", True), "already_pinned": ("already pinned", True),
+            "manifest": ("already pinned by the manifest", True)},
+    "unpin": {"unpinned": ("unpinned", True), "not_pinned": ("not pinned", True),
+              "manifest": ("pinned by the manifest: edit the manifest to unpin it", False)},
+}
+
+
+def pin_report(op: str, uris: list[str], reply: dict) -> tuple[list[str], list[str], int]:
+    """(stdout lines, stderr lines, exit code) for a pin/unpin reply."""
+    out: list[str] = []
+    err: list[str] = []
+    results = reply.get("results")
+    if results is None:  # a daemon from before per-URI results: say only what is known
+        out.append(f"asked the daemon to {op} {len(uris)} object(s); {reply['pinned']} pinned in all")
+        return out, err, 0
+    for r in results:
+        text, as_asked = PIN_OUTCOMES[op].get(r["outcome"], (f"unexpected reply {r['outcome']!r}", False))
+        if as_asked:
+            out.append(f"{text:<15} {r['uri']}")
+        else:
+            err.append(f"s3cache: error: {r['uri']}: {text}")
+    out.append(f"{reply['pinned']} pinned in all")
+    return out, err, 1 if err else 0
+
+
+def _pin_op(op: str, cache_dir: Path, uris: tuple[str, ...]) -> None:
+    canonical = _run(_check_uris, uris)
+    reply = _run(_request, cache_dir, {"op": op, "uris": canonical})
+    out, err, code = pin_report(op, canonical, reply)
+    for line in out:
+        click.echo(line)
+    for line in err:
+        click.echo(line, err=True)
+    sys.exit(code)
+
+
 @main.command()
 @cache_dir_option
 @click.argument("uris", nargs=-1, required=True)
 def pin(cache_dir: Path, uris: tuple[str, ...]) -> None:
     """Keep these objects resident (fetching them now) until unpinned; survives restarts."""
-    reply = _run(_request, cache_dir, {"op": "pin", "uris": list(uris)})
-    click.echo(f"pinned {len(uris)} object(s); {reply['pinned']} pinned in all")
+    _pin_op("pin", cache_dir, uris)
 
 
 @main.command()
 @cache_dir_option
 @click.argument("uris", nargs=-1, required=True)
 def unpin(cache_dir: Path, uris: tuple[str, ...]) -> None:
-    """Let these objects be evicted again."""
-    reply = _run(_request, cache_dir, {"op": "unpin", "uris": list(uris)})
-    click.echo(f"unpinned {len(uris)} object(s); {reply['pinned']} pinned in all")
+    """Let these objects be evicted again (a manifest's pin=1 is changed in the manifest, not here)."""
+    _pin_op("unpin", cache_dir, uris)
 
 
 @main.command()

@@ -234,6 +234,35 @@ class ReadaheadKind(Kind):
         return f"{value.files}f" if value.files else format_size(value.bytes)
 
 
+class Bool(Kind):
+    """On or off: a flag (``--x`` / ``--no-x``), ``true``/``false`` (also 1/0, yes/no) in the environment,
+    a TOML boolean in the file."""
+
+    metavar = "BOOLEAN"
+    _WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+    def parse(self, raw: Any) -> bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in self._WORDS:
+            return self._WORDS[raw.strip().lower()]
+        raise ConfigError(f"not a boolean: {raw!r} (expected true or false)")
+
+    def format(self, value: bool) -> str:
+        return "true" if value else "false"
+
+
+class MetricsAddr(Kind):
+    """``HOST:PORT`` where Prometheus metrics are served (the host an IP address or localhost)."""
+
+    metavar = "HOST:PORT"
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str) or not re.fullmatch(r"\s*(\[[0-9a-fA-F:.]+\]|[\w.:-]*):\d{1,5}\s*", raw):
+            raise ConfigError(f"not HOST:PORT: {raw!r} (expected e.g. 127.0.0.1:9109)")
+        return raw.strip()
+
+
 class ShardKind(Kind):
     """``I/N`` or ``auto`` (TF_CONFIG, read when the setting is parsed): this host's share of the manifest."""
 
@@ -324,6 +353,10 @@ class Settings:
     revalidate: float = setting(SECONDS, 0.0, "Every this many seconds, ask S3 whether cached objects "
                                 "changed (0: never).")
     log_level: str = setting(Choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
+    metrics_addr: str | None = setting(MetricsAddr(), None, "Serve Prometheus metrics on HOST:PORT (e.g. "
+                                       "127.0.0.1:9109; loopback unless --metrics-allow-remote). Default: none.")
+    metrics_allow_remote: bool = setting(Bool(), False, "Allow a --metrics-addr that is not loopback (a scraper "
+                                         "on the network).")
     shard: Shard = setting(ShardKind(), WHOLE, "Prefetch only this host's share I/N of the manifest (positions "
                            "p with p % N == I, as tf.data's Dataset.shard(N, I)), or 'auto' to take it from "
                            "TF_CONFIG.")
