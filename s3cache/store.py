@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from . import paths, trust
+from .tree import DIR_FLAGS, Tree, close_all, split
 from .errors import CacheDirError, CacheLocked, NameFoldingFilesystem, UntrustedCacheDir
 from .refs import ObjectRef
 
@@ -88,18 +89,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _split(rel: str) -> list[str]:
-    """The segments of a cache file's relative path; refuses anything paths.py never produces."""
-    parts = rel.split("/")
-    if len(parts) < 2 or parts[0] == paths.PRIVATE_DIR or any(p in ("", ".", "..") for p in parts):
-        raise CacheDirError(f"refusing {rel!r}: not a place for a cache file")
-    return parts
-
-
-def _not_a_dir(where: str) -> NotADirectoryError:
-    return NotADirectoryError(errno.ENOTDIR, "in the way: a file or a symlink, not a directory", where)
-
-
 def default_name_probe(fd: int) -> list[str]:
     """The real probe, in the directory open at ``fd``."""
     return trust.name_folding(trust.FdDir(fd))
@@ -128,6 +117,7 @@ class Store:
         self._priv_fd: int | None = None
         self._tmp_fd: int | None = None
         self._quarantine_fd: int | None = None
+        self._tree: Tree | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -144,11 +134,12 @@ class Store:
         lay = self.layout
         self._root_fd = trust.open_root(lay.root, self.dir_mode)
         self.gid = self._group_for(os.fstat(self._root_fd).st_gid)
+        self._tree = Tree(self._root_fd, self.gid, self.dir_mode)
         try:
             self._priv_fd = trust.open_private(self._root_fd, paths.PRIVATE_DIR, lay.private, "private dir")
             trust.check_owned(self._priv_fd, lay.private, "private dir")
             # setgid: what others create in it by path (the sockets) gets the cache's group too
-            self._own(self._priv_fd, 0o2750)
+            self.tree.own(self._priv_fd, 0o2750)
             self._take_lock()
             self._tmp_fd = self._private_dir("tmp", lay.tmp)
             self._quarantine_fd = self._private_dir("quarantine", lay.quarantine)
@@ -177,12 +168,6 @@ class Store:
                     root_gid, self.layout.root, os.getegid())
         return os.getegid()
 
-    def _own(self, fd: int, mode: int) -> None:
-        """Give the inode at ``fd`` the cache's group, then ``mode`` (after chown, which may drop setgid)."""
-        if self.gid != -1 and os.fstat(fd).st_gid != self.gid:
-            os.fchown(fd, -1, self.gid)
-        os.fchmod(fd, mode)
-
     def _private_dir(self, name: str, path: str) -> int:
         assert self._priv_fd is not None
         fd = trust.open_private(self._priv_fd, name, path, "private dir")
@@ -199,7 +184,7 @@ class Store:
                                               f"the daemon creates it itself: remove it") from None
             raise
         try:
-            self._own(fd, mode)
+            self.tree.own(fd, mode)
         except BaseException:
             os.close(fd)
             raise
@@ -231,13 +216,13 @@ class Store:
             if name == paths.PRIVATE_DIR:
                 continue
             try:
-                fd = os.open(name, trust.DIR_FLAGS, dir_fd=self._root_fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=self._root_fd)
             except OSError:
                 continue  # a file or a symlink: nothing the store made
             try:
                 st = os.fstat(fd)
                 if st.st_uid == me and (stat.S_IMODE(st.st_mode) != self.dir_mode or st.st_gid != self.gid):
-                    self._own(fd, self.dir_mode)
+                    self.tree.own(fd, self.dir_mode)
             finally:
                 os.close(fd)
 
@@ -246,7 +231,13 @@ class Store:
         assert self._priv_fd is not None
         return os.open(LEASE_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._priv_fd)
 
+    @property
+    def tree(self) -> Tree:
+        assert self._tree is not None, "the store is not open"
+        return self._tree
+
     def close(self) -> None:
+        self._tree = None
         for name in ("_lock_fd", "_tmp_fd", "_quarantine_fd", "_priv_fd", "_root_fd"):
             fd = getattr(self, name)
             if fd is not None:
@@ -262,7 +253,7 @@ class Store:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self._tmp_fd)
         try:
-            self._own(fd, 0o600)
+            self.tree.own(fd, 0o600)
         except BaseException:
             os.close(fd)
             os.unlink(name, dir_fd=self._tmp_fd)
@@ -292,93 +283,7 @@ class Store:
         except FileNotFoundError:
             pass
 
-    # -- walking below the root --------------------------------------------------------------------
-
-    def _walk(self, parts: list[str], create: bool, made: list[int] | None = None) -> list[int]:
-        """Descriptors on the directories ``parts[0]``, ``parts[0]/parts[1]``, ... (the caller closes
-        them), opened without following symlinks. Missing ones are made when ``create`` (their indices
-        go to ``made``), else FileNotFoundError; NotADirectoryError when a file or symlink is in the way."""
-        assert self._root_fd is not None
-        fds: list[int] = []
-        cur = self._root_fd
-        try:
-            for i, part in enumerate(parts):
-                try:
-                    fd = os.open(part, trust.DIR_FLAGS, dir_fd=cur)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    fd = self._mkdir(cur, part, "/".join(parts[: i + 1]))
-                    if made is not None:
-                        made.append(i)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _not_a_dir("/".join(parts[: i + 1])) from None
-                    raise
-                fds.append(fd)
-                cur = fd
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
-
-    def _mkdir(self, parent_fd: int, name: str, where: str) -> int:
-        try:
-            os.mkdir(name, 0o700, dir_fd=parent_fd)
-            made = True
-        except FileExistsError:
-            made = False
-        try:
-            fd = os.open(name, trust.DIR_FLAGS, dir_fd=parent_fd)
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise _not_a_dir(where) from None
-            raise
-        if made:
-            try:
-                self._own(fd, self.dir_mode)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd
-
-    @staticmethod
-    def _close(fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
-
-    def _prune(self, parts: list[str], fds: list[int]) -> None:
-        """Remove the now-empty directories of ``parts`` bottom-up, never the top-level one (the bucket
-        dir or ``.h``), so the root and the private dir are out of reach."""
-        for i in range(len(fds) - 1, 0, -1):
-            try:
-                os.rmdir(parts[i], dir_fd=fds[i - 1])
-            except OSError:
-                return  # not empty (or already gone): the ones above are not empty either
-
     # -- placement and publishing ------------------------------------------------------------------
-
-    def _place_is_free(self, rel: str, planned: Collection[str]) -> bool:
-        """Whether a file could go to ``rel``: no file, symlink or planned file among its parents, no
-        directory at the place itself. Looks only; creates nothing."""
-        parts = _split(rel)
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in planned:
-                return False
-        try:
-            fds = self._walk(parts[:-1], create=False)
-        except NotADirectoryError:
-            return False
-        except FileNotFoundError:
-            return True  # the rest of the way does not exist yet: publish makes it
-        try:
-            st = os.stat(parts[-1], dir_fd=fds[-1], follow_symlinks=False)
-        except FileNotFoundError:
-            return True
-        finally:
-            self._close(fds)
-        return not stat.S_ISDIR(st.st_mode)  # another key's directory holds this name
 
     def plan(self, ref: ObjectRef, planned: Collection[str] = ()) -> str:
         """The relative path this object would take now, without touching the disk.
@@ -386,7 +291,7 @@ class Store:
         ``planned``: paths already chosen for files of the same batch that are not renamed yet.
         """
         for rel in paths.candidates(ref):
-            if self._place_is_free(rel, planned):
+            if self.tree.is_free(rel, planned):
                 return rel
         raise CacheDirError(f"no safe place for {ref.uri} in {self.layout.root}")
 
@@ -394,10 +299,10 @@ class Store:
         """The relative path this object will take, with its parent directories created (publish makes
         them too, so plan() is enough before it; this stays for callers that want them now)."""
         for rel in paths.candidates(ref):
-            if not self._place_is_free(rel, planned):
+            if not self.tree.is_free(rel, planned):
                 continue
             try:
-                self._close(self._walk(_split(rel)[:-1], create=True))
+                close_all(self.tree.walk(split(rel)[:-1], create=True))
             except NotADirectoryError:
                 continue
             return rel
@@ -422,16 +327,16 @@ class Store:
                 continue
             errors.append(None)
         for d in sync:
-            self._fsync_dir(d)
+            self.tree.fsync_dir(d)
         return errors
 
     def _publish_one(self, tmp_path: str, rel: str, sync: set[str]) -> None:
         name = self._tmp_name(tmp_path)
-        parts = _split(rel)
+        parts = split(rel)
         os.chmod(name, self.file_mode, dir_fd=self._tmp_fd)  # .s3cache/tmp is ours alone: no links in it
         for attempt in range(3):
             made: list[int] = []
-            fds = self._walk(parts[:-1], create=True, made=made)
+            fds = self.tree.walk(parts[:-1], create=True, made=made)
             try:
                 os.rename(name, parts[-1], src_dir_fd=self._tmp_fd, dst_dir_fd=fds[-1])
             except FileNotFoundError:
@@ -440,31 +345,17 @@ class Store:
                     raise
                 continue  # a removal emptied and pruned a parent between the walk and the rename
             finally:
-                self._close(fds)
+                close_all(fds)
             sync.add("/".join(parts[:-1]))
             sync.update("/".join(parts[:i]) for i in made)  # a new directory's entry in its parent
             return
 
-    def _fsync_dir(self, rel_dir: str) -> None:
-        assert self._root_fd is not None
-        if not rel_dir:
-            os.fsync(self._root_fd)
-            return
-        try:
-            fds = self._walk(rel_dir.split("/"), create=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return  # emptied and pruned since: nothing of this batch is left in it to make durable
-        try:
-            os.fsync(fds[-1])
-        finally:
-            self._close(fds)
-
     def remove(self, rel: str) -> None:
         """Delete a published file (eviction), then its directories that became empty. Readers holding
         the file open keep their bytes."""
-        parts = _split(rel)
+        parts = split(rel)
         try:
-            fds = self._walk(parts[:-1], create=False)
+            fds = self.tree.walk(parts[:-1], create=False)
         except (FileNotFoundError, NotADirectoryError):
             return
         try:
@@ -472,9 +363,9 @@ class Store:
                 os.unlink(parts[-1], dir_fd=fds[-1])
             except FileNotFoundError:
                 pass
-            self._prune(parts, fds)
+            self.tree.prune(parts, fds)
         finally:
-            self._close(fds)
+            close_all(fds)
 
     @staticmethod
     def quarantine_name(rel: str, when: float) -> str:
@@ -487,22 +378,22 @@ class Store:
         """Move a file that failed re-verification out of readers' reach; returns its new path.
         Raises OSError (FileNotFoundError if it is gone) and leaves the file where it was on failure."""
         assert self._quarantine_fd is not None
-        parts = _split(rel)
-        fds = self._walk(parts[:-1], create=False)
+        parts = split(rel)
+        fds = self.tree.walk(parts[:-1], create=False)
         try:
             dest = self.quarantine_name(rel, time.time())
             os.rename(parts[-1], dest, src_dir_fd=fds[-1], dst_dir_fd=self._quarantine_fd)
             os.chmod(dest, 0o600, dir_fd=self._quarantine_fd)
-            self._prune(parts, fds)
+            self.tree.prune(parts, fds)
         finally:
-            self._close(fds)
+            close_all(fds)
         return os.path.join(self.layout.quarantine, dest)
 
     def exists(self, rel: str) -> bool:
         """A regular file at ``rel``, reached without following symlinks."""
         try:
-            parts = _split(rel)
-            fds = self._walk(parts[:-1], create=False)
+            parts = split(rel)
+            fds = self.tree.walk(parts[:-1], create=False)
         except (FileNotFoundError, NotADirectoryError, CacheDirError):
             return False
         try:
@@ -510,7 +401,7 @@ class Store:
         except FileNotFoundError:
             return False
         finally:
-            self._close(fds)
+            close_all(fds)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.layout.root)

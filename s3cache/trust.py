@@ -18,8 +18,7 @@ import stat
 from typing import Protocol
 
 from .errors import CacheDirError, UntrustedCacheDir
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from .tree import DIR_FLAGS
 
 
 def _who(uid: int) -> str:
