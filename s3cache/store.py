@@ -249,7 +249,8 @@ class Store:
     def new_temp(self, hint: str) -> tuple[int, str]:
         """An empty private temp file (fd, path) under .s3cache/tmp; the caller owns both."""
         assert self._tmp_fd is not None
-        name = f"{hint[:40]}.{os.getpid()}.{os.urandom(6).hex()}.part".replace("/", "_")
+        hint = hint[:40].replace("/", "_").replace("\x00", "_")  # a listed key may hold either
+        name = f"{hint}.{os.getpid()}.{os.urandom(6).hex()}.part"
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self._tmp_fd)
         try:
@@ -261,6 +262,7 @@ class Store:
         return fd, os.path.join(self.layout.tmp, name)
 
     def _tmp_name(self, tmp_path: str) -> str:
+        assert self._tmp_fd is not None, "the store is not open"  # never unlink relative to the cwd
         if os.path.dirname(tmp_path) != self.layout.tmp:
             raise CacheDirError(f"{tmp_path} is not one of this cache's temp files")
         return os.path.basename(tmp_path)

@@ -284,3 +284,13 @@ def test_a_name_folding_cache_filesystem_is_refused_at_open(tmp_path):
     ok = Store(str(tmp_path / "cache"))  # the refusal let go of the lock
     ok.open()
     ok.close()
+
+
+def test_temp_names_survive_any_hint(sandbox):
+    store, _, _ = sandbox
+    for hint in ("a/b", "nul\x00key", "..", "é" * 60):
+        fd, path = store.new_temp(hint)
+        os.close(fd)
+        assert os.path.dirname(path) == store.layout.tmp and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        store.discard(path)
+        assert not os.path.exists(path)
