@@ -73,17 +73,39 @@ class CacheFull(S3CacheError):
 
 
 class CacheLocked(S3CacheError):
-    """Another daemon already serves this cache dir."""
+    """Another process holds this cache dir's lock (``pid`` when that is a running process).
 
-    def __init__(self, cache_dir: str, pid: int | None) -> None:
+    ``recorded`` is the pid written in the lock file when it names no running process: then the lock
+    is held by something other than the daemon that wrote it, and the message says so.
+    """
+
+    def __init__(self, cache_dir: str, pid: int | None, recorded: int | None = None) -> None:
         self.cache_dir = cache_dir
         self.pid = pid
-        holder = f"pid {pid}" if pid else "another process"
-        super().__init__(f"cache dir {cache_dir} is already served by {holder}")
+        self.recorded = recorded
+        if pid:
+            text = f"cache dir {cache_dir} is already served by pid {pid}"
+        elif recorded:
+            text = (f"cache dir {cache_dir} is locked by another process (the pid {recorded} recorded in "
+                    f"its lock file is not running; `fuser -v {cache_dir}/.s3cache/lock` shows the holder)")
+        else:
+            text = f"cache dir {cache_dir} is already served by another process"
+        super().__init__(text)
 
 
 class CacheDirError(S3CacheError):
     """The cache dir is unusable (read-only, vanished, not a directory)."""
+
+
+class UntrustedCacheDir(CacheDirError):
+    """The cache dir (or its private ``.s3cache``) is controlled by someone other than the daemon: owned
+    by another user, writable by group or others, or a symlink another user placed. The message names
+    the path and the fix."""
+
+
+class NameFoldingFilesystem(CacheDirError):
+    """The cache dir's filesystem treats names differing only in case or Unicode normalization as one
+    (casefold ext4, exFAT, SMB, APFS): two keys would share one file."""
 
 
 class ResolveTimeout(S3CacheError):

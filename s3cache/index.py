@@ -59,6 +59,8 @@ class Index:
 
     def __init__(self, directory: str) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.path.islink(directory):  # the store made it a directory; a link here was planted
+            raise CacheDirError(f"index dir {directory} is a symlink; remove it")
         _check(os.path.join(directory, "cache.db"))
         try:
             self._cache = diskcache.Cache(

@@ -6,6 +6,10 @@ Layout under the cache dir::
     .h/<hh>/<hash>/<basename>    hashed form, for every other key and for keys that collide
     .s3cache/                    private state (index, temp files, lock, sockets)
 
+A key deeper than MAX_DEPTH segments, or longer than MAX_READABLE_BYTES, takes the hashed form too: a
+readable path makes one directory per segment, and a hostile key must not make hundreds of them (nor a
+path the kernel refuses).
+
 Top-level names starting with a dot can never be buckets, so the three namespaces never meet.
 
 Two distinct keys never share a path: readable paths are the key itself, hashed paths carry 128 bits
@@ -26,6 +30,8 @@ from .refs import ObjectRef
 PRIVATE_DIR = ".s3cache"
 HASHED_DIR = ".h"
 MAX_SEGMENT_BYTES = 255
+MAX_DEPTH = 32  # key segments in a readable path (so at most 32 directories: bucket and 31 below)
+MAX_READABLE_BYTES = 1024  # of the key in a readable path: S3's own limit, far below PATH_MAX
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 _BASENAME_KEEP = re.compile(r"[^A-Za-z0-9._+=@,-]")
 
@@ -39,8 +45,11 @@ def _segment_is_safe(seg: str) -> bool:
 
 
 def readable_path(ref: ObjectRef) -> str | None:
-    """``<bucket>/<key>`` when every key segment is a safe file name, else None."""
+    """``<bucket>/<key>`` when every key segment is a safe file name and the key is neither deeper than
+    MAX_DEPTH segments nor longer than MAX_READABLE_BYTES, else None."""
     segments = ref.key.split("/")
+    if len(segments) > MAX_DEPTH or len(ref.key.encode("utf-8")) > MAX_READABLE_BYTES:
+        return None
     if all(_segment_is_safe(s) for s in segments):
         return ref.bucket + "/" + ref.key
     return None
