@@ -159,7 +159,9 @@ def choose_victims(
             if demand or target_distance is None or d > target_distance:
                 later.append((d, r))
         elif r.last_used > 0:
-            if demand or future:  # never for a speculative prefetch: it would churn (see module doc)
+            # never for a prefetch no reader's future asks for: it would churn (see module doc); a
+            # caller with no file in view (target None: the filesystem is full) may take them
+            if demand or future or target_distance is None:
                 cold.append((r.last_used, r))
         elif demand or (target_distance is not None and r.position > target_distance):
             unread.append((r.position, r))

@@ -217,3 +217,8 @@ def test_a_manifest_shorter_than_the_stride_is_still_read_in_order():
     for i, p in enumerate([0, 1, 2, 3, 0, 1]):
         t.saw("a", p, 4, float(i))
     assert t.positions(4, 6.0) == [2] and t.epoch_of("a") == 1
+
+
+def test_a_full_filesystem_may_still_free_files_already_read():
+    # _evict_for_disk: no file in view (target None), nobody waiting, no order known
+    assert pick([res("m-read", 5, used=1.0)], target_distance=None) == ["m-read"]
