@@ -10,19 +10,33 @@ The policy, as a user can follow it:
   in the future (Belady's rule), and only to make room for a file needed sooner. A file just read is the
   one needed furthest away, so a dataset larger than the cache keeps a stable resident set and streams the
   rest, instead of evicting each file just before the next epoch needs it (what plain LRU does).
-* With no reader in order, files already read go least recently used first. A file fetched ahead and not
-  read yet is never evicted to make room for a later manifest entry: prefetch pauses instead. It may
+* With no reader in order, files already read go least recently used first, for a reader waiting on a
+  file or a file some reader's order needs; never for prefetch that knows no reader's future (it would
+  evict each file as it is read and fetch it again: twice the GETs of plain LRU on shuffled reads).
+  A file fetched ahead and not read yet is never evicted to make room for a later manifest entry:
+  prefetch pauses instead. It may
   give way to an earlier entry (parallel workers can land entries out of order) or to a reader waiting
   on a file, furthest manifest position first.
+* A reader may announce its order (a shuffled epoch, ``order.Announcement``): a file's next use for it
+  is then its distance in that order from the reader's place, continuing into the next epoch's order.
+  With several readers, in order or announced, the nearest next use over all of them counts.
 * Files with no known future (not in the manifest, or read with no order) are evicted in a batch from the
   limit down to the low watermark, so deletions are grouped; files with a known next use are evicted one
   at a time, because evicting them early only costs a refetch.
+* A lease protects what a reader may still open, not everything it touched for ``--lease`` seconds: each
+  reader's newest files, up to its share of a budget that is a fraction of the cache (``Leases``). A
+  reader that moved on holds nothing older, so leases can never fill the cache and stall a waiting reader.
+* The readahead window is at most a sixteenth of the cache (``readahead_files``): each file of window
+  is a file less of the resident set the policy keeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+
+from .order import Announcement
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,57 @@ def next_use(position: int, readers: Iterable[int], n: int) -> int | None:
     return best
 
 
+class Future:
+    """When each manifest position will be needed next, from where the readers are.
+
+    Distances are in files the reader resolves before it reaches the position (0: its next file): for a
+    reader in manifest order, the position's distance ahead of it, wrapping into the next epoch; for one
+    that announced its order, its distance in that order and then in the next epoch's. The nearest over
+    all readers counts. Falsy when no reader's future is known.
+    """
+
+    def __init__(self, n: int, ordered: Iterable[int] = (), announced: Iterable[Announcement] = ()) -> None:
+        self.n = n
+        self.ordered = sorted(set(ordered)) if n else []
+        self.announced = list(announced) if n else []
+
+    def __bool__(self) -> bool:
+        return bool(self.ordered or self.announced)
+
+    def distance(self, position: int) -> int | None:
+        best = next_use(position, self.ordered, self.n) if self.ordered else None
+        for a in self.announced:
+            d = a.distance(position)
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
+
+    def upcoming(self) -> Iterator[tuple[int, int]]:
+        """(distance, position) of the files readers want next, nearest first, each reader in turn at
+        each distance (a position may come more than once)."""
+        for k in range(self.n):
+            for r in self.ordered:
+                yield k, (r + k) % self.n
+            for a in self.announced:
+                p = a.at(k)
+                if p is not None:
+                    yield k, p
+
+
+def target_distance(position: int | None, demand: bool, future: Future, n: int) -> int | None:
+    """How soon a file to be fetched is needed (``choose_victims``' ``target_distance``): now for a
+    waiting reader; its next use when readers' futures are known; with none, its manifest position (as
+    if a reader stood at the start); a manifest file no reader will want: later than anything known."""
+    if demand:
+        return 0
+    if position is None:
+        return None
+    if future:
+        d = future.distance(position)
+        return d if d is not None else 2 * n + position
+    return position
+
+
 def choose_victims(
     residents: Iterable[Resident],
     *,
@@ -63,33 +128,46 @@ def choose_victims(
     now: float,
     lease: float,
     protected: set[int] = frozenset(),  # type: ignore[assignment]
+    future: Future | None = None,
+    held: Collection[str] | None = None,
 ) -> list[Resident] | None:
     """Victims freeing at least ``need`` bytes (plus up to ``extra`` from files with no known future).
 
     ``target_distance`` is how soon the file to be fetched is needed (None when unknown). ``protected``
-    holds manifest positions readers are reading right now. Returns None, evicting nothing, when the
-    eligible files cannot free ``need`` bytes.
+    holds manifest positions readers are reading right now. ``future``, when given, says when files are
+    needed next (it supersedes ``readers``, the in-order readers' next positions). ``held``, when given,
+    is the set of URIs under lease (``Leases.held``) and supersedes the ``lease`` seconds since last use.
+    Returns None, evicting nothing, when the eligible files cannot free ``need`` bytes.
     """
+    if future is None:
+        future = Future(n, readers)
     transient: list[tuple[float, Resident]] = []  # not in the manifest: LRU, first to go
     cold: list[tuple[float, Resident]] = []  # in the manifest, no known future: LRU
-    future: list[tuple[int, Resident]] = []  # known next use: furthest first
+    later: list[tuple[int, Resident]] = []  # known next use: furthest first
     unread: list[tuple[int, Resident]] = []  # prefetched, never read: only for an earlier entry or a waiting reader
     for r in residents:
-        if r.pinned or leased(r, now, lease) or (r.position is not None and r.position in protected):
+        if r.pinned or (r.position is not None and r.position in protected):
+            continue
+        if (r.uri in held) if held is not None else leased(r, now, lease):
             continue
         if r.position is None or n == 0:
             transient.append((r.last_used or r.fetched_at, r))
-        elif readers:
-            d = next_use(r.position, readers, n)
-            if target_distance is None or d > target_distance:
-                future.append((d, r))
+            continue
+        d = future.distance(r.position) if future else None
+        if d is not None:
+            # A waiting reader needs its file before anything else is needed, even a reader's next file.
+            if demand or target_distance is None or d > target_distance:
+                later.append((d, r))
         elif r.last_used > 0:
-            cold.append((r.last_used, r))
+            # never for a prefetch no reader's future asks for: it would churn (see module doc); a
+            # caller with no file in view (target None: the filesystem is full) may take them
+            if demand or future or target_distance is None:
+                cold.append((r.last_used, r))
         elif demand or (target_distance is not None and r.position > target_distance):
             unread.append((r.position, r))
     transient.sort(key=lambda t: t[0])
     cold.sort(key=lambda t: t[0])
-    future.sort(key=lambda t: -t[0])
+    later.sort(key=lambda t: -t[0])
     unread.sort(key=lambda t: -t[0])
 
     victims: list[Resident] = []
@@ -99,12 +177,110 @@ def choose_victims(
             break
         victims.append(r)
         freed += r.size
-    for _, r in future + unread:
+    for _, r in later + unread:
         if freed >= need:
             break
         victims.append(r)
         freed += r.size
     return victims if freed >= need else None
+
+
+def rewind_cursor(cursor: int, victims: Iterable[Resident]) -> int:
+    """Where the manifest-order prefetch cursor goes after evicting ``victims``: back to the first evicted
+    file nobody has read (prefetched too early; it is still to come), not to files already read: going
+    back for those fetched each one again as soon as eviction freed space, for nobody."""
+    return min([cursor] + [v.position for v in victims if v.position is not None and v.last_used <= 0])
+
+
+READAHEAD_SHARE = 16  # the readahead window is at most 1/16 of the cache
+LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each reader's newest two files)
+
+
+def readahead_files(max_size: int, avg_size: int, readahead_bytes: int, readahead_files: int = 0) -> int:
+    """Files fetched ahead of each reader whose order is known: ``--readahead`` (files when given, else
+    bytes over the average object size), at most 1/16 of the files the cache holds, at every scale.
+
+    Each file of window is one the resident set cannot keep, so the hit rate stays within ~1/16 of
+    Belady's; a cache of fewer than 16 files gets 0: readahead only into free space, fetching on demand
+    otherwise (``next_prefetch``).
+    """
+    avg = max(avg_size, 1)
+    asked = readahead_files if readahead_files > 0 else readahead_bytes // avg
+    return max(0, min(asked, (max_size // avg) // READAHEAD_SHARE))
+
+
+def next_prefetch(future: Future, wanted: Callable[[int], bool], size_of: Callable[[int], int],
+                  window: int, free: int) -> tuple[int | None, bool]:
+    """The next manifest position to prefetch for readers whose future is known, nearest next use first:
+    within ``window`` files of a reader always (eviction decides whether it is worth it), beyond it only
+    into ``free`` bytes. Returns (position or None, limited): ``limited`` when the window stopped the
+    scan, so a reader moving on may bring the file into it (scan again then)."""
+    for k, p in future.upcoming():
+        if wanted(p):
+            if k < window or size_of(p) <= free:
+                return p, False
+            return None, True
+    return None, False
+
+
+class Leases:
+    """Which files readers' leases hold: the newest each reader resolved, within ``lease`` seconds.
+
+    A reader's lease covers its ``min_files`` newest files, and older ones while their bytes stay within
+    its share of the budget (``budget`` bytes, split evenly between the readers active within the lease).
+    Invariants: a file a reader resolved more than ``lease`` seconds ago is never held; at most
+    ``budget`` bytes plus ``min_files`` files per reader are held, so a reader that moved on never holds
+    more than its newest few files, and with ``budget`` below the cache a waiting reader can always be
+    given room. ``held`` is what ``choose_victims`` takes.
+    """
+
+    def __init__(self, lease: float, budget: int, min_files: int = 2) -> None:
+        self.lease = lease
+        self.budget = budget
+        self.min_files = min_files
+        # reader -> uri -> (size, when), oldest first; and the bytes in it
+        self._recent: dict[str, OrderedDict[str, tuple[int, float]]] = {}
+        self._bytes: dict[str, int] = {}
+
+    def saw(self, reader: str, uri: str, size: int, now: float) -> None:
+        q = self._recent.setdefault(reader, OrderedDict())
+        total = self._bytes.get(reader, 0)
+        old = q.pop(uri, None)
+        if old is not None:
+            total -= old[0]
+        q[uri] = (size, now)
+        total += size
+        while len(q) > self.min_files:  # keep what could be held, with the budget all this reader's
+            oldest = next(iter(q.values()))
+            if total - oldest[0] < self.budget and now - oldest[1] < self.lease:
+                break
+            total -= q.popitem(last=False)[1][0]
+        self._bytes[reader] = total
+
+    def held(self, now: float) -> set[str]:
+        active = {r: q for r, q in self._recent.items() if q and now - next(reversed(q.values()))[1] < self.lease}
+        for r in [r for r in self._recent if r not in active]:
+            self.forget(r)
+        share = self.budget // max(1, len(active))
+        out: set[str] = set()
+        for q in active.values():
+            bytes_ = 0
+            for i, (uri, (size, when)) in enumerate(reversed(q.items())):
+                if now - when >= self.lease:
+                    break
+                bytes_ += size
+                if i >= self.min_files and bytes_ > share:
+                    break
+                out.add(uri)
+        return out
+
+    def forget(self, reader: str | None = None) -> None:
+        if reader is None:
+            self._recent.clear()
+            self._bytes.clear()
+        else:
+            self._recent.pop(reader, None)
+            self._bytes.pop(reader, None)
 
 
 @dataclass
@@ -113,14 +289,17 @@ class _Reader:
     steps: int  # consecutive small forward steps
     when: float
     epoch: int  # times it wrapped around the manifest
+    order: Announcement | None = None  # the order it announced, if any
 
 
 class ReaderTracker:
     """Where each reader is in the manifest, learned from the positions it resolves.
 
     A reader counts as ordered once it has made three steps in a row forward of at most ``stride``
-    positions (a shuffled reader almost never does); its position is then the next file it will read. Wrapping from the end of the manifest back to the start
-    begins its next epoch. A reader silent for ``idle`` seconds is forgotten.
+    positions (a shuffled reader almost never does); its position is then the next file it will read.
+    Wrapping from the end of the manifest back to the start begins its next epoch. A reader that
+    announced its order (``announce``) is placed in that order instead. A reader silent for ``idle``
+    seconds (no note, no announcement) is forgotten, its order with it.
     """
 
     def __init__(self, idle: float = 600.0, stride: int = 4) -> None:
@@ -134,9 +313,14 @@ class ReaderTracker:
         if r is None:
             self._readers[reader] = _Reader(position, 0, now, 0)
             return 0
+        if r.order is not None:
+            r.order.saw(position)
+            r.when = now
+            r.position = position
+            return r.order.epoch
         step = (position - r.position) % n if n else 0
         r.when = now
-        if n and n - step <= self.stride:
+        if n and step > self.stride and n - step <= self.stride:
             return r.epoch  # a small step back: notes arriving out of order, or parallel reads; stay put
         if 0 < step <= self.stride:
             r.steps += 1
@@ -147,9 +331,25 @@ class ReaderTracker:
         r.position = position
         return r.epoch
 
+    def announce(self, reader: str, order: Announcement, now: float) -> None:
+        """``reader`` will read in ``order`` from its cursor on (then the next epochs' orders)."""
+        r = self._readers.get(reader)
+        if r is None:
+            r = self._readers[reader] = _Reader(-1, 0, now, order.epoch)
+        r.order = order
+        r.when = now
+
+    def future(self, n: int, now: float) -> Future:
+        """When each manifest position is needed next, by the readers in order and the announced orders."""
+        self._expire(now)
+        announced = [r.order for r in self._readers.values() if r.order is not None and r.order.n]
+        return Future(n, self.positions(n, now), announced)
+
     def epoch_of(self, reader: str) -> int:
         r = self._readers.get(reader)
-        return r.epoch if r else 0
+        if r is None:
+            return 0
+        return r.order.epoch if r.order is not None else r.epoch
 
     def _expire(self, now: float) -> None:
         for name, r in list(self._readers.items()):
@@ -161,11 +361,11 @@ class ReaderTracker:
         self._expire(now)
         if not n:
             return []
-        return sorted({(r.position + 1) % n for r in self._readers.values() if r.steps >= 3})
+        return sorted({(r.position + 1) % n for r in self._readers.values() if r.steps >= 3 and r.order is None})
 
     def current(self) -> set[int]:
         """The position each reader resolved last: the file it is reading now, never a victim."""
-        return {r.position for r in self._readers.values()}
+        return {r.position for r in self._readers.values() if r.position >= 0}
 
     def forget(self) -> None:
         self._readers.clear()
