@@ -9,14 +9,17 @@ Invariants:
   object (``whole=True``): a ranged answer's checksum, where a server sends one, is of the object, but
   AWS sends none on ranged GETs, so nothing may depend on it.
 * An ETag counts as an MD5 (single-part) or an MD5 of part MD5s (multipart, ``-N``) only when S3 did not
-  encrypt with KMS or a customer key: those ETags are not digests of the bytes.
+  encrypt with KMS (``aws:kms``, ``aws:kms:dsse``) or a customer key: those ETags are not digests of the
+  bytes.
+* ``plan`` checks the strongest claim, and the manifest's strongest beside it when the strongest is S3's:
+  a manifest claim is never skipped because S3 has a better one.
 """
 
 from __future__ import annotations
 
 import re
 
-from .checksum import Expectation, b64_to_hex, have_crc64nvme, strongest
+from .checksum import Expectation, b64_to_hex, strongest
 from .manifest import Entry
 
 S3_CHECKSUMS = (("ChecksumSHA256", "s3-sha256"), ("ChecksumSHA1", "s3-sha1"),
@@ -45,7 +48,7 @@ def s3_expectations(resp: dict, etag: str, whole: bool) -> list[Expectation]:
     if whole:
         for header, method in S3_CHECKSUMS:
             value = resp.get(header)
-            if not value or (method == "s3-crc64nvme" and not have_crc64nvme()):
+            if not value:
                 continue
             b64, _, parts = value.partition("-")
             # S3 marks composite checksums "-N"; moto does not, so for a multipart object anything not
@@ -53,8 +56,8 @@ def s3_expectations(resp: dict, etag: str, whole: bool) -> list[Expectation]:
             if not parts and multipart and resp.get("ChecksumType") != "FULL_OBJECT":
                 parts = multipart.group(1)
             exps.append(Expectation(method, b64_to_hex(b64) + (f"-{parts}" if parts else "")))
-    encrypted = resp.get("SSECustomerAlgorithm") or resp.get("ServerSideEncryption") == "aws:kms"
-    if etag and not encrypted:  # with SSE-KMS or SSE-C the ETag is not an MD5 of the bytes
+    encrypted = resp.get("SSECustomerAlgorithm") or (resp.get("ServerSideEncryption") or "").startswith("aws:kms")
+    if etag and not encrypted:  # with SSE-KMS, DSSE-KMS or SSE-C the ETag is not an MD5 of the bytes
         if _MD5_ETAG.fullmatch(etag):
             exps.append(Expectation("etag-md5", etag))
         elif multipart:
@@ -65,3 +68,13 @@ def s3_expectations(resp: dict, etag: str, whole: bool) -> list[Expectation]:
 def expectation(entry: Entry, resp: dict, etag: str, whole: bool) -> Expectation | None:
     """The strongest claim about the bytes that is known before reading them (no part size yet)."""
     return strongest(manifest_expectations(entry) + s3_expectations(resp, etag, whole))
+
+
+def plan(manifest: list[Expectation], s3: list[Expectation]) -> tuple[Expectation | None, tuple[Expectation, ...]]:
+    """The check that verifies (the strongest claim) and the claims checked beside it (the manifest's
+    strongest, when the strongest is S3's)."""
+    primary = strongest(manifest + s3)
+    if primary is None or primary.from_manifest:
+        return primary, ()
+    mine = strongest(manifest)
+    return primary, ((mine,) if mine is not None else ())

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from .checks import expectation
-from .checksum import CHUNK, Digest, Expectation, SplitDigest, digest_file, strongest
-from .errors import FetchFailed, ObjectChanged, S3CacheError
+from .checksum import CHUNK, Digest, SplitDigest, digest_file, have_crc64nvme
+from .errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
-from .parts import Span, first_span, spans, total_size
-from .retry import Cancelled, Retry, RetryPolicy, classify, error_code
+from .parts import Span, check_ranged, first_answer, first_span, spans
+from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
+from .verifier import Checks, Verifier
 
 __all__ = ["Cancelled", "Counters", "Described", "DiskFull", "Fetched", "Fetcher", "NeedSpace", "make_client"]
 
@@ -68,6 +68,7 @@ class Fetched:
     version: str
     method: str
     crc32c: str
+    also: tuple[str, ...] = ()  # claims checked beside ``method`` (the manifest's, when S3's was stronger)
 
 
 class _Priority:
@@ -89,7 +90,13 @@ class Fetcher:
 
     def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
                  cancel: threading.Event, new_temp: Callable[[str], tuple[int, str]],
-                 discard: Callable[[str], None], prefetch_part_size: int | None = None) -> None:
+                 discard: Callable[[str], None], prefetch_part_size: int | None = None,
+                 require_checksum: bool = False) -> None:
+        if not have_crc64nvme():
+            # S3 checksums new uploads with CRC64NVME by default; without awscrt such objects could only
+            # be checked by their size. awscrt is a core dependency: its absence is a broken install.
+            raise ConfigError("awscrt is not installed, so CRC64NVME checksums (S3's default) cannot be "
+                              "checked: pip install 'awscrt>=0.20'")
         self.client = client
         # A reader waiting on one object wants it split across many connections; prefetch already has
         # many objects in flight, so more parts would add requests (a round trip, and server work,
@@ -103,6 +110,7 @@ class Fetcher:
         self.counters = Counters()
         self.policy = RetryPolicy(max_attempts, cancel, self.counters)
         self.api = ObjectApi(client, self.policy, self.counters)
+        self.verifier = Verifier(self.api, require_checksum)
         # Two part pools, so that a reader's object never queues behind parts of background prefetch.
         self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
         self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
@@ -139,7 +147,11 @@ class Fetcher:
                     raise Cancelled("stopping")
                 if prio is not None and not prio.foreground and not self._fg_idle.is_set():
                     self._fg_idle.wait(10.0)
-                chunk = body.read(CHUNK)
+                if got == expect_len:
+                    if body.read(1):  # never written: a body longer than its range is a wrong answer
+                        raise BadResponse(f"more than the {expect_len} bytes asked for at offset {offset}")
+                    break
+                chunk = body.read(min(CHUNK, expect_len - got))
                 if not chunk:
                     break
                 view = memoryview(chunk)
@@ -172,10 +184,13 @@ class Fetcher:
 
         ``foreground``: a reader waits on it; background fetches yield to it while it runs.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
-        ObjectChanged if the object kept changing, ChecksumMismatch if it never verified, Cancelled.
+        ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
+        at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
+        nothing but the size can vouch for it, Cancelled.
         """
         uri = entry.uri
         changed = 0
+        seen: set = set()  # wrong digests of earlier attempts
         prio = _Priority(foreground)
         with self._fg_lock:
             self._inflight[uri] = prio
@@ -185,7 +200,7 @@ class Fetcher:
         try:
             while True:
                 try:
-                    return self.policy.run(uri, lambda: self._fetch_once(entry, admit, prio))
+                    return self.policy.run(uri, lambda: self._fetch_once(entry, admit, prio, seen))
                 except ObjectChanged:
                     changed += 1
                     if changed >= 3:
@@ -215,29 +230,31 @@ class Fetcher:
             prio.foreground = True
             return True
 
-    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority) -> Fetched:
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: set) -> Fetched:
         uri = entry.uri
         part_size = self.part_size if prio.foreground else self.prefetch_part_size
+        asked: Span | None = first_span(part_size)
         try:
-            resp = self.api.get(entry, first_span(part_size), None)
+            resp = self.api.get(entry, asked, None)
         except botocore.exceptions.ClientError as e:
             if error_code(e)[1] != 416:
                 raise
+            asked = None
             resp = self.api.get(entry, None, None)  # an empty object has no byte 0 to range over
         body = resp["Body"]
         etag = resp.get("ETag", "").strip('"')
         version = resp.get("VersionId") or entry.version or ""
-        total = total_size(resp)
-        if entry.size is not None and total != entry.size:
+        try:
+            # A 200 is the whole object (a server that ignores Range); a 206 must be the range asked for.
+            total, whole = first_answer(resp, asked)
+            if entry.size is not None and total != entry.size:
+                raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+            if not admit(total):
+                raise NeedSpace(total)
+            checks = self.verifier.settle(entry, resp, etag, whole, total) if whole else None
+        except BaseException:
             body.close()
-            raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
-        if not admit(total):
-            body.close()
-            raise NeedSpace(total)
-        single = total <= part_size
-        expect = expectation(entry, resp, etag, whole=single)
-        if single:
-            expect = self.api.with_part_size(entry, expect)
+            raise
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
         try:
@@ -249,66 +266,77 @@ class Fetcher:
                         raise DiskFull(f"no space left for {uri} ({total} bytes)", total) from None
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
-            first_len = min(total, part_size)
-            if single:
-                digest = Digest(expect)
-                self._stream(body, fd, 0, first_len, digest, prio)
+            if checks is not None:
+                digest = Digest(checks.expect, checks.also)
+                self._stream(body, fd, 0, total, digest, prio)
             else:
-                digest = self._fetch_rest(entry, body, fd, total, etag, prio, part_size, expect)
-            method = digest.check(uri, total)
+                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, part_size)
+            # Writes never leave their ranges; the file's length is the object's all the same.
+            os.ftruncate(fd, total)
+            if os.fstat(fd).st_size != total:
+                raise BadResponse(f"{uri}: the temp file is {os.fstat(fd).st_size} bytes, not {total}")
+            method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
             os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
             ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c)
+            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
+                           tuple(e.method for e in checks.also))
         finally:
             os.close(fd)
             if not ok:
                 self._discard(tmp)
 
-    def _fetch_rest(self, entry: Entry, first_body, fd: int, total: int, etag: str, prio: _Priority,
-                    part_size: int, expect: Expectation | None) -> Digest:
-        """Write part 0 from the open body and the other parts in parallel, each pinned by If-Match, and
-        return the whole object's digest.
+    def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
+                    part_size: int) -> tuple[Checks, Digest]:
+        """Write part 0 from the open first answer and the other parts in parallel, each pinned by
+        If-Match and each answer checked to be exactly its range; return the checks and the whole
+        object's digest.
 
-        A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part size a
+        A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
         multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
         that round trip was most of the time to a waiting reader's first file. Parts start writing
-        once the expectation is settled, each feeding its own CRC when it is one (SplitDigest).
+        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest).
         """
         uri = entry.uri
+        first_body = first["Body"]
         pin = None if entry.version else etag
         settled = threading.Event()
-        final: list = [expect, None]  # the expectation, and its SplitDigest when it splits
+        final: list = [Checks(None), None]  # the checks, and their SplitDigest when they split
 
-        def stream(body, start: int, length: int) -> None:
+        def stream(body, span: Span) -> None:
             settled.wait()
             split = final[1]
             d = split.part() if split is not None else None
-            self._stream(body, fd, start, length, d, prio)
+            self._stream(body, fd, span.start, span.length, d, prio)
             if split is not None:
-                split.done(start, d)
+                split.done(span.start, d)
+
+        def get(span: Span):
+            resp = self.api.get(entry, span, pin)
+            try:
+                check_ranged(resp, span, total)
+            except BadResponse:
+                resp["Body"].close()
+                raise
+            return resp["Body"]
 
         def part(span: Span) -> None:
-            self.policy.run(uri, lambda: stream(self.api.get(entry, span, pin)["Body"], span.start, span.length))
+            self.policy.run(uri, lambda: stream(get(span), span))
 
         layout = spans(total, part_size)
         pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in layout[1:]]
         try:
             try:
-                if expect is None or expect.method.startswith("etag"):
-                    described = self.describe(entry)
-                    if described.etag == etag and described.expect is not None:
-                        final[0] = strongest([described.expect] + ([expect] if expect else []))
-                final[0] = self.api.with_part_size(entry, final[0])
-                if SplitDigest.splittable(final[0]):
-                    final[1] = SplitDigest(final[0])
+                final[0] = self.verifier.settle(entry, first, etag, False, total)
+                if SplitDigest.splittable(final[0].expect, final[0].also):
+                    final[1] = SplitDigest(final[0].expect, final[0].also)
             except BaseException:
                 first_body.close()
                 raise
             finally:
                 settled.set()  # on failure too: the parts must not wait for ever
             try:
-                stream(first_body, 0, part_size)
+                stream(first_body, layout[0])
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, Retry):
@@ -326,6 +354,6 @@ class Fetcher:
                     except Exception:
                         pass
         if final[1] is not None:
-            return final[1].joined()
+            return final[0], final[1].joined()
         with os.fdopen(os.dup(fd), "rb") as f:
-            return digest_file(f, final[0])  # a hash such as MD5 needs the bytes in order
+            return final[0], digest_file(f, final[0].expect, final[0].also)  # a hash such as MD5 needs the bytes in order

@@ -8,7 +8,8 @@ Invariants:
 * Permanent errors (NoSuchKey, AccessDenied, NoSuchBucket, no credentials, ...) are never retried: they
   fail at once as ``FetchFailed`` with S3's code. A 412 becomes ``ObjectChanged`` (the caller decides).
 * Our own typed errors (``S3CacheError``) pass through untouched unless they say they are transient
-  (``ChecksumMismatch``: a byte flipped on the wire).
+  (``ChecksumMismatch``: a byte flipped on the wire; ``BadResponse``: an answer that does not fit the
+  request). ``WrongChecksum`` is a mismatch known not to be transient: it is never retried.
 * Backoff is exponential with full jitter, capped at 20 s. A throttled answer (SlowDown, 429, 503)
   pushes back every request of every worker until the backoff has passed, so a burst of 503s is not
   answered by a retry storm.
@@ -27,7 +28,7 @@ from typing import Protocol, TypeVar
 import botocore.exceptions
 import urllib3.exceptions
 
-from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError
+from .errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError, WrongChecksum
 
 log = logging.getLogger("s3cache.fetch")
 
@@ -51,6 +52,12 @@ _PERMANENT_BY_STATUS = {403: "AccessDenied", 404: "NoSuchKey", 400: "BadRequest"
 
 class Cancelled(S3CacheError):
     """The daemon is stopping; the download was abandoned and its temp file removed."""
+
+
+class BadResponse(S3CacheError):
+    """An answer that does not fit its request (a ``200`` to a ranged GET after the first, a
+    ``Content-Range`` other than the one asked for, more bytes than asked, a part HEAD without a part
+    count): worth another attempt, as proxies and caches in the path give such answers now and then."""
 
 
 class Retry(Exception):
@@ -90,8 +97,8 @@ def classify(e: BaseException, uri: str) -> BaseException:
     if isinstance(e, (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError,
                       ConnectionError, TimeoutError)):
         return Retry(e)
-    if isinstance(e, ChecksumMismatch):
-        return Retry(e)  # a flipped byte on the wire: fetch again; give up after max_attempts
+    if (isinstance(e, ChecksumMismatch) and not isinstance(e, WrongChecksum)) or isinstance(e, BadResponse):
+        return Retry(e)  # a flipped byte or a stray answer on the way: fetch again, up to max_attempts
     return e
 
 

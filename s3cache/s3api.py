@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import boto3
 import botocore.config
 
-from .checks import expectation
-from .checksum import Expectation, is_per_part
+from .checks import expectation, s3_expectations
+from .checksum import Expectation, is_per_part, strongest
 from .manifest import Entry, Listed
-from .parts import Span
-from .retry import RetryPolicy
+from .parts import Span, upload_parts
+from .retry import BadResponse, RetryPolicy
 
 
 @dataclass
@@ -122,18 +122,41 @@ class ObjectApi:
         """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
         head = self.head(entry)
         etag = head.get("ETag", "").strip('"')
-        expect = self.with_part_size(entry, expectation(entry, head, etag, whole=True))
-        return Described(int(head["ContentLength"]), etag, head.get("VersionId") or entry.version or "", expect)
+        size = int(head["ContentLength"])
+        expect = self.with_part_size(entry, expectation(entry, head, etag, whole=True), size)
+        return Described(size, etag, head.get("VersionId") or entry.version or "", expect)
 
-    def with_part_size(self, entry: Entry, expect: Expectation | None) -> Expectation | None:
-        """Per-part checksums need the part size: learn it from ``HeadObject(PartNumber=1)``."""
-        if expect is None or not is_per_part(expect) or expect.part_size:
+    def s3_check(self, entry: Entry, total: int) -> tuple[str, Expectation | None]:
+        """HEAD the object: its ETag, and the strongest check S3 itself offers (the manifest's aside)."""
+        head = self.head(entry)
+        etag = head.get("ETag", "").strip('"')
+        return etag, self.with_part_size(entry, strongest(s3_expectations(head, etag, whole=True)), total)
+
+    def with_part_size(self, entry: Entry, expect: Expectation | None, total: int) -> Expectation | None:
+        """Per-part checksums need the upload's part boundaries: learn them from ``HeadObject(PartNumber=k)``.
+
+        Parts 1 and N say whether the layout is even (every part the size of part 1 but a shorter last
+        one, as uploaders cut them); otherwise every part is asked for. An answer without a part count
+        is a ``BadResponse`` (retried, then a failure): never a quiet fall back to the size alone."""
+        if expect is None or not is_per_part(expect) or expect.part_size or expect.part_sizes:
             return expect
         head = self.head(entry, part_number=1)
-        part_size = int(head["ContentLength"])
-        if not head.get("PartsCount") or part_size <= 0:
-            return None
-        return expect._replace(part_size=part_size)
+        first, count = int(head.get("ContentLength") or 0), int(head.get("PartsCount") or 0)
+        if count <= 0 or first <= 0:
+            raise BadResponse(f"{entry.uri}: HeadObject(PartNumber=1) gave no part count or size, which "
+                              f"{expect.method} {expect.value} needs")
+        last = int(self.head(entry, part_number=count)["ContentLength"]) if count > 1 else first
+        even = upload_parts(total, count, first, last)
+        if even is not None:
+            return expect._replace(part_size=first)
+        return expect._replace(part_sizes=self.part_sizes(entry, count, total))
+
+    def part_sizes(self, entry: Entry, count: int, total: int) -> tuple[int, ...]:
+        """Every upload part's size, one HEAD each; they must add up to ``total``."""
+        sizes = tuple(int(self.head(entry, part_number=k)["ContentLength"]) for k in range(1, count + 1))
+        if sum(sizes) != total:
+            raise BadResponse(f"{entry.uri}: the {count} part sizes add up to {sum(sizes)}, not {total}")
+        return sizes
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
