@@ -38,6 +38,9 @@ class Checks(NamedTuple):
 
 
 class Verifier:
+    """One per fetcher; keeps the module's invariants. ``_warned`` (under ``_lock``) holds each URI warned
+    about as size-only, so the warning is logged once per object per daemon run."""
+
     def __init__(self, api: ObjectApi, require_checksum: bool = False) -> None:
         self.api = api
         self.require_checksum = require_checksum

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3cache.parts import Span, first_span, spans, total_size
+from s3cache.parts import Span, first_span, spans, total_size, upload_parts
 
 
 @given(total=st.integers(0, 10_000), part_size=st.integers(1, 3_000))
@@ -34,3 +34,10 @@ def test_span_header_and_length():
 def test_total_size_from_a_ranged_or_a_whole_answer():
     assert total_size({"ContentRange": "bytes 0-99/12345", "ContentLength": 100}) == 12345
     assert total_size({"ContentLength": 77}) == 77
+
+
+def test_upload_parts_trusts_an_even_layout_only():
+    assert upload_parts(16, 3, 6, 4) == (6, 6, 4)  # every part as part 1, a shorter last one
+    assert upload_parts(12, 1, 12, 12) == (12,)
+    assert upload_parts(16, 3, 5, 5) is None  # 5 + ? + 5 = 16: a middle part differs, ask for each
+    assert upload_parts(16, 3, 5, 6) is None  # a last part larger than the first is not an even layout
