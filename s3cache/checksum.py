@@ -1,7 +1,8 @@
 """Streaming checksums: what an object's bytes must hash to, and checking that they do.
 
 An ``Expectation`` is one claim about the bytes (a manifest SHA-256, an ETag that is an MD5, ...). The
-fetcher picks the strongest claim available and checks it; the size is always checked as well.
+fetcher picks the strongest claim available and checks it, and the manifest's claim as well when the
+strongest is S3's; the size is always checked as well.
 Beside it, every file gets a local CRC32C (hardware-accelerated, ~GB/s) recorded in the index, so that
 ``s3cache verify`` can re-check files on disk cheaply. CRCs of parallel parts join into the whole
 object's (SplitDigest), so an object checked by a CRC is never read twice.
@@ -18,30 +19,41 @@ import crc32c as _crc32c
 
 from .errors import ChecksumMismatch
 
-# Strongest first. "etag-md5" is the ETag of a single-part upload; "etag-multipart" is the MD5 of the
-# part MD5s (needs the part size); "size" alone proves little and status warns about it.
+# Preferred first: cryptographic digests (they catch any change, a wrong object included), then
+# whole-object CRCs (they catch transfer errors and are checked as the parts stream, with no second read
+# of the file), then ETags (an MD5 that needs the bytes in order). Of two claims of one kind the
+# manifest's comes first: it also says which content the user expects. "etag-md5" is the ETag of a
+# single-part upload; "etag-multipart" is the MD5 of the part MD5s (needs the part sizes); "size" alone
+# proves little: the fetcher warns about it and can refuse it.
 METHODS = (
     "sha256",
-    "md5",
-    "crc32c",
     "s3-sha256",
     "s3-sha1",
+    "md5",
     "s3-crc64nvme",
+    "crc32c",
     "s3-crc32c",
     "s3-crc32",
     "etag-md5",
     "etag-multipart",
     "size",
 )
+MANIFEST_METHODS = frozenset({"sha256", "md5", "crc32c"})
 
 
 class Expectation(NamedTuple):
     """One claim about the bytes. ``value`` is lower-case hex; a multipart ETag or a COMPOSITE S3
-    checksum is ``hex-N`` and needs ``part_size`` (from ``HeadObject(PartNumber=1)``)."""
+    checksum is ``hex-N`` and needs the upload's part boundaries: ``part_sizes`` when its parts differ,
+    else ``part_size`` for all but a shorter last one (from ``HeadObject(PartNumber=k)``)."""
 
     method: str
     value: str
     part_size: int = 0
+    part_sizes: tuple[int, ...] = ()
+
+    @property
+    def from_manifest(self) -> bool:
+        return self.method in MANIFEST_METHODS
 
 
 def strongest(expectations: list[Expectation]) -> Expectation | None:
@@ -87,21 +99,30 @@ class _PerPart:
     """A checksum of the concatenated per-part checksums, then ``-N``: S3's multipart ETag (MD5 of the
     part MD5s) and its COMPOSITE additional checksums (e.g. CRC32 of the part CRC32s) are both this."""
 
-    def __init__(self, make, part_size: int) -> None:
+    def __init__(self, make, part_size: int, part_sizes: tuple[int, ...] = ()) -> None:
         self.make = make
         self.part_size = part_size
+        self.part_sizes = part_sizes  # the real boundaries, when the upload's parts differ
         self.parts: list[bytes] = []
         self.current = make()
         self.filled = 0
 
+    def _size(self) -> int:
+        k = len(self.parts)
+        if self.part_sizes:
+            # Bytes past the last declared part go to one more part: the check then fails on its count.
+            return self.part_sizes[k] if k < len(self.part_sizes) else 1 << 62
+        return self.part_size
+
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
-            take = min(len(view), self.part_size - self.filled)
+            size = self._size()
+            take = min(len(view), size - self.filled)
             self.current.update(view[:take])
             self.filled += take
             view = view[take:]
-            if self.filled == self.part_size:
+            if self.filled == size:
                 self.parts.append(self.current.digest())
                 self.current, self.filled = self.make(), 0
 
@@ -115,7 +136,8 @@ class _PerPart:
 
 
 class _Crc64nvme(_Crc):
-    """CRC64NVME (S3's default for new uploads) through awscrt, when installed (extra "crt")."""
+    """CRC64NVME (S3's default for new uploads) through awscrt, a core dependency: without it an object
+    whose only checksum is a CRC64NVME could be checked by its size alone (the fetcher refuses to start)."""
 
     width = 8
 
@@ -191,9 +213,9 @@ def _hasher(exp: Expectation):
     if make is None:
         raise ValueError(f"no hasher for {exp.method}")
     if is_per_part(exp):
-        if not exp.part_size:
+        if not exp.part_size and not exp.part_sizes:
             raise ValueError(f"{exp.method} {exp.value} needs the part size")
-        return _PerPart(make, exp.part_size)
+        return _PerPart(make, exp.part_size, exp.part_sizes)
     return make()
 
 
@@ -202,18 +224,34 @@ def is_per_part(exp: Expectation) -> bool:
     return exp.method == "etag-multipart" or "-" in exp.value
 
 
-class Digest:
-    """Feeds bytes, in order, to the expectation's hasher and to the local CRC32C."""
+class DigestMismatch(ChecksumMismatch):
+    """The bytes do not match one or more of the claims checked. ``failed`` and ``passed`` list
+    ``(expectation, actual hex)``: what lets the fetcher tell a wrong claim from a transfer error."""
 
-    def __init__(self, expect: Expectation | None) -> None:
+    def __init__(self, what: str, failed: list[tuple[Expectation, str]],
+                 passed: list[tuple[Expectation, str]]) -> None:
+        self.failed = failed
+        self.passed = passed
+        text = "; ".join(f"{e.method} is {actual}, expected {e.value}" for e, actual in failed)
+        super().__init__(f"{what}: {text}")
+
+
+class Digest:
+    """Feeds bytes, in order, to the hashers of the expectations and to the local CRC32C.
+
+    ``expect`` is the check that verifies (its method is what ``check`` returns); ``also`` are claims
+    checked beside it (the manifest's, when the strongest claim is S3's)."""
+
+    def __init__(self, expect: Expectation | None, also: tuple[Expectation, ...] = ()) -> None:
         self.expect = expect
-        self._remote = _hasher(expect) if expect else None
+        self.expects = ([expect] if expect is not None else []) + [e for e in also if e != expect]
+        self._remotes = [_hasher(e) for e in self.expects]
         self._local = _Crc32c()
         self.nbytes = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        if self._remote is not None:
-            self._remote.update(data)
+        for r in self._remotes:
+            r.update(data)
         self._local.update(data)
         self.nbytes += len(data)
 
@@ -221,53 +259,56 @@ class Digest:
     def local_crc32c(self) -> str:
         return self._local.hexdigest()
 
+    def actual(self) -> list[tuple[Expectation, str]]:
+        """Each expectation with what the bytes hashed to."""
+        return [(e, r.hexdigest()) for e, r in zip(self.expects, self._remotes)]
+
     def check(self, what: str, size: int | None) -> str:
-        """Raise ChecksumMismatch unless size and expectation hold; return the method that verified."""
+        """Raise ChecksumMismatch unless size and every expectation hold; return the method that verified."""
         if size is not None and self.nbytes != size:
             raise ChecksumMismatch(f"{what}: got {self.nbytes} bytes, expected {size}")
-        if self.expect is None or self._remote is None:
+        if self.expect is None:
             return "size"
-        actual = self._remote.hexdigest()
-        if actual != self.expect.value:
-            raise ChecksumMismatch(
-                f"{what}: {self.expect.method} is {actual}, expected {self.expect.value}"
-            )
+        results = self.actual()
+        failed = [(e, a) for e, a in results if a != e.value]
+        if failed:
+            raise DigestMismatch(what, failed, [(e, a) for e, a in results if a == e.value])
         return self.expect.method
 
 
 class SplitDigest:
     """An object's checksums joined from those of its parts, which may stream in any order.
 
-    Only for an expectation that is a whole-object CRC, or none (``splittable``): a hash such as MD5
+    Only for expectations that are whole-object CRCs, or none (``splittable``): a hash such as MD5
     needs the bytes in order, so those objects are read back once they are whole (``digest_file``).
     """
 
-    def __init__(self, expect: Expectation | None) -> None:
+    def __init__(self, expect: Expectation | None, also: tuple[Expectation, ...] = ()) -> None:
         self.expect = expect
+        self.also = also
         self._parts: dict[int, Digest] = {}
 
     @staticmethod
-    def splittable(expect: Expectation | None) -> bool:
-        return expect is None or (expect.method in _COMBINERS and not is_per_part(expect))
+    def splittable(expect: Expectation | None, also: tuple[Expectation, ...] = ()) -> bool:
+        return all(e is None or (e.method in _COMBINERS and not is_per_part(e)) for e in (expect, *also))
 
     def part(self) -> Digest:
         """A fresh digest for one attempt at one part; hand it to ``done`` once the part is whole."""
-        return Digest(self.expect)
+        return Digest(self.expect, self.also)
 
     def done(self, offset: int, d: Digest) -> None:
         self._parts[offset] = d
 
     def joined(self) -> Digest:
         """The whole object's Digest, ready for ``check``. The parts must cover it from byte 0 on."""
-        out = Digest(self.expect)
+        out = Digest(self.expect, self.also)
         for offset in sorted(self._parts):
             d = self._parts[offset]
             if offset != out.nbytes:
                 raise ValueError(f"parts do not meet: one ends at {out.nbytes}, the next starts at {offset}")
             out._local.value = _LOCAL.combine(out._local.value, d._local.value, d.nbytes)
-            if out._remote is not None:
-                out._remote.value = _COMBINERS[self.expect.method].combine(out._remote.value, d._remote.value,
-                                                                            d.nbytes)
+            for e, mine, theirs in zip(out.expects, out._remotes, d._remotes):
+                mine.value = _COMBINERS[e.method].combine(mine.value, theirs.value, d.nbytes)
             out.nbytes += d.nbytes
         return out
 
@@ -275,9 +316,9 @@ class SplitDigest:
 CHUNK = 1 << 20
 
 
-def digest_file(f: BinaryIO, expect: Expectation | None) -> Digest:
+def digest_file(f: BinaryIO, expect: Expectation | None, also: tuple[Expectation, ...] = ()) -> Digest:
     """Read an open file from the start through a Digest, one chunk at a time (memory stays flat)."""
-    d = Digest(expect)
+    d = Digest(expect, also)
     f.seek(0)
     buf = bytearray(CHUNK)
     view = memoryview(buf)

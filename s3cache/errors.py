@@ -125,3 +125,23 @@ class DaemonNotRunning(S3CacheError):
 
 class ProtocolError(S3CacheError):
     """The daemon and a client disagree about the control protocol (version skew)."""
+
+
+class WrongChecksum(ChecksumMismatch):
+    """The bytes S3 serves are stable but do not match a claim about them: S3's own checksum agrees with
+    them and the manifest's does not, or two downloads hashed alike and both mismatched. Not a transfer
+    error, so fetching again cannot help: it fails at once until the manifest or the object changes."""
+
+    def __init__(self, uri: str, message: str) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: {message}")
+
+
+class NoChecksum(FetchFailed):
+    """Nothing stronger than its size can vouch for the object's bytes and checksums are required
+    (``require_checksum``): it is not published."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri, "NoChecksum",
+                         "no checksum to verify it by (S3 has none, its ETag is not an MD5, the manifest gives "
+                         "none): add sha256= to its manifest line, or upload it with a checksum")

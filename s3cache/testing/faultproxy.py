@@ -10,6 +10,14 @@ fault name or None:
 * ``"short"``: send the headers and half the body, then close normally: a short body.
 * ``"flip"``: flip one byte of the body.
 * ``"stall"``: send the headers, then nothing for ``stall_seconds``, then close.
+* ``"ignore-range"``: drop the request's ``Range``, so the whole object comes back with ``200``, as
+  servers and proxies that ignore ``Range`` answer.
+* ``"shift"``: ask upstream for the requested range moved by one byte (back, or forward from byte 0):
+  a ``206`` of the same length whose (true) ``Content-Range`` is not the one asked for.
+* ``"no-parts-count"``: drop ``x-amz-mp-parts-count`` from the answer (a HEAD of a part without it).
+
+``ranged_checksums=False`` drops ``x-amz-checksum-*`` headers from every answer to a ranged GET, as AWS
+does (moto sends them when the range covers the whole object).
 
 ``latency`` delays every response by that many seconds (added before the response is sent), and
 ``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
@@ -39,12 +47,14 @@ _ERRORS = {
 
 class FaultProxy:
     def __init__(self, upstream_port: int, plan: Plan | None = None, *, latency: float = 0.0,
-                 bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0) -> None:
+                 bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0,
+                 ranged_checksums: bool = True) -> None:
         self.upstream_port = upstream_port
         self.plan = plan or (lambda m, p, q: None)
         self.latency = latency
         self.bandwidth = bandwidth
         self.stall_seconds = stall_seconds
+        self.ranged_checksums = ranged_checksums
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, object path) -> count
@@ -160,11 +170,20 @@ class FaultProxy:
                                  f"Content-Length: {len(xml)}\r\n\r\n".encode() + xml)
                     await writer.drain()
                     continue
+                ranged = "range" in headers
+                if fault == "ignore-range" and ranged:
+                    head = _drop_header(head, b"range")
+                elif fault == "shift" and ranged:
+                    head = _shift_range(head, headers["range"])
                 if up_w is None:
                     up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
                 up_w.write(head + body)
                 await up_w.drain()
                 rhead = await up_r.readuntil(b"\r\n\r\n")
+                if fault == "no-parts-count":
+                    rhead = _drop_header(rhead, b"x-amz-mp-parts-count")
+                if ranged and not self.ranged_checksums and rhead.split(b" ", 2)[1] == b"206":
+                    rhead = _drop_header(rhead, b"x-amz-checksum-")
                 rheaders = _headers(rhead)
                 length = int(rheaders.get("content-length", "0")) if method != "HEAD" else 0
                 close_upstream = rheaders.get("connection", "").lower() == "close"
@@ -240,8 +259,20 @@ class FaultProxy:
 
 
 def _drop_header(head: bytes, name: bytes) -> bytes:
+    """``head`` without the header ``name``, or without every header starting with ``name`` if it ends
+    with ``-``."""
     lines = head.split(b"\r\n")
-    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(name + b":"))
+    prefix = name if name.endswith(b"-") else name + b":"
+    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(prefix))
+
+
+def _shift_range(head: bytes, value: str) -> bytes:
+    """``head`` asking for ``bytes=A-B`` moved by one byte: back, or forward when A is 0."""
+    first, _, last = value.removeprefix("bytes=").partition("-")
+    delta = -1 if int(first) > 0 else 1
+    lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"range:")]
+    rng = f"Range: bytes={int(first) + delta}-{int(last) + delta}".encode()
+    return b"\r\n".join([lines[0], rng] + lines[1:])
 
 
 def _headers(head: bytes) -> dict[str, str]:
