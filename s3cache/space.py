@@ -1,0 +1,368 @@
+"""The space: what is on disk, what may still come, and what to evict to make room.
+
+Owns the resident set (ready records, their bytes, usage not yet written to the index), the bytes
+promised to downloads in flight (reservations), object sizes learned from S3, pins, and the
+filesystem's state (``--min-free``, disk full). Admission and eviction happen here and nowhere else.
+
+Invariants it keeps:
+
+* ready bytes + reserved bytes never exceed ``--max-size`` (``admit`` reserves before a byte is
+  written; ``commit`` turns a reservation into ready bytes in one step under the state lock). Known
+  hole, issue 17 item 11: ``commit`` trusts the reservation, so an object that grew since its size
+  was learned is published past the limit;
+* a file is removed before its index row (a crash leaves a row to drop at start, never an orphan);
+* a file a reader resolved is seen by eviction: eviction holds the cache's lease lock exclusively and
+  applies every usage note readers sent (``drain_notes``) before choosing victims;
+* one reservation per URI: a second ``admit`` of the same URI is a no-op that answers yes.
+
+Locks. The state lock is the daemon's one ``threading.Condition`` (over an RLock), shared with the
+schedule, readers and publisher: "ready, reserved or fetching" must change in one step for all of them
+(a file published is released from its reservation, leaves the fetching set and wakes its readers
+atomically). Eviction also takes the lease ``flock`` (``lease.lock`` in the private dir), always BEFORE
+the state lock: readers hold it shared around their fast path, and taking it after the state lock
+would let a reader block the whole daemon. Callers of the methods below hold the state lock unless a
+method says it takes the locks itself (``admit``, ``evict_for_disk``, ``exclusive``, ``flush``,
+``space_returned``).
+
+Talks upward only through two callables handed at construction: ``drain_notes()`` (apply readers'
+pending usage notes; the readers part) and ``on_evicted(positions)`` (manifest positions of evicted
+files, so the schedule may fetch them again).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from .catalog import Catalog
+from .config import Settings, human_size
+from .evict import Resident, ReaderTracker, choose_victims, next_use
+from .index import Index, Record
+from .manifest import Entry
+from .store import Store
+
+log = logging.getLogger("s3cache.daemon")
+
+LEASE_LOCK = "lease.lock"
+
+
+def lease_lock_path(private_dir: str) -> str:
+    return os.path.join(private_dir, LEASE_LOCK)
+
+
+class Space:
+    def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
+                 tracker: ReaderTracker, *, drain_notes: Callable[[], None],
+                 on_evicted: Callable[[list[int | None]], None]) -> None:
+        self.s = settings
+        self.store = store
+        self.index = index
+        self._cond = cond
+        self._tracker = tracker  # read only here: the readers part moves it
+        self._drain_notes = drain_notes
+        self._on_evicted = on_evicted
+        self.catalog = Catalog()
+        self.pinned: set[str] = set(index.get_meta("pins", []))  # `s3cache pin`; pin=1 entries too
+        self.ready: dict[str, Record] = {}
+        self.used = 0  # bytes of ready files
+        self.reserved = 0  # bytes promised to downloads in flight
+        self.reservations: dict[str, int] = {}
+        # Sizes of manifest objects that the manifest did not give, learned from S3 (a first response or
+        # a cached file) and kept after eviction, so that deciding whether a file fits costs no GET.
+        self.known_sizes: dict[str, int] = {}
+        self.disk_full = False
+        self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
+        self._free_checked = (-1.0, 0, 0)  # (when, free bytes, total bytes) of the last statvfs
+        self._admitted_since_check = 0
+        self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
+        self.evicted = 0
+        self.evicted_bytes = 0
+        self._lease_fd = os.open(lease_lock_path(store.layout.private),
+                                 os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def close(self) -> None:
+        os.close(self._lease_fd)
+
+    # == the resident set (state lock held) ===========================================================
+
+    def load(self, rows: Iterable[tuple[str, Record]]) -> None:
+        """Ready files found at start (reconcile or rebuild)."""
+        for uri, rec in rows:
+            self.ready[uri] = rec
+            self.used += rec.size
+
+    def install(self, catalog: Catalog) -> list[Record]:
+        """A new manifest: forget cached files it asks a different version or size of, and return them
+        (the caller removes their files, outside the lock). Work is proportional to what is cached."""
+        self.catalog = catalog
+        stale: list[Record] = []
+        for uri, rec in list(self.ready.items()):
+            pos = catalog.position(uri)
+            if pos is None:
+                continue
+            e = catalog.entry(pos)
+            if (e.version and rec.version != e.version) or (e.size is not None and rec.size != e.size):
+                stale.append(rec)
+                self.forget(uri)
+        self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in catalog}
+        return stale
+
+    def is_ready(self, uri: str) -> bool:
+        return uri in self.ready
+
+    def ready_uris(self):
+        """A live view of the ready URIs (iterate it with the state lock held)."""
+        return self.ready.keys()
+
+    def records(self, uris: Iterable[str] | None = None) -> list[tuple[str, Record]]:
+        """A snapshot of (uri, record) of ready files: all of them, or those of ``uris`` that are."""
+        if uris is None:
+            return list(self.ready.items())
+        return [(u, self.ready[u]) for u in uris if u in self.ready]
+
+    def ready_path(self, uri: str) -> str | None:
+        """The file of a ready object; a file removed behind our back is forgotten (fetched again)."""
+        rec = self.ready.get(uri)
+        if rec is None:
+            return None
+        if self.store.exists(rec.path):
+            return rec.path
+        self.forget(uri)
+        return None
+
+    def touch(self, uri: str, when: float) -> bool:
+        """A reader used ``uri`` at ``when`` (its lease starts). False if it is not ready."""
+        rec = self.ready.get(uri)
+        if rec is None:
+            return False
+        self.ready[uri] = rec.used(when)
+        self._dirty_use[uri] = when
+        return True
+
+    def forget(self, uri: str) -> Record | None:
+        """Drop ``uri`` from the resident set (its file and row are the caller's)."""
+        rec = self.ready.pop(uri, None)
+        if rec is not None:
+            self.used -= rec.size
+            pos = self.catalog.position(uri)
+            if pos is not None and self.catalog.entry(pos).size is None:
+                self.known_sizes[uri] = rec.size
+            self._dirty_use.pop(uri, None)
+        return rec
+
+    def commit(self, items: list[tuple[str, Record]]) -> list[Record]:
+        """Published files become ready: each one's reservation turns into ready bytes. Returns the
+        records these replaced whose file was elsewhere (the caller removes those files)."""
+        replaced = []
+        for uri, rec in items:
+            old = self.forget(uri)
+            if old is not None and old.path != rec.path:
+                replaced.append(old)
+            self.release(uri)
+            self.ready[uri] = rec
+            self.used += rec.size
+        self.disk_full = False  # a publish wrote bytes: the filesystem had room
+        return replaced
+
+    # == reservations and sizes =======================================================================
+
+    def size_hint(self, uri: str) -> int | None:
+        return self.known_sizes.get(uri)
+
+    def learn_size(self, uri: str, size: int) -> None:
+        self.known_sizes[uri] = size
+
+    def free(self) -> int:
+        """Bytes under --max-size neither ready nor promised."""
+        return self.s.max_size - self.used - self.reserved
+
+    def release(self, uri: str) -> None:
+        size = self.reservations.pop(uri, 0)
+        self.reserved -= size
+
+    def _reserve(self, uri: str, size: int) -> None:
+        self._admitted_since_check += size
+        self.reservations[uri] = size
+        self.reserved += size
+
+    # == admission and eviction (take the locks themselves) ===========================================
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The lease lock exclusively, then the state lock: no reader is between "saw the file" and
+        "told us" while this is held. The lock order (flock first) is the daemon's rule."""
+        fcntl.flock(self._lease_fd, fcntl.LOCK_EX)
+        try:
+            with self._cond:
+                yield
+        finally:
+            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+
+    def admit(self, entry: Entry, size: int, demand: bool) -> bool:
+        """Reserve ``size`` bytes for ``entry``, evicting by policy if needed. False: no room yet."""
+        uri = entry.uri
+        low_on_space = not demand and self.s.min_free and self._free_fraction() < self.s.min_free
+        with self._cond:
+            if uri in self.reservations:
+                return True
+            if low_on_space:
+                log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
+                return False
+            if self.used + self.reserved + size <= self.s.max_size:
+                self._reserve(uri, size)
+                return True
+        if size > self.s.max_size:
+            return False
+        with self.exclusive():
+            self._drain_notes()
+            if self.used + self.reserved + size <= self.s.max_size:
+                self._reserve(uri, size)
+                return True
+            now = time.time()
+            n = len(self.catalog)
+            readers = self._tracker.positions(n, now)
+            pos = self.catalog.position(uri)
+            # How soon the new file is needed: now for a waiting reader; its distance ahead of the
+            # readers in order; with none, its manifest position (as if a reader stood at the start).
+            if demand:
+                target = 0
+            elif pos is None:
+                target = None
+            else:
+                target = next_use(pos, readers, n) if readers else pos
+            need = self.used + self.reserved + size - self.s.max_size
+            low = int(self.s.max_size * self.s.low_watermark)
+            extra = max(0, self.used + self.reserved + size - low - need)
+            victims = choose_victims(self.residents(), need=need, extra=extra, readers=readers, n=n,
+                                     target_distance=target, demand=demand, now=now, lease=self.s.lease,
+                                     protected=self._tracker.current())
+            if victims is None:
+                return False
+            self._evict(victims, uri)
+            self._reserve(uri, size)
+            return True
+
+    def evict_for_disk(self, size: int) -> bool:
+        """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
+        with self.exclusive():
+            self._drain_notes()
+            now = time.time()
+            n = len(self.catalog)
+            victims = choose_victims(self.residents(), need=size, extra=0,
+                                     readers=self._tracker.positions(n, now), n=n, target_distance=None,
+                                     demand=False, now=now, lease=self.s.lease,
+                                     protected=self._tracker.current())
+            if not victims:
+                return False
+            self._evict(victims, "a full filesystem")
+            return True
+
+    def _evict(self, victims: list[Resident], why: str) -> None:
+        """Remove victims' files, then their rows (both locks held)."""
+        for v in victims:
+            rec = self.forget(v.uri)
+            if rec is not None:
+                self.store.remove(rec.path)  # the file first: a crash leaves a row to drop, not an orphan
+            self.evicted += 1
+            self.evicted_bytes += v.size
+        self.index.delete_many(v.uri for v in victims)
+        self._on_evicted([v.position for v in victims])
+        log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
+
+    def withdraw(self, uri: str, path: str, quarantine: bool) -> tuple[bool, str | None]:
+        """Take the ready file at ``path`` out of readers' reach: quarantine it or remove it, then drop
+        its row. Call inside ``exclusive()``. Returns (done, quarantine path); not done when the file
+        was replaced or evicted meanwhile."""
+        rec = self.ready.get(uri)
+        if rec is None or rec.path != path:
+            return False, None
+        self.forget(uri)
+        where = None
+        if quarantine:
+            where = self.store.quarantine(path)
+        else:
+            self.store.remove(path)
+        self.index.delete_many([uri])
+        return True, where
+
+    def residents(self) -> list[Resident]:
+        return [Resident(u, r.size, r.last_used, r.fetched_at, self.catalog.position(u), self.is_pinned(u))
+                for u, r in self.ready.items()]
+
+    # == pins =========================================================================================
+
+    def is_pinned(self, uri: str) -> bool:
+        if uri in self.pinned:
+            return True
+        pos = self.catalog.position(uri)
+        return pos is not None and pos in self.catalog.pinned
+
+    def pin(self, uris: list[str], pin: bool) -> int:
+        """``s3cache pin/unpin``: keep files resident or release them; durable. Returns the pin count."""
+        for uri in uris:
+            if pin:
+                self.pinned.add(uri)
+            else:
+                self.pinned.discard(uri)
+        self.index.set_meta("pins", sorted(self.pinned))
+        return len(self.pinned)
+
+    # == the filesystem ===============================================================================
+
+    def _free_fraction(self) -> float:
+        """The filesystem's free fraction: statvfs at most every 100 ms (one per small object added up),
+        less what was admitted since, so a burst of admissions cannot overshoot --min-free."""
+        now = time.monotonic()
+        with self._cond:
+            when, free, total = self._free_checked
+            if now - when > 0.1:
+                free, total = self.store.free_bytes(), self.store.total_bytes()
+                self._free_checked = (now, free, total)
+                self._admitted_since_check = 0
+            return max(0, free - self._admitted_since_check) / total if total else 0.0
+
+    def mark_disk_full(self, need: int) -> None:
+        """The filesystem refused a write: fetching waits until ``need`` bytes are free (lock held)."""
+        self.disk_full = True
+        self._disk_need = max(need, 1 << 20)
+
+    def space_returned(self) -> bool:
+        """True once, when the filesystem has room again after a full disk (takes the state lock)."""
+        if self.disk_full and self.store.free_bytes() >= self._disk_need:
+            log.info("space returned on the cache filesystem; fetching resumes")
+            with self._cond:
+                self.disk_full = False
+            return True
+        return False
+
+    # == usage ========================================================================================
+
+    def flush(self) -> None:
+        """Write readers' usage (last_used) to the index."""
+        with self._cond:
+            dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
+            self._dirty_use.clear()
+        if dirty:
+            self.index.put_many(dirty)
+
+    def status(self) -> dict:
+        """This part's piece of ``status`` (state lock held by the caller)."""
+        pinned = [r for u, r in self.ready.items() if self.is_pinned(u)]
+        methods: dict[str, int] = {}
+        for r in self.ready.values():
+            methods[r.method] = methods.get(r.method, 0) + 1
+        return {
+            "ready": len(self.ready),
+            "bytes": {"ready": self.used, "reserved": self.reserved, "max": self.s.max_size,
+                      "free_fraction": round(self.store.free_fraction(), 4)},
+            "verified_by": methods,
+            "disk_full": self.disk_full,
+            "pinned": {"files": len(pinned), "bytes": sum(r.size for r in pinned)},
+            "evicted": self.evicted,
+            "evicted_bytes": self.evicted_bytes,
+        }

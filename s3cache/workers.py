@@ -1,0 +1,113 @@
+"""The workers: take a job from the schedule, get it room in the space, fetch it, hand it on.
+
+One ``run`` per worker thread. It owns no state: every outcome of a fetch is routed to the part whose
+state it changes — a verified file to the publisher (``publish``), a failure to ``fail``, no room to
+the schedule (blocked) with the size learned by the space, a full disk to eviction for the filesystem
+or to the schedule (parked) — so that each of those decisions is made in one place.
+
+Invariants it keeps:
+
+* every job handed out ends in exactly one of: published, failed, blocked, parked, re-queued, or
+  cancelled at shutdown; in every case it leaves the fetching set, and a reservation it took is
+  released (or turned into ready bytes by the publisher);
+* a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch).
+
+Lock: the daemon's state ``threading.Condition`` (see space.py), taken briefly to route an outcome;
+never held across a fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from .config import Settings
+from .errors import ChecksumMismatch, FetchFailed, ObjectChanged
+from .fetch import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace
+from .manifest import Entry
+from .schedule import Schedule
+from .space import Space
+
+log = logging.getLogger("s3cache.daemon")
+
+
+class Workers:
+    def __init__(self, settings: Settings, schedule: Schedule, space: Space, fetcher: Fetcher,
+                 cond: threading.Condition, *, is_waited: Callable[[str], bool],
+                 publish: Callable[[Entry, Fetched], None], fail: Callable[[str, str, str], None]) -> None:
+        self.s = settings
+        self._schedule = schedule
+        self._space = space
+        self._fetcher = fetcher
+        self._cond = cond
+        self._is_waited = is_waited
+        self._publish = publish
+        self._fail = fail
+
+    def run(self) -> None:
+        """One worker thread: until the schedule says stop."""
+        while True:
+            job = self._schedule.next_job()
+            if job is None:
+                return
+            entry, demand = job
+            if not self._one(entry, demand):
+                return
+
+    def _one(self, entry: Entry, demand: bool) -> bool:
+        """Fetch one job and route its outcome. False: the daemon is stopping."""
+        uri = entry.uri
+        space = self._space
+        with self._cond:
+            size = entry.size if entry.size is not None else space.size_hint(uri)
+        try:
+            if size is not None and not space.admit(entry, size, demand):
+                raise NeedSpace(size)
+            # Foreground while a reader waits: files a reader will want next ("ahead") come through
+            # the demand queue too, and must not compete with the one it waits on. The head of the
+            # manifest counts as waited on: a job that just wrote its manifest reads it first, and
+            # is usually still starting up when the fetch begins.
+            with self._cond:
+                foreground = self._is_waited(uri) if demand else self._schedule.position(uri) == 0
+            fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground)
+        except NeedSpace as e:
+            if e.size > self.s.max_size:
+                self._fail(uri, "TooLarge", f"{e.size} bytes will never fit in --max-size {self.s.max_size}")
+                return True
+            with self._cond:
+                self._schedule.no_room(uri, demand)
+                space.learn_size(uri, e.size)
+            return True
+        except Cancelled:
+            with self._cond:
+                self._schedule.ended(uri)
+                space.release(uri)
+            return False
+        except DiskFull as e:
+            with self._cond:
+                self._schedule.ended(uri)
+                space.release(uri)
+                space.learn_size(uri, e.size)
+            if space.evict_for_disk(e.size):
+                log.info("%s: %s; evicted files to make room, trying again", uri, e)
+                with self._cond:
+                    self._schedule.again(entry, demand)
+                return True
+            log.error("%s: %s; prefetch paused until space returns", uri, e)
+            with self._cond:
+                space.mark_disk_full(e.size)
+                self._schedule.park(entry, demand)
+            return True
+        except FetchFailed as e:
+            self._fail(uri, e.code, e.reason)
+            return True
+        except (ChecksumMismatch, ObjectChanged) as e:
+            self._fail(uri, type(e).__name__, str(e))
+            return True
+        except Exception as e:
+            log.exception("unexpected error fetching %s", uri)
+            self._fail(uri, "InternalError", f"{type(e).__name__}: {e}")
+            return True
+        self._publish(entry, fetched)
+        return True

@@ -1,0 +1,89 @@
+"""The daemon's parts on a real cache dir, for their unit tests: a real Store, Index, Catalog and
+ReaderTracker, wired as daemon.py wires them, without threads, sockets or S3."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from s3cache.catalog import Catalog
+from s3cache.checksum import local_crc32c_of
+from s3cache.config import Settings
+from s3cache.evict import ReaderTracker
+from s3cache.index import READY, Index, Record
+from s3cache.manifest import Entry
+from s3cache.readers import Readers
+from s3cache.refs import parse_uri
+from s3cache.schedule import Schedule
+from s3cache.space import Space
+from s3cache.store import Store
+
+
+def entry(uri: str, size: int | None = None, **kw) -> Entry:
+    return Entry(parse_uri(uri), size, **kw)
+
+
+def catalog(*entries: Entry) -> Catalog:
+    return Catalog.build(entries)
+
+
+class Rig:
+    """Space, schedule and readers over one cache dir, sharing one state lock as in the daemon."""
+
+    def __init__(self, root: Path, **settings) -> None:
+        self.s = Settings(cache_dir=root, **{"min_free": 0.0, **settings})
+        self.store = Store(str(root))
+        self.store.open()
+        self.index = Index(self.store.layout.index)
+        self.cond = threading.Condition(threading.RLock())
+        self.stopping = threading.Event()
+        self.tracker = ReaderTracker(idle=max(self.s.lease, 60.0))
+        self.notes: list[tuple[str, str, str]] = []  # (reader, kind, uri) waiting to be drained
+        self.evicted_positions: list[list[int | None]] = []
+        self.promoted: list[str] = []
+        self.space = Space(self.s, self.store, self.index, self.cond, self.tracker,
+                           drain_notes=lambda: self.readers.drain(), on_evicted=self._evicted)
+        self.schedule = Schedule(self.s, self.space, self.cond, self.tracker, self.stopping,
+                                 is_waited=lambda uri: self.readers.is_waited(uri))
+        self.readers = Readers(self.schedule, self.space, self.store, self.cond, self.tracker,
+                               notes=self._drain, promote=self.promoted.append)
+
+    def _evicted(self, positions: list[int | None]) -> None:
+        self.evicted_positions.append(positions)
+        self.schedule.evicted(positions)
+
+    def _drain(self):
+        out, self.notes[:] = list(self.notes), []
+        return out
+
+    def install(self, cat: Catalog) -> list[Record]:
+        with self.cond:
+            stale = self.space.install(cat)
+            self.readers.install()
+            self.schedule.install(cat)
+        return stale
+
+    def temp_file(self, data: bytes) -> str:
+        fd, path = self.store.new_temp("t")
+        os.write(fd, data)
+        os.close(fd)
+        return path
+
+    def cached(self, uri: str, data: bytes, *, last_used: float = 0.0) -> Record:
+        """A ready file on disk, in the index and in the space (as reconcile leaves it)."""
+        rel = self.store.prepare(parse_uri(uri))
+        assert self.store.publish([(self.temp_file(data), rel)]) == [None]
+        path = self.store.layout.abspath(rel)
+        rec = Record(READY, rel, len(data), "", "", "size", local_crc32c_of(path), time.time(), last_used)
+        self.index.put_many([(uri, rec)])
+        with self.cond:
+            self.space.load([(uri, rec)])
+        return rec
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.space.close()
+        self.index.close()
+        self.store.close()

@@ -1,0 +1,62 @@
+"""The manifest watch (s3cache/manifest_watch.py) on a real file and a real watchdog observer: it reads,
+records listing errors, installs each saved version once settled, and keeps the last good one."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from s3cache.catalog import Catalog
+from s3cache.errors import FetchFailed
+from s3cache.manifest_watch import ManifestWatch
+from s3cache.testing import wait_for
+
+
+def refuse(bucket: str, prefix: str):
+    raise FetchFailed(f"s3://{bucket}/{prefix}", "AccessDenied")
+
+
+@pytest.fixture
+def watched(tmp_path):
+    path = tmp_path / "m.txt"
+    path.write_text("s3://bkt/a\n")
+    installed: list[Catalog] = []
+    stopping = threading.Event()
+    w = ManifestWatch(str(path), lister=refuse, install=installed.append, stopping=stopping)
+    thread = threading.Thread(target=w.reload_loop)
+    yield path, w, installed, thread
+    stopping.set()
+    w.wake()
+    if thread.ident is not None:
+        thread.join(timeout=10)
+    w.stop()
+
+
+def test_a_prefix_that_cannot_be_listed_is_an_error_not_a_failure(watched):
+    path, w, _, _ = watched
+    path.write_text("s3://bkt/a\ns3://bkt/dir/\n")
+    cat = w.read()
+    assert len(cat) == 1 and "s3://bkt/a" in cat
+    assert len(w.errors) == 1 and "cannot list s3://bkt/dir/" in w.errors[0] and "AccessDenied" in w.errors[0]
+
+
+def test_each_saved_version_is_installed_and_a_broken_one_is_not(watched, caplog):
+    path, w, installed, thread = watched
+    caplog.set_level("ERROR", logger="s3cache.daemon")
+    assert len(w.read()) == 1
+    w.watch()
+    thread.start()
+    tmp = path.with_suffix(".new")
+    tmp.write_text("s3://bkt/a\ns3://bkt/b\n")
+    os.rename(tmp, path)  # an editor's save
+    wait_for(lambda: installed and len(installed[-1]) == 2, 30, "the new manifest to be installed")
+    count = len(installed)
+    tmp.write_text("s3://bkt/a size=notanumber\n")
+    os.rename(tmp, path)
+    wait_for(lambda: "manifest not reloaded, keeping the previous one" in caplog.text, 30, "the reload to fail")
+    assert len(installed) == count
+    tmp.write_text("s3://bkt/c\n")
+    os.rename(tmp, path)
+    wait_for(lambda: len(installed[-1]) == 1 and "s3://bkt/c" in installed[-1], 30, "the fixed manifest")

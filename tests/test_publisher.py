@@ -1,0 +1,68 @@
+"""The publisher (s3cache/publisher.py) on a real cache dir and index: batches become ready files and
+rows, a file that cannot be renamed is failed and leaves nothing behind, the thread stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from parts import Rig, entry
+from s3cache.checksum import local_crc32c_of
+from s3cache.fetch import Fetched
+from s3cache.index import READY
+from s3cache.publisher import Publisher
+
+B = "s3://bkt/"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path / "cache", max_size=1000, lease=600.0)
+    r.published, r.failed = [], []
+    r.publisher = Publisher(r.store, r.index, r.space, r.cond,
+                            on_published=lambda items, now: r.published.extend(u for u, _ in items),
+                            on_failed=lambda uri, code, msg: r.failed.append((uri, code)))
+    yield r
+    r.close()
+
+
+def fetched(rig, data: bytes) -> Fetched:
+    tmp = rig.temp_file(data)
+    return Fetched(tmp, len(data), '"etag"', "", "md5", local_crc32c_of(tmp))
+
+
+def test_a_batch_becomes_ready_files_rows_and_ready_bytes(rig):
+    batch = [(entry(B + n), fetched(rig, n.encode() * 10)) for n in ("a", "b")]
+    for e, f in batch:
+        assert rig.space.admit(e, f.size, demand=False)
+    rig.publisher.publish(batch)
+    assert rig.published == [B + "a", B + "b"] and rig.failed == []
+    for e, f in batch:
+        rec = rig.index.get(e.uri)
+        assert rec.state == READY and rec.size == 10 and rec.method == "md5"
+        assert open(rig.store.layout.abspath(rec.path), "rb").read() == f.size * e.uri[-1:].encode()
+        assert not os.path.exists(f.tmp_path)
+    assert (rig.space.used, rig.space.reserved, rig.publisher.status()) == (20, 0, {"fetched": 2, "fetched_bytes": 20})
+
+
+def test_a_file_that_cannot_be_published_is_failed_and_leaves_no_row(rig):
+    good = (entry(B + "good"), fetched(rig, b"g"))
+    lost = fetched(rig, b"l")
+    os.unlink(lost.tmp_path)  # the rename will fail
+    rig.publisher.publish([good, (entry(B + "lost"), lost)])
+    assert rig.published == [B + "good"] and rig.failed == [(B + "lost", "PublishFailed")]
+    assert rig.index.get(B + "lost") is None and not rig.space.is_ready(B + "lost")
+    assert os.listdir(rig.store.layout.tmp) == []
+
+
+def test_the_thread_publishes_what_was_put_before_stop(rig):
+    t = threading.Thread(target=rig.publisher.run)
+    t.start()
+    for n in ("a", "b", "c"):
+        rig.publisher.put(entry(B + n), fetched(rig, b"x"))
+    rig.publisher.stop()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert sorted(rig.published) == [B + "a", B + "b", B + "c"]

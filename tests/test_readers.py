@@ -1,0 +1,119 @@
+"""The readers part (s3cache/readers.py) with a real space, schedule and cache dir, and real socket
+connections: wants, answers pushed to waiters, leases of files used early, hit and miss counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import replace
+
+import pytest
+
+from parts import Rig, catalog, entry
+from s3cache.control import Connection
+
+B = "s3://bkt/"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path / "cache", max_size=1000, lease=600.0)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def conn():
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    yield Connection(ours), theirs.makefile("r")
+    ours.close()
+    theirs.close()
+
+
+def test_a_want_for_a_missing_object_queues_it_first_and_the_publish_answers_the_waiter(rig, conn):
+    c, replies = conn
+    rig.install(catalog(entry(B + "a", 3), entry(B + "b", 3)))
+    results = rig.readers.want(c, "r1", [B + "b"], [])
+    assert results == [{"uri": B + "b", "state": "pending", "watch": "bkt"}]
+    assert rig.readers.misses == 1 and rig.readers.is_waited(B + "b")
+    assert rig.schedule.next_job() == (entry(B + "b", 3), True)
+    rec = rig.cached(B + "b", b"bbb")
+    with rig.cond:
+        rig.readers.landed([(B + "b", rec)], time.time())
+    assert json.loads(replies.readline()) == {"event": "ready", "uri": B + "b", "path": rec.path}
+    assert not rig.readers.is_waited(B + "b") and rig.readers.wait_seconds > 0
+    assert rig.space.ready[B + "b"].last_used > 0  # the waiter is about to open it: leased now
+
+
+def test_a_want_for_a_ready_object_answers_at_once_unless_its_file_is_gone(rig, conn):
+    c, _ = conn
+    rec = rig.cached(B + "a", b"a")
+    assert rig.readers.want(c, "r1", [B + "a"]) == [{"uri": B + "a", "state": "ready", "path": rec.path}]
+    os.unlink(rig.store.layout.abspath(rec.path))
+    assert rig.readers.want(c, "r1", [B + "a"])[0]["state"] == "pending"
+    assert not rig.space.is_ready(B + "a") and list(rig.schedule.demand) == [entry(B + "a")]
+
+
+def test_an_invalid_uri_is_answered_as_invalid(rig, conn):
+    c, _ = conn
+    [res] = rig.readers.want(c, "r1", ["http://bkt/x"])
+    assert res["state"] == "invalid" and res["message"]
+
+
+def test_a_want_for_an_object_being_prefetched_promotes_that_fetch(rig, conn):
+    c, _ = conn
+    rig.install(catalog(entry(B + "a", 1)))
+    assert rig.schedule.next_job() == (entry(B + "a", 1), False)
+    rig.readers.want(c, "r1", [B + "a"])
+    assert rig.promoted == [B + "a"] and not rig.schedule.demand
+
+
+def test_a_failure_is_pushed_to_every_waiter(rig, conn):
+    c, replies = conn
+    rig.readers.want(c, "r1", [B + "x"])
+    with rig.cond:
+        rig.readers.failed(B + "x", "NoSuchKey", "gone")
+    assert json.loads(replies.readline()) == {"event": "failed", "uri": B + "x", "code": "NoSuchKey",
+                                              "message": "gone"}
+    assert not rig.readers.is_waited(B + "x")
+
+
+def test_a_closed_connection_waits_on_nothing(rig, conn):
+    c, _ = conn
+    rig.readers.want(c, "r1", [B + "x", B + "y"])
+    rig.readers.closed(c)
+    assert rig.readers.waiters == {}
+
+
+def test_a_note_for_a_file_renamed_but_not_yet_ready_starts_its_lease_when_it_becomes_ready(rig):
+    rig.install(catalog(entry(B + "a", 1)))
+    rig.schedule.next_job()  # fetching
+    before = time.time()
+    rig.notes.append(("r1", "w", B + "a"))
+    with rig.cond:
+        rig.readers.drain()
+    rec = rig.cached(B + "a", b"a")
+    with rig.cond:
+        rig.readers.landed([(B + "a", replace(rec, last_used=0.0))], time.time() + 100)
+    assert before <= rig.space.ready[B + "a"].last_used <= time.time()
+
+
+def test_hits_and_misses_are_counted_per_epoch_of_each_reader(rig, conn):
+    c, _ = conn
+    u = [f"{B}{i}" for i in range(6)]
+    rig.install(catalog(*(entry(x, 1) for x in u)))
+    for x in u:
+        rig.cached(x, b"x")
+    rig.notes.extend(("r1", "h", x) for x in u)  # epoch 0: all hits
+    rig.notes.append(("r1", "h", u[0]))  # wrapped: epoch 1
+    with rig.cond:
+        rig.readers.drain()
+    rig.readers.want(c, "r1", [B + "notlisted"])
+    with rig.cond:
+        st = rig.readers.status()
+    assert st["readers"] == 1 and (st["hits"], st["misses"]) == (7, 1)
+    assert st["epochs"] == [{"epoch": 0, "hits": 6, "misses": 0, "hit_rate": 1.0},
+                            {"epoch": 1, "hits": 1, "misses": 1, "hit_rate": 0.5}]

@@ -1,0 +1,144 @@
+"""The schedule (s3cache/schedule.py) with a real space, catalog and reader tracker: demand first,
+prefetch in manifest order, the readahead window, blocked and failed objects, the disk-full state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from parts import Rig, catalog, entry
+from s3cache.refs import parse_uri
+
+B = "s3://bkt/"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path / "cache", max_size=1000, lease=600.0)
+    yield r
+    r.close()
+
+
+def uris(n: int) -> list[str]:
+    return [f"{B}{i:03d}" for i in range(n)]
+
+
+def test_demand_goes_first_then_the_manifest_in_order_skipping_what_is_ready(rig):
+    u = uris(4)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    rig.cached(u[1], b"x" * 10)
+    with rig.cond:
+        rig.schedule.push_front([entry(B + "extra")])
+    assert rig.schedule.next_job() == (entry(B + "extra"), True)
+    assert [rig.schedule.next_job() for _ in range(3)] == [(entry(u[0], 10), False), (entry(u[2], 10), False),
+                                                           (entry(u[3], 10), False)]
+    assert rig.schedule.fetching == {B + "extra", u[0], u[2], u[3]}  # never handed out twice
+
+
+def test_a_stopping_daemon_hands_out_nothing(rig):
+    rig.install(catalog(entry(B + "a", 1)))
+    rig.stopping.set()
+    assert rig.schedule.next_job() is None
+
+
+def test_a_full_disk_holds_back_demand_and_prefetch(rig):
+    rig.install(catalog(entry(B + "a", 1)))
+    with rig.cond:
+        rig.schedule.push_front([entry(B + "d")])
+        rig.space.mark_disk_full(1)
+    rig.stopping.set()  # next_job returns instead of waiting for space
+    assert rig.schedule.next_job() is None
+    assert list(rig.schedule.demand) == [entry(B + "d")]
+
+
+def test_no_room_blocks_and_pauses_prefetch_until_resumed_then_waited_on_objects_come_first(rig):
+    u = uris(3)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    job0, job1 = rig.schedule.next_job(), rig.schedule.next_job()
+    with rig.cond:
+        rig.schedule.no_room(job0[0].uri, demand=False)
+        rig.schedule.no_room(job1[0].uri, demand=False)
+        rig.readers.waiters[u[1]] = {object()}  # a reader now waits on u[1]
+    assert rig.schedule.prefetch_paused and rig.schedule.blocked == {u[0], u[1]}
+    rig.schedule.resume_prefetch()
+    assert not rig.schedule.prefetch_paused and not rig.schedule.blocked
+    assert rig.schedule.next_job() == (entry(u[1], 10), True)  # the waited-on one, as demand
+    assert rig.schedule.next_job() == (entry(u[0], 10), False)  # the cursor moved back to it
+
+
+def test_failed_objects_are_not_prefetched_until_a_reader_asks_or_the_manifest_lists_them_again(rig):
+    u = uris(2)
+    cat = catalog(*(entry(x, 10) for x in u))
+    rig.install(cat)
+    job = rig.schedule.next_job()
+    with rig.cond:
+        rig.schedule.fail(job[0].uri, "NoSuchKey", "gone")
+    assert rig.schedule.failed == {u[0]: ("NoSuchKey", "gone")} and rig.schedule.failures == 1
+    assert rig.schedule.next_job() == (entry(u[1], 10), False)
+    with rig.cond:
+        assert rig.schedule.ask(parse_uri(u[0])) == (entry(u[0], 10), False)
+    assert u[0] not in rig.schedule.failed
+    with rig.cond:
+        rig.schedule.fail(u[0], "NoSuchKey", "gone")
+    rig.install(cat)
+    assert not rig.schedule.failed
+
+
+def test_ask_for_an_object_outside_the_manifest_remembers_it_and_reports_one_in_flight(rig):
+    rig.install(catalog(entry(B + "a", 1)))
+    assert rig.schedule.next_job()[0].uri == B + "a"
+    with rig.cond:
+        assert rig.schedule.ask(parse_uri(B + "a")) == (entry(B + "a", 1), True)
+        assert rig.schedule.ask(parse_uri(B + "zz")) == (entry(B + "zz"), False)
+    assert B + "zz" in rig.schedule.extra
+    rig.install(catalog(entry(B + "zz", 2)))
+    assert B + "zz" not in rig.schedule.extra  # listed now
+
+
+def test_ahead_hints_queue_unlisted_objects_once_behind_the_demand(rig):
+    rig.install(catalog(entry(B + "listed", 1)))
+    with rig.cond:
+        rig.schedule.push_front([entry(B + "now")])
+        for x in ("later", "later", "listed"):
+            rig.schedule.hint(parse_uri(B + x))
+    assert list(rig.schedule.demand) == [entry(B + "now"), entry(B + "later")]
+
+
+def test_with_a_reader_in_order_nothing_beyond_the_window_is_fetched_unless_it_fits(tmp_path):
+    rig = Rig(tmp_path / "cache", max_size=100, lease=600.0, readahead_files=2)
+    try:
+        u = uris(10)
+        rig.install(catalog(*(entry(x, 40) for x in u)))
+        now = time.time()
+        for p in range(4):  # a reader walks 0..3 in order: it will read 4 next
+            rig.tracker.saw("r", p, 10, now)
+        first = [rig.schedule.next_job()[0].uri for _ in range(2)]
+        assert first == [u[4], u[5]]  # inside the window
+        # 80 bytes reserved by the two in flight would not leave room for u[6] (40 bytes)
+        rig.space.admit(entry(u[4], 40), 40, False)
+        rig.space.admit(entry(u[5], 40), 40, False)
+        with rig.cond:
+            assert rig.schedule._next_prefetch() is None
+        assert rig.schedule._scan_limited
+        with rig.cond:
+            rig.space.release(u[5])
+            rig.schedule.ended(u[5])
+        rig.schedule.reconsider()  # the window may have moved
+        assert rig.schedule.next_job()[0].uri == u[5]
+    finally:
+        rig.close()
+
+
+def test_status_counts_queued_fetching_and_failed(rig):
+    u = uris(5)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    rig.cached(u[0], b"x" * 10)
+    job = rig.schedule.next_job()
+    rig.schedule.next_job()
+    with rig.cond:
+        rig.schedule.fail(job[0].uri, "AccessDenied", "no")
+        st = rig.schedule.status()
+    assert (st["manifest_entries"], st["queued"], st["fetching"], st["failed"]) == (5, 2, 1, 1)
+    assert st["failures"] == [{"uri": u[1], "code": "AccessDenied", "message": "no"}]
+    assert st["prefetch_paused"] is False and st["failed_total"] == 1

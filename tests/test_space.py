@@ -1,0 +1,179 @@
+"""The space (s3cache/space.py) on a real cache dir and index: admission, eviction under the lease
+lock, commit, withdrawal, pins, the disk-full state and usage flushing."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import replace
+
+import pytest
+
+from parts import Rig, catalog, entry
+from s3cache.space import Space, lease_lock_path
+
+B = "s3://bkt/"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path / "cache", max_size=100, lease=600.0)
+    yield r
+    r.close()
+
+
+def test_admission_never_lets_ready_plus_reserved_exceed_the_maximum(rig):
+    sp = rig.space
+    assert sp.admit(entry(B + "a", 60), 60, demand=False)
+    assert not sp.admit(entry(B + "b", 50), 50, demand=False)  # nothing to evict
+    assert not sp.admit(entry(B + "c", 101), 101, demand=True)  # never fits
+    assert (sp.used, sp.reserved, sp.reservations) == (0, 60, {B + "a": 60})
+    assert sp.admit(entry(B + "a", 60), 60, demand=False)  # one reservation per URI
+    assert sp.reserved == 60
+    sp.release(B + "a")
+    assert (sp.reserved, sp.free()) == (0, 100)
+
+
+def test_commit_turns_a_reservation_into_ready_bytes_and_returns_the_replaced_file(rig):
+    sp = rig.space
+    old = rig.cached(B + "a", b"x" * 30)
+    assert sp.admit(entry(B + "a", 40), 40, demand=True)
+    new = replace(old, path="other/a", size=40)
+    with rig.cond:
+        sp.mark_disk_full(1)
+        replaced = sp.commit([(B + "a", new)])
+    assert replaced == [old]
+    assert (sp.used, sp.reserved, sp.reservations) == (40, 0, {})
+    assert sp.ready[B + "a"] == new
+    assert not sp.disk_full  # a publish wrote bytes
+
+
+def test_eviction_removes_the_file_and_its_row_and_reports_the_positions(rig):
+    rig.install(catalog(entry(B + "a"), entry(B + "b"), entry(B + "c")))
+    rec_a = rig.cached(B + "a", b"a" * 50)
+    rig.cached(B + "b", b"b" * 40)
+    assert rig.space.admit(entry(B + "c", 30), 30, demand=False) is False  # a, b unread: kept for c
+    rig.schedule.cursor = 3  # prefetch got past the end
+    assert rig.space.admit(entry(B + "c", 30), 30, demand=True)  # a reader waits: make room
+    sp = rig.space
+    assert sp.used + sp.reserved <= rig.s.max_size
+    # Both unread, so the one furthest down the manifest goes, and only as much as is needed.
+    assert sp.is_ready(B + "a") and not sp.is_ready(B + "b")
+    assert (sp.evicted, sp.evicted_bytes, sp.used, sp.reserved) == (1, 40, 50, 30)
+    assert rig.index.get(B + "b") is None and rig.index.get(B + "a") == rec_a
+    assert not os.path.exists(rig.store.layout.abspath("bkt/b"))
+    assert rig.evicted_positions == [[1]]
+    assert rig.schedule.cursor == 1  # the schedule was told: b may be prefetched again
+
+
+def test_eviction_drains_readers_notes_holding_the_lease_lock_then_the_state_lock(rig):
+    """A note a reader sent before eviction is applied first, so the file it names is leased."""
+    rig.install(catalog(entry(B + "a"), entry(B + "b")))
+    rig.cached(B + "a", b"a" * 90)
+    seen = {}
+    probe = os.open(lease_lock_path(rig.store.layout.private), os.O_RDONLY)
+    drain = rig.readers.drain
+
+    def drain_and_look() -> None:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            seen["lease"] = "free"
+        except BlockingIOError:
+            seen["lease"] = "exclusive"
+        seen["state"] = rig.cond._is_owned()
+        drain()
+
+    rig.space._drain_notes = drain_and_look
+    rig.notes.append(("reader-1", "h", B + "a"))  # a reader resolved a just now
+    try:
+        assert rig.space.admit(entry(B + "b", 50), 50, demand=True) is False  # a is leased
+    finally:
+        os.close(probe)
+    assert seen == {"lease": "exclusive", "state": True}
+    assert rig.space.is_ready(B + "a") and rig.space.ready[B + "a"].last_used > 0
+    assert rig.readers.hits == 1
+
+
+def test_evict_for_disk_frees_what_nobody_needs_soon(rig):
+    rig.cached(B + "x", b"x" * 20)  # not in the manifest: goes first
+    assert rig.space.evict_for_disk(10)
+    assert not rig.space.is_ready(B + "x") and rig.space.evicted_bytes == 20
+    assert not rig.space.evict_for_disk(10)  # nothing left
+
+
+def test_a_file_removed_behind_our_back_is_forgotten_and_its_size_remembered(rig):
+    rig.install(catalog(entry(B + "a")))  # the manifest gives no size
+    rec = rig.cached(B + "a", b"a" * 7)
+    os.unlink(rig.store.layout.abspath(rec.path))
+    with rig.cond:
+        assert rig.space.ready_path(B + "a") is None
+    assert not rig.space.is_ready(B + "a") and rig.space.used == 0
+    assert rig.space.size_hint(B + "a") == 7
+
+
+def test_a_new_manifest_returns_cached_files_of_another_version_or_size(rig):
+    rig.cached(B + "a", b"a" * 5)
+    rig.cached(B + "b", b"b" * 5)
+    rig.cached(B + "c", b"c" * 5)
+    stale = rig.install(catalog(entry(B + "a", 6), entry(B + "b", version="v2"), entry(B + "c", 5)))
+    assert sorted(r.path for r in stale) == ["bkt/a", "bkt/b"]
+    assert not rig.space.is_ready(B + "a") and not rig.space.is_ready(B + "b") and rig.space.is_ready(B + "c")
+    assert rig.space.used == 5
+
+
+def test_withdraw_quarantines_only_the_file_that_was_checked(rig):
+    rec = rig.cached(B + "a", b"a" * 5)
+    with rig.space.exclusive():
+        assert rig.space.withdraw(B + "a", "elsewhere/a", quarantine=True) == (False, None)
+        done, where = rig.space.withdraw(B + "a", rec.path, quarantine=True)
+    assert done and os.path.exists(where) and where.startswith(rig.store.layout.quarantine)
+    assert not os.path.exists(rig.store.layout.abspath(rec.path))
+    assert rig.index.get(B + "a") is None and not rig.space.is_ready(B + "a")
+
+
+def test_usage_is_flushed_to_the_index(rig):
+    rig.cached(B + "a", b"a")
+    when = time.time()
+    with rig.cond:
+        assert rig.space.touch(B + "a", when)
+        assert not rig.space.touch(B + "missing", when)
+    rig.space.flush()
+    assert rig.index.get(B + "a").last_used == when
+
+
+def test_pins_are_durable_and_protect_from_eviction(rig, tmp_path):
+    rig.install(catalog(entry(B + "a"), entry(B + "p", pin=True)))
+    rig.cached(B + "a", b"a" * 60)
+    rig.cached(B + "p", b"p" * 30)
+    with rig.cond:
+        assert rig.space.pin([B + "a"], True) == 1
+    assert not rig.space.admit(entry(B + "z", 50), 50, demand=True)  # a is pinned, p is pinned by the manifest
+    with rig.cond:
+        assert rig.space.pin([B + "a"], False) == 0
+        assert rig.space.pin([B + "a"], True) == 1
+    again = Space(rig.s, rig.store, rig.index, rig.cond, rig.tracker, drain_notes=lambda: None,
+                  on_evicted=lambda _: None)
+    try:
+        assert again.pinned == {B + "a"}
+    finally:
+        again.close()
+    status = rig.space.status()
+    assert status["pinned"] == {"files": 2, "bytes": 90}
+
+
+def test_a_full_disk_is_over_once_the_filesystem_has_room(rig):
+    with rig.cond:
+        rig.space.mark_disk_full(10)
+    assert rig.space.disk_full
+    assert rig.space.space_returned()  # tmp_path has more than 1 MiB free
+    assert not rig.space.disk_full and not rig.space.space_returned()
+
+
+def test_status_reports_this_parts_keys(rig):
+    rig.cached(B + "a", b"a" * 3)
+    with rig.cond:
+        st = rig.space.status()
+    assert st["ready"] == 1 and st["verified_by"] == {"size": 1} and st["disk_full"] is False
+    assert st["bytes"]["ready"] == 3 and st["bytes"]["reserved"] == 0 and st["bytes"]["max"] == 100
+    assert 0 <= st["bytes"]["free_fraction"] <= 1 and st["evicted"] == 0 and st["evicted_bytes"] == 0
