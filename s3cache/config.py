@@ -353,6 +353,10 @@ class Settings:
     revalidate: float = setting(SECONDS, 0.0, "Every this many seconds, ask S3 whether cached objects "
                                 "changed (0: never).")
     log_level: str = setting(Choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
+    require_checksum: bool = setting(Bool(), False, "Refuse to publish an object that has no check stronger "
+                                     "than its size (no manifest digest, no S3 checksum, no MD5 ETag).")
+    world_readable: bool = setting(Bool(), False, "Cached files 0644 and directories 0755 instead of readable "
+                                   "by the cache dir's group only (0640/0750).")
     metrics_addr: str | None = setting(MetricsAddr(), None, "Serve Prometheus metrics on HOST:PORT (e.g. "
                                        "127.0.0.1:9109; loopback unless --metrics-allow-remote). Default: none.")
     metrics_allow_remote: bool = setting(Bool(), False, "Allow a --metrics-addr that is not loopback (a scraper "

@@ -53,7 +53,7 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.store = Store(str(settings.cache_dir))
+        self.store = Store(str(settings.cache_dir), world_readable=settings.world_readable)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.stopping = threading.Event()
@@ -93,7 +93,8 @@ class Daemon:
                              connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
         self.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
                                          workers=s.workers, max_attempts=s.max_attempts, cancel=self.stopping,
-                                         new_temp=self.store.new_temp, discard=self.store.discard)
+                                         new_temp=self.store.new_temp, discard=self.store.discard,
+                                         require_checksum=s.require_checksum)
         catalog = Catalog()
         if s.manifest is not None:
             self.manifest = ManifestWatch(str(s.manifest), lister=fetcher.list, install=self._install_manifest,

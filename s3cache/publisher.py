@@ -101,7 +101,7 @@ class Publisher:
         planned: set[str] = set()
         for entry, f in batch:
             try:
-                rel = self._store.prepare(entry.ref, planned)
+                rel = self._store.plan(entry.ref, planned)
             except (OSError, S3CacheError) as e:
                 self._fail(entry, f, e)
                 continue

@@ -139,7 +139,7 @@ class Readers:
                     front.append(entry)
                 else:
                     self._promote(uri)  # it was prefetching: now a reader waits on it
-                rel = self._store.prepare(ref)
+                rel = self._store.plan(ref)
                 results.append({"uri": uri, "state": "pending", "watch": os.path.dirname(rel)})
             self._schedule.push_front(front)
             for raw in ahead:

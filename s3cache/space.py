@@ -48,13 +48,6 @@ from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
 
-LEASE_LOCK = "lease.lock"
-
-
-def lease_lock_path(private_dir: str) -> str:
-    return os.path.join(private_dir, LEASE_LOCK)
-
-
 class Space:
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
                  tracker: ReaderTracker, *, drain_notes: Callable[[], None],
@@ -82,8 +75,7 @@ class Space:
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
         self.evicted = 0
         self.evicted_bytes = 0
-        self._lease_fd = os.open(lease_lock_path(store.layout.private),
-                                 os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lease_fd = store.open_lease_lock()  # made 0640 by store.open, never through a symlink
 
     def close(self) -> None:
         os.close(self._lease_fd)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from parts import Rig, catalog, entry
-from s3cache.space import Space, lease_lock_path
+from s3cache.space import Space
 
 B = "s3://bkt/"
 
@@ -72,7 +72,7 @@ def test_eviction_drains_readers_notes_holding_the_lease_lock_then_the_state_loc
     rig.install(catalog(entry(B + "a"), entry(B + "b")))
     rig.cached(B + "a", b"a" * 90)
     seen = {}
-    probe = os.open(lease_lock_path(rig.store.layout.private), os.O_RDONLY)
+    probe = os.open(rig.store.layout.lease_lock, os.O_RDONLY)
     drain = rig.readers.drain
 
     def drain_and_look() -> None:
