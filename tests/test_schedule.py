@@ -8,6 +8,7 @@ import time
 import pytest
 
 from parts import Rig, catalog, entry
+from s3cache.config import Readahead
 from s3cache.refs import parse_uri
 
 B = "s3://bkt/"
@@ -106,7 +107,7 @@ def test_ahead_hints_queue_unlisted_objects_once_behind_the_demand(rig):
 
 
 def test_with_a_reader_in_order_nothing_beyond_the_window_is_fetched_unless_it_fits(tmp_path):
-    rig = Rig(tmp_path / "cache", max_size=100, lease=600.0, readahead_files=2)
+    rig = Rig(tmp_path / "cache", max_size=100, lease=600.0, readahead=Readahead(files=2))
     try:
         u = uris(10)
         rig.install(catalog(*(entry(x, 40) for x in u)))
