@@ -111,11 +111,14 @@ class Tree:
 
     def is_free(self, rel: str, planned: Collection[str]) -> bool:
         """Whether a file could go to ``rel``: no file, symlink or planned file among its parents, no
-        directory at the place itself. Looks only; creates nothing."""
+        directory at the place itself, and no planned file beneath it. Looks only; creates nothing."""
         parts = split(rel)
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in planned:
                 return False
+        below = rel + "/"
+        if any(p.startswith(below) for p in planned):
+            return False  # a file planned under this name makes it a directory before this one lands
         try:
             fds = self.walk(parts[:-1], create=False)
         except NotADirectoryError:

@@ -294,3 +294,29 @@ def test_temp_names_survive_any_hint(sandbox):
         assert os.path.dirname(path) == store.layout.tmp and stat.S_IMODE(os.stat(path).st_mode) == 0o600
         store.discard(path)
         assert not os.path.exists(path)
+
+
+def test_a_key_and_a_key_beneath_it_in_one_batch_both_land(tmp_path):
+    """`a/b` planned first makes `a` a directory at publish: `a` itself must take another place, or its
+    rename fails with IsADirectoryError (found by test_hostile_keys_stay_inside_the_cache_dir)."""
+    from s3cache.refs import make_ref
+    from s3cache.store import Store
+
+    store = Store(str(tmp_path / "cache"))
+    store.open()
+    try:
+        planned: set[str] = set()
+        items = []
+        for key in ("a/b", "a"):
+            rel = store.plan(make_ref("bkt", key), planned)
+            planned.add(rel)
+            fd, tmp = store.new_temp(key)
+            os.write(fd, key.encode())
+            os.close(fd)
+            items.append((tmp, rel))
+        assert store.publish(items) == [None, None]
+        assert items[0][1] == "bkt/a/b" and items[1][1] != "bkt/a"
+        for tmp, rel in items:
+            assert os.path.isfile(store.layout.abspath(rel))
+    finally:
+        store.close()
