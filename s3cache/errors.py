@@ -91,3 +91,11 @@ class DaemonNotRunning(S3CacheError):
 
 class ProtocolError(S3CacheError):
     """The daemon and a client disagree about the control protocol (version skew)."""
+
+
+class RequestRefused(ProtocolError):
+    """The daemon refused a request as malformed or over a limit; ``code`` says which (see ``wire``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"the daemon refused the request ({code}): {message}")
