@@ -18,7 +18,6 @@ is reopened first); ``timeout`` raises ResolveTimeout, including while waiting f
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import socket
@@ -32,6 +31,7 @@ from . import paths
 from .client import Client, UseNotes
 from .config import default_cache_dir
 from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
+from .lease import SharedLease
 from .refs import ObjectRef, parse_uri
 from .store import Layout
 from .wire import MAX_AHEAD, MAX_URIS
@@ -39,87 +39,6 @@ from .wire import MAX_AHEAD, MAX_URIS
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once
 SAFETY_LOOK = 5.0  # seconds between looks while waiting for news, should a push ever go missing
 RECONNECTS = 5  # fresh ctl.sock connections one wait may open before giving up
-
-
-class SharedLease:
-    """This process's shared hold on the cache's lease lock, counted across threads.
-
-    Invariant: the flock (LOCK_SH) is held exactly while ``_count > 0``; it is taken by the holder that
-    moves the count from 0 and released by the one that brings it back to 0, under ``_cond``. At most one
-    thread at a time waits for the flock itself (``_taking``); others wait on ``_cond`` for it, each
-    within its own deadline.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._count = 0
-        self._taking = False
-        self._cond = threading.Condition(threading.Lock())
-
-    def acquire(self, deadline: float | None) -> bool:
-        """Hold the lock shared; False if there is no lock file (no daemon ever ran: nothing evicts).
-        Raises ResolveTimeout naming the lock if ``deadline`` (monotonic) passes first."""
-        with self._cond:
-            while True:
-                if self._count > 0:
-                    self._count += 1
-                    return True
-                if not self._taking:
-                    break
-                if not self._cond.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                    raise self._timeout()
-            if self._fd is None:
-                try:
-                    self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return False
-            self._taking = True
-        ok = False
-        try:
-            self._flock(deadline)
-            ok = True
-        finally:
-            with self._cond:
-                self._taking = False
-                if ok:
-                    self._count += 1
-                self._cond.notify_all()
-        return True
-
-    def _flock(self, deadline: float | None) -> None:
-        assert self._fd is not None
-        if deadline is None:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
-            return
-        pause = 0.001
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._timeout() from None
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, 0.05)
-
-    def _timeout(self) -> ResolveTimeout:
-        return ResolveTimeout(f"timed out waiting for the cache's lease lock {self.path}: another process "
-                              f"holds it exclusively (eviction or verify should take milliseconds)")
-
-    def release(self) -> None:
-        with self._cond:
-            self._count -= 1
-            if self._count == 0 and self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        with self._cond:
-            if self._fd is not None:
-                os.close(self._fd)  # closing the last descriptor releases any flock with it
-                self._fd = None
-                self._count = 0
 
 
 class Resolver:
