@@ -609,23 +609,26 @@ class UseChannel:
                     self._server.stats["accept_errors"] += 1
                     return
                 continue
-            sock.setblocking(False)
-            self._conns[sock] = ["", bytearray()]
-            if len(self._conns) > self._max:
+            if len(self._conns) >= self._max:
                 # Too many readers: take what this one sent, then close it. It reconnects per note.
                 self.stats["refused_readers"] += 1
-                self._read(sock, until_empty=True)
-                self._retire(sock)
-            elif in_io:
+                self._read_and_close(sock)
+                continue
+            sock.setblocking(False)
+            self._conns[sock] = ["", bytearray()]
+            if in_io:
                 self._server._sel.register(sock, selectors.EVENT_READ, _USE_CONN)
             else:
                 self._unwatched.add(sock)
 
     def _take_one_with_reserve(self) -> bool:
-        """Out of descriptors: free the spare one, accept a reader, read its notes, close it. A note in
-        the backlog is never left behind because the daemon ran out of files."""
+        """Out of descriptors: free the spare one, accept a reader, read its notes, close it, take the
+        spare back. A note in the backlog is never left behind because the daemon ran out of files."""
         if self._reserve is None:
-            return False
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
         self._server.stats["accept_errors"] += 1
         os.close(self._reserve)
         self._reserve = None
@@ -633,16 +636,24 @@ class UseChannel:
             sock, _ = self.listener.accept()
         except OSError:
             return False
+        else:
+            self._read_and_close(sock)
+            return True
         finally:
             try:
                 self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 self._reserve = None
+
+    def _read_and_close(self, sock: socket.socket) -> None:
+        """Keep the notes of a reader we will not watch (never registered in the selector)."""
         sock.setblocking(False)
         self._conns[sock] = ["", bytearray()]
         self._read(sock, until_empty=True)
-        self._retire(sock)
-        return True
+        self._conns.pop(sock, None)
+        if sock in self._dead:
+            self._dead.remove(sock)
+        sock.close()
 
     def _readable(self, sock: socket.socket, in_io: bool) -> None:
         with self._lock:
