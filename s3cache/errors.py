@@ -145,3 +145,11 @@ class NoChecksum(FetchFailed):
         super().__init__(uri, "NoChecksum",
                          "no checksum to verify it by (S3 has none, its ETag is not an MD5, the manifest gives "
                          "none): add sha256= to its manifest line, or upload it with a checksum")
+
+
+class RequestRefused(ProtocolError):
+    """The daemon refused a request as malformed or over a limit; ``code`` says which (see ``wire``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(f"the daemon refused the request ({code}): {message}")

@@ -4,45 +4,53 @@ Fast path (the file is there): under the cache's lease lock, held shared, ``stat
 and send the daemon one usage note for the whole batch over a connection kept open. No round trip, no
 index access: a few syscalls per call. The shared lock is what makes the lease exact: eviction takes it
 exclusively and reads every pending note first, so a file this function returns is never evicted within
-its lease.
+its lease. ``flock`` belongs to the open file description, which all threads of a process share, so the
+process holds it through one counted lock (``SharedLease``): taken on the first holder, released after
+the last, never dropped by one thread under another.
 
 Slow path (a file is missing): ask the daemon over ``ctl.sock`` (which puts the objects at the front of
-its queue), then sleep until a file event (watchdog/inotify) or a daemon message says something changed.
-A failed object raises FetchFailed with its S3 error code at once; a vanished daemon raises
-DaemonNotRunning at once; ``timeout`` raises ResolveTimeout.
+its queue), then sleep until it pushes news of them ("ready" or "failed"). A file the daemon calls ready
+that is not there when we look (evicted in between) is asked for again. Waiting depends on no directory
+of the key existing (the store creates them only when it publishes). A failed object raises FetchFailed
+with its S3 error code at once; a vanished daemon raises DaemonNotRunning at once (a dropped connection
+is reopened first); ``timeout`` raises ResolveTimeout, including while waiting for the lease lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from . import paths
+from .client import Client, UseNotes
 from .config import default_cache_dir
-from .control import Client, UseNotes
-from .errors import FetchFailed, ResolveTimeout, UnsafeKey
+from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
+from .lease import SharedLease
 from .refs import ObjectRef, parse_uri
 from .store import Layout
+from .wire import MAX_AHEAD, MAX_URIS
 
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once
+SAFETY_LOOK = 5.0  # seconds between looks while waiting for news, should a push ever go missing
+RECONNECTS = 5  # fresh ctl.sock connections one wait may open before giving up
 
 
 class Resolver:
-    """Per-process handle on one cache dir (cached by ``resolver_for``)."""
+    """Per-process handle on one cache dir (cached by ``resolver_for``); safe to share between threads."""
 
     def __init__(self, cache_dir: str) -> None:
         self.root = os.path.abspath(cache_dir)
         self.layout = Layout(self.root)
-        self._lease_fd: int | None = None
         self._pid = os.getpid()
         self._reader = f"{socket.gethostname()}:{self._pid}"
         self._notes = UseNotes(self.layout.use_socket, self._reader)
+        self._lease = SharedLease(os.path.join(self.layout.private, "lease.lock"))
 
     # -- fast path ---------------------------------------------------------------------------------
 
@@ -57,19 +65,13 @@ class Resolver:
         return None
 
     @contextmanager
-    def _shared_lease(self):
-        if self._lease_fd is None:
-            try:
-                self._lease_fd = os.open(os.path.join(self.layout.private, "lease.lock"),
-                                         os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                yield  # no daemon ever ran here: nothing can evict
-                return
-        fcntl.flock(self._lease_fd, fcntl.LOCK_SH)
+    def _shared_lease(self, deadline: float | None = None):
+        held = self._lease.acquire(deadline)
         try:
             yield
         finally:
-            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
+            if held:
+                self._lease.release()
 
     def reader_id(self) -> str:
         return self._reader
@@ -77,16 +79,22 @@ class Resolver:
     def _note(self, uris: list[str], first_look: bool) -> None:
         self._notes.send("h" if first_look else "w", uris)
 
-    def lookup(self, refs: Sequence[ObjectRef], first_look: bool = True) -> list[str | None]:
+    def lookup(self, refs: Sequence[ObjectRef], first_look: bool = True,
+               deadline: float | None = None) -> list[str | None]:
         """Paths of the files already present (None where missing), marking them used.
 
-        ``first_look``: this is the reader's first look, so a file found counts as a cache hit."""
-        with self._shared_lease():
+        ``first_look``: this is the reader's first look, so a file found counts as a cache hit.
+        ``deadline`` (monotonic) bounds the wait for the lease lock."""
+        with self._shared_lease(deadline):
             found = [self._find(r) for r in refs]
             used = [r.uri for r, p in zip(refs, found) if p is not None]
             if used:
                 self._note(used, first_look)
         return found
+
+    def close(self) -> None:
+        self._notes.close()
+        self._lease.close()
 
     # -- slow path ---------------------------------------------------------------------------------
 
@@ -102,76 +110,82 @@ class Resolver:
             if own:
                 client.close()
 
-    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef]) -> set[str]:
-        reply = client.request({"op": "want", "reader": self.reader_id(), "uris": [r.uri for r in refs],
-                                "ahead": [r.uri for r in also]})
-        watch: set[str] = set()
-        for res in reply.get("results", []):
-            _raise_for(res)
-            if res["state"] == "pending":
-                watch.add(os.path.join(self.root, res.get("watch", "")))
-        return watch
+    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef]) -> dict[str, str]:
+        """Ask for ``refs`` (in requests of at most MAX_URIS); their states by URI. Raises for a failed or
+        invalid one."""
+        states: dict[str, str] = {}
+        hints = [r.uri for r in also][:MAX_AHEAD]
+        for i in range(0, len(refs), MAX_URIS):
+            chunk = refs[i : i + MAX_URIS]
+            reply = client.request({"op": "want", "reader": self.reader_id(), "uris": [r.uri for r in chunk],
+                                    "ahead": hints if i == 0 else []})
+            for res in reply.get("results", []):
+                _raise_for(res)
+                states[res.get("uri", "")] = res.get("state", "")
+        return states
 
     def _wait(self, refs: Sequence[ObjectRef], deadline: float | None, client: Client,
               also: Sequence[ObjectRef]) -> list[str]:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        rfd, wfd = os.pipe()
-        os.set_blocking(wfd, False)
-
-        class Wake(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:
-                try:
-                    os.write(wfd, b"x")
-                except BlockingIOError:
-                    pass  # the pipe is full: a wake-up is already pending
-
-        observer = Observer()
-        watched: set[str] = set()
         result: list[str | None] = [None] * len(refs)
-        try:
-            pending = list(range(len(refs)))
-            asked = False
-            while True:
-                found = self.lookup([refs[i] for i in pending], first_look=False)
-                for i, p in zip(list(pending), found):
-                    if p is not None:
-                        result[i] = p
-                pending = [i for i in pending if result[i] is None]
-                if not pending:
-                    return [p for p in result if p is not None]
-                if not asked:
-                    # Watch before asking, so a file landing in between still wakes us.
-                    for d in self._want(client, [refs[i] for i in pending], also) - watched:
-                        if os.path.isdir(d):
-                            observer.schedule(Wake(), d, recursive=False)
-                            watched.add(d)
-                    if not observer.is_alive():
-                        observer.daemon = True
-                        observer.start()
-                    asked = True
-                    continue  # re-check: the file may have landed before the watch was in place
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise ResolveTimeout(
-                        f"{len(pending)} file(s) not ready in time, first {refs[pending[0]].uri}")
-                if not client.buffered():
-                    r, _, _ = select.select([rfd, client.fileno()], [], [], remaining)
-                    if rfd in r:
-                        os.read(rfd, 4096)
-                    if client.fileno() not in r:
-                        continue
-                event = client.receive()  # raises DaemonNotRunning if the daemon went away
-                if event.get("event") == "failed" and event.get("uri") in {refs[i].uri for i in pending}:
-                    _raise_for({"state": "failed", **event})
-                # Any other event (a "ready", or news about a file asked for ahead) just means: look again.
-        finally:
-            if observer.is_alive():
-                observer.stop()
-                observer.join(timeout=5)
-            os.close(rfd)
-            os.close(wfd)
+        pending = list(range(len(refs)))
+        outstanding: set[str] = set()  # answered "pending": the daemon will push news of these
+        hints = list(also)
+        gone = 0  # times the daemon said "ready" and the file was not there when we looked
+        ask_after = 0.0  # monotonic time before which we do not ask again (after repeated "gone")
+        reconnects = 0
+        while True:
+            found = self.lookup([refs[i] for i in pending], first_look=False, deadline=deadline)
+            for i, p in zip(list(pending), found):
+                if p is not None:
+                    result[i] = p
+            pending = [i for i in pending if result[i] is None]
+            if not pending:
+                return [p for p in result if p is not None]
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ResolveTimeout(
+                    f"{len(pending)} file(s) not ready in time, first {refs[pending[0]].uri}")
+            ask = [refs[i] for i in pending if refs[i].uri not in outstanding]
+            now = time.monotonic()
+            if ask and now >= ask_after:
+                try:
+                    states = self._want(client, ask, hints)
+                except DaemonNotRunning:
+                    reconnects = self._reconnect(client, reconnects)
+                    outstanding.clear()
+                    continue
+                hints = []
+                outstanding |= {u for u, s in states.items() if s == "pending"}
+                if any(s == "ready" for s in states.values()):
+                    if gone:  # it was evicted between answer and look before: do not spin on it
+                        ask_after = time.monotonic() + min(0.01 * 2 ** gone, 1.0)
+                    gone += 1
+                    continue  # look again now: the daemon says it is there
+            wait = SAFETY_LOOK if remaining is None else min(remaining, SAFETY_LOOK)
+            if ask:
+                wait = min(wait, max(0.0, ask_after - now))
+            if not client.buffered():
+                r, _, _ = select.select([client.fileno()], [], [], wait)
+                if not r:
+                    continue  # look again (and ask again, if it is time)
+            try:
+                event = client.receive()
+            except DaemonNotRunning:
+                reconnects = self._reconnect(client, reconnects)
+                outstanding.clear()
+                continue
+            uri = event.get("uri")
+            if event.get("event") == "failed" and uri in {refs[i].uri for i in pending}:
+                _raise_for({"state": "failed", **event})
+            # Any other news (a "ready", or about a file asked for ahead) just means: look again.
+            outstanding.discard(uri)
+
+    def _reconnect(self, client: Client, done: int) -> int:
+        """The daemon closed our connection: open a new one (raises DaemonNotRunning if none answers)."""
+        if done >= RECONNECTS:
+            raise DaemonNotRunning(f"{self.root} (the daemon closed the connection {done} times)")
+        client.reconnect()
+        return done + 1
 
 
 def _raise_for(res: dict) -> None:
@@ -183,14 +197,28 @@ def _raise_for(res: dict) -> None:
 
 
 _resolvers: dict[str, Resolver] = {}
+_resolvers_lock = threading.Lock()
 
 
 def resolver_for(cache_dir: str | os.PathLike | None) -> Resolver:
     root = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir())
-    r = _resolvers.get(root)
-    if r is None or r._pid != os.getpid():  # after fork, sockets and locks must be our own
-        r = _resolvers[root] = Resolver(root)
-    return r
+    with _resolvers_lock:
+        r = _resolvers.get(root)
+        if r is None or r._pid != os.getpid():  # after fork, sockets and locks must be our own
+            r = _resolvers[root] = Resolver(root)
+        return r
+
+
+def reset() -> None:
+    """Close every cache dir's process-wide reader state (its lease-lock descriptor and usage
+    connection). The next ``resolve`` opens them again; for tests, and for long-lived processes done
+    with a cache dir."""
+    with _resolvers_lock:
+        rs = list(_resolvers.values())
+        _resolvers.clear()
+    for r in rs:
+        if r._pid == os.getpid():
+            r.close()
 
 
 def resolve(uris: str | ObjectRef | Iterable[str | ObjectRef], *, cache_dir: str | os.PathLike | None = None,
@@ -209,7 +237,7 @@ def resolve(uris: str | ObjectRef | Iterable[str | ObjectRef], *, cache_dir: str
     refs = [parse_uri(u) for u in ([uris] if single else uris)]  # type: ignore[list-item]
     r = resolver_for(cache_dir)
     deadline = None if timeout is None else time.monotonic() + timeout
-    found = r.lookup(refs)
+    found = r.lookup(refs, deadline=deadline)
     missing = [i for i, p in enumerate(found) if p is None]
     if missing:
         got = r.wait([refs[i] for i in missing], deadline)
@@ -233,12 +261,12 @@ def iter_resolve(uris: Iterable[str | ObjectRef], *, cache_dir: str | os.PathLik
     client: Client | None = None
     try:
         for i, ref in enumerate(refs):
-            p = r.lookup([ref])[0]
+            deadline = None if timeout is None else time.monotonic() + timeout
+            p = r.lookup([ref], deadline=deadline)[0]
             if p is None:
                 if client is None:
                     client = Client(r.layout.control_socket, r.root)
                 ahead = [a for a in refs[i + 1 : i + WANT_WINDOW] if r._find(a) is None]
-                deadline = None if timeout is None else time.monotonic() + timeout
                 p = r.wait([ref], deadline, client, also=ahead)[0]
             yield p
     finally:

@@ -1,0 +1,157 @@
+"""The readers' side of the daemon's two unix sockets (the format is in ``wire``): ``Client`` asks on
+``ctl.sock`` and receives pushed events; ``UseNotes`` sends usage notes on ``use.sock``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+from .errors import DaemonNotRunning, ProtocolError, RequestRefused
+from .wire import encode
+
+
+class UseNotes:
+    """A reader process's connection to ``use.sock``; silently idle when no daemon listens.
+
+    Thread-safe: one lock around each send, so notes of concurrent threads never interleave mid-record."""
+
+    def __init__(self, path: str, reader: str) -> None:
+        self.path = path
+        self.reader = reader
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> socket.socket | None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        try:
+            s.connect(self.path)
+            s.sendall(b"R" + self.reader.encode() + b"\0")
+        except OSError:
+            s.close()
+            return None
+        return s
+
+    def send(self, kind: str, uris: list[str]) -> None:
+        """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting."""
+        if not uris:
+            return
+        data = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
+        with self._lock:
+            for _ in range(2):  # once more on a fresh connection if the daemon restarted since the last note
+                if self._sock is None:
+                    self._sock = self._connect()
+                    if self._sock is None:
+                        return  # no daemon: nothing can evict the file either, so no lease is needed
+                try:
+                    self._sock.sendall(data)
+                    return
+                except OSError:
+                    self._sock.close()
+                    self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+class Client:
+    """A reader's connection to the daemon's ``ctl.sock``.
+
+    Lines are buffered here rather than in a file object so that a waiting reader can ``select`` on
+    the socket and know that nothing is hidden in a buffer. Pushed events that arrive while a request
+    waits for its answer (they may come first) are kept in ``events`` for ``receive``.
+    """
+
+    def __init__(self, ctl_path: str, cache_dir: str, timeout: float | None = 60.0) -> None:
+        self.ctl_path = ctl_path
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.events: list[dict] = []
+        self._buf = b""
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.ctl_path)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            sock.close()
+            raise DaemonNotRunning(self.cache_dir) from None
+        except PermissionError:
+            sock.close()
+            raise DaemonNotRunning(
+                f"{self.cache_dir} (permission denied on {self.ctl_path}: join the daemon's group)") from None
+        except BlockingIOError:  # AF_UNIX says EAGAIN, not "wait", when the listen backlog is full
+            sock.close()
+            raise DaemonNotRunning(f"{self.cache_dir} (its control socket's backlog is full)") from None
+        except OSError as e:
+            sock.close()
+            raise DaemonNotRunning(f"{self.cache_dir} ({e.strerror or e} on {self.ctl_path})") from None
+        return sock
+
+    def reconnect(self) -> None:
+        """A fresh connection (the daemon restarted, or dropped this one for falling behind); events
+        already received are kept. Raises DaemonNotRunning if no daemon answers."""
+        self.close()
+        self._buf = b""
+        self.sock = self._connect()
+
+    def request(self, msg: dict) -> dict:
+        try:
+            self.sock.sendall(encode(msg))
+        except OSError:
+            raise DaemonNotRunning(self.cache_dir) from None
+        while True:
+            reply = self._read_line()
+            if "event" not in reply:  # events for earlier wants may arrive before the answer
+                return reply
+            self.events.append(reply)
+
+    def buffered(self) -> bool:
+        return b"\n" in self._buf or bool(self.events)
+
+    def receive(self) -> dict:
+        """The next message; raises DaemonNotRunning when the daemon closes the connection."""
+        if self.events:
+            return self.events.pop(0)
+        return self._read_line()
+
+    def _read_line(self) -> dict:
+        while b"\n" not in self._buf:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                raise DaemonNotRunning(self.cache_dir)
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError as e:
+            raise ProtocolError(f"the daemon sent a line that is not JSON: {e}") from None
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"the daemon sent {type(reply).__name__}, not an object")
+        if "error" in reply:
+            raise RequestRefused(str(reply.get("code", "Unknown")), str(reply["error"]))
+        return reply
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,216 @@
+"""control.py's server with real unix sockets and a handler of the test's own (the daemon end to end is in
+test_hostile_sockets.py): sends never block, a client that stops reading loses only its own connection,
+slow handlers stall nobody else, usage records are bounded and counted, a crashing I/O loop is loud."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from s3cache.client import Client, UseNotes
+from s3cache.control import Connection, Server
+from s3cache.errors import RequestRefused
+from s3cache.testing import wait_for
+from s3cache.wire import MAX_LINE, MAX_RECORD, MAX_URIS
+
+
+class Harness:
+    """A Server on a temp dir whose handler answers hello, blocks on ``slow``, and pushes ``n`` events
+    on ``flood`` while holding ``state_lock`` (as the daemon pushes under its lock)."""
+
+    def __init__(self, tmp_path, **kw) -> None:
+        self.ctl = str(tmp_path / "ctl.sock")
+        self.use = str(tmp_path / "use.sock")
+        self.state_lock = threading.Lock()
+        self.release = threading.Event()
+        self.flood_sent: list[int] = []
+        self.closed: list[Connection] = []
+        self.server = Server(self.ctl, self.use, self.handle, self.closed.append, **kw)
+
+    def handle(self, conn: Connection, msg: dict) -> dict | None:
+        if msg["op"] == "slow":
+            self.release.wait(60)
+            return {"ok": "slow"}
+        if msg["op"] == "flood":
+            sent = 0
+            with self.state_lock:
+                for i in range(msg["n"]):
+                    if not conn.send({"event": "ready", "uri": f"s3://b/{i:08d}" + "x" * 500}):
+                        break
+                    sent += 1
+            self.flood_sent.append(sent)
+            return None
+        return {"ok": True, "op": msg["op"]}
+
+    def client(self) -> Client:
+        return Client(self.ctl, "test-cache", timeout=60)
+
+    def __enter__(self) -> Harness:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.stop()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_sends_never_block(tmp_path):
+    with Harness(tmp_path, max_outbound=256 << 10) as h:
+        stuck = socket.socket(socket.AF_UNIX)
+        stuck.connect(h.ctl)
+        stuck.sendall(b'{"op":"flood","n":100000}\n')  # ~50 MB of events; it never reads one
+        # The handler pushes under "the daemon's lock": it must come back, with the client dropped.
+        wait_for(lambda: h.flood_sent, 60, "the flooding handler to return")
+        assert h.flood_sent[0] < 100000
+        assert h.server.counters()["dropped_slow"] == 1
+        wait_for(lambda: len(h.closed) == 1, 60, "on_close for the dropped client")
+        with h.state_lock:  # the lock is free again, and other clients are served
+            pass
+        with h.client() as c:
+            assert c.request({"op": "hello"})["ok"]
+        stuck.close()
+
+
+def test_a_slow_request_stalls_neither_other_clients_nor_the_io_thread(tmp_path):
+    with Harness(tmp_path) as h:
+        slow = h.client()
+        slow.sock.sendall(b'{"op":"slow"}\n')
+        wait_for(lambda: h.server.counters()["connections"] == 1, 30, "the slow request to be accepted")
+        for _ in range(3):
+            with h.client() as c:
+                assert c.request({"op": "status"}) == {"ok": True, "op": "status"}
+        h.release.set()
+        assert slow.receive() == {"ok": "slow"}
+        slow.close()
+
+
+def test_requests_of_one_connection_are_answered_in_order(tmp_path):
+    with Harness(tmp_path) as h, h.client() as c:
+        c.sock.sendall(b"".join(b'{"op":"op%d"}\n' % i for i in range(50)))
+        assert [c.receive()["op"] for _ in range(50)] == [f"op{i}" for i in range(50)]
+
+
+@pytest.mark.parametrize("line, code", [
+    (b"[" * 100_000 + b"\n", "BadRequest"),  # RecursionError in json.loads
+    (b'{"op": "\xff\xfe"}\n', "BadRequest"),
+    (b"[1, 2, 3]\n", "BadRequest"),
+    (b'{"op": "want", "uris": "s3://b/k"}\n', "BadRequest"),
+    (b'{"op": "want", "uris": [%s]}\n' % b",".join([b'"s3://b/k"'] * (MAX_URIS + 1)), "TooMany"),
+    (b'{"op": "x", "n": ' + b"9" * 5000 + b"}\n", "BadRequest"),
+])
+def test_malformed_requests_get_a_typed_error_and_the_connection_serves_on(tmp_path, line, code):
+    with Harness(tmp_path) as h, h.client() as c:
+        c.sock.sendall(line)
+        with pytest.raises(RequestRefused) as e:
+            c.receive()
+        assert e.value.code == code
+        assert c.request({"op": "hello"})["ok"]
+        assert h.server.counters()["bad_requests"] == 1
+
+
+def test_an_overlong_line_is_refused_and_closes_that_connection_only(tmp_path):
+    with Harness(tmp_path) as h, h.client() as c, h.client() as other:
+        c.sock.sendall(b'{"op": "' + b"a" * (MAX_LINE + 10))  # no newline, over the limit
+        with pytest.raises(RequestRefused) as e:
+            c.receive()
+        assert e.value.code == "TooLarge"
+        assert c.sock.recv(10) == b""  # closed
+        assert other.request({"op": "hello"})["ok"]
+
+
+def test_usage_records_malformed_or_oversized_are_counted_and_the_rest_kept(tmp_path):
+    with Harness(tmp_path) as h:
+        bad = socket.socket(socket.AF_UNIX)
+        bad.connect(h.use)
+        bad.sendall(b"Rjob\0\xffgarbage\0x unknown kind\0h\xc3\x28\0hs3://b/ok\0w")  # last one unterminated
+        bad.close()
+        big = socket.socket(socket.AF_UNIX)
+        big.connect(h.use)
+        big.sendall(b"Rbig\0h" + b"a" * (MAX_RECORD + 1) + b"\0hs3://b/after\0")
+        wait_for(lambda: h.server.counters()["oversized_notes"] == 1, 30, "the oversized record")
+        big.close()
+        notes = UseNotes(h.use, "good")
+        notes.send("h", ["s3://b/good"])
+        got: list = []
+        wait_for(lambda: got.extend(h.server.use.drain()) or ("good", "h", "s3://b/good") in got, 30,
+                 "the good reader's note")
+        notes.close()
+        assert ("job", "h", "s3://b/ok") in got
+        assert not any(u == "s3://b/after" for _, _, u in got)  # after the oversized record: connection closed
+        st = h.server.counters()
+        assert st["malformed_notes"] == 4  # \xff kind, unknown kind x, invalid UTF-8, cut off at close
+        assert st["oversized_notes"] == 1
+
+
+def test_drain_returns_notes_on_connections_not_yet_accepted(tmp_path):
+    """Eviction drains under the lease lock: a note on a brand-new connection still in the listen backlog
+    must be in what drain returns, whatever the I/O thread has or has not done yet."""
+    h = Harness(tmp_path)  # not started: no I/O thread at all, only drain
+    try:
+        senders = [UseNotes(h.use, f"r{i}") for i in range(20)]
+        for i, s in enumerate(senders):
+            s.send("h", [f"s3://b/{i}"])
+        got = h.server.use.drain()
+        assert sorted(u for _, _, u in got) == sorted(f"s3://b/{i}" for i in range(20))
+        for s in senders:
+            s.close()
+    finally:
+        h.server.stop()
+
+
+def test_drain_sees_every_note_even_out_of_descriptors(tmp_path):
+    import resource
+
+    h = Harness(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[int] = []
+    try:
+        senders = [UseNotes(h.use, f"r{i}") for i in range(5)]
+        for i, s in enumerate(senders):
+            s.send("h", [f"s3://b/{i}"])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            while True:
+                hog.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        got = h.server.use.drain()  # accept() says EMFILE: the spare descriptor takes them one by one
+        assert sorted(u for _, _, u in got) == sorted(f"s3://b/{i}" for i in range(5))
+        assert h.server.counters()["accept_errors"] >= 5
+    finally:
+        for fd in hog:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for s in senders:
+            s.close()
+        h.server.stop()
+
+
+def test_notes_wake_a_waiting_drainer_and_the_select_fd(tmp_path):
+    import select
+
+    with Harness(tmp_path) as h:
+        notes = UseNotes(h.use, "r")
+        notes.send("w", ["s3://b/k"])
+        assert h.server.use.wait(60)
+        r, _, _ = select.select(h.server.use.fds(), [], [], 60)
+        assert r
+        assert h.server.use.drain() == [("r", "w", "s3://b/k")]
+        r, _, _ = select.select(h.server.use.fds(), [], [], 0)
+        assert not r  # drained: nothing signalled any more
+        notes.close()
+
+
+def test_an_io_loop_that_keeps_crashing_is_loud(tmp_path, caplog):
+    crashed: list[BaseException] = []
+    h = Harness(tmp_path, on_crash=crashed.append)
+    with h:
+        os.close(h.server._sel.fileno())  # the epoll descriptor vanishes: every select() now fails
+        wait_for(lambda: crashed, 60, "on_crash")
+        assert h.server.failed.is_set()
+        assert h.server.counters()["crashes"] >= 10
+        os.dup2(os.open(os.devnull, os.O_RDONLY), h.server._sel.fileno())  # so that stop() closes something
+    assert "I/O loop failed" in caplog.text
