@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -111,7 +110,8 @@ class Daemon:
             # Watch before anyone can see us serving, so an edit made right after start is not missed.
             self.manifest.watch()
             self._spawn(self.manifest.reload_loop, "s3cache-manifest")
-        self.server = Server(lay.control_socket, lay.use_socket, self._handle, self.readers.closed)
+        self.server = Server(lay.control_socket, lay.use_socket, self._handle, self.readers.closed,
+                             on_crash=self._server_crashed)
         self.server.start()
         self._spawn(self._use_loop, "s3cache-use")
         self._spawn(self.publisher.run, "s3cache-publish")
@@ -240,16 +240,18 @@ class Daemon:
     def _notes(self):
         return self.server.use.drain() if self.server is not None else ()
 
+    def _server_crashed(self, exc: BaseException) -> None:
+        """The sockets' I/O thread kept crashing: readers can no longer reach us. Stop with an error so
+        systemd restarts the daemon, rather than serve on deaf."""
+        log.error("the control server failed for good (%s: %s); stopping so the service is restarted",
+                  type(exc).__name__, exc)
+        self.exit_code = 1
+        self.stop()
+
     def _use_loop(self) -> None:
         assert self.server is not None
         while not self.stopping.is_set():
-            try:
-                r, _, _ = select.select(self.server.use.fds(), [], [], 0.5)
-            except (OSError, ValueError):
-                with self.cond:  # a reader's connection closed between drain and select
-                    self.readers.drain()
-                continue
-            if r:
+            if self.server.use.wait(0.5):
                 with self.cond:
                     self.readers.drain()
 
@@ -326,5 +328,6 @@ class Daemon:
                 "epochs": readers["epochs"],
                 "requests": counters.requests if counters else 0,
                 "retries": counters.retries if counters else 0,
+                "sockets": self.server.counters() if self.server is not None else {},
                 **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()},
             }

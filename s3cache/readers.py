@@ -139,8 +139,7 @@ class Readers:
                     front.append(entry)
                 else:
                     self._promote(uri)  # it was prefetching: now a reader waits on it
-                rel = self._store.plan(ref)
-                results.append({"uri": uri, "state": "pending", "watch": os.path.dirname(rel)})
+                results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
             for raw in ahead:
                 try:

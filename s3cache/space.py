@@ -31,7 +31,6 @@ files, so the schedule may fetch them again).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -44,6 +43,7 @@ from .config import Settings, human_size
 from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .index import Index, Record
 from .manifest import Entry
+from .lease import ExclusiveLease
 from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
@@ -76,6 +76,7 @@ class Space:
         self.evicted = 0
         self.evicted_bytes = 0
         self._lease_fd = store.open_lease_lock()  # made 0640 by store.open, never through a symlink
+        self._lease = ExclusiveLease(self._lease_fd)
 
     def close(self) -> None:
         os.close(self._lease_fd)
@@ -188,12 +189,12 @@ class Space:
     def exclusive(self) -> Iterator[None]:
         """The lease lock exclusively, then the state lock: no reader is between "saw the file" and
         "told us" while this is held. The lock order (flock first) is the daemon's rule."""
-        fcntl.flock(self._lease_fd, fcntl.LOCK_EX)
-        try:
+        # One holder per process: flock belongs to the open file description that every daemon thread
+        # shares, so a second thread's LOCK_EX would succeed at once and the first one's LOCK_UN would then
+        # leave it evicting unprotected (the lease race of issue 11). The mutex makes the hold exclusive.
+        with self._lease.held():
             with self._cond:
                 yield
-        finally:
-            fcntl.flock(self._lease_fd, fcntl.LOCK_UN)
 
     def admit(self, entry: Entry, size: int, demand: bool) -> bool:
         """Reserve ``size`` bytes for ``entry``, evicting by policy if needed. False: no room yet."""

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from parts import Rig, catalog, entry
-from s3cache.control import Connection
+from s3cache.control import Connection, Server
 
 B = "s3://bkt/"
 
@@ -25,19 +25,29 @@ def rig(tmp_path):
 
 
 @pytest.fixture
-def conn():
-    ours, theirs = socket.socketpair()
+def conn(tmp_path):
+    """A real control connection: the daemon's side (a Connection of a real Server) and the client's
+    reply stream, as a reader sees it."""
+    seen: list[Connection] = []
+    server = Server(str(tmp_path / "ctl.sock"), str(tmp_path / "use.sock"),
+                    lambda c, msg: seen.append(c) or {"ok": True}, lambda c: None)
+    server.start()
+    theirs = socket.socket(socket.AF_UNIX)
     theirs.settimeout(10)
-    yield Connection(ours), theirs.makefile("r")
-    ours.close()
+    theirs.connect(str(tmp_path / "ctl.sock"))
+    theirs.sendall(b'{"op":"hello"}\n')
+    replies = theirs.makefile("r")
+    assert json.loads(replies.readline()) == {"ok": True}
+    yield seen[0], replies
     theirs.close()
+    server.stop()
 
 
 def test_a_want_for_a_missing_object_queues_it_first_and_the_publish_answers_the_waiter(rig, conn):
     c, replies = conn
     rig.install(catalog(entry(B + "a", 3), entry(B + "b", 3)))
     results = rig.readers.want(c, "r1", [B + "b"], [])
-    assert results == [{"uri": B + "b", "state": "pending", "watch": "bkt"}]
+    assert results == [{"uri": B + "b", "state": "pending"}]
     assert rig.readers.misses == 1 and rig.readers.is_waited(B + "b")
     assert rig.schedule.next_job() == (entry(B + "b", 3), True)
     rec = rig.cached(B + "b", b"bbb")
