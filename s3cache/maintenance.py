@@ -317,16 +317,32 @@ class Maintenance:
         report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [],
                         "not_cached": [] if everything else missing}
         for uri, rec in targets:
-            path = self._store.layout.abspath(rec.path)
-            try:
-                actual = local_crc32c_of(path)
-            except FileNotFoundError:
-                continue  # evicted meanwhile
+            for _ in range(3):  # a new copy renamed over the file while it was hashed: check that one
+                path = self._store.layout.abspath(rec.path)
+                try:
+                    with open(path, "rb") as f:
+                        ino = os.fstat(f.fileno()).st_ino
+                        actual = digest_file(f, None).local_crc32c
+                except FileNotFoundError:
+                    rec = None  # evicted meanwhile
+                    break
+                if actual == rec.crc32c:
+                    break
+                done, where, error = self.withdraw(uri, rec, quarantine=True, hashed=ino)
+                if done or error is not None:
+                    break
+                with self._cond:  # replaced meanwhile: wait for the new copy's record, then hash it
+                    self._cond.wait_for(lambda: not self._schedule.is_fetching(uri), timeout=60)
+                    rec = self._space.ready.get(uri)
+                if rec is None:
+                    break
+            else:
+                continue  # kept changing under us: nothing to say about it
+            if rec is None:
+                continue
             report["checked"] += 1
             if actual != rec.crc32c:
-                done, where, error = self.withdraw(uri, rec, quarantine=True)
                 if not done and error is None:
-                    report["checked"] -= 1  # replaced or evicted meanwhile: not the file we hashed
                     continue
                 log.error("verify: %s does not match its recorded CRC32C (%s, expected %s); %s", uri, actual,
                           rec.crc32c, f"quarantined at {where}" if where else error or "removed")
@@ -355,10 +371,22 @@ class Maintenance:
             report["ok"] += 1
         return report
 
-    def withdraw(self, uri: str, rec: Record, quarantine: bool) -> tuple[bool, str | None, str | None]:
+    def withdraw(self, uri: str, rec: Record, quarantine: bool,
+                 hashed: int | None = None) -> tuple[bool, str | None, str | None]:
         """Take ``rec``'s file out of readers' reach and fetch the object again: (done, quarantine path,
-        error). Nothing is forgotten before the file is out of the readable path (``Space.withdraw``)."""
+        error). Nothing is forgotten before the file is out of the readable path (``Space.withdraw``).
+
+        ``hashed``: the inode that was found wrong. Not done if another file is at the path now, or a new
+        copy is being published (renamed over the path before its record replaces ``rec``): the bytes
+        hashed may be that new copy's, checked against the old record."""
         with self._space.exclusive():
+            if hashed is not None:
+                try:
+                    now_at = os.stat(self._store.layout.abspath(rec.path), follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    now_at = None
+                if now_at != hashed or self._schedule.is_fetching(uri):
+                    return False, None, None
             done, where, error = self._space.withdraw(uri, rec, quarantine)
             if done:
                 self._schedule.refetch(parse_uri(uri))

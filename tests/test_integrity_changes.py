@@ -235,6 +235,8 @@ def test_a_corrupt_file_that_cannot_be_quarantined_is_never_served(tmp_path, s3,
     finally:
         subprocess.run(["chattr", "-i", str(quarantine)], check=True)
     assert read(d, uri) != bad
+    # resolve() returns once the file is renamed into place; verify sees it once it is recorded ready.
+    d.wait_until(lambda st: st["objects"]["ready"] == 1 and st["objects"]["fetching"] == 0)
 
     bad = corrupt()  # now the quarantine can take it, long name and all
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--all", "--json"])
@@ -242,5 +244,6 @@ def test_a_corrupt_file_that_cannot_be_quarantined_is_never_served(tmp_path, s3,
     [item] = json.loads(r.output)["mismatched"]
     assert Path(item["quarantined"]).read_bytes() == bad and "error" not in item
     assert read(d, uri) == good
+    d.wait_until(lambda st: st["objects"]["ready"] == 1 and st["objects"]["fetching"] == 0)
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--all"])
     assert r.exit_code == 0 and "1 ok, 0 corrupt" in r.output
