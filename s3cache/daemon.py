@@ -104,7 +104,7 @@ class Daemon:
         if damaged:
             self.maintenance.rebuild(catalog)
         else:
-            self.maintenance.reconcile()
+            self.maintenance.reconcile(catalog)
         if self.manifest is not None:
             self._install_manifest(catalog)
             # Watch before anyone can see us serving, so an edit made right after start is not missed.
@@ -133,7 +133,7 @@ class Daemon:
         self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
                                  is_waited=lambda uri: self.readers.is_waited(uri))
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
-                                   on_failed=self._fail)
+                                   on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
                                promote=fetcher.promote)
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
@@ -200,14 +200,13 @@ class Daemon:
 
     def _install_manifest(self, catalog: Catalog) -> None:
         """Switch to a new manifest. Work is proportional to what is cached, not to the manifest."""
-        with self.cond:
+        with self.space.exclusive():  # stale files leave while no reader is between stat and note
             stale = self.space.install(catalog)
             self.readers.install()
             self.schedule.install(catalog)
-        for rec in stale:
-            self.store.remove(rec.path)
         if stale:
-            log.info("manifest asks for a different version of %d cached file(s); fetching again", len(stale))
+            log.info("manifest asks for another version, size or checksum of %d cached file(s); fetching again",
+                     len(stale))
         log.info("manifest %s: %d entries", self.s.manifest, len(catalog))
 
     def _published(self, items: list[tuple[str, Record]], now: float) -> None:
@@ -321,6 +320,7 @@ class Daemon:
                 "verified_by": space["verified_by"],
                 "failures": sched["failures"],
                 "manifest_errors": self.manifest.errors if self.manifest else [],
+                "unverified": self.maintenance.status()["unverified"],
                 "prefetch_paused": sched["prefetch_paused"],
                 "disk_full": space["disk_full"],
                 "pinned": space["pinned"],

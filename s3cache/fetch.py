@@ -248,7 +248,11 @@ class Fetcher:
             # A 200 is the whole object (a server that ignores Range); a 206 must be the range asked for.
             total, whole = first_answer(resp, asked)
             if entry.size is not None and total != entry.size:
-                raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+                if not entry.size_is_hint:
+                    raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+                # A size from a listing is a hint: the object was rewritten since. S3's size is the truth
+                # (admit below reserves for it), and the checks that follow are S3's own.
+                log.info("%s is %d bytes in S3, %d when it was listed: fetching S3's", uri, total, entry.size)
             if not admit(total):
                 raise NeedSpace(total)
             checks = self.verifier.settle(entry, resp, etag, whole, total) if whole else None

@@ -12,23 +12,38 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import diskcache
 
 from .errors import CacheDirError
 
+if TYPE_CHECKING:
+    from .manifest import Entry
+
 _META = "\x00meta:"  # a prefix no s3:// URI can start with
 PUBLISHING = "publishing"
 READY = "ready"
-SCHEMA = 1
+SCHEMA = 2  # 2: rows carry ``claims``; rows of schema 1 load with it empty
+
+
+def claims_of(entry: Entry) -> str:
+    """The manifest's checksum claims about an object, as one canonical string ("" when it makes none):
+    what a cached file was verified against, so that a manifest changing only a checksum is noticed."""
+    return ";".join(f"{name}={v}" for name in ("sha256", "md5", "crc32c") if (v := getattr(entry, name)))
 
 
 @dataclass(frozen=True)
 class Record:
-    """What the cache knows about one object's file. ``path`` is relative to the cache dir."""
+    """What the cache knows about one object's file. ``path`` is relative to the cache dir.
+
+    ``claims`` is ``claims_of`` the manifest entry the file was fetched and verified for: a later manifest
+    whose entry claims something else (another checksum, version or stated size) makes the file stale.
+    """
 
     state: str
     path: str
@@ -39,6 +54,21 @@ class Record:
     crc32c: str = ""  # local CRC32C of the file, for `s3cache verify`
     fetched_at: float = 0.0
     last_used: float = 0.0
+    claims: str = ""
+
+    def stale_for(self, entry: Entry, *, hinted_size: bool = True) -> str | None:
+        """Why this file is not the object ``entry`` describes, or None if it is. A size the manifest
+        states must match; a size from a listing (``size_is_hint``) counts only with ``hinted_size``: a
+        listing newer than the file says the object changed, while at publish a hint older than the
+        download must not reject the bytes S3 gave."""
+        if entry.version and self.version != entry.version:
+            return f"version {self.version or '(latest)'} cached, {entry.version} listed"
+        if entry.size is not None and self.size != entry.size and (hinted_size or not entry.size_is_hint):
+            return f"{self.size} bytes cached, {entry.size} listed"
+        want = claims_of(entry)
+        if self.claims != want:
+            return f"checked against {self.claims or 'no manifest checksum'}, the manifest now says {want or 'none'}"
+        return None
 
     def to_row(self) -> dict:
         row = asdict(self)
@@ -96,10 +126,15 @@ class Index:
                 yield uri, Record.from_row(row)
 
     def put_many(self, records: Iterable[tuple[str, Record]]) -> None:
-        """Write many rows in one transaction: all of them land, or (after a crash) none."""
+        """Write many rows in one transaction: all of them land, or (after a crash or an error) none."""
         with self._cache.transact():
+            ready = False
             for uri, rec in records:
                 self._cache.set(uri, rec.to_row())
+                ready = ready or rec.state == READY
+            if ready and _fault_full():
+                # What SQLite raises when the disk under the index fills; the transaction rolls back.
+                raise sqlite3.OperationalError(f"database or disk is full ({FAULT_ENV})")
 
     def delete_many(self, uris: Iterable[str]) -> None:
         with self._cache.transact():
@@ -116,6 +151,25 @@ class Index:
     def __len__(self) -> int:
         """Object rows (metadata not counted)."""
         return sum(1 for k in self._cache.iterkeys() if not k.startswith(_META))
+
+
+# Fault injection for the tests of what follows a failed index write (issue 17 item 13): with
+# S3CACHE_FAULT_INDEX_FULL=N in the daemon's environment, the first N transactions that write a ``ready``
+# row fail inside the transaction as a full disk makes them fail (rolled back, nothing written). The
+# moment matters (after the rename, before the commit), which a filesystem filled from outside cannot hit.
+FAULT_ENV = "S3CACHE_FAULT_INDEX_FULL"
+_fault_lock = threading.Lock()
+_faults_left = [-1]  # read from the environment on first use
+
+
+def _fault_full() -> bool:
+    with _fault_lock:
+        if _faults_left[0] < 0:
+            _faults_left[0] = int(os.environ.get(FAULT_ENV) or 0)
+        if _faults_left[0] == 0:
+            return False
+        _faults_left[0] -= 1
+        return True
 
 
 class IndexCorrupt(CacheDirError):

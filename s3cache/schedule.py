@@ -34,7 +34,7 @@ from .catalog import Catalog
 from .config import Settings
 from .evict import ReaderTracker
 from .manifest import Entry
-from .refs import ObjectRef
+from .refs import ObjectRef, parse_uri as _ref
 from .space import Space
 
 
@@ -52,6 +52,7 @@ class Schedule:
         self.fetching: set[str] = set()
         self.failed: dict[str, tuple[str, str]] = {}  # uri -> (code, message)
         self.blocked: set[str] = set()  # waiting for room in the cache
+        self.replacing: set[str] = set()  # ready, but to be fetched again (see ``replace``)
         self.demand: deque[Entry] = deque()
         self.cursor = 0
         self.prefetch_paused = False
@@ -66,6 +67,10 @@ class Schedule:
         self.catalog = catalog
         for uri in [u for u in self.extra if u in catalog]:
             del self.extra[uri]
+        # Queued entries are the old manifest's: queue what the new one says (its version, checksums).
+        self.demand = deque(self.entry_for(e.uri) or e._replace(size=None, sha256=None, md5=None, crc32c=None,
+                                                                version=None, size_is_hint=False)
+                            for e in self.demand)
         self.cursor = 0
         self.prefetch_paused = False
         self.failed = {u: f for u, f in self.failed.items() if u not in catalog}  # listed again: retry
@@ -90,7 +95,7 @@ class Schedule:
             while not self._stopping.is_set():
                 while self.demand and not self._space.disk_full:
                     e = self.demand.popleft()
-                    if not self._space.is_ready(e.uri) and e.uri not in self.fetching:
+                    if (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching:
                         self.fetching.add(e.uri)
                         return e, True
                 if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
@@ -202,9 +207,25 @@ class Schedule:
         """``uri`` was published."""
         self.fetching.discard(uri)
         self.failed.pop(uri, None)
+        self.replacing.discard(uri)
+
+    def superseded(self, uri: str) -> None:
+        """A reload changed ``uri``'s entry while it was fetched: the job was discarded; fetch it again
+        as the manifest now describes it (readers waiting on it keep waiting)."""
+        self.fetching.discard(uri)
+        self.refetch(_ref(uri))
+
+    def replace(self, uri: str) -> None:
+        """The cached ``uri`` is out of date (S3 has another object): fetch it again, keeping the cached
+        file readable until the new one is verified and renamed over it."""
+        self.replacing.add(uri)
+        if uri not in self.fetching:
+            self.demand.append(self.entry_for(uri) or self.extra.setdefault(uri, Entry(_ref(uri))))
+        self.work_changed()
 
     def fail(self, uri: str, code: str, message: str) -> None:
         self.fetching.discard(uri)
+        self.replacing.discard(uri)  # the cached file stays
         self.failed[uri] = (code, message)
         self.failures += 1
 

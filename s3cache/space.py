@@ -90,20 +90,33 @@ class Space:
             self.used += rec.size
 
     def install(self, catalog: Catalog) -> list[Record]:
-        """A new manifest: forget cached files it asks a different version or size of, and return them
-        (the caller removes their files, outside the lock). Work is proportional to what is cached."""
+        """A new manifest: withdraw cached files that are not the object it now describes (another
+        version, stated or listed size, or checksum claim: ``Record.stale_for``), file before row, and
+        return their records. Call inside ``exclusive()``: no reader is between seeing a file and
+        telling us. Work is proportional to what is cached."""
         self.catalog = catalog
-        stale: list[Record] = []
+        stale: list[tuple[str, Record]] = []
         for uri, rec in list(self.ready.items()):
             pos = catalog.position(uri)
             if pos is None:
                 continue
-            e = catalog.entry(pos)
-            if (e.version and rec.version != e.version) or (e.size is not None and rec.size != e.size):
-                stale.append(rec)
+            why = rec.stale_for(catalog.entry(pos))
+            if why is not None:
+                log.debug("%s is stale: %s", uri, why)
                 self.forget(uri)
+                stale.append((uri, rec))
+        for uri, rec in stale:
+            try:
+                self.store.remove(rec.path)
+            except OSError as e:  # never the end of reloading: the file is forgotten, its row goes
+                log.error("could not remove the stale file %s: %s", rec.path, e)
+        if stale:
+            try:
+                self.index.delete_many(u for u, _ in stale)
+            except Exception as e:  # a row without its file is dropped at the next start
+                log.error("could not drop %d stale row(s) from the index: %s", len(stale), e)
         self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in catalog}
-        return stale
+        return [rec for _, rec in stale]
 
     def is_ready(self, uri: str) -> bool:
         return uri in self.ready
@@ -267,21 +280,36 @@ class Space:
         self._on_evicted([v.position for v in victims])
         log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
 
-    def withdraw(self, uri: str, path: str, quarantine: bool) -> tuple[bool, str | None]:
-        """Take the ready file at ``path`` out of readers' reach: quarantine it or remove it, then drop
-        its row. Call inside ``exclusive()``. Returns (done, quarantine path); not done when the file
-        was replaced or evicted meanwhile."""
-        rec = self.ready.get(uri)
-        if rec is None or rec.path != path:
-            return False, None
+    def withdraw(self, uri: str, rec: Record, quarantine: bool) -> tuple[bool, str | None, str | None]:
+        """Take the ready file ``rec`` out of readers' reach: quarantine it or remove it, and only then
+        forget it and drop its row. Call inside ``exclusive()``. Returns (done, quarantine path, error).
+
+        Not done (False, None, None) when ``uri``'s file is no longer the one ``rec`` describes (same
+        path, same fetch, same bytes): it was replaced or evicted meanwhile. A file that cannot be
+        quarantined is removed instead (a corrupt file must not stay readable); if that fails too the
+        entry is kept and the error returned (the caller reports it)."""
+        cur = self.ready.get(uri)
+        if cur is None or (cur.path, cur.fetched_at, cur.crc32c) != (rec.path, rec.fetched_at, rec.crc32c):
+            return False, None, None
+        where = error = None
+        try:
+            if quarantine:
+                try:
+                    where = self.store.quarantine(rec.path)
+                except FileNotFoundError:
+                    pass  # gone already: out of reach is all we want
+                except OSError as e:
+                    error = f"could not quarantine it ({e.strerror or e}); removed it instead"
+                    log.error("cannot quarantine %s: %s; removing it instead", rec.path, e)
+                    self.store.remove(rec.path)
+            else:
+                self.store.remove(rec.path)
+        except OSError as e:
+            log.error("cannot take %s out of readers' reach: %s; it stays", rec.path, e)
+            return False, None, f"could not quarantine or remove it: {e.strerror or e}"
         self.forget(uri)
-        where = None
-        if quarantine:
-            where = self.store.quarantine(path)
-        else:
-            self.store.remove(path)
         self.index.delete_many([uri])
-        return True, where
+        return True, where, error
 
     def residents(self) -> list[Resident]:
         return [Resident(u, r.size, r.last_used, r.fetched_at, self.catalog.position(u), self.is_pinned(u))

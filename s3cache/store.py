@@ -391,6 +391,17 @@ class Store:
             close_all(fds)
         return os.path.join(self.layout.quarantine, dest)
 
+    def take_back(self, quarantined: str) -> str:
+        """Move a file ``quarantine`` set aside back to a new temp path (to publish it again once it is
+        verified). Raises OSError (FileNotFoundError if it is gone)."""
+        assert self._quarantine_fd is not None and self._tmp_fd is not None
+        name = os.path.basename(quarantined)
+        if os.path.dirname(quarantined) != self.layout.quarantine or name in ("", ".", ".."):
+            raise CacheDirError(f"{quarantined} is not in this cache's quarantine")
+        tmp = f"held.{os.getpid()}.{os.urandom(6).hex()}.part"
+        os.rename(name, tmp, src_dir_fd=self._quarantine_fd, dst_dir_fd=self._tmp_fd)
+        return os.path.join(self.layout.tmp, tmp)
+
     def exists(self, rel: str) -> bool:
         """A regular file at ``rel``, reached without following symlinks."""
         try:

@@ -59,7 +59,7 @@ class Rig:
         return out
 
     def install(self, cat: Catalog) -> list[Record]:
-        with self.cond:
+        with self.space.exclusive():
             stale = self.space.install(cat)
             self.readers.install()
             self.schedule.install(cat)

@@ -125,8 +125,12 @@ def test_a_new_manifest_returns_cached_files_of_another_version_or_size(rig):
 def test_withdraw_quarantines_only_the_file_that_was_checked(rig):
     rec = rig.cached(B + "a", b"a" * 5)
     with rig.space.exclusive():
-        assert rig.space.withdraw(B + "a", "elsewhere/a", quarantine=True) == (False, None)
-        done, where = rig.space.withdraw(B + "a", rec.path, quarantine=True)
+        assert rig.space.withdraw(B + "a", replace(rec, path="elsewhere/a"), quarantine=True) == (False, None, None)
+        # Same path, another file (fetched again meanwhile): not the one that was checked.
+        assert rig.space.withdraw(B + "a", replace(rec, fetched_at=rec.fetched_at - 1), quarantine=True) \
+            == (False, None, None)
+        done, where, error = rig.space.withdraw(B + "a", rec, quarantine=True)
+    assert error is None
     assert done and os.path.exists(where) and where.startswith(rig.store.layout.quarantine)
     assert not os.path.exists(rig.store.layout.abspath(rec.path))
     assert rig.index.get(B + "a") is None and not rig.space.is_ready(B + "a")

@@ -9,7 +9,8 @@ fault name or None:
 * ``"reset"``: send the headers and half the body, then reset the connection (RST).
 * ``"short"``: send the headers and half the body, then close normally: a short body.
 * ``"flip"``: flip one byte of the body.
-* ``"stall"``: send the headers, then nothing for ``stall_seconds``, then close.
+* ``"stall"``: send the headers, then nothing for ``stall_seconds`` (or until ``release`` is set), then
+  close.
 * ``"ignore-range"``: drop the request's ``Range``, so the whole object comes back with ``200``, as
   servers and proxies that ignore ``Range`` answer.
 * ``"shift"``: ask upstream for the requested range moved by one byte (back, or forward from byte 0):
@@ -66,6 +67,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._ready = threading.Event()
+        self.release = threading.Event()  # ends every stall now (and, once set, makes stalls instant)
 
     @property
     def url(self) -> str:
@@ -200,7 +202,9 @@ class FaultProxy:
                         writer.write(rhead)
                         if fault == "stall":
                             await writer.drain()
-                            await asyncio.sleep(self.stall_seconds)
+                            until = time.monotonic() + self.stall_seconds
+                            while time.monotonic() < until and not self.release.is_set():
+                                await asyncio.sleep(0.02)
                         else:
                             writer.write(rbody[: len(rbody) // 2])
                             await writer.drain()
