@@ -129,7 +129,7 @@ class ProtocolError(S3CacheError):
 
 class WrongChecksum(ChecksumMismatch):
     """The bytes S3 serves are stable but do not match a claim about them: S3's own checksum agrees with
-    them and the manifest's does not, or two downloads hashed alike and both mismatched. Not a transfer
+    them and the manifest's does not, or three downloads hashed alike and both mismatched. Not a transfer
     error, so fetching again cannot help: it fails at once until the manifest or the object changes."""
 
     def __init__(self, uri: str, message: str) -> None:

@@ -190,7 +190,7 @@ class Fetcher:
         """
         uri = entry.uri
         changed = 0
-        seen: set = set()  # wrong digests of earlier attempts
+        seen: dict = {}  # wrong digests of earlier attempts, and how many attempts gave each
         prio = _Priority(foreground)
         with self._fg_lock:
             self._inflight[uri] = prio
@@ -230,7 +230,7 @@ class Fetcher:
             prio.foreground = True
             return True
 
-    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: set) -> Fetched:
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
         uri = entry.uri
         part_size = self.part_size if prio.foreground else self.prefetch_part_size
         asked: Span | None = first_span(part_size)

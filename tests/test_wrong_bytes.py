@@ -211,14 +211,14 @@ def test_s3_sha256_is_preferred_and_a_wrong_manifest_crc32c_fails_after_one_down
     assert proxy.gets(f"/{bucket}/k") - gets == 4  # one download (four 1 MiB parts), not one per attempt
 
 
-def test_a_stable_mismatch_with_no_second_check_fails_after_two_downloads(s3, bucket, proxy, fetcher):
+def test_a_stable_mismatch_with_no_second_check_fails_after_three_downloads(s3, bucket, proxy, fetcher):
     from s3cache.errors import WrongChecksum
 
     s3.put_object(Bucket=bucket, Key="k", Body=b"y" * 5000, ServerSideEncryption="aws:kms")
     f = fetcher(max_attempts=8)
-    with pytest.raises(WrongChecksum, match="two downloads"):
+    with pytest.raises(WrongChecksum, match="3 downloads"):
         f.fetch(Entry(ObjectRef(bucket, "k"), sha256="0" * 64), admit=lambda n: True)
-    assert proxy.gets(f"/{bucket}/k") == 2
+    assert proxy.gets(f"/{bucket}/k") == 3
 
 
 def test_a_flipped_byte_under_a_manifest_checksum_is_still_retried(s3, bucket, proxy, fetcher):
