@@ -382,7 +382,10 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
         click.echo(f"checked {report['checked']} file(s): {report['ok']} ok, {len(report['mismatched'])} "
                    f"corrupt, {len(report['changed'])} changed in S3, {len(report['gone'])} gone from S3")
         for m in report["mismatched"]:
-            click.echo(f"corrupt     {m['uri']} ({m['path']}): quarantined at {m['quarantined']}, fetching again")
+            if m.get("quarantined"):
+                click.echo(f"corrupt     {m['uri']} ({m['path']}): quarantined at {m['quarantined']}, fetching again")
+            else:  # it could not be moved aside: it was removed instead, or is still there and not served
+                click.echo(f"corrupt     {m['uri']} ({m['path']}): not quarantined ({m.get('error', 'unknown error')})")
         for c in report["changed"]:
             click.echo(f"changed     {c['uri']}: ETag {c['was']} -> {c['etag']}, fetching again")
         for g in report["gone"]:
