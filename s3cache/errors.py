@@ -145,3 +145,15 @@ class NoChecksum(FetchFailed):
         super().__init__(uri, "NoChecksum",
                          "no checksum to verify it by (S3 has none, its ETag is not an MD5, the manifest gives "
                          "none): add sha256= to its manifest line, or upload it with a checksum")
+
+
+class RequestTooLarge(S3CacheError):
+    """A request asks for more than the daemon takes in one go (e.g. too many ahead hints in a want)."""
+
+
+class PermissionDenied(S3CacheError):
+    """The client may not do this (e.g. pins need the daemon's user or root); the message names the rule."""
+
+
+class PinQuotaExceeded(S3CacheError):
+    """Pinning these objects would make pinned bytes exceed ``pin_quota`` of ``--max-size``."""

@@ -67,21 +67,26 @@ def test_no_room_blocks_and_pauses_prefetch_until_resumed_then_waited_on_objects
     assert rig.schedule.next_job() == (entry(u[0], 10), False)  # the cursor moved back to it
 
 
-def test_failed_objects_are_not_prefetched_until_a_reader_asks_or_the_manifest_lists_them_again(rig):
+def test_failed_objects_are_not_prefetched_until_a_reader_asks_or_the_manifest_changes_them(rig):
     u = uris(2)
     cat = catalog(*(entry(x, 10) for x in u))
     rig.install(cat)
     job = rig.schedule.next_job()
     with rig.cond:
         rig.schedule.fail(job[0].uri, "NoSuchKey", "gone")
-    assert rig.schedule.failed == {u[0]: ("NoSuchKey", "gone")} and rig.schedule.failures == 1
+    f = rig.schedule.failed.get(u[0])
+    assert (f.code, f.message, f.permanent, f.attempts) == ("NoSuchKey", "gone", True, 1)
+    assert rig.schedule.failures == 1
     assert rig.schedule.next_job() == (entry(u[1], 10), False)
     with rig.cond:
+        assert rig.schedule.permanent_failure(u[0]) is None  # NoSuchKey: a reader's ask looks once more
         assert rig.schedule.ask(parse_uri(u[0])) == (entry(u[0], 10), False)
     assert u[0] not in rig.schedule.failed
     with rig.cond:
         rig.schedule.fail(u[0], "NoSuchKey", "gone")
-    rig.install(cat)
+    rig.install(cat)  # the same manifest: a permanent failure stays
+    assert u[0] in rig.schedule.failed
+    rig.install(catalog(entry(u[0], 11), entry(u[1], 10)))  # its line changed: fetched again
     assert not rig.schedule.failed
 
 
@@ -140,5 +145,7 @@ def test_status_counts_queued_fetching_and_failed(rig):
         rig.schedule.fail(job[0].uri, "AccessDenied", "no")
         st = rig.schedule.status()
     assert (st["manifest_entries"], st["queued"], st["fetching"], st["failed"]) == (5, 2, 1, 1)
-    assert st["failures"] == [{"uri": u[1], "code": "AccessDenied", "message": "no"}]
-    assert st["prefetch_paused"] is False and st["failed_total"] == 1
+    assert [{k: f[k] for k in ("uri", "code", "message", "attempts", "permanent")} for f in st["failures"]] == [
+        {"uri": u[1], "code": "AccessDenied", "message": "no", "attempts": 1, "permanent": False}]
+    assert 15 <= st["failures"][0]["retry_in"] <= 30  # AccessDenied: the long backoff
+    assert st["prefetch_paused"] is False and st["failures_total"] == 1
