@@ -197,3 +197,36 @@ def test_status_reports_this_parts_keys(rig):
     assert st["ready"] == 1 and st["verified_by"] == {"size": 1} and st["disk_full"] is False
     assert st["bytes"]["ready"] == 3 and st["bytes"]["reserved"] == 0 and st["bytes"]["max"] == 100
     assert 0 <= st["bytes"]["free_fraction"] <= 1 and st["evicted"] == 0 and st["evicted_bytes"] == 0
+
+
+def test_flush_never_writes_back_a_row_deleted_while_it_wrote(rig):
+    """Issue 17 item 14: flush snapshots usage under the state lock and writes it outside; a row
+    eviction deleted in between must stay deleted (and the file's replacement must keep its own row)."""
+    import sqlite3
+    import threading
+
+    rec_a = rig.cached(B + "a", b"a")
+    rig.cached(B + "b", b"b")
+    with rig.cond:
+        rig.space.touch(B + "a", 123.0)
+        rig.space.touch(B + "b", 456.0)
+    db = sqlite3.connect(os.path.join(rig.store.layout.index, "cache.db"), timeout=60, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # holds the index's write lock: flush's write must wait for it
+        t = threading.Thread(target=rig.space.flush)
+        t.start()
+        deadline = time.monotonic() + 30
+        while rig.space._dirty_use and time.monotonic() < deadline:  # flush took its snapshot
+            time.sleep(0.01)
+        assert not rig.space._dirty_use
+        # meanwhile "a" is evicted: file and row go, as Space._evict does them
+        with rig.cond:
+            rig.space.forget(B + "a")
+        rig.store.remove(rec_a.path)
+        db.execute("DELETE FROM Cache WHERE key = ?", (B + "a",))
+        db.execute("COMMIT")
+        t.join(30)
+    finally:
+        db.close()
+    assert rig.index.get(B + "a") is None  # not re-inserted
+    assert rig.index.get(B + "b").last_used == 456.0  # the row still there was updated
