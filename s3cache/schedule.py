@@ -1,6 +1,6 @@
 """The schedule: what to fetch next, and why.
 
-Owns the manifest in fetch order (the catalog), the prefetch cursor, the demand queue (objects readers
+Owns the manifest in fetch order (the catalog), the prefetch cursor, the demand queue (demand.py; objects readers
 wait on or will want, served first), objects asked for outside the manifest (``extra``), objects
 blocked waiting for room, failed objects, the fetching set, and the readahead window. Workers take jobs
 from ``next_job``; everything that may create work calls ``work_changed``.
@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable
 
 from .catalog import Catalog
+from .demand import DemandQueue
 from .config import Settings
 from .evict import ReaderTracker
 from .failures import RECHECK, Failure, Failures
@@ -39,73 +40,6 @@ from .refs import ObjectRef, parse_uri
 from .space import Space
 
 MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
-
-
-class DemandQueue(deque):
-    """The demand queue: a deque of entries with the count of each URI beside it, so "is it queued?"
-    costs a dict lookup, not a scan (60,000 hints once took minutes under the state lock).
-
-    Invariant: ``_count[uri]`` is the number of entries of ``uri`` in the deque (absent when 0); every
-    mutator the schedule uses (append, appendleft, extend, popleft, pop, clear) keeps it."""
-
-    def __init__(self, items: Iterable[Entry] = ()) -> None:
-        super().__init__()
-        self._count: dict[str, int] = {}
-        self.extend(items)
-
-    def _inc(self, e: Entry) -> None:
-        self._count[e.uri] = self._count.get(e.uri, 0) + 1
-
-    def _dec(self, e: Entry) -> None:
-        n = self._count[e.uri] - 1
-        if n:
-            self._count[e.uri] = n
-        else:
-            del self._count[e.uri]
-
-    def append(self, e: Entry) -> None:
-        super().append(e)
-        self._inc(e)
-
-    def appendleft(self, e: Entry) -> None:
-        super().appendleft(e)
-        self._inc(e)
-
-    def extend(self, items: Iterable[Entry]) -> None:
-        for e in items:
-            self.append(e)
-
-    def extendleft(self, items: Iterable[Entry]) -> None:
-        for e in items:
-            self.appendleft(e)
-
-    def popleft(self) -> Entry:
-        e = super().popleft()
-        self._dec(e)
-        return e
-
-    def pop(self) -> Entry:
-        e = super().pop()
-        self._dec(e)
-        return e
-
-    def clear(self) -> None:
-        super().clear()
-        self._count.clear()
-
-    def remove(self, e: Entry) -> None:
-        super().remove(e)
-        self._dec(e)
-
-    def has(self, uri: str) -> bool:
-        return uri in self._count
-
-    def __contains__(self, e: object) -> bool:
-        return isinstance(e, Entry) and e.uri in self._count and super().__contains__(e)
-
-    def uris(self):
-        """The distinct URIs queued (a live view)."""
-        return self._count.keys()
 
 
 class Schedule:
