@@ -341,6 +341,9 @@ class Settings:
                               "Pause prefetch when the filesystem's free fraction falls below this.")
     low_watermark: float = setting(Number(0, 1, lo_open=True, what="a fraction, e.g. 0.9"), 0.90,
                                    "When evicting, free space down to this fraction of max-size.")
+    pin_quota: float = setting(Number(0, 1, what="a fraction, e.g. 0.5"), 0.5,
+                               "Pinned objects may hold at most this fraction of max-size (`s3cache pin` beyond it "
+                               "is refused).")
     endpoint_url: str | None = setting(URL, None, "S3 endpoint (S3-compatible stores, tests).",
                                        env=("S3CACHE_ENDPOINT_URL", "AWS_ENDPOINT_URL"))
     region: str | None = setting(TEXT, None, "AWS region (default: boto3's configuration).",

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -30,6 +32,7 @@ from collections import deque
 from .catalog import Catalog
 from .config import Settings, human_size
 from .control import PROTOCOL, Connection, Server
+from .errors import PermissionDenied
 from .evict import ReaderTracker
 from .fetch import Fetcher, make_client
 from .index import Index, Record
@@ -44,6 +47,22 @@ from .store import Store
 from .workers import Workers
 
 log = logging.getLogger("s3cache.daemon")
+
+
+def _peer_uid(conn: Connection) -> int | None:
+    """The uid of the process at the other end of a control connection (None if unknown). Uses the
+    Connection's own attribute when the socket server provides one, else asks the kernel."""
+    uid = getattr(conn, "peer_uid", None)
+    if uid is not None:
+        return uid
+    try:
+        creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return struct.unpack("3i", creds)[1]
+
+
+TP_WINDOW = 10.0  # seconds of arrivals the throughput figure averages over
 
 
 class Daemon:
@@ -110,6 +129,7 @@ class Daemon:
             # Watch before anyone can see us serving, so an edit made right after start is not missed.
             self.manifest.watch()
             self._spawn(self.manifest.reload_loop, "s3cache-manifest")
+        self._tp_samples.append((time.monotonic(), fetcher.counters.bytes))  # throughput counts from here
         self.server = Server(lay.control_socket, lay.use_socket, self._handle, self.readers.closed,
                              on_crash=self._server_crashed)
         self.server.start()
@@ -223,16 +243,26 @@ class Daemon:
             self.readers.failed(uri, code, message)
             self.cond.notify_all()
 
-    def _pin(self, uris: list[str], pin: bool) -> dict:
-        """``s3cache pin/unpin``: keep files resident (fetching them now) or release them."""
+    def _pin(self, conn: Connection, uris: list[str], pin: bool) -> dict:
+        """``s3cache pin/unpin``: keep files resident (fetching them now) or release them.
+
+        Only the daemon's own user or root may pin or unpin (SO_PEERCRED of the control connection):
+        pins outlive the job that made them and take cache space from every other reader. Replies
+        ``{"ok", "pinned": every pinned URI counted once, "results": [{"uri", "outcome"}]}`` (outcomes:
+        see Space.pin); raises PermissionDenied, PinQuotaExceeded or UnsafeKey, changing nothing."""
+        uid = _peer_uid(conn)
+        if uid is None or uid not in (0, os.geteuid()):
+            raise PermissionDenied(
+                f"uid {'unknown' if uid is None else uid} may not {'pin' if pin else 'unpin'}: pins need the daemon's user "
+                f"(uid {os.geteuid()}) or root, as they hold cache space against every reader")
         refs = [parse_uri(u) for u in uris]
         with self.cond:
+            results = self.space.pin([r.uri for r in refs], pin)
             if pin:
                 for ref in refs:
                     self.schedule.fetch_soon(ref)
-            count = self.space.pin([r.uri for r in refs], pin)
             self.schedule.work_changed()
-            return {"ok": True, "pinned": count}
+            return {"ok": True, "pinned": self.space.pin_count(), "results": results}
 
     # == readers' sockets =============================================================================
 
@@ -266,7 +296,7 @@ class Daemon:
             return {"report": self.maintenance.verify([str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
                                                       bool(msg.get("source")))}
         if op in ("pin", "unpin"):
-            return self._pin([str(u) for u in msg.get("uris", [])], op == "pin")
+            return self._pin(conn, [str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
             return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL}
         return {"error": f"unknown op {op!r}"}
@@ -281,6 +311,7 @@ class Daemon:
                 log.exception("flushing usage to the index failed")
             with self.cond:
                 self._tp_samples.append((time.monotonic(), self.fetcher.counters.bytes if self.fetcher else 0))
+                self.schedule.retry_due()  # failures whose backoff passed are fetched again
             # Leases expire with time alone, and idle readers are forgotten: either may open up work.
             self.schedule.reconsider()
             if not os.path.exists(self.store.layout.lock):
@@ -293,10 +324,20 @@ class Daemon:
                     self.schedule.work_changed()
 
     def _throughput(self) -> float:
-        if len(self._tp_samples) < 2:
+        """Bytes/s that arrived over the last ~10 s, up to now: the byte counter read now against the
+        oldest sample in that window (samples are taken once a second from start, the first at 0
+        bytes), so a burst shorter than a sampling interval still shows."""
+        now = time.monotonic()
+        current = self.fetcher.counters.bytes if self.fetcher else 0
+        base = None
+        for t, b in self._tp_samples:
+            if t >= now - TP_WINDOW:
+                base = (t, b)
+                break
+        if base is None:
             return 0.0
-        (t0, b0), (t1, b1) = self._tp_samples[max(0, len(self._tp_samples) - 11)], self._tp_samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        t0, b0 = base
+        return (current - b0) / max(now - t0, 1.0)
 
     def status(self) -> dict:
         """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
@@ -305,8 +346,8 @@ class Daemon:
             published = self.publisher.status()
             counters = self.fetcher.counters if self.fetcher else None
             stats = {**published, "evicted": space["evicted"], "evicted_bytes": space["evicted_bytes"],
-                     "hits": readers["hits"], "misses": readers["misses"], "failed": sched["failed_total"],
-                     "wait_seconds": readers["wait_seconds"]}
+                     "hits": readers["hits"], "misses": readers["misses"],
+                     "failures_total": sched["failures_total"], "wait_seconds": readers["wait_seconds"]}
             return {
                 "cache_dir": self.store.layout.root,
                 "pid": os.getpid(),
@@ -319,6 +360,11 @@ class Daemon:
                 "throughput_bytes_per_s": round(self._throughput()),
                 "verified_by": space["verified_by"],
                 "failures": sched["failures"],
+                "failed_permanent": sched["failed_permanent"],
+                "failed_retrying": sched["failed_retrying"],
+                "next_retry_in": sched["next_retry_in"],
+                "retries_released": sched["retries_released"],
+                "hints": sched["hints"],
                 "manifest_errors": self.manifest.errors if self.manifest else [],
                 "unverified": self.maintenance.status()["unverified"],
                 "prefetch_paused": sched["prefetch_paused"],
@@ -326,6 +372,8 @@ class Daemon:
                 "pinned": space["pinned"],
                 "readers": readers["readers"],
                 "epochs": readers["epochs"],
+                "waiting": readers["waiting"],
+                "notes_rejected": readers["notes_rejected"],
                 "requests": counters.requests if counters else 0,
                 "retries": counters.retries if counters else 0,
                 "sockets": self.server.counters() if self.server is not None else {},

@@ -153,3 +153,15 @@ class RequestRefused(ProtocolError):
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(f"the daemon refused the request ({code}): {message}")
+
+
+class RequestTooLarge(S3CacheError):
+    """A request asks for more than the daemon takes in one go (e.g. too many ahead hints in a want)."""
+
+
+class PermissionDenied(S3CacheError):
+    """The client may not do this (e.g. pins need the daemon's user or root); the message names the rule."""
+
+
+class PinQuotaExceeded(S3CacheError):
+    """Pinning these objects would make pinned bytes exceed ``pin_quota`` of ``--max-size``."""

@@ -136,6 +136,19 @@ class Index:
                 # What SQLite raises when the disk under the index fills; the transaction rolls back.
                 raise sqlite3.OperationalError(f"database or disk is full ({FAULT_ENV})")
 
+    def touch_many(self, records: Iterable[tuple[str, Record]]) -> int:
+        """Set ``last_used`` on rows that still hold exactly these files (same path and fetch time), in
+        one transaction; a row deleted or replaced meanwhile is left alone, never written back. Returns
+        how many were updated."""
+        done = 0
+        with self._cache.transact():
+            for uri, rec in records:
+                row = self._cache.get(uri)
+                if row is not None and row.get("path") == rec.path and row.get("fetched_at") == rec.fetched_at:
+                    self._cache.set(uri, {**row, "last_used": rec.last_used})
+                    done += 1
+        return done
+
     def delete_many(self, uris: Iterable[str]) -> None:
         with self._cache.transact():
             for uri in uris:

@@ -145,7 +145,7 @@ def families(st: dict) -> Iterator:
     yield _counter("s3cache_fetched_objects", "Objects fetched from S3 and verified.", st["fetched"])
     yield _counter("s3cache_fetched_bytes", "Bytes fetched from S3 into verified files.", st["fetched_bytes"])
     yield _counter("s3cache_fetch_failures", "Fetches that failed for good (each failure counted once).",
-                   st["failed"])
+                   st["failures_total"])
     failed = GaugeMetricFamily("s3cache_failed_objects",
                                "Objects failed now, by S3 error code (code=\"unlisted\": past status's list).",
                                labels=["code"])

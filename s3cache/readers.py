@@ -30,16 +30,21 @@ import time
 from collections.abc import Callable, Iterable
 
 from .control import Connection
-from .errors import S3CacheError
+from .errors import RequestTooLarge, S3CacheError
 from .evict import ReaderTracker
 from .index import Record
 from .manifest import Entry
-from .refs import parse_uri
+from .refs import ObjectRef, parse_uri
 from .schedule import Schedule
 from .space import Space
 from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
+
+MAX_AHEAD = 1_000  # ahead hints in one want; more is refused (RequestTooLarge)
+MAX_READERS = 1_024  # readers tracked; a new one beyond makes the longest silent one forgotten
+EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
+MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
 
 
 class Readers:
@@ -59,7 +64,8 @@ class Readers:
         self._wanted_at: dict[str, float] = {}  # when a reader first started waiting for a file
         self.hits = 0
         self.misses = 0
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # waits that ended: the file came, failed, or the reader left
+        self.notes_rejected = 0  # usage notes naming no valid s3:// URI, skipped
 
     def install(self) -> None:
         """A new manifest: positions in the old one mean nothing."""
@@ -77,7 +83,12 @@ class Readers:
         catalog = self._schedule.catalog
         n = len(catalog)
         moved = False
+        if reader not in self.tracker.ids():
+            self.tracker.make_room(MAX_READERS - 1)  # before adding one  # spoofed reader ids cost bounded memory
         for uri in uris:
+            if not _valid(uri):  # checked before any lookup: notes come from any member of the group
+                self.notes_rejected += 1
+                continue
             if not self._space.touch(uri, now) and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
@@ -94,7 +105,12 @@ class Readers:
             self._schedule.reconsider()
 
     def _epoch(self, epoch: int) -> dict[str, int]:
-        return self.epochs.setdefault(epoch, {"hits": 0, "misses": 0})
+        counts = self.epochs.get(epoch)
+        if counts is None:
+            counts = self.epochs[epoch] = {"hits": 0, "misses": 0}
+            if len(self.epochs) > EPOCHS_KEPT:  # only recent epochs: a reader can make up any number
+                del self.epochs[min(self.epochs)]
+        return counts
 
     def drain(self) -> None:
         """Apply every usage note readers have sent so far."""
@@ -110,9 +126,26 @@ class Readers:
         """A reader waits for ``uris`` (they go to the front of the queue) and will soon want ``ahead``.
 
         ``ahead`` is a hint for objects the manifest does not list (for listed ones the readahead policy
-        already knows what comes next): they are queued behind the demand, with no one waiting yet.
+        already knows what comes next): they are queued behind the demand, with no one waiting yet. At
+        most MAX_AHEAD of them (more raises RequestTooLarge, and nothing is done). An object that failed
+        for good is answered ``failed`` at once, without a download (failures.py says which).
         """
+        if len(ahead) > MAX_AHEAD:
+            raise RequestTooLarge(f"{len(ahead)} ahead hints in one want; at most {MAX_AHEAD}: send fewer")
         log.debug("want %s (then %d more) from %s", uris, len(ahead), reader)
+        # Parsing is the per-URI work: do it before taking the state lock.
+        parsed: list[ObjectRef | S3CacheError] = []
+        for raw in uris:
+            try:
+                parsed.append(parse_uri(raw))
+            except S3CacheError as e:
+                parsed.append(e)
+        hints: list[ObjectRef] = []
+        for raw in ahead:
+            try:
+                hints.append(parse_uri(raw))
+            except S3CacheError:
+                continue
         results = []
         front: list[Entry] = []
         with self._cond:
@@ -121,16 +154,19 @@ class Readers:
             misses = sum(1 for u in uris if not self._space.is_ready(u))
             self.misses += misses
             self._epoch(self.tracker.epoch_of(reader))["misses"] += misses
-            for raw in uris:
-                try:
-                    ref = parse_uri(raw)
-                except S3CacheError as e:
-                    results.append({"uri": raw, "state": "invalid", "message": str(e)})
+            for raw, ref in zip(uris, parsed):
+                if isinstance(ref, S3CacheError):
+                    results.append({"uri": raw, "state": "invalid", "message": str(ref)})
                     continue
                 uri = ref.uri
                 path = self._space.ready_path(uri)
                 if path is not None:
                     results.append({"uri": uri, "state": "ready", "path": path})
+                    continue
+                failure = self._schedule.permanent_failure(uri)
+                if failure is not None:
+                    results.append({"uri": uri, "state": "failed", "code": failure.code,
+                                    "message": failure.message})
                     continue
                 entry, in_flight = self._schedule.ask(ref)
                 self.waiters.setdefault(uri, set()).add(conn)
@@ -141,11 +177,7 @@ class Readers:
                     self._promote(uri)  # it was prefetching: now a reader waits on it
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
-            for raw in ahead:
-                try:
-                    ref = parse_uri(raw)
-                except S3CacheError:
-                    continue
+            for ref in hints:
                 self._schedule.hint(ref)
             self._cond.notify_all()
         return results
@@ -177,20 +209,37 @@ class Readers:
             self.wait_seconds += time.monotonic() - started
 
     def closed(self, conn: Connection) -> None:
-        """A reader's ctl connection closed: it waits on nothing any more."""
+        """A reader's ctl connection closed: it waits on nothing any more. A wait that ends so (the
+        reader timed out, or was stopped) still counts in ``wait_seconds``."""
         with self._cond:
             for uri in [u for u, cs in self.waiters.items() if conn in cs]:
                 self.waiters[uri].discard(conn)
                 if not self.waiters[uri]:
                     del self.waiters[uri]
+                    self._stop_waiting(uri)
 
     def status(self) -> dict:
-        """This part's piece of ``status`` (state lock held)."""
+        """This part's piece of ``status`` (state lock held). ``wait_seconds`` includes waits going on."""
+        now = time.monotonic()
+        waiting = sum(now - t for t in self._wanted_at.values())
         return {
             "readers": len(self.tracker),
             "epochs": [{"epoch": e, **v, "hit_rate": round(v["hits"] / max(1, v["hits"] + v["misses"]), 4)}
                        for e, v in sorted(self.epochs.items())],
             "hits": self.hits,
             "misses": self.misses,
-            "wait_seconds": self.wait_seconds,
+            "wait_seconds": self.wait_seconds + waiting,
+            "waiting": len(self._wanted_at),
+            "notes_rejected": self.notes_rejected,
         }
+
+
+def _valid(uri: object) -> bool:
+    """Whether a usage note names an object at all (cheap checks first, then the full parse)."""
+    if not isinstance(uri, str) or len(uri) > MAX_URI_CHARS or not uri.startswith("s3://"):
+        return False
+    try:
+        parse_uri(uri)
+    except S3CacheError:
+        return False
+    return True

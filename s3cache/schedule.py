@@ -1,6 +1,6 @@
 """The schedule: what to fetch next, and why.
 
-Owns the manifest in fetch order (the catalog), the prefetch cursor, the demand queue (objects readers
+Owns the manifest in fetch order (the catalog), the prefetch cursor, the demand queue (demand.py; objects readers
 wait on or will want, served first), objects asked for outside the manifest (``extra``), objects
 blocked waiting for room, failed objects, the fetching set, and the readahead window. Workers take jobs
 from ``next_job``; everything that may create work calls ``work_changed``.
@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from .catalog import Catalog
+from .demand import DemandQueue
 from .config import Settings
 from .evict import ReaderTracker
+from .failures import RECHECK, Failure, Failures
 from .manifest import Entry
-from .refs import ObjectRef, parse_uri as _ref
+from .refs import ObjectRef, parse_uri
 from .space import Space
+
+MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
 
 
 class Schedule:
@@ -48,17 +52,23 @@ class Schedule:
         self._stopping = stopping
         self._is_waited = is_waited
         self.catalog = Catalog()  # the manifest, in fetch order
-        self.extra: dict[str, Entry] = {}  # objects asked for by readers but not in the manifest
+        # Objects asked for (or hinted) by readers but not in the manifest, until they are fetched or
+        # fail; at most MAX_EXTRA (least recently asked dropped: an Entry outside the manifest is only
+        # its URI, so forgetting one loses nothing a new ask does not rebuild).
+        self.extra: OrderedDict[str, Entry] = OrderedDict()
         self.fetching: set[str] = set()
-        self.failed: dict[str, tuple[str, str]] = {}  # uri -> (code, message)
+        self.failed = Failures()  # see failures.py: which are retried, when
         self.blocked: set[str] = set()  # waiting for room in the cache
         self.replacing: set[str] = set()  # ready, but to be fetched again (see ``replace``)
-        self.demand: deque[Entry] = deque()
+        self.demand = DemandQueue()
+        self.hints_accepted = 0
+        self.hints_dropped = 0  # hints for objects outside the manifest beyond MAX_EXTRA
+        self.retries = 0  # failed objects released for another attempt by their backoff
         self.cursor = 0
         self.prefetch_paused = False
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
-        self.failures = 0  # count of failed fetches, for status
+        self.failures = 0  # count of failed fetches since start, for status ("failures_total")
 
     # == the manifest =================================================================================
 
@@ -68,12 +78,15 @@ class Schedule:
         for uri in [u for u in self.extra if u in catalog]:
             del self.extra[uri]
         # Queued entries are the old manifest's: queue what the new one says (its version, checksums).
-        self.demand = deque(self.entry_for(e.uri) or e._replace(size=None, sha256=None, md5=None, crc32c=None,
-                                                                version=None, size_is_hint=False)
-                            for e in self.demand)
+        self.demand = DemandQueue(self.entry_for(e.uri) or e._replace(size=None, sha256=None, md5=None,
+                                                                      crc32c=None, version=None, size_is_hint=False)
+                                  for e in self.demand)
         self.cursor = 0
         self.prefetch_paused = False
-        self.failed = {u: f for u, f in self.failed.items() if u not in catalog}  # listed again: retry
+        # A permanent failure stays while the manifest says the same about the object; anything else the
+        # new manifest lists is tried again now.
+        self.failed.keep_if(lambda u, f: (pos := catalog.position(u)) is None
+                            or (f.permanent and catalog.entry(pos) == f.entry))
         self.work_changed()
 
     def position(self, uri: str) -> int | None:
@@ -206,40 +219,79 @@ class Schedule:
     def fetched(self, uri: str) -> None:
         """``uri`` was published."""
         self.fetching.discard(uri)
-        self.failed.pop(uri, None)
+        self.failed.succeeded(uri)
+        self.extra.pop(uri, None)
         self.replacing.discard(uri)
 
     def superseded(self, uri: str) -> None:
         """A reload changed ``uri``'s entry while it was fetched: the job was discarded; fetch it again
         as the manifest now describes it (readers waiting on it keep waiting)."""
         self.fetching.discard(uri)
-        self.refetch(_ref(uri))
+        self.refetch(parse_uri(uri))
 
     def replace(self, uri: str) -> None:
         """The cached ``uri`` is out of date (S3 has another object): fetch it again, keeping the cached
         file readable until the new one is verified and renamed over it."""
         self.replacing.add(uri)
-        if uri not in self.fetching:
-            self.demand.append(self.entry_for(uri) or self.extra.setdefault(uri, Entry(_ref(uri))))
+        if uri not in self.fetching and not self.demand.has(uri):
+            self.demand.append(self.entry_for(uri) or self.extra.get(uri) or self._remember_extra(Entry(parse_uri(uri))))
         self.work_changed()
 
-    def fail(self, uri: str, code: str, message: str) -> None:
+    def fail(self, uri: str, code: str, message: str) -> Failure:
+        """A fetch of ``uri`` failed: remember it, permanent or with its next retry (failures.py)."""
         self.fetching.discard(uri)
         self.replacing.discard(uri)  # the cached file stays
-        self.failed[uri] = (code, message)
+        entry = self.entry_for(uri) or Entry(parse_uri(uri))
+        self.extra.pop(uri, None)
         self.failures += 1
+        return self.failed.add(entry, code, message)
+
+    def permanent_failure(self, uri: str) -> Failure | None:
+        """The permanent failure a reader asking for ``uri`` is answered with at once (no download);
+        None if it is worth a fetch (not failed, transient, or NoSuchKey: one more look)."""
+        f = self.failed.get(uri)
+        if f is None or not f.permanent or f.code in RECHECK:
+            return None
+        return f
+
+    def retry_due(self, now: float | None = None) -> int:
+        """Release the failures whose backoff has passed (a bounded number per call; call about once a
+        second): manifest objects are prefetched again, pinned ones outside it queued. Returns how many."""
+        due = self.failed.due(time.monotonic() if now is None else now)
+        positions: list[int | None] = []
+        for f in due:
+            uri = f.entry.uri
+            pos = self.catalog.position(uri)
+            if pos is not None:
+                positions.append(pos)
+            elif self._space.is_pinned(uri) and not self.demand.has(uri) and uri not in self.fetching:
+                self.demand.append(f.entry)
+            # else: nobody wants it now; a reader asking again fetches it
+        if positions:
+            self.evicted(positions)  # "may be fetched again": the prefetch scan goes back to them
+        if due:
+            self.retries += len(due)
+            self.work_changed()
+        return len(due)
+
+    def _remember_extra(self, entry: Entry) -> Entry:
+        self.extra[entry.uri] = entry
+        self.extra.move_to_end(entry.uri)
+        while len(self.extra) > MAX_EXTRA:
+            self.extra.popitem(last=False)
+        return entry
 
     # == demand =======================================================================================
 
     def ask(self, ref: ObjectRef) -> tuple[Entry, bool]:
         """A reader waits on ``ref`` (not ready): its entry, and whether it is already being fetched.
-        A failed object is tried again when a reader asks. The caller queues the entry if not fetching."""
+        A failed object is tried again when a reader asks (the caller first answers permanent failures
+        with ``permanent_failure``). The caller queues the entry if not fetching."""
         uri = ref.uri
-        self.failed.pop(uri, None)
+        self.failed.discard(uri)
         entry = self.entry_for(uri)
         if entry is None:
-            entry = Entry(ref)
-            self.extra[uri] = entry
+            entry = self._remember_extra(Entry(ref))
         if uri in self.fetching:
             return entry, True
         self.blocked.discard(uri)
@@ -252,18 +304,25 @@ class Schedule:
 
     def hint(self, ref: ObjectRef) -> None:
         """A reader will soon want ``ref``: an object outside the manifest is queued behind the demand,
-        with no one waiting on it yet (for listed objects the readahead policy already knows)."""
+        with no one waiting on it yet (for listed objects the readahead policy already knows). A failed
+        object is not queued by a hint (its retry is scheduled, or it failed for good). Costs O(1): hints
+        come by the thousand. Beyond MAX_EXTRA objects outside the manifest, hints are dropped (counted)."""
         uri = ref.uri
-        if self._space.is_ready(uri) or uri in self.fetching or uri in self.catalog:
+        if (self._space.is_ready(uri) or uri in self.fetching or uri in self.failed or self.demand.has(uri)
+                or uri in self.catalog):
             return
-        entry = self.extra.setdefault(uri, Entry(ref))
-        if entry not in self.demand:
-            self.demand.append(entry)
+        if uri not in self.extra and len(self.extra) >= MAX_EXTRA:
+            self.hints_dropped += 1
+            return
+        self.hints_accepted += 1
+        self.demand.append(self._remember_extra(Entry(ref)) if uri not in self.extra else self.extra[uri])
 
     def fetch_soon(self, ref: ObjectRef) -> None:
-        """Queue ``ref`` behind the demand unless it is ready or being fetched (a pin)."""
-        if not self._space.is_ready(ref.uri) and ref.uri not in self.fetching:
-            self.demand.append(self.entry_for(ref.uri) or self.extra.setdefault(ref.uri, Entry(ref)))
+        """Queue ``ref`` behind the demand unless it is ready, queued or being fetched (a pin)."""
+        uri = ref.uri
+        if not self._space.is_ready(uri) and uri not in self.fetching and not self.demand.has(uri):
+            self.failed.discard(uri)
+            self.demand.append(self.entry_for(uri) or self._remember_extra(Entry(ref)))
 
     def refetch(self, ref: ObjectRef) -> None:
         """A cached file was withdrawn: fetch the object again."""
@@ -280,16 +339,30 @@ class Schedule:
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held). Proportional to what is cached and in
         flight, not to the manifest: status must stay fast with a million entries."""
-        in_manifest_ready = sum(1 for u in self._space.ready_uris() if u in self.catalog)
-        failed_in_manifest = sum(1 for u in self.failed if u in self.catalog)
-        queued = max(0, len(self.catalog) - in_manifest_ready - failed_in_manifest
-                     - sum(1 for u in self.fetching if u in self.catalog)) + len(self.demand)
+        catalog = self.catalog
+        in_manifest_ready = sum(1 for u in self._space.ready_uris() if u in catalog)
+        failed_in_manifest = sum(1 for u in self.failed if u in catalog)
+        # Each object once: the manifest's not yet ready, failed or in flight, then the demand queue's
+        # others (objects outside the manifest; listed ones are already counted).
+        queued = max(0, len(catalog) - in_manifest_ready - failed_in_manifest
+                     - sum(1 for u in self.fetching if u in catalog))
+        queued += sum(1 for u in self.demand.uris() if u not in catalog and u not in self.fetching
+                      and u not in self.failed and not self._space.is_ready(u))
+        now = time.monotonic()
+        permanent, transient = self.failed.counts()
+        retry_at = [f.retry_at for _, f in self.failed.items() if f.retry_at is not None]
+        shown = list(self.failed.items())[-50:]  # the most recent
         return {
-            "manifest_entries": len(self.catalog),
+            "manifest_entries": len(catalog),
             "queued": queued,
             "fetching": len(self.fetching),
             "failed": len(self.failed),
-            "failures": [{"uri": u, "code": c, "message": m} for u, (c, m) in list(self.failed.items())[:50]],
+            "failures": [f.describe(now) for _, f in reversed(shown)],
+            "failed_permanent": permanent,
+            "failed_retrying": transient,
+            "next_retry_in": round(max(0.0, min(retry_at) - now), 1) if retry_at else None,
+            "retries_released": self.retries,
+            "hints": {"accepted": self.hints_accepted, "dropped": self.hints_dropped},
             "prefetch_paused": self.prefetch_paused,
-            "failed_total": self.failures,
+            "failures_total": self.failures,
         }

@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 from .catalog import Catalog
 from .config import Settings, human_size
+from .errors import PinQuotaExceeded
 from .evict import Resident, ReaderTracker, choose_victims, next_use
 from .index import Index, Record
 from .manifest import Entry
@@ -318,20 +319,70 @@ class Space:
     # == pins =========================================================================================
 
     def is_pinned(self, uri: str) -> bool:
-        if uri in self.pinned:
-            return True
+        return uri in self.pinned or self._pinned_by_manifest(uri)
+
+    def _pinned_by_manifest(self, uri: str) -> bool:
         pos = self.catalog.position(uri)
         return pos is not None and pos in self.catalog.pinned
 
-    def pin(self, uris: list[str], pin: bool) -> int:
-        """``s3cache pin/unpin``: keep files resident or release them; durable. Returns the pin count."""
+    def _pinned_uris(self) -> set[str]:
+        """Every pinned URI once: ``s3cache pin``'s and the manifest's ``pin=1``."""
+        return self.pinned | {self.catalog.entry(p).uri for p in self.catalog.pinned}
+
+    def _size_of(self, uri: str) -> int:
+        """Bytes ``uri`` takes or will take, as far as known now (0 if unknown)."""
+        rec = self.ready.get(uri)
+        if rec is not None:
+            return rec.size
+        pos = self.catalog.position(uri)
+        size = self.catalog.entry(pos).size if pos is not None else None
+        return size if size is not None else self.known_sizes.get(uri, 0)
+
+    def pinned_bytes(self, ready_only: bool = False) -> int:
+        """Bytes of pinned objects: cached ones, and with ``ready_only`` False those still to come too."""
+        return sum(self.ready[u].size if u in self.ready else 0 if ready_only else self._size_of(u)
+                   for u in self._pinned_uris())
+
+    def pin_count(self) -> int:
+        return len(self._pinned_uris())
+
+    def pin_quota(self) -> int:
+        return int(self.s.max_size * self.s.pin_quota)
+
+    def max_fit(self, uri: str) -> int:
+        """The largest object that can ever be cached for ``uri`` while the pins stay: --max-size less the
+        cached pinned files (other than ``uri`` itself)."""
+        held = sum(self.ready[u].size for u in self._pinned_uris() if u in self.ready and u != uri)
+        return self.s.max_size - held
+
+    def pin(self, uris: list[str], pin: bool) -> list[dict]:
+        """``s3cache pin/unpin``: keep files resident or release them; durable. Returns per URI its
+        ``outcome``: pinned / already_pinned / manifest (pin), unpinned / not_pinned / manifest (unpin).
+        A manifest's ``pin=1`` is not changed here (edit the manifest). Raises PinQuotaExceeded, changing
+        nothing, when the pinned bytes (sizes known so far) would pass ``pin_quota`` of --max-size."""
+        if pin:
+            new = [u for u in dict.fromkeys(uris) if u not in self.pinned and not self._pinned_by_manifest(u)]
+            adding = sum(self._size_of(u) for u in new)
+            have, quota = self.pinned_bytes(), self.pin_quota()
+            if adding and have + adding > quota:
+                raise PinQuotaExceeded(
+                    f"pinning {len(new)} more object(s) ({human_size(adding)}) would pin "
+                    f"{human_size(have + adding)}, over the pin quota of {human_size(quota)} "
+                    f"(pin_quota {self.s.pin_quota:g} of --max-size {human_size(self.s.max_size)}): "
+                    f"unpin others or raise --pin-quota")
+        results = []
         for uri in uris:
+            by_manifest = self._pinned_by_manifest(uri)
             if pin:
-                self.pinned.add(uri)
+                outcome = "manifest" if by_manifest else "already_pinned" if uri in self.pinned else "pinned"
+                if not by_manifest:
+                    self.pinned.add(uri)
             else:
+                outcome = "manifest" if by_manifest else "unpinned" if uri in self.pinned else "not_pinned"
                 self.pinned.discard(uri)
+            results.append({"uri": uri, "outcome": outcome})
         self.index.set_meta("pins", sorted(self.pinned))
-        return len(self.pinned)
+        return results
 
     # == the filesystem ===============================================================================
 
@@ -364,12 +415,14 @@ class Space:
     # == usage ========================================================================================
 
     def flush(self) -> None:
-        """Write readers' usage (last_used) to the index."""
+        """Write readers' usage (last_used) to the index. Outside the state lock, so eviction may delete
+        (or a publish replace) a row meanwhile: only rows still holding the same file are updated, in one
+        transaction, so a row just deleted is never written back (issue 17 item 14)."""
         with self._cond:
             dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
             self._dirty_use.clear()
         if dirty:
-            self.index.put_many(dirty)
+            self.index.touch_many(dirty)
 
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held by the caller)."""
@@ -383,7 +436,8 @@ class Space:
                       "free_fraction": round(self.store.free_fraction(), 4)},
             "verified_by": methods,
             "disk_full": self.disk_full,
-            "pinned": {"files": len(pinned), "bytes": sum(r.size for r in pinned)},
+            "pinned": {"files": len(pinned), "bytes": sum(r.size for r in pinned), "objects": self.pin_count(),
+                       "quota_bytes": self.pin_quota()},
             "evicted": self.evicted,
             "evicted_bytes": self.evicted_bytes,
         }

@@ -76,6 +76,15 @@ class Workers:
                 self._fail(uri, "TooLarge", f"{e.size} bytes will never fit in --max-size {self.s.max_size}")
                 return True
             with self._cond:
+                room = space.max_fit(uri)
+                if e.size > room:
+                    space.learn_size(uri, e.size)
+            if e.size > room:  # fails at once with the reason rather than leave a reader waiting for ever
+                self._fail(uri, "PinnedFull", f"{e.size} bytes cannot fit while pins hold "
+                           f"{self.s.max_size - room} of --max-size {self.s.max_size}: unpin files or "
+                           f"raise --max-size (retried with backoff)")
+                return True
+            with self._cond:
                 self._schedule.no_room(uri, demand)
                 space.learn_size(uri, e.size)
             return True

@@ -3,6 +3,8 @@ ReaderTracker, wired as daemon.py wires them, without threads, sockets or S3."""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import threading
 import time
@@ -87,3 +89,29 @@ class Rig:
         self.space.close()
         self.index.close()
         self.store.close()
+
+
+@contextlib.contextmanager
+def control_connection(where: Path):
+    """A real control connection: the daemon's side (a Connection of a real Server on sockets in
+    ``where``) and the client's reply stream, as a reader sees it."""
+    import json
+    import socket
+
+    from s3cache.control import Server
+
+    seen: list = []
+    server = Server(str(where / "ctl.sock"), str(where / "use.sock"),
+                    lambda c, msg: seen.append(c) or {"ok": True}, lambda c: None)
+    server.start()
+    theirs = socket.socket(socket.AF_UNIX)
+    theirs.settimeout(10)
+    try:
+        theirs.connect(str(where / "ctl.sock"))
+        theirs.sendall(b'{"op":"hello"}\n')
+        replies = theirs.makefile("r")
+        assert json.loads(replies.readline()) == {"ok": True}
+        yield seen[0], replies
+    finally:
+        theirs.close()
+        server.stop()

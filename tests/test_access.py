@@ -57,7 +57,9 @@ def test_a_denied_bucket_fails_its_objects_and_spares_the_others(tmp_path, iam_m
     server, key, secret = iam_moto
     d = start(tmp_path, server, started, key, secret, ["s3://denied/k", "s3://allowed/k", "s3://denied/"])
     st = d.wait_until(lambda st: st["objects"]["ready"] == 1 and st["objects"]["failed"] == 1)
-    assert st["failures"][0] == {"uri": "s3://denied/k", "code": "AccessDenied", "message": "Access Denied"}
+    f = st["failures"][0]
+    assert (f["uri"], f["code"], f["message"]) == ("s3://denied/k", "AccessDenied", "Access Denied")
+    assert not f["permanent"] and f["retry_in"] is not None  # a policy fixed later: retried
     assert any("cannot list s3://denied/" in e and "AccessDenied" in e for e in st["manifest_errors"])
     assert Path(resolve("s3://allowed/k", cache_dir=d.cache_dir)).read_bytes() == b"allowed bytes"
     with pytest.raises(FetchFailed) as ei:

@@ -133,8 +133,6 @@ def test_pin_with_a_malformed_uri_changes_nothing(tmp_path, s3, bucket, daemons)
     assert d.status()["pinned"]["files"] == 0 and "refused" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the daemon's pin/unpin reply to carry per-URI results "
-                   "(Daemon._pin); remove this marker when it does")
 def test_unpin_says_what_happened_end_to_end(tmp_path, s3, bucket, daemons):
     for k in ("m", "c"):
         s3.put_object(Bucket=bucket, Key=k, Body=b"x")

@@ -97,7 +97,7 @@ def test_metrics_follow_a_real_daemon(tmp_path, s3, bucket, daemons):
 def test_fetch_histogram_is_served_with_cumulative_buckets():
     h = FetchHistogram()
     st = {"uptime": 1.0, "manifest_entries": 0, "objects": {"queued": 0, "fetching": 0, "ready": 0, "failed": 0},
-          "fetched": 0, "fetched_bytes": 0, "failed": 0, "failures": [], "requests": 0, "retries": 0,
+          "fetched": 0, "fetched_bytes": 0, "failures_total": 0, "failures": [], "requests": 0, "retries": 0,
           "bytes": {"ready": 0, "reserved": 0, "max": 1, "free_fraction": 0.5}, "pinned": {"files": 0, "bytes": 0},
           "evicted": 0, "evicted_bytes": 0, "disk_full": False, "prefetch_paused": False, "readers": 0,
           "hits": 0, "misses": 0, "wait_seconds": 0.0}

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from parts import Rig, catalog, entry
+from parts import Rig, catalog, control_connection, entry
 from s3cache.control import Connection, Server
 
 B = "s3://bkt/"
@@ -26,21 +26,8 @@ def rig(tmp_path):
 
 @pytest.fixture
 def conn(tmp_path):
-    """A real control connection: the daemon's side (a Connection of a real Server) and the client's
-    reply stream, as a reader sees it."""
-    seen: list[Connection] = []
-    server = Server(str(tmp_path / "ctl.sock"), str(tmp_path / "use.sock"),
-                    lambda c, msg: seen.append(c) or {"ok": True}, lambda c: None)
-    server.start()
-    theirs = socket.socket(socket.AF_UNIX)
-    theirs.settimeout(10)
-    theirs.connect(str(tmp_path / "ctl.sock"))
-    theirs.sendall(b'{"op":"hello"}\n')
-    replies = theirs.makefile("r")
-    assert json.loads(replies.readline()) == {"ok": True}
-    yield seen[0], replies
-    theirs.close()
-    server.stop()
+    with control_connection(tmp_path) as pair:
+        yield pair
 
 
 def test_a_want_for_a_missing_object_queues_it_first_and_the_publish_answers_the_waiter(rig, conn):
@@ -127,3 +114,62 @@ def test_hits_and_misses_are_counted_per_epoch_of_each_reader(rig, conn):
     assert st["readers"] == 1 and (st["hits"], st["misses"]) == (7, 1)
     assert st["epochs"] == [{"epoch": 0, "hits": 6, "misses": 0, "hit_rate": 1.0},
                             {"epoch": 1, "hits": 1, "misses": 1, "hit_rate": 0.5}]
+
+
+def test_a_want_for_a_permanently_failed_object_is_answered_at_once_without_a_download(rig, conn):
+    """Issue 17 item 16: WrongChecksum fails at once; NoSuchKey is looked at once more; transient
+    failures are fetched again at once."""
+    c, _ = conn
+    with rig.cond:
+        rig.schedule.fail(B + "bad", "WrongChecksum", "sha256 is not the object's")
+        rig.schedule.fail(B + "gone", "NoSuchKey", "no such key")
+        rig.schedule.fail(B + "down", "ServiceUnavailable", "503")
+    res = rig.readers.want(c, "r1", [B + "bad", B + "gone", B + "down"])
+    assert res[0] == {"uri": B + "bad", "state": "failed", "code": "WrongChecksum",
+                      "message": "sha256 is not the object's"}
+    assert [r["state"] for r in res[1:]] == ["pending", "pending"]
+    assert [e.uri for e in rig.schedule.demand] == [B + "gone", B + "down"]
+    assert not rig.readers.is_waited(B + "bad") and B + "bad" in rig.schedule.failed
+
+
+def test_more_ahead_hints_than_allowed_are_refused_and_change_nothing(rig, conn):
+    from s3cache.errors import RequestTooLarge
+    from s3cache.readers import MAX_AHEAD
+
+    c, _ = conn
+    with pytest.raises(RequestTooLarge, match=f"at most {MAX_AHEAD}"):
+        rig.readers.want(c, "r1", [B + "x"], [f"{B}h{i}" for i in range(MAX_AHEAD + 1)])
+    assert not rig.schedule.demand and not rig.readers.waiters
+    rig.readers.want(c, "r1", [B + "x"], [f"{B}h{i}" for i in range(MAX_AHEAD)])
+    assert len(rig.schedule.demand) == MAX_AHEAD + 1
+
+
+def test_a_wait_that_ends_with_the_readers_connection_still_counts(rig, conn):
+    """Issue 19: wait_seconds stayed 0 after a reader waited and timed out (its connection closed)."""
+    c, _ = conn
+    rig.readers.want(c, "r1", [B + "x"])
+    with rig.cond:
+        during = rig.readers.status()
+    assert during["waiting"] == 1 and during["wait_seconds"] > 0  # a wait going on counts already
+    rig.readers.closed(c)
+    assert rig.readers.wait_seconds >= during["wait_seconds"] > 0
+    with rig.cond:
+        after = rig.readers.status()
+    assert after["waiting"] == 0 and after["wait_seconds"] == rig.readers.wait_seconds
+
+
+def test_spoofed_notes_cost_bounded_state(rig):
+    """Issue 18 item 6: invalid URIs skipped before any lookup, readers and epochs capped."""
+    from s3cache.readers import EPOCHS_KEPT, MAX_READERS
+
+    u = [f"{B}{i}" for i in range(100)]
+    rig.install(catalog(*(entry(x, 1) for x in u)))
+    rig.notes.extend(("r1", "h", u[i]) for i in [0, 50] * 500)  # every jump back to 0 is a new epoch
+    rig.notes.extend((f"fake-{i}", "h", u[0]) for i in range(5 * MAX_READERS))
+    rig.notes.extend(("r2", "h", bad) for bad in ["", "s3://", "x" * 70_000, "s3://b/" + "k" * 2000, "s3://B_ad/k"])
+    with rig.cond:
+        rig.readers.drain()
+        st = rig.readers.status()
+    assert st["readers"] <= MAX_READERS and len(rig.readers.epochs) <= EPOCHS_KEPT
+    assert len(st["epochs"]) <= EPOCHS_KEPT and st["epochs"][-1]["epoch"] >= 400  # the recent ones
+    assert st["notes_rejected"] == 5

@@ -68,21 +68,26 @@ def test_no_room_blocks_and_pauses_prefetch_until_resumed_then_waited_on_objects
     assert rig.schedule.next_job() == (entry(u[0], 10), False)  # the cursor moved back to it
 
 
-def test_failed_objects_are_not_prefetched_until_a_reader_asks_or_the_manifest_lists_them_again(rig):
+def test_failed_objects_are_not_prefetched_until_a_reader_asks_or_the_manifest_changes_them(rig):
     u = uris(2)
     cat = catalog(*(entry(x, 10) for x in u))
     rig.install(cat)
     job = rig.schedule.next_job()
     with rig.cond:
         rig.schedule.fail(job[0].uri, "NoSuchKey", "gone")
-    assert rig.schedule.failed == {u[0]: ("NoSuchKey", "gone")} and rig.schedule.failures == 1
+    f = rig.schedule.failed.get(u[0])
+    assert (f.code, f.message, f.permanent, f.attempts) == ("NoSuchKey", "gone", True, 1)
+    assert rig.schedule.failures == 1
     assert rig.schedule.next_job() == (entry(u[1], 10), False)
     with rig.cond:
+        assert rig.schedule.permanent_failure(u[0]) is None  # NoSuchKey: a reader's ask looks once more
         assert rig.schedule.ask(parse_uri(u[0])) == (entry(u[0], 10), False)
     assert u[0] not in rig.schedule.failed
     with rig.cond:
         rig.schedule.fail(u[0], "NoSuchKey", "gone")
-    rig.install(cat)
+    rig.install(cat)  # the same manifest: a permanent failure stays
+    assert u[0] in rig.schedule.failed
+    rig.install(catalog(entry(u[0], 11), entry(u[1], 10)))  # its line changed: fetched again
     assert not rig.schedule.failed
 
 
@@ -141,5 +146,91 @@ def test_status_counts_queued_fetching_and_failed(rig):
         rig.schedule.fail(job[0].uri, "AccessDenied", "no")
         st = rig.schedule.status()
     assert (st["manifest_entries"], st["queued"], st["fetching"], st["failed"]) == (5, 2, 1, 1)
-    assert st["failures"] == [{"uri": u[1], "code": "AccessDenied", "message": "no"}]
-    assert st["prefetch_paused"] is False and st["failed_total"] == 1
+    assert [{k: f[k] for k in ("uri", "code", "message", "attempts", "permanent")} for f in st["failures"]] == [
+        {"uri": u[1], "code": "AccessDenied", "message": "no", "attempts": 1, "permanent": False}]
+    assert 15 <= st["failures"][0]["retry_in"] <= 30  # AccessDenied: the long backoff
+    assert st["prefetch_paused"] is False and st["failures_total"] == 1
+
+
+def test_transient_failures_come_back_after_their_backoff_and_permanent_ones_never(rig):
+    """Issue 17 item 16: retried by kind, for ever with a growing backoff, at a bounded rate."""
+    u = uris(3)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    for _ in range(3):
+        rig.schedule.next_job()
+    now = time.monotonic()
+    with rig.cond:
+        rig.schedule.fail(u[0], "InternalError", "gave up after 8 attempts")  # 5xx: 2.5-5 s
+        rig.schedule.fail(u[1], "WrongChecksum", "the manifest's sha256 is not the object's")
+        rig.schedule.fail(u[2], "NoSuchBucket", "not yet")  # created later, usually: 15-30 s
+        assert rig.schedule.retry_due(now) == 0
+        assert rig.schedule.retry_due(now + 6) == 1
+    assert rig.schedule.next_job() == (entry(u[0], 10), False)  # prefetched again, no manifest touched
+    with rig.cond:
+        again = rig.schedule.fail(u[0], "InternalError", "still")
+        assert again.attempts == 2 and 5 <= again.retry_at - time.monotonic() <= 10.5  # doubled
+        assert rig.schedule.retry_due(now + 31) == 2  # u[0] again, and the bucket's object
+        assert rig.schedule.retry_due(now + 10 ** 6) == 0  # never u[1]
+        st = rig.schedule.status()
+    assert st["failed"] == 1 and st["failed_permanent"] == 1 and st["failed_retrying"] == 0
+    assert st["failures"][0]["retry_in"] is None and st["retries_released"] == 3
+    # a permanent failure answers a reader's ask at once; a transient one does not
+    with rig.cond:
+        assert rig.schedule.permanent_failure(u[1]).code == "WrongChecksum"
+        assert rig.schedule.permanent_failure(u[0]) is None
+
+
+def test_due_retries_are_released_at_a_bounded_rate():
+    from s3cache.failures import RETRY_BURST, Failures
+
+    f = Failures()
+    for i in range(3 * RETRY_BURST):
+        f.add(entry(f"{B}{i}"), "ServiceUnavailable", "503", now=0.0)
+    assert [len(f.due(10 ** 6)) for _ in range(4)] == [RETRY_BURST, RETRY_BURST, RETRY_BURST, 0]
+
+
+def test_failed_and_extra_are_bounded(rig):
+    """Issue 17 item 14: at most 10,000 of each, the least recent forgotten first."""
+    from s3cache.failures import MAX_FAILED
+    from s3cache.schedule import MAX_EXTRA
+
+    with rig.cond:
+        for i in range(MAX_EXTRA + 5):
+            rig.schedule.ask(parse_uri(f"{B}asked/{i}"))
+        assert len(rig.schedule.extra) == MAX_EXTRA and f"{B}asked/0" not in rig.schedule.extra
+        for i in range(MAX_FAILED + 5):
+            rig.schedule.fail(f"{B}gone/{i}", "NoSuchKey", "")
+        assert len(rig.schedule.failed) == MAX_FAILED and rig.schedule.failed.dropped == 5
+        assert f"{B}gone/{MAX_FAILED + 4}" in rig.schedule.failed and f"{B}gone/0" not in rig.schedule.failed
+
+
+def test_status_counts_each_queued_object_once(rig, tmp_path):
+    """Issue 17 item 14: two wanted manifest objects are two queued objects, not four."""
+    from parts import control_connection
+
+    u = uris(2)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    with control_connection(tmp_path) as (conn, _):
+        rig.readers.want(conn, "r", u + [B + "unlisted"])
+        with rig.cond:
+            assert rig.schedule.status()["queued"] == 3  # two listed, one not; each once
+
+
+def test_ahead_hints_cost_a_lookup_each_and_skip_failed_objects(rig):
+    """Issue 18 item 4 and 17's "ahead hints re-queue permanently failed objects"."""
+    from s3cache.schedule import MAX_EXTRA
+
+    rig.install(catalog(entry(B + "listed", 1)))
+    with rig.cond:
+        rig.schedule.fail(B + "bad", "WrongChecksum", "x")
+        rig.schedule.fail(B + "down", "ServiceUnavailable", "x")
+        for x in ("bad", "down", "new", "new"):
+            rig.schedule.hint(parse_uri(B + x))
+        assert list(rig.schedule.demand) == [entry(B + "new")]
+        for i in range(MAX_EXTRA + 10):
+            rig.schedule.hint(parse_uri(f"{B}h/{i}"))
+        assert len(rig.schedule.demand) == MAX_EXTRA and len(rig.schedule.extra) == MAX_EXTRA
+        assert rig.schedule.hints_dropped == 11 and rig.schedule.hints_accepted == MAX_EXTRA
+        assert rig.schedule.demand.has(f"{B}h/0") and not rig.schedule.demand.has(f"{B}h/{MAX_EXTRA}")
+    assert rig.schedule.next_job()[0] == entry(B + "new")
+    assert not rig.schedule.demand.has(B + "new")  # the count beside the queue follows it

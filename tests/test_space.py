@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from parts import Rig, catalog, entry
+from s3cache.errors import PinQuotaExceeded
 from s3cache.space import Space
 
 B = "s3://bkt/"
@@ -147,15 +148,20 @@ def test_usage_is_flushed_to_the_index(rig):
 
 
 def test_pins_are_durable_and_protect_from_eviction(rig, tmp_path):
+    rig.space.s = replace(rig.s, pin_quota=1.0)  # this test is about pins, not their quota
     rig.install(catalog(entry(B + "a"), entry(B + "p", pin=True)))
     rig.cached(B + "a", b"a" * 60)
     rig.cached(B + "p", b"p" * 30)
     with rig.cond:
-        assert rig.space.pin([B + "a"], True) == 1
+        assert rig.space.pin([B + "a"], True) == [{"uri": B + "a", "outcome": "pinned"}]
+        assert rig.space.pin_count() == 2  # a by the CLI, p by the manifest: each once
     assert not rig.space.admit(entry(B + "z", 50), 50, demand=True)  # a is pinned, p is pinned by the manifest
     with rig.cond:
-        assert rig.space.pin([B + "a"], False) == 0
-        assert rig.space.pin([B + "a"], True) == 1
+        assert rig.space.pin([B + "a", B + "never"], False) == [{"uri": B + "a", "outcome": "unpinned"},
+                                                                {"uri": B + "never", "outcome": "not_pinned"}]
+        assert rig.space.pin_count() == 1
+        assert rig.space.pin([B + "a", B + "p"], True) == [{"uri": B + "a", "outcome": "pinned"},
+                                                           {"uri": B + "p", "outcome": "manifest"}]
     again = Space(rig.s, rig.store, rig.index, rig.cond, rig.tracker, drain_notes=lambda: None,
                   on_evicted=lambda _: None)
     try:
@@ -163,7 +169,21 @@ def test_pins_are_durable_and_protect_from_eviction(rig, tmp_path):
     finally:
         again.close()
     status = rig.space.status()
-    assert status["pinned"] == {"files": 2, "bytes": 90}
+    assert status["pinned"] == {"files": 2, "bytes": 90, "objects": 2, "quota_bytes": 100}
+
+
+def test_pins_have_a_quota_and_over_it_nothing_changes(rig):
+    rig.install(catalog(entry(B + "m", 20, pin=True), entry(B + "sized", 25)))
+    rig.cached(B + "a", b"a" * 20)
+    with rig.cond:
+        assert rig.space.pin_quota() == 50  # pin_quota 0.5 of this rig's max_size 100
+        assert rig.space.pin([B + "a"], True)[0]["outcome"] == "pinned"  # 20 (manifest) + 20 = 40
+        with pytest.raises(PinQuotaExceeded, match=r"pin quota of 50 B \(pin_quota 0.5 of --max-size 100 B\)"):
+            rig.space.pin([B + "sized", B + "unknown"], True)  # 40 + 25 > 50
+        assert rig.space.pinned == {B + "a"} and rig.space.pin_count() == 2
+        assert rig.space.pin([B + "unknown"], True)[0]["outcome"] == "pinned"  # size unknown yet: counts once known
+        # the largest object that can ever be cached beside the cached pinned files (a: 20 bytes)
+        assert rig.space.max_fit(B + "z") == 80 and rig.space.max_fit(B + "a") == 100
 
 
 def test_a_full_disk_is_over_once_the_filesystem_has_room(rig):
@@ -181,3 +201,36 @@ def test_status_reports_this_parts_keys(rig):
     assert st["ready"] == 1 and st["verified_by"] == {"size": 1} and st["disk_full"] is False
     assert st["bytes"]["ready"] == 3 and st["bytes"]["reserved"] == 0 and st["bytes"]["max"] == 100
     assert 0 <= st["bytes"]["free_fraction"] <= 1 and st["evicted"] == 0 and st["evicted_bytes"] == 0
+
+
+def test_flush_never_writes_back_a_row_deleted_while_it_wrote(rig):
+    """Issue 17 item 14: flush snapshots usage under the state lock and writes it outside; a row
+    eviction deleted in between must stay deleted (and the file's replacement must keep its own row)."""
+    import sqlite3
+    import threading
+
+    rec_a = rig.cached(B + "a", b"a")
+    rig.cached(B + "b", b"b")
+    with rig.cond:
+        rig.space.touch(B + "a", 123.0)
+        rig.space.touch(B + "b", 456.0)
+    db = sqlite3.connect(os.path.join(rig.store.layout.index, "cache.db"), timeout=60, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # holds the index's write lock: flush's write must wait for it
+        t = threading.Thread(target=rig.space.flush)
+        t.start()
+        deadline = time.monotonic() + 30
+        while rig.space._dirty_use and time.monotonic() < deadline:  # flush took its snapshot
+            time.sleep(0.01)
+        assert not rig.space._dirty_use
+        # meanwhile "a" is evicted: file and row go, as Space._evict does them
+        with rig.cond:
+            rig.space.forget(B + "a")
+        rig.store.remove(rec_a.path)
+        db.execute("DELETE FROM Cache WHERE key = ?", (B + "a",))
+        db.execute("COMMIT")
+        t.join(30)
+    finally:
+        db.close()
+    assert rig.index.get(B + "a") is None  # not re-inserted
+    assert rig.index.get(B + "b").last_used == 456.0  # the row still there was updated
