@@ -1,8 +1,13 @@
 """A manifest of 1.2 million entries (ImageNet-sized): how soon the daemon fetches, its RSS, and how
-fast `status` answers. The bucket holds only the first few objects: start-up and memory are the point.
+fast `status` answers. The bucket holds only the first few objects of the share: start-up and memory
+are the point.
 
-    python -m bench.big_manifest [--entries 1200000] [--shard I/N]
+    python -m bench.big_manifest [--entries 1200000] [--shard I/N ...]
+    python -m bench.big_manifest --entries 1000000 --shard 0/1 --shard 0/64
     python -m bench.big_manifest --catalog --entries 1000000 --shard 0/1 --shard 0/64
+
+Without ``--catalog``: the real daemon (``s3cache serve --shard I/N``), once per ``--shard``, behind a
+counting proxy: time to its first GET (at the proxy), to serving, to its first file ready; its RSS.
 
 ``--catalog`` measures the part of start-up that depends on the manifest alone, in a fresh process per
 share: reading, parsing and holding the manifest (manifest_file.load, as a daemon does before its first
@@ -21,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from s3cache.config import human_size
 from s3cache.testing import DaemonProcess, MotoServer, wait_for
 
 from .proc import memory
@@ -68,40 +72,33 @@ def catalog_bench(entries: int, shards: list[str]) -> None:
                   f"{r['rss'] / 2**20:.0f} | {r['peak'] / 2**20:.0f} |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.big_manifest")
-    ap.add_argument("--entries", type=int, default=1_200_000, help="manifest entries (default: %(default)s)")
-    ap.add_argument("--shard", action="append", default=None,
-                    help="this host's share I/N (the daemon's --shard); with --catalog, may repeat")
-    ap.add_argument("--catalog", action="store_true", help="measure loading the manifest alone, per shard")
-    ap.add_argument("--catalog-child", metavar="MANIFEST", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.catalog_child:
-        return catalog_child(a.catalog_child, (a.shard or ["0/1"])[0])
-    if a.catalog:
-        return catalog_bench(a.entries, a.shard or ["0/1", "0/64"])
-    shard_args = ["--shard", a.shard[0]] if a.shard else []
-    with tempfile.TemporaryDirectory(prefix="s3cache-big-") as tmp, MotoServer() as moto:
-        s3 = moto.client(request_checksum_calculation="when_required")
-        s3.create_bucket(Bucket="imagenet")
-        m = Path(tmp) / "m.txt"
-        write_manifest(m, a.entries)
-        from s3cache.shard import parse_shard
+def daemon_run(moto, tmp: Path, m: Path, entries: int, shard: str) -> dict:
+    """One daemon with ``--shard shard`` over manifest ``m``: its start-up times and memory."""
+    from s3cache.shard import parse_shard
+    from s3cache.testing.faultproxy import FaultProxy
 
-        share = parse_shard(a.shard[0] if a.shard else None, environ={})
-        first = []  # the share's first objects: the only ones the bucket holds
-        for i in range(share.index, min(a.entries, share.index + 20 * share.count), share.count):
-            cls = f"n{1440764 + i // 1300:08d}"
-            first.append(f"train/{cls}/{cls}_{i:07d}.JPEG")
-        for k in first:
-            s3.put_object(Bucket="imagenet", Key=k, Body=b"\xff" * 110000)
+    s3 = moto.client(request_checksum_calculation="when_required")
+    share = parse_shard(shard, environ={})
+    for i in range(share.index, min(entries, share.index + 20 * share.count), share.count):
+        cls = f"n{1440764 + i // 1300:08d}"  # the share's first objects: the only ones the bucket holds
+        s3.put_object(Bucket="imagenet", Key=f"train/{cls}/{cls}_{i:07d}.JPEG", Body=b"\xff" * 110000)
+    cache = tmp / f"cache-{shard.replace('/', '-')}"
+    with FaultProxy(moto.port) as proxy:
+        d = DaemonProcess(cache, proxy.url, manifest=m,
+                          args=["--max-size", "1T", "--min-free", "0", "--shard", shard])
         t0 = time.monotonic()
-        d = DaemonProcess(Path(tmp) / "cache", moto.url, manifest=m, args=["--max-size", "1T", "--min-free", "0", *shard_args])
         d.start(wait=False)
         try:
+            def fetched() -> bool:
+                if d.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {d.proc.returncode}:\n{d.log()}")
+                return proxy.gets("/imagenet/") > 0
+
+            wait_for(fetched, 600, "the first GET")
+            first_get = time.monotonic() - t0
             wait_for(d._ready, 600, "the daemon to serve")
             serving = time.monotonic() - t0
-            d.wait_until(lambda st: st["objects"]["ready"] >= 1, timeout=600)
+            st = d.wait_until(lambda st: st["objects"]["ready"] >= 1, timeout=600)
             first_ready = time.monotonic() - t0
             lat = []
             for _ in range(5):
@@ -111,9 +108,42 @@ def main() -> None:
             peak, now = memory(d.proc.pid, "VmHWM"), memory(d.proc.pid)
         finally:
             d.stop()
-    print(f"manifest of {a.entries:,} entries: serving after {serving:.1f}s, first file ready after "
-          f"{first_ready:.1f}s; status answers in {min(lat) * 1000:.0f}-{max(lat) * 1000:.0f} ms; "
-          f"daemon RSS {human_size(now)} (peak {human_size(peak)})")
+    return {"shard": shard, "entries": st["manifest_entries"], "total": st.get("manifest_total", entries),
+            "first_get": first_get, "serving": serving, "first_ready": first_ready, "status_ms": min(lat) * 1000,
+            "rss": now, "peak": peak}
+
+
+def daemon_bench(entries: int, shards: list[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="s3cache-big-") as tmp, MotoServer() as moto:
+        moto.client().create_bucket(Bucket="imagenet")
+        m = Path(tmp) / "m.txt"
+        write_manifest(m, entries)
+        past = time.time() - 3600
+        os.utime(m, (past, past))  # written long ago: no settle wait at start-up
+        print(f"manifest of {entries:,} entries ({os.path.getsize(m) / 2**20:.0f} MiB), the real daemon per share\n")
+        print("| shard | entries held | first GET (s) | serving (s) | first file ready (s) | status (ms) "
+              "| RSS (MiB) | peak RSS (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for shard in shards:
+            r = daemon_run(moto, Path(tmp), m, entries, shard)
+            print(f"| {r['shard']} | {r['entries']:,} of {r['total']:,} | {r['first_get']:.1f} | {r['serving']:.1f} "
+                  f"| {r['first_ready']:.1f} | {r['status_ms']:.0f} | {r['rss'] / 2**20:.0f} | {r['peak'] / 2**20:.0f} |",
+                  flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.big_manifest")
+    ap.add_argument("--entries", type=int, default=1_200_000, help="manifest entries (default: %(default)s)")
+    ap.add_argument("--shard", action="append", default=None,
+                    help="a host's share I/N (the daemon's --shard); may repeat: one run per share")
+    ap.add_argument("--catalog", action="store_true", help="measure loading the manifest alone, per shard")
+    ap.add_argument("--catalog-child", metavar="MANIFEST", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.catalog_child:
+        return catalog_child(a.catalog_child, (a.shard or ["0/1"])[0])
+    if a.catalog:
+        return catalog_bench(a.entries, a.shard or ["0/1", "0/64"])
+    return daemon_bench(a.entries, a.shard or ["0/1"])
 
 
 if __name__ == "__main__":

@@ -367,6 +367,10 @@ class Settings:
     shard: Shard = setting(ShardKind(), WHOLE, "Prefetch only this host's share I/N of the manifest (positions "
                            "p with p % N == I, as tf.data's Dataset.shard(N, I)), or 'auto' to take it from "
                            "TF_CONFIG.")
+    manifest_settle: float = setting(Number(0, hi=60, what="seconds"), 0.25, "Seconds the manifest file must "
+                                     "go unmodified before it is installed, so that a rewrite in place is never "
+                                     "read half-written (a writer pausing longer can still be caught; renaming "
+                                     "a new file over the manifest is always safe).")
 
     def __post_init__(self) -> None:
         for opt in options():

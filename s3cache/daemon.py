@@ -116,7 +116,7 @@ class Daemon:
         catalog = Catalog()
         if s.manifest is not None:
             self.manifest = ManifestWatch(str(s.manifest), lister=fetcher.list, install=self._install_manifest,
-                                          stopping=self.stopping)
+                                          stopping=self.stopping, shard=s.shard, settle=s.manifest_settle)
             catalog = self.manifest.read()
         self.index, damaged = open_index(self.store)
         self._wire(self.index, fetcher)
@@ -287,9 +287,11 @@ class Daemon:
     def _handle(self, conn: Connection, msg: dict) -> dict:
         op = msg.get("op")
         if op == "want":
-            return {"results": self.readers.want(conn, str(msg.get("reader", "")),
-                                                 [str(u) for u in msg.get("uris", [])],
-                                                 [str(u) for u in msg.get("ahead", [])])}
+            results = self.readers.want(conn, str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])],
+                                        [str(u) for u in msg.get("ahead", [])])
+            if self.manifest is not None:  # fetched on demand: count those of other hosts' shares
+                self.manifest.demanded(r["uri"] for r in results if r["state"] == "pending")
+            return {"results": results}
         if op == "status":
             return {"status": self.status()}
         if op == "verify":
@@ -367,6 +369,7 @@ class Daemon:
                 "hints": sched["hints"],
                 "manifest_errors": self.manifest.errors if self.manifest else [],
                 "unverified": self.maintenance.status()["unverified"],
+                **(self.manifest.status() if self.manifest else {}),
                 "prefetch_paused": sched["prefetch_paused"],
                 "disk_full": space["disk_full"],
                 "pinned": space["pinned"],

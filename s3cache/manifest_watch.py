@@ -1,18 +1,29 @@
-"""The manifest as the daemon sees it: read it (expanding ``prefix/`` lines by listing S3), watch its
-file, and hand each new version to ``install``.
+"""The manifest as the daemon sees it: read it whole (expanding ``prefix/`` lines by listing S3, keeping
+this host's share), watch the file and every symlink on the way to it, and hand each new version to
+``install``.
 
-Owns the file's identity when last read, the errors of the last read (listing failures, shown in
-status), the watchdog observer and the reload thread's wake-up event.
+Owns the file's identity when last read, what the last read reported (listing failures, listed keys
+skipped, the manifest's size across all shares), the demand for objects of other hosts' shares, the
+watchdog observer with its watches, and the reload thread's wake-up event.
 
 Invariants it keeps:
 
 * an edit made after the daemon read the manifest is never missed: the watch starts before the daemon
-  serves, and a change between the read and the watch triggers a reload;
+  serves, and a change between the read and the watch (or between a read and re-planning the watch)
+  triggers a reload;
+* what is watched follows the path as it resolves now: the file, every symlink on the way and their
+  directories (manifest_file.watch_plan), planned again after every read, so a Kubernetes ConfigMap's
+  ``..data`` swap is seen and the next swap too;
 * a burst of file events (write, close, rename) becomes one reload;
-* a manifest that fails to parse is not installed: the previous one stays.
+* a manifest is installed only whole: one that fails to parse is not installed (the previous one stays),
+  and one being written (modified within ``settle`` seconds, or changed while it was read) is read
+  again once it has held still (manifest_file.load);
+* the reload thread survives any exception of one attempt: logged once, counted in ``status``.
 
-No lock of its own: ``read`` runs on one thread at a time (start-up, then the reload thread only), and
-``install`` (a callable handed at construction) takes the daemon's state lock itself.
+Threads: ``read`` runs on one thread at a time (start-up, then the reload thread only), as do the watch
+re-planning and ``install`` (a callable handed at construction that takes the daemon's state lock
+itself). ``demanded`` and ``status`` run on the control server's threads: the counters they share are
+under ``_lock``, a leaf lock held for a few lines.
 """
 
 from __future__ import annotations
@@ -20,41 +31,73 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 
-from . import manifest as manifest_mod
+from . import manifest_file
 from .catalog import Catalog
-from .errors import FetchFailed, S3CacheError
+from .errors import FetchFailed, ManifestError, ManifestUnstable, S3CacheError
 from .fetch import Cancelled
-from .manifest import Listed
+from .manifest import Listed, SkipLog
+from .shard import WHOLE, Shard
 
 log = logging.getLogger("s3cache.daemon")
 
 SETTLE = 0.05  # seconds: events of one save come within a millisecond or two
-
-
-def _identity(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+START_WAIT = 30.0  # seconds start-up waits for a manifest being written to hold still
+# Events that may change what the manifest path leads to. Not "opened"/"closed_no_write": reading the
+# manifest ourselves makes those, and reloading on them would loop.
+_EVENTS = frozenset({"created", "modified", "moved", "closed", "deleted"})
+RECENT = 20  # off-share objects remembered for status
 
 
 class ManifestWatch:
     def __init__(self, path: str, *, lister: Callable[[str, str], list[Listed]],
-                 install: Callable[[Catalog], None], stopping: threading.Event) -> None:
+                 install: Callable[[Catalog], None], stopping: threading.Event, shard: Shard = WHOLE,
+                 settle: float = manifest_file.SETTLE, start_wait: float = START_WAIT) -> None:
         self.path = path
+        self.shard = shard
+        self.settle = settle
+        self._start_wait = start_wait
         self._lister = lister  # Fetcher.list
         self._install = install
         self._stopping = stopping
         self._reload = threading.Event()
-        self._seen: tuple[int, int, int] | None = None
+        self._seen: manifest_file.Identity | None = None  # the file as last read whole
+        self._looked: manifest_file.Identity | None = None  # ... as last read, whole or not (bad ones too)
         self._observer = None
+        self._handler = None
+        self._plan: manifest_file.WatchPlan | None = None
+        self._watches: dict[str, object] = {}  # directory -> watchdog's ObservedWatch
+        self._lock = threading.Lock()
+        self._catalog = Catalog()  # the last one read whole (handed to install, or about to be)
         self.errors: list[str] = []
+        self.skipped = SkipLog()
+        self.reload_failures = 0  # reload attempts ended by an unexpected exception
+        self._off_share = 0
+        self._off_recent: deque[str] = deque(maxlen=RECENT)
+
+    # == reading ======================================================================================
 
     def read(self) -> Catalog:
-        """Parse the manifest and list its prefixes. Raises ManifestError (S3CacheError)."""
+        """Start-up's read: wait (up to ``start_wait`` seconds) for a manifest being written to hold
+        still, then parse it and list its prefixes. Raises ManifestError (S3CacheError)."""
+        deadline = time.monotonic() + self._start_wait
+        seen = None
+        while True:
+            try:
+                return self._load(seen)
+            except ManifestUnstable as e:
+                if time.monotonic() + e.retry_after > deadline:
+                    raise ManifestError(self.path, None, f"still being written after {self._start_wait:.0f}s "
+                                        f"({e}); write it elsewhere and rename it into place") from None
+                log.info("%s", e)
+                seen = e.identity
+                if self._stopping.wait(e.retry_after):
+                    raise
+
+    def _load(self, seen: manifest_file.Identity | None) -> Catalog:
         path = self.path
         errors: list[str] = []
 
@@ -66,36 +109,63 @@ class ManifestWatch:
                 log.error("%s", errors[-1])
                 return []
 
-        self._seen = _identity(path)
-        catalog = Catalog.build(manifest_mod.expand(manifest_mod.read(path), lister))
+        self._looked = manifest_file.identity(path)
+        loaded = manifest_file.load(path, lister, self.shard, settle=self.settle, seen=seen)
+        self._seen = self._looked = loaded.identity
         self.errors = errors
-        return catalog
+        with self._lock:
+            self.skipped = loaded.skipped
+            self._catalog = loaded.catalog
+        if not self.shard.whole:
+            log.info("manifest %s: share %s holds %d of %d entries", path, self.shard, len(loaded.catalog),
+                     loaded.catalog.total)
+        return loaded.catalog
+
+    # == watching =====================================================================================
 
     def watch(self) -> None:
-        """Start watching the file's directory; run ``reload_loop`` on a thread of the caller's."""
+        """Start watching the manifest's path; run ``reload_loop`` on a thread of the caller's."""
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
-        target = os.path.abspath(self.path)
-        reload = self._reload
+        me = self
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
-                paths = {os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")}
-                if target in paths and event.event_type in ("created", "modified", "moved", "closed"):
-                    reload.set()
+                plan = me._plan
+                if event.event_type in _EVENTS and plan is not None and \
+                        plan.relevant(event.src_path, getattr(event, "dest_path", None)):
+                    me._reload.set()
 
-        # Watch the directory, not the file: editors save by renaming a new file over the old one.
         obs = Observer()
-        obs.schedule(Handler(), os.path.dirname(target), recursive=False)
         obs.daemon = True
         obs.start()
-        self._observer = obs
-        if _identity(target) != self._seen:
-            reload.set()  # it changed between our reading it and the watch starting
+        self._observer, self._handler = obs, Handler()
+        self._replan()
+
+    def _replan(self) -> None:
+        """Watch what the path leads through now, and reload if it changed since it was last read."""
+        if self._observer is None:
+            return
+        plan = manifest_file.watch_plan(self.path)
+        self._plan = plan
+        for d in set(self._watches) - plan.dirs:
+            try:
+                self._observer.unschedule(self._watches.pop(d))
+            except Exception:  # its directory is gone (an old ConfigMap generation): nothing to stop
+                pass
+        for d in sorted(plan.dirs - set(self._watches)):
+            try:
+                self._watches[d] = self._observer.schedule(self._handler, d, recursive=False)
+            except OSError as e:  # removed since the plan: the next event or read plans again
+                log.warning("cannot watch %s for manifest changes: %s", d, e.strerror or e)
+        if manifest_file.identity(self.path) != self._looked:
+            self._reload.set()  # it changed between our reading it and the watch covering it
 
     def reload_loop(self) -> None:
         """The reload thread: read and install the manifest after each change, until stopping."""
+        seen: manifest_file.Identity | None = None
+        failed_before: set[str] = set()
         while True:
             self._reload.wait()
             if self._stopping.is_set():
@@ -107,9 +177,35 @@ class ManifestWatch:
                 if self._stopping.wait(SETTLE):
                     return
             try:
-                self._install(self.read())
-            except S3CacheError as e:
-                log.error("manifest not reloaded, keeping the previous one: %s", e)
+                try:
+                    catalog = self._load(seen)
+                except ManifestUnstable as e:
+                    (log.info if seen is None else log.debug)("%s", e)
+                    seen = e.identity
+                    if self._stopping.wait(e.retry_after):
+                        return
+                    self._reload.set()
+                    continue
+                except S3CacheError as e:
+                    seen = None
+                    log.error("manifest not reloaded, keeping the previous one: %s", e)
+                    continue
+                seen = None
+                self._install(catalog)
+            except Exception as e:
+                with self._lock:
+                    self.reload_failures += 1
+                kind = type(e).__name__
+                if kind not in failed_before:  # logged once per kind: a loop must not flood the log
+                    failed_before.add(kind)
+                    log.exception("manifest reload failed; keeping the previous manifest")
+                else:
+                    log.error("manifest reload failed again: %s: %s", kind, e)
+            finally:
+                try:
+                    self._replan()
+                except Exception:
+                    log.exception("re-planning the manifest watch failed")
 
     def wake(self) -> None:
         """Let the reload thread see that the daemon stops."""
@@ -119,3 +215,31 @@ class ManifestWatch:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+
+    # == reporting ====================================================================================
+
+    def demanded(self, uris: Iterable[str]) -> None:
+        """Readers asked for these objects (not cached: fetched on demand). Count those that belong to
+        another host's share: they are served, but each is a sign the hosts' shares and the readers'
+        disagree (a different file list or order, or a different shard)."""
+        if self.shard.whole:
+            return
+        catalog = self._catalog
+        off = [u for u in uris if catalog.off_share(u)]
+        if off:
+            with self._lock:
+                self._off_share += len(off)
+                self._off_recent.extend(off)
+            log.debug("demand for %d object(s) of other hosts' shares, e.g. %s", len(off), off[0])
+
+    def status(self) -> dict:
+        """This part's piece of ``status``."""
+        with self._lock:
+            catalog, skipped = self._catalog, self.skipped
+            return {
+                "shard": str(self.shard),
+                "manifest_total": catalog.total,
+                "manifest_skipped": {"count": skipped.count, "items": [s._asdict() for s in skipped.items]},
+                "off_share": {"count": self._off_share, "recent": list(dict.fromkeys(self._off_recent))},
+                "manifest_reload_failures": self.reload_failures,
+            }
