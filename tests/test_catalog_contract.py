@@ -29,18 +29,19 @@ def test_the_canonical_line_quotes_what_the_grammar_needs_and_keeps_slashes():
     assert format_entry(e("plain/key")) == "s3://bkt/plain/key"
 
 
-def test_many_duplicates_collapse_to_each_keys_first_position():
-    keys = [f"k{i:03d}" for i in range(200)]
-    entries = [e(k, size=i) for i, k in enumerate(keys)] + [e(k, size=999) for k in reversed(keys)] + \
-        [e(k, size=998) for k in keys[::3]]
+def test_many_duplicates_among_single_keys_collapse_to_each_keys_first_position():
+    keys = [f"k{i:03d}" for i in range(300)]
+    twice = keys[::2]  # every other key is listed again (a third time for some), the rest once
+    entries = [e(k, size=i) for i, k in enumerate(keys)] + [e(k, size=999) for k in reversed(twice)] + \
+        [e(k, size=998) for k in twice[::3]]
     c = Catalog.build(entries)
     assert [x.ref.key for x in c.entries()] == keys
-    assert [x.size for x in c.entries()] == list(range(200))
+    assert [x.size for x in c.entries()] == list(range(300))
     assert c.total == len(entries)
     for i, k in enumerate(keys):
         assert c.position(f"s3://bkt/{k}") == i
         assert c.global_position(i) == i
-    assert c.position("s3://bkt/k200") is None
+    assert c.position("s3://bkt/k300") is None
 
 
 def test_the_mean_size_counts_zero_byte_objects_and_skips_unknown_sizes():
