@@ -176,3 +176,39 @@ def test_a_combiner_built_for_a_polynomial_joins_its_crcs(poly, width, crc):
     comb = _Combiner(poly, width)
     for a, b in [(b"", b""), (b"x", b""), (b"", b"y"), (BODY[:777], BODY[777:]), (BODY, BODY[:1 << 12])]:
         assert comb.combine(crc(a), crc(b), len(b)) == crc(a + b)
+
+
+# == a claim beside the strongest is checked on every path: streamed, split into parts, read back =====
+
+
+def test_two_failed_claims_are_both_named():
+    d = feed(Digest(Expectation("sha256", "0" * 64), also=(Expectation("md5", "1" * 32),)), BODY, 9999)
+    with pytest.raises(DigestMismatch) as ei:
+        d.check("s3://b/k", None)
+    sha, md5 = hashlib.sha256(BODY).hexdigest(), hashlib.md5(BODY).hexdigest()
+    assert str(ei.value) == f"s3://b/k: sha256 is {sha}, expected {'0' * 64}; md5 is {md5}, expected {'1' * 32}"
+
+
+def test_split_parts_check_the_manifest_claim_beside_s3s():
+    s3s = Expectation("s3-crc32", format(zlib.crc32(BODY), "08x"))
+    for manifest, ok in [(Expectation("crc32c", format(crc32c.crc32c(BODY), "08x")), True),
+                         (Expectation("crc32c", "00000000"), False)]:
+        split = SplitDigest(s3s, also=(manifest,))
+        split.done(20_000, feed(split.part(), BODY[20_000:], 4096))
+        split.done(0, feed(split.part(), BODY[:20_000], 4096))
+        joined = split.joined()
+        if ok:
+            assert joined.check("s3://b/k", len(BODY)) == "s3-crc32"
+            assert [e for e, _ in joined.actual()] == [s3s, manifest]
+        else:
+            with pytest.raises(DigestMismatch) as ei:
+                joined.check("s3://b/k", len(BODY))
+            assert [e for e, _ in ei.value.failed] == [manifest]
+
+
+def test_digest_file_checks_the_manifest_claim_beside_s3s():
+    s3s = Expectation("s3-sha256", hashlib.sha256(BODY).hexdigest())
+    wrong = Expectation("md5", "0" * 32)
+    with pytest.raises(DigestMismatch) as ei:
+        digest_file(io.BytesIO(BODY), s3s, also=(wrong,)).check("s3://b/k", len(BODY))
+    assert [e for e, _ in ei.value.failed] == [wrong]
