@@ -56,6 +56,7 @@ def test_verify_source_refetches_objects_changed_in_s3(tmp_path, s3, bucket, dae
     path = d.cache_dir / bucket / "v" / "0"
     wait_for(lambda: path.exists() and path.read_bytes() == b"new contents", 120, "the new version")
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", "--all"])
+    assert r.exit_code == 0, r.output
     assert "4 ok" in r.output and "0 changed" in r.output
 
 
