@@ -8,7 +8,7 @@ import socket
 import threading
 
 from .errors import DaemonNotRunning, ProtocolError, RequestRefused
-from .wire import encode
+from .wire import E_TOO_LARGE, MAX_LINE, encode
 
 
 class UseNotes:
@@ -102,15 +102,34 @@ class Client:
         self.sock = self._connect()
 
     def request(self, msg: dict) -> dict:
+        data = encode(msg)
+        if len(data) > MAX_LINE:  # the daemon would refuse it and close the connection mid-send
+            raise RequestRefused(E_TOO_LARGE, f"a request of {len(data)} bytes, over the control socket's "
+                                              f"limit of {MAX_LINE}: send it in pieces")
         try:
-            self.sock.sendall(encode(msg))
+            self.sock.sendall(data)
         except OSError:
+            self._raise_refusal()
             raise DaemonNotRunning(self.cache_dir) from None
         while True:
             reply = self._read_line()
             if "event" not in reply:  # events for earlier wants may arrive before the answer
                 return reply
             self.events.append(reply)
+
+    def _raise_refusal(self) -> None:
+        """A send failed: if the daemon said why before closing (a refusal), raise that instead of
+        calling it gone."""
+        try:
+            self.sock.settimeout(1.0)
+            while True:
+                reply = self._read_line()  # raises RequestRefused for an error reply
+                if "event" in reply:
+                    self.events.append(reply)
+        except (DaemonNotRunning, ProtocolError, OSError) as e:
+            if isinstance(e, RequestRefused):
+                raise
+            return
 
     def buffered(self) -> bool:
         return b"\n" in self._buf or bool(self.events)

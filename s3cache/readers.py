@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .control import Connection
+from . import wire
 from .errors import RequestTooLarge, S3CacheError
 from .evict import ReaderTracker
 from .index import Record
@@ -41,7 +42,7 @@ from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
 
-MAX_AHEAD = 1_000  # ahead hints in one want; more is refused (RequestTooLarge)
+MAX_AHEAD = wire.MAX_AHEAD  # ahead hints in one want; the server refuses more (TooMany) before we see it
 MAX_READERS = 1_024  # readers tracked; a new one beyond makes the longest silent one forgotten
 EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
 MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
