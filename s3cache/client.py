@@ -101,16 +101,25 @@ class Client:
         self._buf = b""
         self.sock = self._connect()
 
-    def request(self, msg: dict) -> dict:
+    def request(self, msg: dict, timeout: float | None = None) -> dict:
+        """Send ``msg`` and return the answer (pushed events read meanwhile are kept for ``receive``).
+        ``timeout``: seconds for this request instead of the connection's. Raises RequestRefused for
+        an error answer, DaemonNotRunning if the connection fails or times out."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(encode(msg))
-        except OSError:
-            raise DaemonNotRunning(self.cache_dir) from None
-        while True:
-            reply = self._read_line()
-            if "event" not in reply:  # events for earlier wants may arrive before the answer
-                return reply
-            self.events.append(reply)
+            try:
+                self.sock.sendall(encode(msg))
+            except OSError:
+                raise DaemonNotRunning(self.cache_dir) from None
+            while True:
+                reply = self._read_line()
+                if "event" not in reply:  # events for earlier wants may arrive before the answer
+                    return reply
+                self.events.append(reply)
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
 
     def buffered(self) -> bool:
         return b"\n" in self._buf or bool(self.events)

@@ -37,7 +37,7 @@ from .maintenance import Maintenance, open_index
 from .manifest_watch import ManifestWatch
 from .publisher import Publisher
 from .readers import Readers
-from .refs import parse_uri
+from .refs import from_identity
 from .schedule import Schedule
 from .space import Space
 from .store import Store
@@ -226,7 +226,7 @@ class Daemon:
 
     def _pin(self, uris: list[str], pin: bool) -> dict:
         """``s3cache pin/unpin``: keep files resident (fetching them now) or release them."""
-        refs = [parse_uri(u) for u in uris]
+        refs = [from_identity(u) for u in uris]
         with self.cond:
             if pin:
                 for ref in refs:
@@ -270,6 +270,8 @@ class Daemon:
             return self._pin([str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
             return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL}
+        if op in ("order", "order_list", "explain"):
+            return self.readers.order_op(op, msg, self._throughput())
         return {"error": f"unknown op {op!r}"}
 
     # == housekeeping and status ======================================================================
