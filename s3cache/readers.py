@@ -248,7 +248,8 @@ class Readers:
             if self._schedule.catalog is not catalog:
                 return {"error": "the manifest changed meanwhile: announce again", "code": "UnknownList"}
             self.tracker.announce(reader, ann, time.time())
-            log.debug("%s announced epoch %d of a list of %d (seed %d) from %d", reader, epoch, n, seed, start)
+            log.info("reader %s announced epoch %d: %d files in its seed-%d order from #%d", reader, epoch, n,
+                     seed, start)
         self._schedule.reconsider()
         with self._cond:
             self._schedule.work_changed()
