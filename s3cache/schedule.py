@@ -34,7 +34,7 @@ from .catalog import Catalog
 from .config import Settings
 from .evict import ReaderTracker
 from .manifest import Entry
-from .refs import ObjectRef
+from .refs import ObjectRef, format_uri
 from .space import Space
 
 
@@ -268,7 +268,8 @@ class Schedule:
             "queued": queued,
             "fetching": len(self.fetching),
             "failed": len(self.failed),
-            "failures": [{"uri": u, "code": c, "message": m} for u, (c, m) in list(self.failed.items())[:50]],
+            "failures": [{"uri": format_uri(u), "code": c, "message": m}  # as users write it (refs.py)
+                         for u, (c, m) in list(self.failed.items())[:50]],
             "prefetch_paused": self.prefetch_paused,
             "failed_total": self.failures,
         }
