@@ -125,3 +125,21 @@ def test_bad_order_messages_are_refused_with_a_reason(rig):
         reply = rig.readers.order_op("order_list", {"op": "order_list", **bad})
         assert reply["code"] == "BadRequest" and reply["error"], bad
     assert rig.readers.order_op("order", order_msg([B + "b", B + "a"]))["code"] == "UnknownList"
+
+
+def test_explain_says_queued_behind_n_failed_with_its_code_or_not_asked_for(rig):
+    class Conn:  # want keeps waiters by identity; nothing is pushed to them in this test
+        send = staticmethod(lambda msg: True)
+
+    uris = [B + k for k in ("q0", "q1", "q2", "bad", "idle")]
+    rig.install(catalog(*(entry(u, 1) for u in uris)))
+    rig.readers.want(Conn(), "r1", uris[:4])
+    with rig.cond:
+        rig.schedule.fail(uris[3], "AccessDenied", "Access Denied")
+    got = {r["uri"]: r for r in rig.readers.order_op("explain", {"op": "explain", "uris": uris + ["nope"]},
+                                                      throughput=2.5e6)["results"]}
+    assert got[uris[2]]["state"] == "queued" and got[uris[2]]["text"].startswith("queued behind 2 other file(s)")
+    assert "2.5 MB/s" in got[uris[2]]["text"]
+    assert got[uris[3]]["text"] == "failed with AccessDenied: Access Denied"
+    assert got[uris[4]]["state"] == "not_requested"
+    assert got["nope"]["state"] == "invalid"
