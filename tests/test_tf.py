@@ -69,8 +69,13 @@ def test_a_failed_object_surfaces_from_the_dataset(tmp_path, s3, bucket, daemons
     ds = s3cache.tf.files([f"s3://{bucket}/ok", f"s3://{bucket}/missing"], cache_dir=d.cache_dir, timeout=120)
     it = iter(ds)
     next(it)
-    with pytest.raises(Exception, match="NoSuchKey"):
+    # what a user gets (documented in s3cache.tf.files and the README): tf.errors.UnknownError whose
+    # message names the s3cache error, the URI (as in the manifest) and the S3 error code
+    with pytest.raises(tf.errors.UnknownError, match=f"FetchFailed: s3://{bucket}/missing: NoSuchKey"):
         next(it)
+    odd = s3cache.tf.files([f"s3://{bucket}/gone%20%2541"], cache_dir=d.cache_dir, timeout=120)
+    with pytest.raises(tf.errors.UnknownError, match=f"FetchFailed: s3://{bucket}/gone%20%2541: NoSuchKey"):
+        next(iter(odd))
     with pytest.raises(FetchFailed):
         resolve(f"s3://{bucket}/missing", cache_dir=d.cache_dir, timeout=120)
 
