@@ -42,6 +42,7 @@ LIST_CHUNK = 1000  # URIs per order_list message
 LIST_CHUNK_BYTES = 512 << 10  # ... and at most this many bytes of them (a ctl.sock line is at most 1 MiB)
 MAX_LISTS = 4  # uploaded lists a daemon keeps (least recently announced dropped first)
 MAX_LIST_URIS = 4_000_000  # URIs in one uploaded list (the daemon keeps them to re-map on reload)
+MAX_LIST_BYTES = 512 << 20  # memory all uploaded lists (and uploads under way) may take, estimated
 JUMP = 256  # a note further ahead in the order than this is a straggler or a stranger, not progress
 
 
@@ -213,8 +214,10 @@ class Lists:
     A digest is known if it is the manifest's own (the catalog this daemon holds: with ``--shard`` the
     host's share), a share ``[I, K]`` of it, or a list a reader uploaded (``order_list``). Uploaded lists
     keep their URIs so they can be mapped onto a reloaded manifest; at most ``MAX_LISTS`` of them, each
-    of at most ``MAX_LIST_URIS``. Invariants: a map is only ever returned for the manifest ``token`` it
-    was built against; an upload becomes a list only once its URIs hash to its digest. Thread-safe: the
+    of at most ``MAX_LIST_URIS``, and all lists and uploads under way within ``MAX_LIST_BYTES`` (older
+    ones are dropped first; a reader whose list was dropped is asked for it again). Invariants: a map
+    is only ever returned for the manifest ``token`` it was built against; an upload becomes a list
+    only once its URIs hash to its digest. Thread-safe: the
     daemon's handler threads call it outside the state lock (the work is ~1 s per million entries).
     """
 
@@ -225,6 +228,22 @@ class Lists:
         self._uploaded: OrderedDict[str, list[str]] = OrderedDict()
         self._maps: dict[str, tuple[object, ListMap]] = {}  # digest -> (token, map)
         self._partial: OrderedDict[str, list[str]] = OrderedDict()  # uploads under way
+        self._sizes: dict[str, int] = {}  # estimated bytes of each list, uploaded or under way
+
+    def _make_room(self, keep: str, size: int) -> None:
+        """Account ``size`` more bytes to list ``keep``, dropping the oldest other lists to fit (lock held)."""
+        self._sizes[keep] = self._sizes.get(keep, 0) + size
+        for table in (self._partial, self._uploaded):
+            for d in [d for d in table if d != keep]:
+                if sum(self._sizes.values()) <= MAX_LIST_BYTES:
+                    return
+                del table[d]
+                self._maps.pop(d, None)
+                self._sizes.pop(d, None)
+        if sum(self._sizes.values()) > MAX_LIST_BYTES:
+            self._partial.pop(keep, None)
+            self._sizes.pop(keep, None)
+            raise ListError(f"list {keep} is larger than the {MAX_LIST_BYTES >> 20} MiB the daemon keeps for lists")
 
     def _share_digest(self, token: object, uris: Callable[[], Iterable[str]], index: int, count: int) -> str:
         with self._lock:
@@ -277,22 +296,29 @@ class Lists:
                 return total
             got = self._partial.pop(digest, [])
             if offset != len(got):
+                self._sizes.pop(digest, None)
                 raise ListError(f"list {digest}: chunk at {offset}, expected {len(got)}; start again at 0")
             got.extend(uris)
             if len(got) > total:
+                self._sizes.pop(digest, None)
                 raise ListError(f"list {digest}: more than the {total} URIs announced")
+            self._partial[digest] = got
+            self._make_room(digest, sum(len(u) + 64 for u in uris))  # 64: a str's overhead, about
             if len(got) < total:
-                self._partial[digest] = got
                 while len(self._partial) > MAX_LISTS:
-                    self._partial.popitem(last=False)
+                    self._sizes.pop(self._partial.popitem(last=False)[0], None)
                 return len(got)
+            del self._partial[digest]
         if list_digest(got) != digest:
+            with self._lock:
+                self._sizes.pop(digest, None)
             raise ListError(f"list {digest}: the URIs sent do not hash to it")
         with self._lock:
             self._uploaded[digest] = got
             while len(self._uploaded) > MAX_LISTS:
                 old, _ = self._uploaded.popitem(last=False)
                 self._maps.pop(old, None)
+                self._sizes.pop(old, None)
         return total
 
 

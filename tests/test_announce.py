@@ -143,3 +143,22 @@ def test_explain_says_queued_behind_n_failed_with_its_code_or_not_asked_for(rig)
     assert got[uris[3]]["text"] == "failed with AccessDenied: Access Denied"
     assert got[uris[4]]["state"] == "not_requested"
     assert got["nope"]["state"] == "invalid"
+
+
+def test_uploaded_lists_stay_within_their_memory_budget(monkeypatch):
+    from s3cache import order
+
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", 3 * (64 + 10) * 10)  # room for three lists of 10 short URIs
+    lists = order.Lists()
+    made = []
+    for i in range(5):
+        uris = [f"s3://b/{i}/{j:02d}" for j in range(10)]  # 10 characters ... about
+        d = list_digest(uris)
+        assert lists.upload(d, 0, 10, uris) == 10
+        made.append((d, uris))
+        assert sum(lists._sizes.values()) <= order.MAX_LIST_BYTES
+    known = [d for d, _ in made if d in lists._uploaded]
+    assert known and known == [d for d, _ in made][-len(known):]  # the newest kept, the oldest dropped
+    big = [f"s3://b/big/{j:04d}" for j in range(100)]
+    with pytest.raises(order.ListError, match="larger than"):
+        lists.upload(list_digest(big), 0, 100, big)
