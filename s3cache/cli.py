@@ -296,6 +296,16 @@ def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:
         return
 
 
+def _shown(identity: str) -> str:
+    """A URI from the daemon (an identity, refs.py) as users write it: percent-encoded as in a manifest."""
+    from .refs import format_uri
+
+    try:
+        return format_uri(identity)
+    except S3CacheError:
+        return identity
+
+
 def _check_uris(uris: tuple[str, ...]) -> list[str]:
     """The URIs as the daemon names them; raises UnsafeKey (exit 2) for the first malformed one, before
     anything is sent, so a typo changes nothing."""
@@ -325,10 +335,11 @@ def pin_report(op: str, uris: list[str], reply: dict) -> tuple[list[str], list[s
         return out, err, 0
     for r in results:
         text, as_asked = PIN_OUTCOMES[op].get(r["outcome"], (f"unexpected reply {r['outcome']!r}", False))
+        uri = _shown(r["uri"])
         if as_asked:
-            out.append(f"{text:<15} {r['uri']}")
+            out.append(f"{text:<15} {uri}")
         else:
-            err.append(f"s3cache: error: {r['uri']}: {text}")
+            err.append(f"s3cache: error: {uri}: {text}")
     out.append(f"{reply['pinned']} pinned in all")
     return out, err, 1 if err else 0
 
@@ -374,8 +385,8 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
     """
     if not everything and not uris:
         raise click.UsageError("name URIs to verify, or --all")
-    report = _run(_request, cache_dir, {"op": "verify", "uris": list(uris), "all": everything, "source": source},
-                  timeout=None)["report"]
+    report = _run(_request, cache_dir, {"op": "verify", "uris": _run(_check_uris, uris), "all": everything,
+                                        "source": source}, timeout=None)["report"]
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -383,15 +394,15 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
                    f"corrupt, {len(report['changed'])} changed in S3, {len(report['gone'])} gone from S3")
         for m in report["mismatched"]:
             if m.get("quarantined"):
-                click.echo(f"corrupt     {m['uri']} ({m['path']}): quarantined at {m['quarantined']}, fetching again")
+                click.echo(f"corrupt     {_shown(m['uri'])} ({m['path']}): quarantined at {m['quarantined']}, fetching again")
             else:  # it could not be moved aside: it was removed instead, or is still there and not served
-                click.echo(f"corrupt     {m['uri']} ({m['path']}): not quarantined ({m.get('error', 'unknown error')})")
+                click.echo(f"corrupt     {_shown(m['uri'])} ({m['path']}): not quarantined ({m.get('error', 'unknown error')})")
         for c in report["changed"]:
-            click.echo(f"changed     {c['uri']}: ETag {c['was']} -> {c['etag']}, fetching again")
+            click.echo(f"changed     {_shown(c['uri'])}: ETag {c['was']} -> {c['etag']}, fetching again")
         for g in report["gone"]:
-            click.echo(f"gone        {g['uri']}: {g['code']}")
+            click.echo(f"gone        {_shown(g['uri'])}: {g['code']}")
         for u in report["not_cached"]:
-            click.echo(f"not cached  {u}")
+            click.echo(f"not cached  {_shown(u)}")
     if report["mismatched"]:
         sys.exit(1)
 

@@ -101,21 +101,31 @@ class Client:
         self._buf = b""
         self.sock = self._connect()
 
-    def request(self, msg: dict) -> dict:
+    def request(self, msg: dict, timeout: float | None = None) -> dict:
+        """Send ``msg`` and return the answer (pushed events read meanwhile are kept for ``receive``).
+        ``timeout``: seconds for this request instead of the connection's. Raises RequestRefused for
+        an error answer (a request over the line limit is refused here, before sending),
+        DaemonNotRunning if the connection fails or times out."""
         data = encode(msg)
         if len(data) > MAX_LINE:  # the daemon would refuse it and close the connection mid-send
             raise RequestRefused(E_TOO_LARGE, f"a request of {len(data)} bytes, over the control socket's "
                                               f"limit of {MAX_LINE}: send it in pieces")
+        if timeout is not None:
+            self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(data)
-        except OSError:
-            self._raise_refusal()
-            raise DaemonNotRunning(self.cache_dir) from None
-        while True:
-            reply = self._read_line()
-            if "event" not in reply:  # events for earlier wants may arrive before the answer
-                return reply
-            self.events.append(reply)
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self._raise_refusal()
+                raise DaemonNotRunning(self.cache_dir) from None
+            while True:
+                reply = self._read_line()
+                if "event" not in reply:  # events for earlier wants may arrive before the answer
+                    return reply
+                self.events.append(reply)
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
 
     def _raise_refusal(self) -> None:
         """A send failed: if the daemon said why before closing (a refusal), raise that instead of

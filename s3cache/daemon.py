@@ -40,7 +40,7 @@ from .maintenance import Maintenance, open_index
 from .manifest_watch import ManifestWatch
 from .publisher import Publisher
 from .readers import Readers
-from .refs import parse_uri
+from .refs import from_identity
 from .schedule import Schedule
 from .space import Space
 from .store import Store
@@ -255,7 +255,7 @@ class Daemon:
             raise PermissionDenied(
                 f"uid {'unknown' if uid is None else uid} may not {'pin' if pin else 'unpin'}: pins need the daemon's user "
                 f"(uid {os.geteuid()}) or root, as they hold cache space against every reader")
-        refs = [parse_uri(u) for u in uris]
+        refs = [from_identity(u) for u in uris]
         with self.cond:
             results = self.space.pin([r.uri for r in refs], pin)
             if pin:
@@ -301,6 +301,8 @@ class Daemon:
             return self._pin(conn, [str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
             return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL}
+        if op in ("order", "order_list", "explain"):
+            return self.readers.order_op(op, msg, self._throughput())
         return {"error": f"unknown op {op!r}"}
 
     # == housekeeping and status ======================================================================

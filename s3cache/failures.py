@@ -91,7 +91,7 @@ class Failure:
         return self.retry_at is None
 
     def describe(self, now: float) -> dict:
-        d = {"uri": self.entry.uri, "code": self.code, "message": self.message, "attempts": self.attempts,
+        d = {"uri": self.entry.ref.display, "code": self.code, "message": self.message, "attempts": self.attempts,
              "permanent": self.permanent}
         d["retry_in"] = None if self.retry_at is None else round(max(0.0, self.retry_at - now), 1)
         return d

@@ -33,7 +33,7 @@ from .errors import ChecksumMismatch, FetchFailed, S3CacheError
 from .index import PUBLISHING, READY, Index, IndexCorrupt, Record, claims_of
 from .manifest import Entry
 from .paths import HASHED_DIR, PRIVATE_DIR, readable_path
-from .refs import make_ref, parse_uri
+from .refs import from_identity, make_ref
 from .retry import Cancelled
 from .schedule import Schedule
 from .space import Space
@@ -217,7 +217,7 @@ class Maintenance:
             if self._index.get(uri) is not None or not os.path.exists(where):
                 _unlink(where)  # fetched again meanwhile (or gone): the held copy is not needed
                 continue
-            ref = parse_uri(uri)
+            ref = from_identity(uri)
             pos = catalog.position(uri)
             entry = catalog.entry(pos) if pos is not None else Entry(ref)
             try:
@@ -312,8 +312,8 @@ class Maintenance:
             if everything:
                 targets = self._space.records()
             else:
-                targets = self._space.records(parse_uri(x).uri for x in uris)
-                missing = [x for x in uris if not self._space.is_ready(parse_uri(x).uri)]
+                targets = self._space.records(from_identity(x).uri for x in uris)
+                missing = [x for x in uris if not self._space.is_ready(from_identity(x).uri)]
         report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [],
                         "not_cached": [] if everything else missing}
         for uri, rec in targets:
@@ -354,7 +354,7 @@ class Maintenance:
             if source:
                 with self._cond:
                     entry = self._schedule.entry_for(uri)
-                entry = entry or Entry(parse_uri(uri))
+                entry = entry or Entry(from_identity(uri))
                 try:
                     now_is = self._describe(entry)
                 except FetchFailed as e:
@@ -389,7 +389,7 @@ class Maintenance:
                     return False, None, None
             done, where, error = self._space.withdraw(uri, rec, quarantine)
             if done:
-                self._schedule.refetch(parse_uri(uri))
+                self._schedule.refetch(from_identity(uri))
         return done, where, error
 
     def revalidate_loop(self, stopping: threading.Event, every: float) -> None:

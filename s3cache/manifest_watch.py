@@ -29,7 +29,6 @@ under ``_lock``, a leaf lock held for a few lines.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque

@@ -28,14 +28,21 @@ when the manifest is reloaded), so no message ever carries positions and URIs cr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
+import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 M64 = (1 << 64) - 1
 TAG = b"s3cache-order-v1"
 LIST_CHUNK = 1000  # URIs per order_list message
+LIST_CHUNK_BYTES = 512 << 10  # ... and at most this many bytes of them (a ctl.sock line is at most 1 MiB)
+MAX_LISTS = 4  # uploaded lists a daemon keeps (least recently announced dropped first)
+MAX_LIST_URIS = 4_000_000  # URIs in one uploaded list (the daemon keeps them to re-map on reload)
+MAX_LIST_BYTES = 512 << 20  # memory all uploaded lists (and uploads under way) may take, estimated
 JUMP = 256  # a note further ahead in the order than this is a straggler or a stranger, not progress
 
 
@@ -114,18 +121,25 @@ class ListMap:
         return j if r == 0 and 0 <= j < self.length else None
 
 
-_perm_cache: dict[tuple[int, int, int], tuple[array, array]] = {}
+_perm_cache: OrderedDict[tuple[int, int, int], tuple[array, array]] = OrderedDict()
+_perm_lock = threading.Lock()  # the daemon's handler threads build orders while others read them
+PERM_CACHE = 16  # orders kept: this epoch's and the next one's for 8 readers
 
 
 def _order(n: int, seed: int, epoch: int) -> tuple[array, array]:
     """(permutation, inverse), memoised for the few orders in use (readers sharing a seed share them)."""
-    key = (n, seed, epoch)
-    got = _perm_cache.get(key)
-    if got is None:
-        if len(_perm_cache) >= 8:
-            _perm_cache.pop(next(iter(_perm_cache)))
-        perm = permutation(n, seed, epoch)
-        got = _perm_cache[key] = (perm, inverse(perm))
+    key = (n, seed & M64, epoch & M64)
+    with _perm_lock:
+        got = _perm_cache.get(key)
+        if got is not None:
+            _perm_cache.move_to_end(key)
+            return got
+    perm = permutation(n, seed, epoch)  # outside the lock: ~1 s a million entries
+    got = (perm, inverse(perm))
+    with _perm_lock:
+        _perm_cache[key] = got
+        while len(_perm_cache) > PERM_CACHE:
+            _perm_cache.popitem(last=False)
     return got
 
 
@@ -188,3 +202,134 @@ class Announcement:
             if r2 < JUMP:  # the reader began the next epoch before announcing it
                 self.epoch += 1
                 self.cursor = r2 + 1
+
+
+class ListError(ValueError):
+    """An ``order`` or ``order_list`` message that cannot be taken (its text says why)."""
+
+
+class Lists:
+    """The lists readers announce orders over, by digest, and their maps onto the current manifest.
+
+    A digest is known if it is the manifest's own (the catalog this daemon holds: with ``--shard`` the
+    host's share), a share ``[I, K]`` of it, or a list a reader uploaded (``order_list``). Uploaded lists
+    keep their URIs so they can be mapped onto a reloaded manifest; at most ``MAX_LISTS`` of them, each
+    of at most ``MAX_LIST_URIS``, and all lists and uploads under way within ``MAX_LIST_BYTES`` (older
+    ones are dropped first; a reader whose list was dropped is asked for it again). Invariants: a map
+    is only ever returned for the manifest ``token`` it was built against; an upload becomes a list
+    only once its URIs hash to its digest. Thread-safe: the
+    daemon's handler threads call it outside the state lock (the work is ~1 s per million entries).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digests: dict[tuple[int, int], str] = {}  # (I, K) -> digest, for manifest ``_token``
+        self._token: object = None
+        self._uploaded: OrderedDict[str, list[str]] = OrderedDict()
+        self._maps: dict[str, tuple[object, ListMap]] = {}  # digest -> (token, map)
+        self._partial: OrderedDict[str, list[str]] = OrderedDict()  # uploads under way
+        self._sizes: dict[str, int] = {}  # estimated bytes of each list, uploaded or under way
+
+    def _make_room(self, keep: str, size: int) -> None:
+        """Account ``size`` more bytes to list ``keep``, dropping the oldest other lists to fit (lock held)."""
+        self._sizes[keep] = self._sizes.get(keep, 0) + size
+        for table in (self._partial, self._uploaded):
+            for d in [d for d in table if d != keep]:
+                if sum(self._sizes.values()) <= MAX_LIST_BYTES:
+                    return
+                del table[d]
+                self._maps.pop(d, None)
+                self._sizes.pop(d, None)
+        if sum(self._sizes.values()) > MAX_LIST_BYTES:
+            self._partial.pop(keep, None)
+            self._sizes.pop(keep, None)
+            raise ListError(f"list {keep} is larger than the {MAX_LIST_BYTES >> 20} MiB the daemon keeps for lists")
+
+    def _share_digest(self, token: object, uris: Callable[[], Iterable[str]], index: int, count: int) -> str:
+        with self._lock:
+            if self._token is not token:
+                self._token, self._digests = token, {}
+            got = self._digests.get((index, count))
+        if got is None:
+            got = list_digest(itertools.islice(uris(), index, None, count))
+            with self._lock:
+                if self._token is token:
+                    self._digests[(index, count)] = got
+        return got
+
+    def map_for(self, digest: str, n: int, share: tuple[int, int] | None, *, token: object, manifest_n: int,
+                manifest_uris: Callable[[], Iterable[str]], position_of: Callable[[str], int | None]
+                ) -> ListMap | None:
+        """The map of list ``digest`` (``n`` URIs) onto the manifest ``token``, or None if unknown.
+
+        ``manifest_uris()`` yields the manifest's URIs (identities) in order; ``position_of`` maps an
+        identity to its manifest position."""
+        index, count = share if share is not None else (0, 1)
+        if not 0 <= index < count:
+            raise ListError(f"share [{index}, {count}]: index must be in 0..count-1")
+        if n == len(range(index, manifest_n, count)) and \
+                self._share_digest(token, manifest_uris, index, count) == digest:
+            return ListMap.share(manifest_n, index, count) if count > 1 else ListMap(manifest_n)
+        with self._lock:
+            uris = self._uploaded.get(digest)
+            if uris is None:
+                return None
+            self._uploaded.move_to_end(digest)
+            built = self._maps.get(digest)
+        if len(uris) != n:
+            raise ListError(f"list {digest} has {len(uris)} URIs, the order says {n}")
+        if built is not None and built[0] is token:
+            return built[1]
+        lm = ListMap.from_uris(uris, position_of)  # the manifest changed since: map it again
+        with self._lock:
+            if digest in self._uploaded:
+                self._maps[digest] = (token, lm)
+        return lm
+
+    def upload(self, digest: str, offset: int, total: int, uris: list[str]) -> int:
+        """A chunk of list ``digest`` (``total`` URIs) from ``offset``; returns the URIs received so far
+        (``total`` once the list is known). Chunks come in order; a chunk out of order restarts it."""
+        if not 0 < total <= MAX_LIST_URIS:
+            raise ListError(f"a list must have 1 to {MAX_LIST_URIS} URIs, not {total}")
+        with self._lock:
+            if digest in self._uploaded:
+                return total
+            got = self._partial.pop(digest, [])
+            if offset != len(got):
+                self._sizes.pop(digest, None)
+                raise ListError(f"list {digest}: chunk at {offset}, expected {len(got)}; start again at 0")
+            got.extend(uris)
+            if len(got) > total:
+                self._sizes.pop(digest, None)
+                raise ListError(f"list {digest}: more than the {total} URIs announced")
+            self._partial[digest] = got
+            self._make_room(digest, sum(len(u) + 64 for u in uris))  # 64: a str's overhead, about
+            if len(got) < total:
+                while len(self._partial) > MAX_LISTS:
+                    self._sizes.pop(self._partial.popitem(last=False)[0], None)
+                return len(got)
+            del self._partial[digest]
+        if list_digest(got) != digest:
+            with self._lock:
+                self._sizes.pop(digest, None)
+            raise ListError(f"list {digest}: the URIs sent do not hash to it")
+        with self._lock:
+            self._uploaded[digest] = got
+            while len(self._uploaded) > MAX_LISTS:
+                old, _ = self._uploaded.popitem(last=False)
+                self._maps.pop(old, None)
+                self._sizes.pop(old, None)
+        return total
+
+
+def chunks(uris: Sequence[str]) -> Iterable[tuple[int, list[str]]]:
+    """(offset, URIs) pieces of a list for ``order_list`` messages: at most LIST_CHUNK URIs and about
+    LIST_CHUNK_BYTES of them each (a non-ASCII key takes up to 6 bytes a character in JSON)."""
+    i = 0
+    while i < len(uris):
+        j, size = i, 0
+        while j < len(uris) and j - i < LIST_CHUNK and (size < LIST_CHUNK_BYTES or j == i):
+            size += 6 * len(uris[j].encode()) + 4
+            j += 1
+        yield i, list(uris[i:j])
+        i = j

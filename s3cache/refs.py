@@ -1,5 +1,18 @@
 """The identity of an object: a bucket and a key, and the ``s3://`` URI that names them.
 
+Two forms of a URI, one rule (README, "URIs"):
+
+* What users write and read (the manifest, ``resolve()``, ``s3cache resolve/pin/verify``, status and
+  logs): the key is percent-decoded exactly as in the manifest, ``%XX`` (two hex digits, the UTF-8
+  bytes) stands for that byte: ``%20`` a space, ``%23`` '#', ``%25`` '%'. A '%' not followed by two hex
+  digits is taken as itself here (the manifest refuses it, to catch typos in a file). ``parse_uri``
+  reads it, at entry points only; ``format_uri`` / ``ObjectRef.display`` write it, quoting exactly as
+  ``s3cache manifest`` does, so anything printed can be pasted back.
+* The identity (``ObjectRef.uri``): ``s3://bucket/`` + the raw key. Index rows, the catalog, the wire
+  between readers and the daemon (``want``, usage notes, events, ``order_list``) and the daemon's own
+  dicts use it. ``from_identity`` turns it back into a ref WITHOUT decoding: decoding an identity again
+  would turn the key ``a%41`` into ``aA``.
+
 A version is not part of the identity: the manifest says which version to fetch, and the cache keeps
 one version of each key. That keeps the reader's view simple (``s3://bucket/key`` always names one
 local file) and lets a changed manifest replace a stale file in place.
@@ -11,6 +24,7 @@ import functools
 import ipaddress
 import re
 from typing import NamedTuple
+from urllib.parse import quote
 
 from .errors import UnsafeKey
 
@@ -34,7 +48,13 @@ class ObjectRef(NamedTuple):
 
     @property
     def uri(self) -> str:
+        """The identity: the raw key, never decoded again (``from_identity``)."""
         return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def display(self) -> str:
+        """The form users see and paste back: the key percent-encoded as in a manifest (``format_uri``)."""
+        return f"s3://{self.bucket}/{encode_key(self.key)}"
 
     def __str__(self) -> str:
         return self.uri
@@ -91,15 +111,60 @@ def make_ref(bucket: str, key: str) -> ObjectRef:
     return ObjectRef(check_bucket(bucket), check_key(key))
 
 
-def parse_uri(uri: str | ObjectRef) -> ObjectRef:
-    """``s3://bucket/key`` to an ObjectRef. The key is taken verbatim (no percent-decoding)."""
-    if isinstance(uri, ObjectRef):
-        return uri
-    if not isinstance(uri, str):
-        raise UnsafeKey(f"not an s3:// URI: {uri!r}")
-    if not uri.startswith("s3://"):
+# What needs quoting in a displayed key: the same test as catalog.format_entry (the manifest writer).
+_NEEDS_QUOTING = re.compile(r"[%#\s\x00-\x1f\x7f]")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def encode_key(key: str) -> str:
+    """``key`` as a manifest line writes it: unchanged unless it holds '%', '#', white space or a
+    control character; then percent-encoded as a whole (``quote(key, safe="/")``)."""
+    if _NEEDS_QUOTING.search(key):  # most keys need no quoting, and quote() is the slow part
+        return quote(key, safe="/")
+    return key
+
+
+def decode_key(text: str) -> str:
+    """A key as users write it to the raw key: each ``%XX`` (two hex digits) is that byte; any other
+    '%' is itself. The bytes must be UTF-8. Raises UnsafeKey."""
+    if "%" not in text:
+        return text
+    raw = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnsafeKey(f"percent-encoded key {text!r} is not valid UTF-8 ({e.reason})") from None
+
+
+def format_uri(ref: ObjectRef | str) -> str:
+    """The displayed form of a ref, or of an identity string (see module doc)."""
+    if isinstance(ref, str):
+        ref = from_identity(ref)
+    return ref.display
+
+
+def _split(uri: object) -> tuple[str, str]:
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise UnsafeKey(f"not an s3:// URI: {uri!r}")
     bucket, sep, key = uri[5:].partition("/")
     if not sep or not key:
         raise UnsafeKey(f"URI names no object (s3://bucket/key expected): {uri!r}")
+    return bucket, key
+
+
+def parse_uri(uri: str | ObjectRef) -> ObjectRef:
+    """``s3://bucket/key`` as a user wrote it (entry points only) to an ObjectRef: the key is
+    percent-decoded as in a manifest (``decode_key``). An ObjectRef passes through unchanged."""
+    if isinstance(uri, ObjectRef):
+        return uri
+    bucket, key = _split(uri)
+    return make_ref(bucket, decode_key(key))
+
+
+def from_identity(uri: str | ObjectRef) -> ObjectRef:
+    """An identity string (``ObjectRef.uri``: from the wire, the index, the catalog) back to its ref,
+    checked but NOT decoded."""
+    if isinstance(uri, ObjectRef):
+        return uri
+    bucket, key = _split(uri)
     return make_ref(bucket, key)

@@ -27,12 +27,12 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from . import paths
+from . import order, paths
 from .client import Client, UseNotes
 from .config import default_cache_dir
-from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
+from .errors import DaemonNotRunning, FetchFailed, RequestRefused, ResolveTimeout, S3CacheError, UnsafeKey
 from .lease import SharedLease
-from .refs import ObjectRef, parse_uri
+from .refs import ObjectRef, format_uri, parse_uri
 from .store import Layout
 from .wire import MAX_AHEAD, MAX_URIS
 
@@ -143,8 +143,7 @@ class Resolver:
                 return [p for p in result if p is not None]
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ResolveTimeout(
-                    f"{len(pending)} file(s) not ready in time, first {refs[pending[0]].uri}")
+                raise ResolveTimeout(self._timed_out(client, [refs[i] for i in pending]))
             ask = [refs[i] for i in pending if refs[i].uri not in outstanding]
             now = time.monotonic()
             if ask and now >= ask_after:
@@ -180,6 +179,40 @@ class Resolver:
             # Any other news (a "ready", or about a file asked for ahead) just means: look again.
             outstanding.discard(uri)
 
+    def _timed_out(self, client: Client, refs: Sequence[ObjectRef]) -> str:
+        """The ResolveTimeout message: how many, the first, and what the daemon says about it
+        (``explain``): queued behind N, fetching at X MB/s, waiting for space held by leases, failed."""
+        text = f"{len(refs)} file(s) not ready in time, first {refs[0].display}"
+        try:
+            reply = client.request({"op": "explain", "uris": [refs[0].uri]}, timeout=5.0)
+            why = reply.get("results", [{}])[0].get("text")
+        except (S3CacheError, OSError, IndexError, AttributeError):
+            return text + " (the daemon did not say why)"
+        return f"{text}: {why}" if why else text
+
+    def announce(self, client: Client, shuffled: Shuffled, epoch: int, start: int = 0) -> bool:
+        """Tell the daemon the order this process will read ``shuffled`` in during ``epoch`` (from
+        index ``start`` of it) in one ``order`` message; the list itself crosses once per daemon, and
+        only when it is not the daemon's manifest (or its ``--shard`` share). False if the daemon did
+        not take it (an older daemon): reading works the same, the daemon just cannot plan for it."""
+        msg = {"op": "order", "reader": self.reader_id(), "seed": shuffled.seed & order.M64,
+               "epoch": epoch & order.M64, "n": len(shuffled.refs), "start": start, "list": shuffled.digest}
+        for _ in range(2):
+            try:
+                client.request(msg)
+                return True
+            except RequestRefused as e:
+                if e.code != "UnknownList":
+                    return False
+            uris = shuffled.identities
+            for offset, chunk in order.chunks(uris):
+                try:
+                    client.request({"op": "order_list", "list": shuffled.digest, "offset": offset,
+                                    "n": len(uris), "uris": chunk})
+                except RequestRefused:
+                    return False
+        return False
+
     def _reconnect(self, client: Client, done: int) -> int:
         """The daemon closed our connection: open a new one (raises DaemonNotRunning if none answers)."""
         if done >= RECONNECTS:
@@ -188,10 +221,37 @@ class Resolver:
         return done + 1
 
 
+class Shuffled:
+    """A reader's list read in a new order every epoch: ``refs[order.permutation(n, seed, epoch)[k]]``.
+
+    Holds what is computed once per list, not per epoch: the refs, their identities and the digest
+    that names the list to the daemon (``order.list_digest`` of the identities)."""
+
+    def __init__(self, refs: Sequence[ObjectRef], seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"shuffle_seed must be an int, not {type(seed).__name__}")
+        self.refs = list(refs)
+        self.seed = seed
+        self._digest: str | None = None
+
+    @property
+    def identities(self) -> list[str]:
+        return [r.uri for r in self.refs]
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = order.list_digest(r.uri for r in self.refs)
+        return self._digest
+
+    def epoch(self, epoch: int) -> list[ObjectRef]:
+        return [self.refs[i] for i in order.permutation(len(self.refs), self.seed, epoch)]
+
+
 def _raise_for(res: dict) -> None:
     state = res.get("state")
     if state == "failed":
-        raise FetchFailed(res["uri"], res.get("code", "Unknown"), res.get("message", ""))
+        raise FetchFailed(format_uri(res["uri"]), res.get("code", "Unknown"), res.get("message", ""))
     if state == "invalid":
         raise UnsafeKey(res.get("message", f"invalid URI {res.get('uri')!r}"))
 
@@ -248,17 +308,40 @@ def resolve(uris: str | ObjectRef | Iterable[str | ObjectRef], *, cache_dir: str
 
 
 def iter_resolve(uris: Iterable[str | ObjectRef], *, cache_dir: str | os.PathLike | None = None,
-                 timeout: float | None = None) -> Iterator[str]:
+                 timeout: float | None = None, shuffle_seed: int | None = None, epoch: int = 0,
+                 start: int = 0) -> Iterator[str]:
     """Yield each URI's local path in order, as soon as that file is there.
 
     Each file is looked up (and marked used) only when the consumer asks for it, so the daemon learns
     where the reader really is and its lease starts when the reader is about to open it. A file already
     cached costs no round trip; for a missing one the daemon is asked for it and the next few missing
     ones together, over one connection kept open. ``timeout`` bounds the wait for each file.
+
+    With ``shuffle_seed`` the files come in epoch ``epoch``'s order instead: ``uris[p[k]]`` for
+    ``p = order.permutation(len(uris), shuffle_seed, epoch)``, the same on every host and in every run
+    (``s3cache.tf.files`` uses it, one epoch per iteration); ``start`` skips the first ``start`` files
+    of that order (resuming from a checkpoint). Before the first file the reader announces the order
+    to the daemon in one message, so that it prefetches in that order and evicts the file needed
+    furthest in the future.
     """
     r = resolver_for(cache_dir)
     refs = [parse_uri(u) for u in uris]
+    plan = None if shuffle_seed is None else Shuffled(refs, shuffle_seed)
+    yield from _iterate(r, refs, timeout, plan, epoch, start)
+
+
+def _iterate(r: Resolver, refs: list[ObjectRef], timeout: float | None, plan: Shuffled | None,
+             epoch: int, start: int) -> Iterator[str]:
     client: Client | None = None
+    if plan is not None:
+        refs = plan.epoch(epoch)[start:]
+        try:
+            client = Client(r.layout.control_socket, r.root)
+            r.announce(client, plan, epoch, start)
+        except DaemonNotRunning:
+            if client is not None:
+                client.close()
+            client = None  # every file may be cached: a missing one raises DaemonNotRunning below
     try:
         for i, ref in enumerate(refs):
             deadline = None if timeout is None else time.monotonic() + timeout

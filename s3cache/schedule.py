@@ -36,7 +36,7 @@ from .config import Settings
 from .evict import ReaderTracker
 from .failures import RECHECK, Failure, Failures
 from .manifest import Entry
-from .refs import ObjectRef, parse_uri
+from .refs import ObjectRef, from_identity
 from .space import Space
 
 MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
@@ -227,21 +227,21 @@ class Schedule:
         """A reload changed ``uri``'s entry while it was fetched: the job was discarded; fetch it again
         as the manifest now describes it (readers waiting on it keep waiting)."""
         self.fetching.discard(uri)
-        self.refetch(parse_uri(uri))
+        self.refetch(from_identity(uri))
 
     def replace(self, uri: str) -> None:
         """The cached ``uri`` is out of date (S3 has another object): fetch it again, keeping the cached
         file readable until the new one is verified and renamed over it."""
         self.replacing.add(uri)
         if uri not in self.fetching and not self.demand.has(uri):
-            self.demand.append(self.entry_for(uri) or self.extra.get(uri) or self._remember_extra(Entry(parse_uri(uri))))
+            self.demand.append(self.entry_for(uri) or self.extra.get(uri) or self._remember_extra(Entry(from_identity(uri))))
         self.work_changed()
 
     def fail(self, uri: str, code: str, message: str) -> Failure:
         """A fetch of ``uri`` failed: remember it, permanent or with its next retry (failures.py)."""
         self.fetching.discard(uri)
         self.replacing.discard(uri)  # the cached file stays
-        entry = self.entry_for(uri) or Entry(parse_uri(uri))
+        entry = self.entry_for(uri) or Entry(from_identity(uri))
         self.extra.pop(uri, None)
         self.failures += 1
         return self.failed.add(entry, code, message)

@@ -7,6 +7,11 @@ an answer::
     {"op": "want", "uris": [...], "ahead": [...], "reader": "..."}  ->  {"results": [{"uri", "state", ...}]}
     {"op": "status"}                                                ->  {"status": {...}}
     {"op": "hello"}                                                 ->  {"ok": true, "pid": ...}
+    {"op": "order", ...} / {"op": "order_list", ...}                ->  {"ok": true} (shapes: order.py)
+    {"op": "explain", "uris": [...]}                                ->  {"results": [{"uri", "state", "text"}]}
+
+Every URI on both sockets is an identity (``ObjectRef.uri``: the raw key, refs.py): readers decode
+what users write before sending it, and the daemon never decodes again (``refs.from_identity``).
 
 A request the server refuses gets ``{"error": message, "code": CODE}`` where CODE is one of the
 ``E_*`` names below. After a ``want``, the daemon pushes ``{"event": "ready" | "failed", "uri": ...}`` on
@@ -75,7 +80,8 @@ def parse_request(line: bytes) -> dict:
         raise BadRequest(E_BAD_REQUEST, "no \"op\" string")
     for field, limit in (("uris", MAX_URIS), ("ahead", MAX_AHEAD)):
         v = msg.get(field)
-        if v is None:
+        if v is None:  # absent, or null: the handlers' defaults apply (null reached them as None once)
+            msg.pop(field, None)
             continue
         if not isinstance(v, list) or not all(isinstance(u, str) for u in v):
             raise BadRequest(E_BAD_REQUEST, f"{field!r} must be a list of strings")

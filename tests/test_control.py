@@ -214,3 +214,11 @@ def test_an_io_loop_that_keeps_crashing_is_loud(tmp_path, caplog):
         assert h.server.counters()["crashes"] >= 10
         os.dup2(os.open(os.devnull, os.O_RDONLY), h.server._sel.fileno())  # so that stop() closes something
     assert "I/O loop failed" in caplog.text
+
+
+def test_a_null_list_is_taken_as_absent():
+    """Found by the fuzz test: ``"uris": null`` reached the daemon's handlers as None (a TypeError in
+    want and verify). The wire layer drops it, so handlers see their default."""
+    from s3cache.wire import parse_request
+
+    assert parse_request(b'{"op":"want","uris":null,"ahead":null}') == {"op": "want"}

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import replace
 
 import pytest
 
 from parts import Rig, catalog, control_connection, entry
-from s3cache.control import Connection, Server
+
 
 B = "s3://bkt/"
 

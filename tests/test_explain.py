@@ -1,0 +1,47 @@
+"""Issue 19: a ResolveTimeout says what the daemon knows about the file (the ``explain`` op), and a
+failure inside ``s3cache.tf.files`` carries the S3 error code and the URI. Real daemon, real S3 server."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import write_manifest
+from s3cache import ResolveTimeout, resolve
+from s3cache.testing import wait_for
+from s3cache.testing.faultproxy import FaultProxy
+
+KiB = 1 << 10
+
+
+def test_a_timeout_on_a_stalled_download_says_it_is_fetching(tmp_path, s3, bucket, moto, daemons):
+    s3.put_object(Bucket=bucket, Key="slow", Body=os.urandom(64 * KiB))
+    stalled = []
+    plan = lambda m, path, q: (stalled.append(path) or "stall") if m == "GET" and path.endswith("/slow") else None  # noqa: E731
+    with FaultProxy(moto.port, plan, stall_seconds=30) as proxy:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/slow"]),
+                    args=["--endpoint-url", proxy.url, "--read-timeout", "60", "--max-attempts", "1"])
+        wait_for(lambda: stalled, 60, "the prefetch's GET to stall")
+        with pytest.raises(ResolveTimeout) as e:
+            resolve(f"s3://{bucket}/slow", cache_dir=d.cache_dir, timeout=1)
+        assert f"s3://{bucket}/slow: fetching, one of 1 download(s) in flight" in str(e.value)
+        d.kill()
+
+
+def test_a_timeout_behind_leased_files_says_who_holds_the_space(tmp_path, s3, bucket, daemons):
+    uris = []
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"l/{i}", Body=os.urandom(64 * KiB))
+        uris.append(f"s3://{bucket}/l/{i}")
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                args=["--max-size", str(128 * KiB), "--lease", "600", "--min-free", "0"])
+    resolve(uris[:2], cache_dir=d.cache_dir, timeout=120)  # both leased: nothing may be evicted
+    for _ in range(10):  # until a worker has tried to admit it (under load it may still be queued)
+        with pytest.raises(ResolveTimeout) as e:
+            resolve(uris[2], cache_dir=d.cache_dir, timeout=2)
+        msg = str(e.value)
+        if "waiting for space" in msg:
+            break
+        assert f"first {uris[2]}: queued behind 0 other file(s)" in msg, msg
+    assert f"first {uris[2]}: waiting for space: 128.0 KiB of the 128.0 KiB cache held by leases" in msg, msg
