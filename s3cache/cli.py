@@ -17,6 +17,7 @@ from . import __version__
 from .config import Bool, Kind, Option, default_cache_dir, human_size, options
 from .config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
 from .errors import ConfigError, ManifestError, S3CacheError, UnsafeKey
+from .refs import printable, shown
 
 # The one place errors become exit codes. 2 is bad input (what click's UsageError exits with): the user
 # must change the command, a setting, the manifest or a URI. 1 is everything else: S3 refused, the
@@ -301,9 +302,9 @@ def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None
     if st.get("disk_full"):
         click.echo("warning     the cache filesystem is full: prefetch paused until space returns")
     for f in st["failures"]:
-        click.echo(f"failed      {f['uri']}: {f['code']}")
+        click.echo(f"failed      {shown(f['uri'])}: {f['code']}")
     for e in st.get("manifest_errors", []):
-        click.echo(f"manifest    {e}")
+        click.echo(f"manifest    {printable(e)}")
 
 
 def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:

@@ -110,7 +110,7 @@ class Daemon:
         self._revalidate_stop: threading.Event | None = None
         self._progress_sent = (0.0, "")  # (when, line) of the last STATUS= line
         self._progress_logged = 0.0
-        self._was_pending = False
+        self._was_pending = True  # so that a start with nothing to do still logs where it stands
 
     # == lifecycle ====================================================================================
 
