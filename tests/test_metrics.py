@@ -205,3 +205,11 @@ def test_serve_refuses_a_remote_metrics_addr_unless_allowed(tmp_path, moto):
                         "--endpoint-url", moto.url, "--metrics-addr", "0.0.0.0:9109"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "is not loopback" in r.stderr and "--metrics-allow-remote" in r.stderr
+
+
+def test_the_daemon_does_not_load_prometheus_client_without_metrics_addr():
+    """FetchHistogram is recorded always, the exporter loaded only for --metrics-addr."""
+    code = ("import sys, s3cache.daemon, s3cache.cli; d = s3cache.daemon.Daemon; "
+            "assert 'prometheus_client' not in sys.modules, 'loaded'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
