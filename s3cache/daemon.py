@@ -110,6 +110,7 @@ class Daemon:
         self._revalidate_stop: threading.Event | None = None
         self._progress_sent = (0.0, "")  # (when, line) of the last STATUS= line
         self._progress_logged = 0.0
+        self._progress_at = float("-inf")  # when progress was last computed
         self._was_pending = True  # so that a start with nothing to do still logs where it stands
 
     # == lifecycle ====================================================================================
@@ -402,10 +403,14 @@ class Daemon:
     def _report_progress(self) -> None:
         """STATUS= when the line changed (at most every PROGRESS_EVERY s); an INFO line every
         PROGRESS_EVERY s while work is pending and once when it is done (unless serve draws a bar)."""
-        p = self._progress()
         now = time.monotonic()
         when, last = self._progress_sent
-        if p["line"] != last and now - when >= PROGRESS_EVERY or p["pending"] == 0 and p["line"] != last:
+        # Progress costs a pass over the ready files: once per PROGRESS_EVERY, unless a bar is drawn.
+        if self.on_progress is None and now - self._progress_at < PROGRESS_EVERY:
+            return
+        self._progress_at = now
+        p = self._progress()
+        if p["line"] != last and (now - when >= PROGRESS_EVERY or not p["pending"]):
             notify.status(p["line"])
             self._progress_sent = (now, p["line"])
         if self.on_progress is not None:
