@@ -70,6 +70,7 @@ def _sorted(a: array, chunk: int = 1 << 16) -> array:
 
 _HINT = 1  # flag bits: the entry's size came from a listing,
 _PIN = 2  # ... the entry says pin=1
+_SIZED = 4  # ... the entry gives a size (the manifest's or a listing's)
 
 
 class Catalog:
@@ -96,6 +97,8 @@ class Catalog:
         self.total = 0  # expanded entries in the whole manifest, every share, duplicates included
         self.pinned: frozenset[int] = frozenset()  # positions of pin=1 entries
         self.avg_size = 0.0  # mean of the sizes the manifest gives (0 if none)
+        self.total_size = 0  # bytes of the entries that give a size
+        self.sized = 0  # entries that give a size
         # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
         self._memo: dict[str, int | None] = {}
 
@@ -114,7 +117,8 @@ class Catalog:
                 continue
             c._data += format_entry(e).encode() + b"\n"
             c._offsets.append(len(c._data))
-            c._flags.append((_HINT if e.size_is_hint else 0) | (_PIN if e.pin else 0))
+            c._flags.append((_HINT if e.size_is_hint else 0) | (_PIN if e.pin else 0)
+                            | (_SIZED if e.size is not None else 0))
             c._global.append(total - 1)
             hashes.append(_key(e.ref))
             sizes.append(-1 if e.size is None else e.size)
@@ -131,8 +135,9 @@ class Catalog:
         del order, hashes
         c._others = _sorted(others)
         c.pinned = frozenset(i for i, f in enumerate(c._flags) if f & _PIN)
-        known = sum(1 for n in sizes if n >= 0)
-        c.avg_size = sum(n for n in sizes if n >= 0) / known if known else 0.0
+        c.sized = sum(1 for n in sizes if n >= 0)
+        c.total_size = sum(n for n in sizes if n >= 0)
+        c.avg_size = c.total_size / c.sized if c.sized else 0.0
         return c
 
     def _drop(self, dups: set[int]) -> None:
@@ -177,6 +182,10 @@ class Catalog:
         if self._flags[i] & _HINT:
             item = item._replace(size_is_hint=True)
         return item
+
+    def has_size(self, i: int) -> bool:
+        """Whether entry ``i`` gives its size (without parsing its line)."""
+        return bool(self._flags[i] & _SIZED)
 
     def global_position(self, i: int) -> int:
         """Entry ``i``'s position in the whole expanded manifest (the one tf.data's shard counts)."""

@@ -17,6 +17,7 @@ from . import __version__
 from .config import Bool, Kind, Option, default_cache_dir, human_size, options
 from .config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
 from .errors import ConfigError, ManifestError, S3CacheError, UnsafeKey
+from .refs import printable, shown
 
 # The one place errors become exit codes. 2 is bad input (what click's UsageError exits with): the user
 # must change the command, a setting, the manifest or a URI. 1 is everything else: S3 refused, the
@@ -103,28 +104,69 @@ def _effective(config_file: Path | None, given: dict) -> Effective:
               "`s3cache config show` prints the result. Without --manifest, objects are fetched on demand only.")
 @serve_options
 def serve(config_file: Path | None, **given) -> None:
-    """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers."""
+    """Run the daemon in the foreground (systemd runs it): prefetch, verify, serve readers.
+
+    On a terminal it draws a progress bar; otherwise (systemd, a pipe) it writes plain log lines, one
+    per event, with an INFO progress line every few seconds while work is pending. SIGHUP re-reads
+    the configuration and the manifest."""
     from .daemon import Daemon
 
+    flags = {k: v for k, v in given.items() if v is not None}
     settings = _effective(config_file, given).settings
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bar = _serve_logging(settings.log_level)
+    daemon = Daemon(settings, flags=flags, config_file=config_file)
+    if bar is not None:
+        daemon.on_progress = bar.update
+    metrics = None
+    try:
+        if settings.metrics_addr is not None:
+            from .metrics import parse_addr, serve_metrics
+
+            _run(parse_addr, settings.metrics_addr, settings.metrics_allow_remote)
+            metrics = _run(serve_metrics, settings.metrics_addr, daemon.status, daemon.fetch_histogram,
+                           allow_remote=settings.metrics_allow_remote)
+        code = _run(daemon.run)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if bar is not None:
+            bar.stop()
+    sys.exit(code)
+
+
+class _OneLine(logging.Formatter):
+    """Every log line is one line of printable text without secrets: a message quoting an S3 key with a
+    newline or ESC cannot forge a line or reach a terminal raw, and a URL's password is masked."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from .config import redact_urls
+        from .refs import printable
+
+        record.message = printable(redact_urls(record.message))
+        return super().formatMessage(record)
+
+
+def _serve_logging(level: str):
+    """Log to stderr: through rich with a progress bar on a terminal (returned), plain lines otherwise."""
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
     # boto's own loggers would print request details (and with debug, signed headers): keep them quiet.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    daemon = Daemon(settings)
-    if settings.metrics_addr is None:
-        sys.exit(_run(daemon.run))
-    from .metrics import parse_addr, serve_metrics
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    _run(parse_addr, settings.metrics_addr, settings.metrics_allow_remote)
-    metrics = _run(serve_metrics, settings.metrics_addr, daemon.status, getattr(daemon, "fetch_histogram", None),
-                   allow_remote=settings.metrics_allow_remote)
-    try:
-        code = _run(daemon.run)
-    finally:
-        metrics.stop()
-    sys.exit(code)
+        from .progress import ServeBar
+
+        bar = ServeBar()
+        handler = RichHandler(console=bar.console, show_path=False, markup=False)
+        handler.setFormatter(_OneLine("%(name)s: %(message)s"))
+        root.addHandler(handler)
+        return bar
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return None
 
 
 @main.group()
@@ -260,9 +302,9 @@ def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None
     if st.get("disk_full"):
         click.echo("warning     the cache filesystem is full: prefetch paused until space returns")
     for f in st["failures"]:
-        click.echo(f"failed      {f['uri']}: {f['code']}")
+        click.echo(f"failed      {shown(f['uri'])}: {f['code']}")
     for e in st.get("manifest_errors", []):
-        click.echo(f"manifest    {e}")
+        click.echo(f"manifest    {printable(e)}")
 
 
 def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:

@@ -91,6 +91,15 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):[^/\s@]*@")
+
+
+def redact_urls(text: str) -> str:
+    """Every ``scheme://user:password@`` in free text (an error message that quotes the endpoint, say)
+    with the password replaced by ``***``, as ``redact_url`` does for one URL."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
 # == kinds: how one setting is written and read back ==================================================
 
 

@@ -10,8 +10,16 @@ happened only through a callable handed to it here):
 * ``manifest_watch`` — read the manifest, watch it, hand each version to ``_install_manifest``.
 
 Threads: workers (``--workers``), the publisher, housekeeping (usage to the index once a second,
-throughput samples, leases and idle readers expiring), the usage-note reader, the control server's, the
-manifest watcher's, and ``--revalidate``'s.
+throughput samples, leases and idle readers expiring, progress, systemd's STATUS= and WATCHDOG=), the
+usage-note reader, the SIGHUP reload, the control server's, the manifest watcher's, and
+``--revalidate``'s. Each of ours runs under ``supervise.supervised``: an exception in one iteration is
+logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
+with exit code 1, for systemd to restart it.
+
+systemd (``notify``): STATUS= while starting, READY=1 once the cache is reconciled, the index and the
+manifest loaded and the control socket serving; STATUS= progress lines; WATCHDOG=1 from housekeeping,
+after its state-lock sections (a deadlock stops the keep-alives); RELOADING=1 ... READY=1 around a
+SIGHUP reload; STOPPING=1 first thing in ``stop``.
 
 Locks: one state lock, ``self.cond`` (a Condition over an RLock), shared by the space, schedule,
 readers and publisher, because a fetch ending changes all of them in one step (see space.py). The
@@ -20,6 +28,7 @@ cache's lease ``flock`` is taken only by the space, always before the state lock
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -28,9 +37,13 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
+from . import notify
 from .catalog import Catalog
-from .config import Settings, human_size
+from .config import Settings, human_size, redact_urls
 from .control import PROTOCOL, Connection, Server
 from .errors import PermissionDenied
 from .evict import ReaderTracker
@@ -40,13 +53,21 @@ from .maintenance import Maintenance, open_index
 from .manifest_watch import ManifestWatch
 from .publisher import Publisher
 from .readers import Readers
-from .refs import from_identity
+from .errors import S3CacheError
+from .metrics import FetchHistogram
+from .refs import from_identity, shown
 from .schedule import Schedule
 from .space import Space
 from .store import Store
+from .supervise import LoopErrors, supervised
 from .workers import Workers
 
 log = logging.getLogger("s3cache.daemon")
+
+# Settings a SIGHUP applies to the running daemon; any other that changed waits for a restart.
+LIVE_SETTINGS = ("manifest", "max_size", "lease", "readahead", "min_free", "low_watermark", "revalidate",
+                 "log_level")
+PROGRESS_EVERY = 5.0  # seconds between INFO progress lines (and STATUS= updates) while work is pending
 
 
 def _peer_uid(conn: Connection) -> int | None:
@@ -69,8 +90,13 @@ class Daemon:
     """Invariant: the parts exist from the end of ``_start`` until ``_teardown``; the server, which
     lets readers in, starts only after the cache is reconciled and the manifest installed."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, flags: Mapping[str, Any] | None = None,
+                 config_file: Path | None = None) -> None:
+        """``flags`` and ``config_file``: what ``serve`` was given, so that SIGHUP re-reads the
+        configuration as ``serve`` read it (flags still win over the file and the environment)."""
         self.s = settings
+        self._flags = dict(flags or {})
+        self._config_file = config_file
         self.store = Store(str(settings.cache_dir), world_readable=settings.world_readable)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
@@ -90,17 +116,34 @@ class Daemon:
         self._tp_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self.exit_code = 0
         self.started_at = time.time()
+        self.fetch_histogram = FetchHistogram()  # served by --metrics-addr; recorded by the workers
+        self.loop_errors = LoopErrors()
+        self.errors_by_code: dict[str, int] = {}
+        self.serving = False  # READY was sent: the daemon ran, and says "stopped" when it stops
+        self.on_progress: Callable[[dict], None] | None = None  # serve's terminal bar; else log lines
+        self._wd = notify.Watchdog()
+        self._hup = threading.Event()
+        self._manifest_gen = 0  # bumped when SIGHUP replaces the watch: an older watch may not install
+        self._manifest_stop: threading.Event | None = None  # the current watch's own stop
+        self._revalidate_stop: threading.Event | None = None
+        self._progress_sent = (0.0, "")  # (when, line) of the last STATUS= line
+        self._progress_logged = 0.0
+        self._progress_at = float("-inf")  # when progress was last computed
+        self._was_pending = True  # so that a start with nothing to do still logs where it stands
 
     # == lifecycle ====================================================================================
 
     def start(self) -> None:
         """Take the cache dir, reconcile, load the manifest and start serving. Raises S3CacheError."""
+        notify.status("taking the cache dir")
         self.store.open()
         try:
             self._start()
         except BaseException:
             self._teardown()
             raise
+        self.serving = True
+        notify.ready(self._progress()["line"])
 
     def _start(self) -> None:
         s, lay = self.s, self.store.layout
@@ -115,9 +158,10 @@ class Daemon:
                                          require_checksum=s.require_checksum)
         catalog = Catalog()
         if s.manifest is not None:
-            self.manifest = ManifestWatch(str(s.manifest), lister=fetcher.list, install=self._install_manifest,
-                                          stopping=self.stopping, shard=s.shard, settle=s.manifest_settle)
+            notify.status(f"reading the manifest {s.manifest}")
+            self.manifest = self._new_watch(str(s.manifest))
             catalog = self.manifest.read()
+        notify.status("reconciling the cache dir with its index")
         self.index, damaged = open_index(self.store)
         self._wire(self.index, fetcher)
         if damaged:
@@ -127,8 +171,7 @@ class Daemon:
         if self.manifest is not None:
             self._install_manifest(catalog)
             # Watch before anyone can see us serving, so an edit made right after start is not missed.
-            self.manifest.watch()
-            self._spawn(self.manifest.reload_loop, "s3cache-manifest")
+            self._start_watch(self.manifest)
         self._tp_samples.append((time.monotonic(), fetcher.counters.bytes))  # throughput counts from here
         self.server = Server(lay.control_socket, lay.use_socket, self._handle, self.readers.closed,
                              on_crash=self._server_crashed)
@@ -136,10 +179,10 @@ class Daemon:
         self._spawn(self._use_loop, "s3cache-use")
         self._spawn(self.publisher.run, "s3cache-publish")
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
+        self._spawn(self._reload_loop, "s3cache-reload")
         for i in range(s.workers):
-            self._spawn(self.workers.run, f"s3cache-worker-{i}")
-        if s.revalidate > 0:
-            self._spawn(lambda: self.maintenance.revalidate_loop(self.stopping, s.revalidate), "s3cache-revalidate")
+            self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
+        self._start_revalidate(s.revalidate)
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
                  len(self.schedule.catalog), len(self.space.ready), human_size(self.space.used),
                  human_size(s.max_size))
@@ -157,17 +200,34 @@ class Daemon:
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
                                promote=fetcher.promote)
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
-                               publish=self.publisher.put, fail=self._fail)
+                               publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
+                               errors=self.loop_errors)
         self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)
 
-    def _spawn(self, target, name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, target, name: str, *, loop: str | None = None, stopping: threading.Event | None = None) -> None:
+        """Run ``target`` on a thread under ``supervised`` (``loop``: its name in ``loop_errors``;
+        ``stopping``: the event that ends it, when not the daemon's)."""
+        loop = loop or name.removeprefix("s3cache-")
+        body = supervised(loop, target, self.loop_errors, stopping or self.stopping, self._thread_died)
+        t = threading.Thread(target=body, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
+    def _thread_died(self, loop: str, why: str) -> None:
+        """A thread ended that should not have: say so, and exit non-zero so systemd restarts us."""
+        log.critical("the %s thread died (%s); stopping so that the service is restarted", loop, why)
+        self.exit_code = 1
+        self.stop()
+
     def stop(self) -> None:
         """Ask every thread to stop; ``wait`` returns once they have."""
+        if not self.stopping.is_set() and self.serving:
+            notify.stopping("stopping")
         self.stopping.set()
+        for ev in (self._manifest_stop, self._revalidate_stop):
+            if ev is not None:
+                ev.set()
+        self._hup.set()
         if self.manifest is not None:
             self.manifest.wake()
         with self.cond:
@@ -204,7 +264,8 @@ class Daemon:
         if self.space is not None:
             self.space.close()
         self.store.close()
-        log.info("stopped")
+        if self.serving:  # a daemon that never started has nothing to report stopping
+            log.info("stopped")
 
     def run(self) -> int:
         """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
@@ -212,22 +273,47 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
         self.start()
         self.wait()
         return self.exit_code
 
     # == what one part tells the others ===============================================================
 
-    def _install_manifest(self, catalog: Catalog) -> None:
-        """Switch to a new manifest. Work is proportional to what is cached, not to the manifest."""
+    def _install_manifest(self, catalog: Catalog, gen: int | None = None, path: str | None = None) -> None:
+        """Switch to a new manifest. Work is proportional to what is cached, not to the manifest.
+        ``gen``: the watch's generation; a watch SIGHUP replaced installs nothing."""
         with self.space.exclusive():  # stale files leave while no reader is between stat and note
+            if gen is not None and gen != self._manifest_gen:
+                return
             stale = self.space.install(catalog)
             self.readers.install()
             self.schedule.install(catalog)
         if stale:
             log.info("manifest asks for another version, size or checksum of %d cached file(s); fetching again",
                      len(stale))
-        log.info("manifest %s: %d entries", self.s.manifest, len(catalog))
+        log.info("manifest %s: %d entries", path or self.s.manifest, len(catalog))
+
+    def _new_watch(self, path: str) -> ManifestWatch:
+        """A watch of ``path`` with its own stop event and the current generation."""
+        gen = self._manifest_gen
+        self._manifest_stop = threading.Event()
+        return ManifestWatch(path, lister=self.fetcher.list, stopping=self._manifest_stop,
+                             install=lambda catalog: self._install_manifest(catalog, gen, path),
+                             shard=self.s.shard, settle=self.s.manifest_settle)
+
+    def _start_watch(self, watch: ManifestWatch) -> None:
+        watch.watch()
+        self._spawn(watch.reload_loop, "s3cache-manifest", loop="manifest", stopping=self._manifest_stop)
+
+    def _start_revalidate(self, every: float) -> None:
+        if self._revalidate_stop is not None:
+            self._revalidate_stop.set()
+            self._revalidate_stop = None
+        if every > 0:
+            stop = self._revalidate_stop = threading.Event()
+            self._spawn(lambda: self.maintenance.revalidate_loop(stop, every), "s3cache-revalidate",
+                        loop="revalidate", stopping=stop)
 
     def _published(self, items: list[tuple[str, Record]], now: float) -> None:
         """The publisher made these ready (state lock held)."""
@@ -236,8 +322,10 @@ class Daemon:
         self.readers.landed(items, now)
 
     def _fail(self, uri: str, code: str, message: str) -> None:
-        log.error("failed %s: %s: %s", uri, code, message)
+        message = redact_urls(message)
+        log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
             self.schedule.fail(uri, code, message)
             self.space.release(uri)
             self.readers.failed(uri, code, message)
@@ -308,24 +396,159 @@ class Daemon:
     # == housekeeping and status ======================================================================
 
     def _housekeeping_loop(self) -> None:
+        """Once a second: usage to the index, a throughput sample, expired leases, a vanished cache dir,
+        space returning after a full disk; progress; then the watchdog keep-alive, which comes only
+        after this iteration's state-lock sections, so a deadlock stops the keep-alives."""
+        guard = self.loop_errors.guard
         while not self.stopping.wait(1.0):
-            try:
+            with guard("housekeeping", "writing usage to the index"):
                 self.space.flush()
-            except Exception:
-                log.exception("flushing usage to the index failed")
             with self.cond:
                 self._tp_samples.append((time.monotonic(), self.fetcher.counters.bytes if self.fetcher else 0))
+            with guard("housekeeping", "releasing failures whose backoff passed"):
                 self.schedule.retry_due()  # failures whose backoff passed are fetched again
-            # Leases expire with time alone, and idle readers are forgotten: either may open up work.
-            self.schedule.reconsider()
+            with guard("housekeeping", "expiring leases and idle readers"):
+                # Leases expire with time alone, and idle readers are forgotten: either may open up work.
+                self.schedule.reconsider()
             if not os.path.exists(self.store.layout.lock):
                 log.error("cache dir %s vanished (deleted or unmounted); stopping", self.store.layout.root)
                 self.exit_code = 1
                 self.stop()
                 return
-            if self.space.space_returned():
-                with self.cond:
-                    self.schedule.work_changed()
+            with guard("housekeeping", "checking the filesystem for space"):
+                if self.space.space_returned():
+                    with self.cond:
+                        self.schedule.work_changed()
+            with guard("housekeeping", "reporting progress"):
+                self._report_progress()
+            self._wd.kick()
+
+    def _progress(self) -> dict:
+        """Where the manifest stands, for STATUS=, the progress log line and serve's bar."""
+        with self.cond:
+            mb = self._manifest_bytes()
+            sched = self.schedule.status()
+            catalog = self.schedule.catalog
+            done = sum(1 for u in self.space.ready_uris() if u in catalog)
+            pending = sched["queued"] + sched["fetching"]
+        total = mb["total"] if mb["unknown_sizes"] == 0 else None
+        rate = self._throughput()
+        line = notify.progress_line(done, len(catalog), mb["ready"], total, rate)
+        return {"objects_done": done, "objects_total": len(catalog), "bytes_done": mb["ready"],
+                "bytes_total": total, "bytes_per_s": rate, "pending": pending, "failed": sched["failed"],
+                "line": line}
+
+    def _report_progress(self) -> None:
+        """STATUS= when the line changed (at most every PROGRESS_EVERY s); an INFO line every
+        PROGRESS_EVERY s while work is pending and once when it is done (unless serve draws a bar)."""
+        now = time.monotonic()
+        when, last = self._progress_sent
+        # Progress costs a pass over the ready files: once per PROGRESS_EVERY, unless a bar is drawn.
+        if self.on_progress is None and now - self._progress_at < PROGRESS_EVERY:
+            return
+        self._progress_at = now
+        p = self._progress()
+        if p["line"] != last and (now - when >= PROGRESS_EVERY or not p["pending"]):
+            notify.status(p["line"])
+            self._progress_sent = (now, p["line"])
+        if self.on_progress is not None:
+            self.on_progress(p)
+        elif p["pending"] and now - self._progress_logged >= PROGRESS_EVERY or self._was_pending and not p["pending"]:
+            log.info("progress: %s%s", p["line"], f", {p['failed']} failed" if p["failed"] else "")
+            self._progress_logged = now
+        self._was_pending = bool(p["pending"])
+
+    def _manifest_bytes(self) -> dict:
+        """``manifest_bytes`` of status (state lock held): the manifest's bytes whose size is known (given
+        by the manifest or learned from S3), those ready, and the entries whose size is still unknown.
+        Proportional to what is cached and known, not to the manifest."""
+        catalog = self.schedule.catalog
+        total, unknown, ready = catalog.total_size, len(catalog) - catalog.sized, 0
+        learned: set[str] = set()
+        for uri, rec in self.space.records():
+            pos = catalog.position(uri)
+            if pos is None:
+                continue
+            ready += rec.size
+            if not catalog.has_size(pos):
+                total += rec.size
+                unknown -= 1
+                learned.add(uri)
+        for uri, size in self.space.known_sizes.items():
+            pos = catalog.position(uri)
+            if pos is not None and uri not in learned and not catalog.has_size(pos):
+                total += size
+                unknown -= 1
+        return {"total": total, "ready": ready, "unknown_sizes": max(0, unknown)}
+
+    # == SIGHUP: configuration and manifest again =====================================================
+
+    def _reload_loop(self) -> None:
+        while True:
+            self._hup.wait()
+            if self.stopping.is_set():
+                return
+            self._hup.clear()
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read the configuration (as serve read it) and the manifest, keeping the cache and readers.
+        Settings that cannot change live are logged as needing a restart; a bad configuration keeps
+        the running one and says why."""
+        from .config_sources import load
+
+        notify.reloading()
+        log.info("reloading the configuration and the manifest (SIGHUP)")
+        try:
+            new = load(self._flags, config=self._config_file).settings
+        except S3CacheError as e:
+            log.error("configuration not reloaded, keeping the running one: %s", e)
+            notify.ready(f"reload failed: {e}".replace("\n", " "))
+            return
+        old = self.s
+        later = [o.name for o in dataclasses.fields(Settings)
+                 if o.name not in LIVE_SETTINGS and getattr(new, o.name) != getattr(old, o.name)]
+        if later:
+            log.warning("changed settings that take effect only after a restart: %s", ", ".join(later))
+        merged = dataclasses.replace(old, **{k: getattr(new, k) for k in LIVE_SETTINGS})
+        with self.cond:
+            self.s = merged
+            for part in (self.space, self.schedule, self.workers):
+                part.s = merged
+        logging.getLogger().setLevel(merged.log_level.upper())
+        if merged.revalidate != old.revalidate:
+            self._start_revalidate(merged.revalidate)
+        try:
+            self._reload_manifest()
+        except S3CacheError as e:
+            log.error("manifest not reloaded, keeping the previous one: %s", e)
+            notify.ready(f"manifest not reloaded: {e}".replace("\n", " "))
+            return
+        with self.cond:
+            self.schedule.work_changed()
+            self.cond.notify_all()
+        notify.ready(self._progress()["line"])
+
+    def _reload_manifest(self) -> None:
+        """A fresh watch of the (possibly new) manifest path replaces the old one, whose installs are
+        ignored from now on; the new manifest is read and installed before the reload completes."""
+        path = self.s.manifest
+        old, old_stop = self.manifest, self._manifest_stop
+        with self.cond:
+            self._manifest_gen += 1
+        if old is not None:
+            old_stop.set()
+            old.wake()
+            old.stop()
+        self.manifest = None
+        if path is None:
+            self._install_manifest(Catalog(), self._manifest_gen, "(none)")
+            return
+        watch = self._new_watch(str(path))
+        catalog = watch.read()
+        self.manifest = watch
+        self._install_manifest(catalog, self._manifest_gen, str(path))
+        self._start_watch(watch)
 
     def _throughput(self) -> float:
         """Bytes/s that arrived over the last ~10 s, up to now: the byte counter read now against the
@@ -363,13 +586,13 @@ class Daemon:
                 "bytes": space["bytes"],
                 "throughput_bytes_per_s": round(self._throughput()),
                 "verified_by": space["verified_by"],
-                "failures": sched["failures"],
+                "failures": [{**f, "message": redact_urls(f["message"])} for f in sched["failures"]],
                 "failed_permanent": sched["failed_permanent"],
                 "failed_retrying": sched["failed_retrying"],
                 "next_retry_in": sched["next_retry_in"],
                 "retries_released": sched["retries_released"],
                 "hints": sched["hints"],
-                "manifest_errors": self.manifest.errors if self.manifest else [],
+                "manifest_errors": [redact_urls(e) for e in self.manifest.errors] if self.manifest else [],
                 "unverified": self.maintenance.status()["unverified"],
                 **(self.manifest.status() if self.manifest else {}),
                 "prefetch_paused": sched["prefetch_paused"],
@@ -382,5 +605,9 @@ class Daemon:
                 "requests": counters.requests if counters else 0,
                 "retries": counters.retries if counters else 0,
                 "sockets": self.server.counters() if self.server is not None else {},
+                "errors_by_code": dict(self.errors_by_code),
+                "disk_full_pauses": self.workers.disk_full_pauses,
+                "manifest_bytes": self._manifest_bytes(),
+                "loop_errors": self.loop_errors.status(),
                 **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()},
             }

@@ -10,6 +10,10 @@ Fetch latency cannot be read back from status, so the daemon records each fetch 
 
 The listener is loopback by default: metrics name no object, but they do tell anyone who can reach
 them how busy the host is. ``allow_remote=True`` is the explicit opt-in for a scraper on the network.
+
+``prometheus_client`` is imported only by what serves or builds metric families, never by
+``FetchHistogram``: the daemon records fetches whether or not ``--metrics-addr`` is given, and must not
+load the exporter it does not run.
 """
 
 from __future__ import annotations
@@ -18,10 +22,6 @@ import ipaddress
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from .errors import ConfigError
 
@@ -86,7 +86,7 @@ class FetchHistogram:
             return self._seconds.cumulative(), self._bytes.cumulative()
 
 
-class StatusCollector(Collector):
+class StatusCollector:
     """Metric families from one status snapshot per scrape (and the fetch histogram, if given).
 
     Families whose status field is absent (an older daemon) are left out rather than reported as 0,
@@ -101,6 +101,8 @@ class StatusCollector(Collector):
         return []  # no describe-time scrape: the daemon may not be up yet when the exporter registers
 
     def collect(self) -> Iterator:
+        from prometheus_client.core import HistogramMetricFamily
+
         st = self._snapshot()
         yield from families(st)
         if self._histogram is not None:
@@ -112,16 +114,22 @@ class StatusCollector(Collector):
                                         buckets=size, sum_value=size_sum)
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+def _counter(name: str, doc: str, value: float):
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+def _gauge(name: str, doc: str, value: float):
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, value=value)
 
 
 def families(st: dict) -> Iterator:
     """The metric families of one status dict (see the README's table of ``status --json`` fields)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     from . import __version__
 
     info = GaugeMetricFamily("s3cache_build_info", "The s3cache version serving this cache (always 1).",
@@ -179,6 +187,12 @@ def families(st: dict) -> Iterator:
     yield _counter("s3cache_evicted_bytes", "Bytes evicted to make room.", st["evicted_bytes"])
     yield _gauge("s3cache_disk_full", "1 while prefetch is paused because the filesystem is full.",
                  int(bool(st["disk_full"])))
+    if "loop_errors" in st:
+        loops = CounterMetricFamily("s3cache_loop_errors", "Exceptions the daemon's loops survived, by loop.",
+                                    labels=["loop"])
+        for loop, n in sorted(st["loop_errors"].items()):
+            loops.add_metric([loop], n)
+        yield loops
     if "disk_full_pauses" in st:
         yield _counter("s3cache_disk_full_pauses", "Times prefetch paused because the filesystem was full.",
                        st["disk_full_pauses"])
@@ -254,6 +268,8 @@ def serve_metrics(addr: str, snapshot: Snapshot, histogram: FetchHistogram | Non
     Raises ConfigError for a bad or (without ``allow_remote``) non-loopback address, and for a port
     already in use.
     """
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
     host, port = parse_addr(addr, allow_remote)
     registry = CollectorRegistry()
     registry.register(StatusCollector(snapshot, histogram))

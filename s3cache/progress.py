@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import human_size
+from .refs import printable, shown
 
 BAR_WIDTH = 40
 MAX_FAILURES_SHOWN = 5
@@ -116,13 +117,52 @@ def render(st: dict) -> RenderableType:
         notes.append(Text("prefetch waits for room in the cache (files leased, pinned or not yet read)",
                           style="yellow"))
     for e in st.get("manifest_errors", []):
-        notes.append(Text(f"manifest: {e}", style="red"))
+        notes.append(Text(f"manifest: {printable(e)}", style="red"))
     failures = st.get("failures", [])
     if o["failed"]:
         notes.append(Text(f"{o['failed']} failed:", style="red"))
         for f in failures[:MAX_FAILURES_SHOWN]:
-            notes.append(Text(f"  {f['uri']}: {f['code']}", style="red"))
+            notes.append(Text(f"  {shown(f['uri'])}: {f['code']}", style="red"))
         if o["failed"] > min(len(failures), MAX_FAILURES_SHOWN):
             notes.append(Text(f"  ... and {o['failed'] - min(len(failures), MAX_FAILURES_SHOWN)} more "
                               f"(s3cache status --json)", style="red"))
     return Group(head, Text(f"manifest {manifest} ({st['manifest_entries']} entries)"), grid, *notes)
+
+
+class ServeBar:
+    """``s3cache serve``'s progress bar on a terminal: bytes and objects of the manifest, throughput.
+
+    Fed by the daemon's housekeeping once a second (``update(progress)`` with the dict of
+    ``Daemon._progress``); log lines go through ``console`` above the bar. Invariant: redrawn only from
+    ``update`` (no refresh thread of its own), and ``stop`` leaves the last frame on the terminal.
+    """
+
+    def __init__(self, console=None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(TextColumn("{task.description:<8}"), BarColumn(bar_width=BAR_WIDTH),
+                                  TextColumn("{task.fields[detail]}"), console=self.console, auto_refresh=False,
+                                  transient=False)
+        self._bytes = self._progress.add_task("bytes", total=None, detail="")
+        self._objects = self._progress.add_task("objects", total=None, detail="")
+        self._started = False
+
+    def update(self, p: dict) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        total = p["bytes_total"]
+        of = f" of {human_size(total)}" if total is not None else " (total unknown)"
+        self._progress.update(self._bytes, completed=p["bytes_done"], total=total or None,
+                              detail=f"{human_size(p['bytes_done'])}{of}, {human_size(p['bytes_per_s'])}/s")
+        failed = f", {p['failed']} failed" if p["failed"] else ""
+        self._progress.update(self._objects, completed=p["objects_done"], total=p["objects_total"] or None,
+                              detail=f"{p['objects_done']}/{p['objects_total']} ready{failed}")
+        self._progress.refresh()
+
+    def stop(self) -> None:
+        if self._started:
+            self._progress.stop()
+            self._started = False

@@ -168,3 +168,18 @@ def from_identity(uri: str | ObjectRef) -> ObjectRef:
         return uri
     bucket, key = _split(uri)
     return make_ref(bucket, key)
+
+
+def printable(text: str) -> str:
+    """``text`` fit for one line of a log or a terminal: every character that is not printable (a
+    newline, ESC, other C0/C1 controls, line and paragraph separators) written as its Python escape
+    (``\\n``, ``\\x1b``), so a key can neither start a forged log line nor send a terminal control
+    sequence. Printable text, non-ASCII included, is returned as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(uri: str | ObjectRef) -> str:
+    """A URI as the daemon logs it and status text prints it: ``printable(uri)``."""
+    return printable(str(uri))

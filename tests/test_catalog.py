@@ -68,3 +68,10 @@ def test_off_share_hashes_are_sorted_in_runs_like_sorted_would():
     a = array("q", (random.getrandbits(64) - (1 << 63) for _ in range(5000)))
     assert _sorted(a, chunk=300) == array("q", sorted(a))
     assert _sorted(array("q"), chunk=300) == array("q")
+
+
+def test_total_size_counts_the_sizes_given_once_each():
+    c = Catalog.build([e("k", size=3), e("m"), e("n", size=7), e("k", size=4)])
+    assert (c.total_size, c.sized, len(c)) == (10, 2, 3)
+    assert [c.has_size(i) for i in range(3)] == [True, False, True]
+    assert (Catalog().total_size, Catalog().sized) == (0, 0)

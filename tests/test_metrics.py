@@ -172,13 +172,28 @@ def test_grafana_dashboard_uses_only_exported_metrics(daemons):
 
 
 def test_serve_exports_metrics_on_metrics_addr(tmp_path, s3, bucket, daemons):
+    """The real serve: the fetch histogram, errors by code and the manifest's bytes move with the work."""
     s3.put_object(Bucket=bucket, Key="k", Body=b"12345")
+    s3.put_object(Bucket=bucket, Key="sized", Body=b"x" * 7000)
     port = free_port()
-    d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/k"]),
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/k", f"s3://{bucket}/sized size=7000",
+                                                             f"s3://{bucket}/gone"]),
                 args=["--metrics-addr", f"127.0.0.1:{port}"])
-    d.wait_until(lambda st: st["fetched"] == 1)
+    d.wait_until(lambda st: st["fetched"] == 2 and st["objects"]["failed"] == 1)
     m = scrape(f"http://127.0.0.1:{port}/metrics")
-    assert m[("s3cache_fetched_bytes_total", ())] == 5 and m[("s3cache_manifest_entries", ())] == 1
+    assert m[("s3cache_fetched_bytes_total", ())] == 7005 and m[("s3cache_manifest_entries", ())] == 3
+    # each fetch recorded once, by the workers: count, sum of sizes, and the bucket a 5-byte object falls in
+    assert m[("s3cache_fetch_duration_seconds_count", ())] == 2
+    assert m[("s3cache_fetch_duration_seconds_sum", ())] > 0
+    assert m[("s3cache_fetch_size_bytes_count", ())] == 2 and m[("s3cache_fetch_size_bytes_sum", ())] == 7005
+    assert m[("s3cache_fetch_size_bytes_bucket", (("le", "4096.0"),))] == 1
+    assert m[("s3cache_fetch_errors_total", (("code", "NoSuchKey"),))] == 1
+    # the manifest's size plus the one learned from S3; "gone" never told its size
+    assert m[("s3cache_manifest_bytes", ())] == 7005
+    assert m[("s3cache_disk_full_pauses_total", ())] == 0
+    st = d.status()
+    assert st["manifest_bytes"] == {"total": 7005, "ready": 7005, "unknown_sizes": 1}
+    assert st["errors_by_code"] == {"NoSuchKey": 1} and st["loop_errors"] == {}
     d.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
@@ -190,3 +205,11 @@ def test_serve_refuses_a_remote_metrics_addr_unless_allowed(tmp_path, moto):
                         "--endpoint-url", moto.url, "--metrics-addr", "0.0.0.0:9109"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "is not loopback" in r.stderr and "--metrics-allow-remote" in r.stderr
+
+
+def test_the_daemon_does_not_load_prometheus_client_without_metrics_addr():
+    """FetchHistogram is recorded always, the exporter loaded only for --metrics-addr."""
+    code = ("import sys, s3cache.daemon, s3cache.cli; d = s3cache.daemon.Daemon; "
+            "assert 'prometheus_client' not in sys.modules, 'loaded'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -172,7 +172,10 @@ def _run(work: Path, shards: int, records: int, out: Callable[[str], None], imag
             model = tf.keras.Sequential([tf.keras.Input((FEATURES,)), tf.keras.layers.Dense(8, activation="relu"),
                                          tf.keras.layers.Dense(1, activation="sigmoid")])
             model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
-            hist = model.fit(train.repeat(), epochs=2, steps_per_epoch=max(1, len(expected) // 64), verbose=0)
+            # shuffle=False: a tf.data.Dataset is shuffled by the pipeline; Keras's default (True) would
+            # only print a warning that it ignores it.
+            hist = model.fit(train.repeat(), epochs=2, steps_per_epoch=max(1, len(expected) // 64), verbose=0,
+                             shuffle=False)
             images_ok = _images(s3, cache, manifest, images, out) if images else True
             st = daemon.status()
 

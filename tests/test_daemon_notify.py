@@ -1,6 +1,5 @@
-"""PENDING: the daemon's systemd wiring, end to end. Not collected (the name lacks ``test_``) until the
-lead wires s3cache.notify into the daemon; then rename it to tests/test_daemon_notify.py. Against today's
-daemon it fails at the first step: no READY=1 ever arrives.
+"""The daemon's systemd wiring, end to end: READY=1 after the control socket answers, STATUS= progress,
+WATCHDOG=1, SIGHUP reload of configuration and manifest, STOPPING=1.
 
 A real daemon runs with $NOTIFY_SOCKET pointing at a datagram socket this test bound, as systemd would.
 """
