@@ -55,7 +55,7 @@ from .publisher import Publisher
 from .readers import Readers
 from .errors import S3CacheError
 from .metrics import FetchHistogram
-from .refs import from_identity, shown
+from .refs import format_uri, from_identity, shown
 from .schedule import Schedule
 from .space import Space
 from .store import Store
@@ -322,7 +322,7 @@ class Daemon:
         self.readers.landed(items, now)
 
     def _fail(self, uri: str, code: str, message: str) -> None:
-        message = redact_urls(message)
+        message = _about(uri, redact_urls(message))
         log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
@@ -611,3 +611,12 @@ class Daemon:
                 "loop_errors": self.loop_errors.status(),
                 **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()},
             }
+
+
+def _about(uri: str, message: str) -> str:
+    """``message`` without a leading ``uri: `` (errors name their object; the failure is reported beside
+    the URI already, and "failed s3://x: ChecksumMismatch: s3://x: ..." said it twice)."""
+    for form in (uri, shown(uri), format_uri(uri)):
+        if message.startswith(form + ": "):
+            return message[len(form) + 2:]
+    return message
