@@ -274,6 +274,10 @@ class Leases:
                 out.add(uri)
         return out
 
+    def holders(self, now: float) -> int:
+        """Readers whose lease holds a file now."""
+        return sum(1 for q in self._recent.values() if q and now - next(reversed(q.values()))[1] < self.lease)
+
     def forget(self, reader: str | None = None) -> None:
         if reader is None:
             self._recent.clear()
