@@ -178,8 +178,9 @@ class Space:
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
                 replaced.append(old)
-            for reader in self._awaited.pop(uri, {}):
-                self.leases.saw(reader, uri, rec.size, now)  # it may open it from now on
+            for reader, asked in self._awaited.pop(uri, {}).items():
+                # it may open it from now on; in its order where it asked (it may have moved on already)
+                self.leases.saw(reader, uri, rec.size, now, asked=asked)
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size
