@@ -192,7 +192,7 @@ class Daemon:
         s, store, cond = self.s, self.store, self.cond
         tracker = ReaderTracker(idle=max(s.lease, 60.0))
         self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
-                           on_evicted=lambda positions: self.schedule.evicted(positions))
+                           on_evicted=lambda victims: self.schedule.evicted(victims))
         self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
                                  is_waited=lambda uri: self.readers.is_waited(uri))
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
@@ -596,7 +596,11 @@ class Daemon:
                 "unverified": self.maintenance.status()["unverified"],
                 **(self.manifest.status() if self.manifest else {}),
                 "prefetch_paused": sched["prefetch_paused"],
+                "prefetch_yields_to": sched["prefetch_yields_to"],
                 "disk_full": space["disk_full"],
+                "min_free_reached": space["min_free_reached"],
+                "leases": space["leases"],
+                "waiting_for_space": space["waiting_for_space"],
                 "pinned": space["pinned"],
                 "readers": readers["readers"],
                 "epochs": readers["epochs"],

@@ -92,7 +92,7 @@ class Readers:
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
-            if not self._space.touch(uri, now) and self._schedule.is_fetching(uri):
+            if not self._space.touch(uri, now, reader) and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now

@@ -52,9 +52,9 @@ class Rig:
         self.readers = Readers(self.schedule, self.space, self.store, self.cond, self.tracker,
                                notes=self._drain, promote=self.promoted.append)
 
-    def _evicted(self, positions: list[int | None]) -> None:
-        self.evicted_positions.append(positions)
-        self.schedule.evicted(positions)
+    def _evicted(self, victims) -> None:
+        self.evicted_positions.append([v.position for v in victims])
+        self.schedule.evicted(victims)
 
     def _drain(self):
         out, self.notes[:] = list(self.notes), []
