@@ -96,6 +96,7 @@ class Catalog:
         self.total = 0  # expanded entries in the whole manifest, every share, duplicates included
         self.pinned: frozenset[int] = frozenset()  # positions of pin=1 entries
         self.avg_size = 0.0  # mean of the sizes the manifest gives (0 if none)
+        self.prefixes: tuple[tuple[str, str], ...] = ()  # the manifest's prefix/ lines: (bucket, key prefix)
         # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
         self._memo: dict[str, int | None] = {}
 

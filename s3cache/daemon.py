@@ -42,6 +42,7 @@ from .publisher import Publisher
 from .readers import Readers
 from .refs import parse_uri
 from .schedule import Schedule
+from .scope import Scope
 from .space import Space
 from .store import Store
 from .workers import Workers
@@ -155,7 +156,7 @@ class Daemon:
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote)
+                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest is not None))
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail)
         self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from . import paths
 from .client import Client, UseNotes
 from .config import default_cache_dir
-from .errors import DaemonNotRunning, FetchFailed, ResolveTimeout, UnsafeKey
+from .errors import DaemonNotRunning, FetchFailed, OutOfScope, ResolveTimeout, UnsafeKey
 from .lease import SharedLease
 from .refs import ObjectRef, parse_uri
 from .store import Layout
@@ -191,6 +191,8 @@ class Resolver:
 def _raise_for(res: dict) -> None:
     state = res.get("state")
     if state == "failed":
+        if res.get("code") == OutOfScope.code:
+            raise OutOfScope(res["uri"], res.get("message", ""))
         raise FetchFailed(res["uri"], res.get("code", "Unknown"), res.get("message", ""))
     if state == "invalid":
         raise UnsafeKey(res.get("message", f"invalid URI {res.get('uri')!r}"))
