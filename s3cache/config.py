@@ -346,7 +346,8 @@ class Settings:
 
     cache_dir: Path = setting(PATH, Path(DEFAULT_CACHE_DIR), "The cache directory.", env="S3CACHE_DIR")
     manifest: Path | None = setting(PATH, None, "Objects to prefetch, one s3:// URI per line, in order; "
-                                    "watched for changes. Without one, files are fetched on demand only.")
+                                    "watched for changes. Without one, files are fetched on demand only, "
+                                    "under --allow.")
     max_size: int = setting(Size(1), 100 << 30, "Bytes of cached files at most (e.g. 500G, 1.5T).")
     workers: int = setting(Int(1, 512), 16, "Objects fetched in parallel (and parts of one large object).")
     part_size: int = setting(Size(1 << 20), 16 << 20, "Ranged-GET part size of an object a reader waits on.")
