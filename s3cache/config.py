@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .scope import parse_allow_list
 from .shard import WHOLE, Shard, parse_shard
 
 DEFAULT_CACHE_DIR = "/var/cache/s3cache"
@@ -290,6 +291,23 @@ class ShardKind(Kind):
         return f"{value.index}/{value.count}"
 
 
+class Prefixes(Kind):
+    """S3 prefixes (``s3://bucket/prefix/``): a repeatable flag, text separated by spaces or commas in the
+    environment, a list (or such text) in the file. A tuple of canonical prefixes (scope.parse_allow)."""
+
+    metavar = "S3_PREFIX"
+    repeatable = True  # the CLI takes the flag several times and joins the values
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        return parse_allow_list(raw)
+
+    def check(self, value: tuple[str, ...]) -> None:
+        parse_allow_list(value)  # a Settings built in code holds well-formed prefixes too
+
+    def format(self, value: tuple[str, ...]) -> str:
+        return " ".join(value)
+
+
 PATH, TEXT, URL, SIZE, READAHEAD = PathKind(), Kind(), Url(), Size(), ReadaheadKind()
 SECONDS = Number(0, what="seconds")
 
@@ -337,7 +355,8 @@ class Settings:
 
     cache_dir: Path = setting(PATH, Path(DEFAULT_CACHE_DIR), "The cache directory.", env="S3CACHE_DIR")
     manifest: Path | None = setting(PATH, None, "Objects to prefetch, one s3:// URI per line, in order; "
-                                    "watched for changes. Without one, files are fetched on demand only.")
+                                    "watched for changes. Without one, files are fetched on demand only, "
+                                    "under --allow.")
     max_size: int = setting(Size(1), 100 << 30, "Bytes of cached files at most (e.g. 500G, 1.5T).")
     workers: int = setting(Int(1, 512), 16, "Objects fetched in parallel (and parts of one large object).")
     part_size: int = setting(Size(1 << 20), 16 << 20, "Ranged-GET part size of an object a reader waits on.")
@@ -367,6 +386,9 @@ class Settings:
     log_level: str = setting(Choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
     require_checksum: bool = setting(Bool(), False, "Refuse to publish an object that has no check stronger "
                                      "than its size (no manifest digest, no S3 checksum, no MD5 ETag).")
+    allow: tuple[str, ...] = setting(Prefixes(), (), "Readers may also have objects under this prefix fetched "
+                                     "on demand (s3://bucket/prefix/, s3://bucket/ for a bucket; repeatable). "
+                                     "Beyond these, only the manifest's objects and prefixes are fetched for them.")
     world_readable: bool = setting(Bool(), False, "Cached files 0644 and directories 0755 instead of readable "
                                    "by the cache dir's group only (0640/0750).")
     metrics_addr: str | None = setting(MetricsAddr(), None, "Serve Prometheus metrics on HOST:PORT (e.g. "

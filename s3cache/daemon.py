@@ -57,6 +57,7 @@ from .errors import S3CacheError
 from .metrics import FetchHistogram
 from .refs import format_uri, from_identity, shown
 from .schedule import Schedule
+from .scope import Scope
 from .space import Space
 from .store import Store
 from .supervise import LoopErrors, supervised
@@ -198,7 +199,7 @@ class Daemon:
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote)
+                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest is not None))
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
                                errors=self.loop_errors)
@@ -606,6 +607,7 @@ class Daemon:
                 "epochs": readers["epochs"],
                 "waiting": readers["waiting"],
                 "notes_rejected": readers["notes_rejected"],
+                "out_of_scope": {"wants": self.readers.out_of_scope, "hints": self.readers.hints_out_of_scope},
                 "requests": counters.requests if counters else 0,
                 "retries": counters.retries if counters else 0,
                 "sockets": self.server.counters() if self.server is not None else {},

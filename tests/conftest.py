@@ -44,8 +44,11 @@ def daemons(tmp_path, moto):
     started: list[DaemonProcess] = []
 
     def start(cache_dir: Path | None = None, *, manifest=None, args=None, wait=True, env=None) -> DaemonProcess:
+        # These daemons serve tests of everything but the demand scope, which fetch on demand from
+        # throwaway buckets: they may fetch any object (S3CACHE_ALLOW=s3://). The scope's own tests
+        # (test_scope.py) give --allow, which beats the environment, or set S3CACHE_ALLOW themselves.
         d = DaemonProcess(cache_dir or tmp_path / "cache", moto.url, manifest=manifest,
-                          args=list(args or []), env=env,
+                          args=list(args or []), env={"S3CACHE_ALLOW": "s3://", **(env or {})},
                           log_path=tmp_path / f"daemon-{len(started)}.log")
         started.append(d)
         return d.start(wait=wait)
