@@ -22,7 +22,7 @@ does (moto sends them when the range covers the whole object).
 
 ``exchanges`` keeps every object request as it reached the proxy, with the answer's status (an
 ``Exchange``), so a test can see what the client asked (``If-Match``, ``Range``, ``versionId``) and
-what came back (a ``412``); ``statuses(path)`` counts the answers for one object.
+what came back (a ``412``), and whether it is still in flight (``done``); ``statuses(path)`` counts the answers for one object.
 
 ``latency`` delays every response by that many seconds (added before the response is sent), and
 ``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
@@ -62,6 +62,7 @@ class Exchange:
     headers: dict[str, str]
     fault: str | None
     status: int = 0
+    done: bool = False  # the whole answer was relayed (False while in flight, and for ever if cut off)
     when: float = field(default_factory=time.monotonic)
 
 
@@ -205,6 +206,8 @@ class FaultProxy:
                     writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
                                  f"Content-Length: {len(xml)}\r\n\r\n".encode() + xml)
                     await writer.drain()
+                    if exchange is not None:
+                        exchange.done = True
                     continue
                 ranged = "range" in headers
                 if fault == "ignore-range" and ranged:
@@ -255,6 +258,8 @@ class FaultProxy:
                 else:
                     writer.write(rhead)
                     await self._pipe(up_r, writer, length)
+                if exchange is not None:
+                    exchange.done = True
                 if close_upstream:
                     up_w.close()
                     up_r = up_w = None
