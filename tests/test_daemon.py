@@ -132,12 +132,35 @@ def test_no_daemon_is_a_prompt_typed_error(tmp_path, s3, bucket, daemons):
 
 
 def test_timeout_when_the_cache_is_full_of_leased_files(tmp_path, s3, bucket, daemons):
+    import threading
+    import time
+
     s3.put_object(Bucket=bucket, Key="a", Body=os.urandom(600 * KiB))
     s3.put_object(Bucket=bucket, Key="b", Body=os.urandom(600 * KiB))
     d = daemons(args=["--max-size", "1M", "--lease", "600"])
     resolve(f"s3://{bucket}/a", cache_dir=d.cache_dir, timeout=120)
-    with pytest.raises(ResolveTimeout, match="not ready in time"):
-        resolve(f"s3://{bucket}/b", cache_dir=d.cache_dir, timeout=1.5)
+    raised: list = []
+
+    def reader() -> None:
+        try:
+            resolve(f"s3://{bucket}/b", cache_dir=d.cache_dir, timeout=5)
+        except Exception as e:  # noqa: BLE001 - the type is asserted below
+            raised.append((e, time.monotonic()))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        # The situation the timeout is about: b was asked for and its size learned (its first GET), no
+        # fetch runs, and the reader waits, because a's lease leaves no room for it.
+        d.wait_until(lambda st: st["waiting"] == 1 and st["requests"] >= 2 and st["objects"]["fetching"] == 0
+                     and st["fetched"] == 1, what="b refused room while its reader waits")
+        blocked_at = time.monotonic()
+    finally:
+        t.join(120)
+    [(e, when)] = raised
+    assert isinstance(e, ResolveTimeout) and "not ready in time" in str(e)
+    assert blocked_at < when, "the reader timed out before b was refused room: the machine was too slow to tell"
+    assert d.status()["evicted"] == 0
     assert Path(resolve(f"s3://{bucket}/a", cache_dir=d.cache_dir)).exists()
 
 
