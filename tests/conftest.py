@@ -59,6 +59,16 @@ def daemons(tmp_path, moto):
 
 
 @pytest.fixture(autouse=True)
+def fresh_readers():
+    """Each test's readers start afresh: the process-wide reader state (a lease-lock descriptor and a
+    usage connection per cache dir) is closed after every test instead of piling up for the run."""
+    yield
+    import importlib
+
+    importlib.import_module("s3cache.resolve").reset()  # the module: the package's `resolve` is the function
+
+
+@pytest.fixture(autouse=True)
 def no_thread_leaks():
     before = set(threading.enumerate())
     yield
