@@ -168,7 +168,7 @@ class Readers:
             self.note_use(reader, uris, hit=False)
             misses = sum(1 for u in uris if not self._space.is_ready(u))
             self.misses += misses
-            self._epoch(self.tracker.epoch_of(reader))["misses"] += misses
+            self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
             for raw, ref in zip(uris, parsed):
                 if isinstance(ref, S3CacheError):
                     results.append({"uri": raw, "state": "invalid", "message": str(ref)})
