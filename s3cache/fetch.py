@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from .checksum import CHUNK, Digest, SplitDigest, digest_file, have_crc64nvme
+from .checksum import CHUNK, Digest, InOrderDigest, SplitDigest, have_crc64nvme
 from .errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
 from .link import Link
@@ -363,17 +363,28 @@ class Fetcher:
         A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
         multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
         that round trip was most of the time to a waiting reader's first file. Parts start writing
-        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest).
+        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest); a hash
+        that needs the bytes in order (MD5, SHA) is fed by the part at the frontier as it streams, and
+        reads back only what landed out of order (InOrderDigest), not the whole file.
         """
         uri = entry.uri
         first_body = first["Body"]
         pin = None if entry.version else etag
         settled = threading.Event()
-        final: list = [Checks(None), None]  # the checks, and their SplitDigest when they split
+        final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
 
         def stream(body, span: Span) -> None:
             settled.wait()
             split = final[1]
+            if isinstance(split, InOrderDigest):
+                attempt = split.attempt(span.start)
+                try:
+                    self._stream(body, fd, span.start, span.length, attempt, prio)
+                except BaseException:
+                    split.failed(attempt)
+                    raise
+                split.finished(attempt)
+                return
             d = split.part() if split is not None else None
             self._stream(body, fd, span.start, span.length, d, prio)
             if split is not None:
@@ -406,6 +417,8 @@ class Fetcher:
                 final[0] = self.verifier.settle(entry, first, etag, False, total)
                 if SplitDigest.splittable(final[0].expect, final[0].also):
                     final[1] = SplitDigest(final[0].expect, final[0].also)
+                else:
+                    final[1] = InOrderDigest(Digest(final[0].expect, final[0].also), fd)
             except BaseException:
                 first_body.close()
                 raise
@@ -431,7 +444,7 @@ class Fetcher:
                         f.exception()
                     except Exception:
                         pass
-        if final[1] is not None:
-            return final[0], final[1].joined()
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return final[0], digest_file(f, final[0].expect, final[0].also)  # a hash such as MD5 needs the bytes in order
+        if isinstance(final[1], InOrderDigest):
+            self.counters.add(readback=final[1].readback)
+            return final[0], final[1].result(total)
+        return final[0], final[1].joined()

@@ -32,6 +32,7 @@ class Counters:
     retries: int = 0
     bytes: int = 0
     throttled: int = 0
+    readback: int = 0  # bytes read back from temp files to hash in order (parts that landed out of order)
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
