@@ -136,10 +136,10 @@ class Link:
         self.acquire(False)
 
     def moved(self, n: int) -> None:
-        """``n`` body bytes arrived on some stream."""
-        with self._cond:
-            self._w_bytes += n
-            self._tick()
+        """``n`` body bytes arrived on some stream. No lock: this runs per chunk on every stream, and an
+        update lost to a race only makes one window's estimate a chunk short; windows close in
+        ``acquire``/``release``."""
+        self._w_bytes += n
 
     def free(self) -> int:
         """Slots neither held nor about to be taken by a waiting reader's stream."""

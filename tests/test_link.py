@@ -92,7 +92,7 @@ def run_window(link: Link, clock: Clock, streams: int, rate: float) -> None:
     clock.t += WINDOW
     link.moved(int(rate * WINDOW))
     for _ in range(streams):
-        link.release(False)
+        link.release(False)  # the first release closes the window
 
 
 def test_prefetch_pauses_for_a_reader_only_when_more_connections_stopped_adding_throughput():
