@@ -10,11 +10,13 @@ connections stay open and idle; they take a slot again when one is free): the re
 connections at once and prefetch keeps the others busy.
 
 Pausing *all* prefetch for a reader is right only when the link is the limit, and that is measured, not
-assumed: each window of ``WINDOW`` seconds records the bytes moved and the mean number of streams; the
-best bytes/s per stream seen is what one connection can do. When the streams together move less than
-``SATURATED`` of what that many connections could move alone (adding connections no longer adds
-throughput), the link (or the CPU) is the limit: then a waiting reader pauses all prefetch, since more
-prefetch streams would only take bandwidth from it.
+assumed: each window of ``WINDOW`` seconds records the bytes moved and the mean number of streams. The
+link (or the CPU) is the limit when adding connections stopped adding throughput: a recent window
+(``HISTORY``) with at most ``FEWER`` times as many streams moved at least ``SAME`` of what the latest
+moved. Then a waiting reader pauses all prefetch, since more prefetch streams would only take bandwidth
+from it. (A drop in bytes per stream alone is not enough: streams in their request's round trip, or a
+busy CPU, lower it while more connections still add throughput; an early version paused on that and
+cost the 1 MiB cell of bench --matrix a quarter of its throughput.)
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``handoff`` the slots prefetch gave up
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 WINDOW = 0.5  # seconds per throughput sample
-SATURATED = 0.6  # aggregate below this share of streams x best per-stream rate: the link is the limit
+HISTORY = 20  # windows remembered (10 s)
+FEWER = 0.6  # a window with at most this share of the streams ...
+SAME = 0.9  # ... that moved at least this share of the bytes/s: more connections stopped helping
 
 
 class Link:
@@ -51,7 +56,8 @@ class Link:
         self._w_bytes = 0
         self._w_area = 0.0  # integral of streams over the window
         self._w_last = self._w_start
-        self.per_stream = 0.0  # best bytes/s one stream reached in a window
+        self.history: deque[tuple[float, float]] = deque(maxlen=HISTORY)  # (mean streams, bytes/s)
+        self.per_stream = 0.0  # best bytes/s one stream reached in a window, for status
         self.rate = 0.0  # bytes/s of the last window
         self.streams = 0.0  # mean streams of the last window
         self.limited = False
@@ -71,7 +77,9 @@ class Link:
                 per = self.rate / self.streams
                 self.per_stream = max(per, self.per_stream * 0.98)  # slowly forgets an old best
             if self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
-                self.limited = self.rate < SATURATED * self.streams * self.per_stream
+                self.limited = any(n <= FEWER * self.streams and r >= SAME * self.rate for n, r in self.history)
+            if self.streams >= 0.5:
+                self.history.append((self.streams, self.rate))
             self._w_start, self._w_bytes, self._w_area = now, 0, 0.0
 
     def acquire(self, foreground: bool) -> None:

@@ -147,3 +147,14 @@ def test_a_prefetch_stream_yields_one_slot_per_reader_part_waiting():
     paused.join(30)
     assert (link.fg, link.bg) == (0, 3) and link.yields == 1
     t.join(30)
+
+
+def test_less_throughput_on_the_same_connections_is_not_a_saturated_link():
+    """Streams in their round trip, or a busy CPU, move fewer bytes per stream while more connections
+    would still add throughput: that alone must not pause prefetch (it cost the 1 MiB cell a quarter)."""
+    clock = Clock()
+    link = Link(16, clock=clock)
+    run_window(link, clock, 16, 640e6)
+    run_window(link, clock, 16, 300e6)
+    run_window(link, clock, 14, 200e6)
+    assert not link.limited
