@@ -323,6 +323,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--envs", type=Path, default=envs.DEFAULT_DIR, help="where the baselines' venvs live")
     ap.add_argument("--setup-envs", action="store_true", help="make the baselines' venvs first if missing")
     ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves the benchmark works")
+    ap.add_argument("--matrix", action="store_true",
+                    help="run the cold-epoch matrix instead (bench/matrix.py): per-connection bandwidth "
+                         "{8, 80} MB/s x object size {1M, 16M, 256M}, --workers connections for every contender")
+    ap.add_argument("--quick", action="store_true", help="with --matrix: fewer objects per cell (a few minutes)")
+    ap.add_argument("--cells", default="", help="with --matrix: only these cells, as MBPS:SIZE,... (e.g. 8:16M)")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"where to write the table (and a .png chart beside it); default "
                          f"{LOCAL_RESULTS.relative_to(ROOT)}/compare.md or compare-smoke.md (git-ignored); "
@@ -335,6 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.smoke:
         a.shards, a.shard_size, a.record_size, a.repeat = 3, "256K", "4K", 1
+    if a.matrix:
+        from . import matrix
+
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        a.out = (a.out or LOCAL_RESULTS / ("matrix-quick.md" if a.quick else "matrix.md")).absolute()
+        matrix.main(a)
+        return
     if a.out is None:
         a.out = LOCAL_RESULTS / ("compare-smoke.md" if a.smoke else "compare.md")
     a.out = a.out.absolute()

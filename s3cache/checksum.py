@@ -11,7 +11,10 @@ object's (SplitDigest), so an object checked by a CRC is never read twice.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
+import os
+import threading
 import zlib
 from typing import BinaryIO, NamedTuple
 
@@ -86,6 +89,9 @@ class _Crc:
     def hexdigest(self) -> str:
         return self.digest().hex()
 
+    def copy(self) -> _Crc:
+        return copy.copy(self)
+
 
 class _Crc32c(_Crc):
     _fn = staticmethod(_crc32c.crc32c)
@@ -125,6 +131,12 @@ class _PerPart:
             if self.filled == size:
                 self.parts.append(self.current.digest())
                 self.current, self.filled = self.make(), 0
+
+    def copy(self) -> _PerPart:
+        other = copy.copy(self)
+        other.parts = list(self.parts)
+        other.current = self.current.copy()
+        return other
 
     def hexdigest(self) -> str:
         parts = list(self.parts)
@@ -259,6 +271,13 @@ class Digest:
     def local_crc32c(self) -> str:
         return self._local.hexdigest()
 
+    def copy(self) -> Digest:
+        """An independent copy of the running state (to go back to if an attempt fails)."""
+        other = copy.copy(self)
+        other._remotes = [r.copy() for r in self._remotes]
+        other._local = self._local.copy()
+        return other
+
     def actual(self) -> list[tuple[Expectation, str]]:
         """Each expectation with what the bytes hashed to."""
         return [(e, r.hexdigest()) for e, r in zip(self.expects, self._remotes)]
@@ -314,6 +333,93 @@ class SplitDigest:
 
 
 CHUNK = 1 << 20
+
+
+class InOrderDigest:
+    """One Digest fed in byte order from parts that stream in parallel: for hashes such as MD5, which
+    cannot be joined from parts the way CRCs are (SplitDigest).
+
+    The *frontier* is the offset up to which the digest has consumed the object. A part streaming at the
+    frontier is hashed as its chunks arrive, with no second read; bytes that landed in the file before
+    the frontier reached them (parts that finished, or got ahead, out of order) are read back from it
+    once, when the frontier gets there. ``readback`` counts those bytes.
+
+    Invariants: the digest has consumed exactly bytes ``[0, frontier)`` of the file, in order, each as
+    the attempt that wrote them wrote it; the frontier is inside at most one unfinished part attempt, the
+    one whose thread moved it there, and a failed attempt puts the digest and the frontier back to where
+    they were before it fed anything (a failed attempt's bytes never stay in the digest: its retry
+    writes that range again and is hashed afresh). All under ``_lock``.
+    """
+
+    def __init__(self, digest: Digest, fd: int) -> None:
+        self.digest = digest
+        self.fd = fd
+        self.frontier = 0
+        self.readback = 0
+        self._done: dict[int, int] = {}  # start -> end (exclusive) of finished parts not yet consumed
+        self._lock = threading.Lock()
+
+    class Attempt:
+        """One attempt at one part, starting at ``start``: pass it to ``Fetcher._stream`` as the digest."""
+
+        __slots__ = ("owner", "start", "offset", "saved")
+
+        def __init__(self, owner: InOrderDigest, start: int) -> None:
+            self.owner, self.start, self.offset, self.saved = owner, start, start, None
+
+        def update(self, data: bytes | memoryview) -> None:
+            self.owner._chunk(self, data)
+            self.offset += len(data)
+
+    def attempt(self, start: int) -> InOrderDigest.Attempt:
+        return InOrderDigest.Attempt(self, start)
+
+    def _read_into_digest(self, end: int) -> None:
+        """Hash the file's bytes ``[frontier, end)`` (lock held)."""
+        while self.frontier < end:
+            data = os.pread(self.fd, min(CHUNK, end - self.frontier), self.frontier)
+            if not data:
+                raise ChecksumMismatch(f"the temp file ends at {self.frontier}, before {end}")
+            self.digest.update(data)
+            self.readback += len(data)
+            self.frontier += len(data)
+
+    def _chunk(self, a: InOrderDigest.Attempt, data: bytes | memoryview) -> None:
+        """``data`` was just written at ``a.offset``; hash it now if the frontier has reached it."""
+        with self._lock:
+            if not (a.start <= self.frontier <= a.offset):
+                return  # the frontier is behind this part: it reads this part back when it gets here
+            if a.saved is None:
+                a.saved = (self.digest.copy(), self.frontier, self.readback)
+            self._read_into_digest(a.offset)  # what this attempt wrote before the frontier reached it
+            self.digest.update(data)
+            self.frontier += len(data)
+
+    def failed(self, a: InOrderDigest.Attempt) -> None:
+        """The attempt failed: forget what it fed."""
+        with self._lock:
+            if a.saved is not None:
+                self.digest, self.frontier, self.readback = a.saved
+                a.saved = None
+
+    def finished(self, a: InOrderDigest.Attempt) -> None:
+        """The attempt wrote its whole part (ending at ``a.offset``): consume finished parts in order."""
+        with self._lock:
+            self._done[a.start] = a.offset
+            while True:
+                start = next((s for s, e in self._done.items() if s <= self.frontier < e), None)
+                if start is None:
+                    break
+                self._read_into_digest(self._done.pop(start))
+            for s in [s for s, e in self._done.items() if e <= self.frontier]:
+                del self._done[s]
+
+    def result(self, total: int) -> Digest:
+        """The whole object's digest; every part must have finished."""
+        with self._lock:
+            if self.frontier != total:
+                raise ChecksumMismatch(f"parts hashed in order reach byte {self.frontier}, not {total}")
+            return self.digest
 
 
 def digest_file(f: BinaryIO, expect: Expectation | None, also: tuple[Expectation, ...] = ()) -> Digest:

@@ -10,6 +10,12 @@ Per object:
 * Further parts are ranged GETs with ``IfMatch=<etag>`` (or the manifest's VersionId), fetched in
   parallel and written with ``pwrite`` at their offsets, so an overwrite in S3 mid-download yields a 412
   (``ObjectChanged``) and never a file mixed from two versions.
+* Every GET streams on a slot of the ``Link`` (``link.py``): at most ``workers`` connections stream at
+  once. A waited-on object is spread over the free connections and half of prefetch's (parts from its
+  size and that count, 1 MiB at least, ``part_size`` at most), taking slots before prefetch does; a
+  prefetch object is spread over its share of the connections (``workers`` / objects in flight) in
+  parts of ``part_size`` to ``prefetch_part_size``. Prefetch gives up only the slots a reader's parts
+  wait for, or all of them while a reader waits on a link measured to be saturated.
 * Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
 * The strongest available checksum is checked, with the size, before the file is handed back.
 
@@ -29,10 +35,11 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from .checksum import CHUNK, Digest, SplitDigest, digest_file, have_crc64nvme
+from .checksum import CHUNK, Digest, InOrderDigest, SplitDigest, have_crc64nvme
 from .errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
-from .parts import Span, check_ranged, first_answer, first_span, spans
+from .link import Link
+from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .verifier import Checks, Verifier
@@ -74,18 +81,38 @@ class Fetched:
 class _Priority:
     """Whether a reader waits on this fetch; a prefetch can be promoted while it runs."""
 
-    __slots__ = ("foreground",)
+    __slots__ = ("foreground", "promoted")
 
     def __init__(self, foreground: bool) -> None:
         self.foreground = foreground
+        self.promoted = False
+
+
+class _Slot:
+    """One GET's slot on the link: taken before the request, given back once (when its body is read,
+    closed, or the request failed). Remembers the kind it took, as a promotion may change the fetch's."""
+
+    __slots__ = ("link", "foreground", "held")
+
+    def __init__(self, link: Link, foreground: bool) -> None:
+        self.link, self.foreground = link, foreground
+        link.acquire(foreground)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.link.release(self.foreground)
 
 
 class Fetcher:
     """Downloads objects into verified temp files with a pool of part workers.
 
-    Invariants: at most ``workers`` parts of prefetch and ``workers`` parts of waited-on fetches stream at
-    once (two pools, so a reader's parts never queue behind prefetch); ``_fg_idle`` is set exactly when no
-    foreground fetch is in flight; ``_inflight`` holds one priority per URI being fetched.
+    Invariants: at most ``workers`` GETs stream at once, each on a slot of ``link`` held from its request
+    until its body is read or closed (a reader's first, then prefetch); two part pools, so a reader's
+    parts never queue behind prefetch threads; ``_fg_idle`` is set exactly when no foreground fetch is in
+    flight and ``link.readers`` counts those that are; ``_inflight`` holds one priority per URI being
+    fetched.
     """
 
     def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
@@ -118,6 +145,7 @@ class Fetcher:
         self._fg_lock = threading.Lock()
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
         self._fg_idle.set()
+        self.link = Link(workers, cancel)
         self._inflight: dict[str, _Priority] = {}
 
     def close(self) -> None:
@@ -136,17 +164,16 @@ class Fetcher:
                 prio: _Priority | None = None) -> None:
         """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried.
 
-        A background (prefetch) stream pauses between chunks while a reader waits on another fetch, so
-        the reader's bytes get the CPU and the bandwidth; the pause is bounded so that an idle connection
-        is not dropped by the server.
+        A background (prefetch) stream gives its link slot up between chunks when a reader's stream waits
+        for one (or a reader waits on a saturated link), and streams on once it has a slot again.
         """
         got = 0
         try:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled("stopping")
-                if prio is not None and not prio.foreground and not self._fg_idle.is_set():
-                    self._fg_idle.wait(10.0)
+                if prio is not None and not prio.foreground and self.link.should_yield():
+                    self.link.pause()
                 if got == expect_len:
                     if body.read(1):  # never written: a body longer than its range is a wrong answer
                         raise BadResponse(f"more than the {expect_len} bytes asked for at offset {offset}")
@@ -167,6 +194,7 @@ class Fetcher:
                     view = view[n:]
                     got += n
                 self.counters.add(bytes=len(chunk))
+                self.link.moved(len(chunk))
         except BaseException:
             # A body abandoned half-read must be closed: its connection cannot be reused. A body read to
             # the end has already handed its connection back to the pool, which is what keeps small
@@ -196,6 +224,7 @@ class Fetcher:
             self._inflight[uri] = prio
             if foreground:
                 self._fg_active += 1
+                self.link.readers = self._fg_active
                 self._fg_idle.clear()
         try:
             while True:
@@ -210,8 +239,9 @@ class Fetcher:
             with self._fg_lock:
                 if self._inflight.get(uri) is prio:
                     del self._inflight[uri]
-                if foreground:
+                if foreground or prio.promoted:
                     self._fg_active -= 1
+                    self.link.readers = self._fg_active
                     if not self._fg_active:
                         self._fg_idle.set()
 
@@ -228,19 +258,56 @@ class Fetcher:
             if prio is None or prio.foreground:
                 return False
             prio.foreground = True
+            self._fg_active += 1
+            self.link.readers = self._fg_active
+            self._fg_idle.clear()
+            prio.promoted = True
             return True
 
+    def _first_length(self, entry: Entry, foreground: bool) -> int:
+        """What the first GET asks for. A reader's object starts with a small range when its size is
+        unknown (its Content-Range tells the size, and the rest is spread over the free connections),
+        else with its share of the layout; prefetch asks for ``prefetch_part_size`` unless its size is
+        known."""
+        if entry.size:
+            return self._part_length(entry.size, foreground, holding=False)
+        return min(FLOOR, self.part_size) if foreground else self.prefetch_part_size
+
+    def _part_length(self, nbytes: int, foreground: bool, holding: bool = True) -> int:
+        """Parts to spread ``nbytes`` over the connections this fetch may use: a reader's object over the
+        free ones and half of prefetch's (``Link.foreground_share``); a prefetch over its share
+        (connections / objects in flight), never in parts below ``part_size``."""
+        if foreground:
+            share = self.link.foreground_share(holding)
+            return part_length(nbytes, share, min(FLOOR, self.part_size), self.part_size)
+        with self._fg_lock:
+            objects = max(1, len(self._inflight))
+        share = max(1, self.link.capacity // objects)
+        low = min(self.part_size, self.prefetch_part_size)
+        return part_length(nbytes, share, low, self.prefetch_part_size)
+
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
-        uri = entry.uri
-        part_size = self.part_size if prio.foreground else self.prefetch_part_size
-        asked: Span | None = first_span(part_size)
+        asked: Span | None = first_span(self._first_length(entry, prio.foreground))
+        slot = _Slot(self.link, prio.foreground)
         try:
-            resp = self.api.get(entry, asked, None)
-        except botocore.exceptions.ClientError as e:
-            if error_code(e)[1] != 416:
-                raise
-            asked = None
-            resp = self.api.get(entry, None, None)  # an empty object has no byte 0 to range over
+            try:
+                resp = self.api.get(entry, asked, None)
+            except botocore.exceptions.ClientError as e:
+                if error_code(e)[1] != 416:
+                    raise
+                asked = None
+                resp = self.api.get(entry, None, None)  # an empty object has no byte 0 to range over
+        except BaseException:
+            slot.release()
+            raise
+        try:
+            return self._fetch_first(entry, admit, prio, seen, resp, asked, slot)
+        finally:
+            slot.release()
+
+    def _fetch_first(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict, resp: dict,
+                     asked: Span | None, slot: _Slot) -> Fetched:
+        uri = entry.uri
         body = resp["Body"]
         etag = resp.get("ETag", "").strip('"')
         version = resp.get("VersionId") or entry.version or ""
@@ -273,8 +340,9 @@ class Fetcher:
             if checks is not None:
                 digest = Digest(checks.expect, checks.also)
                 self._stream(body, fd, 0, total, digest, prio)
+                slot.release()
             else:
-                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, part_size)
+                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot)
             # Writes never leave their ranges; the file's length is the object's all the same.
             os.ftruncate(fd, total)
             if os.fstat(fd).st_size != total:
@@ -290,7 +358,7 @@ class Fetcher:
                 self._discard(tmp)
 
     def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
-                    part_size: int) -> tuple[Checks, Digest]:
+                    asked: Span, slot: _Slot) -> tuple[Checks, Digest]:
         """Write part 0 from the open first answer and the other parts in parallel, each pinned by
         If-Match and each answer checked to be exactly its range; return the checks and the whole
         object's digest.
@@ -298,17 +366,28 @@ class Fetcher:
         A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
         multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
         that round trip was most of the time to a waiting reader's first file. Parts start writing
-        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest).
+        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest); a hash
+        that needs the bytes in order (MD5, SHA) is fed by the part at the frontier as it streams, and
+        reads back only what landed out of order (InOrderDigest), not the whole file.
         """
         uri = entry.uri
         first_body = first["Body"]
         pin = None if entry.version else etag
         settled = threading.Event()
-        final: list = [Checks(None), None]  # the checks, and their SplitDigest when they split
+        final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
 
         def stream(body, span: Span) -> None:
             settled.wait()
             split = final[1]
+            if isinstance(split, InOrderDigest):
+                attempt = split.attempt(span.start)
+                try:
+                    self._stream(body, fd, span.start, span.length, attempt, prio)
+                except BaseException:
+                    split.failed(attempt)
+                    raise
+                split.finished(attempt)
+                return
             d = split.part() if split is not None else None
             self._stream(body, fd, span.start, span.length, d, prio)
             if split is not None:
@@ -323,10 +402,17 @@ class Fetcher:
                 raise
             return resp["Body"]
 
-        def part(span: Span) -> None:
-            self.policy.run(uri, lambda: stream(get(span), span))
+        def once(span: Span) -> None:
+            part_slot = _Slot(self.link, prio.foreground)
+            try:
+                stream(get(span), span)
+            finally:
+                part_slot.release()
 
-        layout = spans(total, part_size)
+        def part(span: Span) -> None:
+            self.policy.run(uri, lambda: once(span))
+
+        layout = spans(total, self._part_length(total - asked.length, prio.foreground), asked.length)
         pool = self._fg_parts if prio.foreground else self._parts
         futures = [pool.submit(part, s) for s in layout[1:]]
         try:
@@ -334,6 +420,8 @@ class Fetcher:
                 final[0] = self.verifier.settle(entry, first, etag, False, total)
                 if SplitDigest.splittable(final[0].expect, final[0].also):
                     final[1] = SplitDigest(final[0].expect, final[0].also)
+                else:
+                    final[1] = InOrderDigest(Digest(final[0].expect, final[0].also), fd)
             except BaseException:
                 first_body.close()
                 raise
@@ -345,7 +433,9 @@ class Fetcher:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, Retry):
                     raise
+                slot.release()
                 part(layout[0])  # retry only the first part, the others are already under way
+            slot.release()
             for f in futures:
                 f.result()
         finally:
@@ -357,7 +447,7 @@ class Fetcher:
                         f.exception()
                     except Exception:
                         pass
-        if final[1] is not None:
-            return final[0], final[1].joined()
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return final[0], digest_file(f, final[0].expect, final[0].also)  # a hash such as MD5 needs the bytes in order
+        if isinstance(final[1], InOrderDigest):
+            self.counters.add(readback=final[1].readback)
+            return final[0], final[1].result(total)
+        return final[0], final[1].joined()

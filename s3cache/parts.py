@@ -6,8 +6,12 @@ arithmetic, no I/O.
 
 Invariants:
 
-* ``spans(total, part_size)`` covers ``[0, total)`` exactly once, in order, with no gap or overlap; every
-  span is ``part_size`` bytes but the last, which is 1 to ``part_size`` bytes.
+* ``spans(total, part_size, first)`` covers ``[0, total)`` exactly once, in order, with no gap or
+  overlap; the first span is ``first`` bytes (default ``part_size``), every later one ``part_size`` bytes
+  but the last, which is 1 to ``part_size`` bytes.
+* ``part_length`` spreads bytes over connections in whole MiB (ranged GETs much smaller than 1 MiB cost
+  a round trip and server work each for little data; S3's guidance is 8-16 MB per ranged GET, which the
+  bounds callers pass keep to when connections are few).
 * A ``Span``'s ``end`` is inclusive, as in HTTP's ``Range`` and ``Content-Range``.
 * A ranged answer is accepted only as a ``206`` whose ``Content-Range`` is exactly the span asked for
   and whose length is the span's (``check_ranged``); anything else is a ``BadResponse`` (retried). A
@@ -46,11 +50,27 @@ def first_span(part_size: int) -> Span:
     return Span(0, part_size - 1)
 
 
-def spans(total: int, part_size: int) -> list[Span]:
-    """The object's spans in order; empty for an empty object."""
-    if part_size <= 0:
-        raise ValueError(f"part size must be positive, got {part_size}")
-    return [Span(s, min(total, s + part_size) - 1) for s in range(0, total, part_size)]
+def spans(total: int, part_size: int, first: int | None = None) -> list[Span]:
+    """The object's spans in order; empty for an empty object. ``first``: the first span's length (the
+    range the first GET asked for), when the rest are cut to another size."""
+    if part_size <= 0 or (first is not None and first <= 0):
+        raise ValueError(f"part sizes must be positive, got {part_size} and {first}")
+    if not total:
+        return []
+    head = min(total, first or part_size)
+    return [Span(0, head - 1)] + [Span(s, min(total, s + part_size) - 1) for s in range(head, total, part_size)]
+
+
+MiB = 1 << 20
+FLOOR = MiB  # the smallest part a download is cut into (but a smaller --part-size)
+
+
+def part_length(nbytes: int, connections: int, low: int, high: int) -> int:
+    """The part length that spreads ``nbytes`` over ``connections``: rounded up to whole MiB, at least
+    ``low`` and at most ``high`` (``low`` wins if they cross)."""
+    want = -(-nbytes // max(1, connections))
+    want = -(-want // MiB) * MiB
+    return max(low, min(high, want))
 
 
 def total_size(resp: dict) -> int:

@@ -26,6 +26,13 @@ what came back (a ``412``), and whether it is still in flight (``done``); ``stat
 
 ``latency`` delays every response by that many seconds (added before the response is sent), and
 ``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
+
+Connections in use: a request is *busy* from the moment its head arrives until the last byte of its
+answer is written. ``busy()`` is how many are busy now, ``peak_busy`` the most at once, ``timeline``
+every change as ``(monotonic time, busy)``, and ``busy_profile(t0, t1)`` the share of ``[t0, t1]``
+spent at each count: what shows whether a client keeps its connections working, independent of CPU
+load. ``request_bytes`` lists ``(method, path, range, bytes sent, start, end)`` per answered request,
+so a test can count the ranges one object was fetched in and how many overlapped.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from urllib.parse import unquote, urlsplit
 Plan = Callable[[str, str, str], "str | None"]
 
 _STEP = 64 << 10  # bytes relayed per write: small enough to pace smoothly
+FLOW_BIN = 0.1  # seconds per bin of ``FaultProxy.flow``
 
 _ERRORS = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -83,6 +91,13 @@ class FaultProxy:
         self.exchanges: list[Exchange] = []  # object requests only, in arrival order
         self.bytes_sent = 0
         self.connections = 0  # client connections accepted: few means keep-alive works
+        self._busy = 0
+        self.peak_busy = 0
+        self.timeline: list[tuple[float, int]] = [(time.monotonic(), 0)]  # every change of busy()
+        # (method, path, Range, body bytes, start, end): one per answered request, monotonic times
+        self.request_bytes: list[tuple[str, str, str, int, float, float]] = []
+        self.flow: Counter[tuple[int, int]] = Counter()  # (time bin, request id) -> body bytes sent then
+        self._next_id = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -117,6 +132,35 @@ class FaultProxy:
     def statuses(self, path_prefix: str = "", method: str = "GET") -> Counter[int]:
         """How many answers of each status the requests ``seen(path_prefix, method)`` got."""
         return Counter(x.status for x in self.seen(path_prefix, method))
+
+    def busy(self) -> int:
+        """Requests in flight now (head received, answer not yet fully written)."""
+        with self.lock:
+            return self._busy
+
+    def _set_busy(self, delta: int) -> None:
+        with self.lock:
+            self._busy += delta
+            self.peak_busy = max(self.peak_busy, self._busy)
+            self.timeline.append((time.monotonic(), self._busy))
+
+    def reset_peak(self) -> None:
+        with self.lock:
+            self.peak_busy = self._busy
+
+    def streaming(self, t0: float, t1: float) -> list[int]:
+        """For each ``FLOW_BIN`` of ``[t0, t1]``, how many requests sent body bytes in it: busy
+        requests whose client stopped reading (a paused download) do not count here."""
+        with self.lock:
+            keys = list(self.flow)
+        per: Counter[int] = Counter(b for b, _ in keys)
+        return [per.get(b, 0) for b in range(int(t0 / FLOW_BIN), int(t1 / FLOW_BIN) + 1)]
+
+    def busy_profile(self, t0: float, t1: float) -> dict[int, float]:
+        """Seconds of ``[t0, t1]`` (monotonic) spent with each number of busy requests."""
+        with self.lock:
+            tl = list(self.timeline)
+        return profile(tl, t0, t1)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -170,6 +214,7 @@ class FaultProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r = up_w = None
+        busy = False
         with self.lock:
             self.connections += 1
         try:
@@ -188,6 +233,12 @@ class FaultProxy:
                 is_object = method in ("GET", "HEAD") and "list-type" not in query and path.count("/") >= 2
                 with self.lock:
                     self.requests[(method, path if is_object else path + "?" + query.split("&")[0])] += 1
+                started = time.monotonic()
+                self._set_busy(+1)
+                busy = True
+                with self.lock:
+                    self._next_id += 1
+                    rid = self._next_id
                 fault = self.plan(method, path, query) if is_object else None
                 exchange = Exchange(method, path, query, headers, fault) if is_object else None
                 with self.lock:
@@ -208,6 +259,8 @@ class FaultProxy:
                     await writer.drain()
                     if exchange is not None:
                         exchange.done = True
+                    busy = False
+                    self._set_busy(-1)
                     continue
                 ranged = "range" in headers
                 if fault == "ignore-range" and ranged:
@@ -254,18 +307,25 @@ class FaultProxy:
                         writer.transport.abort() if fault == "reset" else writer.close()
                         return
                     writer.write(rhead)
-                    await self._send(writer, rbody)
+                    await self._send(writer, rbody, rid)
                 else:
                     writer.write(rhead)
-                    await self._pipe(up_r, writer, length)
+                    await self._pipe(up_r, writer, length, rid)
+                with self.lock:
+                    self.request_bytes.append((method, path, headers.get("range", ""), length, started,
+                                               time.monotonic()))
                 if exchange is not None:
                     exchange.done = True
+                busy = False
+                self._set_busy(-1)
                 if close_upstream:
                     up_w.close()
                     up_r = up_w = None
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
+            if busy:
+                self._set_busy(-1)
             for w in (writer, up_w):
                 if w is not None:
                     try:
@@ -273,7 +333,7 @@ class FaultProxy:
                     except Exception:
                         pass
 
-    async def _pipe(self, src: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int, rid: int = 0) -> None:
         """Relay ``length`` body bytes as they arrive, as S3 streams them: the first byte reaches the
         client before the last leaves the server, and a client that stops reading stops the server
         (backpressure), which is what a client's own scheduling relies on."""
@@ -282,25 +342,53 @@ class FaultProxy:
             chunk = await src.read(min(_STEP, length - sent))
             if not chunk:
                 raise asyncio.IncompleteReadError(b"", length - sent)
-            sent = await self._paced(writer, chunk, start, sent)
+            sent = await self._paced(writer, chunk, start, sent, rid)
 
-    async def _send(self, writer: asyncio.StreamWriter, body: bytes) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, body: bytes, rid: int = 0) -> None:
         start, sent = time.monotonic(), 0
         for i in range(0, len(body), _STEP):
-            sent = await self._paced(writer, body[i : i + _STEP], start, sent)
+            sent = await self._paced(writer, body[i : i + _STEP], start, sent, rid)
 
-    async def _paced(self, writer: asyncio.StreamWriter, chunk: bytes, start: float, sent: int) -> int:
+    async def _paced(self, writer: asyncio.StreamWriter, chunk: bytes, start: float, sent: int, rid: int = 0) -> int:
         writer.write(chunk)
         await writer.drain()
         sent += len(chunk)
         with self.lock:
             self.bytes_sent += len(chunk)
+            self.flow[(int(time.monotonic() / FLOW_BIN), rid)] += len(chunk)
         if self.bandwidth:
             # Against the clock since the body began, so time spent writing is not added on top.
             delay = start + sent / self.bandwidth - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         return sent
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most of these ``(start, end)`` intervals that overlap at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    n = best = 0
+    for _, d in events:
+        n += d
+        best = max(best, n)
+    return best
+
+
+def profile(timeline: list[tuple[float, int]], t0: float, t1: float) -> dict[int, float]:
+    """Seconds of ``[t0, t1]`` spent at each value of a step function given by its changes."""
+    out: dict[int, float] = {}
+    level = 0
+    prev = t0
+    for t, n in timeline:
+        if t <= t0:
+            level = n
+            continue
+        if t >= t1:
+            break
+        out[level] = out.get(level, 0.0) + (t - prev)
+        prev, level = t, n
+    out[level] = out.get(level, 0.0) + max(0.0, t1 - prev)
+    return out
 
 
 def _drop_header(head: bytes, name: bytes) -> bytes:
@@ -363,10 +451,24 @@ def main() -> None:
             # Answer each "stats" line on stdin with the counters, as JSON, one line.
             import json
 
-            for _ in sys.stdin:
+            # "links T0 T1" answers with the busy and streaming profiles of that span (monotonic times,
+            # which are the same clock in every process) and the request log, then clears the log.
+            for line in sys.stdin:
+                words = line.split()
+                if words and words[0] == "links":
+                    t0, t1 = float(words[1]), float(words[2])
+                    with p.lock:
+                        log, p.request_bytes = p.request_bytes, []
+                        peak = p.peak_busy
+                        p.peak_busy = p._busy
+                    out = {"busy": {str(k): v for k, v in p.busy_profile(t0, t1).items()},
+                           "streaming": p.streaming(t0, t1), "peak": peak, "requests": log}
+                    print(json.dumps(out), flush=True)
+                    continue
                 with p.lock:
                     gets = sum(n for (m, _), n in p.requests.items() if m == "GET")
-                    out = {"gets": gets, "requests": sum(p.requests.values()), "bytes": p.bytes_sent}
+                    out = {"gets": gets, "requests": sum(p.requests.values()), "bytes": p.bytes_sent,
+                           "connections": p.connections}
                 print(json.dumps(out), flush=True)
         else:
             while True:

@@ -1,0 +1,167 @@
+"""The link: how many connections stream at once, who gets the next one, and whether the link itself
+(not one connection) is the limit.
+
+Every GET a fetcher sends holds a *slot* from its request until its body is read (or abandoned), so at
+most ``capacity`` connections stream at once: the same total as a plain client with that many threads.
+A slot goes to a waited-on (foreground) stream before a prefetch one. A reader's object is spread over
+the free connections and half of those prefetch streams on (``foreground_share``); when its parts
+wait for slots, prefetch streams give theirs up at their next chunk, one per part waiting (their
+connections stay open and idle; they take a slot again when one is free): the reader's object gets
+connections at once and prefetch keeps the others busy.
+
+Pausing *all* prefetch for a reader is right only when the link is the limit, and that is measured, not
+assumed: each window of ``WINDOW`` seconds records the bytes moved and the mean number of streams. The
+link (or the CPU) is the limit when adding connections stopped adding throughput: a recent window
+(``HISTORY``) with at most ``FEWER`` times as many streams moved at least ``SAME`` of what the latest
+moved. Then a waiting reader pauses all prefetch, since more prefetch streams would only take bandwidth
+from it. (A drop in bytes per stream alone is not enough: streams in their request's round trip, or a
+busy CPU, lower it while more connections still add throughput; an early version paused on that and
+cost the 1 MiB cell of bench --matrix a quarter of its throughput.)
+
+Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
+``fg_waiting`` counts foreground streams blocked in ``acquire``, ``handoff`` the slots prefetch gave up
+for them and they have not taken yet; a prefetch stream yields only while ``fg_waiting > handoff`` (one
+per waiting part) or while a reader waits on a saturated link.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+WINDOW = 0.5  # seconds per throughput sample
+HISTORY = 20  # windows remembered (10 s)
+FEWER = 0.6  # a window with at most this share of the streams ...
+SAME = 0.9  # ... that moved at least this share of the bytes/s: more connections stopped helping
+
+
+class Link:
+    def __init__(self, capacity: int, cancel: threading.Event | None = None, clock=time.monotonic) -> None:
+        if capacity < 1:
+            raise ValueError(f"a link needs at least one connection, got {capacity}")
+        self.capacity = capacity
+        self.cancel = cancel or threading.Event()
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.fg = 0  # slots held by foreground streams
+        self.bg = 0  # slots held by prefetch streams
+        self.fg_waiting = 0
+        self.handoff = 0
+        self.readers = 0  # foreground fetches in flight (set by the fetcher)
+        self.peak = 0
+        self.yields = 0  # times a prefetch stream gave its slot up, for tests and status
+        # throughput windows
+        self._w_start = clock()
+        self._w_bytes = 0
+        self._w_area = 0.0  # integral of streams over the window
+        self._w_last = self._w_start
+        self.history: deque[tuple[float, float]] = deque(maxlen=HISTORY)  # (mean streams, bytes/s)
+        self.per_stream = 0.0  # best bytes/s one stream reached in a window, for status
+        self.rate = 0.0  # bytes/s of the last window
+        self.streams = 0.0  # mean streams of the last window
+        self.limited = False
+
+    # -- slots ---------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Account the time since the last change at the current stream count (lock held)."""
+        now = self._clock()
+        self._w_area += (self.fg + self.bg) * (now - self._w_last)
+        self._w_last = now
+        span = now - self._w_start
+        if span >= WINDOW:
+            self.streams = self._w_area / span
+            self.rate = self._w_bytes / span
+            if self.streams >= 0.5:
+                per = self.rate / self.streams
+                self.per_stream = max(per, self.per_stream * 0.98)  # slowly forgets an old best
+            if self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
+                self.limited = any(n <= FEWER * self.streams and r >= SAME * self.rate for n, r in self.history)
+            if self.streams >= 0.5:
+                self.history.append((self.streams, self.rate))
+            self._w_start, self._w_bytes, self._w_area = now, 0, 0.0
+
+    def acquire(self, foreground: bool) -> None:
+        """Take a slot (blocking); a foreground stream goes first and makes prefetch streams yield."""
+        with self._cond:
+            if foreground:
+                self.fg_waiting += 1
+                self._cond.notify_all()  # prefetch streams check whether to yield
+                try:
+                    while self.fg + self.bg >= self.capacity:
+                        self._wait()
+                finally:
+                    self.fg_waiting -= 1
+                    self.handoff = min(self.handoff, self.fg_waiting)
+                self._tick()
+                self.fg += 1
+            else:
+                while self.fg + self.bg >= self.capacity or self._bg_held():
+                    self._wait()
+                self._tick()
+                self.bg += 1
+            self.peak = max(self.peak, self.fg + self.bg)
+
+    def release(self, foreground: bool) -> None:
+        with self._cond:
+            self._tick()
+            if foreground:
+                self.fg -= 1
+            else:
+                self.bg -= 1
+            self._cond.notify_all()
+
+    def _wait(self) -> None:
+        if self.cancel.is_set():
+            from .retry import Cancelled
+
+            raise Cancelled("stopping")
+        self._cond.wait(0.5)
+
+    def _bg_held(self) -> bool:
+        """Whether prefetch must not stream now (lock held)."""
+        return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
+
+    def should_yield(self) -> bool:
+        """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.)"""
+        if not self.fg_waiting and not (self.readers and self.limited):
+            return False
+        with self._cond:
+            if self.readers and self.limited:
+                return True
+            return self.fg_waiting > self.handoff and self.fg + self.bg >= self.capacity
+
+    def pause(self) -> None:
+        """A prefetch stream gives its slot up and takes one again when prefetch may stream."""
+        with self._cond:
+            self.yields += 1
+            self._tick()
+            self.bg -= 1
+            if self.fg_waiting > self.handoff:
+                self.handoff += 1
+            self._cond.notify_all()
+        self.acquire(False)
+
+    def moved(self, n: int) -> None:
+        """``n`` body bytes arrived on some stream. No lock: this runs per chunk on every stream, and an
+        update lost to a race only makes one window's estimate a chunk short; windows close in
+        ``acquire``/``release``."""
+        self._w_bytes += n
+
+    def free(self) -> int:
+        """Slots neither held nor about to be taken by a waiting reader's stream."""
+        with self._cond:
+            return max(0, self.capacity - self.fg - self.bg - self.fg_waiting)
+
+    def foreground_share(self, holding: bool) -> int:
+        """Connections a waited-on object may spread over: the free ones, half of those prefetch streams
+        on (they yield to it), and its own first GET's when it ``holding`` it."""
+        with self._cond:
+            free = self.capacity - self.fg - self.bg
+            return max(1, free + self.bg // 2 + (1 if holding else 0))
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"streams": self.fg + self.bg, "capacity": self.capacity, "limited": self.limited,
+                    "rate": round(self.rate), "per_stream": round(self.per_stream), "yields": self.yields}
