@@ -225,6 +225,8 @@ class Daemon:
         if not self.stopping.is_set() and self.serving:
             notify.stopping("stopping")
         self.stopping.set()
+        if self.fetcher is not None:
+            self.fetcher.abort()  # a download stalled in a read must not hold shutdown for its read timeout
         for ev in (self._manifest_stop, self._revalidate_stop):
             if ev is not None:
                 ev.set()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +148,17 @@ class Fetcher:
         self._fg_idle.set()
         self.link = Link(workers, cancel)
         self._inflight: dict[str, _Priority] = {}
+        self._bodies: set = set()  # response bodies being read now (``abort`` wakes their reads)
+        self._bodies_lock = threading.Lock()
+
+    def abort(self) -> None:
+        """Stopping: wake every read blocked on a response body by shutting its socket down, so a stalled
+        download does not hold the daemon's shutdown for its read timeout (30 s). Call after setting
+        ``cancel``: the failed reads then end as Cancelled, not as retries."""
+        with self._bodies_lock:
+            bodies = list(self._bodies)
+        for body in bodies:
+            _shutdown(body)
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
@@ -168,6 +180,8 @@ class Fetcher:
         for one (or a reader waits on a saturated link), and streams on once it has a slot again.
         """
         got = 0
+        with self._bodies_lock:
+            self._bodies.add(body)
         try:
             while True:
                 if self.cancel.is_set():
@@ -200,7 +214,12 @@ class Fetcher:
             # the end has already handed its connection back to the pool, which is what keeps small
             # objects from paying a TCP (and TLS) handshake each.
             body.close()
+            if self.cancel.is_set():
+                raise Cancelled("stopping") from None  # a read that abort() woke
             raise
+        finally:
+            with self._bodies_lock:
+                self._bodies.discard(body)
         if got != expect_len:
             body.close()
             raise botocore.exceptions.IncompleteReadError(actual_bytes=got, expected_bytes=expect_len)
@@ -451,3 +470,18 @@ class Fetcher:
             self.counters.add(readback=final[1].readback)
             return final[0], final[1].result(total)
         return final[0], final[1].joined()
+
+
+def _shutdown(body) -> None:
+    """Shut down the socket under a botocore/urllib3 response body (from another thread: a blocked recv
+    returns at once, which closing the descriptor alone does not guarantee)."""
+    raw = getattr(body, "_raw_stream", body)
+    conn = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    sock = getattr(conn, "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        else:
+            raw.close()
+    except (OSError, AttributeError):
+        pass

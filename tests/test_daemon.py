@@ -193,9 +193,6 @@ def test_bad_manifest_refuses_to_start_naming_file_and_line(tmp_path, moto):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (issue 21 finding): SIGTERM while a GET's body is stalled waits for "
-                   "--read-timeout (30 s) before the daemon stops: a fetch blocked in body.read() is not "
-                   "interrupted on shutdown. Remove this marker with the fix.")
 def test_sigterm_stops_cleanly_and_removes_temp_files(tmp_path, s3, bucket, daemons, stalling_proxy):
     data = put_many(s3, bucket, 2, 3 * MiB)
     stalling_proxy.plan = lambda m, p, q: "stall" if m == "GET" and not stalling_proxy.release.is_set() else None
