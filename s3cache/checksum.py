@@ -231,6 +231,20 @@ def _hasher(exp: Expectation):
     return make()
 
 
+def describe_mismatch(exp: Expectation, actual: str) -> str:
+    """"md5 is X, expected Y", with base64 beside the hex for whole-object digests: a manifest may give
+    md5=/sha256=/crc32c= in either form (S3 prints base64), and users look for the one they wrote."""
+    text = f"{exp.method} is {actual}, expected {exp.value}"
+    try:
+        if not is_per_part(exp) and len(exp.value) % 2 == 0:
+            b64 = lambda h: base64.b64encode(bytes.fromhex(h)).decode()  # noqa: E731
+            text = (f"{exp.method} is {actual} (base64 {b64(actual)}), expected {exp.value} "
+                    f"(base64 {b64(exp.value)})")
+    except ValueError:
+        pass
+    return text
+
+
 def is_per_part(exp: Expectation) -> bool:
     """True for multipart ETags and composite checksums, whose value ends in ``-N``."""
     return exp.method == "etag-multipart" or "-" in exp.value
@@ -244,7 +258,7 @@ class DigestMismatch(ChecksumMismatch):
                  passed: list[tuple[Expectation, str]]) -> None:
         self.failed = failed
         self.passed = passed
-        text = "; ".join(f"{e.method} is {actual}, expected {e.value}" for e, actual in failed)
+        text = "; ".join(describe_mismatch(e, actual) for e, actual in failed)
         super().__init__(f"{what}: {text}")
 
 

@@ -23,7 +23,7 @@ import threading
 from typing import NamedTuple
 
 from .checks import manifest_expectations, plan, s3_expectations
-from .checksum import Digest, DigestMismatch, Expectation, digest_file, is_per_part, strongest
+from .checksum import Digest, DigestMismatch, Expectation, describe_mismatch, digest_file, is_per_part, strongest
 from .errors import NoChecksum, ObjectChanged, WrongChecksum
 from .manifest import Entry
 from .s3api import ObjectApi
@@ -98,7 +98,7 @@ class Verifier:
     def _judge(self, entry: Entry, etag: str, checks: Checks, e: DigestMismatch, fd: int, seen: dict) -> None:
         """Raise WrongChecksum if the mismatch is not a transfer error; return if it may be one."""
         uri = entry.uri
-        wrong = "; ".join(f"{x.method} is {actual}, expected {x.value}" for x, actual in e.failed)
+        wrong = "; ".join(describe_mismatch(x, actual) for x, actual in e.failed)
         if all(x.from_manifest for x, _ in e.failed):
             agrees = [x for x, _ in e.passed if not x.from_manifest]
             if not agrees and not any(not x.from_manifest for x, _ in e.failed):

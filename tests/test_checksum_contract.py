@@ -116,7 +116,7 @@ def test_every_claim_is_checked_and_the_message_names_each_failure():
     with pytest.raises(DigestMismatch) as ei:
         d.check("s3://b/k", len(BODY))
     assert ei.value.failed == [(bad, md5)] and ei.value.passed == [(good, sha)]
-    assert str(ei.value) == f"s3://b/k: md5 is {md5}, expected {'0' * 32}"
+    assert str(ei.value) == f"s3://b/k: md5 is {md5} (base64 {_b64(md5)}), expected {'0' * 32} (base64 {_b64('0' * 32)})"
     assert isinstance(ei.value, ChecksumMismatch)
 
 
@@ -186,7 +186,8 @@ def test_two_failed_claims_are_both_named():
     with pytest.raises(DigestMismatch) as ei:
         d.check("s3://b/k", None)
     sha, md5 = hashlib.sha256(BODY).hexdigest(), hashlib.md5(BODY).hexdigest()
-    assert str(ei.value) == f"s3://b/k: sha256 is {sha}, expected {'0' * 64}; md5 is {md5}, expected {'1' * 32}"
+    assert str(ei.value) == (f"s3://b/k: sha256 is {sha} (base64 {_b64(sha)}), expected {'0' * 64} (base64 {_b64('0' * 64)}); "
+                             f"md5 is {md5} (base64 {_b64(md5)}), expected {'1' * 32} (base64 {_b64('1' * 32)})")
 
 
 def test_split_parts_check_the_manifest_claim_beside_s3s():
@@ -212,3 +213,8 @@ def test_digest_file_checks_the_manifest_claim_beside_s3s():
     with pytest.raises(DigestMismatch) as ei:
         digest_file(io.BytesIO(BODY), s3s, also=(wrong,)).check("s3://b/k", len(BODY))
     assert [e for e, _ in ei.value.failed] == [wrong]
+
+
+def _b64(hexdigest: str) -> str:
+    """The base64 form a mismatch message shows beside the hex (S3 and many manifests write base64)."""
+    return base64.b64encode(bytes.fromhex(hexdigest)).decode()

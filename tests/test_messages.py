@@ -26,3 +26,16 @@ def test_a_failure_names_its_object_once_in_status_and_the_log(tmp_path, s3, buc
     with pytest.raises(S3CacheError) as ei:
         resolve(uri, cache_dir=d.cache_dir, timeout=60)
     assert str(ei.value).count(uri) == 1, str(ei.value)
+
+
+def test_a_digest_given_in_base64_is_named_in_base64_too(tmp_path, s3, bucket, daemons):
+    """Issue 19: an md5 given in base64 (as S3 prints it) was reported only in hex."""
+    import base64
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"real bytes")
+    wrong = base64.b64encode(hashlib.md5(b"other bytes").digest()).decode()
+    uri = f"s3://{bucket}/k"
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"{uri} md5={wrong}"]))
+    st = d.wait_until(lambda st: st["objects"]["failed"] == 1, what="the wrong md5 to fail")
+    msg = st["failures"][0]["message"]
+    assert f"(base64 {wrong})" in msg and hashlib.md5(b"other bytes").hexdigest() in msg, msg
