@@ -257,7 +257,7 @@ def _resolve_each(uris: list[str], cache_dir: Path, timeout: float | None) -> li
 
 def _request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
     from .control import Client
-    from .store import Layout
+    from .layout import Layout
 
     with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=timeout) as c:
         return c.request(msg)
