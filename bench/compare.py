@@ -214,7 +214,11 @@ class Bench:
         manifest.write_text("")
         with DaemonProcess(work / "cache", self.proxy.url, manifest=manifest,
                            args=["--workers", str(self.a.workers), "--max-size", str(4 * self.total + (64 << 20)),
-                                 "--min-free", "0"]) as d:
+                                 "--min-free", "0",
+                                 # the job reads as soon as it has written its manifest, before the daemon has
+                                 # installed it: the operator allows the dataset's bucket (see the README's
+                                 # demand scope)
+                                 "--allow", "s3://bench/"]) as d:
             pid = d.proc.pid
 
             def cold():

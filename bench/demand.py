@@ -37,7 +37,7 @@ def main() -> None:
             s3.put_object(Bucket="bench", Key=f"unlisted/{i}", Body=demand_body)
         manifest = Path(tmp) / "m.txt"
         manifest.write_text("s3://bench/train/\n")
-        args = ["--max-size", "100G", "--min-free", "0"]
+        args = ["--max-size", "100G", "--min-free", "0", "--allow", "s3://bench/unlisted/"]  # the demand
         results = {}
         for label, man, offset in (("idle", None, 0), ("busy prefetching", manifest, a.runs)):
             cache = Path(tmp) / f"cache-{offset}"

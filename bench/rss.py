@@ -43,7 +43,8 @@ def main() -> None:
         s3.create_bucket(Bucket="bench")
         upload(s3, "bench", "big.bin", size)
         with DaemonProcess(Path(tmp) / "cache", moto.url, args=["--part-size", a.part_size, "--workers", a.workers,
-                                                                 "--max-size", str(2 * size)]) as d:
+                                                                 "--max-size", str(2 * size),
+                                                                 "--allow", "s3://bench/"]) as d:
             pid = d.proc.pid
             idle = memory(pid, "VmRSS")
             from s3cache import resolve

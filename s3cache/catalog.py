@@ -99,6 +99,7 @@ class Catalog:
         self.avg_size = 0.0  # mean of the sizes the manifest gives (0 if none)
         self.total_size = 0  # bytes of the entries that give a size
         self.sized = 0  # entries that give a size
+        self.prefixes: tuple[tuple[str, str], ...] = ()  # the manifest's prefix/ lines: (bucket, key prefix)
         # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
         self._memo: dict[str, int | None] = {}
 

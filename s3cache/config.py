@@ -19,8 +19,8 @@ from typing import Any
 
 from .errors import ConfigError
 from .kinds import (PATH, READAHEAD, SECONDS, SIZE, TEXT, URL, Bool, Choice, Int, Kind,  # noqa: F401 (re-exported)
-                    MetricsAddr, Number, PathKind, Readahead, ReadaheadKind, ShardKind, Size, Url, format_size,
-                    human_size, parse_readahead, parse_size, redact_url, redact_urls)
+                    MetricsAddr, Number, PathKind, Prefixes, Readahead, ReadaheadKind, ShardKind, Size, Url,
+                    format_size, human_size, parse_readahead, parse_size, redact_url, redact_urls)
 from .shard import WHOLE, Shard
 
 DEFAULT_CACHE_DIR = "/var/cache/s3cache"
@@ -75,7 +75,8 @@ class Settings:
 
     cache_dir: Path = setting(PATH, Path(DEFAULT_CACHE_DIR), "The cache directory.", env="S3CACHE_DIR")
     manifest: Path | None = setting(PATH, None, "Objects to prefetch, one s3:// URI per line, in order; "
-                                    "watched for changes. Without one, files are fetched on demand only.")
+                                    "watched for changes. Without one, files are fetched on demand only, "
+                                    "under --allow.")
     max_size: int = setting(Size(1), 100 << 30, "Bytes of cached files at most (e.g. 500G, 1.5T).")
     workers: int = setting(Int(1, 512), 16, "Objects fetched in parallel (and parts of one large object).")
     part_size: int = setting(Size(1 << 20), 16 << 20, "Ranged-GET part size of an object a reader waits on.")
@@ -105,6 +106,9 @@ class Settings:
     log_level: str = setting(Choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
     require_checksum: bool = setting(Bool(), False, "Refuse to publish an object that has no check stronger "
                                      "than its size (no manifest digest, no S3 checksum, no MD5 ETag).")
+    allow: tuple[str, ...] = setting(Prefixes(), (), "Readers may also have objects under this prefix fetched "
+                                     "on demand (s3://bucket/prefix/, s3://bucket/ for a bucket; repeatable). "
+                                     "Beyond these, only the manifest's objects and prefixes are fetched for them.")
     world_readable: bool = setting(Bool(), False, "Cached files 0644 and directories 0755 instead of readable "
                                    "by the cache dir's group only (0640/0750).")
     metrics_addr: str | None = setting(MetricsAddr(), None, "Serve Prometheus metrics on HOST:PORT (e.g. "

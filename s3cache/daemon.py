@@ -56,9 +56,10 @@ from .publisher import Publisher
 from .readers import Readers
 from .metrics import FetchHistogram
 from .ops import Ops
-from .refs import shown
+from .refs import format_uri, shown
 from .reload import Manifests, Reload
 from .schedule import Schedule
+from .scope import Scope
 from .status import Progress, Throughput, assemble, measure
 from .space import Space
 from .store import Store
@@ -181,13 +182,13 @@ class Daemon:
         s, store, cond = self.s, self.store, self.cond
         tracker = ReaderTracker(idle=max(s.lease, 60.0))
         self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
-                           on_evicted=lambda positions: self.schedule.evicted(positions))
+                           on_evicted=lambda victims: self.schedule.evicted(victims))
         self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
                                  is_waited=lambda uri: self.readers.is_waited(uri))
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote)
+                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest is not None))
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
                                errors=self.loop_errors)
@@ -302,7 +303,7 @@ class Daemon:
         self.readers.landed(items, now)
 
     def _fail(self, uri: str, code: str, message: str) -> None:
-        message = redact_urls(message)
+        message = _about(uri, redact_urls(message))
         log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
@@ -376,3 +377,12 @@ class Daemon:
                             counters=self.fetcher.counters if self.fetcher else None,
                             errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
                             throughput=self.throughput.rate())
+
+
+def _about(uri: str, message: str) -> str:
+    """``message`` without a leading ``uri: `` (errors name their object; the failure is reported beside
+    the URI already, and "failed s3://x: ChecksumMismatch: s3://x: ..." said it twice)."""
+    for form in (uri, shown(uri), format_uri(uri)):
+        if message.startswith(form + ": "):
+            return message[len(form) + 2:]
+    return message

@@ -68,6 +68,17 @@ class FetchFailed(S3CacheError):
         super().__init__(text)
 
 
+class OutOfScope(FetchFailed):
+    """The daemon will not fetch this object for a reader: it is outside the demand scope (not in the
+    manifest, not under one of its ``prefix/`` lines, not under ``serve --allow``). The message names the
+    rule; no request was made to S3."""
+
+    code = "OutOfScope"
+
+    def __init__(self, uri: str, message: str) -> None:
+        super().__init__(uri, self.code, message)
+
+
 class CacheFull(S3CacheError):
     """The cache cannot make room: everything resident is leased, pinned or still unread."""
 

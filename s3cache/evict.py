@@ -238,17 +238,26 @@ class Leases:
         self.lease = lease
         self.budget = budget
         self.min_files = min_files
-        # reader -> uri -> (size, when), oldest first; and the bytes in it
-        self._recent: dict[str, OrderedDict[str, tuple[int, float]]] = {}
+        # reader -> uri -> (size, when its lease started, when the reader took it), in the reader's order
+        # (oldest first); and the bytes in it
+        self._recent: dict[str, OrderedDict[str, tuple[int, float, float]]] = {}
         self._bytes: dict[str, int] = {}
 
-    def saw(self, reader: str, uri: str, size: int, now: float) -> None:
+    def saw(self, reader: str, uri: str, size: int, now: float, asked: float | None = None) -> None:
+        """``reader`` may open ``uri`` from ``now`` on. ``asked``: when it asked for it, if earlier (a file
+        it waited on lands after the reader may already have seen it appear and moved on to newer files:
+        it goes in the reader's order where it asked, so it does not push those out of the lease)."""
         q = self._recent.setdefault(reader, OrderedDict())
         total = self._bytes.get(reader, 0)
         old = q.pop(uri, None)
         if old is not None:
             total -= old[0]
-        q[uri] = (size, now)
+        key = now if asked is None else min(asked, now)
+        if q and key < next(reversed(q.values()))[2]:
+            q[uri] = (size, now, key)
+            q = self._recent[reader] = OrderedDict(sorted(q.items(), key=lambda kv: kv[1][2]))
+        else:
+            q[uri] = (size, now, key)
         total += size
         while len(q) > self.min_files:  # keep what could be held, with the budget all this reader's
             oldest = next(iter(q.values()))
@@ -258,21 +267,27 @@ class Leases:
         self._bytes[reader] = total
 
     def held(self, now: float) -> set[str]:
-        active = {r: q for r, q in self._recent.items() if q and now - next(reversed(q.values()))[1] < self.lease}
+        active = {r: q for r, q in self._recent.items() if q and now - max(v[1] for v in q.values()) < self.lease}
         for r in [r for r in self._recent if r not in active]:
             self.forget(r)
         share = self.budget // max(1, len(active))
         out: set[str] = set()
         for q in active.values():
             bytes_ = 0
-            for i, (uri, (size, when)) in enumerate(reversed(q.items())):
+            i = 0
+            for uri, (size, when, _) in reversed(q.items()):
                 if now - when >= self.lease:
-                    break
+                    continue
                 bytes_ += size
                 if i >= self.min_files and bytes_ > share:
                     break
                 out.add(uri)
+                i += 1
         return out
+
+    def holders(self, now: float) -> int:
+        """Readers whose lease holds a file now."""
+        return sum(1 for q in self._recent.values() if q and now - max(v[1] for v in q.values()) < self.lease)
 
     def forget(self, reader: str | None = None) -> None:
         if reader is None:

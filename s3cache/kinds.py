@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .scope import parse_allow_list
 from .shard import Shard, parse_shard
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -279,6 +280,23 @@ class ShardKind(Kind):
 
     def format(self, value: Shard) -> str:
         return f"{value.index}/{value.count}"
+
+
+class Prefixes(Kind):
+    """S3 prefixes (``s3://bucket/prefix/``): a repeatable flag, text separated by spaces or commas in the
+    environment, a list (or such text) in the file. A tuple of canonical prefixes (scope.parse_allow)."""
+
+    metavar = "S3_PREFIX"
+    repeatable = True  # the CLI takes the flag several times and joins the values
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        return parse_allow_list(raw)
+
+    def check(self, value: tuple[str, ...]) -> None:
+        parse_allow_list(value)  # a Settings built in code holds well-formed prefixes too
+
+    def format(self, value: tuple[str, ...]) -> str:
+        return " ".join(value)
 
 
 PATH, TEXT, URL, SIZE, READAHEAD = PathKind(), Kind(), Url(), Size(), ReadaheadKind()

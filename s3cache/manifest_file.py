@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from .catalog import Catalog
 from .errors import ManifestError, ManifestUnstable
-from .manifest import Lister, SkipLog, expand, read_open
+from .manifest import Entry, Lister, Prefix, SkipLog, expand, read_open
 from .shard import WHOLE, Shard
 
 SETTLE = 0.25  # seconds a file must have gone unmodified; editors finish a save well within it
@@ -82,7 +82,9 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
                                    before)
         skipped = SkipLog()
         try:
-            catalog = Catalog.build(expand(read_open(f, path), lister, skipped), shard)
+            prefixes: list[tuple[str, str]] = []
+            catalog = Catalog.build(expand(_noting_prefixes(read_open(f, path), prefixes), lister, skipped), shard)
+            catalog.prefixes = tuple(dict.fromkeys(prefixes))  # the demand scope includes them (scope.py)
         except ManifestError:
             if _changed(f, path, before):
                 raise ManifestUnstable(path, "changed while it was read", settle) from None
@@ -90,6 +92,14 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
         if _changed(f, path, before):
             raise ManifestUnstable(path, "changed while it was read", settle)
     return Loaded(catalog, skipped, before)
+
+
+def _noting_prefixes(items: Iterable[Entry | Prefix], found: list[tuple[str, str]]) -> Iterator[Entry | Prefix]:
+    """``items`` passed on as they are, each prefix line's (bucket, prefix) added to ``found``."""
+    for item in items:
+        if isinstance(item, Prefix):
+            found.append((item.bucket, item.prefix))
+        yield item
 
 
 def _changed(f, path: str, before: Identity) -> bool:

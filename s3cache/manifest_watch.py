@@ -104,7 +104,8 @@ class ManifestWatch:
             try:
                 return self._lister(bucket, prefix)
             except (FetchFailed, Cancelled) as e:
-                errors.append(f"{path}: cannot list s3://{bucket}/{prefix}: {e}")
+                why = f"{e.code}: {e.reason}" if isinstance(e, FetchFailed) else str(e)  # e names the prefix too
+                errors.append(f"{path}: cannot list s3://{bucket}/{prefix}: {why}")
                 log.error("%s", errors[-1])
                 return []
 

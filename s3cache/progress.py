@@ -71,6 +71,33 @@ def landing(st: dict) -> tuple[int, int | None, float | None, bool]:
     return landed, total, (left / rate if rate else None), estimated
 
 
+_HELD = (("leased", "leased"), ("pinned", "pinned"), ("being_read", "being read"),
+         ("unread_prefetch", "unread prefetch"), ("needed_sooner", "needed sooner"), ("in_flight", "in flight"))
+
+
+def why_waiting(st: dict) -> list[Text]:
+    """Lines saying why readers or prefetch wait: leases, yielding to a reader, waits for room."""
+    out: list[Text] = []
+    leases = st.get("leases") or {}
+    if leases.get("files"):
+        readers = leases["readers"]
+        out.append(Text(f"leases hold {leases['files']} files ({human_size(leases['bytes'])}) for {readers} "
+                        f"reader{'s' if readers != 1 else ''} (at most {human_size(leases['budget'])} "
+                        f"beyond each reader's two newest)"))
+    yields = st.get("prefetch_yields_to") or 0
+    if yields:
+        out.append(Text(f"prefetch yields to {yields} fetch{'es' if yields != 1 else ''} "
+                        f"{'a reader waits' if yields == 1 else 'readers wait'} on", style="yellow"))
+    for w in st.get("waiting_for_space") or []:
+        who = "a reader waits" if w["reader_waits"] else "prefetch waits"
+        limit = "--max-size" if w["limit"] == "max_size" else "the filesystem"
+        held = ", ".join(f"{name} {human_size(w['held'][k])}" for k, name in _HELD if w["held"].get(k))
+        out.append(Text(f"{who} for room for {w['uri']} ({human_size(w['size'])}, {human_size(w['need'])} "
+                        f"short on {limit}, {w['seconds']:.0f}s): {held or 'nothing cached'}",
+                        style="red" if w["reader_waits"] else "yellow"))
+    return out
+
+
 def render(st: dict) -> RenderableType:
     """The progress view of one status snapshot."""
     o, b = st["objects"], st["bytes"]
@@ -113,9 +140,13 @@ def render(st: dict) -> RenderableType:
     notes: list[Text] = []
     if st.get("disk_full"):
         notes.append(Text("the cache filesystem is full: prefetch paused until space returns", style="red"))
+    elif st.get("min_free_reached"):
+        notes.append(Text("free space below --min-free: prefetch paused (files readers wait on still come)",
+                          style="yellow"))
     elif st.get("prefetch_paused"):
         notes.append(Text("prefetch waits for room in the cache (files leased, pinned or not yet read)",
                           style="yellow"))
+    notes.extend(why_waiting(st))
     for e in st.get("manifest_errors", []):
         notes.append(Text(f"manifest: {printable(e)}", style="red"))
     failures = st.get("failures", [])

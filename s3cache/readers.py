@@ -32,13 +32,14 @@ from .catalog import Catalog
 from .config import human_size
 from .control import Connection
 from . import wire
-from .errors import RequestTooLarge, S3CacheError
+from .errors import OutOfScope, RequestTooLarge, S3CacheError
 from .evict import ReaderTracker, leased
 from .index import Record
 from .manifest import Entry
 from .order import M64, Announcement, ListError, Lists
 from .refs import ObjectRef, decode_key, from_identity
 from .schedule import Schedule
+from .scope import Scope
 from .space import Space
 from .store import Store
 
@@ -53,7 +54,7 @@ MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longes
 class Readers:
     def __init__(self, schedule: Schedule, space: Space, store: Store, cond: threading.Condition,
                  tracker: ReaderTracker, *, notes: Callable[[], Iterable[tuple[str, str, str]]],
-                 promote: Callable[[str], object]) -> None:
+                 promote: Callable[[str], object], scope: Scope | None = None) -> None:
         self._schedule = schedule
         self._space = space
         self._store = store
@@ -69,6 +70,13 @@ class Readers:
         self.misses = 0
         self.wait_seconds = 0.0  # waits that ended: the file came, failed, or the reader left
         self.notes_rejected = 0  # usage notes naming no valid s3:// URI, skipped
+        # What readers may have fetched (scope.py); None: nothing beyond the manifest and its prefixes.
+        self._scope = scope if scope is not None else Scope(has_manifest=True)
+        self.out_of_scope = 0  # wants refused as out of scope since start
+        self.hints_out_of_scope = 0  # ahead hints dropped as out of scope since start
+        warning = self._scope.warning()
+        if warning:
+            log.warning("%s", warning)
 
     def install(self) -> None:
         """A new manifest: positions in the old one mean nothing."""
@@ -92,7 +100,7 @@ class Readers:
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
-            if not self._space.touch(uri, now) and self._schedule.is_fetching(uri):
+            if not self._space.touch(uri, now, reader) and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
@@ -131,7 +139,9 @@ class Readers:
         ``ahead`` is a hint for objects the manifest does not list (for listed ones the readahead policy
         already knows what comes next): they are queued behind the demand, with no one waiting yet. At
         most MAX_AHEAD of them (more raises RequestTooLarge, and nothing is done). An object that failed
-        for good is answered ``failed`` at once, without a download (failures.py says which).
+        for good is answered ``failed`` at once, without a download (failures.py says which). An object
+        not cached and outside the demand scope (scope.py) is answered ``failed`` with code OutOfScope
+        and the rule, at once and without any request to S3; an ahead hint outside it is dropped.
         """
         if len(ahead) > MAX_AHEAD:
             raise RequestTooLarge(f"{len(ahead)} ahead hints in one want; at most {MAX_AHEAD}: send fewer")
@@ -166,6 +176,12 @@ class Readers:
                 if path is not None:
                     results.append({"uri": uri, "state": "ready", "path": path})
                     continue
+                # Checked after "ready": a cached file is on disk, readable by the group already.
+                if not self._scope.allows(ref, self._schedule.catalog):
+                    self.out_of_scope += 1
+                    results.append({"uri": uri, "state": "failed", "code": OutOfScope.code,
+                                    "message": self._scope.rule()})
+                    continue
                 failure = self._schedule.permanent_failure(uri)
                 if failure is not None:
                     results.append({"uri": uri, "state": "failed", "code": failure.code,
@@ -181,7 +197,10 @@ class Readers:
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
             for ref in hints:
-                self._schedule.hint(ref)
+                if self._scope.allows(ref, self._schedule.catalog):
+                    self._schedule.hint(ref)
+                else:
+                    self.hints_out_of_scope += 1
             self._cond.notify_all()
         return results
 

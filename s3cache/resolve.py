@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from . import order, paths
 from .client import Client, UseNotes
 from .config import default_cache_dir
-from .errors import DaemonNotRunning, FetchFailed, RequestRefused, ResolveTimeout, S3CacheError, UnsafeKey
+from .errors import DaemonNotRunning, FetchFailed, OutOfScope, RequestRefused, ResolveTimeout, S3CacheError, UnsafeKey
 from .lease import SharedLease
 from .refs import ObjectRef, format_uri, parse_uri
 from .layout import Layout
@@ -251,6 +251,8 @@ class Shuffled:
 def _raise_for(res: dict) -> None:
     state = res.get("state")
     if state == "failed":
+        if res.get("code") == OutOfScope.code:
+            raise OutOfScope(format_uri(res["uri"]), res.get("message", ""))
         raise FetchFailed(format_uri(res["uri"]), res.get("code", "Unknown"), res.get("message", ""))
     if state == "invalid":
         raise UnsafeKey(res.get("message", f"invalid URI {res.get('uri')!r}"))

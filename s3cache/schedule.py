@@ -9,9 +9,14 @@ Invariants it keeps:
 
 * an object is in at most one of ready (the space's), fetching, failed and blocked when ``next_job``
   hands it out: a job is never handed out twice at once;
-* demand goes before prefetch, and nothing is handed out while the disk is full;
-* with readers in order, nothing beyond the readahead window is prefetched unless it fits in free space
-  (evicting for a file needed later than what is resident would be a loss);
+* demand goes before prefetch; prefetch is not handed out while the disk is full, demand is (its
+  admission counts the filesystem's free bytes and may evict for it: a waiting reader never starves);
+* with readers whose future is known (in order, or an announced order), prefetch goes in order of next
+  use, and nothing beyond the readahead window (``evict.readahead_files``: at most a sixteenth of the
+  cache) is prefetched unless it fits in free room (evicting for a file needed later than what is
+  resident would be a loss);
+* a job that ended without a result because the disk was full is never lost: it goes back to the demand
+  queue if a reader waits on it, else behind the cursor (or to the blocked set until space returns);
 * a worker sleeps only after a scan found nothing (``_scan_idle``); anything that may make an object
   worth fetching again (a manifest, an eviction, a reader moving, a lease expiring) clears it.
 
@@ -33,6 +38,7 @@ from collections.abc import Callable
 from .catalog import Catalog
 from .demand import DemandQueue
 from .config import Settings
+from . import evict
 from .evict import ReaderTracker
 from .failures import RECHECK, Failure, Failures
 from .manifest import Entry
@@ -106,7 +112,7 @@ class Schedule:
         """Block until there is a job: (entry, True for demand). None once the daemon stops."""
         with self._cond:
             while not self._stopping.is_set():
-                while self.demand and not self._space.disk_full:
+                while self.demand:  # even on a full disk: admission evicts for a waiting reader
                     e = self.demand.popleft()
                     if (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching:
                         self.fetching.add(e.uri)
@@ -121,39 +127,33 @@ class Schedule:
         return None
 
     def _readahead_files(self) -> int:
-        if self.s.readahead_files:
-            return self.s.readahead_files
-        avg = self.catalog.avg_size or self.s.part_size
-        return max(1, int(self.s.readahead_bytes / max(avg, 1)))
+        """Files fetched ahead of each reader whose order is known (0: only into free room)."""
+        return evict.readahead_files(self.s.max_size, self.catalog.avg_size or self.s.part_size,
+                                     self.s.readahead_bytes, self.s.readahead_files)
+
+    def _size_of(self, e: Entry) -> int:
+        size = e.size if e.size is not None else self._space.size_hint(e.uri)
+        return size if size is not None else self.s.part_size
 
     def _next_prefetch(self) -> Entry | None:
         n = len(self.catalog)
         if not n:
             return None
-        readers = self._tracker.positions(n, time.time())
-        if not readers:
+        fut = self._tracker.future(n, time.time())
+        if not fut:
             while self.cursor < n:
                 e = self.catalog.entry(self.cursor)
                 if self._wanted(e.uri):
                     return e
                 self.cursor += 1
             return None
-        # Readers go in order: fill in order of next use, nearest first; beyond the readahead window
-        # only into free space (evicting for a file needed later than what is resident would be a loss).
-        window = self._readahead_files()
-        free = self._space.free()
-        self._scan_limited = False
-        for k in range(n):
-            for r in readers:
-                e = self.catalog.entry((r + k) % n)
-                if self._wanted(e.uri):
-                    size = e.size if e.size is not None else self._space.size_hint(e.uri)
-                    size = size if size is not None else self.s.part_size
-                    if k < window or size <= free:
-                        return e
-                    self._scan_limited = True  # a reader moving on may bring this into the window
-                    return None
-        return None
+        # Readers' futures are known: fill in order of next use, nearest first; beyond the readahead
+        # window only into free room (evicting for a file needed later than what is resident is a loss).
+        cat = self.catalog
+        p, self._scan_limited = evict.next_prefetch(
+            fut, lambda q: self._wanted(cat.entry(q).uri), lambda q: self._size_of(cat.entry(q)),
+            self._readahead_files(), self._space.room())
+        return cat.entry(p) if p is not None else None
 
     def work_changed(self) -> None:
         """Something may have become worth prefetching: let idle workers scan again."""
@@ -185,9 +185,10 @@ class Schedule:
             elif self._scan_limited:
                 self.work_changed()
 
-    def evicted(self, positions: list[int | None]) -> None:
-        """The space evicted files at these manifest positions: they may be fetched again."""
-        self.cursor = min([self.cursor] + [p for p in positions if p is not None])
+    def evicted(self, victims: list[evict.Resident]) -> None:
+        """The space evicted these files: the cursor goes back to those nobody read yet (prefetched too
+        early, still to come), not to files already read (``evict.rewind_cursor``)."""
+        self.cursor = evict.rewind_cursor(self.cursor, victims)
         self._scan_idle = False
 
     # == how a job ended ==============================================================================
@@ -204,17 +205,22 @@ class Schedule:
             self.prefetch_paused = True
 
     def again(self, entry: Entry, demand: bool) -> None:
-        """Try a job again after eviction made room on the filesystem."""
-        if demand:
+        """Try a job again after eviction made room on the filesystem: first if a reader waits on it,
+        else from the cursor (moved back to it), or behind the demand if the manifest does not list it."""
+        pos = self.catalog.position(entry.uri)
+        if demand or self._is_waited(entry.uri):
             self.demand.appendleft(entry)
+        elif pos is not None:
+            self.cursor = min(self.cursor, pos)
+        else:
+            self.demand.append(entry)
         self.work_changed()
 
     def park(self, entry: Entry, demand: bool) -> None:
-        """The disk is full: a demand job is served first once space returns; a prefetch is blocked."""
-        if demand:
-            self.demand.appendleft(entry)
-        else:
-            self.blocked.add(entry.uri)
+        """The disk is full and eviction freed nothing: blocked, and tried again (first, if a reader
+        waits on it) each time blocked work is reconsidered (``resume_prefetch``), at most every second
+        from the housekeeping loop, so a disk that stays full costs no stream of failing GETs."""
+        self.blocked.add(entry.uri)
 
     def fetched(self, uri: str) -> None:
         """``uri`` was published."""
@@ -258,7 +264,7 @@ class Schedule:
         """Release the failures whose backoff has passed (a bounded number per call; call about once a
         second): manifest objects are prefetched again, pinned ones outside it queued. Returns how many."""
         due = self.failed.due(time.monotonic() if now is None else now)
-        positions: list[int | None] = []
+        positions: list[int] = []
         for f in due:
             uri = f.entry.uri
             pos = self.catalog.position(uri)
@@ -267,8 +273,9 @@ class Schedule:
             elif self._space.is_pinned(uri) and not self.demand.has(uri) and uri not in self.fetching:
                 self.demand.append(f.entry)
             # else: nobody wants it now; a reader asking again fetches it
-        if positions:
-            self.evicted(positions)  # "may be fetched again": the prefetch scan goes back to them
+        if positions:  # "may be fetched again": the in-order prefetch scan goes back to them
+            self.cursor = min([self.cursor, *positions])
+            self._scan_idle = False
         if due:
             self.retries += len(due)
             self.work_changed()
@@ -364,5 +371,6 @@ class Schedule:
             "retries_released": self.retries,
             "hints": {"accepted": self.hints_accepted, "dropped": self.hints_dropped},
             "prefetch_paused": self.prefetch_paused,
+            "prefetch_yields_to": sum(1 for u in self.fetching if self._is_waited(u)),
             "failures_total": self.failures,
         }

@@ -7,13 +7,21 @@ filesystem's state (``--min-free``, disk full). Admission and eviction happen he
 Invariants it keeps:
 
 * ready bytes + reserved bytes never exceed ``--max-size`` (``admit`` reserves before a byte is
-  written; ``commit`` turns a reservation into ready bytes in one step under the state lock). Known
-  hole, issue 17 item 11: ``commit`` trusts the reservation, so an object that grew since its size
-  was learned is published past the limit;
+  written; ``commit`` turns a reservation into ready bytes in one step under the state lock). A second
+  ``admit`` of a URI with another size (the object changed in S3 since its size was learned) admits
+  the new size again, so a reservation is always the size that will be published;
+* reserved bytes also fit in the filesystem: ``admit`` counts its free bytes less every reservation
+  (a reservation whose file is already allocated counts twice: admission errs towards fewer parallel
+  downloads, never towards a full disk), less ``--min-free`` for prefetch;
+* a reader waiting on an object always progresses while anything cached is needed later than it:
+  demand may evict any file not leased, pinned or being read (``choose_victims`` with ``demand``);
+  files held only by reservations of downloads in flight come back when those land;
+* leases hold each reader's newest files only (``evict.Leases``): at most a 32nd of the cache plus
+  two files per reader, so leases alone never make a reader wait;
 * a file is removed before its index row (a crash leaves a row to drop at start, never an orphan);
 * a file a reader resolved is seen by eviction: eviction holds the cache's lease lock exclusively and
   applies every usage note readers sent (``drain_notes``) before choosing victims;
-* one reservation per URI: a second ``admit`` of the same URI is a no-op that answers yes.
+* one reservation per URI: a second ``admit`` of the same URI and size is a no-op that answers yes.
 
 Locks. The state lock is the daemon's one ``threading.Condition`` (over an RLock), shared with the
 schedule, readers and publisher: "ready, reserved or fetching" must change in one step for all of them
@@ -25,8 +33,8 @@ method says it takes the locks itself (``admit``, ``evict_for_disk``, ``exclusiv
 ``space_returned``).
 
 Talks upward only through two callables handed at construction: ``drain_notes()`` (apply readers'
-pending usage notes; the readers part) and ``on_evicted(positions)`` (manifest positions of evicted
-files, so the schedule may fetch them again).
+pending usage notes; the readers part) and ``on_evicted(victims)`` (the evicted files as the policy
+saw them, so the schedule may move its cursor back: ``evict.rewind_cursor``).
 """
 
 from __future__ import annotations
@@ -41,13 +49,17 @@ from contextlib import contextmanager
 from .catalog import Catalog
 from .config import Settings, human_size
 from .errors import PinQuotaExceeded
-from .evict import Resident, ReaderTracker, choose_victims, next_use
+from .evict import LEASE_SHARE, Future, Leases, Resident, ReaderTracker, choose_victims, target_distance
 from .index import Index, Record
 from .manifest import Entry
 from .lease import ExclusiveLease
 from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
+
+# Bytes of the filesystem a download may never take: the index and directories grow as files land.
+DISK_MARGIN = 256 << 10
+MAX_WAITS_SHOWN = 10
 
 class Space:
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
@@ -71,8 +83,13 @@ class Space:
         self.known_sizes: dict[str, int] = {}
         self.disk_full = False
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
-        self._free_checked = (-1.0, 0, 0)  # (when, free bytes, total bytes) of the last statvfs
-        self._admitted_since_check = 0
+        self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
+        # Leases: each reader's newest files (evict.Leases); readers waiting on a file not yet ready,
+        # whose lease starts when it lands (uri -> reader -> when they asked).
+        self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE)
+        self._awaited: dict[str, dict[str, float]] = {}
+        # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
+        self.waits: dict[str, dict] = {}
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
         self.evicted = 0
         self.evicted_bytes = 0
@@ -142,13 +159,18 @@ class Space:
         self.forget(uri)
         return None
 
-    def touch(self, uri: str, when: float) -> bool:
-        """A reader used ``uri`` at ``when`` (its lease starts). False if it is not ready."""
+    def touch(self, uri: str, when: float, reader: str = "") -> bool:
+        """A reader used ``uri`` at ``when`` (its lease starts: ``reader``'s newest file). False if it is
+        not ready; then ``reader``'s lease on it starts when it lands (``commit``)."""
         rec = self.ready.get(uri)
         if rec is None:
+            if reader and len(self._awaited) < 100_000:  # bounded: dropped at commit or release
+                self._awaited.setdefault(uri, {})[reader] = when
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when
+        if reader:
+            self.leases.saw(reader, uri, rec.size, when)
         return True
 
     def forget(self, uri: str) -> Record | None:
@@ -166,10 +188,14 @@ class Space:
         """Published files become ready: each one's reservation turns into ready bytes. Returns the
         records these replaced whose file was elsewhere (the caller removes those files)."""
         replaced = []
+        now = time.time()
         for uri, rec in items:
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
                 replaced.append(old)
+            for reader, asked in self._awaited.pop(uri, {}).items():
+                # it may open it from now on; in its order where it asked (it may have moved on already)
+                self.leases.saw(reader, uri, rec.size, now, asked=asked)
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size
@@ -191,11 +217,26 @@ class Space:
     def release(self, uri: str) -> None:
         size = self.reservations.pop(uri, 0)
         self.reserved -= size
+        self._awaited.pop(uri, None)
+        self.waits.pop(uri, None)
 
     def _reserve(self, uri: str, size: int) -> None:
-        self._admitted_since_check += size
         self.reservations[uri] = size
         self.reserved += size
+        self.waits.pop(uri, None)
+
+    def disk_room(self, demand: bool) -> int:
+        """Bytes the filesystem can still give a new download: free bytes less every reservation (some
+        may be allocated already: counted twice, erring towards fewer downloads), less ``--min-free``
+        for prefetch and a margin for the index (state lock held)."""
+        room = self.store.free_bytes() - self.reserved - DISK_MARGIN
+        if not demand and self.s.min_free:
+            room -= int(self.store.total_bytes() * self.s.min_free)
+        return room
+
+    def room(self) -> int:
+        """Bytes a prefetch may take without evicting: under --max-size and on the filesystem."""
+        return min(self.free(), self.disk_room(False))
 
     # == admission and eviction (take the locks themselves) ===========================================
 
@@ -211,48 +252,96 @@ class Space:
                 yield
 
     def admit(self, entry: Entry, size: int, demand: bool) -> bool:
-        """Reserve ``size`` bytes for ``entry``, evicting by policy if needed. False: no room yet."""
+        """Reserve ``size`` bytes for ``entry`` under --max-size and on the filesystem, evicting by
+        policy if needed. False: no room yet (``waits`` says what holds it). A URI already reserved
+        with another size (the object changed in S3) is admitted again for the new size."""
         uri = entry.uri
-        low_on_space = not demand and self.s.min_free and self._free_fraction() < self.s.min_free
         with self._cond:
-            if uri in self.reservations:
+            have = self.reservations.get(uri)
+            if have == size:
                 return True
-            if low_on_space:
-                log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
+            if have is not None:
+                log.info("%s is %s now, not the %s reserved for it: admitting it again", uri,
+                         human_size(size), human_size(have))
+                self.release(uri)
+            if size > self.s.max_size:
                 return False
-            if self.used + self.reserved + size <= self.s.max_size:
+            if self._need(size, demand)[0] <= 0:
                 self._reserve(uri, size)
+                if not demand:
+                    self.min_free_reached = False
                 return True
-        if size > self.s.max_size:
-            return False
         with self.exclusive():
             self._drain_notes()
-            if self.used + self.reserved + size <= self.s.max_size:
+            need, disk_short = self._need(size, demand)
+            if need <= 0:
                 self._reserve(uri, size)
                 return True
             now = time.time()
             n = len(self.catalog)
-            readers = self._tracker.positions(n, now)
-            pos = self.catalog.position(uri)
-            # How soon the new file is needed: now for a waiting reader; its distance ahead of the
-            # readers in order; with none, its manifest position (as if a reader stood at the start).
-            if demand:
-                target = 0
-            elif pos is None:
-                target = None
-            else:
-                target = next_use(pos, readers, n) if readers else pos
-            need = self.used + self.reserved + size - self.s.max_size
+            fut = self._tracker.future(n, now)
+            target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + size - low - need)
-            victims = choose_victims(self.residents(), need=need, extra=extra, readers=readers, n=n,
+            victims = choose_victims(self.residents(), need=need, extra=extra, readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
-                                     protected=self._tracker.current())
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leases.held(now))
             if victims is None:
+                self._refused(uri, size, need, demand, disk_short, fut, target, now)
                 return False
             self._evict(victims, uri)
             self._reserve(uri, size)
+            if not demand:
+                self.min_free_reached = False
             return True
+
+    def _need(self, size: int, demand: bool) -> tuple[int, bool]:
+        """(bytes to evict before ``size`` fits, whether the filesystem rather than --max-size is short)."""
+        over = self.used + self.reserved + size - self.s.max_size
+        short = size - self.disk_room(demand)
+        return max(over, short), short > over
+
+    def _refused(self, uri: str, size: int, need: int, demand: bool, disk_short: bool, fut: Future,
+                 target: int | None, now: float) -> None:
+        """Remember (for status) and log once why ``uri`` found no room."""
+        if not demand and disk_short and self.s.min_free:
+            if not self.min_free_reached:
+                log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
+            self.min_free_reached = True
+        first = uri not in self.waits
+        why = self._explain(fut, target, now)
+        self.waits[uri] = {"uri": uri, "reader_waits": demand, "size": size, "need": need,
+                           "limit": "filesystem" if disk_short else "max_size",
+                           "since": self.waits.get(uri, {}).get("since", now), "at": now, "held": why}
+        if len(self.waits) > 4 * MAX_WAITS_SHOWN:
+            for old in sorted(self.waits, key=lambda u: self.waits[u]["at"])[:MAX_WAITS_SHOWN]:
+                del self.waits[old]
+        if first and demand:
+            parts = ", ".join(f"{k.replace('_', ' ')} {human_size(v)}" for k, v in why.items() if v)
+            log.warning("a reader waits for room for %s (%s, %s short on the %s): %s", uri, human_size(size),
+                        human_size(need), "filesystem" if disk_short else "--max-size", parts or "nothing cached")
+
+    def _explain(self, fut: Future, target: int | None, now: float) -> dict[str, int]:
+        """What holds the cache's bytes that eviction may not take, by reason (state lock held)."""
+        held = self.leases.held(now)
+        current = self._tracker.current()
+        out = {"leased": 0, "pinned": 0, "being_read": 0, "unread_prefetch": 0, "needed_sooner": 0,
+               "in_flight": self.reserved}
+        for r in self.residents():
+            if r.pinned:
+                out["pinned"] += r.size
+            elif r.position is not None and r.position in current:
+                out["being_read"] += r.size
+            elif r.uri in held:
+                out["leased"] += r.size
+            elif r.last_used <= 0:
+                out["unread_prefetch"] += r.size
+            elif fut and r.position is not None and target is not None:
+                d = fut.distance(r.position)
+                if d is not None and d <= target:
+                    out["needed_sooner"] += r.size
+        return out
 
     def evict_for_disk(self, size: int) -> bool:
         """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
@@ -260,10 +349,11 @@ class Space:
             self._drain_notes()
             now = time.time()
             n = len(self.catalog)
-            victims = choose_victims(self.residents(), need=size, extra=0,
-                                     readers=self._tracker.positions(n, now), n=n, target_distance=None,
-                                     demand=False, now=now, lease=self.s.lease,
-                                     protected=self._tracker.current())
+            fut = self._tracker.future(n, now)
+            victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
+                                     target_distance=None, demand=False, now=now, lease=self.s.lease,
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leases.held(now))
             if not victims:
                 return False
             self._evict(victims, "a full filesystem")
@@ -278,7 +368,7 @@ class Space:
             self.evicted += 1
             self.evicted_bytes += v.size
         self.index.delete_many(v.uri for v in victims)
-        self._on_evicted([v.position for v in victims])
+        self._on_evicted(victims)
         log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
 
     def withdraw(self, uri: str, rec: Record, quarantine: bool) -> tuple[bool, str | None, str | None]:
@@ -386,18 +476,6 @@ class Space:
 
     # == the filesystem ===============================================================================
 
-    def _free_fraction(self) -> float:
-        """The filesystem's free fraction: statvfs at most every 100 ms (one per small object added up),
-        less what was admitted since, so a burst of admissions cannot overshoot --min-free."""
-        now = time.monotonic()
-        with self._cond:
-            when, free, total = self._free_checked
-            if now - when > 0.1:
-                free, total = self.store.free_bytes(), self.store.total_bytes()
-                self._free_checked = (now, free, total)
-                self._admitted_since_check = 0
-            return max(0, free - self._admitted_since_check) / total if total else 0.0
-
     def mark_disk_full(self, need: int) -> None:
         """The filesystem refused a write: fetching waits until ``need`` bytes are free (lock held)."""
         self.disk_full = True
@@ -426,6 +504,7 @@ class Space:
 
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held by the caller)."""
+        now = time.time()
         pinned = [r for u, r in self.ready.items() if self.is_pinned(u)]
         methods: dict[str, int] = {}
         for r in self.ready.values():
@@ -440,4 +519,23 @@ class Space:
                        "quota_bytes": self.pin_quota()},
             "evicted": self.evicted,
             "evicted_bytes": self.evicted_bytes,
+            "leases": self.lease_status(now),
+            "min_free_reached": self.min_free_reached,
+            "waiting_for_space": self.waiting(now),
         }
+
+    def lease_status(self, now: float) -> dict:
+        """What readers' leases hold now: files, bytes, how many readers hold them, the byte budget."""
+        held = self.leases.held(now)
+        sizes = [self.ready[u].size for u in held if u in self.ready]
+        return {"files": len(sizes), "bytes": sum(sizes), "readers": self.leases.holders(now),
+                "budget": self.leases.budget}
+
+    def waiting(self, now: float) -> list[dict]:
+        """Admissions refused within the last few seconds (a waiting reader's is retried every second),
+        readers' first: what each needs and what holds the room."""
+        recent = [w for u, w in self.waits.items() if now - w["at"] < 5.0 and u not in self.ready]
+        recent.sort(key=lambda w: (not w["reader_waits"], w["since"]))
+        return [{"uri": w["uri"], "reader_waits": w["reader_waits"], "size": w["size"], "need": w["need"],
+                 "limit": w["limit"], "seconds": round(now - w["since"], 1), "held": w["held"]}
+                for w in recent[:MAX_WAITS_SHOWN]]

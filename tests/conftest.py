@@ -44,8 +44,11 @@ def daemons(tmp_path, moto):
     started: list[DaemonProcess] = []
 
     def start(cache_dir: Path | None = None, *, manifest=None, args=None, wait=True, env=None) -> DaemonProcess:
+        # These daemons serve tests of everything but the demand scope, which fetch on demand from
+        # throwaway buckets: they may fetch any object (S3CACHE_ALLOW=s3://). The scope's own tests
+        # (test_scope.py) give --allow, which beats the environment, or set S3CACHE_ALLOW themselves.
         d = DaemonProcess(cache_dir or tmp_path / "cache", moto.url, manifest=manifest,
-                          args=list(args or []), env=env,
+                          args=list(args or []), env={"S3CACHE_ALLOW": "s3://", **(env or {})},
                           log_path=tmp_path / f"daemon-{len(started)}.log")
         started.append(d)
         return d.start(wait=wait)
@@ -53,6 +56,16 @@ def daemons(tmp_path, moto):
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_readers():
+    """Each test's readers start afresh: the process-wide reader state (a lease-lock descriptor and a
+    usage connection per cache dir) is closed after every test instead of piling up for the run."""
+    yield
+    import importlib
+
+    importlib.import_module("s3cache.resolve").reset()  # the module: the package's `resolve` is the function
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from s3cache.manifest import Entry
 from s3cache.readers import Readers
 from s3cache.refs import parse_uri
 from s3cache.schedule import Schedule
+from s3cache.scope import Scope
 from s3cache.space import Space
 from s3cache.store import Store
 
@@ -49,12 +50,14 @@ class Rig:
                            drain_notes=lambda: self.readers.drain(), on_evicted=self._evicted)
         self.schedule = Schedule(self.s, self.space, self.cond, self.tracker, self.stopping,
                                  is_waited=lambda uri: self.readers.is_waited(uri))
+        # Every object in scope: these tests ask for objects outside their manifests (test_scope.py is the
+        # scope's own test).
         self.readers = Readers(self.schedule, self.space, self.store, self.cond, self.tracker,
-                               notes=self._drain, promote=self.promoted.append)
+                               notes=self._drain, promote=self.promoted.append, scope=Scope(["s3://"]))
 
-    def _evicted(self, positions: list[int | None]) -> None:
-        self.evicted_positions.append(positions)
-        self.schedule.evicted(positions)
+    def _evicted(self, victims) -> None:
+        self.evicted_positions.append([v.position for v in victims])
+        self.schedule.evicted(victims)
 
     def _drain(self):
         out, self.notes[:] = list(self.notes), []

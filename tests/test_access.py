@@ -61,6 +61,8 @@ def test_a_denied_bucket_fails_its_objects_and_spares_the_others(tmp_path, iam_m
     assert (f["uri"], f["code"], f["message"]) == ("s3://denied/k", "AccessDenied", "Access Denied")
     assert not f["permanent"] and f["retry_in"] is not None  # a policy fixed later: retried
     assert any("cannot list s3://denied/" in e and "AccessDenied" in e for e in st["manifest_errors"])
+    # each message names its object once (issue 19: "cannot list s3://d/: s3://d/: AccessDenied")
+    assert all(e.count("s3://denied/") == 1 for e in st["manifest_errors"]), st["manifest_errors"]
     assert Path(resolve("s3://allowed/k", cache_dir=d.cache_dir)).read_bytes() == b"allowed bytes"
     with pytest.raises(FetchFailed) as ei:
         resolve("s3://denied/k", cache_dir=d.cache_dir, timeout=120)

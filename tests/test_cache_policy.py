@@ -80,8 +80,12 @@ def test_sixteen_readers_never_lose_a_leased_file_while_eviction_runs(tmp_path, 
     st = d.status()
     assert st["evicted"] > 0 and st["bytes"]["ready"] <= 24 * size
     reopened = sum(json.loads(out)["reopened"] for _, out, _ in results)
-    print(f"16 readers, {16 * 12} resolves, {reopened} re-opens within the lease, {st['evicted']} evictions, "
-          f"0 FileNotFoundError")
+    missed = sum(json.loads(out)["late"] for _, out, _ in results)
+    print(f"16 readers, {16 * 12} resolves, {reopened} re-opens within the lease ({missed} windows missed), "
+          f"{st['evicted']} evictions, 0 FileNotFoundError")
+    # The point is a re-open inside the lease while eviction runs; on a machine too slow for any reader to
+    # come back within half the lease, that was never tried: fail loudly rather than pass untested.
+    assert reopened > 0, f"no re-open happened within the lease ({missed} came too late)"
 
 
 def test_pins_keep_files_resident_until_unpinned(tmp_path, s3, bucket, daemons):
@@ -99,17 +103,22 @@ def test_pins_keep_files_resident_until_unpinned(tmp_path, s3, bucket, daemons):
     d = daemons(manifest=m, args=["--max-size", str(5 * size), "--lease", "0"])
     r = CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), uris[1]])
     assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [f"{'pinned':<15} {uris[1]}", "2 pinned in all"], r.output
     d.wait_until(lambda st: st["pinned"]["files"] == 2, what="both pinned files to land")
     for u in uris[2:] * 2:  # churn through the rest twice: the pinned two must survive
         resolve(u, cache_dir=d.cache_dir, timeout=120)
     assert (d.cache_dir / uris[0][5:]).exists() and (d.cache_dir / uris[1][5:]).exists()
     assert d.status()["evicted"] >= 8
-    CliRunner().invoke(main, ["unpin", "--cache-dir", str(d.cache_dir), uris[1]])
+    r = CliRunner().invoke(main, ["unpin", "--cache-dir", str(d.cache_dir), uris[1]])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [f"{'unpinned':<15} {uris[1]}", "1 pinned in all"], r.output
     for u in uris[2:]:
         resolve(u, cache_dir=d.cache_dir, timeout=120)
     assert not (d.cache_dir / uris[1][5:]).exists()  # released, it went like any other
     assert (d.cache_dir / uris[0][5:]).exists()  # the manifest's pin=1 still holds
-    CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), uris[2]])
+    r = CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), uris[2]])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [f"{'pinned':<15} {uris[2]}", "2 pinned in all"], r.output
     d.wait_until(lambda st: st["pinned"]["files"] == 2)
     d.stop()
     d2 = daemons(manifest=m, args=["--max-size", str(5 * size), "--lease", "0"])

@@ -164,14 +164,31 @@ def test_console_script_runs_for_real(tmp_path, s3, bucket, daemons):
     assert r.returncode == 0 and "s3cache" in r.stdout
 
 
-def test_env_file_variables_reach_serve(tmp_path, moto):
-    """The unit passes everything through the environment: serve must read it from there."""
+def test_env_file_variables_reach_serve(tmp_path, moto, s3, bucket):
+    """The unit passes everything through the environment: serve must read it from there. A broken
+    manifest named only by S3CACHE_MANIFEST stops it; then a daemon given nothing but the environment
+    serves S3CACHE_DIR, fetches from S3CACHE_ENDPOINT_URL (there is no other S3 here) and holds to
+    S3CACHE_MAX_SIZE."""
+    from s3cache.testing import DaemonProcess
+
     m = write_manifest(tmp_path / "m.txt", ["s3://bkt/x size=oops"])
     env = {**os.environ, **FAKE_CREDENTIALS, "S3CACHE_DIR": str(tmp_path / "c"), "S3CACHE_MANIFEST": str(m),
            "S3CACHE_MAX_SIZE": "1G", "S3CACHE_ENDPOINT_URL": moto.url}
     r = subprocess.run([sys.executable, "-m", "s3cache", "serve"], capture_output=True, text=True, timeout=120,
                        env=env)
     assert r.returncode == 2 and f"{m}:1:" in r.stderr
+    s3.put_object(Bucket=bucket, Key="k", Body=b"from the environment")
+    write_manifest(m, [f"s3://{bucket}/k"])
+    env.pop("AWS_ENDPOINT_URL", None)
+    d = DaemonProcess(tmp_path / "c", moto.url, log_path=tmp_path / "serve.log")
+    d.cmd, d.env = [sys.executable, "-m", "s3cache", "serve"], {**env, "S3CACHE_MAX_SIZE": "7M"}
+    try:
+        st = d.start().wait_until(lambda st: st["objects"]["ready"] == 1, what="the manifest's object")
+        assert st["manifest_entries"] == 1
+        assert st["bytes"]["max"] == 7 << 20
+        assert (tmp_path / "c" / bucket / "k").read_bytes() == b"from the environment"
+    finally:
+        assert d.stop() == 0
 
 
 def test_demo_runs_end_to_end(tmp_path):

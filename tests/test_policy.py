@@ -222,3 +222,17 @@ def test_a_manifest_shorter_than_the_stride_is_still_read_in_order():
 def test_a_full_filesystem_may_still_free_files_already_read():
     # _evict_for_disk: no file in view (target None), nobody waiting, no order known
     assert pick([res("m-read", 5, used=1.0)], target_distance=None) == ["m-read"]
+
+
+def test_a_lease_that_lands_late_keeps_its_place_in_the_readers_order():
+    """A reader may see a file appear (renamed) before the daemon marks it ready and move on to newer
+    files; the late lease must not push those newer files out (the 16-reader lease test caught it)."""
+    from s3cache.evict import Leases
+
+    leases = Leases(10.0, 0)
+    leases.saw("r", "a", 1, 2.0)
+    leases.saw("r", "b", 1, 3.0)
+    leases.saw("r", "y", 1, 4.0, asked=1.0)  # asked for before a and b, ready after them
+    assert leases.held(4.5) == {"a", "b"}
+    leases.saw("r", "c", 1, 5.0)
+    assert leases.held(5.5) == {"b", "c"}

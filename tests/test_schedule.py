@@ -43,14 +43,46 @@ def test_a_stopping_daemon_hands_out_nothing(rig):
     assert rig.schedule.next_job() is None
 
 
-def test_a_full_disk_holds_back_demand_and_prefetch(rig):
+def test_a_full_disk_holds_back_prefetch_but_not_a_waiting_reader(rig):
+    import threading
+
     rig.install(catalog(entry(B + "a", 1)))
     with rig.cond:
         rig.schedule.push_front([entry(B + "d")])
         rig.space.mark_disk_full(1)
-    rig.stopping.set()  # next_job returns instead of waiting for space
-    assert rig.schedule.next_job() is None
-    assert list(rig.schedule.demand) == [entry(B + "d")]
+    # demand goes: its admission counts the filesystem's free bytes and evicts for it (issue 11.2)
+    assert rig.schedule.next_job() == (entry(B + "d"), True)
+    def stop_waiting() -> None:
+        rig.stopping.set()
+        with rig.cond:
+            rig.cond.notify_all()
+
+    stop = threading.Timer(0.5, stop_waiting)
+    stop.start()
+    assert rig.schedule.next_job() is None  # "a" is not prefetched while the disk is full
+    stop.join()
+
+
+def test_a_job_the_full_disk_ended_is_never_lost(rig):
+    """Issue 17.12: after eviction made room, a prefetch goes back behind the cursor, a job a reader
+    waits on goes first; a job eviction could not help is blocked and comes back (first when waited on)."""
+    u = uris(3)
+    rig.install(catalog(*(entry(x, 10) for x in u)))
+    jobs = [rig.schedule.next_job() for _ in range(3)]
+    assert rig.schedule.cursor == 2
+    with rig.cond:
+        rig.schedule.ended(u[0])
+        rig.schedule.again(jobs[0][0], False)  # evicted for it: try again from the cursor
+        rig.readers.waiters[u[1]] = {object()}
+        rig.schedule.ended(u[1])
+        rig.schedule.again(jobs[1][0], False)  # a reader waits on it: first
+        rig.schedule.ended(u[2])
+        rig.schedule.park(jobs[2][0], False)  # nothing to evict: blocked until reconsidered
+    assert rig.schedule.next_job() == (entry(u[1], 10), True)
+    assert rig.schedule.next_job() == (entry(u[0], 10), False)
+    assert u[2] in rig.schedule.blocked
+    rig.schedule.reconsider()
+    assert rig.schedule.next_job() == (entry(u[2], 10), False)
 
 
 def test_no_room_blocks_and_pauses_prefetch_until_resumed_then_waited_on_objects_come_first(rig):
@@ -112,6 +144,7 @@ def test_ahead_hints_queue_unlisted_objects_once_behind_the_demand(rig):
 
 
 def test_with_a_reader_in_order_nothing_beyond_the_window_is_fetched_unless_it_fits(tmp_path):
+    # --readahead 2f, but a cache of two files gets no window (evict.readahead_files): only free room
     rig = Rig(tmp_path / "cache", max_size=100, lease=600.0, readahead=Readahead(files=2))
     try:
         u = uris(10)
@@ -120,7 +153,7 @@ def test_with_a_reader_in_order_nothing_beyond_the_window_is_fetched_unless_it_f
         for p in range(4):  # a reader walks 0..3 in order: it will read 4 next
             rig.tracker.saw("r", p, 10, now)
         first = [rig.schedule.next_job()[0].uri for _ in range(2)]
-        assert first == [u[4], u[5]]  # inside the window
+        assert first == [u[4], u[5]]  # nearest first, while they fit in free room
         # 80 bytes reserved by the two in flight would not leave room for u[6] (40 bytes)
         rig.space.admit(entry(u[4], 40), 40, False)
         rig.space.admit(entry(u[5], 40), 40, False)

@@ -89,7 +89,8 @@ def test_ahead_hints_are_bounded_per_request_and_do_not_freeze_the_daemon(tmp_pa
     """Issue 18 item 4: 60,000 hints once froze status for minutes. One want may carry at most 1,000
     (more gets a typed error and changes nothing); 60 wants of 1,000 are each taken in one lookup per
     hint, with status answered between them. The endpoint is a closed port, so nothing is fetched."""
-    d = DaemonProcess(tmp_path / "cache", f"http://127.0.0.1:{free_port()}", args=["--workers", "1"],
+    d = DaemonProcess(tmp_path / "cache", f"http://127.0.0.1:{free_port()}",
+                      args=["--workers", "1", "--allow", "s3://bkt/"],
                       log_path=tmp_path / "daemon.log")
     try:
         d.start()
@@ -233,7 +234,8 @@ def test_wait_seconds_counts_a_wait_that_timed_out(tmp_path, moto, s3, bucket):
     s3.put_object(Bucket=bucket, Key="slow", Body=b"s" * 100)
     with FaultProxy(moto.port, lambda m, p, q: "stall" if m == "GET" and p.endswith("/slow") else None,
                     stall_seconds=60) as proxy:
-        d = DaemonProcess(tmp_path / "cache", proxy.url, log_path=tmp_path / "daemon.log")
+        d = DaemonProcess(tmp_path / "cache", proxy.url, args=["--allow", f"s3://{bucket}/"],
+                          log_path=tmp_path / "daemon.log")
         try:
             d.start()
             r = CliRunner().invoke(main, ["resolve", "--cache-dir", str(d.cache_dir), "--timeout", "1",

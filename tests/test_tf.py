@@ -10,7 +10,9 @@ import pytest
 from conftest import write_manifest
 from s3cache import FetchFailed, resolve
 from s3cache.order import permutation
+from s3cache.testing import wait_for
 from s3cache.testing.demo import collect, make_shards
+from s3cache.testing.faultproxy import FaultProxy
 
 tf = pytest.importorskip("tensorflow")
 import s3cache.tf  # noqa: E402
@@ -36,11 +38,24 @@ def test_tfrecorddataset_over_resolve(tmp_path, dataset, daemons):
     assert records(tf.data.TFRecordDataset(resolve(uris, cache_dir=d.cache_dir, timeout=120))) == expected
 
 
-def test_streaming_files_yield_in_order_as_they_land(tmp_path, dataset, daemons):
+def test_streaming_files_yield_in_order_as_they_land(tmp_path, moto, dataset, daemons):
     uris, expected = dataset
-    d = daemons()  # no manifest: every file is fetched because the dataset asks for it
-    ds = s3cache.tf.files(uris, cache_dir=d.cache_dir, timeout=120)
-    paths = [p.decode() for p in ds.as_numpy_iterator()]
+    last = "/" + uris[-1][5:]
+    # The last object's GET is answered with headers and its body held at the proxy until released: the
+    # paths before it must come out while it certainly has not landed.
+    with FaultProxy(moto.port, stall_seconds=600) as proxy:
+        proxy.plan = lambda m, p, q: "stall" if m == "GET" and p == last and not proxy.release.is_set() else None
+        try:
+            d = daemons(args=["--endpoint-url", proxy.url])  # no manifest: the dataset asks for each file
+            it = s3cache.tf.files(uris, cache_dir=d.cache_dir, timeout=120).as_numpy_iterator()
+            first = [next(it).decode() for _ in uris[:-1]]
+            wait_for(lambda: any(x.status in (200, 206) and not x.done for x in proxy.seen(last)), 120,
+                     "the last object's download to be under way, held")
+            assert not (d.cache_dir / uris[-1][5:]).exists()
+            assert all(x.fault == "stall" for x in proxy.seen(last))  # nothing of it got through yet
+        finally:
+            proxy.release.set()
+        paths = first + [p.decode() for p in it]
     assert paths == [str(d.cache_dir.absolute() / u[5:]) for u in uris]
     got = records(tf.data.TFRecordDataset(s3cache.tf.files(uris, cache_dir=d.cache_dir),
                                           num_parallel_reads=tf.data.AUTOTUNE))

@@ -48,7 +48,7 @@ def test_each_outcome_goes_where_it_belongs(rig, s3, bucket):
     rig.install(catalog(entry(u + "ok"), entry(u + "missing"), entry(u + "huge", 5000), entry(u + "big")))
     rig.cached("s3://other-bucket/filler", b"f" * 200)  # leased below, so it cannot make room for big
     with rig.cond:
-        rig.space.touch("s3://other-bucket/filler", time.time())
+        rig.space.touch("s3://other-bucket/filler", time.time(), "reader-1")
     rig.thread.start()
     wait_for(lambda: len(rig.to_publish) == 1 and len(rig.failures) == 2 and u + "big" in rig.schedule.blocked,
              60, "every job to end")

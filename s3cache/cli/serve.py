@@ -44,6 +44,11 @@ def _option_help(opt: Option) -> str:
     return f"{opt.help} [default: {default}; env: {env}; file key: {opt.name}]"
 
 
+def _joined(ctx, param, values: tuple) -> tuple | None:
+    """A repeatable option's values (each a tuple) as one tuple; None when it was not given."""
+    return tuple(dict.fromkeys(item for value in values for item in value)) if values else None
+
+
 def serve_options(fn):
     """``--config`` and one flag per row of the settings table (``config.Settings``).
 
@@ -53,6 +58,10 @@ def serve_options(fn):
         if isinstance(opt.kind, Bool):
             fn = click.option(f"{opt.flag}/--no-{opt.flag[2:]}", opt.name, default=None,
                               help=_option_help(opt))(fn)
+            continue
+        if getattr(opt.kind, "repeatable", False):  # --allow A --allow B: one value, A's items then B's
+            fn = click.option(opt.flag, opt.name, type=_KindType(opt.kind), multiple=True, metavar=opt.kind.metavar,
+                              callback=_joined, help=_option_help(opt))(fn)
             continue
         fn = click.option(opt.flag, opt.name, type=_KindType(opt.kind), default=None, metavar=opt.kind.metavar,
                           help=_option_help(opt))(fn)

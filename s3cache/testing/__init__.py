@@ -2,10 +2,15 @@
 subprocess, started and waited on by condition (never by a fixed sleep) and always cleaned up.
 
 Nothing here is imported by the daemon or by ``resolve``; moto is needed only when a MotoServer starts.
+
+Every child is started with ``PR_SET_PDEATHSIG`` (SIGKILL): when the process that started it dies,
+however it dies (a SIGKILLed pytest included), the kernel kills the child too, so no daemon or moto
+server is left behind holding a port, a cache dir's lock or CPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -43,6 +48,24 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when this process (strictly: the thread that
+    starts it, so start children from a thread that outlives them) dies. Linux only."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -70,7 +93,7 @@ class MotoServer:
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent())
         if out is not subprocess.DEVNULL:
             out.close()
 
@@ -125,7 +148,7 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent())
         if wait:
             wait_for(self._ready, 60, f"the daemon on {self.cache_dir} (log: {self.log_path})")
         return self

@@ -149,7 +149,9 @@ def _run(work: Path, shards: int, records: int, out: Callable[[str], None], imag
 
         cache = work / "cache"
         t_start = time.monotonic()
-        with DaemonProcess(cache, moto.url, manifest=manifest, args=["--max-size", "1G"],
+        # --allow: the image part adds a prefix line to the manifest and reads at once, before the daemon
+        # has installed the edit; the operator allows the demo's bucket (README, demand scope).
+        with DaemonProcess(cache, moto.url, manifest=manifest, args=["--max-size", "1G", "--allow", "s3://demo/"],
                            log_path=work / "daemon.log") as daemon:
             # Epoch 1, streaming: TensorFlow starts on the first shard while the rest are still landing.
             ds = tf.data.TFRecordDataset(s3tf.files(uris, cache_dir=cache), num_parallel_reads=4)

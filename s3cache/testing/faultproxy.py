@@ -20,6 +20,10 @@ fault name or None:
 ``ranged_checksums=False`` drops ``x-amz-checksum-*`` headers from every answer to a ranged GET, as AWS
 does (moto sends them when the range covers the whole object).
 
+``exchanges`` keeps every object request as it reached the proxy, with the answer's status (an
+``Exchange``), so a test can see what the client asked (``If-Match``, ``Range``, ``versionId``) and
+what came back (a ``412``), and whether it is still in flight (``done``); ``statuses(path)`` counts the answers for one object.
+
 ``latency`` delays every response by that many seconds (added before the response is sent), and
 ``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
 """
@@ -34,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 Plan = Callable[[str, str, str], "str | None"]
@@ -44,6 +49,21 @@ _ERRORS = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
 }
+
+
+@dataclass
+class Exchange:
+    """One object request as the client sent it, and the status of the answer (0 until it is known;
+    the fault's status for an injected error)."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    fault: str | None
+    status: int = 0
+    done: bool = False  # the whole answer was relayed (False while in flight, and for ever if cut off)
+    when: float = field(default_factory=time.monotonic)
 
 
 class FaultProxy:
@@ -60,6 +80,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, object path) -> count
         self.faults: Counter[str] = Counter()
+        self.exchanges: list[Exchange] = []  # object requests only, in arrival order
         self.bytes_sent = 0
         self.connections = 0  # client connections accepted: few means keep-alive works
         self.port = 0
@@ -87,6 +108,15 @@ class FaultProxy:
     def snapshot(self) -> Counter:
         with self.lock:
             return Counter(self.requests)
+
+    def seen(self, path_prefix: str = "", method: str = "GET") -> list[Exchange]:
+        """The object requests (of ``method``) whose path starts with ``path_prefix``, in arrival order."""
+        with self.lock:
+            return [x for x in self.exchanges if x.method == method and x.path.startswith(path_prefix)]
+
+    def statuses(self, path_prefix: str = "", method: str = "GET") -> Counter[int]:
+        """How many answers of each status the requests ``seen(path_prefix, method)`` got."""
+        return Counter(x.status for x in self.seen(path_prefix, method))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -159,18 +189,25 @@ class FaultProxy:
                 with self.lock:
                     self.requests[(method, path if is_object else path + "?" + query.split("&")[0])] += 1
                 fault = self.plan(method, path, query) if is_object else None
-                if fault:
-                    with self.lock:
+                exchange = Exchange(method, path, query, headers, fault) if is_object else None
+                with self.lock:
+                    if fault:
                         self.faults[fault] += 1
+                    if exchange is not None:
+                        self.exchanges.append(exchange)
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 if fault in _ERRORS:
                     status, reason, code, msg = _ERRORS[fault]
+                    if exchange is not None:
+                        exchange.status = status
                     xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                            f"<Message>{msg}</Message></Error>").encode()
                     writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
                                  f"Content-Length: {len(xml)}\r\n\r\n".encode() + xml)
                     await writer.drain()
+                    if exchange is not None:
+                        exchange.done = True
                     continue
                 ranged = "range" in headers
                 if fault == "ignore-range" and ranged:
@@ -187,6 +224,8 @@ class FaultProxy:
                 if ranged and not self.ranged_checksums and rhead.split(b" ", 2)[1] == b"206":
                     rhead = _drop_header(rhead, b"x-amz-checksum-")
                 rheaders = _headers(rhead)
+                if exchange is not None:
+                    exchange.status = int(rhead.split(b" ", 2)[1])
                 length = int(rheaders.get("content-length", "0")) if method != "HEAD" else 0
                 close_upstream = rheaders.get("connection", "").lower() == "close"
                 if close_upstream:
@@ -219,6 +258,8 @@ class FaultProxy:
                 else:
                     writer.write(rhead)
                     await self._pipe(up_r, writer, length)
+                if exchange is not None:
+                    exchange.done = True
                 if close_upstream:
                     up_w.close()
                     up_r = up_w = None
