@@ -21,6 +21,7 @@ class UseNotes:
         self.reader = reader
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._holder: str | None = None  # the lease holder the daemon attributes notes to now
 
     def _connect(self) -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -37,15 +38,22 @@ class UseNotes:
         """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting."""
         if not uris:
             return
-        data = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
+        notes = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
+        # Leases are held per thread (tf.data's parallel interleave resolves from many threads, and each
+        # thread's newest files must stay protected while the others move on); positions and epochs are
+        # per process: the daemon strips the "/thread" suffix for those.
+        holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
             for _ in range(2):  # once more on a fresh connection if the daemon restarted since the last note
                 if self._sock is None:
                     self._sock = self._connect()
+                    self._holder = None
                     if self._sock is None:
                         return  # no daemon: nothing can evict the file either, so no lease is needed
+                data = notes if holder == self._holder else b"R" + holder.encode() + b"\0" + notes
                 try:
                     self._sock.sendall(data)
+                    self._holder = holder
                     return
                 except OSError:
                     self._sock.close()

@@ -197,9 +197,16 @@ class Announcement:
         if self.cursor <= r < self.cursor + JUMP:
             self.cursor = r + 1
             return
-        if r < self.cursor and self.cursor >= self.n - JUMP:
+        # The reader began the next epoch before announcing it: near the end of this epoch, a file near
+        # the start of the next. Not a file it resolved lately: a reader that waited on a file notes it
+        # twice (the want, then the use), and reading that second note as a wrap moved the epoch on once
+        # per file (a 64-file dataset's reader was thought to be in epoch 45 halfway through epoch 0,
+        # so eviction planned for orders nobody would read). ``near`` scales with the list, so a small
+        # list's every file is not "near the start".
+        near = max(1, min(JUMP, self.n // 8))
+        if r < self.cursor - near and self.cursor >= self.n - near:
             r2 = self._next()[1][j]
-            if r2 < JUMP:  # the reader began the next epoch before announcing it
+            if r2 < near:
                 self.epoch += 1
                 self.cursor = r2 + 1
 

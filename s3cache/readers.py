@@ -89,18 +89,20 @@ class Readers:
 
     def note_use(self, reader: str, uris: list[str], hit: bool) -> None:
         """A reader resolved these URIs; ``hit``: they were there when it first looked, which counts as
-        a cache hit in the reader's current epoch."""
+        a cache hit in the reader's current epoch. ``reader`` may be ``process/thread`` (usage notes):
+        the lease is the thread's, the position and epoch the process's."""
         now = time.time()
         catalog = self._schedule.catalog
         n = len(catalog)
         moved = False
+        holder, reader = reader, reader.split("/", 1)[0]  # leases per thread, positions per process
         if reader not in self.tracker.ids():
             self.tracker.make_room(MAX_READERS - 1)  # before adding one  # spoofed reader ids cost bounded memory
         for uri in uris:
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
-            if not self._space.touch(uri, now, reader) and self._schedule.is_fetching(uri):
+            if not self._space.touch(uri, now, holder) and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
@@ -166,7 +168,7 @@ class Readers:
             self.note_use(reader, uris, hit=False)
             misses = sum(1 for u in uris if not self._space.is_ready(u))
             self.misses += misses
-            self._epoch(self.tracker.epoch_of(reader))["misses"] += misses
+            self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
             for raw, ref in zip(uris, parsed):
                 if isinstance(ref, S3CacheError):
                     results.append({"uri": raw, "state": "invalid", "message": str(ref)})

@@ -21,8 +21,8 @@ Invariants it keeps:
   worth fetching again (a manifest, an eviction, a reader moving, a lease expiring) clears it.
 
 Lock: the daemon's state ``threading.Condition``, shared with the space, the readers and the publisher
-(see space.py for why it is one lock). Every method expects it held, except ``next_job`` and
-``resume_prefetch``, which take it. Workers wait on that condition in ``next_job``.
+(see space.py for why it is one lock). Every method expects it held, except ``next_job``,
+``resume_prefetch`` and ``retry_due``, which take it. Workers wait on that condition in ``next_job``.
 
 Reads the space (ready, free bytes, known sizes, disk full) and the reader tracker (positions); learns
 whether a reader waits on an object through ``is_waited``, a callable handed at construction.
@@ -246,11 +246,15 @@ class Schedule:
     def fail(self, uri: str, code: str, message: str) -> Failure:
         """A fetch of ``uri`` failed: remember it, permanent or with its next retry (failures.py)."""
         self.fetching.discard(uri)
-        self.replacing.discard(uri)  # the cached file stays
         entry = self.entry_for(uri) or Entry(from_identity(uri))
         self.extra.pop(uri, None)
         self.failures += 1
-        return self.failed.add(entry, code, message)
+        f = self.failed.add(entry, code, message)
+        if f.permanent:
+            self.replacing.discard(uri)  # the cached file stays
+        # else a replacement is tried again when its backoff passes (``retry_due``); the cached file
+        # stays meanwhile
+        return f
 
     def permanent_failure(self, uri: str) -> Failure | None:
         """The permanent failure a reader asking for ``uri`` is answered with at once (no download);
@@ -263,12 +267,23 @@ class Schedule:
     def retry_due(self, now: float | None = None) -> int:
         """Release the failures whose backoff has passed (a bounded number per call; call about once a
         second): manifest objects are prefetched again, pinned ones outside it queued. Returns how many."""
+        with self._cond:  # the housekeeping loop calls it without the lock; work_changed notifies
+            return self._retry_due(now)
+
+    def _retry_due(self, now: float | None) -> int:
         due = self.failed.due(time.monotonic() if now is None else now)
         positions: list[int] = []
         for f in due:
             uri = f.entry.uri
             pos = self.catalog.position(uri)
-            if pos is not None:
+            if uri in self.replacing:  # ready, so prefetch would skip it: queued like ``replace`` does
+                if self._space.is_ready(uri):
+                    self.replace(uri)
+                else:
+                    self.replacing.discard(uri)
+                    if pos is not None:
+                        positions.append(pos)
+            elif pos is not None:
                 positions.append(pos)
             elif self._space.is_pinned(uri) and not self.demand.has(uri) and uri not in self.fetching:
                 self.demand.append(f.entry)

@@ -159,6 +159,8 @@ def daemon(trace: Trace, max_size: int, sizes: Sequence[int] | int, manifest: Se
             hits += 1
         elif not admit(f, True):
             return Result(i, gets, hits, stuck=i)
+        elif p is not None:  # a reader that waited notes the file again as used (its want, then its use)
+            tracker.saw(reader, p, n, t)
         r = resident[f]
         resident[f] = Resident(r.uri, r.size, t, r.fetched_at, r.position)
         leases.saw(reader, r.uri, r.size, t)

@@ -205,7 +205,10 @@ class Space:
     # == reservations and sizes =======================================================================
 
     def size_hint(self, uri: str) -> int | None:
-        return self.known_sizes.get(uri)
+        """The size ``uri`` is believed to have: its cached copy's (a refetch of a file S3 changed
+        reserves that first, and its real size when the response says it), else the size learned."""
+        rec = self.ready.get(uri)
+        return rec.size if rec is not None else self.known_sizes.get(uri)
 
     def learn_size(self, uri: str, size: int) -> None:
         self.known_sizes[uri] = size
@@ -283,7 +286,10 @@ class Space:
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + size - low - need)
-            victims = choose_victims(self.residents(), need=need, extra=extra, readers=fut.ordered, n=n,
+            # Never the cached copy of ``uri`` itself: a refetch keeps it readable until the new one is
+            # verified (``Schedule.replace``), so both count until the publish replaces it.
+            victims = choose_victims([r for r in self.residents() if r.uri != uri], need=need, extra=extra,
+                                     readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
                                      held=self.leases.held(now))
@@ -534,7 +540,9 @@ class Space:
     def waiting(self, now: float) -> list[dict]:
         """Admissions refused within the last few seconds (a waiting reader's is retried every second),
         readers' first: what each needs and what holds the room."""
-        recent = [w for u, w in self.waits.items() if now - w["at"] < 5.0 and u not in self.ready]
+        # A ready URI may wait too: a refetch of a file S3 changed (its old copy stays until the new one
+        # lands; ``commit`` drops the wait)
+        recent = [w for w in self.waits.values() if now - w["at"] < 5.0]
         recent.sort(key=lambda w: (not w["reader_waits"], w["since"]))
         return [{"uri": w["uri"], "reader_waits": w["reader_waits"], "size": w["size"], "need": w["need"],
                  "limit": w["limit"], "seconds": round(now - w["since"], 1), "held": w["held"]}

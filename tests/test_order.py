@@ -95,3 +95,21 @@ def test_a_sharded_readers_order_maps_onto_the_manifest():
     perm = permutation(25, 1, 0)
     assert [a.at(k) for k in range(25)] == [2 + 4 * j for j in perm]
     assert a.distance(3) is None  # another host's file
+
+
+def test_a_reader_that_notes_each_file_twice_stays_in_its_epoch():
+    # A reader that waited on a file notes it twice: in its want, then as used. On a small list every
+    # file is "near the start" of the next epoch; the second note once moved the epoch on each time.
+    n = 64
+    a = Announcement(11, 0, ListMap(n))
+    order = permutation(n, 11, 0)
+    for k, p in enumerate(order):
+        a.saw(p)
+        a.saw(p)
+        assert (a.epoch, a.cursor) == (0, k + 1)
+    nxt = permutation(n, 11, 1)
+    for k, p in enumerate(nxt[:8]):  # then it begins epoch 1 without announcing it: found within a few files
+        a.saw(p)
+        if a.epoch == 1:
+            break
+    assert (a.epoch, a.cursor) == (1, k + 1)

@@ -162,9 +162,13 @@ def test_a_reader_is_never_starved_when_the_filesystem_is_the_limit(tmp_path, s3
 
 
 def test_an_object_that_grew_in_s3_is_never_published_past_max_size(tmp_path, s3, bucket, daemons):
-    """Issue 17.11: a refetch reserves the size of the old copy; the real size is admitted again."""
+    """Issue 17.11: a refetch reserves the size of the old copy; the real size is admitted again. Here it
+    can never fit beside the pin (800 + 300 KiB > 1 MiB): the refetch fails (PinnedFull, retried with
+    backoff) and the old copy, kept readable until a new one is verified, is neither evicted for its own
+    replacement nor replaced."""
     a, b = f"s3://{bucket}/grow/a", f"s3://{bucket}/grow/b"
-    s3.put_object(Bucket=bucket, Key="grow/a", Body=os.urandom(300 * KiB))
+    old = os.urandom(300 * KiB)
+    s3.put_object(Bucket=bucket, Key="grow/a", Body=old)
     s3.put_object(Bucket=bucket, Key="grow/b", Body=os.urandom(300 * KiB))
     max_size = 1 * MiB
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", [a, f"{b} pin=1"]),
@@ -174,11 +178,21 @@ def test_an_object_that_grew_in_s3_is_never_published_past_max_size(tmp_path, s3
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", a])
     assert a in r.output, r.output
     st = d.wait_until(lambda st: st["bytes"]["ready"] > max_size
-                      or any(w["uri"] == a for w in st["waiting_for_space"]), what="the refetch to settle")
+                      or any(f["uri"] == a for f in st["failures"]), what="the refetch to settle")
     assert st["bytes"]["ready"] + st["bytes"]["reserved"] <= max_size, st["bytes"]
-    [w] = [w for w in st["waiting_for_space"] if w["uri"] == a]
-    assert w["size"] == 800 * KiB and w["held"]["pinned"] == 300 * KiB
-    assert "not the 300.0 KiB reserved for it" in d.log()
+    [f] = [f for f in st["failures"] if f["uri"] == a]
+    assert f["code"] == "PinnedFull", f
+    log = d.log()
+    assert "not the 300.0 KiB reserved for it" in log  # reserved as the old copy, then admitted again
+    assert "a reader waits for room for " + a + " (800.0 KiB" in log
+    assert Path(resolve([a], cache_dir=d.cache_dir, timeout=30)[0]).read_bytes() == old
+    # its backoff passes: tried again (the housekeeping loop releases it), failing the same way
+    d.wait_until(lambda st: any(f["uri"] == a and f["attempts"] >= 2 for f in st["failures"]),
+                 what="the refetch to be retried")
+    assert "releasing failures whose backoff passed failed" not in d.log()
+    st = d.status()
+    assert st["bytes"]["ready"] + st["bytes"]["reserved"] <= max_size, st["bytes"]
+    assert Path(resolve([a], cache_dir=d.cache_dir, timeout=30)[0]).read_bytes() == old
 
 
 def test_a_full_disk_during_prefetch_never_loses_the_object(tmp_path, s3, bucket, proxy, daemons, small_fs):
