@@ -16,23 +16,26 @@ server is marked ``failed`` and ``on_crash`` is called (by default: the process 
 restarts it).
 
 Both sockets are mode 0660: readers must share the daemon's group (see the systemd unit).
+
+Here: the selector loop (accepting, reading lines, writing answers, closing) and the server's life.
+One client's state and ``send`` are ``connection.Connection``; running requests on handler threads is
+``handlers.Requests``. ``Server``, ``Connection`` and ``Client`` are all importable from here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 from .client import Client, UseNotes  # noqa: F401  (re-exported: the readers' side)
-from .errors import S3CacheError
+from .connection import MAX_INBOX, MAX_OUTBOUND, SOFT_OUTBOUND, Connection, _peer  # noqa: F401 (re-exported)
+from .handlers import HANDLER_THREADS, Handler, Requests  # noqa: F401  (re-exported)
 from .usage_socket import EXHAUSTED, USE_CONN, UseChannel
 from .wire import (E_BUSY, E_FAILED, E_TOO_LARGE, MAX_LINE, PROTOCOL, BadRequest, encode,  # noqa: F401
                    parse_request)
@@ -41,120 +44,6 @@ log = logging.getLogger("s3cache.control")
 
 MAX_CONNECTIONS = 1024  # ctl.sock clients at once; more wait in the listen backlog
 MAX_USE_CONNECTIONS = 4096  # use.sock readers at once; more are read and closed
-MAX_OUTBOUND = 8 << 20  # bytes queued for one client before it is dropped as fallen behind
-SOFT_OUTBOUND = 256 << 10  # past this, stop reading that client's requests until it reads its answers
-MAX_INBOX = 4  # complete request lines buffered per connection before reading pauses
-HANDLER_THREADS = 8
-
-Handler = Callable[["Connection", dict], "dict | None"]
-
-
-def _peer(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, from SO_PEERCRED."""
-    try:
-        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except OSError:
-        return (0, -1, -1)
-
-
-class Connection:
-    """One ctl.sock client on the daemon's side.
-
-    Invariants: only the server's I/O thread touches ``sock``; ``send`` only appends to the outbound queue
-    (at most ``max_outbound`` bytes, past which the connection is dropped), so it never blocks and is safe
-    from any thread under any lock; this connection's requests run one at a time and in order (``_inbox``,
-    ``_busy``), so answers leave in request order, with pushed events interleaved in ``send`` order.
-    """
-
-    def __init__(self, server: Server, sock: socket.socket) -> None:
-        self._server = server
-        self.sock = sock
-        self.pid, self.uid, self.gid = _peer(sock)
-        self._lock = threading.Lock()
-        self._out: deque[bytes] = deque()
-        self._out_bytes = 0
-        self._inbuf = bytearray()
-        self._inbox: deque[bytes] = deque()
-        self._busy = False  # a handler thread owns this connection's requests
-        self._closed_done = False  # on_close has been called (or scheduled)
-        self._events = 0  # what the selector watches for (I/O thread only)
-        self.closed = False
-
-    def send(self, msg: dict) -> bool:
-        """Queue ``msg`` for the client. False if the connection is closed or was just dropped for
-        having fallen more than ``max_outbound`` bytes behind."""
-        data = encode(msg)
-        with self._lock:
-            if self.closed:
-                return False
-            overflow = self._out_bytes + len(data) > self._server.max_outbound
-            if not overflow:
-                self._out.append(data)
-                self._out_bytes += len(data)
-        if overflow:
-            self._server._drop(self, f"fell {self._out_bytes} bytes behind (pid {self.pid})")
-            return False
-        self._server._touch(self)
-        return True
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._out_bytes
-
-
-class _Pool:
-    """Up to ``size`` threads running queued calls; threads start on demand and never die (a call that
-    raises is logged). One thread is started by ``start``, so there is always at least one."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = size
-        self._name = name
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._spawn_failed = False
-
-    def start(self) -> None:
-        self._spawn()
-
-    def _spawn(self) -> None:
-        t = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def submit(self, fn: Callable, *args) -> None:
-        self._q.put((fn, args))
-        with self._lock:
-            if self._q.qsize() > self._idle and len(self._threads) < self._size:
-                try:
-                    self._spawn()
-                except RuntimeError as e:  # no thread to be had now: the running ones get to it
-                    if not self._spawn_failed:
-                        log.warning("cannot start another %s thread (%s); serving with %d",
-                                    self._name, e, len(self._threads))
-                    self._spawn_failed = True
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            item = self._q.get()
-            with self._lock:
-                self._idle -= 1
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("unexpected error in %s", self._name)
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._q.put(None)
-        for t in self._threads:
-            t.join(timeout=5)
 
 
 _WAKE, _CTL, _USE = "wake", "ctl", "use"
@@ -174,8 +63,6 @@ class Server:
                  max_outbound: int = MAX_OUTBOUND, handler_threads: int = HANDLER_THREADS) -> None:
         self.ctl_path = ctl_path
         self.use_path = use_path
-        self._handle = handle
-        self._on_close = on_close
         self._on_crash = on_crash
         self.max_connections = max_connections
         self.max_outbound = max_outbound
@@ -189,7 +76,7 @@ class Server:
         self._dirty: set[Connection] = set()
         self._closing: list[Connection] = []
         self._thread: threading.Thread | None = None
-        self._pool = _Pool(handler_threads, "s3cache-handler")
+        self._requests = Requests(handle, on_close, self.stats, self._touch, handler_threads)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._wake_r.setblocking(False)
@@ -223,7 +110,7 @@ class Server:
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._sel.register(self.ctl, selectors.EVENT_READ, _CTL)
         self._sel.register(self.use.listener, selectors.EVENT_READ, _USE)
-        self._pool.start()
+        self._requests.start()
         self._thread = threading.Thread(target=self._run, name="s3cache-io", daemon=True)
         self._thread.start()
 
@@ -232,7 +119,7 @@ class Server:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._pool.stop()
+        self._requests.stop()
         for c in list(self._conns):
             c.closed = True
             self._close_sock(c.sock)
@@ -325,7 +212,7 @@ class Server:
             self._close(c)
         for c in dirty:
             if not c.closed:
-                self._dispatch(c)
+                self._requests.dispatch(c)
                 self._interest(c)
         self.use._register_new()
         if self._accept_paused_until is not None and time.monotonic() >= self._accept_paused_until:
@@ -419,7 +306,7 @@ class Server:
         if lines:
             with c._lock:
                 c._inbox.extend(lines)
-            self._dispatch(c)
+            self._requests.dispatch(c)
         self._interest(c)
 
     def _write(self, c: Connection) -> None:
@@ -443,19 +330,6 @@ class Server:
                     c._out[0] = data[n:]
         self._interest(c)
 
-    def _dispatch(self, c: Connection) -> None:
-        with c._lock:
-            if c._busy or not c._inbox or c.closed:
-                return
-            c._busy = True
-        try:
-            self._pool.submit(self._serve, c)
-        except Exception:  # the queue itself failed: answer rather than drop the request
-            with c._lock:
-                c._busy = False
-                c._inbox.clear()
-            self.stats["refused_busy"] += 1
-            c.send({"error": "the daemon cannot take requests now", "code": E_BUSY})
 
     def _touch(self, c: Connection) -> None:
         with self._lock:
@@ -496,41 +370,6 @@ class Server:
             self._conns.discard(c)
             self._close_sock(c.sock)
         if call:
-            self._pool.submit(self._on_close, c)
+            self._requests.closed(c)
 
     # -- handler threads --------------------------------------------------------------------------------
-
-    def _serve(self, c: Connection) -> None:
-        """Run ``c``'s queued requests in order; after a few, yield the thread to other connections."""
-        for _ in range(MAX_INBOX):
-            with c._lock:
-                if c.closed or not c._inbox:
-                    break
-                line = c._inbox.popleft()
-            self._touch(c)  # the inbox has room: reading may resume
-            reply = self._answer(c, line)
-            if reply is not None:
-                c.send(reply)
-        with c._lock:
-            c._busy = False
-            call = c.closed and not c._closed_done
-            if call:
-                c._closed_done = True
-        if call:
-            self._on_close(c)
-        else:
-            self._touch(c)  # more lines may be waiting: the I/O thread dispatches them
-
-    def _answer(self, c: Connection, line: bytes) -> dict | None:
-        try:
-            msg = parse_request(line)
-        except BadRequest as e:
-            self.stats["bad_requests"] += 1
-            return {"error": f"bad request: {e}", "code": e.code}
-        try:
-            return self._handle(c, msg)
-        except S3CacheError as e:  # bad input the daemon named: an answer, not a bug
-            return {"error": str(e), "code": type(e).__name__}
-        except Exception as e:  # a bug in the daemon: say so in the log, answer, keep serving
-            log.error("request %r failed", msg.get("op"), exc_info=e)
-            return {"error": f"{type(e).__name__}: {e}", "code": E_FAILED}

@@ -33,7 +33,7 @@ from .config import default_cache_dir
 from .errors import DaemonNotRunning, FetchFailed, OutOfScope, RequestRefused, ResolveTimeout, S3CacheError, UnsafeKey
 from .lease import SharedLease
 from .refs import ObjectRef, format_uri, parse_uri
-from .store import Layout
+from .layout import Layout
 from .wire import MAX_AHEAD, MAX_URIS
 
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once

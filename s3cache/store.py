@@ -1,4 +1,7 @@
-"""The cache directory on disk: its layout, the daemon lock, temp files, publishing and removal.
+"""The cache directory on disk: temp files, placement, publishing, removal and quarantine.
+
+Taking the dir (trust checks, the private layout, the one-daemon lock) is ``cachedir``; where things
+live is ``layout`` (re-exported here).
 
 Publishing is the one place bytes become visible to readers, and its order is the crash-safety rule:
 the bytes are verified and fsync'd in the temp file, a ``publishing`` intent is committed to the index,
@@ -17,81 +20,18 @@ sockets (0660), which readers of the group need.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
 
-from . import paths, trust
-from .tree import DIR_FLAGS, Tree, close_all, split
-from .errors import CacheDirError, CacheLocked, NameFoldingFilesystem, UntrustedCacheDir
+from . import paths
+from .cachedir import CacheDir, default_name_probe
+from .errors import CacheDirError
+from .layout import LEASE_LOCK, Layout  # noqa: F401  (re-exported: readers have always found it here)
 from .refs import ObjectRef
-
-log = logging.getLogger("s3cache.store")
-
-LEASE_LOCK = "lease.lock"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where everything lives under a cache dir. Pure: creating nothing, checking nothing."""
-
-    root: str
-
-    @property
-    def private(self) -> str:
-        return os.path.join(self.root, paths.PRIVATE_DIR)
-
-    @property
-    def tmp(self) -> str:
-        return os.path.join(self.private, "tmp")
-
-    @property
-    def index(self) -> str:
-        return os.path.join(self.private, "index")
-
-    @property
-    def quarantine(self) -> str:
-        return os.path.join(self.private, "quarantine")
-
-    @property
-    def lock(self) -> str:
-        return os.path.join(self.private, "lock")
-
-    @property
-    def lease_lock(self) -> str:
-        return os.path.join(self.private, LEASE_LOCK)
-
-    @property
-    def control_socket(self) -> str:
-        return os.path.join(self.private, "ctl.sock")
-
-    @property
-    def use_socket(self) -> str:
-        return os.path.join(self.private, "use.sock")
-
-    def abspath(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process, but running
-    return True
-
-
-def default_name_probe(fd: int) -> list[str]:
-    """The real probe, in the directory open at ``fd``."""
-    return trust.name_folding(trust.FdDir(fd))
+from .tree import Tree, close_all, split
 
 
 class Store:
@@ -102,6 +42,7 @@ class Store:
     reached from those descriptors without following a symlink, so nothing the store does lands outside
     the root. Every file and directory it makes has ``file_mode``/``dir_mode`` and group ``gid``
     whatever the umask. A key's directories exist only while some file needs them.
+    Taking the dir (trust, layout, lock, modes) is ``cachedir.CacheDir``; the store holds it.
     """
 
     def __init__(self, root: str, *, world_readable: bool = False,
@@ -110,139 +51,36 @@ class Store:
         self.world_readable = world_readable
         self.file_mode = 0o644 if world_readable else 0o640
         self.dir_mode = 0o755 if world_readable else 0o750
-        self.gid = -1  # the cache root's group (set by open)
-        self._name_probe = name_probe
-        self._lock_fd: int | None = None
-        self._root_fd: int | None = None
-        self._priv_fd: int | None = None
-        self._tmp_fd: int | None = None
-        self._quarantine_fd: int | None = None
-        self._tree: Tree | None = None
-
-    # -- setup -------------------------------------------------------------------------------------
+        self._dir = CacheDir(self.layout, self.dir_mode, name_probe)
 
     def open(self) -> None:
         """Check and create the layout, take the one-daemon-per-dir lock (raises CacheLocked), and
         refuse an untrusted dir (UntrustedCacheDir) or a name-folding filesystem (NameFoldingFilesystem)."""
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
+        self._dir.open()
 
-    def _open(self) -> None:
-        lay = self.layout
-        self._root_fd = trust.open_root(lay.root, self.dir_mode)
-        self.gid = self._group_for(os.fstat(self._root_fd).st_gid)
-        self._tree = Tree(self._root_fd, self.gid, self.dir_mode)
-        try:
-            self._priv_fd = trust.open_private(self._root_fd, paths.PRIVATE_DIR, lay.private, "private dir")
-            trust.check_owned(self._priv_fd, lay.private, "private dir")
-            # setgid: what others create in it by path (the sockets) gets the cache's group too
-            self.tree.own(self._priv_fd, 0o2750)
-            self._take_lock()
-            self._tmp_fd = self._private_dir("tmp", lay.tmp)
-            self._quarantine_fd = self._private_dir("quarantine", lay.quarantine)
-            os.close(self._private_dir("index", lay.index))
-            fd = self._private_file(LEASE_LOCK, os.O_RDONLY, 0o640)  # readers flock it: group-readable
-            os.close(fd)
-        except PermissionError as e:
-            raise CacheDirError(f"cache dir {lay.root} is not writable: {e.strerror}") from None
-        except OSError as e:
-            if e.errno == errno.EROFS:
-                raise CacheDirError(f"cache dir {lay.root} is on a read-only filesystem") from None
-            raise CacheDirError(f"cannot set up cache dir {lay.root}: {e.strerror}") from None
-        folds = self._name_probe(self._tmp_fd)
-        if folds:
-            raise NameFoldingFilesystem(
-                f"cache dir {lay.root} is on a filesystem that does not keep names apart "
-                f"({' or '.join(folds)}: two keys would share one file); put the cache on a "
-                f"case-sensitive POSIX filesystem (ext4 without casefold, xfs, btrfs)")
-        self._tighten_top_level()
+    def close(self) -> None:
+        self._dir.close()
 
-    def _group_for(self, root_gid: int) -> int:
-        """The cache root's group when the daemon may give files that group, else its own."""
-        if os.geteuid() == 0 or root_gid == os.getegid() or root_gid in os.getgroups():
-            return root_gid
-        log.warning("the daemon is not in group %d of %s: cached files get group %d instead",
-                    root_gid, self.layout.root, os.getegid())
-        return os.getegid()
-
-    def _private_dir(self, name: str, path: str) -> int:
-        assert self._priv_fd is not None
-        fd = trust.open_private(self._priv_fd, name, path, "private dir")
-        os.fchmod(fd, 0o700)
-        return fd
-
-    def _private_file(self, name: str, flags: int, mode: int) -> int:
-        assert self._priv_fd is not None
-        try:
-            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self._priv_fd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UntrustedCacheDir(f"{os.path.join(self.layout.private, name)} is a symlink; "
-                                              f"the daemon creates it itself: remove it") from None
-            raise
-        try:
-            self.tree.own(fd, mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _take_lock(self) -> None:
-        fd = self._private_file("lock", os.O_RDWR, 0o600)  # the daemon's alone: no reader needs it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            pid = int(holder) if holder.isdigit() else None
-            if pid is not None and _pid_alive(pid):
-                raise CacheLocked(self.layout.root, pid) from None
-            raise CacheLocked(self.layout.root, None, recorded=pid) from None
-        # A pid left by a dead daemon is just overwritten: only the flock says who serves the dir.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
-        self._lock_fd = fd
-
-    def _tighten_top_level(self) -> None:
-        """Give the top-level data dirs (buckets, ``.h``) this store's mode and group: an older version
-        left them 0755, and closing them is what keeps its 0644 files from other users."""
-        assert self._root_fd is not None
-        me = os.geteuid()
-        for name in os.listdir(self._root_fd):
-            if name == paths.PRIVATE_DIR:
-                continue
-            try:
-                fd = os.open(name, DIR_FLAGS, dir_fd=self._root_fd)
-            except OSError:
-                continue  # a file or a symlink: nothing the store made
-            try:
-                st = os.fstat(fd)
-                if st.st_uid == me and (stat.S_IMODE(st.st_mode) != self.dir_mode or st.st_gid != self.gid):
-                    self.tree.own(fd, self.dir_mode)
-            finally:
-                os.close(fd)
-
-    def open_lease_lock(self) -> int:
-        """A new read-only descriptor on ``.s3cache/lease.lock`` (for the daemon's exclusive flock)."""
-        assert self._priv_fd is not None
-        return os.open(LEASE_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._priv_fd)
+    @property
+    def gid(self) -> int:
+        """The cache root's group (set by open), given to every file and directory the store makes."""
+        return self._dir.gid
 
     @property
     def tree(self) -> Tree:
-        assert self._tree is not None, "the store is not open"
-        return self._tree
+        return self._dir.tree
 
-    def close(self) -> None:
-        self._tree = None
-        for name in ("_lock_fd", "_tmp_fd", "_quarantine_fd", "_priv_fd", "_root_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
+    @property
+    def _tmp_fd(self) -> int | None:
+        return self._dir.tmp_fd
+
+    @property
+    def _quarantine_fd(self) -> int | None:
+        return self._dir.quarantine_fd
+
+    def open_lease_lock(self) -> int:
+        """A new read-only descriptor on ``.s3cache/lease.lock`` (for the daemon's exclusive flock)."""
+        return self._dir.open_lease_lock()
 
     # -- temp files --------------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ def test_resolve_prints_what_resolved_and_one_line_per_failure(tmp_path, s3, buc
 
 
 def test_pin_reply_is_reported_per_uri():
-    """What each outcome of the daemon's pin reply prints (the reply shape is documented in cli.py)."""
+    """What each outcome of the daemon's pin reply prints (the reply shape is documented in cli/objects.py)."""
     reply = {"ok": True, "pinned": 3, "results": [{"uri": "s3://b/new", "outcome": "pinned"},
                                                   {"uri": "s3://b/old", "outcome": "already_pinned"},
                                                   {"uri": "s3://b/m", "outcome": "manifest"}]}

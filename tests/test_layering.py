@@ -1,8 +1,8 @@
 """The import layering is a contract (pyproject.toml, [tool.importlinter]) that lint-imports checks.
 
 The daemon's parts import one way (daemon -> readers/maintenance/workers -> schedule/publisher -> space);
-the library never imports click or tensorflow; what readers load never imports boto3; production code
-never imports the test harness.
+the library never imports click or tensorflow (only the cli package and tf do); what readers load never
+imports boto3; production code never imports the test harness.
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def test_the_forbidden_contracts_list_every_production_module() -> None:
     """A module added later is covered, or this names it."""
     production = _production_modules()
     contracts = _contracts()
-    no_click = set(contracts["The library never imports click or tensorflow (only cli.py and tf.py do)"]
+    no_click = set(contracts["The library never imports click or tensorflow (only the cli package and tf.py do)"]
                    ["source_modules"])
-    assert no_click == production - {"s3cache.cli", "s3cache.tf", "s3cache.__main__"}
+    cli = {m for m in production if m == "s3cache.cli" or m.startswith("s3cache.cli.")}
+    assert "s3cache.cli.serve" in cli  # the command package is walked, so the exclusion below is not vacuous
+    assert no_click == production - cli - {"s3cache.tf", "s3cache.__main__"}
     no_harness = set(contracts["Production modules never import the test harness"]["source_modules"])
     assert no_harness == production
 

@@ -236,8 +236,9 @@ def test_a_hostile_key_is_escaped_in_the_log_and_status_text(tmp_path, s3, bucke
 
 def test_an_endpoint_password_never_reaches_status_or_the_log(tmp_path, moto):
     secret_url = "http://user:secret@127.0.0.1:1"
-    d = DaemonProcess(tmp_path / "cache", moto.url, args=["--max-attempts", "1", "--connect-timeout", "1", "--allow", "s3://"],
-                      log_path=tmp_path / "d.log", env={"S3CACHE_ENDPOINT_URL": secret_url})
+    d = DaemonProcess(tmp_path / "cache", moto.url, args=["--max-attempts", "1", "--connect-timeout", "1"],
+                      log_path=tmp_path / "d.log",
+                      env={"S3CACHE_ENDPOINT_URL": secret_url, "S3CACHE_ALLOW": "s3://"})  # in demand scope
     i = d.cmd.index("--endpoint-url")
     del d.cmd[i:i + 2]  # the endpoint comes from the environment alone
     d.start()

@@ -108,9 +108,7 @@ def test_library_modules_never_import_click_or_tensorflow_at_module_level():
     from pathlib import Path
 
     pkg = Path(s3cache.__file__).parent
-    for py in pkg.glob("*.py"):
-        if py.name in ("cli.py",):
-            continue
+    for py in pkg.glob("*.py"):  # the click shell is the s3cache/cli/ package, not globbed here
         tree = ast.parse(py.read_text())
         for node in tree.body:  # module level only; tf.py and demo.py import tensorflow inside functions
             names = []
