@@ -135,7 +135,9 @@ def test_usage_records_malformed_or_oversized_are_counted_and_the_rest_kept(tmp_
         notes = UseNotes(h.use, "good")
         notes.send("h", ["s3://b/good"])
         got: list = []
-        wait_for(lambda: got.extend(h.server.use.drain()) or ("good", "h", "s3://b/good") in got, 30,
+        # notes name their thread (leases are per thread): "good/<thread id>"
+        mine = f"good/{threading.get_ident()}"
+        wait_for(lambda: got.extend(h.server.use.drain()) or (mine, "h", "s3://b/good") in got, 30,
                  "the good reader's note")
         notes.close()
         assert ("job", "h", "s3://b/ok") in got
@@ -198,7 +200,7 @@ def test_notes_wake_a_waiting_drainer_and_the_select_fd(tmp_path):
         assert h.server.use.wait(60)
         r, _, _ = select.select(h.server.use.fds(), [], [], 60)
         assert r
-        assert h.server.use.drain() == [("r", "w", "s3://b/k")]
+        assert h.server.use.drain() == [(f"r/{threading.get_ident()}", "w", "s3://b/k")]
         r, _, _ = select.select(h.server.use.fds(), [], [], 0)
         assert not r  # drained: nothing signalled any more
         notes.close()
