@@ -1,0 +1,89 @@
+"""Readers' leases: which files eviction may not take because a reader may still open them.
+
+A lease covers the gap between ``resolve()`` returning a path and the reader opening the file (an open
+file stays readable after it is unlinked). It is held per reader thread (usage notes name it), for each
+holder's newest files and older ones within its share of a budget, never for longer than ``--lease``:
+so a reader that moved on never holds the cache against the file it waits for (issue 17 item 5), and
+the threads of one process each keep their own newest files.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
+
+
+class Leases:
+    """Which files readers' leases hold: the newest each reader resolved, within ``lease`` seconds.
+
+    A reader's lease covers its ``min_files`` newest files, and older ones while their bytes stay within
+    its share of the budget (``budget`` bytes, split evenly between the readers active within the lease).
+    Invariants: a file a reader resolved more than ``lease`` seconds ago is never held; at most
+    ``budget`` bytes plus ``min_files`` files per reader are held, so a reader that moved on never holds
+    more than its newest few files, and with ``budget`` below the cache a waiting reader can always be
+    given room. ``held`` is what ``choose_victims`` takes.
+    """
+
+    def __init__(self, lease: float, budget: int, min_files: int = 2) -> None:
+        self.lease = lease
+        self.budget = budget
+        self.min_files = min_files
+        # reader -> uri -> (size, when its lease started, when the reader took it), in the reader's order
+        # (oldest first); and the bytes in it
+        self._recent: dict[str, OrderedDict[str, tuple[int, float, float]]] = {}
+        self._bytes: dict[str, int] = {}
+
+    def saw(self, reader: str, uri: str, size: int, now: float, asked: float | None = None) -> None:
+        """``reader`` may open ``uri`` from ``now`` on. ``asked``: when it asked for it, if earlier (a file
+        it waited on lands after the reader may already have seen it appear and moved on to newer files:
+        it goes in the reader's order where it asked, so it does not push those out of the lease)."""
+        q = self._recent.setdefault(reader, OrderedDict())
+        total = self._bytes.get(reader, 0)
+        old = q.pop(uri, None)
+        if old is not None:
+            total -= old[0]
+        key = now if asked is None else min(asked, now)
+        if q and key < next(reversed(q.values()))[2]:
+            q[uri] = (size, now, key)
+            q = self._recent[reader] = OrderedDict(sorted(q.items(), key=lambda kv: kv[1][2]))
+        else:
+            q[uri] = (size, now, key)
+        total += size
+        while len(q) > self.min_files:  # keep what could be held, with the budget all this reader's
+            oldest = next(iter(q.values()))
+            if total - oldest[0] < self.budget and now - oldest[1] < self.lease:
+                break
+            total -= q.popitem(last=False)[1][0]
+        self._bytes[reader] = total
+
+    def held(self, now: float) -> set[str]:
+        active = {r: q for r, q in self._recent.items() if q and now - max(v[1] for v in q.values()) < self.lease}
+        for r in [r for r in self._recent if r not in active]:
+            self.forget(r)
+        share = self.budget // max(1, len(active))
+        out: set[str] = set()
+        for q in active.values():
+            bytes_ = 0
+            i = 0
+            for uri, (size, when, _) in reversed(q.items()):
+                if now - when >= self.lease:
+                    continue
+                bytes_ += size
+                if i >= self.min_files and bytes_ > share:
+                    break
+                out.add(uri)
+                i += 1
+        return out
+
+    def holders(self, now: float) -> int:
+        """Readers whose lease holds a file now."""
+        return sum(1 for q in self._recent.values() if q and now - max(v[1] for v in q.values()) < self.lease)
+
+    def forget(self, reader: str | None = None) -> None:
+        if reader is None:
+            self._recent.clear()
+            self._bytes.clear()
+        else:
+            self._recent.pop(reader, None)
+            self._bytes.pop(reader, None)
