@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from .checksum import CHUNK, Digest, InOrderDigest, SplitDigest, have_crc64nvme
+from .checksum import CHUNK, Digest, have_crc64nvme
+from .partdigest import InOrderDigest, SplitDigest
 from .errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
 from .link import Link

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3cache.checksum import Expectation, SplitDigest, _COMBINERS
+from s3cache.checksum import Expectation, _COMBINERS
+from s3cache.partdigest import SplitDigest
 from s3cache.errors import ChecksumMismatch
 
 CRCS = {"s3-crc32": zlib.crc32, "s3-crc32c": crc32c.crc32c}

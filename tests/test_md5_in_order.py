@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from s3cache.checksum import Digest, Expectation, InOrderDigest
+from s3cache.checksum import Digest, Expectation
+from s3cache.partdigest import InOrderDigest
 from s3cache.errors import ChecksumMismatch
 from s3cache.fetch import Fetcher, make_client
 from s3cache.manifest import Entry
