@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,14 +35,15 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from .checksum import CHUNK, Digest, have_crc64nvme
+from .checksum import Digest, have_crc64nvme
 from .partdigest import InOrderDigest, SplitDigest
 from .errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from .manifest import Entry, Listed
-from .link import Link
+from .link import Link, Slot
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
+from .stream import DiskFull, Streams
 from .verifier import Checks, Verifier
 
 __all__ = ["Cancelled", "Counters", "Described", "DiskFull", "Fetched", "Fetcher", "NeedSpace", "make_client"]
@@ -57,14 +57,6 @@ class NeedSpace(S3CacheError):
     def __init__(self, size: int) -> None:
         self.size = size
         super().__init__(f"no room for {size} bytes")
-
-
-class DiskFull(S3CacheError):
-    """The filesystem under the cache dir ran out of space (ENOSPC) during a download."""
-
-    def __init__(self, message: str, size: int = 0) -> None:
-        self.size = size
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -88,23 +80,6 @@ class _Priority:
     def __init__(self, foreground: bool) -> None:
         self.foreground = foreground
         self.promoted = False
-
-
-class _Slot:
-    """One GET's slot on the link: taken before the request, given back once (when its body is read,
-    closed, or the request failed). Remembers the kind it took, as a promotion may change the fetch's."""
-
-    __slots__ = ("link", "foreground", "held")
-
-    def __init__(self, link: Link, foreground: bool) -> None:
-        self.link, self.foreground = link, foreground
-        link.acquire(foreground)
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.link.release(self.foreground)
 
 
 class Fetcher:
@@ -149,17 +124,11 @@ class Fetcher:
         self._fg_idle.set()
         self.link = Link(workers, cancel)
         self._inflight: dict[str, _Priority] = {}
-        self._bodies: set = set()  # response bodies being read now (``abort`` wakes their reads)
-        self._bodies_lock = threading.Lock()
+        self.streams = Streams(cancel, self.link, self.counters)
 
     def abort(self) -> None:
-        """Stopping: wake every read blocked on a response body by shutting its socket down, so a stalled
-        download does not hold the daemon's shutdown for its read timeout (30 s). Call after setting
-        ``cancel``: the failed reads then end as Cancelled, not as retries."""
-        with self._bodies_lock:
-            bodies = list(self._bodies)
-        for body in bodies:
-            _shutdown(body)
+        """Stopping: wake every read blocked on a response body (see ``Streams.abort``)."""
+        self.streams.abort()
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
@@ -175,55 +144,7 @@ class Fetcher:
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
                 prio: _Priority | None = None) -> None:
-        """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried.
-
-        A background (prefetch) stream gives its link slot up between chunks when a reader's stream waits
-        for one (or a reader waits on a saturated link), and streams on once it has a slot again.
-        """
-        got = 0
-        with self._bodies_lock:
-            self._bodies.add(body)
-        try:
-            while True:
-                if self.cancel.is_set():
-                    raise Cancelled("stopping")
-                if prio is not None and not prio.foreground and self.link.should_yield():
-                    self.link.pause()
-                if got == expect_len:
-                    if body.read(1):  # never written: a body longer than its range is a wrong answer
-                        raise BadResponse(f"more than the {expect_len} bytes asked for at offset {offset}")
-                    break
-                chunk = body.read(min(CHUNK, expect_len - got))
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    try:
-                        n = os.pwrite(fd, view, offset + got)
-                    except OSError as e:
-                        if e.errno == errno.ENOSPC:
-                            raise DiskFull("no space left on the cache filesystem", os.fstat(fd).st_size) from None
-                        raise
-                    if digest is not None:
-                        digest.update(view[:n])
-                    view = view[n:]
-                    got += n
-                self.counters.add(bytes=len(chunk))
-                self.link.moved(len(chunk))
-        except BaseException:
-            # A body abandoned half-read must be closed: its connection cannot be reused. A body read to
-            # the end has already handed its connection back to the pool, which is what keeps small
-            # objects from paying a TCP (and TLS) handshake each.
-            body.close()
-            if self.cancel.is_set():
-                raise Cancelled("stopping") from None  # a read that abort() woke
-            raise
-        finally:
-            with self._bodies_lock:
-                self._bodies.discard(body)
-        if got != expect_len:
-            body.close()
-            raise botocore.exceptions.IncompleteReadError(actual_bytes=got, expected_bytes=expect_len)
+        self.streams.copy(body, fd, offset, expect_len, digest, background=prio is not None and not prio.foreground)
 
     # -- one object --------------------------------------------------------------------------------
 
@@ -308,7 +229,7 @@ class Fetcher:
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
         asked: Span | None = first_span(self._first_length(entry, prio.foreground))
-        slot = _Slot(self.link, prio.foreground)
+        slot = Slot(self.link, prio.foreground)
         try:
             try:
                 resp = self.api.get(entry, asked, None)
@@ -326,7 +247,7 @@ class Fetcher:
             slot.release()
 
     def _fetch_first(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict, resp: dict,
-                     asked: Span | None, slot: _Slot) -> Fetched:
+                     asked: Span | None, slot: Slot) -> Fetched:
         uri = entry.uri
         body = resp["Body"]
         etag = resp.get("ETag", "").strip('"')
@@ -378,7 +299,7 @@ class Fetcher:
                 self._discard(tmp)
 
     def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
-                    asked: Span, slot: _Slot) -> tuple[Checks, Digest]:
+                    asked: Span, slot: Slot) -> tuple[Checks, Digest]:
         """Write part 0 from the open first answer and the other parts in parallel, each pinned by
         If-Match and each answer checked to be exactly its range; return the checks and the whole
         object's digest.
@@ -423,7 +344,7 @@ class Fetcher:
             return resp["Body"]
 
         def once(span: Span) -> None:
-            part_slot = _Slot(self.link, prio.foreground)
+            part_slot = Slot(self.link, prio.foreground)
             try:
                 stream(get(span), span)
             finally:
@@ -472,17 +393,3 @@ class Fetcher:
             return final[0], final[1].result(total)
         return final[0], final[1].joined()
 
-
-def _shutdown(body) -> None:
-    """Shut down the socket under a botocore/urllib3 response body (from another thread: a blocked recv
-    returns at once, which closing the descriptor alone does not guarantee)."""
-    raw = getattr(body, "_raw_stream", body)
-    conn = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-        else:
-            raw.close()
-    except (OSError, AttributeError):
-        pass

@@ -165,3 +165,20 @@ class Link:
         with self._cond:
             return {"streams": self.fg + self.bg, "capacity": self.capacity, "limited": self.limited,
                     "rate": round(self.rate), "per_stream": round(self.per_stream), "yields": self.yields}
+
+
+class Slot:
+    """One GET's slot on the link: taken before the request, given back once (when its body is read,
+    closed, or the request failed). Remembers the kind it took, as a promotion may change the fetch's."""
+
+    __slots__ = ("link", "foreground", "held")
+
+    def __init__(self, link: Link, foreground: bool) -> None:
+        self.link, self.foreground = link, foreground
+        link.acquire(foreground)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.link.release(self.foreground)
