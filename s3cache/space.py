@@ -1,8 +1,9 @@
 """The space: what is on disk, what may still come, and what to evict to make room.
 
 Owns the resident set (ready records, their bytes, usage not yet written to the index), the bytes
-promised to downloads in flight (reservations), object sizes learned from S3, pins, and the
-filesystem's state (``--min-free``, disk full). Admission and eviction happen here and nowhere else.
+promised to downloads in flight (reservations), object sizes learned from S3, pins (pins.py), and
+the filesystem's state (``--min-free``, disk full). Admission and eviction happen here and nowhere else;
+room.py (a mixin, like pins.py) reports why an admission was refused and this part's ``status``.
 
 Invariants it keeps:
 
@@ -48,20 +49,20 @@ from contextlib import contextmanager
 
 from .catalog import Catalog
 from .config import Settings, human_size
-from .errors import PinQuotaExceeded
-from .evict import LEASE_SHARE, Future, Leases, Resident, ReaderTracker, choose_victims, target_distance
+from .evict import LEASE_SHARE, Leases, Resident, ReaderTracker, choose_victims, target_distance
 from .index import Index, Record
 from .manifest import Entry
 from .lease import ExclusiveLease
+from .pins import Pins
+from .room import RoomReports
 from .store import Store
 
 log = logging.getLogger("s3cache.daemon")
 
 # Bytes of the filesystem a download may never take: the index and directories grow as files land.
 DISK_MARGIN = 256 << 10
-MAX_WAITS_SHOWN = 10
 
-class Space:
+class Space(Pins, RoomReports):
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
                  tracker: ReaderTracker, *, drain_notes: Callable[[], None],
                  on_evicted: Callable[[list[int | None]], None]) -> None:
@@ -98,7 +99,6 @@ class Space:
 
     def close(self) -> None:
         os.close(self._lease_fd)
-
     # == the resident set (state lock held) ===========================================================
 
     def load(self, rows: Iterable[tuple[str, Record]]) -> None:
@@ -308,47 +308,6 @@ class Space:
         short = size - self.disk_room(demand)
         return max(over, short), short > over
 
-    def _refused(self, uri: str, size: int, need: int, demand: bool, disk_short: bool, fut: Future,
-                 target: int | None, now: float) -> None:
-        """Remember (for status) and log once why ``uri`` found no room."""
-        if not demand and disk_short and self.s.min_free:
-            if not self.min_free_reached:
-                log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
-            self.min_free_reached = True
-        first = uri not in self.waits
-        why = self._explain(fut, target, now)
-        self.waits[uri] = {"uri": uri, "reader_waits": demand, "size": size, "need": need,
-                           "limit": "filesystem" if disk_short else "max_size",
-                           "since": self.waits.get(uri, {}).get("since", now), "at": now, "held": why}
-        if len(self.waits) > 4 * MAX_WAITS_SHOWN:
-            for old in sorted(self.waits, key=lambda u: self.waits[u]["at"])[:MAX_WAITS_SHOWN]:
-                del self.waits[old]
-        if first and demand:
-            parts = ", ".join(f"{k.replace('_', ' ')} {human_size(v)}" for k, v in why.items() if v)
-            log.warning("a reader waits for room for %s (%s, %s short on the %s): %s", uri, human_size(size),
-                        human_size(need), "filesystem" if disk_short else "--max-size", parts or "nothing cached")
-
-    def _explain(self, fut: Future, target: int | None, now: float) -> dict[str, int]:
-        """What holds the cache's bytes that eviction may not take, by reason (state lock held)."""
-        held = self.leases.held(now)
-        current = self._tracker.current()
-        out = {"leased": 0, "pinned": 0, "being_read": 0, "unread_prefetch": 0, "needed_sooner": 0,
-               "in_flight": self.reserved}
-        for r in self.residents():
-            if r.pinned:
-                out["pinned"] += r.size
-            elif r.position is not None and r.position in current:
-                out["being_read"] += r.size
-            elif r.uri in held:
-                out["leased"] += r.size
-            elif r.last_used <= 0:
-                out["unread_prefetch"] += r.size
-            elif fut and r.position is not None and target is not None:
-                d = fut.distance(r.position)
-                if d is not None and d <= target:
-                    out["needed_sooner"] += r.size
-        return out
-
     def evict_for_disk(self, size: int) -> bool:
         """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
         with self.exclusive():
@@ -412,74 +371,6 @@ class Space:
         return [Resident(u, r.size, r.last_used, r.fetched_at, self.catalog.position(u), self.is_pinned(u))
                 for u, r in self.ready.items()]
 
-    # == pins =========================================================================================
-
-    def is_pinned(self, uri: str) -> bool:
-        return uri in self.pinned or self._pinned_by_manifest(uri)
-
-    def _pinned_by_manifest(self, uri: str) -> bool:
-        pos = self.catalog.position(uri)
-        return pos is not None and pos in self.catalog.pinned
-
-    def _pinned_uris(self) -> set[str]:
-        """Every pinned URI once: ``s3cache pin``'s and the manifest's ``pin=1``."""
-        return self.pinned | {self.catalog.entry(p).uri for p in self.catalog.pinned}
-
-    def _size_of(self, uri: str) -> int:
-        """Bytes ``uri`` takes or will take, as far as known now (0 if unknown)."""
-        rec = self.ready.get(uri)
-        if rec is not None:
-            return rec.size
-        pos = self.catalog.position(uri)
-        size = self.catalog.entry(pos).size if pos is not None else None
-        return size if size is not None else self.known_sizes.get(uri, 0)
-
-    def pinned_bytes(self, ready_only: bool = False) -> int:
-        """Bytes of pinned objects: cached ones, and with ``ready_only`` False those still to come too."""
-        return sum(self.ready[u].size if u in self.ready else 0 if ready_only else self._size_of(u)
-                   for u in self._pinned_uris())
-
-    def pin_count(self) -> int:
-        return len(self._pinned_uris())
-
-    def pin_quota(self) -> int:
-        return int(self.s.max_size * self.s.pin_quota)
-
-    def max_fit(self, uri: str) -> int:
-        """The largest object that can ever be cached for ``uri`` while the pins stay: --max-size less the
-        cached pinned files (other than ``uri`` itself)."""
-        held = sum(self.ready[u].size for u in self._pinned_uris() if u in self.ready and u != uri)
-        return self.s.max_size - held
-
-    def pin(self, uris: list[str], pin: bool) -> list[dict]:
-        """``s3cache pin/unpin``: keep files resident or release them; durable. Returns per URI its
-        ``outcome``: pinned / already_pinned / manifest (pin), unpinned / not_pinned / manifest (unpin).
-        A manifest's ``pin=1`` is not changed here (edit the manifest). Raises PinQuotaExceeded, changing
-        nothing, when the pinned bytes (sizes known so far) would pass ``pin_quota`` of --max-size."""
-        if pin:
-            new = [u for u in dict.fromkeys(uris) if u not in self.pinned and not self._pinned_by_manifest(u)]
-            adding = sum(self._size_of(u) for u in new)
-            have, quota = self.pinned_bytes(), self.pin_quota()
-            if adding and have + adding > quota:
-                raise PinQuotaExceeded(
-                    f"pinning {len(new)} more object(s) ({human_size(adding)}) would pin "
-                    f"{human_size(have + adding)}, over the pin quota of {human_size(quota)} "
-                    f"(pin_quota {self.s.pin_quota:g} of --max-size {human_size(self.s.max_size)}): "
-                    f"unpin others or raise --pin-quota")
-        results = []
-        for uri in uris:
-            by_manifest = self._pinned_by_manifest(uri)
-            if pin:
-                outcome = "manifest" if by_manifest else "already_pinned" if uri in self.pinned else "pinned"
-                if not by_manifest:
-                    self.pinned.add(uri)
-            else:
-                outcome = "manifest" if by_manifest else "unpinned" if uri in self.pinned else "not_pinned"
-                self.pinned.discard(uri)
-            results.append({"uri": uri, "outcome": outcome})
-        self.index.set_meta("pins", sorted(self.pinned))
-        return results
-
     # == the filesystem ===============================================================================
 
     def mark_disk_full(self, need: int) -> None:
@@ -507,43 +398,3 @@ class Space:
             self._dirty_use.clear()
         if dirty:
             self.index.touch_many(dirty)
-
-    def status(self) -> dict:
-        """This part's piece of ``status`` (state lock held by the caller)."""
-        now = time.time()
-        pinned = [r for u, r in self.ready.items() if self.is_pinned(u)]
-        methods: dict[str, int] = {}
-        for r in self.ready.values():
-            methods[r.method] = methods.get(r.method, 0) + 1
-        return {
-            "ready": len(self.ready),
-            "bytes": {"ready": self.used, "reserved": self.reserved, "max": self.s.max_size,
-                      "free_fraction": round(self.store.free_fraction(), 4)},
-            "verified_by": methods,
-            "disk_full": self.disk_full,
-            "pinned": {"files": len(pinned), "bytes": sum(r.size for r in pinned), "objects": self.pin_count(),
-                       "quota_bytes": self.pin_quota()},
-            "evicted": self.evicted,
-            "evicted_bytes": self.evicted_bytes,
-            "leases": self.lease_status(now),
-            "min_free_reached": self.min_free_reached,
-            "waiting_for_space": self.waiting(now),
-        }
-
-    def lease_status(self, now: float) -> dict:
-        """What readers' leases hold now: files, bytes, how many readers hold them, the byte budget."""
-        held = self.leases.held(now)
-        sizes = [self.ready[u].size for u in held if u in self.ready]
-        return {"files": len(sizes), "bytes": sum(sizes), "readers": self.leases.holders(now),
-                "budget": self.leases.budget}
-
-    def waiting(self, now: float) -> list[dict]:
-        """Admissions refused within the last few seconds (a waiting reader's is retried every second),
-        readers' first: what each needs and what holds the room."""
-        # A ready URI may wait too: a refetch of a file S3 changed (its old copy stays until the new one
-        # lands; ``commit`` drops the wait)
-        recent = [w for w in self.waits.values() if now - w["at"] < 5.0]
-        recent.sort(key=lambda w: (not w["reader_waits"], w["since"]))
-        return [{"uri": w["uri"], "reader_waits": w["reader_waits"], "size": w["size"], "need": w["need"],
-                 "limit": w["limit"], "seconds": round(now - w["since"], 1), "held": w["held"]}
-                for w in recent[:MAX_WAITS_SHOWN]]
