@@ -50,6 +50,8 @@ from urllib.parse import unquote, urlsplit
 
 Plan = Callable[[str, str, str], "str | None"]
 
+from .faultplans import most_at_once, profile, random_plan  # noqa: E402,F401  (re-exported)
+
 _STEP = 64 << 10  # bytes relayed per write: small enough to pace smoothly
 FLOW_BIN = 0.1  # seconds per bin of ``FaultProxy.flow``
 
@@ -364,33 +366,6 @@ class FaultProxy:
         return sent
 
 
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    """The most of these ``(start, end)`` intervals that overlap at one instant."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
-    n = best = 0
-    for _, d in events:
-        n += d
-        best = max(best, n)
-    return best
-
-
-def profile(timeline: list[tuple[float, int]], t0: float, t1: float) -> dict[int, float]:
-    """Seconds of ``[t0, t1]`` spent at each value of a step function given by its changes."""
-    out: dict[int, float] = {}
-    level = 0
-    prev = t0
-    for t, n in timeline:
-        if t <= t0:
-            level = n
-            continue
-        if t >= t1:
-            break
-        out[level] = out.get(level, 0.0) + (t - prev)
-        prev, level = t, n
-    out[level] = out.get(level, 0.0) + max(0.0, t1 - prev)
-    return out
-
-
 def _drop_header(head: bytes, name: bytes) -> bytes:
     """``head`` without the header ``name``, or without every header starting with ``name`` if it ends
     with ``-``."""
@@ -417,66 +392,7 @@ def _headers(head: bytes) -> dict[str, str]:
     return out
 
 
-def random_plan(rates: dict[str, float], seed: int = 0) -> Plan:
-    """A plan that injects each fault with the given probability per object request."""
-    rng = random.Random(seed)
-    lock = threading.Lock()
-
-    def plan(method: str, path: str, query: str) -> str | None:
-        with lock:
-            x = rng.random()
-        acc = 0.0
-        for fault, p in rates.items():
-            acc += p
-            if x < acc:
-                if method == "HEAD" and fault in ("reset", "short", "flip", "stall"):
-                    return None  # a HEAD has no body to break
-                return fault
-        return None
-
-    return plan
-
-
-def main() -> None:
-    """Run a latency proxy in its own process: ``python -m s3cache.testing.faultproxy UPSTREAM_PORT LATENCY``.
-    Prints the port it listens on, then serves until killed."""
-    import sys
-    import time
-
-    p = FaultProxy(int(sys.argv[1]), latency=float(sys.argv[2]),
-                   bandwidth=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0).start()
-    print(p.port, flush=True)
-    try:
-        if len(sys.argv) > 4 and sys.argv[4] == "stats":
-            # Answer each "stats" line on stdin with the counters, as JSON, one line.
-            import json
-
-            # "links T0 T1" answers with the busy and streaming profiles of that span (monotonic times,
-            # which are the same clock in every process) and the request log, then clears the log.
-            for line in sys.stdin:
-                words = line.split()
-                if words and words[0] == "links":
-                    t0, t1 = float(words[1]), float(words[2])
-                    with p.lock:
-                        log, p.request_bytes = p.request_bytes, []
-                        peak = p.peak_busy
-                        p.peak_busy = p._busy
-                    out = {"busy": {str(k): v for k, v in p.busy_profile(t0, t1).items()},
-                           "streaming": p.streaming(t0, t1), "peak": peak, "requests": log}
-                    print(json.dumps(out), flush=True)
-                    continue
-                with p.lock:
-                    gets = sum(n for (m, _), n in p.requests.items() if m == "GET")
-                    out = {"gets": gets, "requests": sum(p.requests.values()), "bytes": p.bytes_sent,
-                           "connections": p.connections}
-                print(json.dumps(out), flush=True)
-        else:
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    p.stop()
-
-
 if __name__ == "__main__":
+    from s3cache.testing.proxymain import main
+
     main()
