@@ -50,7 +50,6 @@ def test_a_waiting_readers_object_goes_over_the_free_connections_while_prefetch_
             t.start()
         wait_for(lambda: f.link.bg == 2 and f.counters.bytes >= 2 * MiB, 60, "both prefetch streams flowing")
         fg = f.fetch(Entry(ObjectRef(bucket, "fg")), admit=lambda n: True, foreground=True)
-        busy_prefetch = f.link.bg
         for t in bg:
             t.join(120)
         with open(fg.tmp_path, "rb") as fh:
@@ -58,12 +57,10 @@ def test_a_waiting_readers_object_goes_over_the_free_connections_while_prefetch_
         ranges = [r for r in proxy.request_bytes if r[0] == "GET" and r[1] == f"/{bucket}/fg"]
         assert sorted(r[2] for r in ranges) == sorted(s.header for s in spans(4 * MiB, MiB))
         assert most_at_once([(r[4], r[5]) for r in ranges]) == 4  # four connections at once
-        # Prefetch kept both of its connections. At most one slot was asked of it: the checksum HEAD this
-        # object needs (its ranged answers carry none) can hold the sixth slot for a moment while a part
-        # waits (seen in about half the runs here, which is how this bound was set).
-        # (How many prefetch streams are still busy when the reader's object is done depends on timing: a
-        # small prefetch may just have finished. That none was paused is what the yields count says.)
-        assert f.link.yields <= 1 and busy_prefetch >= 1
+        # Whether prefetch gave slots up meanwhile is timing here (the checksum HEAD, the order parts asked
+        # in, and on a loaded machine the saturation estimate: 0-2 yields and a "limited" link were all
+        # seen), so this test asserts only the spread; the yield and saturation rules have unit tests
+        # below (test_a_prefetch_stream_yields_one_slot_per_reader_part_waiting, the saturation tests).
         assert sorted(got) == ["bg-0", "bg-1"]
         assert f.link.peak <= 6
     finally:
