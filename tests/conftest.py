@@ -68,6 +68,17 @@ def fresh_readers():
     importlib.import_module("s3cache.resolve").reset()  # the module: the package's `resolve` is the function
 
 
+@pytest.fixture
+def store(tmp_path):
+    """An open Store on a fresh cache dir (the fetcher tests' temp files go there)."""
+    from s3cache.store import Store
+
+    s = Store(str(tmp_path / "cache"))
+    s.open()
+    yield s
+    s.close()
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks():
     before = set(threading.enumerate())

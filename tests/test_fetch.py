@@ -7,21 +7,12 @@ import threading
 import botocore
 import pytest
 
-from s3cache.errors import ChecksumMismatch, FetchFailed, WrongChecksum
+from s3cache.errors import FetchFailed, WrongChecksum
 from s3cache.fetch import Fetcher, NeedSpace, make_client
 from s3cache.manifest import Entry
 from s3cache.refs import ObjectRef
-from s3cache.store import Store
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "cache"))
-    s.open()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -7,26 +7,16 @@ from __future__ import annotations
 import os
 import threading
 
-import pytest
 
 from s3cache.fetch import Fetcher, make_client
 from s3cache.link import WINDOW, Link
 from s3cache.manifest import Entry
 from s3cache.parts import part_length, spans
 from s3cache.refs import ObjectRef
-from s3cache.store import Store
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "cache"))
-    s.open()
-    yield s
-    s.close()
 
 
 def test_a_waiting_readers_object_goes_over_the_free_connections_while_prefetch_streams_on(moto, s3, bucket,

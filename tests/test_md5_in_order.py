@@ -21,14 +21,6 @@ from s3cache.testing.faultproxy import FaultProxy
 MiB = 1 << 20
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "cache"))
-    s.open()
-    yield s
-    s.close()
-
-
 def fetcher(url: str, store: Store, part_size: int = MiB, max_attempts: int = 3) -> Fetcher:
     return Fetcher(make_client(url, "us-east-1", 16, 5, 10), part_size=part_size, workers=4,
                    max_attempts=max_attempts, cancel=threading.Event(), new_temp=store.new_temp,

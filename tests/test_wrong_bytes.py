@@ -21,12 +21,10 @@ from boto3.s3.transfer import TransferConfig
 
 from conftest import write_manifest
 from s3cache import resolve
-from s3cache.errors import ChecksumMismatch
 from s3cache.fetch import Fetcher, make_client
 from s3cache.index import Index
 from s3cache.manifest import Entry
 from s3cache.refs import ObjectRef
-from s3cache.store import Store
 from s3cache.testing.faultproxy import FaultProxy
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -37,14 +35,6 @@ def proxy(moto):
     p = FaultProxy(moto.port, ranged_checksums=False).start()  # AWS sends no checksum on a ranged GET
     yield p
     p.stop()
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "cache"))
-    s.open()
-    yield s
-    s.close()
 
 
 @pytest.fixture
