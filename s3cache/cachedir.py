@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable
 
 from . import paths, trust
-from .errors import CacheDirError, CacheLocked, NameFoldingFilesystem, UntrustedCacheDir
+from .errors import CacheLocked, NameFoldingFilesystem, UntrustedCacheDir
 from .layout import LEASE_LOCK, Layout
 from .tree import DIR_FLAGS, Tree
 
@@ -88,12 +88,8 @@ class CacheDir:
             os.close(self._private_dir("index", lay.index))
             fd = self._private_file(LEASE_LOCK, os.O_RDONLY, 0o640)  # readers flock it: group-readable
             os.close(fd)
-        except PermissionError as e:
-            raise CacheDirError(f"cache dir {lay.root} is not writable: {e.strerror}") from None
         except OSError as e:
-            if e.errno == errno.EROFS:
-                raise CacheDirError(f"cache dir {lay.root} is on a read-only filesystem") from None
-            raise CacheDirError(f"cannot set up cache dir {lay.root}: {e.strerror}") from None
+            raise trust.setup_error(lay.root, e) from None
         folds = self._name_probe(self.tmp_fd)
         if folds:
             raise NameFoldingFilesystem(

@@ -46,6 +46,15 @@ def check_owned(fd: int, path: str, what: str) -> os.stat_result:
     return st
 
 
+def setup_error(path: str, e: OSError) -> CacheDirError:
+    """An OSError met while making the cache dir, as the error a user can act on (it names the dir)."""
+    if isinstance(e, PermissionError):
+        return CacheDirError(f"cache dir {path} is not writable: {e.strerror}")
+    if e.errno == errno.EROFS:
+        return CacheDirError(f"cache dir {path} is on a read-only filesystem")
+    return CacheDirError(f"cannot set up cache dir {path}: {e.strerror}")
+
+
 def open_root(path: str, mode: int) -> int:
     """Create the cache root if needed (``mode``, whatever the umask) and return a descriptor on it.
 
@@ -64,12 +73,8 @@ def open_root(path: str, mode: int) -> int:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except NotADirectoryError:
             raise CacheDirError(f"cache dir {path} is not a directory") from None
-    except PermissionError as e:
-        raise CacheDirError(f"cache dir {path} is not writable: {e.strerror}") from None
     except OSError as e:
-        if e.errno == errno.EROFS:
-            raise CacheDirError(f"cache dir {path} is on a read-only filesystem") from None
-        raise CacheDirError(f"cannot set up cache dir {path}: {e.strerror}") from None
+        raise setup_error(path, e) from None
     try:
         st = os.fstat(fd)
         link = os.lstat(path)
