@@ -29,26 +29,36 @@ class Leases:
         self.lease = lease
         self.budget = budget
         self.min_files = min_files
-        # reader -> uri -> (size, when its lease started, when the reader took it), in the reader's order
-        # (oldest first); and the bytes in it
-        self._recent: dict[str, OrderedDict[str, tuple[int, float, float]]] = {}
+        # reader -> uri -> (size, when its lease started, its place in the reader's order), oldest first;
+        # and the bytes in it
+        self._recent: dict[str, OrderedDict[str, tuple[int, float, int]]] = {}
         self._bytes: dict[str, int] = {}
+        self._tickets = 0
 
-    def saw(self, reader: str, uri: str, size: int, now: float, asked: float | None = None) -> None:
-        """``reader`` may open ``uri`` from ``now`` on. ``asked``: when it asked for it, if earlier (a file
-        it waited on lands after the reader may already have seen it appear and moved on to newer files:
-        it goes in the reader's order where it asked, so it does not push those out of the lease)."""
+    def ticket(self) -> int:
+        """A place in readers' order: later than every place handed out before. Times do not serve:
+        the notes of one batch share a timestamp, and a tie put a file that landed later after files
+        its reader took after it, pushing those out of the lease (the lease race of issue 11)."""
+        self._tickets += 1
+        return self._tickets
+
+    def saw(self, reader: str, uri: str, size: int, now: float, place: int | None = None) -> None:
+        """``reader`` may open ``uri`` from ``now`` on. ``place``: the ``ticket`` taken when the reader
+        took it, if it was not ready then (it used the file between its rename and its commit, and may
+        have moved on to newer files since): it goes in the reader's order there, so it does not push
+        those out of the lease. Without one it is the reader's newest."""
         q = self._recent.setdefault(reader, OrderedDict())
         total = self._bytes.get(reader, 0)
         old = q.pop(uri, None)
         if old is not None:
             total -= old[0]
-        key = now if asked is None else min(asked, now)
-        if q and key < next(reversed(q.values()))[2]:
-            q[uri] = (size, now, key)
+        if place is None:
+            place = self.ticket()
+        if q and place < next(reversed(q.values()))[2]:
+            q[uri] = (size, now, place)
             q = self._recent[reader] = OrderedDict(sorted(q.items(), key=lambda kv: kv[1][2]))
         else:
-            q[uri] = (size, now, key)
+            q[uri] = (size, now, place)
         total += size
         while len(q) > self.min_files:  # keep what could be held, with the budget all this reader's
             oldest = next(iter(q.values()))

@@ -126,11 +126,19 @@ class Readers(Announced):
 
     def drain(self) -> None:
         """Apply every usage note readers have sent so far."""
-        batch: dict[tuple[str, bool], list[str]] = {}
+        # Runs of one reader's notes of one kind, in the order sent: the lease keeps each reader's
+        # newest files, so notes must reach it in the reader's order (grouping by reader and kind
+        # put a hit sent after a wait before it).
+        run: list[str] = []
+        key: tuple[str, str] | None = None
         for reader, kind, uri in self._notes():
-            batch.setdefault((reader, kind == "h"), []).append(uri)
-        for (reader, hit), uris in batch.items():
-            self.note_use(reader, uris, hit=hit)
+            if (reader, kind) != key:
+                if run and key is not None:
+                    self.note_use(key[0], run, hit=key[1] == "h")
+                key, run = (reader, kind), []
+            run.append(uri)
+        if run and key is not None:
+            self.note_use(key[0], run, hit=key[1] == "h")
 
     # == wants and answers ============================================================================
 

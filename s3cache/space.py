@@ -85,10 +85,10 @@ class Space(Pins, RoomReports):
         self.disk_full = False
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
-        # Leases: each reader's newest files (evict.Leases); readers waiting on a file not yet ready,
-        # whose lease starts when it lands (uri -> reader -> when they asked).
+        # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
+        # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
         self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE)
-        self._awaited: dict[str, dict[str, float]] = {}
+        self._awaited: dict[str, dict[str, int]] = {}
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
@@ -165,7 +165,7 @@ class Space(Pins, RoomReports):
         rec = self.ready.get(uri)
         if rec is None:
             if reader and len(self._awaited) < 100_000:  # bounded: dropped at commit or release
-                self._awaited.setdefault(uri, {})[reader] = when
+                self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when
@@ -193,9 +193,9 @@ class Space(Pins, RoomReports):
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
                 replaced.append(old)
-            for reader, asked in self._awaited.pop(uri, {}).items():
+            for reader, place in self._awaited.pop(uri, {}).items():
                 # it may open it from now on; in its order where it asked (it may have moved on already)
-                self.leases.saw(reader, uri, rec.size, now, asked=asked)
+                self.leases.saw(reader, uri, rec.size, now, place=place)
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size

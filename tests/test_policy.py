@@ -192,6 +192,21 @@ def test_leases_hold_each_readers_newest_files_within_a_share_of_the_budget():
     assert le.held(625.0) == set()
 
 
+def test_a_file_that_lands_after_its_reader_moved_on_keeps_the_readers_place_not_the_newest():
+    # The lease race of issue 11, as the daemon logged it: a reader took 062 between its rename and its
+    # commit (a ticket, no lease yet), then 033 and 004, whose notes were applied in one batch with one
+    # timestamp; 062 landed after. Ordered by time, the tie put 062 last and pushed 004, the file the
+    # reader held, out of its two newest: evicted, and the reader's re-open failed.
+    le = evict.Leases(lease=2.0, budget=0, min_files=2)
+    took_062 = le.ticket()
+    le.saw("r", "033", 1, 5.0)
+    le.saw("r", "004", 1, 5.0)
+    le.saw("r", "062", 1, 5.01, place=took_062)
+    assert le.held(5.02) == {"033", "004"}
+    le.saw("r", "000", 1, 5.03)
+    assert le.held(5.04) == {"004", "000"}
+
+
 def test_a_full_cache_of_files_a_reader_moved_past_never_blocks_it():
     # A reader read 100 files in 100 s into a 100-file cache with --lease 600: under the rule before,
     # every file is leased and the reader waits for its next file until the lease runs out.
@@ -230,9 +245,10 @@ def test_a_lease_that_lands_late_keeps_its_place_in_the_readers_order():
     from s3cache.evict import Leases
 
     leases = Leases(10.0, 0)
+    took_y = leases.ticket()  # taken before a and b, ready after them
     leases.saw("r", "a", 1, 2.0)
     leases.saw("r", "b", 1, 3.0)
-    leases.saw("r", "y", 1, 4.0, asked=1.0)  # asked for before a and b, ready after them
+    leases.saw("r", "y", 1, 4.0, place=took_y)
     assert leases.held(4.5) == {"a", "b"}
     leases.saw("r", "c", 1, 5.0)
     assert leases.held(5.5) == {"b", "c"}
