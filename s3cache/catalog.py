@@ -19,6 +19,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from urllib.parse import quote
 
+from .jobs import JobStart, Jobs
 from .manifest import Entry, parse_line
 from .refs import ObjectRef
 from .shard import WHOLE, Shard
@@ -100,20 +101,33 @@ class Catalog:
         self.total_size = 0  # bytes of the entries that give a size
         self.sized = 0  # entries that give a size
         self.prefixes: tuple[tuple[str, str], ...] = ()  # the manifest's prefix/ lines: (bucket, key prefix)
+        self._job_names: list[str] = []  # a manifest directory's jobs (JobStart), in order
+        self._job_starts = array("Q")  # ... the expanded position where each one's entries start
+        self._jobs: Jobs | None = None
+        self.job_bytes: list[int] = []  # bytes each job's entries give (the sizes they state)
         # Lookups repeat for the same few thousand files (in flight, resident): remember their answers.
         self._memo: dict[str, int | None] = {}
 
     @classmethod
-    def build(cls, entries: Iterable[Entry], shard: Shard = WHOLE) -> Catalog:
-        """The catalog of ``shard``'s share of ``entries`` (the expanded manifest, in order)."""
+    def build(cls, entries: Iterable[Entry | JobStart], shard: Shard = WHOLE) -> Catalog:
+        """The catalog of ``shard``'s share of ``entries`` (the expanded manifest, in order). A manifest
+        directory's stream marks where each job's entries begin (``JobStart``); the share is then
+        taken within each job, as each job's own tf.data pipeline shards its own file list."""
         c = cls()
         c.shard = shard
         hashes = array("q")
         others = array("q")
         sizes = array("q")  # -1: no size given
         total = 0
-        for total, e in enumerate(entries, 1):
-            if not shard.owns(total - 1):
+        base = 0  # where the current job's positions start
+        for e in entries:
+            if isinstance(e, JobStart):
+                c._job_names.append(e.name)
+                c._job_starts.append(total)
+                base = total
+                continue
+            total += 1
+            if not shard.owns(total - 1 - base):
                 others.append(_key(e.ref))
                 continue
             c._data += format_entry(e).encode() + b"\n"
@@ -139,6 +153,10 @@ class Catalog:
         c.sized = sum(1 for n in sizes if n >= 0)
         c.total_size = sum(n for n in sizes if n >= 0)
         c.avg_size = c.total_size / c.sized if c.sized else 0.0
+        if c._job_names:
+            jobs = c.jobs
+            assert jobs is not None
+            c.job_bytes = [sum(n for n in sizes[a:b] if n >= 0) for a, b in zip(jobs.starts, jobs.ends)]
         return c
 
     def _drop(self, dups: set[int]) -> None:
@@ -195,6 +213,14 @@ class Catalog:
     def entries(self):
         for i in range(len(self)):
             yield self.entry(i)
+
+    @property
+    def jobs(self) -> Jobs | None:
+        """A manifest directory's jobs as ranges of positions (None for a single manifest)."""
+        if self._jobs is None and self._job_names:
+            starts = [bisect_left(self._global, g) for g in self._job_starts]
+            self._jobs = Jobs(self._job_names, starts, len(self))
+        return self._jobs
 
     def position(self, uri: str) -> int | None:
         """Where ``s3://bucket/key`` stands in the manifest, or None if it is not listed."""

@@ -122,8 +122,14 @@ class Settings:
                                      "go unmodified before it is installed, so that a rewrite in place is never "
                                      "read half-written (a writer pausing longer can still be caught; renaming "
                                      "a new file over the manifest is always safe).")
+    manifest_dir: Path | None = setting(PATH, None, "A directory of manifests, one job per NAME.txt file: each "
+                                        "watched, added by writing its file and retired by removing it; "
+                                        "prefetch takes the jobs in turn. Instead of --manifest.")
 
     def __post_init__(self) -> None:
+        if self.manifest is not None and self.manifest_dir is not None:
+            raise ConfigError("--manifest and --manifest-dir both given: one job's manifest, or a "
+                              "directory of jobs' manifests, not both")
         for opt in options():
             value = getattr(self, opt.name)
             if value is None:
@@ -132,6 +138,15 @@ class Settings:
                 opt.kind.check(value)
             except ConfigError as e:
                 raise ConfigError(f"{opt.flag} {e}") from None
+
+    @property
+    def manifest_source(self) -> Path | None:
+        """The manifest file or directory the daemon reads (``manifest_is_dir`` says which)."""
+        return self.manifest if self.manifest is not None else self.manifest_dir
+
+    @property
+    def manifest_is_dir(self) -> bool:
+        return self.manifest is None and self.manifest_dir is not None
 
     @property
     def readahead_bytes(self) -> int:

@@ -144,9 +144,9 @@ class Daemon:
                               work_changed=lambda: self.schedule.work_changed(),
                               progress_line=lambda: self._progress()["line"])
         catalog = Catalog()
-        if s.manifest is not None:
-            notify.status(f"reading the manifest {s.manifest}")
-            manifests.watch = manifests.new_watch(str(s.manifest))
+        if s.manifest_source is not None:
+            notify.status(f"reading the manifest {s.manifest_source}")
+            manifests.watch = manifests.new_watch(str(s.manifest_source), s.manifest_is_dir)
             catalog = manifests.watch.read()
         notify.status("reconciling the cache dir with its index")
         self.index, damaged = open_index(self.store)
@@ -188,7 +188,7 @@ class Daemon:
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest is not None))
+                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest_source is not None))
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
                                errors=self.loop_errors)
@@ -275,7 +275,7 @@ class Daemon:
         """A manifest version into the parts (``Manifests.install`` holds the lease and state locks);
         returns the stale URIs the space dropped."""
         stale = self.space.install(catalog)
-        self.readers.install()
+        self.readers.install(catalog.jobs)
         self.schedule.install(catalog)
         return stale
 
@@ -372,7 +372,7 @@ class Daemon:
         """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
         with self.cond:
             return assemble(root=self.store.layout.root, started_at=self.started_at,
-                            manifest=str(self.s.manifest) if self.s.manifest else None, schedule=self.schedule,
+                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None, schedule=self.schedule,
                             space=self.space, readers=self.readers, publisher=self.publisher,
                             maintenance=self.maintenance, workers=self.workers,
                             watch=self.manifests.watch if self.manifests else None, server=self.server,

@@ -36,6 +36,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from .leases import LEASE_SHARE, Leases  # noqa: F401  (re-exported: the policy's names in one place)
+from .jobs import Jobs
 from .order import Announcement
 
 
@@ -74,16 +75,22 @@ class Future:
     all readers counts. Falsy when no reader's future is known.
     """
 
-    def __init__(self, n: int, ordered: Iterable[int] = (), announced: Iterable[Announcement] = ()) -> None:
+    def __init__(self, n: int, ordered: Iterable[int] = (), announced: Iterable[Announcement] = (),
+                 jobs: Jobs | None = None) -> None:
         self.n = n
         self.ordered = sorted(set(ordered)) if n else []
         self.announced = list(announced) if n else []
+        self.jobs = jobs  # a manifest directory's: an in-order reader wraps within its own job
 
     def __bool__(self) -> bool:
         return bool(self.ordered or self.announced)
 
     def distance(self, position: int) -> int | None:
-        best = next_use(position, self.ordered, self.n) if self.ordered else None
+        if self.jobs is not None:
+            ds = [d for r in self.ordered if (d := self.jobs.distance(position, r)) is not None]
+            best = min(ds) if ds else None
+        else:
+            best = next_use(position, self.ordered, self.n) if self.ordered else None
         for a in self.announced:
             d = a.distance(position)
             if d is not None and (best is None or d < best):
@@ -95,7 +102,10 @@ class Future:
         each distance (a position may come more than once)."""
         for k in range(self.n):
             for r in self.ordered:
-                yield k, (r + k) % self.n
+                if self.jobs is None:
+                    yield k, (r + k) % self.n
+                elif (p := self.jobs.ahead(r, k)) is not None:
+                    yield k, p
             for a in self.announced:
                 p = a.at(k)
                 if p is not None:
@@ -189,7 +199,12 @@ def rewind_cursor(cursor: int, victims: Iterable[Resident]) -> int:
     """Where the manifest-order prefetch cursor goes after evicting ``victims``: back to the first evicted
     file nobody has read (prefetched too early; it is still to come), not to files already read: going
     back for those fetched each one again as soon as eviction freed space, for nobody."""
-    return min([cursor] + [v.position for v in victims if v.position is not None and v.last_used <= 0])
+    return min([cursor, *unread_positions(victims)])
+
+
+def unread_positions(victims: Iterable[Resident]) -> list[int]:
+    """The manifest positions of the victims nobody read (prefetched too early: still to come)."""
+    return [v.position for v in victims if v.position is not None and v.last_used <= 0]
 
 
 READAHEAD_SHARE = 16  # the readahead window is at most 1/16 of the cache
@@ -245,6 +260,7 @@ class ReaderTracker:
         self.idle = idle
         self.stride = stride
         self._readers: dict[str, _Reader] = {}
+        self.jobs: Jobs | None = None  # the catalog's jobs (a manifest directory), set at install
 
     def saw(self, reader: str, position: int, n: int, now: float) -> int:
         """Record that ``reader`` resolved ``position``; returns the reader's epoch (0-based)."""
@@ -257,15 +273,19 @@ class ReaderTracker:
             r.when = now
             r.position = position
             return r.order.epoch
-        step = (position - r.position) % n if n else 0
+        # Steps are counted around the reader's own job (the whole manifest without a directory's jobs)
+        jobs = self.jobs if self.jobs is not None and self.jobs.n == n else None
+        start, size = jobs.bounds(position) if jobs is not None and 0 <= position < n else (0, n)
+        same = start <= r.position < start + size
+        step = (position - r.position) % size if size and same else (0 if not n else n)
         r.when = now
-        if n and step > self.stride and n - step <= self.stride:
+        if size and same and step > self.stride and size - step <= self.stride:
             return r.epoch  # a small step back: notes arriving out of order, or parallel reads; stay put
         if 0 < step <= self.stride:
             r.steps += 1
         elif step != 0:
             r.steps = 0
-        if position < r.position and position < self.stride:
+        if position < r.position and position - start < self.stride:
             r.epoch += 1  # wrapped around, or started over from the top
         r.position = position
         return r.epoch
@@ -282,7 +302,7 @@ class ReaderTracker:
         """When each manifest position is needed next, by the readers in order and the announced orders."""
         self._expire(now)
         announced = [r.order for r in self._readers.values() if r.order is not None and r.order.n]
-        return Future(n, self.positions(n, now), announced)
+        return Future(n, self.positions(n, now), announced, self.jobs)
 
     def epoch_of(self, reader: str) -> int:
         r = self._readers.get(reader)
@@ -300,7 +320,13 @@ class ReaderTracker:
         self._expire(now)
         if not n:
             return []
-        return sorted({(r.position + 1) % n for r in self._readers.values() if r.steps >= 3 and r.order is None})
+        jobs = self.jobs if self.jobs is not None and self.jobs.n == n else None
+        return sorted({jobs.next(r.position) if jobs is not None else (r.position + 1) % n
+                       for r in self._readers.values() if r.steps >= 3 and r.order is None and r.position < n})
+
+    def where(self) -> list[int]:
+        """The position each known reader resolved last (one per reader; for status)."""
+        return [r.position for r in self._readers.values() if r.position >= 0]
 
     def current(self) -> set[int]:
         """The position each reader resolved last: the file it is reading now, never a victim."""

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from .catalog import Catalog
 from .errors import ManifestError, ManifestUnstable
+from .jobs import JobStart, job_name
 from .manifest import Entry, Lister, Prefix, SkipLog, expand, read_open
 from .shard import WHOLE, Shard
 
@@ -94,6 +95,69 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
     return Loaded(catalog, skipped, before)
 
 
+DirIdentity = tuple[tuple[str, Identity | None], ...]  # a manifest directory: (file name, identity) per job
+
+
+def dir_identity(path: str) -> DirIdentity | None:
+    """The identity of a manifest directory now: its job files' names and identities (None if it
+    cannot be listed). Adding, removing, replacing or rewriting a job changes it."""
+    try:
+        names = sorted(n for n in os.listdir(path) if job_name(n) is not None)
+    except OSError:
+        return None
+    return tuple((n, identity(os.path.join(path, n))) for n in names)
+
+
+def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SETTLE,
+             seen: DirIdentity | None = None, clock: Callable[[], float] = time.time) -> Loaded:
+    """Read a manifest directory (``serve --manifest-dir``): every ``NAME.txt`` in it is job NAME's
+    manifest, read in name order into one catalog whose jobs say where each one's entries are.
+
+    Installed only whole, as ``load`` installs a file: a job being written (modified within ``settle``
+    seconds, unless the directory is as ``seen`` last time) or a directory that changed while it was
+    read raises ManifestUnstable; a bad line in any job raises ManifestError naming its file and line,
+    and the previous version of every job stays in force. ``identity`` of the result is a
+    ``DirIdentity``."""
+    before = dir_identity(path)
+    if before is None:
+        if not os.path.isdir(path):
+            raise ManifestError(path, None, "not a directory: --manifest-dir wants a directory of NAME.txt files")
+        raise ManifestError(path, None, "cannot list the manifest directory")
+    if before != seen:
+        now = clock()
+        for name, ident in before:
+            if ident is not None and now - ident.mtime_ns / 1e9 < settle:
+                age = max(now - ident.mtime_ns / 1e9, 0.0)
+                raise ManifestUnstable(os.path.join(path, name), f"modified {age:.2f}s ago",
+                                       min(max(settle - age, 0.01), settle), before)
+    skipped = SkipLog()
+    prefixes: list[tuple[str, str]] = []
+
+    def stream() -> Iterator[Entry | JobStart]:
+        for name, _ in before:
+            file = os.path.join(path, name)
+            try:
+                f = open(file, encoding="utf-8-sig", newline=None)
+            except FileNotFoundError:
+                continue  # removed since the listing: the identity check below reads again
+            except OSError as e:
+                raise ManifestError(file, None, f"cannot read manifest: {e.strerror}") from None
+            with f:
+                yield JobStart(job_name(name) or name)
+                yield from expand(_noting_prefixes(read_open(f, file), prefixes), lister, skipped)
+
+    try:
+        catalog = Catalog.build(stream(), shard)
+        catalog.prefixes = tuple(dict.fromkeys(prefixes))
+    except ManifestError:
+        if dir_identity(path) != before:
+            raise ManifestUnstable(path, "changed while it was read", settle, before) from None
+        raise
+    if dir_identity(path) != before:
+        raise ManifestUnstable(path, "changed while it was read", settle, before)
+    return Loaded(catalog, skipped, before)  # type: ignore[arg-type]
+
+
 def _noting_prefixes(items: Iterable[Entry | Prefix], found: list[tuple[str, str]]) -> Iterator[Entry | Prefix]:
     """``items`` passed on as they are, each prefix line's (bucket, prefix) added to ``found``."""
     for item in items:
@@ -118,23 +182,31 @@ class WatchPlan(NamedTuple):
 
     paths: frozenset[str]
     dirs: frozenset[str]
+    trees: frozenset[str] = frozenset()  # a manifest directory: any event on an entry in it counts
 
     def relevant(self, *event_paths: str | bytes | None) -> bool:
         """Whether an event on these paths (e.g. a watchdog event's src_path and dest_path) may have
         changed what the manifest path leads to."""
         for p in event_paths:
-            if p and os.path.normpath(os.path.abspath(os.fsdecode(p))) in self.paths:
-                return True
+            if p:
+                p = os.path.normpath(os.path.abspath(os.fsdecode(p)))
+                if p in self.paths or os.path.dirname(p) in self.trees:
+                    return True
         return False
 
 
-def watch_plan(path: str | os.PathLike) -> WatchPlan:
-    """The WatchPlan for the manifest at ``path`` as the filesystem stands now."""
+def watch_plan(path: str | os.PathLike, directory: bool = False) -> WatchPlan:
+    """The WatchPlan for the manifest at ``path`` as the filesystem stands now. ``directory``: a
+    manifest directory, whose entries are watched too (any of them: a ConfigMap mounted as a directory
+    swaps a ``..data`` link in it, not the job files' names)."""
     start = os.path.normpath(os.path.abspath(os.fspath(path)))
     links, real = _links_on_the_way(start)
     paths = frozenset([start, real, *links])
     dirs = frozenset(d for d in (os.path.dirname(p) for p in paths) if os.path.isdir(d))
-    return WatchPlan(paths, dirs)
+    if not directory:
+        return WatchPlan(paths, dirs)
+    trees = frozenset(d for d in (start, real) if os.path.isdir(d))
+    return WatchPlan(paths, dirs | trees, trees)
 
 
 def _links_on_the_way(path: str, max_links: int = 40) -> tuple[list[str], str]:

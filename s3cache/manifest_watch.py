@@ -54,8 +54,10 @@ RECENT = 20  # off-share objects remembered for status
 class ManifestWatch:
     def __init__(self, path: str, *, lister: Callable[[str, str], list[Listed]],
                  install: Callable[[Catalog], None], stopping: threading.Event, shard: Shard = WHOLE,
-                 settle: float = manifest_file.SETTLE, start_wait: float = START_WAIT) -> None:
+                 settle: float = manifest_file.SETTLE, start_wait: float = START_WAIT,
+                 directory: bool = False) -> None:
         self.path = path
+        self.directory = directory  # a manifest directory (--manifest-dir): each NAME.txt a job (jobs.py)
         self.shard = shard
         self.settle = settle
         self._start_wait = start_wait
@@ -63,8 +65,8 @@ class ManifestWatch:
         self._install = install
         self._stopping = stopping
         self._reload = threading.Event()
-        self._seen: manifest_file.Identity | None = None  # the file as last read whole
-        self._looked: manifest_file.Identity | None = None  # ... as last read, whole or not (bad ones too)
+        self._seen: object = None  # the file (Identity) or directory (DirIdentity) as last read whole
+        self._looked: object = None  # ... as last read, whole or not (bad ones too)
         self._observer = None
         self._handler = None
         self._plan: manifest_file.WatchPlan | None = None
@@ -96,7 +98,7 @@ class ManifestWatch:
                 if self._stopping.wait(e.retry_after):
                     raise
 
-    def _load(self, seen: manifest_file.Identity | None) -> Catalog:
+    def _load(self, seen) -> Catalog:
         path = self.path
         errors: list[str] = []
 
@@ -109,8 +111,9 @@ class ManifestWatch:
                 log.error("%s", errors[-1])
                 return []
 
-        self._looked = manifest_file.identity(path)
-        loaded = manifest_file.load(path, lister, self.shard, settle=self.settle, seen=seen)
+        self._looked = self._identity()
+        load = manifest_file.load_dir if self.directory else manifest_file.load
+        loaded = load(path, lister, self.shard, settle=self.settle, seen=seen)
         self._seen = self._looked = loaded.identity
         self.errors = errors
         with self._lock:
@@ -147,7 +150,7 @@ class ManifestWatch:
         """Watch what the path leads through now, and reload if it changed since it was last read."""
         if self._observer is None:
             return
-        plan = manifest_file.watch_plan(self.path)
+        plan = manifest_file.watch_plan(self.path, self.directory)
         self._plan = plan
         for d in set(self._watches) - plan.dirs:
             try:
@@ -159,12 +162,16 @@ class ManifestWatch:
                 self._watches[d] = self._observer.schedule(self._handler, d, recursive=False)
             except OSError as e:  # removed since the plan: the next event or read plans again
                 log.warning("cannot watch %s for manifest changes: %s", d, e.strerror or e)
-        if manifest_file.identity(self.path) != self._looked:
+        if self._identity() != self._looked:
             self._reload.set()  # it changed between our reading it and the watch covering it
+
+    def _identity(self) -> object:
+        """What the manifest (file or directory) looks like now; compared with what was last read."""
+        return manifest_file.dir_identity(self.path) if self.directory else manifest_file.identity(self.path)
 
     def reload_loop(self) -> None:
         """The reload thread: read and install the manifest after each change, until stopping."""
-        seen: manifest_file.Identity | None = None
+        seen = None  # the manifest as the last ManifestUnstable saw it
         failed_before: set[str] = set()
         while True:
             self._reload.wait()

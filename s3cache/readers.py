@@ -35,6 +35,7 @@ from .announce import Announced
 from .errors import OutOfScope, RequestTooLarge, S3CacheError
 from .evict import ReaderTracker
 from .index import Record
+from .jobs import Jobs, JobStats
 from .manifest import Entry
 from .refs import ObjectRef, from_identity
 from .schedule import Schedule
@@ -66,6 +67,7 @@ class Readers(Announced):
         self.epochs: dict[int, dict[str, int]] = {}  # readers' epoch -> hits and misses
         self._wanted_at: dict[str, float] = {}  # when a reader first started waiting for a file
         self.hits = 0
+        self.job_stats = JobStats()  # hits, misses and waits per job of a manifest directory
         self.misses = 0
         self.wait_seconds = 0.0  # waits that ended: the file came, failed, or the reader left
         self.notes_rejected = 0  # usage notes naming no valid s3:// URI, skipped
@@ -77,9 +79,11 @@ class Readers(Announced):
         if warning:
             log.warning("%s", warning)
 
-    def install(self) -> None:
-        """A new manifest: positions in the old one mean nothing."""
+    def install(self, jobs: Jobs | None = None) -> None:
+        """A new manifest (of these jobs, for a manifest directory): positions in the old one mean nothing."""
         self.tracker.forget()
+        self.tracker.jobs = jobs
+        self.job_stats.install(jobs)
 
     def is_waited(self, uri: str) -> bool:
         return bool(self.waiters.get(uri))
@@ -112,6 +116,7 @@ class Readers(Announced):
                 moved = True
             if hit:
                 self.hits += 1
+                self.job_stats.add(pos, hits=1)
                 self._epoch(epoch)["hits"] += 1
         if moved:
             self._schedule.reconsider()
@@ -173,8 +178,11 @@ class Readers(Announced):
         with self._cond:
             self.drain()  # the reader's earlier notes first, so its position moves in order
             self.note_use(reader, uris, hit=False)
-            misses = sum(1 for u in uris if not self._space.is_ready(u))
+            missed = [u for u in uris if not self._space.is_ready(u)]
+            misses = len(missed)
             self.misses += misses
+            for u in missed if self.job_stats.jobs else ():
+                self.job_stats.add(self._schedule.catalog.position(u), misses=1)
             self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
             for raw, ref in zip(uris, parsed):
                 if isinstance(ref, S3CacheError):
@@ -237,7 +245,10 @@ class Readers(Announced):
     def _stop_waiting(self, uri: str) -> None:
         started = self._wanted_at.pop(uri, None)
         if started is not None:
-            self.wait_seconds += time.monotonic() - started
+            waited = time.monotonic() - started
+            self.wait_seconds += waited
+            if self.job_stats.jobs:
+                self.job_stats.add(self._schedule.catalog.position(uri), wait=waited)
 
     def closed(self, conn: Connection) -> None:
         """A reader's ctl connection closed: it waits on nothing any more. A wait that ends so (the

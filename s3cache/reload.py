@@ -34,7 +34,7 @@ from .manifest_watch import ManifestWatch
 log = logging.getLogger("s3cache.daemon")
 
 # Settings a SIGHUP applies to the running daemon; any other that changed waits for a restart.
-LIVE_SETTINGS = ("manifest", "max_size", "lease", "readahead", "min_free", "low_watermark", "revalidate",
+LIVE_SETTINGS = ("manifest", "manifest_dir", "max_size", "lease", "readahead", "min_free", "low_watermark", "revalidate",
                  "log_level")
 
 
@@ -64,14 +64,15 @@ class Manifests:
         self.gen = 0  # bumped when SIGHUP replaces the watch: an older watch may not install
         self._stop: threading.Event | None = None  # the current watch's own stop
 
-    def new_watch(self, path: str) -> ManifestWatch:
-        """A watch of ``path`` with its own stop event and the current generation."""
+    def new_watch(self, path: str, directory: bool = False) -> ManifestWatch:
+        """A watch of ``path`` (a manifest directory if ``directory``) with its own stop event and the
+        current generation."""
         gen = self.gen
         self._stop = threading.Event()
         s = self._settings()
         return ManifestWatch(path, lister=self._lister, stopping=self._stop,
                              install=lambda catalog: self.install(catalog, gen, path),
-                             shard=s.shard, settle=s.manifest_settle)
+                             shard=s.shard, settle=s.manifest_settle, directory=directory)
 
     def start_watch(self, watch: ManifestWatch) -> None:
         watch.watch()
@@ -87,12 +88,14 @@ class Manifests:
         if stale:
             log.info("manifest asks for another version, size or checksum of %d cached file(s); fetching again",
                      len(stale))
-        log.info("manifest %s: %d entries", path or self._settings().manifest, len(catalog))
+        jobs = f" in {len(catalog.jobs)} job(s)" if catalog.jobs is not None else ""
+        log.info("manifest %s: %d entries%s", path or self._settings().manifest_source, len(catalog), jobs)
 
     def replace(self) -> None:
         """A fresh watch of the (possibly new) manifest path replaces the old one, whose installs are
         ignored from now on; the new manifest is read and installed before this returns."""
-        path = self._settings().manifest
+        s = self._settings()
+        path = s.manifest_source
         old, old_stop = self.watch, self._stop
         with self._cond:
             self.gen += 1
@@ -104,7 +107,7 @@ class Manifests:
         if path is None:
             self.install(Catalog(), self.gen, "(none)")
             return
-        watch = self.new_watch(str(path))
+        watch = self.new_watch(str(path), s.manifest_is_dir)
         catalog = watch.read()
         self.watch = watch
         self.install(catalog, self.gen, str(path))

@@ -1,9 +1,10 @@
 """The schedule: what to fetch next, and why.
 
-Owns the manifest in fetch order (the catalog), the prefetch cursor, the demand queue (demand.py; objects readers
-wait on or will want, served first), objects asked for outside the manifest (``extra``), objects
-blocked waiting for room, failed objects, the fetching set, and the readahead window. Workers take jobs
-from ``next_job``; everything that may create work calls ``work_changed``.
+Owns the manifest in fetch order (the catalog), the prefetch cursors (one per job: jobs.py), the demand
+queue (demand.py; objects readers wait on or will want, served first), objects asked for outside the
+manifest (``extra``), objects blocked waiting for room, failed objects, the fetching set, and the
+readahead window. Workers take jobs from ``next_job``; everything that may create work calls
+``work_changed``.
 
 Invariants it keeps:
 
@@ -41,6 +42,7 @@ from .config import Settings
 from . import evict
 from .evict import ReaderTracker
 from .failures import RECHECK, Failure, Failures
+from .jobs import Cursors
 from .manifest import Entry
 from .refs import ObjectRef, from_identity
 from .space import Space
@@ -70,7 +72,7 @@ class Schedule:
         self.hints_accepted = 0
         self.hints_dropped = 0  # hints for objects outside the manifest beyond MAX_EXTRA
         self.retries = 0  # failed objects released for another attempt by their backoff
-        self.cursor = 0
+        self.cursors = Cursors(None, 0)
         self.prefetch_paused = False
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
@@ -87,7 +89,7 @@ class Schedule:
         self.demand = DemandQueue(self.entry_for(e.uri) or e._replace(size=None, sha256=None, md5=None,
                                                                       crc32c=None, version=None, size_is_hint=False)
                                   for e in self.demand)
-        self.cursor = 0
+        self.cursors = Cursors(catalog.jobs, len(catalog))
         self.prefetch_paused = False
         # A permanent failure stays while the manifest says the same about the object; anything else the
         # new manifest lists is tried again now.
@@ -141,12 +143,9 @@ class Schedule:
             return None
         fut = self._tracker.future(n, time.time())
         if not fut:
-            while self.cursor < n:
-                e = self.catalog.entry(self.cursor)
-                if self._wanted(e.uri):
-                    return e
-                self.cursor += 1
-            return None
+            cat = self.catalog
+            p = self.cursors.next(lambda q: self._wanted(cat.entry(q).uri))
+            return cat.entry(p) if p is not None else None
         # Readers' futures are known: fill in order of next use, nearest first; beyond the readahead
         # window only into free room (evicting for a file needed later than what is resident is a loss).
         cat = self.catalog
@@ -168,7 +167,7 @@ class Schedule:
                 for uri in self.blocked:
                     pos = self.catalog.position(uri)
                     if pos is not None:
-                        self.cursor = min(self.cursor, pos)
+                        self.cursors.rewind(pos)
                 waiting_demand = [u for u in self.blocked if self._is_waited(u)]
                 self.blocked.clear()
                 for uri in waiting_demand:
@@ -187,8 +186,9 @@ class Schedule:
 
     def evicted(self, victims: list[evict.Resident]) -> None:
         """The space evicted these files: the cursor goes back to those nobody read yet (prefetched too
-        early, still to come), not to files already read (``evict.rewind_cursor``)."""
-        self.cursor = evict.rewind_cursor(self.cursor, victims)
+        early, still to come), not to files already read (``evict.unread_positions``)."""
+        for p in evict.unread_positions(victims):
+            self.cursors.rewind(p)
         self._scan_idle = False
 
     # == how a job ended ==============================================================================
@@ -211,7 +211,7 @@ class Schedule:
         if demand or self._is_waited(entry.uri):
             self.demand.appendleft(entry)
         elif pos is not None:
-            self.cursor = min(self.cursor, pos)
+            self.cursors.rewind(pos)
         else:
             self.demand.append(entry)
         self.work_changed()
@@ -289,7 +289,8 @@ class Schedule:
                 self.demand.append(f.entry)
             # else: nobody wants it now; a reader asking again fetches it
         if positions:  # "may be fetched again": the in-order prefetch scan goes back to them
-            self.cursor = min([self.cursor, *positions])
+            for p in positions:
+                self.cursors.rewind(p)
             self._scan_idle = False
         if due:
             self.retries += len(due)
@@ -351,7 +352,7 @@ class Schedule:
         entry = self.entry_for(ref.uri) or Entry(ref)
         pos = self.catalog.position(ref.uri)
         if pos is not None:
-            self.cursor = min(self.cursor, pos)
+            self.cursors.rewind(pos)
         self.demand.append(entry)
         self.work_changed()
 

@@ -16,26 +16,23 @@ Invariants it keeps:
   downloads, never towards a full disk), less ``--min-free`` for prefetch;
 * a reader waiting on an object always progresses while anything cached is needed later than it:
   demand may evict any file not leased, pinned or being read (``choose_victims`` with ``demand``);
-  files held only by reservations of downloads in flight come back when those land;
 * leases hold each reader's newest files only (``evict.Leases``): at most a 32nd of the cache plus
   two files per reader, so leases alone never make a reader wait;
 * a file is removed before its index row (a crash leaves a row to drop at start, never an orphan);
-* a file a reader resolved is seen by eviction: eviction holds the cache's lease lock exclusively and
-  applies every usage note readers sent (``drain_notes``) before choosing victims;
+* a file a reader resolved is seen by eviction: it holds the lease lock exclusively and applies every
+  usage note readers sent (``drain_notes``, in the order sent) before choosing victims;
 * one reservation per URI: a second ``admit`` of the same URI and size is a no-op that answers yes.
 
 Locks. The state lock is the daemon's one ``threading.Condition`` (over an RLock), shared with the
-schedule, readers and publisher: "ready, reserved or fetching" must change in one step for all of them
-(a file published is released from its reservation, leaves the fetching set and wakes its readers
-atomically). Eviction also takes the lease ``flock`` (``lease.lock`` in the private dir), always BEFORE
-the state lock: readers hold it shared around their fast path, and taking it after the state lock
-would let a reader block the whole daemon. Callers of the methods below hold the state lock unless a
-method says it takes the locks itself (``admit``, ``evict_for_disk``, ``exclusive``, ``flush``,
-``space_returned``).
+schedule, readers and publisher: "ready, reserved or fetching" changes in one step for all of them.
+Eviction also takes the lease ``flock`` (``lease.lock``), always BEFORE the state lock: readers hold it
+shared around their fast path, and taking it after the state lock would let a reader block the daemon.
+Callers hold the state lock unless a method takes the locks itself (``admit``, ``evict_for_disk``,
+``exclusive``, ``flush``, ``space_returned``).
 
 Talks upward only through two callables handed at construction: ``drain_notes()`` (apply readers'
 pending usage notes; the readers part) and ``on_evicted(victims)`` (the evicted files as the policy
-saw them, so the schedule may move its cursor back: ``evict.rewind_cursor``).
+saw them, so the schedule may move its cursors back: ``evict.unread_positions``).
 """
 
 from __future__ import annotations
@@ -51,6 +48,7 @@ from .catalog import Catalog
 from .config import Settings, human_size
 from .evict import LEASE_SHARE, Leases, Resident, ReaderTracker, choose_victims, target_distance
 from .index import Index, Record
+from .jobs import Landed
 from .manifest import Entry
 from .lease import ExclusiveLease
 from .pins import Pins
@@ -77,6 +75,7 @@ class Space(Pins, RoomReports):
         self.pinned: set[str] = set(index.get_meta("pins", []))  # `s3cache pin`; pin=1 entries too
         self.ready: dict[str, Record] = {}
         self.used = 0  # bytes of ready files
+        self.landed = Landed()  # ready files and bytes per job of a manifest directory (jobs.py)
         self.reserved = 0  # bytes promised to downloads in flight
         self.reservations: dict[str, int] = {}
         # Sizes of manifest objects that the manifest did not give, learned from S3 (a first response or
@@ -134,20 +133,18 @@ class Space(Pins, RoomReports):
             except Exception as e:  # a row without its file is dropped at the next start
                 log.error("could not drop %d stale row(s) from the index: %s", len(stale), e)
         self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in catalog}
+        self.landed.reset(catalog.jobs, ((catalog.position(u), r.size) for u, r in self.ready.items()))
         return [rec for _, rec in stale]
 
     def is_ready(self, uri: str) -> bool:
         return uri in self.ready
 
-    def ready_uris(self):
-        """A live view of the ready URIs (iterate it with the state lock held)."""
+    def ready_uris(self):  # a live view: iterate it with the state lock held
         return self.ready.keys()
 
     def records(self, uris: Iterable[str] | None = None) -> list[tuple[str, Record]]:
         """A snapshot of (uri, record) of ready files: all of them, or those of ``uris`` that are."""
-        if uris is None:
-            return list(self.ready.items())
-        return [(u, self.ready[u]) for u in uris if u in self.ready]
+        return list(self.ready.items()) if uris is None else [(u, self.ready[u]) for u in uris if u in self.ready]
 
     def ready_path(self, uri: str) -> str | None:
         """The file of a ready object; a file removed behind our back is forgotten (fetched again)."""
@@ -164,7 +161,9 @@ class Space(Pins, RoomReports):
         not ready; then ``reader``'s lease on it starts when it lands (``commit``)."""
         rec = self.ready.get(uri)
         if rec is None:
-            if reader and len(self._awaited) < 100_000:  # bounded: dropped at commit or release
+            if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
+                if len(self._awaited) >= 100_000:
+                    del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
                 self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
             return False
         self.ready[uri] = rec.used(when)
@@ -179,6 +178,7 @@ class Space(Pins, RoomReports):
         if rec is not None:
             self.used -= rec.size
             pos = self.catalog.position(uri)
+            self.landed.add(pos, -rec.size, -1)
             if pos is not None and self.catalog.entry(pos).size is None:
                 self.known_sizes[uri] = rec.size
             self._dirty_use.pop(uri, None)
@@ -199,6 +199,7 @@ class Space(Pins, RoomReports):
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size
+            self.landed.add(self.catalog.position(uri) if self.landed.jobs else None, rec.size)
         self.disk_full = False  # a publish wrote bytes: the filesystem had room
         return replaced
 
@@ -304,8 +305,7 @@ class Space(Pins, RoomReports):
 
     def _need(self, size: int, demand: bool) -> tuple[int, bool]:
         """(bytes to evict before ``size`` fits, whether the filesystem rather than --max-size is short)."""
-        over = self.used + self.reserved + size - self.s.max_size
-        short = size - self.disk_room(demand)
+        over, short = self.used + self.reserved + size - self.s.max_size, size - self.disk_room(demand)
         return max(over, short), short > over
 
     def evict_for_disk(self, size: int) -> bool:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import notify
+from . import jobs, notify
 from .config import redact_urls
 
 if TYPE_CHECKING:
@@ -146,6 +146,14 @@ class Progress:
         self._was_pending = bool(p["pending"])
 
 
+def jobs_status(schedule: Schedule, space: Space, readers: Readers) -> dict[str, dict]:
+    """Each job of a manifest directory under its name (jobs.report); empty for a single manifest."""
+    cat = schedule.catalog
+    if cat.jobs is None:
+        return {}
+    return jobs.report(cat.jobs, space.landed, readers.job_stats, readers.tracker.where(), cat.job_bytes)
+
+
 def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Schedule, space: Space,
              readers: Readers, publisher: Publisher, maintenance: Maintenance, workers: Workers,
              watch: ManifestWatch | None, server: Server | None, counters: Counters | None,
@@ -184,6 +192,7 @@ def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Sc
         "waiting_for_space": spc["waiting_for_space"],
         "pinned": spc["pinned"],
         "readers": rdr["readers"],
+        "jobs": jobs_status(schedule, space, readers),
         "epochs": rdr["epochs"],
         "waiting": rdr["waiting"],
         "notes_rejected": rdr["notes_rejected"],

@@ -66,7 +66,7 @@ class Rig:
     def install(self, cat: Catalog) -> list[Record]:
         with self.space.exclusive():
             stale = self.space.install(cat)
-            self.readers.install()
+            self.readers.install(cat.jobs)
             self.schedule.install(cat)
         return stale
 

@@ -194,14 +194,18 @@ NON_DEFAULTS = {
 }
 
 
+# Options that exclude one in NON_DEFAULTS: checked on their own (the same way) below.
+INSTEAD = {"manifest_dir"}  # instead of "manifest"
+
+
 def test_every_option_is_a_flag_a_variable_and_a_key_and_show_reads_back(tmp_path):
-    names = [o.name for o in options()]
-    assert sorted(names) == sorted(NON_DEFAULTS), "add the new option to NON_DEFAULTS"
+    names = [o.name for o in options() if o.name not in INSTEAD]
+    assert sorted(names + list(INSTEAD)) == sorted([*NON_DEFAULTS, *INSTEAD]), "add the new option to NON_DEFAULTS"
     flags = [a for n in names for a in ((f"--{n.replace('_', '-')}",) if NON_DEFAULTS[n] == "true"
                                          else (f"--{n.replace('_', '-')}", NON_DEFAULTS[n]))]
     by_flag = show(flags)
-    assert all(row["source"] == "flag" for row in by_flag.values())
-    env = {o.env[0]: NON_DEFAULTS[o.name] for o in options()}
+    assert all(row["source"] == "flag" for n, row in by_flag.items() if n not in INSTEAD)
+    env = {o.env[0]: NON_DEFAULTS[o.name] for o in options() if o.name not in INSTEAD}
     by_env = show([], env=env)
     assert {k: v["value"] for k, v in by_env.items()} == {k: v["value"] for k, v in by_flag.items()}
     assert all(row["source"] == f"env:{options()[i].env[0]}" for i, row in enumerate(by_env[n] for n in names))
@@ -211,8 +215,19 @@ def test_every_option_is_a_flag_a_variable_and_a_key_and_show_reads_back(tmp_pat
     f.write_text(r.output)
     by_file = show(["--config", str(f)])
     assert {k: v["value"] for k, v in by_file.items()} == {k: v["value"] for k, v in by_flag.items()}
-    assert all(row["source"] == f"file:{f}" for row in by_file.values())
+    assert all(row["source"] == f"file:{f}" for n, row in by_file.items() if n not in INSTEAD)
     assert by_flag["max_size"]["value"] == "3G" and by_flag["readahead"]["value"] == "7f"
+
+
+def test_manifest_dir_is_a_flag_a_variable_and_a_key_instead_of_manifest(tmp_path):
+    by_flag = show(["--manifest-dir", "/srv/jobs"])
+    assert by_flag["manifest_dir"] == {**by_flag["manifest_dir"], "value": "/srv/jobs", "source": "flag"}
+    assert show([], env={"S3CACHE_MANIFEST_DIR": "/srv/jobs"})["manifest_dir"]["value"] == "/srv/jobs"
+    f = tmp_path / "c.toml"
+    f.write_text('manifest_dir = "/srv/jobs"\n')
+    assert show(["--config", str(f)])["manifest_dir"]["value"] == "/srv/jobs"
+    r = CliRunner().invoke(main, ["config", "show", "--manifest", "/srv/m.txt", "--manifest-dir", "/srv/jobs"])
+    assert r.exit_code != 0 and "--manifest and --manifest-dir both given" in r.output
 
 
 def test_serve_help_lists_every_option_with_its_variable_and_key():

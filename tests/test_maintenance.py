@@ -89,7 +89,7 @@ def test_verify_quarantines_a_damaged_file_and_fetches_the_object_again(rig):
     rig.install(catalog(entry(B + "a"), entry(B + "b")))
     rec = rig.cached(B + "b", b"b" * 8)
     rig.cached(B + "a", b"a" * 8)
-    rig.schedule.cursor = 2
+    rig.schedule.cursors.next(lambda p: False)  # the in-order scan passed both
     with open(rig.store.layout.abspath(rec.path), "r+b") as f:
         f.write(b"X")  # a bit flipped on disk
     report = maintenance(rig).verify([], everything=True, source=False)
@@ -97,6 +97,6 @@ def test_verify_quarantines_a_damaged_file_and_fetches_the_object_again(rig):
     [bad] = report["mismatched"]
     assert bad["uri"] == B + "b" and bad["quarantined"].startswith(rig.store.layout.quarantine)
     assert not rig.space.is_ready(B + "b") and rig.index.get(B + "b") is None
-    assert list(rig.schedule.demand) == [entry(B + "b")] and rig.schedule.cursor == 1
+    assert list(rig.schedule.demand) == [entry(B + "b")] and rig.schedule.cursors.positions() == [1]
     report = maintenance(rig).verify([B + "a", B + "nope"], everything=False, source=False)
     assert report["ok"] == 1 and report["not_cached"] == [B + "nope"]

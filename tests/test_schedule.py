@@ -69,7 +69,7 @@ def test_a_job_the_full_disk_ended_is_never_lost(rig):
     u = uris(3)
     rig.install(catalog(*(entry(x, 10) for x in u)))
     jobs = [rig.schedule.next_job() for _ in range(3)]
-    assert rig.schedule.cursor == 2
+    assert rig.schedule.cursors.positions() == [2]
     with rig.cond:
         rig.schedule.ended(u[0])
         rig.schedule.again(jobs[0][0], False)  # evicted for it: try again from the cursor

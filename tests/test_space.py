@@ -55,7 +55,7 @@ def test_eviction_removes_the_file_and_its_row_and_reports_the_positions(rig):
     rec_a = rig.cached(B + "a", b"a" * 50)
     rig.cached(B + "b", b"b" * 40)
     assert rig.space.admit(entry(B + "c", 30), 30, demand=False) is False  # a, b unread: kept for c
-    rig.schedule.cursor = 3  # prefetch got past the end
+    rig.schedule.cursors.next(lambda p: False)  # prefetch got past the end
     assert rig.space.admit(entry(B + "c", 30), 30, demand=True)  # a reader waits: make room
     sp = rig.space
     assert sp.used + sp.reserved <= rig.s.max_size
@@ -65,7 +65,7 @@ def test_eviction_removes_the_file_and_its_row_and_reports_the_positions(rig):
     assert rig.index.get(B + "b") is None and rig.index.get(B + "a") == rec_a
     assert not os.path.exists(rig.store.layout.abspath("bkt/b"))
     assert rig.evicted_positions == [[1]]
-    assert rig.schedule.cursor == 1  # the schedule was told: b may be prefetched again
+    assert rig.schedule.cursors.positions() == [1]  # the schedule was told: b may be prefetched again
 
 
 def test_eviction_drains_readers_notes_holding_the_lease_lock_then_the_state_lock(rig):
