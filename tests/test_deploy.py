@@ -46,15 +46,15 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     ctx = parse_command(c["command"])
     assert ctx.info_name == "serve"
     p = ctx.params
-    assert p["manifest"] is not None and p["max_size"] > 0 and p["metrics_addr"]
+    assert p["manifest_dir"] is not None and p["max_size"] > 0 and p["metrics_addr"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = mounts_of(c)
     # the cache dir is the node's disk, the manifest comes from the ConfigMap
     cache = mounts[str(p["cache_dir"])]
     assert "hostPath" in volumes[cache["name"]] and not cache.get("readOnly")
-    manifest_dir = str(p["manifest"].parent)
+    manifest_dir = str(p["manifest_dir"])
     assert volumes[mounts[manifest_dir]["name"]]["configMap"]["name"] == docs("configmap.yaml")["ConfigMap"]["metadata"]["name"]
-    assert p["manifest"].name in docs("configmap.yaml")["ConfigMap"]["data"]
+    assert all(key.endswith(".txt") for key in docs("configmap.yaml")["ConfigMap"]["data"])  # each key a job
     # probes run a real status command against the same cache dir
     for probe in ("readinessProbe", "livenessProbe"):
         pctx = parse_command(c[probe]["exec"]["command"])
