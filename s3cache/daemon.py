@@ -188,7 +188,8 @@ class Daemon:
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest_source is not None))
+                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
+                               manifest_edited=self._manifest_edited)
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
                                errors=self.loop_errors)
@@ -277,7 +278,13 @@ class Daemon:
         stale = self.space.install(catalog)
         self.readers.install(catalog.jobs)
         self.schedule.install(catalog)
+        self.readers.rejudge_parked(expire=False)  # wants that waited for this edit of the scope
         return stale
+
+    def _manifest_edited(self) -> bool:
+        """Whether the manifest on disk is not the one installed (an edit is on its way in)."""
+        watch = self.manifests.watch if self.manifests is not None else None
+        return watch is not None and watch.edited()
 
     def _apply_settings(self, merged: Settings) -> None:
         """SIGHUP's new live settings, to the daemon and the parts that read them (state lock held)."""
@@ -348,6 +355,8 @@ class Daemon:
                 self.throughput.sample()
             with guard("housekeeping", "releasing failures whose backoff passed"):
                 self.schedule.retry_due()  # failures whose backoff passed are fetched again
+            with guard("housekeeping", "judging wants that wait for a manifest edit"), self.cond:
+                self.readers.rejudge_parked(expire=True)
             with guard("housekeeping", "expiring leases and idle readers"):
                 # Leases expire with time alone, and idle readers are forgotten: either may open up work.
                 self.schedule.reconsider()

@@ -67,6 +67,7 @@ class ManifestWatch:
         self._reload = threading.Event()
         self._seen: object = None  # the file (Identity) or directory (DirIdentity) as last read whole
         self._looked: object = None  # ... as last read, whole or not (bad ones too)
+        self._rejected: object = None  # ... as last read and refused (a bad line): no edit on its way
         self._observer = None
         self._handler = None
         self._plan: manifest_file.WatchPlan | None = None
@@ -195,6 +196,7 @@ class ManifestWatch:
                     continue
                 except S3CacheError as e:
                     seen = None
+                    self._rejected = self._looked
                     log.error("manifest not reloaded, keeping the previous one: %s", e)
                     continue
                 seen = None
@@ -213,6 +215,13 @@ class ManifestWatch:
                     self._replan()
                 except Exception:
                     log.exception("re-planning the manifest watch failed")
+
+    def edited(self) -> bool:
+        """Whether the manifest on disk differs from the version last read whole (an edit not yet
+        installed; not one that was read and refused: it does not parse). One stat (a listing for a
+        directory): for rare questions, such as a want outside the demand scope."""
+        now = self._identity()
+        return now != self._seen and now != self._rejected
 
     def wake(self) -> None:
         """Let the reload thread see that the daemon stops."""

@@ -47,6 +47,10 @@ log = logging.getLogger("s3cache.daemon")
 
 MAX_AHEAD = wire.MAX_AHEAD  # ahead hints in one want; the server refuses more (TooMany) before we see it
 MAX_READERS = 1_024  # readers tracked; a new one beyond makes the longest silent one forgotten
+# A want outside the demand scope while the manifest on disk is not the one installed (a job appended
+# its object and asked at once) waits for the edit to be installed, at most this long, at most this many.
+SCOPE_WAIT_MAX = 120.0
+MAX_PARKED = 10_000
 EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
 MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
 
@@ -54,7 +58,8 @@ MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longes
 class Readers(Announced):
     def __init__(self, schedule: Schedule, space: Space, store: Store, cond: threading.Condition,
                  tracker: ReaderTracker, *, notes: Callable[[], Iterable[tuple[str, str, str]]],
-                 promote: Callable[[str], object], scope: Scope | None = None) -> None:
+                 promote: Callable[[str], object], scope: Scope | None = None,
+                 manifest_edited: Callable[[], bool] = lambda: False) -> None:
         self._schedule = schedule
         self._space = space
         self._store = store
@@ -74,6 +79,8 @@ class Readers(Announced):
         # What readers may have fetched (scope.py); None: nothing beyond the manifest and its prefixes.
         self._scope = scope if scope is not None else Scope(has_manifest=True)
         self.out_of_scope = 0  # wants refused as out of scope since start
+        self._edited = manifest_edited  # the manifest on disk differs from the one installed
+        self._parked: dict[str, tuple[ObjectRef, float, set[Connection]]] = {}  # wants waiting for that edit
         self.hints_out_of_scope = 0  # ahead hints dropped as out of scope since start
         warning = self._scope.warning()
         if warning:
@@ -195,6 +202,9 @@ class Readers(Announced):
                     continue
                 # Checked after "ready": a cached file is on disk, readable by the group already.
                 if not self._scope.allows(ref, self._schedule.catalog):
+                    if self._park(ref, conn):
+                        results.append({"uri": uri, "state": "pending"})
+                        continue
                     self.out_of_scope += 1
                     results.append({"uri": uri, "state": "failed", "code": OutOfScope.code,
                                     "message": self._scope.rule()})
@@ -204,13 +214,7 @@ class Readers(Announced):
                     results.append({"uri": uri, "state": "failed", "code": failure.code,
                                     "message": failure.message})
                     continue
-                entry, in_flight = self._schedule.ask(ref)
-                self.waiters.setdefault(uri, set()).add(conn)
-                self._wanted_at.setdefault(uri, time.monotonic())
-                if not in_flight:
-                    front.append(entry)
-                else:
-                    self._promote(uri)  # it was prefetching: now a reader waits on it
+                self._wait_on(ref, {conn}, front)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
             for ref in hints:
@@ -220,6 +224,45 @@ class Readers(Announced):
                     self.hints_out_of_scope += 1
             self._cond.notify_all()
         return results
+
+    def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry]) -> None:
+        """``conns`` wait for ``ref``: queued at the front (``front``) or, if prefetching, promoted."""
+        entry, in_flight = self._schedule.ask(ref)
+        self.waiters.setdefault(ref.uri, set()).update(conns)
+        self._wanted_at.setdefault(ref.uri, time.monotonic())
+        if not in_flight:
+            front.append(entry)
+        else:
+            self._promote(ref.uri)  # it was prefetching: now a reader waits on it
+
+    def _park(self, ref: ObjectRef, conn: Connection) -> bool:
+        """Hold a want outside the scope while the manifest is being edited; False: refuse it now."""
+        if ref.uri not in self._parked and (len(self._parked) >= MAX_PARKED or not self._edited()):
+            return False
+        self._parked.setdefault(ref.uri, (ref, time.monotonic(), set()))[2].add(conn)
+        return True
+
+    def rejudge_parked(self, expire: bool) -> None:
+        """Judge the parked wants again (state lock held): after a manifest was installed (``expire``
+        False), and once a second (``expire`` True: a want whose edit is installed or abandoned, or that
+        waited SCOPE_WAIT_MAX, is refused). Now in scope: fetched for its readers like any want."""
+        if not self._parked:
+            return
+        edited = self._edited() if expire else True
+        now = time.monotonic()
+        front: list[Entry] = []
+        for uri, (ref, since, conns) in list(self._parked.items()):
+            if self._scope.allows(ref, self._schedule.catalog):
+                del self._parked[uri]
+                self._wait_on(ref, conns, front)
+            elif expire and (not edited or now - since > SCOPE_WAIT_MAX):
+                del self._parked[uri]
+                self.out_of_scope += 1
+                self._tell(conns, {"event": "failed", "uri": uri, "code": OutOfScope.code,
+                                   "message": self._scope.rule()})
+        if front:
+            self._schedule.push_front(front)
+            self._cond.notify_all()
 
     def landed(self, items: list[tuple[str, Record]], now: float) -> None:
         """These files were published and are ready: start leases, answer their waiters."""
@@ -254,6 +297,10 @@ class Readers(Announced):
         """A reader's ctl connection closed: it waits on nothing any more. A wait that ends so (the
         reader timed out, or was stopped) still counts in ``wait_seconds``."""
         with self._cond:
+            for uri in [u for u, (_, _, cs) in self._parked.items() if conn in cs]:
+                self._parked[uri][2].discard(conn)
+                if not self._parked[uri][2]:
+                    del self._parked[uri]
             for uri in [u for u, cs in self.waiters.items() if conn in cs]:
                 self.waiters[uri].discard(conn)
                 if not self.waiters[uri]:

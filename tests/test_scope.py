@@ -238,3 +238,35 @@ def test_allow_is_a_repeatable_flag_a_list_in_the_environment_and_the_file(tmp_p
     assert _shown(["--config", str(f)], env={"S3CACHE_ALLOW": ""})["value"] == "s3://a-b/x/ s3://c-d/"
     r = CliRunner().invoke(main, ["config", "show", "--allow", "s3://a-b/x"], env={"S3CACHE_ALLOW": ""})
     assert r.exit_code == 2 and "a prefix must end with '/': 's3://a-b/x'" in r.output
+
+
+def test_a_want_made_while_its_manifest_edit_is_on_the_way_waits_for_it(tmp_path, moto, s3, bucket):
+    """A job appends its object to the manifest and resolves it at once: it is served as soon as the
+    edit is installed, not refused for the moment between (issue 11 item 4). An object the edit does
+    not add, or an edit that does not parse, is still refused, once that is known, with no request."""
+    for key in ("a/0", "b/0", "c/0", "d/0"):
+        s3.put_object(Bucket=bucket, Key=key, Body=key.encode() * 10)
+    m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a/0"])
+    with FaultProxy(moto.port) as proxy:
+        # A long settle: the resolves below certainly come while the edit is not installed yet.
+        d = _daemon(tmp_path, proxy.url, manifest=m, args=["--manifest-settle", "2"]).start()
+        try:
+            cache = d.cache_dir
+            d.wait_until(lambda st: st["objects"]["ready"] == 1)
+            write_manifest(m, [f"s3://{bucket}/a/0", f"s3://{bucket}/b/0"])  # in place, as a job would
+            assert d.status()["manifest_entries"] == 1  # not installed yet
+            assert open(resolve(f"s3://{bucket}/b/0", cache_dir=cache, timeout=120), "rb").read() == b"b/0" * 10
+            assert d.status()["out_of_scope"]["wants"] == 0
+            # An edit that adds another object: c/0 waits for it, then is refused.
+            write_manifest(m, [f"s3://{bucket}/a/0", f"s3://{bucket}/b/0", f"s3://{bucket}/d/0"])
+            with pytest.raises(OutOfScope):
+                resolve(f"s3://{bucket}/c/0", cache_dir=cache, timeout=120)
+            assert d.status()["manifest_entries"] == 3  # refused after the edit was installed
+            # An edit that does not parse: refused once the reload has rejected it.
+            write_manifest(m, [f"s3://{bucket}/a/0", f"s3://{bucket}/c/0 size=lots"])
+            with pytest.raises(OutOfScope):
+                resolve(f"s3://{bucket}/c/0", cache_dir=cache, timeout=120)
+            assert "m.txt:2" in d.log() and d.status()["manifest_entries"] == 3
+            assert _requests(proxy, f"/{bucket}/c/") == 0
+        finally:
+            d.stop()
