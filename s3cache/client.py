@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 from .errors import DaemonNotRunning, ProtocolError, RequestRefused
 from .wire import E_TOO_LARGE, MAX_LINE, encode
+
+BACKLOG_WAIT = 10.0  # seconds a usage note waits for room in use.sock's listen backlog
 
 
 class UseNotes:
@@ -24,15 +27,28 @@ class UseNotes:
         self._holder: str | None = None  # the lease holder the daemon attributes notes to now
 
     def _connect(self) -> socket.socket | None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(30)
-        try:
-            s.connect(self.path)
-            s.sendall(b"R" + self.reader.encode() + b"\0")
-        except OSError:
-            s.close()
-            return None
-        return s
+        """A connection to ``use.sock``; None when no daemon listens (nothing can evict then either).
+        A full listen backlog is not "no daemon": AF_UNIX answers EAGAIN there, and a note dropped on
+        that answer is a lease lost while the daemon evicts, so it is tried again, for up to
+        BACKLOG_WAIT seconds (the daemon's I/O thread empties the backlog as it goes)."""
+        deadline = time.monotonic() + BACKLOG_WAIT
+        pause = 0.001
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.settimeout(30)
+            try:
+                s.connect(self.path)
+                s.sendall(b"R" + self.reader.encode() + b"\0")
+                return s
+            except BlockingIOError:
+                s.close()
+                if time.monotonic() + pause > deadline:
+                    return None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+            except OSError:
+                s.close()
+                return None
 
     def send(self, kind: str, uris: list[str]) -> None:
         """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting."""

@@ -224,3 +224,46 @@ def test_a_null_list_is_taken_as_absent():
     from s3cache.wire import parse_request
 
     assert parse_request(b'{"op":"want","uris":null,"ahead":null}') == {"op": "want"}
+
+
+def test_a_usage_note_waits_for_room_in_a_full_backlog_instead_of_being_dropped(tmp_path):
+    """AF_UNIX answers EAGAIN to a connect when the listen backlog is full; taking that for "no daemon"
+    dropped the note, and with it the lease on a file the reader is about to open (found by a second
+    reading of the lease race, issue 11)."""
+    import socket
+
+    path = str(tmp_path / "use.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fillers = []
+    while True:  # fill the backlog: connects that nobody accepts
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    notes = UseNotes(path, "r")
+    sender = threading.Thread(target=notes.send, args=("h", ["s3://b/leased"]))
+    sender.start()
+    sender.join(0.5)
+    assert sender.is_alive()  # still trying: not given up as "no daemon"
+    got = b""
+    listener.settimeout(30)
+    while b"s3://b/leased" not in got:  # the daemon's I/O thread empties the backlog
+        conn, _ = listener.accept()
+        conn.settimeout(0.2)
+        try:
+            got += conn.recv(4096)
+        except socket.timeout:
+            pass
+        conn.close()
+    sender.join(30)
+    assert not sender.is_alive()
+    notes.close()
+    for s in fillers:
+        s.close()
+    listener.close()
