@@ -22,7 +22,8 @@ class Leases:
     Invariants: a file a reader resolved more than ``lease`` seconds ago is never held; at most
     ``budget`` bytes plus ``min_files`` files per reader are held, so a reader that moved on never holds
     more than its newest few files, and with ``budget`` below the cache a waiting reader can always be
-    given room. ``held`` is what ``choose_victims`` takes.
+    given room. ``held`` is what ``choose_victims`` takes. Times are the caller's clock: the daemon's is
+    ``time.monotonic`` (a step of the wall clock never ends or stretches a lease).
     """
 
     def __init__(self, lease: float, budget: int, min_files: int = 2) -> None:

@@ -56,7 +56,7 @@ class RoomReports:
 
     def _explain(self, fut: Future, target: int | None, now: float) -> dict[str, int]:
         """What holds the cache's bytes that eviction may not take, by reason (state lock held)."""
-        held = self.leases.held(now)
+        held = self.leases.held(time.monotonic())
         current = self._tracker.current()
         out = {"leased": 0, "pinned": 0, "being_read": 0, "unread_prefetch": 0, "needed_sooner": 0,
                "in_flight": self.reserved}
@@ -92,13 +92,14 @@ class RoomReports:
                        "quota_bytes": self.pin_quota()},
             "evicted": self.evicted,
             "evicted_bytes": self.evicted_bytes,
-            "leases": self.lease_status(now),
+            "leases": self.lease_status(),
             "min_free_reached": self.min_free_reached,
             "waiting_for_space": self.waiting(now),
         }
 
-    def lease_status(self, now: float) -> dict:
+    def lease_status(self) -> dict:
         """What readers' leases hold now: files, bytes, how many readers hold them, the byte budget."""
+        now = time.monotonic()
         held = self.leases.held(now)
         sizes = [self.ready[u].size for u in held if u in self.ready]
         return {"files": len(sizes), "bytes": sum(sizes), "readers": self.leases.holders(now),

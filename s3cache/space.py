@@ -169,7 +169,7 @@ class Space(Pins, RoomReports):
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when
         if reader:
-            self.leases.saw(reader, uri, rec.size, when)
+            self.leases.saw(reader, uri, rec.size, time.monotonic())  # leases: monotonic time
         return True
 
     def forget(self, uri: str) -> Record | None:
@@ -187,8 +187,7 @@ class Space(Pins, RoomReports):
     def commit(self, items: list[tuple[str, Record]]) -> list[Record]:
         """Published files become ready: each one's reservation turns into ready bytes. Returns the
         records these replaced whose file was elsewhere (the caller removes those files)."""
-        replaced = []
-        now = time.time()
+        replaced, now = [], time.monotonic()  # leases count monotonic time
         for uri, rec in items:
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
@@ -293,7 +292,7 @@ class Space(Pins, RoomReports):
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(now))
+                                     held=self.leases.held(time.monotonic()))
             if victims is None:
                 self._refused(uri, size, need, demand, disk_short, fut, target, now)
                 return False
@@ -318,7 +317,7 @@ class Space(Pins, RoomReports):
             victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=False, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(now))
+                                     held=self.leases.held(time.monotonic()))
             if not victims:
                 return False
             self._evict(victims, "a full filesystem")
