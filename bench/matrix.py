@@ -378,6 +378,32 @@ def report(cells: list[Cell], a) -> str:
     return "\n".join(lines + ["", "Goals per cell:"] + goals)
 
 
+def chart(cells: list[Cell], path: Path) -> bool:
+    """Cold-epoch MB/s per cell, each contender a bar, the pipelined ceiling a tick over them; False
+    without matplotlib (the bench extra has it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shown = ("plain", "pipelined ceiling", "s3cache running", "s3cache with the job")
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / len(shown)
+    for k, w in enumerate(shown):
+        xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(cells))]
+        ax.bar(xs, [c.total / c.med(w, "seconds") / 1e6 for c in cells], width, label=w)
+    ax.set_xticks(range(len(cells)), [c.name for c in cells], fontsize=8)
+    ax.set_ylabel("cold epoch MB/s")
+    ax.set_title("Cold epoch by per-connection bandwidth x object size (medians)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(a) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cells = run(a)
@@ -385,6 +411,8 @@ def main(a) -> None:
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text + "\n")
+    if not chart(cells, a.out.with_suffix(".png")):
+        print("(matplotlib not installed: no chart)", file=sys.stderr)
     raw = a.out.with_suffix(".json")
     raw.write_text(json.dumps([{"cell": c.name, "objects": c.count, "bytes": c.total,
                                 "samples": {w: [s.__dict__ for s in ss] for w, ss in c.samples.items()}}
