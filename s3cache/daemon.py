@@ -188,7 +188,8 @@ class Daemon:
         self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
                                    on_failed=self._fail, on_superseded=self.schedule.superseded)
         self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote, scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
+                               promote=fetcher.promote,
+                               scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
                                manifest_edited=self._manifest_edited)
         self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
@@ -283,8 +284,7 @@ class Daemon:
 
     def _manifest_edited(self) -> bool:
         """Whether the manifest on disk is not the one installed (an edit is on its way in)."""
-        watch = self.manifests.watch if self.manifests is not None else None
-        return watch is not None and watch.edited()
+        return bool(self.manifests and self.manifests.watch and self.manifests.watch.edited())
 
     def _apply_settings(self, merged: Settings) -> None:
         """SIGHUP's new live settings, to the daemon and the parts that read them (state lock held)."""
@@ -381,7 +381,8 @@ class Daemon:
         """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
         with self.cond:
             return assemble(root=self.store.layout.root, started_at=self.started_at,
-                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None, schedule=self.schedule,
+                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
+                            schedule=self.schedule,
                             space=self.space, readers=self.readers, publisher=self.publisher,
                             maintenance=self.maintenance, workers=self.workers,
                             watch=self.manifests.watch if self.manifests else None, server=self.server,

@@ -81,6 +81,12 @@ class Future:
         self.ordered = sorted(set(ordered)) if n else []
         self.announced = list(announced) if n else []
         self.jobs = jobs  # a manifest directory's: an in-order reader wraps within its own job
+        # Jobs no in-order reader reads: their files are needed in their own order after every need a
+        # reader makes known (n + offset), so another job's reader neither starves their prefetch nor
+        # makes them the first to go.
+        self._idle = [] if jobs is None or not self else \
+            sorted(set(range(len(jobs))) - {jobs.index(r) for r in self.ordered})
+        self._idle_set = frozenset(self._idle)
 
     def __bool__(self) -> bool:
         return bool(self.ordered or self.announced)
@@ -89,6 +95,8 @@ class Future:
         if self.jobs is not None:
             ds = [d for r in self.ordered if (d := self.jobs.distance(position, r)) is not None]
             best = min(ds) if ds else None
+            if best is None and self.jobs.index(position) in self._idle_set:
+                best = self.n + position - self.jobs.bounds(position)[0]
         else:
             best = next_use(position, self.ordered, self.n) if self.ordered else None
         for a in self.announced:
@@ -100,7 +108,10 @@ class Future:
     def upcoming(self) -> Iterator[tuple[int, int]]:
         """(distance, position) of the files readers want next, nearest first, each reader in turn at
         each distance (a position may come more than once)."""
-        for k in range(self.n):
+        horizon = self.n
+        if self.jobs is not None and not self.announced:  # no reader reads past its own job's end
+            horizon = max((self.jobs.bounds(r)[1] for r in self.ordered), default=0)
+        for k in range(horizon):
             for r in self.ordered:
                 if self.jobs is None:
                     yield k, (r + k) % self.n
@@ -110,6 +121,13 @@ class Future:
                 p = a.at(k)
                 if p is not None:
                     yield k, p
+        if self._idle:  # then the jobs nobody reads in order, one file of each in turn
+            assert self.jobs is not None
+            spans = [(self.jobs.starts[i], self.jobs.ends[i]) for i in self._idle]
+            for k in range(max(b - a for a, b in spans)):
+                for a, b in spans:
+                    if a + k < b:
+                        yield self.n + k, a + k
 
 
 def target_distance(position: int | None, demand: bool, future: Future, n: int) -> int | None:

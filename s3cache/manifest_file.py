@@ -102,7 +102,8 @@ def dir_identity(path: str) -> DirIdentity | None:
     """The identity of a manifest directory now: its job files' names and identities (None if it
     cannot be listed). Adding, removing, replacing or rewriting a job changes it."""
     try:
-        names = sorted(n for n in os.listdir(path) if job_name(n) is not None)
+        names = sorted(n for n in os.listdir(path)
+                       if job_name(n) is not None and not os.path.isdir(os.path.join(path, n)))
     except OSError:
         return None
     return tuple((n, identity(os.path.join(path, n))) for n in names)
@@ -139,6 +140,8 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
             try:
                 f = open(file, encoding="utf-8-sig", newline=None)
             except FileNotFoundError:
+                if os.path.lexists(file):  # a link to nothing: that job is broken, not retired
+                    raise ManifestError(file, None, "cannot read manifest: a symlink to a missing file") from None
                 continue  # removed since the listing: the identity check below reads again
             except OSError as e:
                 raise ManifestError(file, None, f"cannot read manifest: {e.strerror}") from None

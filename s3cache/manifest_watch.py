@@ -185,6 +185,12 @@ class ManifestWatch:
                 if self._stopping.wait(SETTLE):
                     return
             try:
+                now = self._identity()
+                if seen is None and now is not None and now in (self._seen, self._rejected):
+                    # an event that changed nothing read (a swap file beside a directory's jobs, a
+                    # touch of a rejected file): a reload would only forget where every reader is
+                    log.debug("%s: no change to what was read; not reloaded", self.path)
+                    continue
                 try:
                     catalog = self._load(seen)
                 except ManifestUnstable as e:

@@ -225,11 +225,13 @@ class Readers(Announced):
             self._cond.notify_all()
         return results
 
-    def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry]) -> None:
-        """``conns`` wait for ``ref``: queued at the front (``front``) or, if prefetching, promoted."""
+    def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry],
+                 since: float | None = None) -> None:
+        """``conns`` wait for ``ref`` (since ``since``, monotonic): queued at the front (``front``) or,
+        if prefetching, promoted."""
         entry, in_flight = self._schedule.ask(ref)
         self.waiters.setdefault(ref.uri, set()).update(conns)
-        self._wanted_at.setdefault(ref.uri, time.monotonic())
+        self._wanted_at.setdefault(ref.uri, time.monotonic() if since is None else since)
         if not in_flight:
             front.append(entry)
         else:
@@ -252,9 +254,13 @@ class Readers(Announced):
         now = time.monotonic()
         front: list[Entry] = []
         for uri, (ref, since, conns) in list(self._parked.items()):
-            if self._scope.allows(ref, self._schedule.catalog):
+            path = self._space.ready_path(uri)
+            if path is not None:  # cached meanwhile (a fetch of a job just retired landed): served
                 del self._parked[uri]
-                self._wait_on(ref, conns, front)
+                self._tell(conns, {"event": "ready", "uri": uri, "path": path})
+            elif self._scope.allows(ref, self._schedule.catalog):
+                del self._parked[uri]
+                self._wait_on(ref, conns, front, since)
             elif expire and (not edited or now - since > SCOPE_WAIT_MAX):
                 del self._parked[uri]
                 self.out_of_scope += 1

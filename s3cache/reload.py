@@ -34,8 +34,8 @@ from .manifest_watch import ManifestWatch
 log = logging.getLogger("s3cache.daemon")
 
 # Settings a SIGHUP applies to the running daemon; any other that changed waits for a restart.
-LIVE_SETTINGS = ("manifest", "manifest_dir", "max_size", "lease", "readahead", "min_free", "low_watermark", "revalidate",
-                 "log_level")
+LIVE_SETTINGS = ("manifest", "manifest_dir", "max_size", "lease", "readahead", "min_free", "low_watermark",
+                 "revalidate", "log_level")
 
 
 def merge_settings(old: Settings, new: Settings) -> tuple[Settings, list[str]]:

@@ -54,6 +54,20 @@ def test_a_reader_wraps_within_its_own_job_never_into_the_next():
     assert list(fut.upcoming())[:4] == [(0, 3), (0, 8), (1, 0), (1, 9)]
 
 
+def test_a_job_nobody_reads_in_order_is_prefetched_into_free_room_after_the_readers_needs():
+    # a reader in order in a (0-4); nobody in b (5-9) yet: b's files come after every need a reader made
+    # known, in b's order, so b is neither starved of prefetch nor the first to be evicted for a
+    jobs = Jobs(["a", "b"], [0, 5], 10)
+    fut = evict.Future(10, [2], jobs=jobs)
+    assert fut.distance(3) == 1 and fut.distance(7) == 12
+    assert list(fut.upcoming()) == [(0, 2), (1, 3), (2, 4), (3, 0), (4, 1), (10, 5), (11, 6), (12, 7),
+                                    (13, 8), (14, 9)]
+    # a's files all there: b's next, but only into free room (beyond any readahead window)
+    wanted = lambda q: q >= 5  # noqa: E731
+    assert evict.next_prefetch(fut, wanted, lambda q: 100, window=4, free=1000) == (5, False)
+    assert evict.next_prefetch(fut, wanted, lambda q: 100, window=4, free=10) == (None, True)
+
+
 def test_the_tracker_counts_a_readers_steps_and_epochs_within_its_job():
     t = evict.ReaderTracker()
     t.jobs = Jobs(["a", "b"], [0, 4], 10)
@@ -109,6 +123,15 @@ def test_a_bad_line_in_any_job_names_its_file_and_line(tmp_path):
     with pytest.raises(ManifestError) as e:
         manifest_file.load_dir(str(tmp_path), no_listing, settle=0)
     assert str(tmp_path / "b.txt") in str(e.value) and ":2" in str(e.value)
+
+
+def test_a_dangling_job_link_is_an_error_and_a_directory_named_like_a_job_is_not_a_job(tmp_path):
+    put_job(tmp_path, "a", ["s3://bkt/ok"])
+    (tmp_path / "sub.txt").mkdir()  # not a manifest: skipped, not an error on every reload
+    assert manifest_file.load_dir(str(tmp_path), no_listing, settle=0).catalog.jobs.names == ["a"]
+    (tmp_path / "b.txt").symlink_to(tmp_path / "gone.txt")  # a broken job, not a retired one
+    with pytest.raises(ManifestError, match="b.txt.*symlink to a missing file"):
+        manifest_file.load_dir(str(tmp_path), no_listing, settle=0)
 
 
 def test_a_job_being_written_is_read_again_later(tmp_path):
@@ -202,3 +225,24 @@ def test_serve_refuses_a_manifest_dir_that_is_not_a_directory(tmp_path, daemons)
     d = daemons(args=["--manifest-dir", str(f)], wait=False)
     assert d.proc.wait(timeout=60) != 0
     assert "not a directory" in d.log() and str(f) in d.log()
+
+
+def test_a_file_beside_the_jobs_changes_nothing_and_reloads_nothing(tmp_path, s3, bucket, daemons):
+    """An editor's swap file or a log beside the jobs: no reload (a reload forgets where every reader
+    is), while a job written after it is installed as usual."""
+    s3.put_object(Bucket=bucket, Key="a/0", Body=b"a0")
+    s3.put_object(Bucket=bucket, Key="b/0", Body=b"b0")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    put_job(jobs, "a", [f"s3://{bucket}/a/0"])
+    d = daemons(args=["--manifest-dir", str(jobs), "--log-level", "debug"])
+    d.wait_until(lambda st: st["objects"]["ready"] == 1)
+    (jobs / ".a.txt.swp").write_text("an editor's swap file\n")
+    (jobs / "notes.log").write_text("a log\n")
+    from s3cache.testing import wait_for
+
+    wait_for(lambda: "no change to what was read; not reloaded" in d.log(), 60, "the event ignored")
+    put_job(jobs, "b", [f"s3://{bucket}/b/0"])
+    d.wait_until(lambda st: st["jobs"].get("b", {}).get("ready") == 1)
+    installs = re.findall(rf"manifest {re.escape(str(jobs))}: \d+ entries", d.log())
+    assert len(installs) == 2, installs  # at start, and for b: none for the swap file or the log
