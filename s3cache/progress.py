@@ -98,6 +98,19 @@ def why_waiting(st: dict) -> list[Text]:
     return out
 
 
+def jobs(st: dict) -> list[tuple[str, dict, str]]:
+    """(name, its status, a line about it) for each job of a manifest directory (``--manifest-dir``),
+    by name; none for a single manifest."""
+    out = []
+    for name, j in sorted(st.get("jobs", {}).items()):
+        asked = j["hits"] + j["misses"]
+        out.append((printable(name), j,
+                    f"{j['ready']} of {j['objects']} ready ({human_size(j['bytes_ready'])}), {j['readers']} "
+                    f"reader{'s' if j['readers'] != 1 else ''}, hit rate {_pct(j['hits'], asked)}, "
+                    f"{j['wait_seconds']:.1f}s spent waiting"))
+    return out
+
+
 def render(st: dict) -> RenderableType:
     """The progress view of one status snapshot."""
     o, b = st["objects"], st["bytes"]
@@ -133,6 +146,8 @@ def render(st: dict) -> RenderableType:
     grid.add_row("readers", Text(str(st["readers"])),
                  f"{st['hits']} hits, {st['misses']} misses (hit rate {_pct(st['hits'], asked)}), "
                  f"{st['wait_seconds']:.1f}s spent waiting")
+    for name, j, line in jobs(st):
+        grid.add_row(f"job {name}", _bar(j["ready"], j["objects"]), line)
     grid.add_row("fetched", Text(f"{st['fetched']} files"),
                  f"{human_size(st['fetched_bytes'])}; evicted {st['evicted']} files, "
                  f"{human_size(st['evicted_bytes'])}; {st['requests']} S3 requests, {st['retries']} retries")

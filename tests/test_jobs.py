@@ -177,6 +177,13 @@ def test_prefetch_takes_the_jobs_in_turn_and_status_shows_each(tmp_path, s3, buc
         assert len(f.read()) == 2 * KiB
     st = d.wait_until(lambda st: st["jobs"]["short"]["hits"] == 1)
     assert st["jobs"]["long"]["hits"] == 0 and st["jobs"]["short"]["readers"] == 1
+    from click.testing import CliRunner
+
+    from s3cache.cli import main
+
+    shown = CliRunner().invoke(main, ["status", "--cache-dir", str(d.cache_dir)], terminal_width=200).output
+    assert "job long" in shown and "12 of 12 ready" in shown
+    assert "job short" in shown and "3 of 3 ready" in shown and "1 reader," in shown
 
 
 def test_a_job_is_added_by_its_file_and_a_retired_jobs_files_go_first(tmp_path, s3, bucket, daemons):

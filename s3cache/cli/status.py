@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..config import human_size
+from ..progress import jobs
 from ..refs import printable, shown
 from .common import cache_dir_option, main, request, run
 
@@ -45,6 +46,8 @@ def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None
                f"{st['wait_seconds']:.1f}s spent waiting)")
     for e in st.get("epochs", []):
         click.echo(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, {e['misses']} misses)")
+    for name, _, line in jobs(st):
+        click.echo(f"job {name:<7} {line}")
     click.echo(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
                f"files, {human_size(st['evicted_bytes'])}")
     methods = st.get("verified_by", {})
