@@ -97,10 +97,12 @@ class Readers(Announced):
 
     # == usage notes ==================================================================================
 
-    def note_use(self, reader: str, uris: list[str], hit: bool) -> None:
-        """A reader resolved these URIs; ``hit``: they were there when it first looked, which counts as
-        a cache hit in the reader's current epoch. ``reader`` may be ``process/thread`` (usage notes):
-        the lease is the thread's, the position and epoch the process's."""
+    def note_use(self, reader: str, uris: list[str], hit: bool | list[bool]) -> None:
+        """A reader resolved these URIs, in this order; ``hit`` (one for all, or one per URI): they were
+        there when it first looked, which counts as a cache hit in the reader's current epoch.
+        ``reader`` may be ``process/thread`` (usage notes): the lease is the thread's, the position and
+        epoch the process's."""
+        hits = [hit] * len(uris) if isinstance(hit, bool) else hit
         now = time.time()
         catalog = self._schedule.catalog
         n = len(catalog)
@@ -108,7 +110,7 @@ class Readers(Announced):
         holder, reader = reader, reader.split("/", 1)[0]  # leases per thread, positions per process
         if reader not in self.tracker.ids():
             self.tracker.make_room(MAX_READERS - 1)  # before adding one  # spoofed reader ids cost bounded memory
-        for uri in uris:
+        for uri, is_hit in zip(uris, hits):
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
@@ -121,7 +123,7 @@ class Readers(Announced):
             if pos is not None:
                 epoch = self.tracker.saw(reader, pos, n, now)
                 moved = True
-            if hit:
+            if is_hit:
                 self.hits += 1
                 self.job_stats.add(pos, hits=1)
                 self._epoch(epoch)["hits"] += 1
@@ -138,19 +140,22 @@ class Readers(Announced):
 
     def drain(self) -> None:
         """Apply every usage note readers have sent so far."""
-        # Runs of one reader's notes of one kind, in the order sent: the lease keeps each reader's
-        # newest files, so notes must reach it in the reader's order (grouping by reader and kind
-        # put a hit sent after a wait before it).
-        run: list[str] = []
-        key: tuple[str, str] | None = None
+        # Runs of one reader's notes, in the order sent: the lease keeps each reader's newest files,
+        # so notes must reach it in the reader's order (grouping by reader and kind put a hit sent
+        # after a wait before it). One call per run, whatever the kinds: each call may wake the
+        # workers to scan again.
+        uris: list[str] = []
+        hits: list[bool] = []
+        who: str | None = None
         for reader, kind, uri in self._notes():
-            if (reader, kind) != key:
-                if run and key is not None:
-                    self.note_use(key[0], run, hit=key[1] == "h")
-                key, run = (reader, kind), []
-            run.append(uri)
-        if run and key is not None:
-            self.note_use(key[0], run, hit=key[1] == "h")
+            if reader != who:
+                if who is not None:
+                    self.note_use(who, uris, hits)
+                who, uris, hits = reader, [], []
+            uris.append(uri)
+            hits.append(kind == "h")
+        if who is not None:
+            self.note_use(who, uris, hits)
 
     # == wants and answers ============================================================================
 
