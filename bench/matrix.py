@@ -379,7 +379,7 @@ def report(cells: list[Cell], a) -> str:
 
 
 def chart(cells: list[Cell], path: Path) -> bool:
-    """Cold-epoch MB/s per cell, each contender a bar, the pipelined ceiling a tick over them; False
+    """Cold-epoch MB/s per cell, each contender a bar (the pipelined ceiling is one of them); False
     without matplotlib (the bench extra has it)."""
     try:
         import matplotlib

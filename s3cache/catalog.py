@@ -207,7 +207,8 @@ class Catalog:
         return bool(self._flags[i] & _SIZED)
 
     def global_position(self, i: int) -> int:
-        """Entry ``i``'s position in the whole expanded manifest (the one tf.data's shard counts)."""
+        """Entry ``i``'s position in the whole expanded manifest (the one tf.data's shard counts; for a
+        manifest directory, in all its jobs' lists one after another: each job shards its own)."""
         return self._global[i]
 
     def entries(self):

@@ -11,7 +11,8 @@ import time
 from .errors import DaemonNotRunning, ProtocolError, RequestRefused
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 
-BACKLOG_WAIT = 10.0  # seconds a usage note waits for room in use.sock's listen backlog
+BACKLOG_WAIT = 2.0  # seconds a usage note waits for room in use.sock's listen backlog
+STUCK_FOR = 10.0  # after such a wait failed, seconds notes give up at once (a stopped daemon evicts nothing)
 
 
 class UseNotes:
@@ -25,13 +26,16 @@ class UseNotes:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._holder: str | None = None  # the lease holder the daemon attributes notes to now
+        self._stuck_until = 0.0  # monotonic: until then a full backlog is not waited for
 
     def _connect(self) -> socket.socket | None:
         """A connection to ``use.sock``; None when no daemon listens (nothing can evict then either).
         A full listen backlog is not "no daemon": AF_UNIX answers EAGAIN there, and a note dropped on
         that answer is a lease lost while the daemon evicts, so it is tried again, for up to
-        BACKLOG_WAIT seconds (the daemon's I/O thread empties the backlog as it goes)."""
-        deadline = time.monotonic() + BACKLOG_WAIT
+        BACKLOG_WAIT seconds (the daemon's I/O thread empties the backlog as it goes); after such a
+        wait failed, not again for STUCK_FOR seconds (a stopped daemon would stall every note)."""
+        waits = time.monotonic() >= self._stuck_until
+        deadline = time.monotonic() + (BACKLOG_WAIT if waits else 0.0)
         pause = 0.001
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -43,6 +47,8 @@ class UseNotes:
             except BlockingIOError:
                 s.close()
                 if time.monotonic() + pause > deadline:
+                    if waits:  # a daemon that empties no backlog (stopped, wedged): fail fast a while
+                        self._stuck_until = time.monotonic() + STUCK_FOR
                     return None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)

@@ -65,9 +65,10 @@ class ManifestWatch:
         self._install = install
         self._stopping = stopping
         self._reload = threading.Event()
-        self._seen: object = None  # the file (Identity) or directory (DirIdentity) as last read whole
+        self._seen: object = None  # the file (Identity) or directory (DirIdentity) as last installed
         self._looked: object = None  # ... as last read, whole or not (bad ones too)
         self._rejected: object = None  # ... as last read and refused (a bad line): no edit on its way
+        self._read: object = None  # ... as last read whole, installed or about to be
         self._observer = None
         self._handler = None
         self._plan: manifest_file.WatchPlan | None = None
@@ -89,7 +90,9 @@ class ManifestWatch:
         seen = None
         while True:
             try:
-                return self._load(seen)
+                catalog = self._load(seen)
+                self._seen = self._read  # start-up and SIGHUP install it before anyone can ask
+                return catalog
             except ManifestUnstable as e:
                 if time.monotonic() + e.retry_after > deadline:
                     raise ManifestError(self.path, None, f"still being written after {self._start_wait:.0f}s "
@@ -115,7 +118,8 @@ class ManifestWatch:
         self._looked = self._identity()
         load = manifest_file.load_dir if self.directory else manifest_file.load
         loaded = load(path, lister, self.shard, settle=self.settle, seen=seen)
-        self._seen = self._looked = loaded.identity
+        self._looked = loaded.identity
+        self._read = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
         self.errors = errors
         with self._lock:
             self.skipped = loaded.skipped
@@ -202,11 +206,13 @@ class ManifestWatch:
                     continue
                 except S3CacheError as e:
                     seen = None
-                    self._rejected = self._looked
+                    if isinstance(e, ManifestError) and e.line is not None:  # a bad line: this version
+                        self._rejected = self._looked  # will never install (an unreadable file may, later)
                     log.error("manifest not reloaded, keeping the previous one: %s", e)
                     continue
                 seen = None
                 self._install(catalog)
+                self._seen = self._read  # only now: until it is in force, an edit is still on its way
             except Exception as e:
                 with self._lock:
                     self.reload_failures += 1

@@ -147,7 +147,7 @@ def render(st: dict) -> RenderableType:
                  f"{st['hits']} hits, {st['misses']} misses (hit rate {_pct(st['hits'], asked)}), "
                  f"{st['wait_seconds']:.1f}s spent waiting")
     for name, j, line in jobs(st):
-        grid.add_row(f"job {name}", _bar(j["ready"], j["objects"]), line)
+        grid.add_row(Text(f"job {name}"), _bar(j["ready"], j["objects"]), Text(line))
     grid.add_row("fetched", Text(f"{st['fetched']} files"),
                  f"{human_size(st['fetched_bytes'])}; evicted {st['evicted']} files, "
                  f"{human_size(st['evicted_bytes'])}; {st['requests']} S3 requests, {st['retries']} retries")

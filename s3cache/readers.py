@@ -167,7 +167,8 @@ class Readers(Announced):
         most MAX_AHEAD of them (more raises RequestTooLarge, and nothing is done). An object that failed
         for good is answered ``failed`` at once, without a download (failures.py says which). An object
         not cached and outside the demand scope (scope.py) is answered ``failed`` with code OutOfScope
-        and the rule, at once and without any request to S3; an ahead hint outside it is dropped.
+        and the rule, without any request to S3: at once, unless the manifest is being edited (then it
+        is parked until the edit is in force, ``rejudge_parked``); an ahead hint outside it is dropped.
         """
         if len(ahead) > MAX_AHEAD:
             raise RequestTooLarge(f"{len(ahead)} ahead hints in one want; at most {MAX_AHEAD}: send fewer")

@@ -17,7 +17,7 @@ Invariants it keeps:
   cache) is prefetched unless it fits in free room (evicting for a file needed later than what is
   resident would be a loss);
 * a job that ended without a result because the disk was full is never lost: it goes back to the demand
-  queue if a reader waits on it, else behind the cursor (or to the blocked set until space returns);
+  queue if a reader waits on it, else behind its job's cursor (or to the blocked set until space returns);
 * a worker sleeps only after a scan found nothing (``_scan_idle``); anything that may make an object
   worth fetching again (a manifest, an eviction, a reader moving, a lease expiring) clears it.
 
@@ -185,7 +185,7 @@ class Schedule:
                 self.work_changed()
 
     def evicted(self, victims: list[evict.Resident]) -> None:
-        """The space evicted these files: the cursor goes back to those nobody read yet (prefetched too
+        """The space evicted these files: each job's cursor goes back to those nobody read yet (prefetched too
         early, still to come), not to files already read (``evict.unread_positions``)."""
         for p in evict.unread_positions(victims):
             self.cursors.rewind(p)
@@ -206,7 +206,7 @@ class Schedule:
 
     def again(self, entry: Entry, demand: bool) -> None:
         """Try a job again after eviction made room on the filesystem: first if a reader waits on it,
-        else from the cursor (moved back to it), or behind the demand if the manifest does not list it."""
+        else from its job's cursor (moved back to it), or behind the demand if the manifest does not list it."""
         pos = self.catalog.position(entry.uri)
         if demand or self._is_waited(entry.uri):
             self.demand.appendleft(entry)

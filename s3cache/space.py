@@ -157,12 +157,13 @@ class Space(Pins, RoomReports):
         return None
 
     def touch(self, uri: str, when: float, reader: str = "") -> bool:
-        """A reader used ``uri`` at ``when`` (its lease starts: ``reader``'s newest file). False if it is
-        not ready; then ``reader``'s lease on it starts when it lands (``commit``)."""
+        """A reader used ``uri`` at ``when`` (its last use; its lease starts now: ``reader``'s newest
+        file). False if it is not ready; then ``reader``'s lease on it starts when it lands
+        (``commit``), at the place in its order this call took (``Leases.ticket``)."""
         rec = self.ready.get(uri)
         if rec is None:
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
-                if len(self._awaited) >= 100_000:
+                if len(self._awaited) >= 100_000 and uri not in self._awaited:
                     del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
                 self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
             return False
@@ -193,7 +194,7 @@ class Space(Pins, RoomReports):
             if old is not None and old.path != rec.path:
                 replaced.append(old)
             for reader, place in self._awaited.pop(uri, {}).items():
-                # it may open it from now on; in its order where it asked (it may have moved on already)
+                # it may open it from now on; in its order where it took it (it may have moved on since)
                 self.leases.saw(reader, uri, rec.size, now, place=place)
             self.release(uri)
             self.ready[uri] = rec
