@@ -355,8 +355,8 @@ class Daemon:
                 self.throughput.sample()
             with guard("housekeeping", "releasing failures whose backoff passed"):
                 self.schedule.retry_due()  # failures whose backoff passed are fetched again
-            with guard("housekeeping", "judging wants that wait for a manifest edit"), self.cond:
-                self.readers.rejudge_parked(expire=True)
+            with guard("housekeeping", "judging wants that wait for a manifest edit"):
+                self.readers.expire_parked()
             with guard("housekeeping", "expiring leases and idle readers"):
                 # Leases expire with time alone, and idle readers are forgotten: either may open up work.
                 self.schedule.reconsider()

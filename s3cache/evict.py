@@ -292,7 +292,7 @@ class ReaderTracker:
             r.position = position
             return r.order.epoch
         # Steps are counted around the reader's own job (the whole manifest without a directory's jobs)
-        jobs = self.jobs if self.jobs is not None and self.jobs.n == n else None
+        jobs = self._jobs(n)
         start, size = jobs.bounds(position) if jobs is not None and 0 <= position < n else (0, n)
         same = start <= r.position < start + size
         step = (position - r.position) % size if size and same else (0 if not n else n)
@@ -338,9 +338,13 @@ class ReaderTracker:
         self._expire(now)
         if not n:
             return []
-        jobs = self.jobs if self.jobs is not None and self.jobs.n == n else None
+        jobs = self._jobs(n)
         return sorted({jobs.next(r.position) if jobs is not None else (r.position + 1) % n
                        for r in self._readers.values() if r.steps >= 3 and r.order is None and r.position < n})
+
+    def _jobs(self, n: int) -> Jobs | None:
+        """The catalog's jobs, if they describe a manifest of ``n`` entries."""
+        return self.jobs if self.jobs is not None and self.jobs.n == n else None
 
     def where(self) -> list[int]:
         """The position each known reader resolved last (one per reader; for status)."""

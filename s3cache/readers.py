@@ -250,13 +250,23 @@ class Readers(Announced):
         self._parked.setdefault(ref.uri, (ref, time.monotonic(), set()))[2].add(conn)
         return True
 
-    def rejudge_parked(self, expire: bool) -> None:
+    def expire_parked(self) -> None:
+        """Once a second (takes the state lock): refuse parked wants whose edit is installed without
+        them, was abandoned, or that waited SCOPE_WAIT_MAX. The manifest watch is asked (a stat, a
+        listing for a directory) before the lock is taken."""
+        if not self._parked:  # read without the lock: a hint, judged again under it
+            return
+        edited = self._edited()
+        with self._cond:
+            self.rejudge_parked(expire=True, edited=edited)
+
+    def rejudge_parked(self, expire: bool, edited: bool = True) -> None:
         """Judge the parked wants again (state lock held): after a manifest was installed (``expire``
-        False), and once a second (``expire`` True: a want whose edit is installed or abandoned, or that
-        waited SCOPE_WAIT_MAX, is refused). Now in scope: fetched for its readers like any want."""
+        False), and once a second (``expire`` True, from ``expire_parked``: a want whose edit is
+        installed or abandoned (``edited`` False), or that waited SCOPE_WAIT_MAX, is refused). Now in
+        scope: fetched for its readers like any want."""
         if not self._parked:
             return
-        edited = self._edited() if expire else True
         now = time.monotonic()
         front: list[Entry] = []
         for uri, (ref, since, conns) in list(self._parked.items()):

@@ -50,7 +50,7 @@ class Resolver:
         self._pid = os.getpid()
         self._reader = f"{socket.gethostname()}:{self._pid}"
         self._notes = UseNotes(self.layout.use_socket, self._reader)
-        self._lease = SharedLease(os.path.join(self.layout.private, "lease.lock"))
+        self._lease = SharedLease(self.layout.lease_lock)
 
     # -- fast path ---------------------------------------------------------------------------------
 
