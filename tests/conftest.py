@@ -98,6 +98,41 @@ def write_manifest(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.fixture
+def proxy(moto):
+    """A fault proxy in front of moto that counts requests (tests that need a stalling one define their
+    own ``proxy``, which takes precedence)."""
+    from s3cache.testing.faultproxy import FaultProxy
+
+    p = FaultProxy(moto.port).start()
+    yield p
+    p.stop()
+
+
+def put_objects(s3, bucket: str, prefix: str, n: int, size: int, width: int = 2) -> dict[str, bytes]:
+    """Upload ``n`` objects of ``size`` random bytes as ``prefix/NN``; their URIs and bytes, in order."""
+    data = {}
+    for i in range(n):
+        body = os.urandom(size)
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{i:0{width}d}", Body=body)
+        data[f"s3://{bucket}/{prefix}/{i:0{width}d}"] = body
+    return data
+
+
+def gets_per_epoch(proxy, bucket: str, data: dict[str, bytes], cache_dir, epochs: int = 3) -> list[int]:
+    """Read ``data``'s objects in order through the cache ``epochs`` times, checking every byte; the GETs
+    the proxy saw in each epoch."""
+    from s3cache import iter_resolve
+
+    uris, gets = list(data), []
+    for _ in range(epochs):
+        before = proxy.gets(f"/{bucket}/")
+        for uri, p in zip(uris, iter_resolve(uris, cache_dir=cache_dir, timeout=120)):
+            assert Path(p).read_bytes() == data[uri]
+        gets.append(proxy.gets(f"/{bucket}/") - before)
+    return gets
+
+
 # == shared fixtures for the trust work: a CPU hog, a small filesystem, a second local user ==========
 #
 # Tests that need them ask for them; the `--cpu-hog` option puts the whole run under a hog on every core

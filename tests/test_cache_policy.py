@@ -9,39 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from conftest import write_manifest
-from s3cache import iter_resolve, simulate
-from s3cache.testing.faultproxy import FaultProxy
+from conftest import gets_per_epoch, put_objects, write_manifest
+from s3cache import simulate
 
 KiB = 1 << 10
 
 
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port).start()
-    yield p
-    p.stop()
-
-
 def test_cyclic_epochs_agree_with_the_simulator_and_reach_the_belady_bound(tmp_path, s3, bucket, proxy, daemons):
     n, cap, size = 64, 32, 64 * KiB
-    data = {}
-    for i in range(n):
-        body = os.urandom(size)
-        s3.put_object(Bucket=bucket, Key=f"ds/{i:03d}", Body=body)
-        data[f"s3://{bucket}/ds/{i:03d}"] = body
+    data = put_objects(s3, bucket, "ds", n, size, width=3)
     uris = list(data)
     m = write_manifest(tmp_path / "m.txt", uris)
     d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--max-size", str(cap * size), "--lease", "0",
                                   "--readahead", "1f", "--workers", "4"])
-    gets = []
-    for _ in range(3):
-        before = proxy.gets(f"/{bucket}/")
-        for uri, p in zip(uris, iter_resolve(uris, cache_dir=d.cache_dir, timeout=120)):
-            assert Path(p).read_bytes() == data[uri]
-        gets.append(proxy.gets(f"/{bucket}/") - before)
+    gets = gets_per_epoch(proxy, bucket, data, d.cache_dir)
     st = d.status()
     assert st["bytes"]["ready"] <= cap * size
     trace = simulate.cyclic(n, 3)

@@ -20,7 +20,6 @@ import pytest
 from s3cache.errors import CacheLocked, UntrustedCacheDir
 from s3cache.refs import ObjectRef
 from s3cache.store import Store
-from s3cache.testing import wait_for
 
 
 @pytest.fixture

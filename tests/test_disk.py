@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import put_objects
+
 from s3cache import resolve
 from s3cache.testing import FAKE_CREDENTIALS
 
@@ -37,20 +39,11 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(p)], capture_output=True)
 
 
-def put(s3, bucket, n, size):
-    data = {}
-    for i in range(n):
-        body = os.urandom(size)
-        s3.put_object(Bucket=bucket, Key=f"o/{i:02d}", Body=body)
-        data[f"s3://{bucket}/o/{i:02d}"] = body
-    return data
-
-
 def test_full_disk_pauses_keeps_serving_and_resumes_when_space_returns(tmp_path, s3, bucket, daemons, small_fs):
     fs = small_fs("fs", "size=8m")
     filler = fs / "filler"
     filler.write_bytes(b"\0" * (5 * MiB))
-    data = put(s3, bucket, 6, MiB)
+    data = put_objects(s3, bucket, "o", 6, MiB)
     m = tmp_path / "m.txt"
     m.write_text("\n".join(data) + "\n")
     d = daemons(fs / "cache", manifest=m, args=["--max-size", "100M", "--min-free", "0", "--workers", "2"])
@@ -70,7 +63,7 @@ def test_full_disk_pauses_keeps_serving_and_resumes_when_space_returns(tmp_path,
 
 def test_full_disk_evicts_files_already_read(tmp_path, s3, bucket, daemons, small_fs):
     fs = small_fs("fs", "size=4m")
-    data = put(s3, bucket, 6, MiB)
+    data = put_objects(s3, bucket, "o", 6, MiB)
     d = daemons(fs / "cache", args=["--max-size", "100M", "--min-free", "0", "--lease", "0"])
     for uri, body in data.items():
         p = resolve(uri, cache_dir=d.cache_dir, timeout=120)
@@ -100,7 +93,7 @@ def test_vanished_cache_dir_stops_the_daemon_with_a_clear_error(tmp_path, s3, bu
 
 def test_min_free_pauses_prefetch_before_the_disk_is_full(tmp_path, s3, bucket, daemons, small_fs):
     fs = small_fs("fs", "size=8m")
-    data = put(s3, bucket, 6, MiB)
+    data = put_objects(s3, bucket, "o", 6, MiB)
     m = tmp_path / "m.txt"
     m.write_text("\n".join(data) + "\n")
     filler = fs / "filler"

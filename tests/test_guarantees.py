@@ -28,13 +28,6 @@ from s3cache.testing.faultproxy import FaultProxy
 KiB, MiB = 1 << 10, 1 << 20
 
 
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port).start()
-    yield p
-    p.stop()
-
-
 def outside_private(cache: Path):
     private = str(cache / PRIVATE_DIR) + os.sep
     return lambda p: p.startswith(private)

@@ -5,13 +5,11 @@ the log and status."""
 from __future__ import annotations
 
 import os
-import threading
 import pty
 import re
 import select
 import subprocess
 import sys
-from urllib.parse import quote
 
 import pytest
 

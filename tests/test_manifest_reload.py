@@ -10,20 +10,12 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 
 from s3cache import resolve
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy
 
 from conftest import write_manifest
-
-
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port).start()
-    yield p
-    p.stop()
 
 
 def gets(proxy: FaultProxy, bucket: str) -> dict[str, int]:

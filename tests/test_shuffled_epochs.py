@@ -8,22 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 
 from conftest import write_manifest
 from s3cache import iter_resolve, simulate
 from s3cache.order import permutation
-from s3cache.testing.faultproxy import FaultProxy
 
 KiB = 1 << 10
 N, CAP, SIZE, EPOCHS, SEED = 64, 32, 64 * KiB, 4, 11
-
-
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port).start()
-    yield p
-    p.stop()
 
 
 def run(tmp_path, name, bucket, proxy, daemons, data, announce: bool) -> tuple[list[int], str]:

@@ -11,34 +11,16 @@ import threading
 from io import StringIO
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from conftest import write_manifest
+from conftest import gets_per_epoch, put_objects, write_manifest
 from s3cache import iter_resolve, resolve, simulate
 from s3cache.cli import main
 from s3cache.progress import render
 from s3cache.testing import FAKE_CREDENTIALS, wait_for
-from s3cache.testing.faultproxy import FaultProxy
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port).start()
-    yield p
-    p.stop()
-
-
-def put(s3, bucket, prefix: str, n: int, size: int) -> dict[str, bytes]:
-    data = {}
-    for i in range(n):
-        body = os.urandom(size)
-        s3.put_object(Bucket=bucket, Key=f"{prefix}/{i:02d}", Body=body)
-        data[f"s3://{bucket}/{prefix}/{i:02d}"] = body
-    return data
 
 
 def text_of(st: dict) -> str:
@@ -67,17 +49,12 @@ def test_a_small_cache_fetches_beladys_count_per_epoch_not_lrus(tmp_path, s3, bu
     """Issue 11.3 at the smallest scale: 20 x 1 MiB read in order for three epochs through a 10.5 MiB
     cache with the default --readahead and --lease. The window is bounded by a sixteenth of the cache
     (here 0: readahead only into free room), so epochs 2 and 3 fetch Belady's 10, not LRU's 20."""
-    data = put(s3, bucket, "ds", 20, MiB)
+    data = put_objects(s3, bucket, "ds", 20, MiB)
     uris = list(data)
     max_size = 21 * MiB // 2
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"{u} size={MiB}" for u in uris]),
                 args=["--endpoint-url", proxy.url, "--max-size", str(max_size)])
-    gets = []
-    for _ in range(3):
-        before = proxy.gets(f"/{bucket}/")
-        for uri, p in zip(uris, iter_resolve(uris, cache_dir=d.cache_dir, timeout=120)):
-            assert Path(p).read_bytes() == data[uri]
-        gets.append(proxy.gets(f"/{bucket}/") - before)
+    gets = gets_per_epoch(proxy, bucket, data, d.cache_dir)
     st = d.status()
     trace = simulate.cyclic(20, 3)
     sim = simulate.after_first_epoch(simulate.daemon, trace, 20, max_size, MiB, list(range(20)))
@@ -94,7 +71,7 @@ def test_a_small_cache_fetches_beladys_count_per_epoch_not_lrus(tmp_path, s3, bu
 def test_the_default_lease_streams_a_dataset_three_times_the_cache(tmp_path, s3, bucket, daemons):
     """Issue 17.5: with the default --lease 600 a cache smaller than ten minutes of reading must not
     deadlock its reader: a lease holds the reader's newest files, not everything it read for 600 s."""
-    data = put(s3, bucket, "big", 30, 64 * KiB)
+    data = put_objects(s3, bucket, "big", 30, 64 * KiB)
     uris = list(data)
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
                 args=["--max-size", str(10 * 64 * KiB + 32 * KiB), "--workers", "4"])
@@ -119,7 +96,7 @@ def test_a_reader_waiting_for_space_is_told_why_in_status_and_the_log(tmp_path, 
     """Issue 17.5 and 19: pinned files and two readers' leases fill the cache; a third reader waits, and
     status, its text view and the log say for what and why; the wait ends when a pin is released."""
     size = 64 * KiB
-    data = put(s3, bucket, "w", 7, size)
+    data = put_objects(s3, bucket, "w", 7, size)
     uris = list(data)
     d = daemons(args=["--max-size", str(6 * size), "--workers", "2"])
     r = CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), uris[0], uris[1]])
@@ -151,7 +128,7 @@ def test_a_reader_is_never_starved_when_the_filesystem_is_the_limit(tmp_path, s3
     order. Prefetch admits no more bytes in parallel than the filesystem holds, and the reader's file
     is always admitted by evicting files needed later (it failed ~1 run in 4 under a CPU hog)."""
     fs = small_fs("12m")
-    data = put(s3, bucket, "o", 10, 3 * MiB)
+    data = put_objects(s3, bucket, "o", 10, 3 * MiB)
     d = daemons(fs / "cache", manifest=write_manifest(tmp_path / "m.txt", list(data)),
                 args=["--max-size", "1G", "--lease", "0"])
     for uri, body in data.items():
@@ -229,7 +206,7 @@ def test_min_free_and_a_reader_waited_on_fetch_are_said(tmp_path, s3, bucket, pr
     """Issue 19: why prefetch stands still: --min-free reached; prefetch yields to a fetch a reader
     waits on. Each a field of status --json and a line of the text view."""
     fs = small_fs("8m")
-    data = put(s3, bucket, "f", 6, MiB)
+    data = put_objects(s3, bucket, "f", 6, MiB)
     (fs / "filler").write_bytes(b"\0" * (3 * MiB))
     d = daemons(fs / "cache", manifest=write_manifest(tmp_path / "m.txt", list(data)),
                 args=["--max-size", "100M", "--min-free", "0.4", "--workers", "1"])
@@ -238,7 +215,7 @@ def test_min_free_and_a_reader_waited_on_fetch_are_said(tmp_path, s3, bucket, pr
     assert "free space below --min-free: prefetch paused" in text_of(st)
     d.stop()
 
-    slow = put(s3, bucket, "s", 3, MiB)
+    slow = put_objects(s3, bucket, "s", 3, MiB)
     proxy.bandwidth = 128 * KiB  # each object takes ~8 s
     d2 = daemons(tmp_path / "cache2", manifest=write_manifest(tmp_path / "m2.txt", list(slow)),
                  args=["--endpoint-url", proxy.url, "--max-size", "100M", "--workers", "4"])

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import write_manifest
 from s3cache import FetchFailed, resolve
 from s3cache.cli import main
 from s3cache.errors import UnsafeKey
