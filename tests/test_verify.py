@@ -42,6 +42,9 @@ def test_verify_quarantines_a_corrupt_file_and_fetches_it_again(tmp_path, s3, bu
     assert quarantined.parent == d.cache_dir.absolute() / ".s3cache" / "quarantine"
     assert quarantined.read_bytes() == bytes(raw)  # kept for inspection, out of readers' reach
     wait_for(lambda: path.exists() and path.read_bytes() == data[victim], 120, "the object to be fetched again")
+    # The file is visible once renamed; the daemon marks it ready after the fsyncs and the index row
+    # (verify checks ready files): under load that comes a moment later.
+    d.wait_until(lambda st: st["objects"]["ready"] == 4, what="the fetched-again object ready")
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--all"])
     assert r.exit_code == 0 and "4 ok, 0 corrupt" in r.output
 
@@ -55,6 +58,8 @@ def test_verify_source_refetches_objects_changed_in_s3(tmp_path, s3, bucket, dae
     assert "1 changed in S3" in r.output
     path = d.cache_dir / bucket / "v" / "0"
     wait_for(lambda: path.exists() and path.read_bytes() == b"new contents", 120, "the new version")
+    # visible once renamed over the old one; its record is the new version only once published
+    d.wait_until(lambda st: st["fetched"] == 5, what="the new version published")
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", "--all"])
     assert r.exit_code == 0, r.output
     assert "4 ok" in r.output and "0 changed" in r.output
