@@ -27,7 +27,9 @@ The policy, as a user can follow it:
   reader's newest files, up to its share of a budget that is a fraction of the cache (``Leases``). A
   reader that moved on holds nothing older, so leases can never fill the cache and stall a waiting reader.
 * The readahead window is at most a sixteenth of the cache (``readahead_files``): each file of window
-  is a file less of the resident set the policy keeps.
+  is a file less of the resident set the policy keeps. Beyond it a prefetch takes free room only, and
+  admission too evicts nothing for it (``choose_victims``' ``window``): parallel workers often find the
+  room the scan saw already taken, and evicting then leaked the window (issue 11.3's flaky test).
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def choose_victims(
     protected: set[int] = frozenset(),  # type: ignore[assignment]
     future: Future | None = None,
     held: Collection[str] | None = None,
+    window: int | None = None,
 ) -> list[Resident] | None:
     """Victims freeing at least ``need`` bytes (plus up to ``extra`` from files with no known future).
 
@@ -165,10 +168,14 @@ def choose_victims(
     holds manifest positions readers are reading right now. ``future``, when given, says when files are
     needed next (it supersedes ``readers``, the in-order readers' next positions). ``held``, when given,
     is the set of URIs under lease (``Leases.held``) and supersedes the ``lease`` seconds since last use.
-    Returns None, evicting nothing, when the eligible files cannot free ``need`` bytes.
+    ``window``, when given, is the readahead window in files: a prefetch for a file needed that far
+    ahead of a reader or further evicts nothing. Returns None, evicting nothing, when the eligible files
+    cannot free ``need`` bytes.
     """
     if future is None:
         future = Future(n, readers)
+    if not demand and window is not None and future and target_distance is not None and target_distance >= window:
+        return None  # beyond the window: free room only
     transient: list[tuple[float, Resident]] = []  # not in the manifest: LRU, first to go
     cold: list[tuple[float, Resident]] = []  # in the manifest, no known future: LRU
     later: list[tuple[int, Resident]] = []  # known next use: furthest first

@@ -128,11 +128,6 @@ class Schedule:
                 self._cond.wait(1.0)
         return None
 
-    def _readahead_files(self) -> int:
-        """Files fetched ahead of each reader whose order is known (0: only into free room)."""
-        return evict.readahead_files(self.s.max_size, self.catalog.avg_size or self.s.part_size,
-                                     self.s.readahead_bytes, self.s.readahead_files)
-
     def _size_of(self, e: Entry) -> int:
         size = e.size if e.size is not None else self._space.size_hint(e.uri)
         return size if size is not None else self.s.part_size
@@ -151,7 +146,7 @@ class Schedule:
         cat = self.catalog
         p, self._scan_limited = evict.next_prefetch(
             fut, lambda q: self._wanted(cat.entry(q).uri), lambda q: self._size_of(cat.entry(q)),
-            self._readahead_files(), self._space.room())
+            self._space.window(), self._space.room())
         return cat.entry(p) if p is not None else None
 
     def work_changed(self) -> None:

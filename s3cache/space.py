@@ -14,6 +14,7 @@ Invariants it keeps:
 * reserved bytes also fit in the filesystem: ``admit`` counts its free bytes less every reservation
   (a reservation whose file is already allocated counts twice: admission errs towards fewer parallel
   downloads, never towards a full disk), less ``--min-free`` for prefetch;
+* a prefetch beyond the readahead window (``window``) evicts nothing, however the scan found room;
 * a reader waiting on an object always progresses while anything cached is needed later than it:
   demand may evict any file not leased, pinned or being read (``choose_victims`` with ``demand``);
 * leases hold each reader's newest files only (``evict.Leases``): at most a 32nd of the cache plus
@@ -46,7 +47,8 @@ from contextlib import contextmanager
 
 from .catalog import Catalog
 from .config import Settings, human_size
-from .evict import LEASE_SHARE, Leases, Resident, ReaderTracker, choose_victims, target_distance
+from .evict import (LEASE_SHARE, Leases, Resident, ReaderTracker, choose_victims, readahead_files,
+                    target_distance)
 from .index import Index, Record
 from .jobs import Landed
 from .manifest import Entry
@@ -242,6 +244,11 @@ class Space(Pins, RoomReports):
         """Bytes a prefetch may take without evicting: under --max-size and on the filesystem."""
         return min(self.free(), self.disk_room(False))
 
+    def window(self) -> int:
+        """The readahead window in files (``evict.readahead_files``): beyond it, prefetch takes free room only."""
+        avg = self.catalog.avg_size or self.s.part_size
+        return readahead_files(self.s.max_size, avg, self.s.readahead_bytes, self.s.readahead_files)
+
     # == admission and eviction (take the locks themselves) ===========================================
 
     @contextmanager
@@ -293,7 +300,7 @@ class Space(Pins, RoomReports):
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()))
+                                     held=self.leases.held(time.monotonic()), window=self.window())
             if victims is None:
                 self._refused(uri, size, need, demand, disk_short, fut, target, now)
                 return False
@@ -347,22 +354,13 @@ class Space(Pins, RoomReports):
         cur = self.ready.get(uri)
         if cur is None or (cur.path, cur.fetched_at, cur.crc32c) != (rec.path, rec.fetched_at, rec.crc32c):
             return False, None, None
-        where = error = None
         try:
-            if quarantine:
-                try:
-                    where = self.store.quarantine(rec.path)
-                except FileNotFoundError:
-                    pass  # gone already: out of reach is all we want
-                except OSError as e:
-                    error = f"could not quarantine it ({e.strerror or e}); removed it instead"
-                    log.error("cannot quarantine %s: %s; removing it instead", rec.path, e)
-                    self.store.remove(rec.path)
-            else:
-                self.store.remove(rec.path)
+            where, error = self.store.take_out(rec.path, quarantine)
         except OSError as e:
             log.error("cannot take %s out of readers' reach: %s; it stays", rec.path, e)
             return False, None, f"could not quarantine or remove it: {e.strerror or e}"
+        if error:
+            log.error("%s: %s", rec.path, error)
         self.forget(uri)
         self.index.delete_many([uri])
         return True, where, error

@@ -229,6 +229,21 @@ class Store:
             close_all(fds)
         return os.path.join(self.layout.quarantine, dest)
 
+    def take_out(self, rel: str, quarantine: bool) -> tuple[str | None, str | None]:
+        """Take a published file out of readers' reach: quarantine it (or remove it if that fails: a corrupt
+        file must not stay readable), or just remove it. Returns (quarantine path, what went wrong); raises
+        OSError when the file could be neither moved nor removed."""
+        if not quarantine:
+            self.remove(rel)
+            return None, None
+        try:
+            return self.quarantine(rel), None
+        except FileNotFoundError:
+            return None, None  # gone already: out of reach is all we want
+        except OSError as e:
+            self.remove(rel)
+            return None, f"could not quarantine it ({e.strerror or e}); removed it instead"
+
     def take_back(self, quarantined: str) -> str:
         """Move a file ``quarantine`` set aside back to a new temp path (to publish it again once it is
         verified). Raises OSError (FileNotFoundError if it is gone)."""

@@ -174,6 +174,23 @@ def test_the_readahead_window_is_at_most_a_sixteenth_of_the_cache_at_every_scale
     assert evict.readahead_files(MiB, 2 * MiB, 16 * MiB) == 0
 
 
+def test_a_prefetch_beyond_the_window_evicts_nothing_however_it_was_scheduled():
+    # The flaky test of issue 11.3 (CI, [17, 13, 13] GETs): the scan picked files beyond the window for
+    # the free room it saw, parallel workers took that room, and admission then evicted files the reader
+    # had read (next needed in the next epoch) for them. A reader stands before 10; 1 and 7 were read.
+    rs = [res("p1", 1, used=50.0), res("p7", 7, used=60.0)]
+    fut = evict.Future(20, [10])
+    # needed 5 files ahead, window 4: free room only, so nothing is evicted, whatever the distances say
+    assert pick(rs, n=20, future=fut, target_distance=5, window=4) is None
+    assert pick(rs, n=20, future=fut, target_distance=5, window=0) is None
+    # within the window a file needed sooner takes the place of the one needed furthest away (7: 17 ahead)
+    assert pick(rs, n=20, future=fut, target_distance=3, window=4) == ["p7"]
+    # a waiting reader is never held back by the window
+    assert pick(rs, n=20, future=fut, target_distance=0, window=0, demand=True) == ["p7"]
+    # without a known future there is no window to speak of (manifest-order prefetch rules apply)
+    assert pick([res("u9", 9)], n=20, target_distance=5, window=0) == ["u9"]
+
+
 # -- leases ----------------------------------------------------------------------------------------
 
 
