@@ -63,8 +63,9 @@ def test_a_small_cache_fetches_beladys_count_per_epoch_not_lrus(tmp_path, s3, bu
           f"status epochs {st['epochs']}")
     assert st["bytes"]["ready"] <= max_size
     assert sim.gets == opt.gets == 20
-    # LRU (and the window before) fetched 20 + 18. Measured here: [10, 12]; the two beyond Belady are
-    # the reader's two newest files, which its lease holds where Belady would evict them.
+    # LRU (and the window before) fetched 20 + 18. Leases may cost up to two more: the reader's two newest
+    # files, which Belady would evict. Measured here: [10, 10] in 52 runs of 52 (40 under a CPU hog) since
+    # admission keeps the window too; before, a prefetch beyond it evicted read files ([13, 13], 1 in 4).
     assert sum(gets[1:]) <= opt.gets + 2 and all(g <= 12 for g in gets[1:]), gets
 
 
