@@ -41,8 +41,7 @@ class UseNotes:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             s.settimeout(30)
             try:
-                s.connect(self.path)
-                s.sendall(b"R" + self.reader.encode() + b"\0")
+                s.connect(self.path)  # the first send names the holder (``send``)
                 return s
             except BlockingIOError:
                 s.close()
@@ -66,20 +65,30 @@ class UseNotes:
         # per process: the daemon strips the "/thread" suffix for those.
         holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
-            for _ in range(2):  # once more on a fresh connection if the daemon restarted since the last note
+            deadline = None
+            while True:
                 if self._sock is None:
                     self._sock = self._connect()
                     self._holder = None
                     if self._sock is None:
                         return  # no daemon: nothing can evict the file either, so no lease is needed
+                # On a new connection the holder and the notes go in one write, so a daemon that reads
+                # a connection and closes it (past its limit of readers) has them all or refuses them all
                 data = notes if holder == self._holder else b"R" + holder.encode() + b"\0" + notes
                 try:
-                    self._sock.sendall(data)
+                    self._sock.sendall(data, socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE in an embedder
                     self._holder = holder
                     return
                 except OSError:
+                    # The daemon closed this connection: it restarted, or it had too many readers and
+                    # shut reading before this write (usage_socket: then nothing of it was read). Again
+                    # on a new connection: a note given up is a lease lost while the daemon evicts.
                     self._sock.close()
                     self._sock = None
+                    if deadline is None:
+                        deadline = time.monotonic() + BACKLOG_WAIT
+                    elif time.monotonic() > deadline:
+                        return
 
     def close(self) -> None:
         with self._lock:

@@ -129,7 +129,15 @@ class UseChannel:
                 self._reserve = None
 
     def _read_and_close(self, sock: socket.socket) -> None:
-        """Keep the notes of a reader we will not watch (never registered in the selector)."""
+        """Keep the notes of a reader we will not watch (never registered in the selector).
+
+        Reading shut first: a note the reader sends from then on fails (EPIPE) and it sends it again on
+        a new connection; without it, a note that landed between the last read and the close had been
+        sent, as far as the reader knew, and was lost with its lease."""
+        try:
+            sock.shutdown(socket.SHUT_RD)  # what is queued stays readable; then recv answers EOF
+        except OSError:
+            pass
         sock.setblocking(False)
         self._conns[sock] = ["", bytearray()]
         self._read(sock, until_empty=True)

@@ -270,3 +270,38 @@ def test_a_usage_note_waits_for_room_in_a_full_backlog_instead_of_being_dropped(
     for s in fillers:
         s.close()
     listener.close()
+
+
+def test_no_note_is_lost_by_a_reader_the_daemon_reads_and_closes(tmp_path):
+    """Past ``max_use_connections`` a reader's connection is read and closed, and it reconnects for its next
+    note. A note it sent after that last read but before the close went into a socket nobody would read
+    again: its send had succeeded, so it never sent it again, and a lease was lost. Every note must arrive."""
+    per_thread, threads = 400, 6
+    with Harness(tmp_path, max_use_connections=1) as h:
+        holder = socket.socket(socket.AF_UNIX)  # takes the one connection: every reader is read and closed
+        holder.connect(h.use)
+        wait_for(lambda: h.server.counters()["use_connections"] == 1, 30, "the first connection")
+
+        def reader(i: int) -> None:
+            notes = UseNotes(h.use, f"r{i}")
+            for k in range(per_thread):
+                notes.send("h", [f"s3://b/{i}/{k}"])
+            notes.close()
+
+        workers = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        got: set[str] = set()
+        want = {f"s3://b/{i}/{k}" for i in range(threads) for k in range(per_thread)}
+
+        def arrived() -> bool:
+            got.update(u for _, _, u in h.server.use.drain())
+            return not any(t.is_alive() for t in workers) and want <= got
+
+        try:
+            wait_for(arrived, 60, "every note")
+        finally:
+            for t in workers:
+                t.join(60)
+            holder.close()
+        assert h.server.counters()["refused_readers"] >= threads  # each reader, at least once
