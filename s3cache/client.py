@@ -65,7 +65,7 @@ class UseNotes:
         # per process: the daemon strips the "/thread" suffix for those.
         holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
-            deadline = None
+            deadline, pause = None, 0.001
             while True:
                 if self._sock is None:
                     self._sock = self._connect()
@@ -85,10 +85,13 @@ class UseNotes:
                     # on a new connection: a note given up is a lease lost while the daemon evicts.
                     self._sock.close()
                     self._sock = None
-                    if deadline is None:
+                    if deadline is None:  # at once the first time (a restarted daemon answers at once)
                         deadline = time.monotonic() + BACKLOG_WAIT
-                    elif time.monotonic() > deadline:
+                    elif time.monotonic() + pause > deadline:
                         return
+                    else:
+                        time.sleep(pause)  # a daemon at its limit of readers: do not spin on it
+                        pause = min(pause * 2, 0.1)
 
     def close(self) -> None:
         with self._lock:
