@@ -11,7 +11,7 @@ import time
 from .errors import DaemonNotRunning, ProtocolError, RequestRefused
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 
-BACKLOG_WAIT = 2.0  # seconds a usage note waits for room in use.sock's listen backlog
+BACKLOG_WAIT = 2.0  # seconds a usage note tries again (a full listen backlog, a connection the daemon closed)
 STUCK_FOR = 10.0  # after such a wait failed, seconds notes give up at once (a stopped daemon evicts nothing)
 
 
@@ -29,34 +29,30 @@ class UseNotes:
         self._stuck_until = 0.0  # monotonic: until then a full backlog is not waited for
 
     def _connect(self) -> socket.socket | None:
-        """A connection to ``use.sock``; None when no daemon listens (nothing can evict then either).
-        A full listen backlog is not "no daemon": AF_UNIX answers EAGAIN there, and a note dropped on
-        that answer is a lease lost while the daemon evicts, so it is tried again, for up to
-        BACKLOG_WAIT seconds (the daemon's I/O thread empties the backlog as it goes); after such a
-        wait failed, not again for STUCK_FOR seconds (a stopped daemon would stall every note)."""
-        waits = time.monotonic() >= self._stuck_until
-        deadline = time.monotonic() + (BACKLOG_WAIT if waits else 0.0)
-        pause = 0.001
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            s.settimeout(30)
-            try:
-                s.connect(self.path)  # the first send names the holder (``send``)
-                return s
-            except BlockingIOError:
-                s.close()
-                if time.monotonic() + pause > deadline:
-                    if waits:  # a daemon that empties no backlog (stopped, wedged): fail fast a while
-                        self._stuck_until = time.monotonic() + STUCK_FOR
-                    return None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-            except OSError:
-                s.close()
-                return None
+        """One attempt at a connection to ``use.sock``; None when no daemon listens (nothing can evict
+        then either). Raises BlockingIOError when its listen backlog is full: AF_UNIX answers EAGAIN
+        there, which is not "no daemon" (``send`` tries again)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        try:
+            s.connect(self.path)  # the first send names the holder (``send``)
+            return s
+        except BlockingIOError:
+            s.close()
+            raise
+        except OSError:
+            s.close()
+            return None
 
     def send(self, kind: str, uris: list[str]) -> None:
-        """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting."""
+        """Tell the daemon these files were used. ``kind``: "h" first look, "w" after waiting.
+
+        A note given up is a lease lost while the daemon evicts, so a full listen backlog (the daemon's
+        I/O thread empties it as it goes) and a connection the daemon closed (it restarted, or had too
+        many readers and shut reading before this write: usage_socket, then nothing of it was read) are
+        tried again on a new connection: at once, then with a backoff for up to BACKLOG_WAIT seconds in
+        all. After such a wait failed, not again for STUCK_FOR seconds: a stopped daemon would stall
+        every note (and the reader holds the shared lease lock meanwhile)."""
         if not uris:
             return
         notes = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
@@ -65,33 +61,35 @@ class UseNotes:
         # per process: the daemon strips the "/thread" suffix for those.
         holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
-            deadline, pause = None, 0.001
+            waits = time.monotonic() >= self._stuck_until
+            deadline = time.monotonic() + (BACKLOG_WAIT if waits else 0.0)
+            pause, retried = 0.001, False
             while True:
-                if self._sock is None:
-                    self._sock = self._connect()
-                    self._holder = None
-                    if self._sock is None:
-                        return  # no daemon: nothing can evict the file either, so no lease is needed
-                # On a new connection the holder and the notes go in one write, so a daemon that reads
-                # a connection and closes it (past its limit of readers) has them all or refuses them all
-                data = notes if holder == self._holder else b"R" + holder.encode() + b"\0" + notes
                 try:
+                    if self._sock is None:
+                        self._holder = None
+                        self._sock = self._connect()
+                        if self._sock is None:
+                            return  # no daemon: nothing can evict the file either, so no lease is needed
+                    # On a new connection the holder and the notes go in one write, so a daemon that
+                    # reads a connection and closes it has them all or refuses them all
+                    data = notes if holder == self._holder else b"R" + holder.encode() + b"\0" + notes
                     self._sock.sendall(data, socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE in an embedder
                     self._holder = holder
                     return
                 except OSError:
-                    # The daemon closed this connection: it restarted, or it had too many readers and
-                    # shut reading before this write (usage_socket: then nothing of it was read). Again
-                    # on a new connection: a note given up is a lease lost while the daemon evicts.
-                    self._sock.close()
-                    self._sock = None
-                    if deadline is None:  # at once the first time (a restarted daemon answers at once)
-                        deadline = time.monotonic() + BACKLOG_WAIT
-                    elif time.monotonic() + pause > deadline:
-                        return
-                    else:
-                        time.sleep(pause)  # a daemon at its limit of readers: do not spin on it
-                        pause = min(pause * 2, 0.1)
+                    if self._sock is not None:
+                        self._sock.close()
+                        self._sock = None
+                if not retried:  # at once the first time: a restarted daemon answers at once
+                    retried = True
+                    continue
+                if time.monotonic() + pause > deadline:
+                    if waits:  # a daemon that empties no backlog (stopped, wedged): fail fast a while
+                        self._stuck_until = time.monotonic() + STUCK_FOR
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
 
     def close(self) -> None:
         with self._lock:
