@@ -24,6 +24,7 @@ promotes an in-flight fetch through ``promote(uri)``, callables handed at constr
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -188,6 +189,7 @@ class Readers(Announced):
                 continue
         results = []
         front: list[Entry] = []
+        edited = functools.cache(self._edited)  # a stat (a listing for a directory): once a want at most
         with self._cond:
             self.drain()  # the reader's earlier notes first, so its position moves in order
             self.note_use(reader, uris, hit=False)
@@ -208,7 +210,7 @@ class Readers(Announced):
                     continue
                 # Checked after "ready": a cached file is on disk, readable by the group already.
                 if not self._scope.allows(ref, self._schedule.catalog):
-                    if self._park(ref, conn):
+                    if self._park(ref, conn, edited):
                         results.append({"uri": uri, "state": "pending"})
                         continue
                     self.out_of_scope += 1
@@ -243,9 +245,10 @@ class Readers(Announced):
         else:
             self._promote(ref.uri)  # it was prefetching: now a reader waits on it
 
-    def _park(self, ref: ObjectRef, conn: Connection) -> bool:
-        """Hold a want outside the scope while the manifest is being edited; False: refuse it now."""
-        if ref.uri not in self._parked and (len(self._parked) >= MAX_PARKED or not self._edited()):
+    def _park(self, ref: ObjectRef, conn: Connection, edited: Callable[[], bool]) -> bool:
+        """Hold a want outside the scope while the manifest is being edited (``edited``); False: refuse
+        it now."""
+        if ref.uri not in self._parked and (len(self._parked) >= MAX_PARKED or not edited()):
             return False
         self._parked.setdefault(ref.uri, (ref, time.monotonic(), set()))[2].add(conn)
         return True
