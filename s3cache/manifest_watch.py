@@ -68,7 +68,6 @@ class ManifestWatch:
         self._seen: object = None  # the file (Identity) or directory (DirIdentity) as last installed
         self._looked: object = None  # ... as last read, whole or not (bad ones too)
         self._rejected: object = None  # ... as last read and refused (a bad line): no edit on its way
-        self._read: object = None  # ... as last read whole, installed or about to be
         self._observer = None
         self._handler = None
         self._plan: manifest_file.WatchPlan | None = None
@@ -91,7 +90,7 @@ class ManifestWatch:
         while True:
             try:
                 catalog = self._load(seen)
-                self._seen = self._read  # start-up and SIGHUP install it before anyone can ask
+                self._seen = self._looked  # start-up and SIGHUP install it before anyone can ask
                 return catalog
             except ManifestUnstable as e:
                 if time.monotonic() + e.retry_after > deadline:
@@ -118,8 +117,7 @@ class ManifestWatch:
         self._looked = self._identity()
         load = manifest_file.load_dir if self.directory else manifest_file.load
         loaded = load(path, lister, self.shard, settle=self.settle, seen=seen)
-        self._looked = loaded.identity
-        self._read = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
+        self._looked = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
         self.errors = errors
         with self._lock:
             self.skipped = loaded.skipped
@@ -212,7 +210,7 @@ class ManifestWatch:
                     continue
                 seen = None
                 self._install(catalog)
-                self._seen = self._read  # only now: until it is in force, an edit is still on its way
+                self._seen = self._looked  # only now: until it is in force, an edit is still on its way
             except Exception as e:
                 with self._lock:
                     self.reload_failures += 1
