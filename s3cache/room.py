@@ -42,7 +42,7 @@ class RoomReports:
                 log.info("free space below --min-free %.0f%%: prefetch paused", self.s.min_free * 100)
             self.min_free_reached = True
         first = uri not in self.waits
-        why = self._explain(fut, target, now)
+        why = self._explain(fut, target)
         self.waits[uri] = {"uri": uri, "reader_waits": demand, "size": size, "need": need,
                            "limit": "filesystem" if disk_short else "max_size",
                            "since": self.waits.get(uri, {}).get("since", now), "at": now, "held": why}
@@ -54,7 +54,7 @@ class RoomReports:
             log.warning("a reader waits for room for %s (%s, %s short on the %s): %s", uri, human_size(size),
                         human_size(need), "filesystem" if disk_short else "--max-size", parts or "nothing cached")
 
-    def _explain(self, fut: Future, target: int | None, now: float) -> dict[str, int]:
+    def _explain(self, fut: Future, target: int | None) -> dict[str, int]:
         """What holds the cache's bytes that eviction may not take, by reason (state lock held)."""
         held = self.leases.held(time.monotonic())
         current = self._tracker.current()
