@@ -188,13 +188,11 @@ class Recovery:
 
     def _hold(self, uri: str, rel: str) -> None:
         """Move an unverifiable file out of readers' reach, remembering where (saved by _save_held)."""
-        try:
-            where = self._store.quarantine(rel)
-        except OSError as e:
-            log.error("cannot set %s aside (%s); removing it rather than serving it unverified", rel, e)
-            self._store.remove(rel)
-            return
-        self.held[uri] = (rel, where)
+        where, error = self._store.take_out(rel, quarantine=True)
+        if error:
+            log.error("setting %s aside: %s (an unverified file is never served)", rel, error)
+        if where is not None:
+            self.held[uri] = (rel, where)
 
     def _save_held(self) -> None:
         self._index.set_meta(HELD, {u: list(v) for u, v in self.held.items()})
