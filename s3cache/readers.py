@@ -259,15 +259,17 @@ class Readers(Announced):
         listing for a directory) before the lock is taken."""
         if not self._parked:  # read without the lock: a hint, judged again under it
             return
+        asked = time.monotonic()
         edited = self._edited()
         with self._cond:
-            self.rejudge_parked(expire=True, edited=edited)
+            self.rejudge_parked(expire=True, edited=edited, asked=asked)
 
-    def rejudge_parked(self, expire: bool, edited: bool = True) -> None:
+    def rejudge_parked(self, expire: bool, edited: bool = True, asked: float = 0.0) -> None:
         """Judge the parked wants again (state lock held): after a manifest was installed (``expire``
         False), and once a second (``expire`` True, from ``expire_parked``: a want whose edit is
-        installed or abandoned (``edited`` False), or that waited SCOPE_WAIT_MAX, is refused). Now in
-        scope: fetched for its readers like any want."""
+        installed or abandoned (``edited`` False when asked at ``asked``: a want parked after that is for
+        a newer edit), or that waited SCOPE_WAIT_MAX, is refused). Now in scope: fetched for its readers
+        like any want."""
         if not self._parked:
             return
         now = time.monotonic()
@@ -280,7 +282,7 @@ class Readers(Announced):
             elif self._scope.allows(ref, self._schedule.catalog):
                 del self._parked[uri]
                 self._wait_on(ref, conns, front, since)
-            elif expire and (not edited or now - since > SCOPE_WAIT_MAX):
+            elif expire and ((not edited and since <= asked) or now - since > SCOPE_WAIT_MAX):
                 del self._parked[uri]
                 self.out_of_scope += 1
                 self._tell(conns, {"event": "failed", "uri": uri, "code": OutOfScope.code,
