@@ -40,8 +40,8 @@ def write_manifest(path: Path, entries: int) -> None:
 
 def catalog_child(manifest: str, shard: str) -> None:
     """In a fresh process: load the manifest as a daemon would, report time and memory as JSON."""
-    from s3cache.manifest_file import load
-    from s3cache.shard import parse_shard
+    from s3cache.manifest.file import load
+    from s3cache.manifest.shard import parse_shard
 
     t0 = time.monotonic()
     loaded = load(manifest, lambda b, p: [], parse_shard(shard), seen=None, clock=lambda: time.time() + 3600)
@@ -57,7 +57,7 @@ def catalog_bench(entries: int, shards: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="s3cache-big-") as tmp:
         m = Path(tmp) / "m.txt"
         write_manifest(m, entries)
-        base = json.loads(subprocess.run([sys.executable, "-c", "import json, os, s3cache.manifest_file; "
+        base = json.loads(subprocess.run([sys.executable, "-c", "import json, os, s3cache.manifest.file; "
                                           "from bench.proc import memory; print(json.dumps(memory(os.getpid())))"],
                                          capture_output=True, text=True, check=True).stdout)
         print(f"manifest of {entries:,} entries ({os.path.getsize(m) / 2**20:.0f} MiB); a process that has "
@@ -74,7 +74,7 @@ def catalog_bench(entries: int, shards: list[str]) -> None:
 
 def daemon_run(moto, tmp: Path, m: Path, entries: int, shard: str) -> dict:
     """One daemon with ``--shard shard`` over manifest ``m``: its start-up times and memory."""
-    from s3cache.shard import parse_shard
+    from s3cache.manifest.shard import parse_shard
     from s3cache.testing.faultproxy import FaultProxy
 
     s3 = moto.client(request_checksum_calculation="when_required")

@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from s3cache.config import human_size, parse_size
+from s3cache.service.config import human_size, parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
 from . import envs

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from s3cache import resolve
-from s3cache.config import human_size, parse_size
+from s3cache.service.config import human_size, parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
 

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from s3cache.config import human_size
+from s3cache.service.config import human_size
 from s3cache.testing import DaemonProcess, MotoServer
 
 from .epoch import timed_epoch
@@ -309,7 +309,7 @@ def run(a) -> list[Cell]:
     counts = QUICK if a.quick else FULL
     cells = [Cell(bw, size, count) for bw in BANDWIDTHS for size, count in counts.items()]
     if a.cells:
-        from s3cache.config import parse_size
+        from s3cache.service.config import parse_size
 
         wanted = {(int(b) * 1_000_000, parse_size(s)) for b, _, s in (c.partition(":") for c in a.cells.split(","))}
         cells = [c for c in cells if (c.bandwidth, c.size) in wanted]

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from s3cache.config import human_size, parse_size
+from s3cache.service.config import human_size, parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
 from .proc import memory

@@ -5,7 +5,7 @@
 
 import argparse
 
-from s3cache.simulate import markdown, table
+from s3cache.policy.simulate import markdown, table
 
 
 def main() -> None:

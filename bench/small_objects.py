@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from s3cache.config import parse_size
+from s3cache.service.config import parse_size
 from s3cache.testing import DaemonProcess, MotoServer
 
 from .proc import cpu_seconds

@@ -20,9 +20,8 @@ from .errors import (
     S3CacheError,
     UnsafeKey,
 )
-from .resolve import iter_resolve, resolve
-
-__version__ = "0.1.0"
+from .reader.resolve import iter_resolve, resolve
+from .version import __version__
 
 __all__ = [
     "resolve",

@@ -6,8 +6,8 @@ import itertools
 import os
 from collections.abc import Iterable
 
-from .refs import parse_uri
-from .resolve import Shuffled, _iterate, resolver_for
+from s3cache.manifest.refs import parse_uri
+from s3cache.reader.resolve import Shuffled, _iterate, resolver_for
 
 
 def files(uris: Iterable[str], *, cache_dir: str | os.PathLike | None = None,

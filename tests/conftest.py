@@ -65,13 +65,13 @@ def fresh_readers():
     yield
     import importlib
 
-    importlib.import_module("s3cache.resolve").reset()  # the module: the package's `resolve` is the function
+    importlib.import_module("s3cache.reader.resolve").reset()  # the module: the package's `resolve` is the function
 
 
 @pytest.fixture
 def store(tmp_path):
     """An open Store on a fresh cache dir (the fetcher tests' temp files go there)."""
-    from s3cache.store import Store
+    from s3cache.store.files import Store
 
     s = Store(str(tmp_path / "cache"))
     s.open()

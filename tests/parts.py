@@ -4,24 +4,23 @@ ReaderTracker, wired as daemon.py wires them, without threads, sockets or S3."""
 from __future__ import annotations
 
 import contextlib
-
 import os
 import threading
 import time
 from pathlib import Path
 
-from s3cache.catalog import Catalog
-from s3cache.checksum import local_crc32c_of
-from s3cache.config import Settings
-from s3cache.evict import ReaderTracker
-from s3cache.index import READY, Index, Record
-from s3cache.manifest import Entry
-from s3cache.readers import Readers
-from s3cache.refs import parse_uri
-from s3cache.schedule import Schedule
-from s3cache.scope import Scope
-from s3cache.space import Space
-from s3cache.store import Store
+from s3cache.daemon.readers import Readers
+from s3cache.daemon.schedule import Schedule
+from s3cache.daemon.space import Space
+from s3cache.fetch.checksum import local_crc32c_of
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import parse_uri
+from s3cache.manifest.scope import Scope
+from s3cache.policy.evict import ReaderTracker
+from s3cache.service.config import Settings
+from s3cache.store.files import Store
+from s3cache.store.index import READY, Index, Record
 
 
 def entry(uri: str, size: int | None = None, **kw) -> Entry:
@@ -101,7 +100,7 @@ def control_connection(where: Path):
     import json
     import socket
 
-    from s3cache.control import Server
+    from s3cache.sockets.control import Server
 
     seen: list = []
     server = Server(str(where / "ctl.sock"), str(where / "use.sock"),

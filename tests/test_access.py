@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import FetchFailed, resolve
 from s3cache.testing import MotoServer
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from parts import Rig, catalog
-from s3cache.catalog import Catalog
-from s3cache.manifest import Entry
-from s3cache.order import chunks, list_digest, permutation
-from s3cache.refs import from_identity
-from s3cache.shard import Shard
+
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import from_identity
+from s3cache.manifest.shard import Shard
+from s3cache.policy.order import chunks, list_digest, permutation
 
 B = "s3://bkt/"
 KEYS = ["a b", "c#d", "100%", "x%41", "p+q", "Ünï", "plain"]  # identities: raw keys
@@ -147,7 +147,7 @@ def test_explain_says_queued_behind_n_failed_with_its_code_or_not_asked_for(rig)
 
 
 def test_uploaded_lists_stay_within_their_memory_budget(monkeypatch):
-    from s3cache import order
+    from s3cache.policy import order
 
     monkeypatch.setattr(order, "MAX_LIST_BYTES", 3 * (64 + 10) * 10)  # room for three lists of 10 short URIs
     lists = order.Lists()

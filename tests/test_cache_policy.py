@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import gets_per_epoch, put_objects, write_manifest
-from s3cache import simulate
+
+from s3cache.policy import simulate
 
 KiB = 1 << 10
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from s3cache.errors import CacheLocked, UntrustedCacheDir
-from s3cache.refs import ObjectRef
-from s3cache.store import Store
+from s3cache.manifest.refs import ObjectRef
+from s3cache.store.files import Store
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The catalog: a share of the manifest (issue 14.1), listed sizes kept as hints (issue 17.8)."""
 
-from s3cache.catalog import Catalog
-from s3cache.manifest import Entry, Listed, Prefix, expand
-from s3cache.refs import ObjectRef
-from s3cache.shard import Shard
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.parse import Entry, Listed, Prefix, expand
+from s3cache.manifest.refs import ObjectRef
+from s3cache.manifest.shard import Shard
 
 
 def e(key, **kw):
@@ -63,7 +63,7 @@ def test_off_share_hashes_are_sorted_in_runs_like_sorted_would():
     import random
     from array import array
 
-    from s3cache.catalog import _sorted
+    from s3cache.manifest.catalog import _sorted
 
     a = array("q", (random.getrandbits(64) - (1 << 63) for _ in range(5000)))
     assert _sorted(a, chunk=300) == array("q", sorted(a))

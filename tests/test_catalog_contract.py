@@ -2,10 +2,10 @@
 catalog a daemon without a manifest holds, the canonical line ``s3cache manifest`` prints, many
 duplicates, the mean size, and ``off_share`` for keys this host does hold."""
 
-from s3cache.catalog import Catalog, format_entry
-from s3cache.manifest import Entry, parse_line
-from s3cache.refs import ObjectRef
-from s3cache.shard import WHOLE, Shard
+from s3cache.manifest.catalog import Catalog, format_entry
+from s3cache.manifest.parse import Entry, parse_line
+from s3cache.manifest.refs import ObjectRef
+from s3cache.manifest.shard import WHOLE, Shard
 
 
 def e(key, **kw):

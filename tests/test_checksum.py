@@ -5,12 +5,11 @@ import zlib
 
 import crc32c
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from s3cache.checksum import Expectation, _COMBINERS
-from s3cache.partdigest import SplitDigest
 from s3cache.errors import ChecksumMismatch
+from s3cache.fetch.checksum import _COMBINERS, Expectation
+from s3cache.fetch.partdigest import SplitDigest
 
 CRCS = {"s3-crc32": zlib.crc32, "s3-crc32c": crc32c.crc32c}
 try:

@@ -13,10 +13,22 @@ import zlib
 import crc32c
 import pytest
 
-from s3cache.checksum import (CHUNK, METHODS, Digest, DigestMismatch, Expectation, _Combiner, b64_to_hex,
-                              digest_file, have_crc64nvme, is_per_part, local_crc32c_of, strongest)
-from s3cache.partdigest import SplitDigest
 from s3cache.errors import ChecksumMismatch
+from s3cache.fetch.checksum import (
+    CHUNK,
+    METHODS,
+    Digest,
+    DigestMismatch,
+    Expectation,
+    _Combiner,
+    b64_to_hex,
+    digest_file,
+    have_crc64nvme,
+    is_per_part,
+    local_crc32c_of,
+    strongest,
+)
+from s3cache.fetch.partdigest import SplitDigest
 
 BODY = bytes(random.Random(7).getrandbits(8) for _ in range(50_000))
 

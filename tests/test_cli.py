@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache.cli import EXIT_CODES, exit_code, main, pin_report
 from s3cache.errors import (
     ConfigError,

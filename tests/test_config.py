@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest
-from s3cache import config_sources
+
 from s3cache.cli import main
-from s3cache.config import TEXT, Settings, human_size, options, parse_size, setting
-from s3cache.config_sources import load
 from s3cache.errors import ConfigError
+from s3cache.service import config_sources
+from s3cache.service.config import TEXT, Settings, human_size, options, parse_size, setting
+from s3cache.service.config_sources import load
 
 
 @pytest.mark.parametrize("text,value", [

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from s3cache.client import Client, UseNotes
-from s3cache.control import Connection, Server
 from s3cache.errors import RequestRefused
+from s3cache.reader.client import Client, UseNotes
+from s3cache.reader.wire import MAX_LINE, MAX_RECORD, MAX_URIS
+from s3cache.sockets.control import Connection, Server
 from s3cache.testing import wait_for
-from s3cache.wire import MAX_LINE, MAX_RECORD, MAX_URIS
 
 
 class Harness:
@@ -221,7 +221,7 @@ def test_an_io_loop_that_keeps_crashing_is_loud(tmp_path, caplog):
 def test_a_null_list_is_taken_as_absent():
     """Found by the fuzz test: ``"uris": null`` reached the daemon's handlers as None (a TypeError in
     want and verify). The wire layer drops it, so handlers see their default."""
-    from s3cache.wire import parse_request
+    from s3cache.reader.wire import parse_request
 
     assert parse_request(b'{"op":"want","uris":null,"ahead":null}') == {"op": "want"}
 
@@ -246,7 +246,7 @@ def test_a_usage_note_waits_for_room_in_a_full_backlog_instead_of_being_dropped(
             s.close()
             break
         fillers.append(s)
-    from s3cache import client
+    from s3cache.reader import client
 
     monkeypatch.setattr(client, "BACKLOG_WAIT", 120.0)  # room comes below, however loaded the machine
     notes = UseNotes(path, "r")

@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import DaemonNotRunning, FetchFailed, ResolveTimeout, resolve
 from s3cache.testing import FAKE_CREDENTIALS, wait_for
 from s3cache.testing.faultproxy import FaultProxy

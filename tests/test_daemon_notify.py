@@ -12,8 +12,8 @@ import signal
 import socket
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache.testing import DaemonProcess, wait_for
 
 PROGRESS = re.compile(r"^(\d+)/(\d+) objects, .+ of .+, .+/s$")

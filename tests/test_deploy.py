@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-
 from conftest import write_manifest
+
 from s3cache.cli import main
-from s3cache.manifest import Entry, parse
+from s3cache.manifest.parse import Entry, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"

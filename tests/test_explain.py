@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import ResolveTimeout, resolve
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy

@@ -8,9 +8,9 @@ import botocore
 import pytest
 
 from s3cache.errors import FetchFailed, WrongChecksum
-from s3cache.fetch import Fetcher, NeedSpace, make_client
-from s3cache.manifest import Entry
-from s3cache.refs import ObjectRef
+from s3cache.fetch.fetcher import Fetcher, NeedSpace, make_client
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef
 
 MiB = 1 << 20
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import socket
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from s3cache import resolve
-from s3cache.control import Client
-from s3cache.store import Layout
+from s3cache.sockets.control import Client
+from s3cache.store.files import Layout
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),

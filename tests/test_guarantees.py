@@ -17,11 +17,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
 from conftest import write_manifest
 from fileevents import FileEvents
+
 from s3cache import FetchFailed, resolve
-from s3cache.paths import PRIVATE_DIR
+from s3cache.store.paths import PRIVATE_DIR
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy
 

@@ -12,9 +12,9 @@ import socket
 import termios
 
 from s3cache import resolve
-from s3cache.control import Client
 from s3cache.errors import ProtocolError
-from s3cache.store import Layout
+from s3cache.sockets.control import Client
+from s3cache.store.files import Layout
 from s3cache.testing import wait_for
 
 KiB = 1 << 10

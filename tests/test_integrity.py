@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_manifest
 from fileevents import FileEvents
+
 from s3cache import resolve
-from s3cache.testing.faultproxy import FaultProxy, random_plan
-from s3cache.index import READY, Index
+from s3cache.store.index import READY, Index
 from s3cache.testing import wait_for
+from s3cache.testing.faultproxy import FaultProxy, random_plan
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache import resolve
 from s3cache.cli import main
 from s3cache.errors import S3CacheError
-from s3cache.index import FAULT_ENV, READY, Index, Record
+from s3cache.store.index import FAULT_ENV, READY, Index, Record
 from s3cache.testing import free_port, wait_for
 from s3cache.testing.faultproxy import FaultProxy
 

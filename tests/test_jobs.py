@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from s3cache import evict, manifest_file
 from s3cache.errors import ManifestError
-from s3cache.jobs import Cursors, Jobs, job_name
-from s3cache.shard import Shard
+from s3cache.manifest import file as manifest_file
+from s3cache.manifest.jobs import Cursors, Jobs, job_name
+from s3cache.manifest.shard import Shard
+from s3cache.policy import evict
 
 KiB = 1024
 

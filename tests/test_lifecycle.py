@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import resolve
 from s3cache.errors import S3CacheError
 from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, wait_for

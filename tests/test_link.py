@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import threading
 
-
-from s3cache.fetch import Fetcher, make_client
-from s3cache.link import WINDOW, Link
-from s3cache.manifest import Entry
-from s3cache.parts import part_length, spans
-from s3cache.refs import ObjectRef
+from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.fetch.link import WINDOW, Link
+from s3cache.fetch.parts import part_length, spans
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
 

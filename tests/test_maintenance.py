@@ -10,11 +10,11 @@ import threading
 from dataclasses import replace
 
 import pytest
-
 from parts import Rig, catalog, entry
-from s3cache.fetch import Fetcher, make_client
-from s3cache.index import PUBLISHING, READY
-from s3cache.maintenance import Maintenance, open_index
+
+from s3cache.daemon.maintenance import Maintenance, open_index
+from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.store.index import PUBLISHING, READY
 
 B = "s3://bkt/"
 

@@ -2,12 +2,11 @@ import base64
 import hashlib
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from s3cache.errors import ManifestError
-from s3cache.manifest import Entry, Listed, Prefix, expand, parse, read
-from s3cache.refs import ObjectRef
+from s3cache.manifest.parse import Entry, Listed, Prefix, expand, parse, read
+from s3cache.manifest.refs import ObjectRef
 
 
 def one(text):
@@ -104,7 +103,7 @@ def test_read_allows_a_byte_order_mark(tmp_path):
 
 @pytest.mark.parametrize("value", ["9" * 400, "9" * 5000, str((5 << 40) + 1), "1" + "0" * 19])
 def test_huge_sizes_are_a_manifest_error_on_their_line(tmp_path, value):
-    from s3cache.catalog import Catalog
+    from s3cache.manifest.catalog import Catalog
 
     p = tmp_path / "m.txt"
     p.write_text(f"s3://bkt/a size=1\ns3://bkt/b size={value}\n")
@@ -176,8 +175,8 @@ def test_any_key_round_trips_through_percent_encoding(key):
 
 
 def test_catalog_round_trips_dedupes_and_finds():
-    from s3cache.catalog import Catalog, format_entry
-    from s3cache.manifest import parse_line
+    from s3cache.manifest.catalog import Catalog, format_entry
+    from s3cache.manifest.parse import parse_line
 
     entries = [Entry(ObjectRef("bkt", "a b#%/é.jpg"), 5, sha256="0" * 64, pin=True),
                Entry(ObjectRef("bkt", "x"), None, md5="1" * 32, version="v9"),
@@ -197,8 +196,8 @@ def test_catalog_round_trips_dedupes_and_finds():
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                min_size=1, max_size=60).filter(lambda k: not k.endswith("/")))
 def test_any_key_round_trips_through_the_catalog_line(key):
-    from s3cache.catalog import format_entry
-    from s3cache.manifest import parse_line
+    from s3cache.manifest.catalog import format_entry
+    from s3cache.manifest.parse import parse_line
 
     e = Entry(ObjectRef("bkt", key), 3)
     assert parse_line(format_entry(e)) == e
@@ -212,7 +211,7 @@ def test_listed_sizes_are_hints_manifest_sizes_are_expectations():
 
 
 def test_hostile_listed_keys_are_skipped_reported_and_logged_once(caplog):
-    from s3cache.manifest import SkipLog
+    from s3cache.manifest.parse import SkipLog
 
     bad = {"p/" + "x" * 1100: "1102 bytes, S3 allows at most 1024", "p/nul\x00key": "NUL byte",
            "p/\udcff": "not valid Unicode", "elsewhere/k": "outside that prefix"}
@@ -233,7 +232,7 @@ def test_hostile_listed_keys_are_skipped_reported_and_logged_once(caplog):
 
 
 def test_a_flood_of_bad_keys_costs_a_counter_not_a_list(caplog):
-    from s3cache.manifest import SkipLog
+    from s3cache.manifest.parse import SkipLog
 
     skipped = SkipLog(keep=5, log_first=3)
     with caplog.at_level("WARNING", logger="s3cache.manifest"):
@@ -247,8 +246,8 @@ def test_hostile_keys_from_a_real_listing_are_skipped(moto, s3, bucket, tmp_path
     """moto lists keys AWS would refuse (1,100 bytes, a NUL): expand leaves them out (issue 18.12)."""
     import threading
 
-    from s3cache.fetch import Fetcher, make_client
-    from s3cache.manifest import SkipLog
+    from s3cache.fetch.fetcher import Fetcher, make_client
+    from s3cache.manifest.parse import SkipLog
 
     for k in ["p/ok", "p/" + "x" * 1100, "p/nul\x00key", "p/zz"]:
         s3.put_object(Bucket=bucket, Key=k, Body=b"abc")

@@ -8,9 +8,20 @@ import os
 import pytest
 
 from s3cache.errors import ManifestError, UnsafeKey
-from s3cache.manifest import (MAX_OBJECT_SIZE, Entry, Listed, Prefix, SkipLog, expand, parse, parse_line, read,
-                              read_open, shown_uri)
-from s3cache.refs import ObjectRef, check_key
+from s3cache.manifest.parse import (
+    MAX_OBJECT_SIZE,
+    Entry,
+    Listed,
+    Prefix,
+    SkipLog,
+    expand,
+    parse,
+    parse_line,
+    read,
+    read_open,
+    shown_uri,
+)
+from s3cache.manifest.refs import ObjectRef, check_key
 
 
 def reason(line: str) -> str:

@@ -6,9 +6,9 @@ import threading
 import pytest
 
 from s3cache.errors import ManifestError, ManifestUnstable
-from s3cache.manifest import Listed, read
-from s3cache.manifest_file import identity, load, watch_plan
-from s3cache.shard import Shard
+from s3cache.manifest.file import identity, load, watch_plan
+from s3cache.manifest.parse import Listed, read
+from s3cache.manifest.shard import Shard
 from s3cache.testing import wait_for
 
 

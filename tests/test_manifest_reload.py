@@ -10,12 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
+from conftest import write_manifest
 
 from s3cache import resolve
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy
-
-from conftest import write_manifest
 
 
 def gets(proxy: FaultProxy, bucket: str) -> dict[str, int]:

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from s3cache.catalog import Catalog
+from s3cache.daemon.manifest_watch import ManifestWatch
 from s3cache.errors import FetchFailed
-from s3cache.manifest_watch import ManifestWatch
+from s3cache.manifest.catalog import Catalog
 from s3cache.testing import wait_for
 
 

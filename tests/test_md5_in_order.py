@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
-from s3cache.checksum import Digest, Expectation
-from s3cache.partdigest import InOrderDigest
 from s3cache.errors import ChecksumMismatch
-from s3cache.fetch import Fetcher, make_client
-from s3cache.manifest import Entry
-from s3cache.refs import ObjectRef
-from s3cache.store import Store
+from s3cache.fetch.checksum import Digest, Expectation
+from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.fetch.partdigest import InOrderDigest
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef
+from s3cache.store.files import Store
 from s3cache.testing.faultproxy import FaultProxy
 
 MiB = 1 << 20

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import resolve
 from s3cache.errors import S3CacheError
 

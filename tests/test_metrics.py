@@ -11,12 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import write_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import write_manifest
 from s3cache import resolve
 from s3cache.errors import ConfigError, FetchFailed
-from s3cache.metrics import FetchHistogram, parse_addr, serve_metrics
+from s3cache.service.metrics import FetchHistogram, parse_addr, serve_metrics
 from s3cache.testing import FAKE_CREDENTIALS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_serve_refuses_a_remote_metrics_addr_unless_allowed(tmp_path, moto):
 
 def test_the_daemon_does_not_load_prometheus_client_without_metrics_addr():
     """FetchHistogram is recorded always, the exporter loaded only for --metrics-addr."""
-    code = ("import sys, s3cache.daemon, s3cache.cli; d = s3cache.daemon.Daemon; "
+    code = ("import sys, s3cache.daemon.root, s3cache.cli; d = s3cache.daemon.root.Daemon; "
             "assert 'prometheus_client' not in sys.modules, 'loaded'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

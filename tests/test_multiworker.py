@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache.testing import free_port, wait_for
 from s3cache.testing.faultproxy import FaultProxy
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from s3cache import notify
+from s3cache.service import notify
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from s3cache.order import JUMP, Announcement, ListMap, inverse, list_digest, permutation
+from s3cache.policy.order import JUMP, Announcement, ListMap, inverse, list_digest, permutation
 
 
 def reference_permutation(n: int, seed: int, epoch: int) -> list[int]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from s3cache.parts import Span, first_span, spans, total_size, upload_parts
+from s3cache.fetch.parts import Span, first_span, spans, total_size, upload_parts
 
 
 @given(total=st.integers(0, 10_000), part_size=st.integers(1, 3_000))

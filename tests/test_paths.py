@@ -2,13 +2,12 @@ import os
 import unicodedata
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from s3cache import paths
 from s3cache.errors import UnsafeKey
-from s3cache.refs import ObjectRef, parse_uri
-from s3cache.store import Store
+from s3cache.manifest.refs import ObjectRef, parse_uri
+from s3cache.store import paths
+from s3cache.store.files import Store
 
 keys = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                min_size=1, max_size=300)

@@ -6,9 +6,16 @@ import os
 
 import pytest
 
-from s3cache.paths import (MAX_READABLE_BYTES, MAX_SEGMENT_BYTES, candidates, hashed_path, is_within,
-                           object_digest, readable_path)
-from s3cache.refs import ObjectRef
+from s3cache.manifest.refs import ObjectRef
+from s3cache.store.paths import (
+    MAX_READABLE_BYTES,
+    MAX_SEGMENT_BYTES,
+    candidates,
+    hashed_path,
+    is_within,
+    object_digest,
+    readable_path,
+)
 
 
 def test_the_hashed_form_is_pinned():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from s3cache import simulate
-from s3cache.evict import Resident, ReaderTracker, choose_victims
+from s3cache.policy import simulate
+from s3cache.policy.evict import ReaderTracker, Resident, choose_victims
 
 
 def res(name, pos=None, used=0.0, pinned=False, size=1):
@@ -95,8 +95,8 @@ def test_simulated_shuffle_without_an_announced_order_is_no_worse_than_lru():
 
 # -- announced orders ------------------------------------------------------------------------------
 
-from s3cache import evict  # noqa: E402
-from s3cache.order import Announcement, ListMap, permutation  # noqa: E402
+from s3cache.policy import evict  # noqa: E402
+from s3cache.policy.order import Announcement, ListMap, permutation  # noqa: E402
 
 MiB = 1 << 20
 
@@ -259,7 +259,7 @@ def test_a_full_filesystem_may_still_free_files_already_read():
 def test_a_lease_that_lands_late_keeps_its_place_in_the_readers_order():
     """A reader may see a file appear (renamed) before the daemon marks it ready and move on to newer
     files; the late lease must not push those newer files out (the 16-reader lease test caught it)."""
-    from s3cache.evict import Leases
+    from s3cache.policy.evict import Leases
 
     leases = Leases(10.0, 0)
     took_y = leases.ticket()  # taken before a and b, ready after them

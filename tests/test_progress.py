@@ -11,13 +11,12 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from conftest import write_manifest
 from rich.console import Console
 
-from conftest import write_manifest
 from s3cache import resolve
-from s3cache.progress import eta_text, landing, render
+from s3cache.service.progress import eta_text, landing, render
 from s3cache.testing import wait_for
-
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,12 +7,12 @@ import os
 import threading
 
 import pytest
-
 from parts import Rig, entry
-from s3cache.checksum import local_crc32c_of
-from s3cache.fetch import Fetched
-from s3cache.index import READY
-from s3cache.publisher import Publisher
+
+from s3cache.daemon.publisher import Publisher
+from s3cache.fetch.checksum import local_crc32c_of
+from s3cache.fetch.fetcher import Fetched
+from s3cache.store.index import READY
 
 B = "s3://bkt/"
 

@@ -9,9 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-
 from parts import Rig, catalog, control_connection, entry
-
 
 B = "s3://bkt/"
 
@@ -132,8 +130,8 @@ def test_a_want_for_a_permanently_failed_object_is_answered_at_once_without_a_do
 
 
 def test_more_ahead_hints_than_allowed_are_refused_and_change_nothing(rig, conn):
+    from s3cache.daemon.readers import MAX_AHEAD
     from s3cache.errors import RequestTooLarge
-    from s3cache.readers import MAX_AHEAD
 
     c, _ = conn
     with pytest.raises(RequestTooLarge, match=f"at most {MAX_AHEAD}"):
@@ -159,7 +157,7 @@ def test_a_wait_that_ends_with_the_readers_connection_still_counts(rig, conn):
 
 def test_spoofed_notes_cost_bounded_state(rig):
     """Issue 18 item 6: invalid URIs skipped before any lookup, readers and epochs capped."""
-    from s3cache.readers import EPOCHS_KEPT, MAX_READERS
+    from s3cache.daemon.readers import EPOCHS_KEPT, MAX_READERS
 
     u = [f"{B}{i}" for i in range(100)]
     rig.install(catalog(*(entry(x, 1) for x in u)))

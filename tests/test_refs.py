@@ -5,8 +5,8 @@ from click.testing import CliRunner
 
 from s3cache.cli import main
 from s3cache.errors import ManifestError, UnsafeKey
-from s3cache.manifest import parse
-from s3cache.refs import check_bucket, parse_uri
+from s3cache.manifest.parse import parse
+from s3cache.manifest.refs import check_bucket, parse_uri
 
 BAD = [
     ("Bad_Bucket", "lower-case letters"),

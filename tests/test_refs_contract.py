@@ -4,7 +4,7 @@ to, S3's key length limit exactly, and the message each refusal gives."""
 import pytest
 
 from s3cache.errors import UnsafeKey
-from s3cache.refs import MAX_KEY_BYTES, ObjectRef, check_key, make_ref, parse_uri
+from s3cache.manifest.refs import MAX_KEY_BYTES, ObjectRef, check_key, make_ref, parse_uri
 
 
 def refusal(fn, *args) -> str:

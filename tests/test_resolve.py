@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from s3cache import resolve
-from s3cache.store import Layout
+from s3cache.store.files import Layout
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy
 
@@ -35,7 +35,7 @@ def test_one_threads_unlock_does_not_drop_anothers_shared_lease(tmp_path, s3, bu
     s3.put_object(Bucket=bucket, Key="k", Body=b"x")
     d = daemons()
     resolve(f"s3://{bucket}/k", cache_dir=d.cache_dir, timeout=120)
-    r = sys.modules["s3cache.resolve"].resolver_for(d.cache_dir)
+    r = sys.modules["s3cache.reader.resolve"].resolver_for(d.cache_dir)
     path = lease_lock(d.cache_dir)
     a_in, a_out, b_in, b_out = (threading.Event() for _ in range(4))
 
@@ -173,7 +173,7 @@ def _resolve_or_error(uri, cache_dir):
 
 
 def test_reset_closes_the_process_wide_reader_state(tmp_path, s3, bucket, daemons):
-    mod = sys.modules["s3cache.resolve"]
+    mod = sys.modules["s3cache.reader.resolve"]
     s3.put_object(Bucket=bucket, Key="k", Body=b"x")
     d = daemons()
     resolve(f"s3://{bucket}/k", cache_dir=d.cache_dir, timeout=120)
@@ -201,6 +201,6 @@ def test_reset_closes_the_process_wide_reader_state(tmp_path, s3, bucket, daemon
 @pytest.fixture(autouse=True)
 def _fresh_reader_state():
     yield
-    mod = sys.modules.get("s3cache.resolve")
+    mod = sys.modules.get("s3cache.reader.resolve")
     if mod is not None and hasattr(mod, "reset"):
         mod.reset()

@@ -10,8 +10,8 @@ import botocore.exceptions
 import pytest
 
 from s3cache.errors import ChecksumMismatch, FetchFailed, ObjectChanged
-from s3cache.retry import Cancelled, Retry, RetryPolicy, classify, error_code
-from s3cache.s3api import Counters
+from s3cache.fetch.retry import Cancelled, Retry, RetryPolicy, classify, error_code
+from s3cache.fetch.s3api import Counters
 from s3cache.testing import wait_for
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from parts import Rig, catalog, entry
-from s3cache.config import Readahead
-from s3cache.refs import parse_uri
+
+from s3cache.manifest.refs import parse_uri
+from s3cache.service.config import Readahead
 
 B = "s3://bkt/"
 
@@ -214,7 +214,7 @@ def test_transient_failures_come_back_after_their_backoff_and_permanent_ones_nev
 
 
 def test_due_retries_are_released_at_a_bounded_rate():
-    from s3cache.failures import RETRY_BURST, Failures
+    from s3cache.daemon.failures import RETRY_BURST, Failures
 
     f = Failures()
     for i in range(3 * RETRY_BURST):
@@ -224,8 +224,8 @@ def test_due_retries_are_released_at_a_bounded_rate():
 
 def test_failed_and_extra_are_bounded(rig):
     """Issue 17 item 14: at most 10,000 of each, the least recent forgotten first."""
-    from s3cache.failures import MAX_FAILED
-    from s3cache.schedule import MAX_EXTRA
+    from s3cache.daemon.failures import MAX_FAILED
+    from s3cache.daemon.schedule import MAX_EXTRA
 
     with rig.cond:
         for i in range(MAX_EXTRA + 5):
@@ -251,7 +251,7 @@ def test_status_counts_each_queued_object_once(rig, tmp_path):
 
 def test_ahead_hints_cost_a_lookup_each_and_skip_failed_objects(rig):
     """Issue 18 item 4 and 17's "ahead hints re-queue permanently failed objects"."""
-    from s3cache.schedule import MAX_EXTRA
+    from s3cache.daemon.schedule import MAX_EXTRA
 
     rig.install(catalog(entry(B + "listed", 1)))
     with rig.cond:

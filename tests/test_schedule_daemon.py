@@ -12,12 +12,12 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache.cli import main
-from s3cache.control import Client
 from s3cache.errors import ProtocolError
-from s3cache.store import Layout
+from s3cache.sockets.control import Client
+from s3cache.store.files import Layout
 from s3cache.testing import DaemonProcess, free_port
 from s3cache.testing.faultproxy import FaultProxy
 

@@ -11,19 +11,19 @@ import time
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache import FetchFailed, OutOfScope, resolve
-from s3cache.catalog import Catalog
 from s3cache.cli import main
-from s3cache.control import Client
 from s3cache.errors import ConfigError
-from s3cache.manifest import Listed
-from s3cache.manifest_file import load
-from s3cache.refs import parse_uri
-from s3cache.scope import Scope, parse_allow, parse_allow_list
-from s3cache.shard import Shard
-from s3cache.store import Layout
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.file import load
+from s3cache.manifest.parse import Listed
+from s3cache.manifest.refs import parse_uri
+from s3cache.manifest.scope import Scope, parse_allow, parse_allow_list
+from s3cache.manifest.shard import Shard
+from s3cache.sockets.control import Client
+from s3cache.store.files import Layout
 from s3cache.testing import DaemonProcess
 from s3cache.testing.faultproxy import FaultProxy
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from s3cache.errors import ConfigError
-from s3cache.shard import WHOLE, Shard, parse_shard
+from s3cache.manifest.shard import WHOLE, Shard, parse_shard
 
 
 def tf_config(cluster, kind, index):
@@ -116,7 +116,7 @@ def test_serve_refuses_a_bad_shard_naming_the_option(tmp_path, monkeypatch):
 
 
 def test_settings_carry_the_shard(tmp_path):
-    from s3cache.config import Settings
+    from s3cache.service.config import Settings
 
     assert Settings(cache_dir=tmp_path).shard == WHOLE
     assert Settings(cache_dir=tmp_path, shard=Shard(3, 64)).shard == Shard(3, 64)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from s3cache.errors import ConfigError
-from s3cache.shard import MAX_SHARDS, WHOLE, Shard, parse_shard
+from s3cache.manifest.shard import MAX_SHARDS, WHOLE, Shard, parse_shard
 
 
 def auto(config) -> Shard:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 from conftest import write_manifest
-from s3cache import iter_resolve, simulate
-from s3cache.order import permutation
+
+from s3cache import iter_resolve
+from s3cache.policy import simulate
+from s3cache.policy.order import permutation
 
 KiB = 1 << 10
 N, CAP, SIZE, EPOCHS, SEED = 64, 32, 64 * KiB, 4, 11

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
-from s3cache import simulate as sim
+from s3cache.policy import simulate as sim
 
 N, CAP, EPOCHS = 200, 100, 4  # dataset twice the cache, three epochs after the first
 MAN = list(range(N))

@@ -9,10 +9,10 @@ import time
 from dataclasses import replace
 
 import pytest
-
 from parts import Rig, catalog, entry
+
+from s3cache.daemon.space import Space
 from s3cache.errors import PinQuotaExceeded
-from s3cache.space import Space
 
 B = "s3://bkt/"
 

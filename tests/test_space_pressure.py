@@ -12,12 +12,13 @@ from io import StringIO
 from pathlib import Path
 
 from click.testing import CliRunner
+from conftest import gets_per_epoch, put_objects, write_manifest
 from rich.console import Console
 
-from conftest import gets_per_epoch, put_objects, write_manifest
-from s3cache import iter_resolve, resolve, simulate
+from s3cache import iter_resolve, resolve
 from s3cache.cli import main
-from s3cache.progress import render
+from s3cache.policy import simulate
+from s3cache.service.progress import render
 from s3cache.testing import FAKE_CREDENTIALS, wait_for
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -12,13 +12,12 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from s3cache import paths, trust
 from s3cache.errors import CacheDirError, NameFoldingFilesystem
-from s3cache.refs import ObjectRef
-from s3cache.store import Store
+from s3cache.manifest.refs import ObjectRef
+from s3cache.store import paths, trust
+from s3cache.store.files import Store
 
 
 def tree(top: Path) -> dict[str, str]:
@@ -299,8 +298,8 @@ def test_temp_names_survive_any_hint(sandbox):
 def test_a_key_and_a_key_beneath_it_in_one_batch_both_land(tmp_path):
     """`a/b` planned first makes `a` a directory at publish: `a` itself must take another place, or its
     rename fails with IsADirectoryError (found by test_hostile_keys_stay_inside_the_cache_dir)."""
-    from s3cache.refs import make_ref
-    from s3cache.store import Store
+    from s3cache.manifest.refs import make_ref
+    from s3cache.store.files import Store
 
     store = Store(str(tmp_path / "cache"))
     store.open()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache.cli import main
-from s3cache.config import options
-from s3cache.config_sources import load
+from s3cache.service.config import options
+from s3cache.service.config_sources import load
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted((ROOT / "systemd").glob("*.service"))

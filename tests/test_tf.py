@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache import FetchFailed, resolve
-from s3cache.order import permutation
+from s3cache.policy.order import permutation
 from s3cache.testing import wait_for
 from s3cache.testing.demo import collect, make_shards
 from s3cache.testing.faultproxy import FaultProxy

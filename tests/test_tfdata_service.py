@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from conftest import write_manifest
+
 from s3cache.testing.faultproxy import FaultProxy
 
 tf = pytest.importorskip("tensorflow")

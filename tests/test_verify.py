@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import write_manifest
+
 from s3cache import resolve
 from s3cache.cli import main
 from s3cache.testing import wait_for

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-
 from parts import Rig, catalog, entry
-from s3cache.fetch import Fetcher, make_client
+
+from s3cache.daemon.workers import Workers
+from s3cache.fetch.fetcher import Fetcher, make_client
 from s3cache.testing import wait_for
-from s3cache.workers import Workers
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ from pathlib import Path
 import crc32c
 import pytest
 from boto3.s3.transfer import TransferConfig
-
 from conftest import write_manifest
+
 from s3cache import resolve
-from s3cache.fetch import Fetcher, make_client
-from s3cache.index import Index
-from s3cache.manifest import Entry
-from s3cache.refs import ObjectRef
+from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef
+from s3cache.store.index import Index
 from s3cache.testing.faultproxy import FaultProxy
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -173,7 +173,7 @@ def test_multipart_with_uneven_parts_verifies_by_its_etag(s3, bucket, proxy, fet
 
 
 def test_a_kms_etag_is_never_taken_for_an_md5():
-    from s3cache.checks import s3_expectations
+    from s3cache.fetch.checks import s3_expectations
 
     etag = "0123456789abcdef0123456789abcdef"
     assert [e.method for e in s3_expectations({}, etag, True)] == ["etag-md5"]

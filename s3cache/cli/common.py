@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..config import default_cache_dir
-from ..errors import ConfigError, ManifestError, S3CacheError, UnsafeKey
+from s3cache.service.config import default_cache_dir
 
+from ..errors import ConfigError, ManifestError, S3CacheError, UnsafeKey
+from ..version import __version__
 
 # The one place errors become exit codes. 2 is bad input (what click's UsageError exits with): the user
 # must change the command, a setting, the manifest or a URI. 1 is everything else: S3 refused, the
@@ -55,8 +55,8 @@ def main() -> None:
 
 
 def request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
-    from ..control import Client
-    from ..layout import Layout
+    from s3cache.sockets.control import Client
+    from s3cache.store.layout import Layout
 
     with Client(Layout(str(cache_dir.absolute())).control_socket, str(cache_dir), timeout=timeout) as c:
         return c.request(msg)
@@ -64,7 +64,7 @@ def request(cache_dir: Path, msg: dict, timeout: float | None = 60.0) -> dict:
 
 def shown_uri(identity: str) -> str:
     """A URI from the daemon (an identity, refs.py) as users write it: percent-encoded as in a manifest."""
-    from ..refs import format_uri
+    from s3cache.manifest.refs import format_uri
 
     try:
         return format_uri(identity)
@@ -75,6 +75,6 @@ def shown_uri(identity: str) -> str:
 def check_uris(uris: tuple[str, ...]) -> list[str]:
     """The URIs as the daemon names them; raises UnsafeKey (exit 2) for the first malformed one, before
     anything is sent, so a typo changes nothing."""
-    from ..refs import parse_uri
+    from s3cache.manifest.refs import parse_uri
 
     return [parse_uri(u).uri for u in uris]

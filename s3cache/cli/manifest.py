@@ -24,7 +24,7 @@ from .common import main, run
 def manifest_cmd(uri: str, pattern: str | None, checksums: bool, endpoint_url: str | None,
                  region: str | None) -> None:
     """Write a manifest of every object under s3://BUCKET/PREFIX/ to stdout, in key order, with sizes."""
-    from ..listing import make_client, parse_prefix_uri, write_manifest
+    from s3cache.fetch.listing import make_client, parse_prefix_uri, write_manifest
 
     bucket, prefix = run(parse_prefix_uri, uri)
     n, skipped = run(write_manifest, make_client(endpoint_url, region), bucket, prefix, sys.stdout,

@@ -46,9 +46,10 @@ def _resolve_each(uris: list[str], cache_dir: Path, timeout: float | None) -> li
     DaemonNotRunning concerns them all and is raised."""
     import time
 
+    from s3cache.manifest.refs import parse_uri
+    from s3cache.reader.resolve import resolve
+
     from ..errors import DaemonNotRunning, FetchFailed
-    from ..refs import parse_uri
-    from ..resolve import resolve
 
     got: dict[int, str | S3CacheError] = {}
     canonical: dict[int, str] = {}

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 
-from ..config import Bool, Kind, Option, options
-from ..config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
+from s3cache.service.config import Bool, Kind, Option, options
+from s3cache.service.config_sources import CONFIG_ENV, DEFAULT_CONFIG, Effective, load
+
 from ..errors import ConfigError
 from .common import main, run
 
@@ -84,7 +85,7 @@ def serve(config_file: Path | None, **given) -> None:
     On a terminal it draws a progress bar; otherwise (systemd, a pipe) it writes plain log lines, one
     per event, with an INFO progress line every few seconds while work is pending. SIGHUP re-reads
     the configuration and the manifest."""
-    from ..daemon import Daemon
+    from s3cache.daemon.root import Daemon
 
     flags = {k: v for k, v in given.items() if v is not None}
     settings = _effective(config_file, given).settings
@@ -95,7 +96,7 @@ def serve(config_file: Path | None, **given) -> None:
     metrics = None
     try:
         if settings.metrics_addr is not None:
-            from ..metrics import parse_addr, serve_metrics
+            from s3cache.service.metrics import parse_addr, serve_metrics
 
             run(parse_addr, settings.metrics_addr, settings.metrics_allow_remote)
             metrics = run(serve_metrics, settings.metrics_addr, daemon.status, daemon.fetch_histogram,
@@ -114,8 +115,8 @@ class _OneLine(logging.Formatter):
     newline or ESC cannot forge a line or reach a terminal raw, and a URL's password is masked."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from ..config import redact_urls
-        from ..refs import printable
+        from s3cache.manifest.refs import printable
+        from s3cache.service.config import redact_urls
 
         record.message = printable(redact_urls(record.message))
         return super().formatMessage(record)
@@ -131,7 +132,7 @@ def _serve_logging(level: str):
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        from ..progress import ServeBar
+        from s3cache.service.progress import ServeBar
 
         bar = ServeBar()
         handler = RichHandler(console=bar.console, show_path=False, markup=False)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import click
 
-from ..config import human_size
-from ..progress import jobs
-from ..refs import printable, shown
+from s3cache.manifest.refs import printable, shown
+from s3cache.service.config import human_size
+from s3cache.service.progress import jobs
+
 from .common import cache_dir_option, main, request, run
 
 
@@ -71,7 +72,7 @@ def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    from ..progress import render
+    from s3cache.service.progress import render
 
     console = Console(file=sys.stdout)
     try:

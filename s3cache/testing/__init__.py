@@ -154,9 +154,10 @@ class DaemonProcess:
         return self
 
     def _ready(self) -> bool:
-        from ..control import Client
+        from s3cache.sockets.control import Client
+        from s3cache.store.files import Layout
+
         from ..errors import DaemonNotRunning
-        from ..store import Layout
 
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
@@ -167,8 +168,8 @@ class DaemonProcess:
             return False
 
     def status(self) -> dict:
-        from ..control import Client
-        from ..store import Layout
+        from s3cache.sockets.control import Client
+        from s3cache.store.files import Layout
 
         with Client(Layout(str(self.cache_dir.absolute())).control_socket, str(self.cache_dir)) as c:
             return c.request({"op": "status"})["status"]

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import human_size
+from s3cache.service.config import human_size
+
 from . import DaemonProcess, MotoServer
 
 FEATURES = 16
@@ -88,7 +89,7 @@ def _images(s3, cache: Path, manifest: Path, count: int, out: Callable[[str], No
     through s3cache.tf.files -> read_file -> decode_jpeg with labels in step; True if all check out."""
     import tensorflow as tf
 
-    from .. import tf as s3tf
+    from s3cache import tf as s3tf
 
     uris, labels, shade = [], [], []
     for i in range(count):
@@ -124,8 +125,8 @@ def _images(s3, cache: Path, manifest: Path, count: int, out: Callable[[str], No
 def _run(work: Path, shards: int, records: int, out: Callable[[str], None], images: int = 0) -> int:
     import tensorflow as tf
 
-    from .. import resolve
-    from .. import tf as s3tf
+    from s3cache import tf as s3tf
+    from s3cache import resolve
 
     out(f"s3cache demo in {work}")
     src = work / "src"

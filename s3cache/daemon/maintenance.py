@@ -1,0 +1,185 @@
+"""Maintenance: check that cached files are still right, and make the index and the disk agree at start.
+
+``s3cache verify`` (``verify``) and ``--revalidate`` (``revalidate_loop``) are here. A file found wrong
+is withdrawn (``withdraw``): quarantined or removed, its row dropped, and the object fetched again.
+Start-up (``open_index``, then ``reconcile`` or ``rebuild``) is ``recovery.Recovery``, which this part
+owns and whose methods it offers under the same names.
+
+Invariants it keeps:
+
+* a file is withdrawn only if it is still the one that was checked (same path, same inode, no new copy
+  being published), under the lease lock, file before row (``Space.withdraw``);
+* a changed object is fetched again while its cached file stays readable until the new one is verified
+  and replaces it: only a definitive answer (another ETag or size) counts;
+* recovery's invariants (recovery.py): nothing verified is re-downloaded, nothing unverified is served.
+
+State: none of its own beyond its collaborators. Locks: the state lock only through the space and the
+schedule (short snapshots), and the lease lock then the state lock around a withdrawal
+(``Space.exclusive``); hashing and S3 requests run with no lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from s3cache.errors import FetchFailed
+from s3cache.fetch.checksum import digest_file
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import from_identity
+from s3cache.store.files import Store
+from s3cache.store.index import Index, Record
+
+from .recovery import DEFINITIVE, HELD, Recovery, cached_files, open_index  # noqa: F401 (re-exported)
+from .schedule import Schedule
+from .space import Space
+
+log = logging.getLogger("s3cache.daemon")
+
+
+class Maintenance:
+    """The daemon's maintenance part: recovery at start (delegated to ``Recovery``), ``verify``,
+    ``withdraw`` and ``--revalidate`` while serving (see the module docstring for its invariants)."""
+
+    def __init__(self, store: Store, index: Index, space: Space, schedule: Schedule,
+                 cond: threading.Condition, *, describe: Callable) -> None:
+        self._store = store
+        self._space = space
+        self._schedule = schedule
+        self._cond = cond
+        self._describe = describe  # Fetcher.describe: one HEAD
+        self._recovery = Recovery(store, index, space, cond, describe=describe)
+
+    # == start-up (recovery.py) =======================================================================
+
+    @property
+    def held(self) -> dict[str, tuple[str, str]]:
+        """Files a rebuild kept aside unverified: uri -> (its path, where it waits)."""
+        return self._recovery.held
+
+    def rebuild(self, catalog: Catalog) -> None:
+        """``Recovery.rebuild``: re-verify every file on disk and index those that pass."""
+        self._recovery.rebuild(catalog)
+
+    def reconcile(self, catalog: Catalog | None = None) -> None:
+        """``Recovery.reconcile``: make the index agree with the disk without re-hashing ready files."""
+        self._recovery.reconcile(catalog)
+
+    def recheck_held(self, catalog: Catalog) -> None:
+        """``Recovery.recheck_held``: re-check files kept aside while S3 could not vouch for them."""
+        self._recovery.recheck_held(catalog)
+
+    def status(self) -> dict:
+        """This part's piece of ``status``."""
+        return self._recovery.status()
+
+    # == checking cached files ========================================================================
+
+    def verify(self, uris: list[str], everything: bool, source: bool) -> dict:
+        """Re-hash cached files against their recorded CRC32C; with ``source``, also ask S3 (HEAD)
+        whether each object changed since it was cached. A mismatch is moved to the quarantine folder
+        (removed if it cannot be) and the object fetched again; a file that could be neither stays and
+        is reported with the error. A changed object is fetched again while its cached file stays
+        readable until the new one is verified and replaces it: only a definitive answer (another
+        ETag or size) counts, and a good copy is never deleted first. Returns a report."""
+        with self._cond:
+            if everything:
+                targets = self._space.records()
+            else:
+                targets = self._space.records(from_identity(x).uri for x in uris)
+                missing = [x for x in uris if not self._space.is_ready(from_identity(x).uri)]
+        report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [],
+                        "not_cached": [] if everything else missing}
+        for uri, rec in targets:
+            for _ in range(3):  # a new copy renamed over the file while it was hashed: check that one
+                path = self._store.layout.abspath(rec.path)
+                try:
+                    with open(path, "rb") as f:
+                        ino = os.fstat(f.fileno()).st_ino
+                        actual = digest_file(f, None).local_crc32c
+                except FileNotFoundError:
+                    rec = None  # evicted meanwhile
+                    break
+                if actual == rec.crc32c:
+                    break
+                done, where, error = self.withdraw(uri, rec, quarantine=True, hashed=ino)
+                if done or error is not None:
+                    break
+                with self._cond:  # replaced meanwhile: wait for the new copy's record, then hash it
+                    self._cond.wait_for(lambda: not self._schedule.is_fetching(uri), timeout=60)
+                    rec = self._space.ready.get(uri)
+                if rec is None:
+                    break
+            else:
+                continue  # kept changing under us: nothing to say about it
+            if rec is None:
+                continue
+            report["checked"] += 1
+            if actual != rec.crc32c:
+                if not done and error is None:
+                    continue
+                log.error("verify: %s does not match its recorded CRC32C (%s, expected %s); %s", uri, actual,
+                          rec.crc32c, f"quarantined at {where}" if where else error or "removed")
+                item = {"uri": uri, "path": rec.path, "quarantined": where}
+                if error:
+                    item["error"] = error
+                report["mismatched"].append(item)
+                continue
+            if source:
+                with self._cond:
+                    entry = self._schedule.entry_for(uri)
+                entry = entry or Entry(from_identity(uri))
+                try:
+                    now_is = self._describe(entry)
+                except FetchFailed as e:
+                    report["gone"].append({"uri": uri, "code": e.code})
+                    continue
+                if (now_is.etag and rec.etag and now_is.etag != rec.etag) or now_is.size != rec.size:
+                    with self._cond:
+                        if self._space.ready.get(uri) is not None:
+                            self._schedule.replace(uri)
+                    log.info("verify: %s changed in S3 since it was cached; fetching it again (the cached "
+                             "file stays until the new one is verified)", uri)
+                    report["changed"].append({"uri": uri, "etag": now_is.etag, "was": rec.etag})
+                    continue
+            report["ok"] += 1
+        return report
+
+    def withdraw(self, uri: str, rec: Record, quarantine: bool,
+                 hashed: int | None = None) -> tuple[bool, str | None, str | None]:
+        """Take ``rec``'s file out of readers' reach and fetch the object again: (done, quarantine path,
+        error). Nothing is forgotten before the file is out of the readable path (``Space.withdraw``).
+
+        ``hashed``: the inode that was found wrong. Not done if another file is at the path now, or a new
+        copy is being published (renamed over the path before its record replaces ``rec``): the bytes
+        hashed may be that new copy's, checked against the old record."""
+        with self._space.exclusive():
+            if hashed is not None:
+                try:
+                    now_at = os.stat(self._store.layout.abspath(rec.path), follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    now_at = None
+                if now_at != hashed or self._schedule.is_fetching(uri):
+                    return False, None, None
+            done, where, error = self._space.withdraw(uri, rec, quarantine)
+            if done:
+                self._schedule.refetch(from_identity(uri))
+        return done, where, error
+
+    def revalidate_loop(self, stopping: threading.Event, every: float) -> None:
+        """``--revalidate``: every ``every`` seconds, ask S3 whether cached manifest objects changed."""
+        while not stopping.wait(every):
+            with self._cond:
+                catalog = self._schedule.catalog
+                uris = [u for u in self._space.ready_uris() if u in catalog]
+            try:
+                report = self.verify(uris, False, True)
+            except Exception:
+                log.exception("revalidation failed")
+                continue
+            if report["changed"] or report["mismatched"]:
+                log.info("revalidated %d file(s): %d changed in S3, %d corrupt", report["checked"],
+                         len(report["changed"]), len(report["mismatched"]))

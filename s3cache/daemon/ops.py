@@ -1,0 +1,105 @@
+"""The control socket's operations: each request routed to the part that answers it, and who may pin.
+
+Ops: ``want`` (readers), ``status`` (the daemon's assembled status), ``verify`` (maintenance), ``pin`` /
+``unpin`` (the space and the schedule), ``hello``, and ``order`` / ``order_list`` / ``explain`` (readers).
+Runs on the control server's handler threads (control.py), never its I/O thread.
+
+Invariants: only the daemon's own user or root may pin or unpin (SO_PEERCRED of the connection; an
+unknown peer is refused), and a refused or malformed pin changes nothing; an unknown op gets an error
+reply, never an exception; the parts' state is touched only under the state lock, inside the parts or
+here around a pin.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from s3cache.errors import PermissionDenied
+from s3cache.manifest.refs import from_identity
+from s3cache.sockets.control import PROTOCOL, Connection
+
+if TYPE_CHECKING:
+    from .maintenance import Maintenance
+    from .manifest_watch import ManifestWatch
+    from .readers import Readers
+    from .schedule import Schedule
+    from .space import Space
+
+
+def peer_uid(conn: Connection) -> int | None:
+    """The uid of the process at the other end of a control connection (None if unknown). Uses the
+    Connection's own attribute when the socket server provides one, else asks the kernel."""
+    uid = getattr(conn, "peer_uid", None)
+    if uid is not None:
+        return uid
+    try:
+        creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return struct.unpack("3i", creds)[1]
+
+
+class Ops:
+    """Answers ctl.sock requests (``handle``, the control server's handler). ``status()``: the daemon's
+    assembled status; ``rate()``: the current throughput, for ``explain``; ``watch()``: the manifest watch
+    in force, or None."""
+
+    def __init__(self, *, cond: threading.Condition, space: Space, schedule: Schedule, readers: Readers,
+                 maintenance: Maintenance, watch: Callable[[], ManifestWatch | None], status: Callable[[], dict],
+                 rate: Callable[[], float]) -> None:
+        self.cond = cond
+        self.space = space
+        self.schedule = schedule
+        self.readers = readers
+        self.maintenance = maintenance
+        self.watch = watch
+        self.status = status
+        self.rate = rate
+
+    def handle(self, conn: Connection, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "want":
+            results = self.readers.want(conn, str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])],
+                                        [str(u) for u in msg.get("ahead", [])])
+            watch = self.watch()
+            if watch is not None:  # fetched on demand: count those of other hosts' shares
+                watch.demanded(r["uri"] for r in results if r["state"] == "pending")
+            return {"results": results}
+        if op == "status":
+            return {"status": self.status()}
+        if op == "verify":
+            return {"report": self.maintenance.verify([str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
+                                                      bool(msg.get("source")))}
+        if op in ("pin", "unpin"):
+            return self.pin(conn, [str(u) for u in msg.get("uris", [])], op == "pin")
+        if op == "hello":
+            return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL}
+        if op in ("order", "order_list", "explain"):
+            return self.readers.order_op(op, msg, self.rate())
+        return {"error": f"unknown op {op!r}"}
+
+    def pin(self, conn: Connection, uris: list[str], pin: bool) -> dict:
+        """``s3cache pin/unpin``: keep files resident (fetching them now) or release them.
+
+        Only the daemon's own user or root may pin or unpin (SO_PEERCRED of the control connection):
+        pins outlive the job that made them and take cache space from every other reader. Replies
+        ``{"ok", "pinned": every pinned URI counted once, "results": [{"uri", "outcome"}]}`` (outcomes:
+        see Space.pin); raises PermissionDenied, PinQuotaExceeded or UnsafeKey, changing nothing."""
+        uid = peer_uid(conn)
+        if uid is None or uid not in (0, os.geteuid()):
+            raise PermissionDenied(
+                f"uid {'unknown' if uid is None else uid} may not {'pin' if pin else 'unpin'}: pins need the daemon's user "
+                f"(uid {os.geteuid()}) or root, as they hold cache space against every reader")
+        refs = [from_identity(u) for u in uris]
+        with self.cond:
+            results = self.space.pin([r.uri for r in refs], pin)
+            if pin:
+                for ref in refs:
+                    self.schedule.fetch_soon(ref)
+            self.schedule.work_changed()
+            return {"ok": True, "pinned": self.space.pin_count(), "results": results}

@@ -1,0 +1,261 @@
+"""The publisher: verified temp files become cached files, many at a time, in the crash-safe order.
+
+Owns the publish queue and its batches (up to 512 files: one index transaction and one directory fsync
+per batch, not per file). Its one thread (``run``) takes what workers ``put``.
+
+Invariants it keeps:
+
+* the crash-safety order, per batch: a ``publishing`` intent is committed to the index, the files are
+  renamed into place, their directories fsync'd, and only then are the rows marked ``ready`` and the
+  files made ready in memory (``Space.commit``) — a SIGKILL anywhere leaves either no visible file or a
+  verified one that reconcile settles at start;
+* every file handed in is either published, reported failed (``on_failed``), or — when a manifest
+  reload changed what its entry claims (version, stated size, checksums) while it was in flight —
+  discarded and handed back to be fetched again (``on_superseded``); its temp file is never left
+  behind, and a file is never both ready and failed;
+* nothing after the rename fails a file: once a file is visible it is made ready in memory (tracked in
+  ``used``, evictable), and a ``ready`` row that could not be written (a full disk under the index) is
+  retried until it lands; meanwhile its ``publishing`` row is what a restart settles (reconcile).
+
+Lock: the daemon's state ``threading.Condition`` (see space.py), taken only for the in-memory commit
+at the end of a batch, never across the index writes, renames or fsyncs.
+
+Tells the parts above it what happened through callables handed at construction:
+``on_published(items, now)`` (with the state lock held, right after the space committed them),
+``on_failed(uri, code, message)`` and ``on_superseded(uri)`` (state lock held: the job's entry is no longer
+the manifest's; fetch the object again as the manifest now describes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from s3cache.errors import S3CacheError
+from s3cache.fetch.fetcher import Fetched
+from s3cache.manifest.parse import Entry
+from s3cache.store.files import Store
+from s3cache.store.index import PUBLISHING, READY, Index, Record, claims_of
+
+from .space import Space
+
+log = logging.getLogger("s3cache.daemon")
+
+BATCH = 512
+
+
+class Publisher:
+    def __init__(self, store: Store, index: Index, space: Space, cond: threading.Condition, *,
+                 on_published: Callable[[list[tuple[str, Record]], float], None],
+                 on_failed: Callable[[str, str, str], None],
+                 on_superseded: Callable[[str], None] = lambda uri: None) -> None:
+        self._store = store
+        self._index = index
+        self._space = space
+        self._cond = cond
+        self._on_published = on_published
+        self._on_failed = on_failed
+        self._on_superseded = on_superseded
+        self._q: queue.Queue = queue.Queue()
+        self._unwritten: dict[str, Record] = {}  # ready in memory, ``ready`` row not yet in the index
+        self.fetched = 0
+        self.fetched_bytes = 0
+        self.superseded = 0  # jobs discarded because a reload changed their entry
+        self.index_errors = 0  # failed attempts to write ``ready`` rows
+
+    def put(self, entry: Entry, fetched: Fetched) -> None:
+        """Publish a verified, fsync'd temp file (from any thread)."""
+        self._q.put((entry, fetched))
+
+    def stop(self) -> None:
+        """``run`` returns after publishing what was put before this."""
+        self._q.put(None)
+
+    def run(self) -> None:
+        """The publisher thread: take a batch, publish it, until ``stop``."""
+        while True:
+            try:
+                first = self._q.get(timeout=1.0 if self._unwritten else None)
+            except queue.Empty:
+                self.write_pending()
+                continue
+            if first is None:
+                self.write_pending()
+                return
+            batch: list[tuple[Entry, Fetched]] = [first]
+            stop_after = False
+            while len(batch) < BATCH:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_after = True
+                    break
+                batch.append(item)
+            try:
+                self.publish(batch)
+            except Exception as e:
+                # Only what comes before the rename can end up here (see publish): nothing is visible.
+                log.exception("publishing %d file(s) failed", len(batch))
+                for entry, f in batch:
+                    self._fail(entry, f, e)
+            if stop_after:
+                self.write_pending()
+                return
+
+    def _fail(self, entry: Entry, f: Fetched, err: BaseException) -> None:
+        self._store.discard(f.tmp_path)
+        self._on_failed(entry.uri, "PublishFailed", f"{type(err).__name__}: {err}")
+
+    def _stale(self, entry: Entry, f: Fetched) -> str | None:
+        """Why the job ``entry``/``f`` is no longer what the manifest asks for (state lock held)."""
+        catalog = self._space.catalog
+        pos = catalog.position(entry.uri)
+        if pos is None:
+            return None  # not listed (any more): a reader asked for it, whatever it is
+        rec = Record(READY, "", f.size, f.etag, f.version, f.method, f.crc32c, claims=claims_of(entry))
+        return rec.stale_for(catalog.entry(pos), hinted_size=False)
+
+    def _supersede(self, entry: Entry, why: str) -> None:
+        """Drop a job a reload made stale and hand the object back to be fetched (state lock held)."""
+        log.info("%s changed in the manifest while it was fetched (%s); fetching it again", entry.uri, why)
+        self.superseded += 1
+        self._space.release(entry.uri)
+        self._on_superseded(entry.uri)
+
+    def publish(self, batch: list[tuple[Entry, Fetched]]) -> None:
+        """Publish one batch in the crash-safe order (see the module docstring). Raises only before any
+        file of the batch is renamed into place."""
+        now = time.time()
+        self.write_pending()
+        with self._cond:
+            current = []
+            for entry, f in batch:
+                why = self._stale(entry, f)
+                if why is None:
+                    current.append((entry, f))
+                else:
+                    self._store.discard(f.tmp_path)
+                    self._supersede(entry, why)
+            if len(current) < len(batch):
+                self._cond.notify_all()
+        plans: list[tuple[Entry, Fetched, Record]] = []
+        planned: set[str] = set()
+        for entry, f in current:
+            try:
+                rel = self._store.plan(entry.ref, planned)
+            except (OSError, S3CacheError) as e:
+                self._fail(entry, f, e)
+                continue
+            planned.add(rel)
+            rec = Record(PUBLISHING, rel, f.size, f.etag, f.version, f.method, f.crc32c, now, 0.0,
+                         claims_of(entry))
+            plans.append((entry, f, rec))
+        if not plans:
+            return
+        # The order below is the crash-safety rule (see store.py).
+        self._index.put_many((e.uri, rec) for e, _, rec in plans)
+        synced = True
+        try:
+            errors = self._store.publish([(f.tmp_path, rec.path) for _, f, rec in plans])
+        except Exception as e:
+            # A directory fsync failed after the renames: whatever left the temp dir is visible now.
+            log.error("publishing %d file(s): %s: %s; their rows stay 'publishing' until a restart "
+                      "settles them", len(plans), type(e).__name__, e)
+            synced = False
+            errors = [e if os.path.exists(f.tmp_path) else None for _, f, _ in plans]
+        # From here on every renamed file is visible to readers: nothing may fail it.
+        failed = [(p, err) for p, err in zip(plans, errors) if err is not None]
+        plans = [p for p, err in zip(plans, errors) if err is None]
+        for (entry, f, _), err in failed:
+            self._fail(entry, f, err)
+        if failed:
+            self._write_or_log(lambda: self._index.delete_many(e.uri for (e, _, _), _ in failed),
+                               "dropping the rows of files that did not publish")
+        ready = [(e.uri, replace(rec, state=READY)) for e, _, rec in plans]
+        if synced:
+            self._write_ready(ready)
+        with self._cond:
+            late = [(e, rec) for e, f, rec in plans if self._stale(e, f) is not None]
+            fresh = [(u, rec) for u, rec in ready if u not in {e.uri for e, _ in late}]
+            for old in self._space.commit(fresh):
+                self._remove(old.path)
+            for _, rec in fresh:
+                self.fetched += 1
+                self.fetched_bytes += rec.size
+            self._on_published(fresh, now)
+            self._cond.notify_all()
+        for uri, rec in fresh:
+            log.debug("ready %s (%d bytes, %s)", uri, rec.size, rec.method)
+        if late:
+            self._withdraw_late(late)
+
+    def _withdraw_late(self, late: list[tuple[Entry, Record]]) -> None:
+        """Files a reload made stale between the check before the rename and the commit: out of readers'
+        reach (file before row, under the lease lock), then fetched again as the manifest now says."""
+        with self._space.exclusive():
+            for entry, rec in late:
+                self._remove(rec.path)
+                self._unwritten.pop(entry.uri, None)
+                cur = self._space.ready.get(entry.uri)
+                if cur is not None and cur.path == rec.path:
+                    self._space.forget(entry.uri)  # the stale file was renamed over it
+            self._write_or_log(lambda: self._index.delete_many(e.uri for e, _ in late),
+                               "dropping the rows of superseded files")
+            for entry, rec in late:
+                why = self._stale(entry, Fetched("", rec.size, rec.etag, rec.version, rec.method, rec.crc32c))
+                self._supersede(entry, why or "changed")
+            self._cond.notify_all()
+
+    def _remove(self, rel: str) -> None:
+        try:
+            self._store.remove(rel)
+        except OSError as e:
+            log.error("could not remove %s: %s", rel, e)
+
+    def _write_ready(self, ready: list[tuple[str, Record]]) -> None:
+        """Write ``ready`` rows; on failure keep them to retry (``write_pending``)."""
+        if ready and not self._write_or_log(lambda: self._index.put_many(ready), f"writing {len(ready)} 'ready' row(s)"):
+            for uri, rec in ready:
+                self._unwritten[uri] = rec
+
+    def write_pending(self) -> bool:
+        """Retry ``ready`` rows that could not be written. True when none is left."""
+        if not self._unwritten:
+            return True
+        with self._cond:  # a file evicted or replaced meanwhile needs no row (eviction deleted it)
+            rows = [(u, r) for u, r in self._unwritten.items() if _same_file(self._space.ready.get(u), r)]
+            for u in [u for u in self._unwritten if not _same_file(self._space.ready.get(u), self._unwritten[u])]:
+                del self._unwritten[u]
+        if not self._write_or_log(lambda: self._index.put_many(rows), f"writing {len(rows)} 'ready' row(s)"):
+            return False
+        for uri, rec in rows:
+            if self._unwritten.get(uri) is rec:
+                del self._unwritten[uri]
+        return True
+
+    def _write_or_log(self, write: Callable[[], None], what: str) -> bool:
+        try:
+            write()
+            return True
+        except Exception as e:  # sqlite3 on a full or failing disk, OSError
+            self.index_errors += 1
+            if self.index_errors == 1 or self.index_errors % 100 == 0:
+                log.error("%s to the index failed (%s: %s); the files stay published, retrying",
+                          what, type(e).__name__, e)
+            return False
+
+    def status(self) -> dict:
+        return {"fetched": self.fetched, "fetched_bytes": self.fetched_bytes, "superseded": self.superseded,
+                "index_errors": self.index_errors, "ready_rows_pending": len(self._unwritten)}
+
+
+def _same_file(cur: Record | None, rec: Record) -> bool:
+    """``cur`` (the space's record) is the file ``rec`` describes: same place, same fetch, same bytes."""
+    return cur is not None and (cur.path, cur.fetched_at, cur.crc32c) == (rec.path, rec.fetched_at, rec.crc32c)

@@ -1,0 +1,401 @@
+"""The daemon: the composition root. It builds the parts, wires them, runs their threads and stops them.
+
+The parts, each a module with one job (imports point down this list; a part tells one above it what
+happened only through a callable handed to it here):
+
+* ``readers``  — usage notes, wants, waiters, epochs, hit and miss counts;
+* ``maintenance`` / ``workers`` — reconcile, rebuild, verify, revalidate / one fetch at a time;
+* ``schedule`` / ``publisher`` — what to fetch next / verified temp files become cached files;
+* ``space``    — the resident set, reservations, admission, eviction, the filesystem;
+* ``manifest_watch`` — read the manifest, watch it, hand each version to ``reload.Manifests.install``;
+* ``reload``   — the manifest in force, and SIGHUP (configuration and manifest again);
+* ``status``   — ``status`` assembled from the parts' reports, throughput, progress lines;
+* ``ops``      — the control socket's requests, each routed to the part that answers it; who may pin.
+
+What is left here: building and wiring the parts (``_wire``), the threads and their lifecycle, the
+callables through which parts report to each other (``_published``, ``_fail``), and housekeeping. The
+control socket's requests are answered by ``ops.Ops``.
+
+Threads: workers (``--workers``), the publisher, housekeeping (usage to the index once a second,
+throughput samples, leases and idle readers expiring, progress, systemd's STATUS= and WATCHDOG=), the
+usage-note reader, the SIGHUP reload, the control server's, the manifest watcher's, and
+``--revalidate``'s. Each of ours runs under ``supervise.supervised``: an exception in one iteration is
+logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
+with exit code 1, for systemd to restart it.
+
+systemd (``notify``): STATUS= while starting, READY=1 once the cache is reconciled, the index and the
+manifest loaded and the control socket serving; STATUS= progress lines; WATCHDOG=1 from housekeeping,
+after its state-lock sections (a deadlock stops the keep-alives); RELOADING=1 ... READY=1 around a
+SIGHUP reload; STOPPING=1 first thing in ``stop``.
+
+Locks: one state lock, ``self.cond`` (a Condition over an RLock), shared by the space, schedule,
+readers and publisher, because a fetch ending changes all of them in one step (see space.py). The
+cache's lease ``flock`` is taken only by the space, always before the state lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.refs import format_uri, shown
+from s3cache.manifest.scope import Scope
+from s3cache.policy.evict import ReaderTracker
+from s3cache.service import notify
+from s3cache.service.config import Settings, human_size, redact_urls
+from s3cache.service.metrics import FetchHistogram
+from s3cache.sockets.control import Server
+from s3cache.store.files import Store
+from s3cache.store.index import Index, Record
+
+from .maintenance import Maintenance, open_index
+from .ops import Ops
+from .publisher import Publisher
+from .readers import Readers
+from .reload import Manifests, Reload
+from .schedule import Schedule
+from .space import Space
+from .status import Progress, Throughput, assemble, measure
+from .supervise import LoopErrors, supervised
+from .workers import Workers
+
+log = logging.getLogger("s3cache.daemon")
+
+
+class Daemon:
+    """Invariant: the parts exist from the end of ``_start`` until ``_teardown``; the server, which
+    lets readers in, starts only after the cache is reconciled and the manifest installed."""
+
+    def __init__(self, settings: Settings, *, flags: Mapping[str, Any] | None = None,
+                 config_file: Path | None = None) -> None:
+        """``flags`` and ``config_file``: what ``serve`` was given, so that SIGHUP re-reads the
+        configuration as ``serve`` read it (flags still win over the file and the environment)."""
+        self.s = settings
+        self._flags = dict(flags or {})
+        self._config_file = config_file
+        self.store = Store(str(settings.cache_dir), world_readable=settings.world_readable)
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.index: Index | None = None
+        self.server: Server | None = None
+        self.fetcher: Fetcher | None = None
+        self.manifests: Manifests | None = None  # the manifest in force (built by _start)
+        self._reload: Reload | None = None
+        # The parts, built by _wire once the index is open.
+        self.space: Space | None = None
+        self.schedule: Schedule | None = None
+        self.publisher: Publisher | None = None
+        self.readers: Readers | None = None
+        self.workers: Workers | None = None
+        self.maintenance: Maintenance | None = None
+        self._threads: list[threading.Thread] = []
+        self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
+        self._progress_report = Progress()
+        self.exit_code = 0
+        self.started_at = time.time()
+        self.fetch_histogram = FetchHistogram()  # served by --metrics-addr; recorded by the workers
+        self.loop_errors = LoopErrors()
+        self.errors_by_code: dict[str, int] = {}
+        self.serving = False  # READY was sent: the daemon ran, and says "stopped" when it stops
+        self.on_progress: Callable[[dict], None] | None = None  # serve's terminal bar; else log lines
+        self._wd = notify.Watchdog()
+        self._hup = threading.Event()
+        self._revalidate_stop: threading.Event | None = None
+
+    # == lifecycle ====================================================================================
+
+    def start(self) -> None:
+        """Take the cache dir, reconcile, load the manifest and start serving. Raises S3CacheError."""
+        notify.status("taking the cache dir")
+        self.store.open()
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
+        self.serving = True
+        notify.ready(self._progress()["line"])
+
+    def _start(self) -> None:
+        s, lay = self.s, self.store.layout
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run", removed)
+        client = make_client(s.endpoint_url, s.region, pool=s.workers * 2 + 4,
+                             connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
+        self.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
+                                         workers=s.workers, max_attempts=s.max_attempts, cancel=self.stopping,
+                                         new_temp=self.store.new_temp, discard=self.store.discard,
+                                         require_checksum=s.require_checksum)
+        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=fetcher.list, spawn=self._spawn,
+                                               exclusive=lambda: self.space.exclusive(),
+                                               install_parts=self._install_parts)
+        self._reload = Reload(flags=self._flags, config_file=self._config_file, hup=self._hup,
+                              stopping=self.stopping, cond=self.cond, settings=lambda: self.s,
+                              apply=self._apply_settings, revalidate=self._start_revalidate, manifests=manifests,
+                              work_changed=lambda: self.schedule.work_changed(),
+                              progress_line=lambda: self._progress()["line"])
+        catalog = Catalog()
+        if s.manifest_source is not None:
+            notify.status(f"reading the manifest {s.manifest_source}")
+            manifests.watch = manifests.new_watch(str(s.manifest_source), s.manifest_is_dir)
+            catalog = manifests.watch.read()
+        notify.status("reconciling the cache dir with its index")
+        self.index, damaged = open_index(self.store)
+        self._wire(self.index, fetcher)
+        if damaged:
+            self.maintenance.rebuild(catalog)
+        else:
+            self.maintenance.reconcile(catalog)
+        if manifests.watch is not None:
+            manifests.install(catalog)
+            # Watch before anyone can see us serving, so an edit made right after start is not missed.
+            manifests.start_watch(manifests.watch)
+        self.throughput.sample()  # throughput counts from here
+        ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
+                  maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
+                  rate=self.throughput.rate)
+        self.server = Server(lay.control_socket, lay.use_socket, ops.handle, self.readers.closed,
+                             on_crash=self._server_crashed)
+        self.server.start()
+        self._spawn(self._use_loop, "s3cache-use")
+        self._spawn(self.publisher.run, "s3cache-publish")
+        self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
+        self._spawn(self._reload.loop, "s3cache-reload")
+        for i in range(s.workers):
+            self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
+        self._start_revalidate(s.revalidate)
+        log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
+                 len(self.schedule.catalog), len(self.space.ready), human_size(self.space.used),
+                 human_size(s.max_size))
+
+    def _wire(self, index: Index, fetcher: Fetcher) -> None:
+        """Build the parts bottom up; callables let a lower part report to one built after it."""
+        s, store, cond = self.s, self.store, self.cond
+        tracker = ReaderTracker(idle=max(s.lease, 60.0))
+        self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
+                           on_evicted=lambda victims: self.schedule.evicted(victims))
+        self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
+                                 is_waited=lambda uri: self.readers.is_waited(uri))
+        self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
+                                   on_failed=self._fail, on_superseded=self.schedule.superseded)
+        self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
+                               promote=fetcher.promote,
+                               scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
+                               manifest_edited=self._manifest_edited)
+        self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
+                               publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
+                               errors=self.loop_errors)
+        self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)
+
+    def _spawn(self, target, name: str, *, loop: str | None = None, stopping: threading.Event | None = None) -> None:
+        """Run ``target`` on a thread under ``supervised`` (``loop``: its name in ``loop_errors``;
+        ``stopping``: the event that ends it, when not the daemon's)."""
+        loop = loop or name.removeprefix("s3cache-")
+        body = supervised(loop, target, self.loop_errors, stopping or self.stopping, self._thread_died)
+        t = threading.Thread(target=body, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _thread_died(self, loop: str, why: str) -> None:
+        """A thread ended that should not have: say so, and exit non-zero so systemd restarts us."""
+        log.critical("the %s thread died (%s); stopping so that the service is restarted", loop, why)
+        self.exit_code = 1
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask every thread to stop; ``wait`` returns once they have."""
+        if not self.stopping.is_set() and self.serving:
+            notify.stopping("stopping")
+        self.stopping.set()
+        if self.fetcher is not None:
+            self.fetcher.abort()  # a download stalled in a read must not hold shutdown for its read timeout
+        if self._revalidate_stop is not None:
+            self._revalidate_stop.set()
+        self._hup.set()
+        if self.manifests is not None:
+            self.manifests.stop()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        while not self.stopping.wait(0.5):
+            pass
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self.stop()
+        if self.manifests is not None:
+            self.manifests.close()
+        if self.publisher is not None:
+            self.publisher.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.server is not None:
+            self.server.stop()
+        if self.fetcher is not None:
+            self.fetcher.close()
+        try:
+            if self.space is not None:
+                self.space.flush()
+            self.store.clean_tmp()
+        except OSError as e:  # the cache dir may have vanished under us
+            log.error("could not clean up %s: %s", self.store.layout.root, e.strerror)
+        if self.index is not None:
+            try:
+                self.index.close()
+            except Exception:
+                pass
+        if self.space is not None:
+            self.space.close()
+        self.store.close()
+        if self.serving:  # a daemon that never started has nothing to report stopping
+            log.info("stopped")
+
+    def run(self) -> int:
+        """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
+        # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
+        self.start()
+        self.wait()
+        return self.exit_code
+
+    # == what one part tells the others ===============================================================
+
+    def _install_parts(self, catalog: Catalog) -> Collection[str]:
+        """A manifest version into the parts (``Manifests.install`` holds the lease and state locks);
+        returns the stale URIs the space dropped."""
+        stale = self.space.install(catalog)
+        self.readers.install(catalog.jobs)
+        self.schedule.install(catalog)
+        self.readers.rejudge_parked(expire=False)  # wants that waited for this edit of the scope
+        return stale
+
+    def _manifest_edited(self) -> bool:
+        """Whether the manifest on disk is not the one installed (an edit is on its way in)."""
+        return bool(self.manifests and self.manifests.watch and self.manifests.watch.edited())
+
+    def _apply_settings(self, merged: Settings) -> None:
+        """SIGHUP's new live settings, to the daemon and the parts that read them (state lock held)."""
+        self.s = merged
+        for part in (self.space, self.schedule, self.workers):
+            part.s = merged
+
+    def reload(self) -> None:
+        """What SIGHUP does (``Reload.reload``): the configuration and the manifest again."""
+        self._reload.reload()
+
+    def _start_revalidate(self, every: float) -> None:
+        if self._revalidate_stop is not None:
+            self._revalidate_stop.set()
+            self._revalidate_stop = None
+        if every > 0:
+            stop = self._revalidate_stop = threading.Event()
+            self._spawn(lambda: self.maintenance.revalidate_loop(stop, every), "s3cache-revalidate",
+                        loop="revalidate", stopping=stop)
+
+    def _published(self, items: list[tuple[str, Record]], now: float) -> None:
+        """The publisher made these ready (state lock held)."""
+        for uri, _ in items:
+            self.schedule.fetched(uri)
+        self.readers.landed(items, now)
+
+    def _fail(self, uri: str, code: str, message: str) -> None:
+        message = _about(uri, redact_urls(message))
+        log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
+        with self.cond:
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+            self.schedule.fail(uri, code, message)
+            self.space.release(uri)
+            self.readers.failed(uri, code, message)
+            self.cond.notify_all()
+
+    # == readers' sockets =============================================================================
+
+    def _notes(self):
+        return self.server.use.drain() if self.server is not None else ()
+
+    def _server_crashed(self, exc: BaseException) -> None:
+        """The sockets' I/O thread kept crashing: readers can no longer reach us. Stop with an error so
+        systemd restarts the daemon, rather than serve on deaf."""
+        log.error("the control server failed for good (%s: %s); stopping so the service is restarted",
+                  type(exc).__name__, exc)
+        self.exit_code = 1
+        self.stop()
+
+    def _use_loop(self) -> None:
+        assert self.server is not None
+        while not self.stopping.is_set():
+            if self.server.use.wait(0.5):
+                with self.cond:
+                    self.readers.drain()
+
+    # == housekeeping and status ======================================================================
+
+    def _housekeeping_loop(self) -> None:
+        """Once a second: usage to the index, a throughput sample, expired leases, a vanished cache dir,
+        space returning after a full disk; progress; then the watchdog keep-alive, which comes only
+        after this iteration's state-lock sections, so a deadlock stops the keep-alives."""
+        guard = self.loop_errors.guard
+        while not self.stopping.wait(1.0):
+            with guard("housekeeping", "writing usage to the index"):
+                self.space.flush()
+            with self.cond:
+                self.throughput.sample()
+            with guard("housekeeping", "releasing failures whose backoff passed"):
+                self.schedule.retry_due()  # failures whose backoff passed are fetched again
+            with guard("housekeeping", "judging wants that wait for a manifest edit"):
+                self.readers.expire_parked()
+            with guard("housekeeping", "expiring leases and idle readers"):
+                # Leases expire with time alone, and idle readers are forgotten: either may open up work.
+                self.schedule.reconsider()
+            if not os.path.exists(self.store.layout.lock):
+                log.error("cache dir %s vanished (deleted or unmounted); stopping", self.store.layout.root)
+                self.exit_code = 1
+                self.stop()
+                return
+            with guard("housekeeping", "checking the filesystem for space"):
+                if self.space.space_returned():
+                    with self.cond:
+                        self.schedule.work_changed()
+            with guard("housekeeping", "reporting progress"):
+                self._progress_report.report(self._progress, self.on_progress)
+            self._wd.kick()
+
+    def _progress(self) -> dict:
+        """Where the manifest stands, for STATUS=, the progress log line and serve's bar."""
+        return measure(self.cond, self.schedule, self.space, self.throughput.rate)
+
+    def status(self) -> dict:
+        """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
+        with self.cond:
+            return assemble(root=self.store.layout.root, started_at=self.started_at,
+                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
+                            schedule=self.schedule,
+                            space=self.space, readers=self.readers, publisher=self.publisher,
+                            maintenance=self.maintenance, workers=self.workers,
+                            watch=self.manifests.watch if self.manifests else None, server=self.server,
+                            counters=self.fetcher.counters if self.fetcher else None,
+                            errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
+                            throughput=self.throughput.rate())
+
+
+def _about(uri: str, message: str) -> str:
+    """``message`` without a leading ``uri: `` (errors name their object; the failure is reported beside
+    the URI already, and "failed s3://x: ChecksumMismatch: s3://x: ..." said it twice)."""
+    for form in (uri, shown(uri), format_uri(uri)):
+        if message.startswith(form + ": "):
+            return message[len(form) + 2:]
+    return message

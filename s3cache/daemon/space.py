@@ -1,0 +1,406 @@
+"""The space: what is on disk, what may still come, and what to evict to make room.
+
+Owns the resident set (ready records, their bytes, usage not yet written to the index), the bytes
+promised to downloads in flight (reservations), object sizes learned from S3, pins (pins.py), and
+the filesystem's state (``--min-free``, disk full). Admission and eviction happen here and nowhere else;
+room.py (a mixin, like pins.py) reports why an admission was refused and this part's ``status``.
+
+Invariants it keeps:
+
+* ready bytes + reserved bytes never exceed ``--max-size`` (``admit`` reserves before a byte is
+  written; ``commit`` turns a reservation into ready bytes in one step under the state lock). A second
+  ``admit`` of a URI with another size (the object changed in S3 since its size was learned) admits
+  the new size again, so a reservation is always the size that will be published;
+* reserved bytes also fit in the filesystem: ``admit`` counts its free bytes less every reservation
+  (a reservation whose file is already allocated counts twice: admission errs towards fewer parallel
+  downloads, never towards a full disk), less ``--min-free`` for prefetch;
+* a prefetch beyond the readahead window (``window``) evicts nothing, however the scan found room;
+* a reader waiting on an object always progresses while anything cached is needed later than it:
+  demand may evict any file not leased, pinned or being read (``choose_victims`` with ``demand``);
+* leases hold each reader's newest files only (``evict.Leases``): at most a 32nd of the cache plus
+  two files per reader, so leases alone never make a reader wait;
+* a file is removed before its index row (a crash leaves a row to drop at start, never an orphan);
+* a file a reader resolved is seen by eviction: it holds the lease lock exclusively and applies every
+  usage note readers sent (``drain_notes``, in the order sent) before choosing victims;
+* one reservation per URI: a second ``admit`` of the same URI and size is a no-op that answers yes.
+
+Locks. The state lock is the daemon's one ``threading.Condition`` (over an RLock), shared with the
+schedule, readers and publisher: "ready, reserved or fetching" changes in one step for all of them.
+Eviction also takes the lease ``flock`` (``lease.lock``), always BEFORE the state lock: readers hold it
+shared around their fast path, and taking it after the state lock would let a reader block the daemon.
+Callers hold the state lock unless a method takes the locks itself (``admit``, ``evict_for_disk``,
+``exclusive``, ``flush``, ``space_returned``).
+
+Talks upward only through two callables handed at construction: ``drain_notes()`` (apply readers'
+pending usage notes; the readers part) and ``on_evicted(victims)`` (the evicted files as the policy
+saw them, so the schedule may move its cursors back: ``evict.unread_positions``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from s3cache.manifest.catalog import Catalog
+from s3cache.manifest.jobs import Landed
+from s3cache.manifest.parse import Entry
+from s3cache.policy.evict import (
+    LEASE_SHARE,
+    Leases,
+    ReaderTracker,
+    Resident,
+    choose_victims,
+    readahead_files,
+    target_distance,
+)
+from s3cache.reader.lease import ExclusiveLease
+from s3cache.service.config import Settings, human_size
+from s3cache.store.files import Store
+from s3cache.store.index import Index, Record
+
+from .pins import Pins
+from .room import RoomReports
+
+log = logging.getLogger("s3cache.daemon")
+
+# Bytes of the filesystem a download may never take: the index and directories grow as files land.
+DISK_MARGIN = 256 << 10
+
+class Space(Pins, RoomReports):
+    def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
+                 tracker: ReaderTracker, *, drain_notes: Callable[[], None],
+                 on_evicted: Callable[[list[int | None]], None]) -> None:
+        self.s = settings
+        self.store = store
+        self.index = index
+        self._cond = cond
+        self._tracker = tracker  # read only here: the readers part moves it
+        self._drain_notes = drain_notes
+        self._on_evicted = on_evicted
+        self.catalog = Catalog()
+        self.pinned: set[str] = set(index.get_meta("pins", []))  # `s3cache pin`; pin=1 entries too
+        self.ready: dict[str, Record] = {}
+        self.used = 0  # bytes of ready files
+        self.landed = Landed()  # ready files and bytes per job of a manifest directory (jobs.py)
+        self.reserved = 0  # bytes promised to downloads in flight
+        self.reservations: dict[str, int] = {}
+        # Sizes of manifest objects that the manifest did not give, learned from S3 (a first response or
+        # a cached file) and kept after eviction, so that deciding whether a file fits costs no GET.
+        self.known_sizes: dict[str, int] = {}
+        self.disk_full = False
+        self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
+        self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
+        # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
+        # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
+        self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE)
+        self._awaited: dict[str, dict[str, int]] = {}
+        # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
+        self.waits: dict[str, dict] = {}
+        self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
+        self.evicted = 0
+        self.evicted_bytes = 0
+        self._lease_fd = store.open_lease_lock()  # made 0640 by store.open, never through a symlink
+        self._lease = ExclusiveLease(self._lease_fd)
+
+    def close(self) -> None:
+        os.close(self._lease_fd)
+    # == the resident set (state lock held) ===========================================================
+
+    def load(self, rows: Iterable[tuple[str, Record]]) -> None:
+        """Ready files found at start (reconcile or rebuild)."""
+        for uri, rec in rows:
+            self.ready[uri] = rec
+            self.used += rec.size
+
+    def install(self, catalog: Catalog) -> list[Record]:
+        """A new manifest: withdraw cached files that are not the object it now describes (another
+        version, stated or listed size, or checksum claim: ``Record.stale_for``), file before row, and
+        return their records. Call inside ``exclusive()``: no reader is between seeing a file and
+        telling us. Work is proportional to what is cached."""
+        self.catalog = catalog
+        stale: list[tuple[str, Record]] = []
+        for uri, rec in list(self.ready.items()):
+            pos = catalog.position(uri)
+            if pos is None:
+                continue
+            why = rec.stale_for(catalog.entry(pos))
+            if why is not None:
+                log.debug("%s is stale: %s", uri, why)
+                self.forget(uri)
+                stale.append((uri, rec))
+        for uri, rec in stale:
+            try:
+                self.store.remove(rec.path)
+            except OSError as e:  # never the end of reloading: the file is forgotten, its row goes
+                log.error("could not remove the stale file %s: %s", rec.path, e)
+        if stale:
+            try:
+                self.index.delete_many(u for u, _ in stale)
+            except Exception as e:  # a row without its file is dropped at the next start
+                log.error("could not drop %d stale row(s) from the index: %s", len(stale), e)
+        self.known_sizes = {u: n for u, n in self.known_sizes.items() if u in catalog}
+        self.landed.reset(catalog.jobs, ((catalog.position(u), r.size) for u, r in self.ready.items()))
+        return [rec for _, rec in stale]
+
+    def is_ready(self, uri: str) -> bool:
+        return uri in self.ready
+
+    def ready_uris(self):  # a live view: iterate it with the state lock held
+        return self.ready.keys()
+
+    def records(self, uris: Iterable[str] | None = None) -> list[tuple[str, Record]]:
+        """A snapshot of (uri, record) of ready files: all of them, or those of ``uris`` that are."""
+        return list(self.ready.items()) if uris is None else [(u, self.ready[u]) for u in uris if u in self.ready]
+
+    def ready_path(self, uri: str) -> str | None:
+        """The file of a ready object; a file removed behind our back is forgotten (fetched again)."""
+        rec = self.ready.get(uri)
+        if rec is None:
+            return None
+        if self.store.exists(rec.path):
+            return rec.path
+        self.forget(uri)
+        return None
+
+    def touch(self, uri: str, when: float, reader: str = "") -> bool:
+        """A reader used ``uri`` at ``when`` (its last use; its lease starts now: ``reader``'s newest
+        file). False if it is not ready; then ``reader``'s lease on it starts when it lands
+        (``commit``), at the place in its order this call took (``Leases.ticket``)."""
+        rec = self.ready.get(uri)
+        if rec is None:
+            if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
+                if len(self._awaited) >= 100_000 and uri not in self._awaited:
+                    del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
+                self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
+            return False
+        self.ready[uri] = rec.used(when)
+        self._dirty_use[uri] = when
+        if reader:
+            self.leases.saw(reader, uri, rec.size, time.monotonic())  # leases: monotonic time
+        return True
+
+    def forget(self, uri: str) -> Record | None:
+        """Drop ``uri`` from the resident set (its file and row are the caller's)."""
+        rec = self.ready.pop(uri, None)
+        if rec is not None:
+            self.used -= rec.size
+            pos = self.catalog.position(uri)
+            self.landed.add(pos, -rec.size, -1)
+            if pos is not None and self.catalog.entry(pos).size is None:
+                self.known_sizes[uri] = rec.size
+            self._dirty_use.pop(uri, None)
+        return rec
+
+    def commit(self, items: list[tuple[str, Record]]) -> list[Record]:
+        """Published files become ready: each one's reservation turns into ready bytes. Returns the
+        records these replaced whose file was elsewhere (the caller removes those files)."""
+        replaced, now = [], time.monotonic()  # leases count monotonic time
+        for uri, rec in items:
+            old = self.forget(uri)
+            if old is not None and old.path != rec.path:
+                replaced.append(old)
+            for reader, place in self._awaited.pop(uri, {}).items():
+                # it may open it from now on; in its order where it took it (it may have moved on since)
+                self.leases.saw(reader, uri, rec.size, now, place=place)
+            self.release(uri)
+            self.ready[uri] = rec
+            self.used += rec.size
+            self.landed.add(self.catalog.position(uri) if self.landed.jobs else None, rec.size)
+        self.disk_full = False  # a publish wrote bytes: the filesystem had room
+        return replaced
+
+    # == reservations and sizes =======================================================================
+
+    def size_hint(self, uri: str) -> int | None:
+        """The size ``uri`` is believed to have: its cached copy's (a refetch of a file S3 changed
+        reserves that first, and its real size when the response says it), else the size learned."""
+        rec = self.ready.get(uri)
+        return rec.size if rec is not None else self.known_sizes.get(uri)
+
+    def learn_size(self, uri: str, size: int) -> None:
+        self.known_sizes[uri] = size
+
+    def free(self) -> int:
+        """Bytes under --max-size neither ready nor promised."""
+        return self.s.max_size - self.used - self.reserved
+
+    def release(self, uri: str) -> None:
+        size = self.reservations.pop(uri, 0)
+        self.reserved -= size
+        self._awaited.pop(uri, None)
+        self.waits.pop(uri, None)
+
+    def _reserve(self, uri: str, size: int) -> None:
+        self.reservations[uri] = size
+        self.reserved += size
+        self.waits.pop(uri, None)
+
+    def disk_room(self, demand: bool) -> int:
+        """Bytes the filesystem can still give a new download: free bytes less every reservation (some
+        may be allocated already: counted twice, erring towards fewer downloads), less ``--min-free``
+        for prefetch and a margin for the index (state lock held)."""
+        room = self.store.free_bytes() - self.reserved - DISK_MARGIN
+        if not demand and self.s.min_free:
+            room -= int(self.store.total_bytes() * self.s.min_free)
+        return room
+
+    def room(self) -> int:
+        """Bytes a prefetch may take without evicting: under --max-size and on the filesystem."""
+        return min(self.free(), self.disk_room(False))
+
+    def window(self) -> int:
+        """The readahead window in files (``evict.readahead_files``): beyond it, prefetch takes free room only."""
+        avg = self.catalog.avg_size or self.s.part_size
+        return readahead_files(self.s.max_size, avg, self.s.readahead_bytes, self.s.readahead_files)
+
+    # == admission and eviction (take the locks themselves) ===========================================
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The lease lock exclusively, then the state lock: no reader is between "saw the file" and
+        "told us" while this is held. The lock order (flock first) is the daemon's rule."""
+        # One holder per process: flock belongs to the open file description that every daemon thread
+        # shares, so a second thread's LOCK_EX would succeed at once and the first one's LOCK_UN would then
+        # leave it evicting unprotected (the lease race of issue 11). The mutex makes the hold exclusive.
+        with self._lease.held():
+            with self._cond:
+                yield
+
+    def admit(self, entry: Entry, size: int, demand: bool) -> bool:
+        """Reserve ``size`` bytes for ``entry`` under --max-size and on the filesystem, evicting by
+        policy if needed. False: no room yet (``waits`` says what holds it). A URI already reserved
+        with another size (the object changed in S3) is admitted again for the new size."""
+        uri = entry.uri
+        with self._cond:
+            have = self.reservations.get(uri)
+            if have == size:
+                return True
+            if have is not None:
+                log.info("%s is %s now, not the %s reserved for it: admitting it again", uri,
+                         human_size(size), human_size(have))
+                self.release(uri)
+            if size > self.s.max_size:
+                return False
+            if self._need(size, demand)[0] <= 0:
+                self._reserve(uri, size)
+                if not demand:
+                    self.min_free_reached = False
+                return True
+        with self.exclusive():
+            self._drain_notes()
+            need, disk_short = self._need(size, demand)
+            if need <= 0:
+                self._reserve(uri, size)
+                return True
+            now = time.time()
+            n = len(self.catalog)
+            fut = self._tracker.future(n, now)
+            target = target_distance(self.catalog.position(uri), demand, fut, n)
+            low = int(self.s.max_size * self.s.low_watermark)
+            extra = max(0, self.used + self.reserved + size - low - need)
+            # Never the cached copy of ``uri`` itself: a refetch keeps it readable until the new one is
+            # verified (``Schedule.replace``), so both count until the publish replaces it.
+            victims = choose_victims([r for r in self.residents() if r.uri != uri], need=need, extra=extra,
+                                     readers=fut.ordered, n=n,
+                                     target_distance=target, demand=demand, now=now, lease=self.s.lease,
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leases.held(time.monotonic()), window=self.window())
+            if victims is None:
+                self._refused(uri, size, need, demand, disk_short, fut, target, now)
+                return False
+            self._evict(victims, uri)
+            self._reserve(uri, size)
+            if not demand:
+                self.min_free_reached = False
+            return True
+
+    def _need(self, size: int, demand: bool) -> tuple[int, bool]:
+        """(bytes to evict before ``size`` fits, whether the filesystem rather than --max-size is short)."""
+        over, short = self.used + self.reserved + size - self.s.max_size, size - self.disk_room(demand)
+        return max(over, short), short > over
+
+    def evict_for_disk(self, size: int) -> bool:
+        """The filesystem is full: evict files nobody needs soon to free ``size`` bytes. True if done."""
+        with self.exclusive():
+            self._drain_notes()
+            now = time.time()
+            n = len(self.catalog)
+            fut = self._tracker.future(n, now)
+            victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
+                                     target_distance=None, demand=False, now=now, lease=self.s.lease,
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leases.held(time.monotonic()))
+            if not victims:
+                return False
+            self._evict(victims, "a full filesystem")
+            return True
+
+    def _evict(self, victims: list[Resident], why: str) -> None:
+        """Remove victims' files, then their rows (both locks held)."""
+        for v in victims:
+            rec = self.forget(v.uri)
+            if rec is not None:
+                self.store.remove(rec.path)  # the file first: a crash leaves a row to drop, not an orphan
+            self.evicted += 1
+            self.evicted_bytes += v.size
+        self.index.delete_many(v.uri for v in victims)
+        self._on_evicted(victims)
+        log.debug("evicted %s (%s) for %s", [v.uri for v in victims], human_size(sum(v.size for v in victims)), why)
+
+    def withdraw(self, uri: str, rec: Record, quarantine: bool) -> tuple[bool, str | None, str | None]:
+        """Take the ready file ``rec`` out of readers' reach: quarantine it or remove it, and only then
+        forget it and drop its row. Call inside ``exclusive()``. Returns (done, quarantine path, error).
+
+        Not done (False, None, None) when ``uri``'s file is no longer the one ``rec`` describes (same
+        path, same fetch, same bytes): it was replaced or evicted meanwhile. A file that cannot be
+        quarantined is removed instead (a corrupt file must not stay readable); if that fails too the
+        entry is kept and the error returned (the caller reports it)."""
+        cur = self.ready.get(uri)
+        if cur is None or (cur.path, cur.fetched_at, cur.crc32c) != (rec.path, rec.fetched_at, rec.crc32c):
+            return False, None, None
+        try:
+            where, error = self.store.take_out(rec.path, quarantine)
+        except OSError as e:
+            log.error("cannot take %s out of readers' reach: %s; it stays", rec.path, e)
+            return False, None, f"could not quarantine or remove it: {e.strerror or e}"
+        if error:
+            log.error("%s: %s", rec.path, error)
+        self.forget(uri)
+        self.index.delete_many([uri])
+        return True, where, error
+
+    def residents(self) -> list[Resident]:
+        return [Resident(u, r.size, r.last_used, r.fetched_at, self.catalog.position(u), self.is_pinned(u))
+                for u, r in self.ready.items()]
+
+    # == the filesystem ===============================================================================
+
+    def mark_disk_full(self, need: int) -> None:
+        """The filesystem refused a write: fetching waits until ``need`` bytes are free (lock held)."""
+        self.disk_full = True
+        self._disk_need = max(need, 1 << 20)
+
+    def space_returned(self) -> bool:
+        """True once, when the filesystem has room again after a full disk (takes the state lock)."""
+        if self.disk_full and self.store.free_bytes() >= self._disk_need:
+            log.info("space returned on the cache filesystem; fetching resumes")
+            with self._cond:
+                self.disk_full = False
+            return True
+        return False
+
+    # == usage ========================================================================================
+
+    def flush(self) -> None:
+        """Write readers' usage (last_used) to the index. Outside the state lock, so eviction may delete
+        (or a publish replace) a row meanwhile: only rows still holding the same file are updated, in one
+        transaction, so a row just deleted is never written back (issue 17 item 14)."""
+        with self._cond:
+            dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
+            self._dirty_use.clear()
+        if dirty:
+            self.index.touch_many(dirty)

@@ -1,0 +1,396 @@
+"""Fetch one object from S3 into a verified, fsync'd temp file: the code that streams bytes to disk.
+Choosing paths and evicting is not here; nor are the retry policy (``retry.py``), the layout of an
+object's parts (``parts.py``), which checks apply (``checks.py``) or HEADs and listings (``s3api.py``).
+
+Per object:
+
+* The first request is a GET of the first part (``Range: bytes=0-PART``). For an object that fits in one
+  part this is the only request: there is no HEAD round trip, which is what matters for small objects.
+  Its ``Content-Range`` gives the total size and its ETag pins the version.
+* Further parts are ranged GETs with ``IfMatch=<etag>`` (or the manifest's VersionId), fetched in
+  parallel and written with ``pwrite`` at their offsets, so an overwrite in S3 mid-download yields a 412
+  (``ObjectChanged``) and never a file mixed from two versions.
+* Every GET streams on a slot of the ``Link`` (``link.py``): at most ``workers`` connections stream at
+  once. A waited-on object is spread over the free connections and half of prefetch's (parts from its
+  size and that count, 1 MiB at least, ``part_size`` at most), taking slots before prefetch does; a
+  prefetch object is spread over its share of the connections (``workers`` / objects in flight) in
+  parts of ``part_size`` to ``prefetch_part_size``. Prefetch gives up only the slots a reader's parts
+  wait for, or all of them while a reader waits on a link measured to be saturated.
+* Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
+* The strongest available checksum is checked, with the size, before the file is handed back.
+
+Invariants: a ``Fetched`` names a temp file whose bytes passed the check (or whose method is ``size``);
+a failed fetch leaves no temp file; a failed attempt's digest is never joined into the object's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import botocore.exceptions
+
+from s3cache.errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
+from s3cache.manifest.parse import Entry, Listed
+
+from .checksum import Digest, have_crc64nvme
+from .link import Link, Slot
+from .partdigest import InOrderDigest, SplitDigest
+from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
+from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
+from .s3api import Counters, Described, ObjectApi, make_client
+from .stream import DiskFull, Streams
+from .verifier import Checks, Verifier
+
+__all__ = ["Cancelled", "Counters", "Described", "DiskFull", "Fetched", "Fetcher", "NeedSpace", "make_client"]
+
+log = logging.getLogger("s3cache.fetch")
+
+
+class NeedSpace(S3CacheError):
+    """The object's size became known and the cache has no room for it yet."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        super().__init__(f"no room for {size} bytes")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A verified temp file ready to publish."""
+
+    tmp_path: str
+    size: int
+    etag: str
+    version: str
+    method: str
+    crc32c: str
+    also: tuple[str, ...] = ()  # claims checked beside ``method`` (the manifest's, when S3's was stronger)
+
+
+class _Priority:
+    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs."""
+
+    __slots__ = ("foreground", "promoted")
+
+    def __init__(self, foreground: bool) -> None:
+        self.foreground = foreground
+        self.promoted = False
+
+
+class Fetcher:
+    """Downloads objects into verified temp files with a pool of part workers.
+
+    Invariants: at most ``workers`` GETs stream at once, each on a slot of ``link`` held from its request
+    until its body is read or closed (a reader's first, then prefetch); two part pools, so a reader's
+    parts never queue behind prefetch threads; ``_fg_idle`` is set exactly when no foreground fetch is in
+    flight and ``link.readers`` counts those that are; ``_inflight`` holds one priority per URI being
+    fetched.
+    """
+
+    def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
+                 cancel: threading.Event, new_temp: Callable[[str], tuple[int, str]],
+                 discard: Callable[[str], None], prefetch_part_size: int | None = None,
+                 require_checksum: bool = False) -> None:
+        if not have_crc64nvme():
+            # S3 checksums new uploads with CRC64NVME by default; without awscrt such objects could only
+            # be checked by their size. awscrt is a core dependency: its absence is a broken install.
+            raise ConfigError("awscrt is not installed, so CRC64NVME checksums (S3's default) cannot be "
+                              "checked: pip install 'awscrt>=0.20'")
+        self.client = client
+        # A reader waiting on one object wants it split across many connections; prefetch already has
+        # many objects in flight, so more parts would add requests (a round trip, and server work,
+        # each) without adding bandwidth: it splits only objects larger than prefetch_part_size.
+        self.part_size = part_size
+        self.prefetch_part_size = prefetch_part_size or part_size
+        self.max_attempts = max_attempts
+        self.cancel = cancel
+        self._new_temp = new_temp
+        self._discard = discard
+        self.counters = Counters()
+        self.policy = RetryPolicy(max_attempts, cancel, self.counters)
+        self.api = ObjectApi(client, self.policy, self.counters)
+        self.verifier = Verifier(self.api, require_checksum)
+        # Two part pools, so that a reader's object never queues behind parts of background prefetch.
+        self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
+        self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
+        self._fg_active = 0
+        self._fg_lock = threading.Lock()
+        self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
+        self._fg_idle.set()
+        self.link = Link(workers, cancel)
+        self._inflight: dict[str, _Priority] = {}
+        self.streams = Streams(cancel, self.link, self.counters)
+
+    def abort(self) -> None:
+        """Stopping: wake every read blocked on a response body (see ``Streams.abort``)."""
+        self.streams.abort()
+
+    def close(self) -> None:
+        self._parts.shutdown(wait=True, cancel_futures=True)
+        self._fg_parts.shutdown(wait=True, cancel_futures=True)
+
+    def list(self, bucket: str, prefix: str) -> list[Listed]:
+        """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
+        return self.api.list(bucket, prefix)
+
+    def describe(self, entry: Entry) -> Described:
+        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
+        return self.api.describe(entry)
+
+    def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
+                prio: _Priority | None = None) -> None:
+        self.streams.copy(body, fd, offset, expect_len, digest, background=prio is not None and not prio.foreground)
+
+    # -- one object --------------------------------------------------------------------------------
+
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
+        """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
+
+        ``foreground``: a reader waits on it; background fetches yield to it while it runs.
+        Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
+        ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
+        at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
+        nothing but the size can vouch for it, Cancelled.
+        """
+        uri = entry.uri
+        changed = 0
+        seen: dict = {}  # wrong digests of earlier attempts, and how many attempts gave each
+        prio = _Priority(foreground)
+        with self._fg_lock:
+            self._inflight[uri] = prio
+            if foreground:
+                self._fg_active += 1
+                self.link.readers = self._fg_active
+                self._fg_idle.clear()
+        try:
+            while True:
+                try:
+                    return self.policy.run(uri, lambda: self._fetch_once(entry, admit, prio, seen))
+                except ObjectChanged:
+                    changed += 1
+                    if changed >= 3:
+                        raise
+                    log.info("%s changed in S3 during the download; starting over", uri)
+        finally:
+            with self._fg_lock:
+                if self._inflight.get(uri) is prio:
+                    del self._inflight[uri]
+                if foreground or prio.promoted:
+                    self._fg_active -= 1
+                    self.link.readers = self._fg_active
+                    if not self._fg_active:
+                        self._fg_idle.set()
+
+    def promote(self, uri: str) -> bool:
+        """A reader now waits on a fetch that started as prefetch: it stops yielding to other waited-on
+        fetches. False if no such fetch is in flight.
+
+        It does not make other prefetch pause, as a fresh demand does: its parts are already laid out,
+        so it cannot use the connections others would give up (one S3 connection tops out at ~80 MB/s),
+        and a reader that caught up with prefetch wants those other files next. Pausing them on every
+        promotion cut a cold epoch's throughput by a quarter in bench/compare.py."""
+        with self._fg_lock:
+            prio = self._inflight.get(uri)
+            if prio is None or prio.foreground:
+                return False
+            prio.foreground = True
+            self._fg_active += 1
+            self.link.readers = self._fg_active
+            self._fg_idle.clear()
+            prio.promoted = True
+            return True
+
+    def _first_length(self, entry: Entry, foreground: bool) -> int:
+        """What the first GET asks for. A reader's object starts with a small range when its size is
+        unknown (its Content-Range tells the size, and the rest is spread over the free connections),
+        else with its share of the layout; prefetch asks for ``prefetch_part_size`` unless its size is
+        known."""
+        if entry.size:
+            return self._part_length(entry.size, foreground, holding=False)
+        return min(FLOOR, self.part_size) if foreground else self.prefetch_part_size
+
+    def _part_length(self, nbytes: int, foreground: bool, holding: bool = True) -> int:
+        """Parts to spread ``nbytes`` over the connections this fetch may use: a reader's object over the
+        free ones and half of prefetch's (``Link.foreground_share``); a prefetch over its share
+        (connections / objects in flight), never in parts below ``part_size``."""
+        if foreground:
+            share = self.link.foreground_share(holding)
+            return part_length(nbytes, share, min(FLOOR, self.part_size), self.part_size)
+        with self._fg_lock:
+            objects = max(1, len(self._inflight))
+        share = max(1, self.link.capacity // objects)
+        low = min(self.part_size, self.prefetch_part_size)
+        return part_length(nbytes, share, low, self.prefetch_part_size)
+
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
+        asked: Span | None = first_span(self._first_length(entry, prio.foreground))
+        slot = Slot(self.link, prio.foreground)
+        try:
+            try:
+                resp = self.api.get(entry, asked, None)
+            except botocore.exceptions.ClientError as e:
+                if error_code(e)[1] != 416:
+                    raise
+                asked = None
+                resp = self.api.get(entry, None, None)  # an empty object has no byte 0 to range over
+        except BaseException:
+            slot.release()
+            raise
+        try:
+            return self._fetch_first(entry, admit, prio, seen, resp, asked, slot)
+        finally:
+            slot.release()
+
+    def _fetch_first(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict, resp: dict,
+                     asked: Span | None, slot: Slot) -> Fetched:
+        uri = entry.uri
+        body = resp["Body"]
+        etag = resp.get("ETag", "").strip('"')
+        version = resp.get("VersionId") or entry.version or ""
+        try:
+            # A 200 is the whole object (a server that ignores Range); a 206 must be the range asked for.
+            total, whole = first_answer(resp, asked)
+            if entry.size is not None and total != entry.size:
+                if not entry.size_is_hint:
+                    raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+                # A size from a listing is a hint: the object was rewritten since. S3's size is the truth
+                # (admit below reserves for it), and the checks that follow are S3's own.
+                log.info("%s is %d bytes in S3, %d when it was listed: fetching S3's", uri, total, entry.size)
+            if not admit(total):
+                raise NeedSpace(total)
+            checks = self.verifier.settle(entry, resp, etag, whole, total) if whole else None
+        except BaseException:
+            body.close()
+            raise
+        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
+        ok = False
+        try:
+            if total:
+                try:
+                    os.posix_fallocate(fd, 0, total)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise DiskFull(f"no space left for {uri} ({total} bytes)", total) from None
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+            if checks is not None:
+                digest = Digest(checks.expect, checks.also)
+                self._stream(body, fd, 0, total, digest, prio)
+                slot.release()
+            else:
+                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot)
+            # Writes never leave their ranges; the file's length is the object's all the same.
+            os.ftruncate(fd, total)
+            if os.fstat(fd).st_size != total:
+                raise BadResponse(f"{uri}: the temp file is {os.fstat(fd).st_size} bytes, not {total}")
+            method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
+            os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
+            ok = True
+            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
+                           tuple(e.method for e in checks.also))
+        finally:
+            os.close(fd)
+            if not ok:
+                self._discard(tmp)
+
+    def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
+                    asked: Span, slot: Slot) -> tuple[Checks, Digest]:
+        """Write part 0 from the open first answer and the other parts in parallel, each pinned by
+        If-Match and each answer checked to be exactly its range; return the checks and the whole
+        object's digest.
+
+        A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
+        multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
+        that round trip was most of the time to a waiting reader's first file. Parts start writing
+        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest); a hash
+        that needs the bytes in order (MD5, SHA) is fed by the part at the frontier as it streams, and
+        reads back only what landed out of order (InOrderDigest), not the whole file.
+        """
+        uri = entry.uri
+        first_body = first["Body"]
+        pin = None if entry.version else etag
+        settled = threading.Event()
+        final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
+
+        def stream(body, span: Span) -> None:
+            settled.wait()
+            split = final[1]
+            if isinstance(split, InOrderDigest):
+                attempt = split.attempt(span.start)
+                try:
+                    self._stream(body, fd, span.start, span.length, attempt, prio)
+                except BaseException:
+                    split.failed(attempt)
+                    raise
+                split.finished(attempt)
+                return
+            d = split.part() if split is not None else None
+            self._stream(body, fd, span.start, span.length, d, prio)
+            if split is not None:
+                split.done(span.start, d)
+
+        def get(span: Span):
+            resp = self.api.get(entry, span, pin)
+            try:
+                check_ranged(resp, span, total)
+            except BadResponse:
+                resp["Body"].close()
+                raise
+            return resp["Body"]
+
+        def once(span: Span) -> None:
+            part_slot = Slot(self.link, prio.foreground)
+            try:
+                stream(get(span), span)
+            finally:
+                part_slot.release()
+
+        def part(span: Span) -> None:
+            self.policy.run(uri, lambda: once(span))
+
+        layout = spans(total, self._part_length(total - asked.length, prio.foreground), asked.length)
+        pool = self._fg_parts if prio.foreground else self._parts
+        futures = [pool.submit(part, s) for s in layout[1:]]
+        try:
+            try:
+                final[0] = self.verifier.settle(entry, first, etag, False, total)
+                if SplitDigest.splittable(final[0].expect, final[0].also):
+                    final[1] = SplitDigest(final[0].expect, final[0].also)
+                else:
+                    final[1] = InOrderDigest(Digest(final[0].expect, final[0].also), fd)
+            except BaseException:
+                first_body.close()
+                raise
+            finally:
+                settled.set()  # on failure too: the parts must not wait for ever
+            try:
+                stream(first_body, layout[0])
+            except Exception as e:
+                verdict = classify(e, uri)
+                if not isinstance(verdict, Retry):
+                    raise
+                slot.release()
+                part(layout[0])  # retry only the first part, the others are already under way
+            slot.release()
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    try:
+                        f.exception()
+                    except Exception:
+                        pass
+        if isinstance(final[1], InOrderDigest):
+            self.counters.add(readback=final[1].readback)
+            return final[0], final[1].result(total)
+        return final[0], final[1].joined()
+

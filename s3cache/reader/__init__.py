@@ -1,0 +1,7 @@
+"""What a training process loads: ``resolve()``, the readers' client of the daemon's two sockets, the
+wire format they share with the daemon, and the cache's lease lock.
+
+Invariants: nothing here imports boto3, botocore, click or TensorFlow (readers start fast and never pay
+for the daemon's dependencies); a path returned is one the daemon published after verifying it, inside
+the cache dir; every blocking call is bounded by the caller's deadline.
+"""
