@@ -3,6 +3,7 @@ nothing that is gone."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def _rows(text: str) -> dict[str, set[str]]:
     return rows
 
 
+def _has_code(path: Path) -> bool:
+    """A package's ``__init__`` is a module of its own in the table only when it holds more than a docstring."""
+    body = ast.parse(path.read_text()).body
+    return len(body) > 1 or (len(body) == 1 and not isinstance(getattr(body[0], "value", None), ast.Constant))
+
+
 def _modules() -> dict[str, set[str]]:
     """Package -> its modules, as the table names them (stems; the top level is "s3cache")."""
     pkg = ROOT / "s3cache"
@@ -33,7 +40,7 @@ def _modules() -> dict[str, set[str]]:
             continue
         rel = p.relative_to(pkg)
         package = rel.parts[0] if len(rel.parts) > 1 else "s3cache"
-        if p.name != "__init__.py" or package == "s3cache":
+        if p.name != "__init__.py" or package == "s3cache" or _has_code(p):
             found.setdefault(package, set()).add(p.stem)
         else:
             found.setdefault(package, set())
