@@ -5,6 +5,7 @@ TensorFlow, so readers start fast and the daemon never loads TensorFlow.
 """
 
 from .errors import (
+    CacheAccessDenied,
     CacheDirError,
     CacheFull,
     CacheLocked,
@@ -15,6 +16,7 @@ from .errors import (
     ManifestError,
     ObjectChanged,
     OutOfScope,
+    PermissionDenied,
     ProtocolError,
     ResolveTimeout,
     S3CacheError,
@@ -27,6 +29,7 @@ __all__ = [
     "resolve",
     "iter_resolve",
     "S3CacheError",
+    "CacheAccessDenied",
     "CacheDirError",
     "CacheFull",
     "CacheLocked",
@@ -37,6 +40,7 @@ __all__ = [
     "ManifestError",
     "ObjectChanged",
     "OutOfScope",
+    "PermissionDenied",
     "ProtocolError",
     "ResolveTimeout",
     "UnsafeKey",

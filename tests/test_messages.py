@@ -3,7 +3,15 @@ not repeat it ("failed s3://x: ChecksumMismatch: s3://x: ..." said it twice)."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 from conftest import write_manifest
@@ -39,3 +47,64 @@ def test_a_digest_given_in_base64_is_named_in_base64_too(tmp_path, s3, bucket, d
     st = d.wait_until(lambda st: st["objects"]["failed"] == 1, what="the wrong md5 to fail")
     msg = st["failures"][0]["message"]
     assert f"(base64 {wrong})" in msg and hashlib.md5(b"other bytes").hexdigest() in msg, msg
+
+
+@pytest.fixture
+def shared_cache():
+    """A cache dir another local user could reach if in its group: under a sticky world-writable dir
+    (pytest's tmp_path is 0700), owned by root and a group made for the test."""
+    top = Path(tempfile.mkdtemp(prefix="s3ct-shared-", dir="/tmp"))
+    os.chmod(top, 0o1777)
+    group = "s3ctg" + uuid.uuid4().hex[:6]
+    made = subprocess.run(["groupadd", group], capture_output=True).returncode == 0
+    cache = top / "cache"
+    cache.mkdir(mode=0o750)
+    if made:
+        os.chown(cache, 0, grp.getgrnam(group).gr_gid)
+    yield cache, group
+    shutil.rmtree(top, ignore_errors=True)
+    if made:
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+def test_a_reader_outside_the_caches_group_gets_a_typed_error_with_the_fix(
+        local_user, shared_cache, s3, bucket, daemons):
+    """A user not in the cache dir's group met a bare PermissionError on .s3cache/lease.lock; now it is
+    an S3CacheError (CacheAccessDenied) naming the path, the group and how to join it, from the library
+    and from the CLI alike (exit 1, one line)."""
+    cache, group = shared_cache
+    outsider = local_user()
+    s3.put_object(Bucket=bucket, Key="k", Body=b"x")
+    d = daemons(cache)
+    uri = f"s3://{bucket}/k"
+    script = ("import s3cache\n"
+              "try:\n"
+              f"    s3cache.resolve({uri!r}, cache_dir={str(cache)!r}, timeout=30)\n"
+              "except s3cache.S3CacheError as e:\n"
+              "    print(type(e).__name__, isinstance(e, s3cache.PermissionDenied), e)\n")
+    r = outsider.run([sys.executable, "-c", script], timeout=120)
+    assert r.returncode == 0 and not r.stderr, r.stderr  # no traceback: the error was an S3CacheError
+    assert r.stdout.startswith("CacheAccessDenied True permission denied on "), r.stdout
+    assert f"{cache}/.s3cache/lease.lock" in r.stdout and f"its group '{group}'" in r.stdout, r.stdout
+    assert f"usermod -aG {group} USER" in r.stdout, r.stdout
+    r = outsider.run([sys.executable, "-m", "s3cache", "resolve", "--cache-dir", str(cache), uri], timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "join the daemon's group" in r.stderr, r.stderr
+    assert d.status()["objects"]["failed"] == 0
+
+
+def test_the_control_sockets_permission_error_is_the_same_typed_error(local_user, shared_cache, daemons):
+    """The socket hint in reader/client.py, reached: a user who can see .s3cache but not open ctl.sock."""
+    cache, group = shared_cache
+    outsider = local_user()
+    d = daemons(cache)
+    sock = d.cache_dir / ".s3cache" / "ctl.sock"
+    script = ("from s3cache.reader.client import Client\n"
+              "from s3cache.errors import CacheAccessDenied\n"
+              "try:\n"
+              f"    Client({str(sock)!r}, {str(cache)!r})\n"
+              "except CacheAccessDenied as e:\n"
+              "    print(e)\n")
+    r = outsider.run([sys.executable, "-c", script], timeout=120)
+    # the outsider cannot even traverse the 0750 cache dir: connect() fails with EACCES
+    assert r.returncode == 0 and f"permission denied on {sock}" in r.stdout, (r.stdout, r.stderr)
