@@ -150,6 +150,22 @@ def test_unpin_says_what_happened_end_to_end(tmp_path, s3, bucket, daemons):
     assert "1 pinned in all" in r.stdout
 
 
+def test_pin_of_an_object_that_does_not_exist_fails_naming_it_and_pins_nothing(tmp_path, s3, bucket, daemons):
+    """`s3cache pin` of a missing key used to print "pinned" and exit 0, the failure showing only later
+    in status. Now the daemon asks S3 first (one HEAD): the missing key is named and not pinned, the
+    others in the same command are, and the exit code says not everything was done."""
+    s3.put_object(Bucket=bucket, Key="here", Body=b"x" * 10)
+    d = daemons()
+    r = CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), f"s3://{bucket}/here",
+                                  f"s3://{bucket}/no such key"])
+    assert r.exit_code == 1, r.output
+    assert f"pinned          s3://{bucket}/here" in r.stdout and "1 pinned in all" in r.stdout
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"s3cache: error: s3://{bucket}/no%20such%20key: not pinned: S3 says NoSuchKey"), line
+    st = d.wait_until(lambda st: st["objects"]["ready"] == 1, what="the pinned object to land")
+    assert st["pinned"]["objects"] == 1 and st["objects"]["failed"] == 0 and st["failures"] == []
+
+
 def test_console_script_runs_for_real(tmp_path, s3, bucket, daemons):
     exe = shutil.which("s3cache", path=os.path.dirname(sys.executable)) or shutil.which("s3cache")
     assert exe, "the s3cache console script is not installed"

@@ -94,7 +94,8 @@ def _resolve_each(uris: list[str], cache_dir: Path, timeout: float | None) -> li
 # counted once>, "results": [{"uri": "s3://...", "outcome": "<one of the keys below>"}, ...]}.
 PIN_OUTCOMES: dict[str, dict[str, tuple[str, bool]]] = {
     "pin": {"pinned": ("pinned", True), "already_pinned": ("already pinned", True),
-            "manifest": ("already pinned by the manifest", True)},
+            "manifest": ("already pinned by the manifest", True),
+            "refused": ("not pinned", False)},
     "unpin": {"unpinned": ("unpinned", True), "not_pinned": ("not pinned", True),
               "manifest": ("pinned by the manifest: edit the manifest to unpin it", False)},
 }
@@ -110,6 +111,8 @@ def pin_report(op: str, uris: list[str], reply: dict) -> tuple[list[str], list[s
         return out, err, 0
     for r in results:
         text, as_asked = PIN_OUTCOMES[op].get(r["outcome"], (f"unexpected reply {r['outcome']!r}", False))
+        if r.get("code"):  # what S3 said about an object it refused
+            text += f": S3 says {r['code']}" + (f" ({r['reason']})" if r.get("reason") else "")
         uri = shown_uri(r["uri"])
         if as_asked:
             out.append(f"{text:<15} {uri}")
