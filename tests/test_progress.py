@@ -114,7 +114,8 @@ def test_status_watch_redraws_until_interrupted(tmp_path, s3, bucket, daemons):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_for(lambda: sum("1 of 1 ready" in line for line in lines) >= 2, 60, "two frames")
+        wait_for(lambda: sum(line.startswith("objects ") and "1 ready" in line for line in lines) >= 2, 60,
+                 "two frames")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -122,6 +123,10 @@ def test_status_watch_redraws_until_interrupted(tmp_path, s3, bucket, daemons):
     assert proc.returncode == 0, proc.stderr.read()
     out = "".join(lines)
     assert "\x1b[" not in out  # a pipe gets no cursor movement or colour
+    # plain lines: no bar characters, and a long line stays one line (rich wrapped them at 80 columns)
+    assert not set(out) & set("━╸╺─"), out
+    assert any(line.startswith("cache dir   ") and str(d.cache_dir) in line for line in lines)
+    assert max(len(line) for line in lines) > 80 and all(line.rstrip("\n") == line.rstrip("\n").rstrip() for line in lines)
     # exact, not estimated: status's manifest_bytes counts the size learned from S3
     assert "3 B of 3 B (100.0%)" in out
 

@@ -193,6 +193,7 @@ def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Sc
         "leases": spc["leases"],
         "waiting_for_space": spc["waiting_for_space"],
         "pinned": spc["pinned"],
+        "quarantine": space.quarantine_status(),
         "readers": rdr["readers"],
         "jobs": jobs_status(schedule, space, readers),
         "epochs": rdr["epochs"],
