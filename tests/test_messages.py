@@ -108,3 +108,57 @@ def test_the_control_sockets_permission_error_is_the_same_typed_error(local_user
     r = outsider.run([sys.executable, "-c", script], timeout=120)
     # the outsider cannot even traverse the 0750 cache dir: connect() fails with EACCES
     assert r.returncode == 0 and f"permission denied on {sock}" in r.stdout, (r.stdout, r.stderr)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # help text as read, whatever column click wrapped it at
+
+
+def test_help_says_what_readahead_and_lease_really_do():
+    """--readahead said "0: 1/8 of max-size" (the window is at most 1/16 of the files the cache holds,
+    policy/evict.py); --lease said a resolved file is protected that long (only a reader's two newest
+    files are, and older ones within a budget)."""
+    from click.testing import CliRunner
+
+    from s3cache.cli import main
+    from s3cache.policy.evict import READAHEAD_SHARE
+    from s3cache.policy.leases import LEASE_SHARE
+
+    out = _flat(CliRunner().invoke(main, ["serve", "--help"]).output)
+    assert "1/8" not in out
+    assert f"at most 1/{READAHEAD_SHARE} of the files the cache holds; 0: that most" in out, out
+    assert f"its two newest resolved files are kept that long" in out and f"1/{LEASE_SHARE} of max-size" in out
+
+
+def test_an_unreachable_endpoint_is_named(monkeypatch):
+    """`s3cache manifest` against an endpoint nobody listens on said "cannot reach the S3 endpoint"
+    without saying which one."""
+    from click.testing import CliRunner
+
+    from s3cache.cli import main
+    from s3cache.testing import FAKE_CREDENTIALS, free_port
+
+    for k, v in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    url = f"http://127.0.0.1:{free_port()}"
+    r = CliRunner().invoke(main, ["manifest", "s3://some-bucket/p/", "--endpoint-url", url])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    (line,) = r.stderr.splitlines()
+    assert "EndpointUnreachable" in line and f"cannot reach the S3 endpoint {url}/some-bucket" in line, line
+
+
+def test_an_error_names_an_odd_uri_once(tmp_path, s3, bucket, daemons):
+    """`s3cache resolve 's3://b/odd/with space#hash.txt'` printed the URI as given and again as the
+    daemon spells it ("...with space#hash.txt: s3://.../with%20space%23hash.txt: OutOfScope ...")."""
+    from click.testing import CliRunner
+
+    from s3cache.cli import main
+
+    d = daemons(args=["--allow", f"s3://{bucket}/in/"])
+    r = CliRunner().invoke(main, ["resolve", "--cache-dir", str(d.cache_dir), "--timeout", "60",
+                                  f"s3://{bucket}/odd/with space#hash.txt"])
+    assert r.exit_code == 1, r.output
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"s3cache: error: s3://{bucket}/odd/with%20space%23hash.txt: OutOfScope"), line
+    assert line.count("hash") == 1, line

@@ -32,7 +32,9 @@ def resolve_cmd(cache_dir: Path, timeout: float | None, uris: tuple[str, ...]) -
     for uri, got in outcomes:
         if isinstance(got, S3CacheError):
             text = str(got)
-            click.echo(f"s3cache: error: {text if uri in text else f'{uri}: {text}'}", err=True)
+            # an error about one object names it already (as the daemon spells it: percent-encoded)
+            named = uri in text or getattr(got, "uri", None) is not None
+            click.echo(f"s3cache: error: {text if named else f'{uri}: {text}'}", err=True)
             codes.append(exit_code(got))
         else:
             click.echo(got)
