@@ -141,3 +141,16 @@ def test_the_quickstart_test_command_is_the_one_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     command = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
     assert command in README.read_text() and command in ci
+
+
+def test_every_test_the_docs_cite_exists():
+    """The docs name tests as evidence (`tests/test_x.py::test_y`, `::test_z` after one): each must exist."""
+    defined = {m.group(1) for p in (ROOT / "tests").glob("test_*.py")
+               for m in re.finditer(r"^(?:async )?def (test_\w+)", p.read_text(), flags=re.M)}
+    files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    for page in PAGES:
+        text = page.read_text()
+        for name in re.findall(r"\b(test_\w+\.py)\b", text):
+            assert name in files, f"{page.name} cites {name}, which does not exist"
+        for name in re.findall(r"::\s*(test_\w+)", text):
+            assert name in defined, f"{page.name} cites {name}, which is no test"
