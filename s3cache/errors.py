@@ -184,7 +184,8 @@ class CacheAccessDenied(PermissionDenied):
         self.cache_dir = cache_dir
         self.group = _group_of(cache_dir)
         super().__init__(
-            f"permission denied on {path}: readers of {cache_dir} must be in its group{self.group and f' {self.group!r}'} "
+            f"permission denied on {path}: readers of {cache_dir} must be in its group"
+            f"{self.group and f' {self.group!r}'} "
             f"(join the daemon's group: `usermod -aG {self.group or 'GROUP'} USER`, then log in again; in a "
             f"container, add the group's id to supplementalGroups)")
 

@@ -187,7 +187,8 @@ def test_text_status_shows_the_shard_off_share_reads_pins_and_leases(tmp_path, s
     assert uris[1] in lines["shard"]
     assert lines["pinned"].startswith("pinned      1 object(s), 1 file cached (1000 B of the 32.0 MiB pin quota)"), \
         lines["pinned"]
-    assert lines["leases"].startswith("leases      2 files (2.0 KiB) held for 1 reader(s); budget 2.0 MiB"), lines["leases"]
+    assert lines["leases"].startswith("leases      2 files (2.0 KiB) held for 1 reader(s); budget 2.0 MiB"), \
+        lines["leases"]
 
 
 def test_console_script_runs_for_real(tmp_path, s3, bucket, daemons):

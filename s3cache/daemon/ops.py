@@ -6,9 +6,9 @@ Runs on the control server's handler threads (control.py), never its I/O thread.
 
 Invariants: only the daemon's own user or root may pin or unpin (SO_PEERCRED of the connection; an
 unknown peer is refused), and a refused or malformed pin changes nothing; an object S3 refuses (no
-such key, say: asked with one HEAD unless it is cached) is not pinned and its result says why; an unknown op gets an error
-reply, never an exception; the parts' state is touched only under the state lock, inside the parts or
-here around a pin.
+such key, say: asked with one HEAD unless it is cached) is not pinned and its result says why; an
+unknown op gets an error reply, never an exception; the parts' state is touched only under the state
+lock, inside the parts or here around a pin.
 """
 
 from __future__ import annotations

@@ -223,7 +223,8 @@ def plain_lines(st: dict) -> list[str]:
         out.append(f"quarantine  {_files(q['files'])} ({human_size(q['bytes'])}, counted against the maximum; "
                    f"the oldest go beyond {human_size(q['budget'])}) in {st['cache_dir']}/.s3cache/quarantine")
     for e in st.get("epochs", []):
-        out.append(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, {e['misses']} misses)")
+        out.append(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, "
+                   f"{e['misses']} misses)")
     for name, _, line in jobs(st):
         out.append(f"job {name:<7} {line}")
     out.append(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
