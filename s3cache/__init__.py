@@ -5,6 +5,7 @@ TensorFlow, so readers start fast and the daemon never loads TensorFlow.
 """
 
 from .errors import (
+    CacheAccessDenied,
     CacheDirError,
     CacheFull,
     CacheLocked,
@@ -15,18 +16,36 @@ from .errors import (
     ManifestError,
     ObjectChanged,
     OutOfScope,
+    PermissionDenied,
     ProtocolError,
     ResolveTimeout,
     S3CacheError,
     UnsafeKey,
 )
 from .reader.resolve import iter_resolve, resolve
+from .reader.workers import worker_share
 from .version import __version__
+
+
+def manifest_uris(path, *, endpoint_url: str | None = None, region: str | None = None) -> list[str]:
+    """The manifest's URIs in order, ``prefix/`` lines expanded by listing them, exactly as the daemon
+    expands the manifest: the file list every worker must build for ``--shard`` (see
+    ``s3cache.fetch.uris``). Raises ManifestError (file and line) or FetchFailed (a prefix not listed)."""
+    # Loaded on call: listing a prefix needs boto3, which `import s3cache` must never load (readers start
+    # fast); a static import would put boto3 behind this package for the import-linter contract too.
+    import importlib
+
+    uris = importlib.import_module("s3cache.fetch.uris")
+    return uris.manifest_uris(path, endpoint_url=endpoint_url, region=region)
+
 
 __all__ = [
     "resolve",
     "iter_resolve",
+    "manifest_uris",
+    "worker_share",
     "S3CacheError",
+    "CacheAccessDenied",
     "CacheDirError",
     "CacheFull",
     "CacheLocked",
@@ -37,6 +56,7 @@ __all__ = [
     "ManifestError",
     "ObjectChanged",
     "OutOfScope",
+    "PermissionDenied",
     "ProtocolError",
     "ResolveTimeout",
     "UnsafeKey",

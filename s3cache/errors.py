@@ -174,5 +174,36 @@ class PermissionDenied(S3CacheError):
     """The client may not do this (e.g. pins need the daemon's user or root); the message names the rule."""
 
 
+class CacheAccessDenied(PermissionDenied):
+    """This process may not use the cache dir: a path readers need (the lease lock, the control socket,
+    the cached files) is the cache dir's group's, and this user is not in that group. The message names
+    the path, the group and the fix."""
+
+    def __init__(self, path: str, cache_dir: str) -> None:
+        self.path = path
+        self.cache_dir = cache_dir
+        self.group = _group_of(cache_dir)
+        super().__init__(
+            f"permission denied on {path}: readers of {cache_dir} must be in its group"
+            f"{self.group and f' {self.group!r}'} "
+            f"(join the daemon's group: `usermod -aG {self.group or 'GROUP'} USER`, then log in again; in a "
+            f"container, add the group's id to supplementalGroups)")
+
+
+def _group_of(cache_dir: str) -> str:
+    """The name (else the number) of the cache dir's group; '' when the cache dir cannot be seen."""
+    import grp
+    import os
+
+    try:
+        gid = os.stat(cache_dir).st_gid
+    except OSError:
+        return ""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 class PinQuotaExceeded(S3CacheError):
     """Pinning these objects would make pinned bytes exceed ``pin_quota`` of ``--max-size``."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from conftest import write_manifest
 
+from s3cache import resolve
 from s3cache.cli import EXIT_CODES, exit_code, main, pin_report
 from s3cache.errors import (
     ConfigError,
@@ -148,6 +149,46 @@ def test_unpin_says_what_happened_end_to_end(tmp_path, s3, bucket, daemons):
     assert f"unpinned        s3://{bucket}/c" in r.stdout and f"not pinned      s3://{bucket}/never" in r.stdout
     assert f"s3://{bucket}/m: pinned by the manifest: edit the manifest" in r.stderr
     assert "1 pinned in all" in r.stdout
+
+
+def test_pin_of_an_object_that_does_not_exist_fails_naming_it_and_pins_nothing(tmp_path, s3, bucket, daemons):
+    """`s3cache pin` of a missing key used to print "pinned" and exit 0, the failure showing only later
+    in status. Now the daemon asks S3 first (one HEAD): the missing key is named and not pinned, the
+    others in the same command are, and the exit code says not everything was done."""
+    s3.put_object(Bucket=bucket, Key="here", Body=b"x" * 10)
+    d = daemons()
+    r = CliRunner().invoke(main, ["pin", "--cache-dir", str(d.cache_dir), f"s3://{bucket}/here",
+                                  f"s3://{bucket}/no such key"])
+    assert r.exit_code == 1, r.output
+    assert f"pinned          s3://{bucket}/here" in r.stdout and "1 pinned in all" in r.stdout
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"s3cache: error: s3://{bucket}/no%20such%20key: not pinned: S3 says NoSuchKey"), line
+    st = d.wait_until(lambda st: st["objects"]["ready"] == 1, what="the pinned object to land")
+    assert st["pinned"]["objects"] == 1 and st["objects"]["failed"] == 0 and st["failures"] == []
+
+
+def test_text_status_shows_the_shard_off_share_reads_pins_and_leases(tmp_path, s3, bucket, daemons):
+    """What was only in --json: this host's share and reads from other shares, pinned files, leases."""
+    uris = [f"s3://{bucket}/k{i}" for i in range(4)]
+    for u in uris:
+        s3.put_object(Bucket=bucket, Key=u.rsplit("/", 1)[1], Body=b"x" * 1000)
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris), args=["--shard", "0/2", "--max-size", "64M"])
+    d.wait_until(lambda st: st["objects"]["ready"] == 2)  # k0 and k2: this host's share
+    runner = CliRunner()
+    args = ["--cache-dir", str(d.cache_dir)]
+    assert runner.invoke(main, ["pin", *args, uris[0]]).exit_code == 0
+    resolve([uris[1], uris[0]], cache_dir=d.cache_dir, timeout=120)  # k1 is the other host's
+    d.wait_until(lambda st: st["leases"]["files"] == 2 and st["off_share"]["count"] == 1)
+    r = runner.invoke(main, ["status", *args])
+    assert r.exit_code == 0, r.output
+    lines = {line.split(None, 1)[0]: line for line in r.stdout.splitlines()}
+    assert lines["shard"].startswith("shard       0/2: 2 of the manifest's 4 entries; 1 read(s) from other "
+                                     "hosts' shares"), lines["shard"]
+    assert uris[1] in lines["shard"]
+    assert lines["pinned"].startswith("pinned      1 object(s), 1 file cached (1000 B of the 32.0 MiB pin quota)"), \
+        lines["pinned"]
+    assert lines["leases"].startswith("leases      2 files (2.0 KiB) held for 1 reader(s); budget 2.0 MiB"), \
+        lines["leases"]
 
 
 def test_console_script_runs_for_real(tmp_path, s3, bucket, daemons):

@@ -56,7 +56,7 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     assert volumes[mounts[manifest_dir]["name"]]["configMap"]["name"] == docs("configmap.yaml")["ConfigMap"]["metadata"]["name"]
     assert all(key.endswith(".txt") for key in docs("configmap.yaml")["ConfigMap"]["data"])  # each key a job
     # probes run a real status command against the same cache dir
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         pctx = parse_command(c[probe]["exec"]["command"])
         assert pctx.info_name == "status" and pctx.params["as_json"] and pctx.params["cache_dir"] == p["cache_dir"]
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
@@ -67,6 +67,38 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     # metrics: a port for the scraper, matching --metrics-addr (non-loopback is explicitly allowed)
     port = int(p["metrics_addr"].rpartition(":")[2])
     assert {pt["containerPort"] for pt in c["ports"]} == {port} and p["metrics_allow_remote"]
+
+
+def test_every_namespace_used_is_shipped_and_admits_hostpath_volumes():
+    """``kubectl apply -f deploy/kubernetes`` works as shipped: each object's namespace is a Namespace
+    applied with it, and a namespace holding a pod with a hostPath volume enforces the one Pod Security
+    level that admits hostPath (baseline and restricted forbid it)."""
+    objects = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    shipped = {d["metadata"]["name"]: d for d in objects if d["kind"] == "Namespace"}
+    used = {d["metadata"]["namespace"] for d in objects if d["kind"] != "Namespace"}
+    assert used and used <= shipped.keys(), f"namespaces used but not shipped: {used - shipped.keys()}"
+    # kubectl apply -f DIR takes the files in name order: the Namespace must come before its objects
+    first = sorted(K8S.glob("*.yaml"))[0]
+    assert {d["kind"] for d in yaml.safe_load_all(first.read_text()) if d} == {"Namespace"}, first.name
+    for d in objects:
+        pod = d["spec"]["template"]["spec"] if d["kind"] == "DaemonSet" else d["spec"] if d["kind"] == "Pod" else None
+        if pod and any("hostPath" in v for v in pod.get("volumes", [])):
+            labels = shipped[d["metadata"]["namespace"]]["metadata"]["labels"]
+            assert labels["pod-security.kubernetes.io/enforce"] == "privileged", d["metadata"]["name"]
+
+
+def test_the_docs_say_why_the_namespace_is_privileged_and_never_to_pip_install_the_name():
+    operating = (ROOT / "docs" / "operating.md").read_text()
+    assert "pod-security.kubernetes.io/enforce" in operating and "hostPath" in operating
+    for f in K8S.glob("*.yaml"):
+        assert "pip install s3cache" not in f.read_text(), f  # that name on PyPI is another project
+
+
+def test_the_startup_probe_gives_a_slow_start_its_time():
+    (c,) = [c for c in docs("daemonset.yaml")["DaemonSet"]["spec"]["template"]["spec"]["containers"]]
+    start = c["startupProbe"]
+    assert start["periodSeconds"] * start["failureThreshold"] >= 120  # a cold million-entry start fits
+    assert "initialDelaySeconds" not in c["livenessProbe"]  # the startup probe gates liveness instead
 
 
 def test_configmap_manifests_parse():

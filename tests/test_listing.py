@@ -125,7 +125,7 @@ def test_unreachable_endpoint_is_one_line():
     r = CliRunner().invoke(main, ["manifest", "s3://some-bucket/p/", "--endpoint-url", "http://127.0.0.1:9"])
     assert r.exit_code != 0 and r.stdout == ""
     assert r.stderr.strip() == ("s3cache: error: s3://some-bucket/p/: EndpointUnreachable: cannot reach the "
-                                "S3 endpoint (EndpointConnectionError)")
+                                "S3 endpoint http://127.0.0.1:9/some-bucket (EndpointConnectionError)")
 
 
 @pytest.mark.parametrize("uri,ok", [("s3://bkt/p/", ("bkt", "p/")), ("s3://bkt", ("bkt", "")),

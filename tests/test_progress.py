@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def undocumented(st: dict) -> set[str]:
-    """Fields of a status dict that the README's `status --json` table does not name."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### `status --json`"):]
-    table = table[: table.index("\n### ", 5)]
+    """Fields of a status dict that the `status --json` table (docs/operating.md) does not name."""
+    doc = (ROOT / "docs" / "operating.md").read_text()
+    table = doc[doc.index("## `status --json`"):]
+    table = table[: table.index("\n## ", 5)]
     names = set()
     for key, value in st.items():
         if isinstance(value, dict) and key in ("objects", "bytes", "pinned"):
@@ -56,7 +56,7 @@ def test_progress_of_a_real_daemon(tmp_path, s3, bucket, daemons):
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", [*uris, f"s3://{bucket}/gone"]),
                 args=["--max-size", "1M"])
     st = d.wait_until(lambda st: st["objects"]["ready"] == 3 and st["objects"]["failed"] == 1)
-    assert not undocumented(st), "document these status --json fields in the README"
+    assert not undocumented(st), "document these status --json fields in docs/operating.md"
     out = text_of(st)
     assert "3 of 4 ready, 0 fetching, 0 queued, 1 failed" in out
     assert "6.0 KiB of 1.0 MiB (0.6%)" in out  # cache fill against the maximum
@@ -114,7 +114,8 @@ def test_status_watch_redraws_until_interrupted(tmp_path, s3, bucket, daemons):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_for(lambda: sum("1 of 1 ready" in line for line in lines) >= 2, 60, "two frames")
+        wait_for(lambda: sum(line.startswith("objects ") and "1 ready" in line for line in lines) >= 2, 60,
+                 "two frames")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -122,6 +123,10 @@ def test_status_watch_redraws_until_interrupted(tmp_path, s3, bucket, daemons):
     assert proc.returncode == 0, proc.stderr.read()
     out = "".join(lines)
     assert "\x1b[" not in out  # a pipe gets no cursor movement or colour
+    # plain lines: no bar characters, and a long line stays one line (rich wrapped them at 80 columns)
+    assert not set(out) & set("━╸╺─"), out
+    assert any(line.startswith("cache dir   ") and str(d.cache_dir) in line for line in lines)
+    assert max(len(line) for line in lines) > 80 and all(line.rstrip("\n") == line.rstrip("\n").rstrip() for line in lines)
     # exact, not estimated: status's manifest_bytes counts the size learned from S3
     assert "3 B of 3 B (100.0%)" in out
 

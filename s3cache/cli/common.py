@@ -42,7 +42,8 @@ def run(fn, *args, **kwargs):
 
 
 cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="S3CACHE_DIR",
+    # readable=False: a dir this user may not read gets our error, which names the group to join
+    "--cache-dir", type=click.Path(file_okay=False, readable=False, path_type=Path), envvar="S3CACHE_DIR",
     default=default_cache_dir, show_default="$S3CACHE_DIR or /var/cache/s3cache",
     help="The cache directory.")
 

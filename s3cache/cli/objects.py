@@ -32,7 +32,9 @@ def resolve_cmd(cache_dir: Path, timeout: float | None, uris: tuple[str, ...]) -
     for uri, got in outcomes:
         if isinstance(got, S3CacheError):
             text = str(got)
-            click.echo(f"s3cache: error: {text if uri in text else f'{uri}: {text}'}", err=True)
+            # an error about one object names it already (as the daemon spells it: percent-encoded)
+            named = uri in text or getattr(got, "uri", None) is not None
+            click.echo(f"s3cache: error: {text if named else f'{uri}: {text}'}", err=True)
             codes.append(exit_code(got))
         else:
             click.echo(got)
@@ -94,7 +96,8 @@ def _resolve_each(uris: list[str], cache_dir: Path, timeout: float | None) -> li
 # counted once>, "results": [{"uri": "s3://...", "outcome": "<one of the keys below>"}, ...]}.
 PIN_OUTCOMES: dict[str, dict[str, tuple[str, bool]]] = {
     "pin": {"pinned": ("pinned", True), "already_pinned": ("already pinned", True),
-            "manifest": ("already pinned by the manifest", True)},
+            "manifest": ("already pinned by the manifest", True),
+            "refused": ("not pinned", False)},
     "unpin": {"unpinned": ("unpinned", True), "not_pinned": ("not pinned", True),
               "manifest": ("pinned by the manifest: edit the manifest to unpin it", False)},
 }
@@ -110,6 +113,8 @@ def pin_report(op: str, uris: list[str], reply: dict) -> tuple[list[str], list[s
         return out, err, 0
     for r in results:
         text, as_asked = PIN_OUTCOMES[op].get(r["outcome"], (f"unexpected reply {r['outcome']!r}", False))
+        if r.get("code"):  # what S3 said about an object it refused
+            text += f": S3 says {r['code']}" + (f" ({r['reason']})" if r.get("reason") else "")
         uri = shown_uri(r["uri"])
         if as_asked:
             out.append(f"{text:<15} {uri}")

@@ -1,6 +1,6 @@
 """``s3cache status``: what the daemon is doing, once (text or JSON) or redrawn live with ``--watch``.
 
-Reads only the daemon's ``status`` reply (fields in the README); never the cache dir itself.
+Reads only the daemon's ``status`` reply (fields in docs/operating.md); never the cache dir itself.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from pathlib import Path
 
 import click
 
-from s3cache.manifest.refs import printable, shown
-from s3cache.service.config import human_size
-from s3cache.service.progress import jobs
+from s3cache.service.progress import plain_lines
 
 from .common import cache_dir_option, main, request, run
 
@@ -21,7 +19,7 @@ from .common import cache_dir_option, main, request, run
 @main.command()
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True,
-              help="Machine-readable output (fields in the README); with --watch, one JSON object a line.")
+              help="Machine-readable output (fields in docs/operating.md); with --watch, one JSON object a line.")
 @click.option("--watch", is_flag=True, help="Redraw live progress every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between redraws with --watch.")
@@ -34,34 +32,8 @@ def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    o, b = st["objects"], st["bytes"]
-    pct = 100.0 * b["ready"] / b["max"] if b["max"] else 0.0
-    click.echo(f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)")
-    click.echo(f"manifest    {st['manifest']} ({st['manifest_entries']} entries)")
-    click.echo(f"objects     {o['queued']} queued, {o['fetching']} fetching, {o['ready']} ready, "
-               f"{o['failed']} failed")
-    click.echo(f"cache use   {human_size(b['ready'])} of {human_size(b['max'])} ({pct:.1f}%), "
-               f"{human_size(b['reserved'])} reserved, filesystem {100 * b['free_fraction']:.1f}% free")
-    click.echo(f"throughput  {human_size(st['throughput_bytes_per_s'])}/s")
-    click.echo(f"readers     {st['readers']} ({st['hits']} hits, {st['misses']} misses, "
-               f"{st['wait_seconds']:.1f}s spent waiting)")
-    for e in st.get("epochs", []):
-        click.echo(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, {e['misses']} misses)")
-    for name, _, line in jobs(st):
-        click.echo(f"job {name:<7} {line}")
-    click.echo(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
-               f"files, {human_size(st['evicted_bytes'])}")
-    methods = st.get("verified_by", {})
-    if methods:
-        click.echo("verified    " + ", ".join(f"{k}: {v}" for k, v in sorted(methods.items())))
-        if methods.get("size"):
-            click.echo(f"warning     {methods['size']} file(s) verified by size alone (no checksum known)")
-    if st.get("disk_full"):
-        click.echo("warning     the cache filesystem is full: prefetch paused until space returns")
-    for f in st["failures"]:
-        click.echo(f"failed      {shown(f['uri'])}: {f['code']}")
-    for e in st.get("manifest_errors", []):
-        click.echo(f"manifest    {printable(e)}")
+    for line in plain_lines(st):
+        click.echo(line)
 
 
 def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:
@@ -80,11 +52,12 @@ def _watch(cache_dir: Path, as_json: bool, interval: float) -> None:
             while True:
                 click.echo(json.dumps(request(cache_dir, {"op": "status"})["status"], sort_keys=True))
                 time.sleep(interval)
-        if not console.is_terminal:
+        if not console.is_terminal:  # a pipe or a log: plain lines, never wrapped to 80 columns or bars
             while True:
-                console.print(render(request(cache_dir, {"op": "status"})["status"]))
-                console.print()
-                console.file.flush()
+                for line in plain_lines(request(cache_dir, {"op": "status"})["status"]):
+                    click.echo(line)
+                click.echo("", nl=True)
+                sys.stdout.flush()
                 time.sleep(interval)
         with Live(render(request(cache_dir, {"op": "status"})["status"]), console=console,
                   auto_refresh=False) as live:

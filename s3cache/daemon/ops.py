@@ -5,9 +5,10 @@ Ops: ``want`` (readers), ``status`` (the daemon's assembled status), ``verify`` 
 Runs on the control server's handler threads (control.py), never its I/O thread.
 
 Invariants: only the daemon's own user or root may pin or unpin (SO_PEERCRED of the connection; an
-unknown peer is refused), and a refused or malformed pin changes nothing; an unknown op gets an error
-reply, never an exception; the parts' state is touched only under the state lock, inside the parts or
-here around a pin.
+unknown peer is refused), and a refused or malformed pin changes nothing; an object S3 refuses (no
+such key, say: asked with one HEAD unless it is cached) is not pinned and its result says why; an
+unknown op gets an error reply, never an exception; the parts' state is touched only under the state
+lock, inside the parts or here around a pin.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from s3cache.errors import PermissionDenied
-from s3cache.manifest.refs import from_identity
+from s3cache.errors import FetchFailed, PermissionDenied
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.sockets.control import PROTOCOL, Connection
 
 if TYPE_CHECKING:
@@ -51,8 +53,9 @@ class Ops:
 
     def __init__(self, *, cond: threading.Condition, space: Space, schedule: Schedule, readers: Readers,
                  maintenance: Maintenance, watch: Callable[[], ManifestWatch | None], status: Callable[[], dict],
-                 rate: Callable[[], float]) -> None:
+                 rate: Callable[[], float], head: Callable[[Entry], object] | None = None) -> None:
         self.cond = cond
+        self.head = head  # HEADs an object, raising FetchFailed when S3 refuses it
         self.space = space
         self.schedule = schedule
         self.readers = readers
@@ -96,10 +99,33 @@ class Ops:
                 f"uid {'unknown' if uid is None else uid} may not {'pin' if pin else 'unpin'}: pins need the daemon's user "
                 f"(uid {os.geteuid()}) or root, as they hold cache space against every reader")
         refs = [from_identity(u) for u in uris]
+        refused = self._refused(refs) if pin else {}
         with self.cond:
-            results = self.space.pin([r.uri for r in refs], pin)
+            results = self.space.pin([r.uri for r in refs if r.uri not in refused], pin)
+            results += [{"uri": uri, "outcome": "refused", "code": e.code, "reason": e.reason}
+                        for uri, e in refused.items()]
+            order = {r.uri: i for i, r in reversed(list(enumerate(refs)))}
+            results.sort(key=lambda res: order[res["uri"]])
+            refs = [r for r in refs if r.uri not in refused]
             if pin:
                 for ref in refs:
                     self.schedule.fetch_soon(ref)
             self.schedule.work_changed()
             return {"ok": True, "pinned": self.space.pin_count(), "results": results}
+
+    def _refused(self, refs: list[ObjectRef]) -> dict[str, FetchFailed]:
+        """The objects S3 refuses (NoSuchKey, AccessDenied, ...), by URI: one HEAD each for those not
+        cached, outside the state lock. A pin used to say "pinned" for a key that does not exist and
+        leave the failure to be found later in status."""
+        if self.head is None:
+            return {}
+        with self.cond:
+            ask = [self.schedule.entry_for(r.uri) or Entry(r) for r in dict.fromkeys(refs)
+                   if not self.space.is_ready(r.uri)]
+        refused: dict[str, FetchFailed] = {}
+        for entry in ask:
+            try:
+                self.head(entry)
+            except FetchFailed as e:
+                refused[entry.uri] = e
+        return refused

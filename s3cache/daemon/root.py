@@ -163,7 +163,7 @@ class Daemon:
         self.throughput.sample()  # throughput counts from here
         ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
                   maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
-                  rate=self.throughput.rate)
+                  rate=self.throughput.rate, head=fetcher.api.head)
         self.server = Server(lay.control_socket, lay.use_socket, ops.handle, self.readers.closed,
                              on_crash=self._server_crashed)
         self.server.start()

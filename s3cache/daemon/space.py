@@ -59,7 +59,7 @@ from s3cache.policy.evict import (
 )
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
-from s3cache.store.files import Store
+from s3cache.store.files import QUARANTINE_SHARE, Store
 from s3cache.store.index import Index, Record
 
 from .pins import Pins
@@ -103,6 +103,7 @@ class Space(Pins, RoomReports):
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
         self.evicted = 0
         self.evicted_bytes = 0
+        self.quarantine_files, self.quarantine_bytes = 0, 0  # set aside by verify: count against --max-size
         self._lease_fd = store.open_lease_lock()  # made 0640 by store.open, never through a symlink
         self._lease = ExclusiveLease(self._lease_fd)
 
@@ -115,6 +116,18 @@ class Space(Pins, RoomReports):
         for uri, rec in rows:
             self.ready[uri] = rec
             self.used += rec.size
+        self.prune_quarantine()
+
+    def prune_quarantine(self) -> None:
+        """Keep the quarantine within its budget (a 64th of --max-size, and at most a few files; never
+        the files a rebuild holds aside unverified) and count what stays against --max-size."""
+        held = {os.path.basename(where) for _, where in (self.index.get_meta("unverified", {}) or {}).values()}
+        self.quarantine_files, self.quarantine_bytes = self.store.prune_quarantine(
+            self.s.max_size // QUARANTINE_SHARE, protect=held)
+
+    def quarantine_status(self) -> dict:
+        return {"files": self.quarantine_files, "bytes": self.quarantine_bytes,
+                "budget": self.s.max_size // QUARANTINE_SHARE}
 
     def install(self, catalog: Catalog) -> list[Record]:
         """A new manifest: withdraw cached files that are not the object it now describes (another
@@ -226,7 +239,7 @@ class Space(Pins, RoomReports):
 
     def free(self) -> int:
         """Bytes under --max-size neither ready nor promised."""
-        return self.s.max_size - self.used - self.reserved
+        return self.s.max_size - self.used - self.reserved - self.quarantine_bytes
 
     def release(self, uri: str) -> None:
         size = self.reservations.pop(uri, 0)
@@ -301,7 +314,7 @@ class Space(Pins, RoomReports):
             fut = self._tracker.future(n, now)
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
-            extra = max(0, self.used + self.reserved + size - low - need)
+            extra = max(0, self.used + self.reserved + self.quarantine_bytes + size - low - need)
             # Never the cached copy of ``uri`` itself: a refetch keeps it readable until the new one is
             # verified (``Schedule.replace``), so both count until the publish replaces it.
             victims = choose_victims([r for r in self.residents() if r.uri != uri], need=need, extra=extra,
@@ -320,7 +333,8 @@ class Space(Pins, RoomReports):
 
     def _need(self, size: int, demand: bool) -> tuple[int, bool]:
         """(bytes to evict before ``size`` fits, whether the filesystem rather than --max-size is short)."""
-        over, short = self.used + self.reserved + size - self.s.max_size, size - self.disk_room(demand)
+        over = self.used + self.reserved + self.quarantine_bytes + size - self.s.max_size
+        short = size - self.disk_room(demand)
         return max(over, short), short > over
 
     def evict_for_disk(self, size: int) -> bool:
@@ -369,6 +383,8 @@ class Space(Pins, RoomReports):
             return False, None, f"could not quarantine or remove it: {e.strerror or e}"
         if error:
             log.error("%s: %s", rec.path, error)
+        if where:
+            self.prune_quarantine()
         self.forget(uri)
         self.index.delete_many([uri])
         return True, where, error

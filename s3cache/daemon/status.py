@@ -1,6 +1,6 @@
 """What the daemon reports: ``status`` assembled from the parts' reports, throughput, and progress.
 
-* ``assemble`` builds the ``status`` reply (fields in the README) from each part's ``status()`` and a
+* ``assemble`` builds the ``status`` reply (fields in docs/operating.md) from each part's ``status()`` and a
   few daemon-wide figures; the caller holds the state lock, so the picture is consistent.
 * ``Throughput``: bytes/s over the last ``TP_WINDOW`` seconds, from samples of the fetcher's byte
   counter taken once a second by housekeeping.
@@ -193,6 +193,7 @@ def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Sc
         "leases": spc["leases"],
         "waiting_for_space": spc["waiting_for_space"],
         "pinned": spc["pinned"],
+        "quarantine": space.quarantine_status(),
         "readers": rdr["readers"],
         "jobs": jobs_status(schedule, space, readers),
         "epochs": rdr["epochs"],

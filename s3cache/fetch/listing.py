@@ -36,6 +36,7 @@ from s3cache.errors import FetchFailed, UnsafeKey
 from s3cache.manifest.catalog import format_entry
 from s3cache.manifest.parse import MAX_OBJECT_SIZE, Entry, SkipLog
 from s3cache.manifest.refs import ObjectRef, check_bucket, check_key
+from s3cache.service.config import redact_url
 
 _PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
 _EXPLAINED = {
@@ -127,7 +128,9 @@ def _pages(client, bucket: str, prefix: str, page_size: int | None = None) -> It
     except botocore.exceptions.ClientError as e:
         raise _failed(uri, e) from None
     except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as e:
-        raise FetchFailed(uri, "EndpointUnreachable", f"cannot reach the S3 endpoint ({type(e).__name__})") from None
+        tried = redact_url(str(e.kwargs.get("endpoint_url") or "")).split("?", 1)[0]  # the URL, not the query
+        raise FetchFailed(uri, "EndpointUnreachable",
+                          f"cannot reach the S3 endpoint {tried or '(unknown URL)'} ({type(e).__name__})") from None
     except botocore.exceptions.NoCredentialsError:
         raise FetchFailed(uri, "NoCredentials", "no AWS credentials found (environment, profile or role)") from None
     except botocore.exceptions.BotoCoreError as e:

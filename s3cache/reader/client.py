@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from s3cache.errors import DaemonNotRunning, ProtocolError, RequestRefused
+from s3cache.errors import CacheAccessDenied, DaemonNotRunning, ProtocolError, RequestRefused
 
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 
@@ -125,8 +125,7 @@ class Client:
             raise DaemonNotRunning(self.cache_dir) from None
         except PermissionError:
             sock.close()
-            raise DaemonNotRunning(
-                f"{self.cache_dir} (permission denied on {self.ctl_path}: join the daemon's group)") from None
+            raise CacheAccessDenied(self.ctl_path, self.cache_dir) from None
         except BlockingIOError:  # AF_UNIX says EAGAIN, not "wait", when the listen backlog is full
             sock.close()
             raise DaemonNotRunning(f"{self.cache_dir} (its control socket's backlog is full)") from None

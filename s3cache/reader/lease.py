@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from s3cache.errors import ResolveTimeout
+from s3cache.errors import CacheAccessDenied, ResolveTimeout
 
 
 class SharedLease:
@@ -37,7 +37,8 @@ class SharedLease:
 
     def acquire(self, deadline: float | None) -> bool:
         """Hold the lock shared; False if there is no lock file (no daemon ever ran: nothing evicts).
-        Raises ResolveTimeout naming the lock if ``deadline`` (monotonic) passes first."""
+        Raises ResolveTimeout naming the lock if ``deadline`` (monotonic) passes first, and
+        CacheAccessDenied when this user may not open it (not in the cache dir's group)."""
         with self._cond:
             while True:
                 if self._count > 0:
@@ -52,6 +53,10 @@ class SharedLease:
                     self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     return False
+                except PermissionError:
+                    # the lock is 0640 in the cache dir's group, under .s3cache (02750): a user outside
+                    # the group meets it first, before any cached file or socket
+                    raise CacheAccessDenied(self.path, os.path.dirname(os.path.dirname(self.path))) from None
             self._taking = True
         ok = False
         try:

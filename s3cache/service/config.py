@@ -107,9 +107,12 @@ class Settings:
     part_size: int = setting(Size(1 << 20), 16 << 20, "Ranged-GET part size of an object a reader waits on.")
     prefetch_part_size: int = setting(Size(1 << 20), 64 << 20,
                                       "Ranged-GET part size when prefetching (many objects in flight already).")
-    lease: float = setting(SECONDS, 600.0, "Seconds a resolved file is protected from eviction.")
+    lease: float = setting(SECONDS, 600.0, "Seconds a reader's lease lasts: its two newest resolved files are "
+                           "kept that long, older ones it resolved within it only while they fit its share of a "
+                           "budget of 1/32 of max-size.")
     readahead: Readahead = setting(READAHEAD, Readahead(), "How far ahead of each in-order reader to fetch "
-                                   "when the cache is full: bytes (2G) or files (8f); 0: 1/8 of max-size.")
+                                   "when the cache is full: bytes (2G) or files (8f), at most 1/16 of the files the cache "
+                                   "holds; 0: that most.")
     min_free: float = setting(Number(0, 1, hi_open=True, what="a fraction, e.g. 0.05"), 0.05,
                               "Pause prefetch when the filesystem's free fraction falls below this.")
     low_watermark: float = setting(Number(0, 1, lo_open=True, what="a fraction, e.g. 0.9"), 0.90,

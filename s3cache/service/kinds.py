@@ -72,7 +72,7 @@ def parse_readahead(text: str | int) -> Readahead:
         return Readahead(parse_size(text), 0)
     except ConfigError:
         raise ConfigError(f"not a readahead: {text!r} (bytes such as 2G, or a number of files such as 8f; "
-                          "0 for 1/8 of max_size)") from None
+                          "0 for the most, 1/16 of the files the cache holds)") from None
 
 
 

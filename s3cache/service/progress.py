@@ -163,6 +163,8 @@ def render(st: dict) -> RenderableType:
         notes.append(Text("prefetch waits for room in the cache (files leased, pinned or not yet read)",
                           style="yellow"))
     notes.extend(why_waiting(st))
+    notes.extend(Text(line) for line in plain_lines(st)
+                 if line.startswith(("shard ", "pinned ", "quarantine ")) and "pinned      0 object" not in line)
     for e in st.get("manifest_errors", []):
         notes.append(Text(f"manifest: {printable(e)}", style="red"))
     failures = st.get("failures", [])
@@ -174,6 +176,70 @@ def render(st: dict) -> RenderableType:
             notes.append(Text(f"  ... and {o['failed'] - min(len(failures), MAX_FAILURES_SHOWN)} more "
                               f"(s3cache status --json)", style="red"))
     return Group(head, Text(f"manifest {manifest} ({st['manifest_entries']} entries)"), grid, *notes)
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'s' if n != 1 else ''}"
+
+
+def plain_lines(st: dict) -> list[str]:
+    """``s3cache status`` as plain lines (no bars, no colour, no width to fit): the text command prints
+    them, and so does ``status --watch`` written to a pipe or a log, one frame after another. Every
+    figure an operator acts on is here, not only in ``--json``: pinned files, this host's share and
+    reads from other shares, what leases hold, the quarantine."""
+    o, b = st["objects"], st["bytes"]
+    pct = 100.0 * b["ready"] / b["max"] if b["max"] else 0.0
+    out = [f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)",
+           f"manifest    {st['manifest']} ({st['manifest_entries']} entries)"]
+    shard = st.get("shard")
+    if shard and shard != "0/1":
+        off = st.get("off_share") or {"count": 0, "recent": []}
+        line = (f"shard       {shard}: {st['manifest_entries']} of the manifest's {st.get('manifest_total', '?')} "
+                f"entries; {off['count']} read(s) from other hosts' shares")
+        if off["count"]:
+            line += f" (a growing count: readers and --shard disagree), e.g. {shown(off['recent'][-1])}"
+        out.append(line)
+    out += [f"objects     {o['queued']} queued, {o['fetching']} fetching, {o['ready']} ready, {o['failed']} failed",
+            f"cache use   {human_size(b['ready'])} of {human_size(b['max'])} ({pct:.1f}%), "
+            f"{human_size(b['reserved'])} reserved, filesystem {100 * b['free_fraction']:.1f}% free"]
+    landed, total, eta, estimated = landing(st)
+    if total is not None:
+        out.append(f"landed      {human_size(landed)} of {'~' if estimated else ''}{human_size(total)} "
+                   f"({_pct(landed, total)}), ETA {eta_text(eta)}")
+    out.append(f"throughput  {human_size(st['throughput_bytes_per_s'])}/s")
+    out.append(f"readers     {st['readers']} ({st['hits']} hits, {st['misses']} misses, "
+               f"{st['wait_seconds']:.1f}s spent waiting)")
+    leases = st.get("leases")
+    if leases is not None:
+        out.append(f"leases      {_files(leases['files'])} ({human_size(leases['bytes'])}) held for "
+                   f"{leases['readers']} reader(s); budget {human_size(leases['budget'])}, shared by the readers, "
+                   f"for files beyond each one's two newest")
+    pinned = st.get("pinned")
+    if pinned is not None:
+        out.append(f"pinned      {pinned['objects']} object(s), {_files(pinned['files'])} cached "
+                   f"({human_size(pinned['bytes'])} of the {human_size(pinned['quota_bytes'])} pin quota)")
+    q = st.get("quarantine")
+    if q is not None and q["files"]:
+        out.append(f"quarantine  {_files(q['files'])} ({human_size(q['bytes'])}, counted against the maximum; "
+                   f"the oldest go beyond {human_size(q['budget'])}) in {st['cache_dir']}/.s3cache/quarantine")
+    for e in st.get("epochs", []):
+        out.append(f"epoch {e['epoch']:<5} hit rate {100 * e['hit_rate']:.1f}% ({e['hits']} hits, "
+                   f"{e['misses']} misses)")
+    for name, _, line in jobs(st):
+        out.append(f"job {name:<7} {line}")
+    out.append(f"fetched     {st['fetched']} files, {human_size(st['fetched_bytes'])}; evicted {st['evicted']} "
+               f"files, {human_size(st['evicted_bytes'])}")
+    methods = st.get("verified_by", {})
+    if methods:
+        out.append("verified    " + ", ".join(f"{k}: {v}" for k, v in sorted(methods.items())))
+        if methods.get("size"):
+            out.append(f"warning     {methods['size']} file(s) verified by size alone (no checksum known)")
+    if st.get("disk_full"):
+        out.append("warning     the cache filesystem is full: prefetch paused until space returns")
+    out += [f"waiting     {t.plain}" for t in why_waiting(st) if not t.plain.startswith("leases hold")]
+    out += [f"failed      {shown(f['uri'])}: {f['code']}" for f in st["failures"]]
+    out += [f"manifest    {printable(e)}" for e in st.get("manifest_errors", [])]
+    return out
 
 
 class ServeBar:

@@ -35,6 +35,12 @@ from .layout import LEASE_LOCK, Layout  # noqa: F401  (re-exported: readers have
 from .tree import Tree, close_all, split
 
 
+# Files a failed re-verification set aside are evidence, not cache: the newest few stay for a person to
+# look at (within a byte budget the daemon gives, counted against --max-size); older ones go.
+QUARANTINE_KEEP = 8
+QUARANTINE_SHARE = 64  # the quarantine's byte budget: this fraction of --max-size
+
+
 class Store:
     """The daemon's handle on the cache dir. Only the daemon (holding the lock) writes through it.
 
@@ -229,6 +235,45 @@ class Store:
         finally:
             close_all(fds)
         return os.path.join(self.layout.quarantine, dest)
+
+    def quarantined(self) -> list[tuple[str, int]]:
+        """(name, bytes) of every file in the quarantine dir, oldest set aside first. Proportional to
+        the quarantine, which ``prune_quarantine`` bounds."""
+        assert self._quarantine_fd is not None
+        out = []
+        with os.scandir(self._quarantine_fd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((st.st_ctime_ns, e.name, st.st_size))
+        # the rename (and the chmod after it) into the quarantine set ctime: when it was set aside, to
+        # the nanosecond (the name's time is whole seconds)
+        out.sort()
+        return [(name, size) for _, name, size in out]
+
+    def prune_quarantine(self, budget: int, keep: int = QUARANTINE_KEEP,
+                         protect: Collection[str] = ()) -> tuple[int, int]:
+        """Bound the quarantine: remove its oldest files until at most ``keep`` files and ``budget``
+        bytes remain (files count against --max-size while they stay). The newest file is always kept
+        (the evidence of the latest mismatch, whose path ``verify`` just reported), and so is every name
+        in ``protect`` (files a rebuild set aside unverified, re-checked at the next start). Returns
+        (files, bytes) left."""
+        files = self.quarantined()
+        count, total = len(files), sum(n for _, n in files)
+        for name, size in files[:-1]:  # oldest first; never the newest
+            if count <= keep and total <= budget:
+                break
+            if name in protect:
+                continue
+            try:
+                os.unlink(name, dir_fd=self._quarantine_fd)
+            except FileNotFoundError:
+                pass
+            count, total = count - 1, total - size
+        return count, total
 
     def take_out(self, rel: str, quarantine: bool) -> tuple[str | None, str | None]:
         """Take a published file out of readers' reach: quarantine it (or remove it if that fails: a corrupt
