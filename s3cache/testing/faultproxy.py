@@ -16,6 +16,13 @@ fault name or None:
 * ``"shift"``: ask upstream for the requested range moved by one byte (back, or forward from byte 0):
   a ``206`` of the same length whose (true) ``Content-Range`` is not the one asked for.
 * ``"no-parts-count"``: drop ``x-amz-mp-parts-count`` from the answer (a HEAD of a part without it).
+* ``"range-as-200"``: answer a ranged GET with the range's bytes but as a ``200`` with no
+  ``Content-Range``, as a broken cache in the path may: only part of the object, passed off as all of it.
+* ``"lie-total"``: a ``206`` whose ``Content-Range`` total says the object ends where the range ends.
+* ``"no-checksum-type"``: drop ``x-amz-checksum-type`` from the answer, as servers that predate it do.
+
+``headers_for(method, path, status)``, when given, returns headers to set on an answer (replacing any
+of the same name): how a test makes the proxy send a checksum moto does not (SHA-512, XXHASH).
 
 ``ranged_checksums=False`` drops ``x-amz-checksum-*`` headers from every answer to a ranged GET, as AWS
 does (moto sends them when the range covers the whole object).
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import struct
 import threading
@@ -79,8 +87,10 @@ class Exchange:
 class FaultProxy:
     def __init__(self, upstream_port: int, plan: Plan | None = None, *, latency: float = 0.0,
                  bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0,
-                 ranged_checksums: bool = True) -> None:
+                 ranged_checksums: bool = True,
+                 headers_for: Callable[[str, str, int], dict[str, str]] | None = None) -> None:
         self.upstream_port = upstream_port
+        self.headers_for = headers_for
         self.plan = plan or (lambda m, p, q: None)
         self.latency = latency
         self.bandwidth = bandwidth
@@ -276,8 +286,16 @@ class FaultProxy:
                 rhead = await up_r.readuntil(b"\r\n\r\n")
                 if fault == "no-parts-count":
                     rhead = _drop_header(rhead, b"x-amz-mp-parts-count")
+                elif fault == "no-checksum-type":
+                    rhead = _drop_header(rhead, b"x-amz-checksum-type")
+                elif fault in ("range-as-200", "lie-total") and rhead.split(b" ", 2)[1] == b"206":
+                    rhead = _misstate_range(rhead, fault)
                 if ranged and not self.ranged_checksums and rhead.split(b" ", 2)[1] == b"206":
                     rhead = _drop_header(rhead, b"x-amz-checksum-")
+                if self.headers_for is not None:
+                    extra = self.headers_for(method, path, int(rhead.split(b" ", 2)[1]))
+                    for name, value in (extra or {}).items():
+                        rhead = _set_header(rhead, name, value)
                 rheaders = _headers(rhead)
                 if exchange is not None:
                     exchange.status = int(rhead.split(b" ", 2)[1])
@@ -372,6 +390,26 @@ def _drop_header(head: bytes, name: bytes) -> bytes:
     lines = head.split(b"\r\n")
     prefix = name if name.endswith(b"-") else name + b":"
     return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(prefix))
+
+
+def _set_header(head: bytes, name: str, value: str) -> bytes:
+    """``head`` with header ``name`` set to ``value`` (any earlier value dropped)."""
+    lines = _drop_header(head, name.lower().encode()).split(b"\r\n")
+    return b"\r\n".join([lines[0], f"{name}: {value}".encode("latin-1")] + lines[1:])
+
+
+def _misstate_range(head: bytes, fault: str) -> bytes:
+    """A ``206``'s head rewritten: ``range-as-200`` makes it a ``200`` without ``Content-Range`` (the
+    body is still only the range); ``lie-total`` gives a ``Content-Range`` total that ends with the range."""
+    value = _headers(head).get("content-range", "")
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value)
+    if m is None:
+        return head
+    head = _drop_header(head, b"content-range")
+    if fault == "range-as-200":
+        status, _, rest = head.partition(b"\r\n")
+        return status.split(b" ", 1)[0] + b" 200 OK\r\n" + rest
+    return _set_header(head, "Content-Range", f"bytes {m.group(1)}-{m.group(2)}/{int(m.group(2)) + 1}")
 
 
 def _shift_range(head: bytes, value: str) -> bytes:
