@@ -211,3 +211,27 @@ def test_a_server_that_ignores_part_numbers_leaves_an_etag_only_object_its_size(
     assert any("ignores partNumber" in r.getMessage() for r in caplog.records)
     with pytest.raises(NoChecksum):
         fetcher(part_size=8 * MiB, require_checksum=True).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
+
+
+# -- item 3: the manifest states S3's default checksums too ---------------------------------------------
+
+def test_manifest_lines_state_crc64nvme_and_crc32_and_fetches_check_them(moto, bucket, proxy, fetcher):
+    from awscrt.checksums import crc64nvme
+
+    from s3cache.errors import WrongChecksum
+    from s3cache.manifest.catalog import format_entry
+    from s3cache.manifest.parse import parse_line
+
+    body = os.urandom(3 * MiB + 7)
+    nvme, crc = f"{crc64nvme(body):016x}", f"{zlib.crc32(body):08x}"
+    b64 = base64.b64encode(bytes.fromhex(nvme)).decode()
+    e = parse_line(f"s3://{bucket}/k size={len(body)} crc64nvme={b64} crc32={crc.upper()}")
+    assert (e.crc64nvme, e.crc32) == (nvme, crc) and parse_line(format_entry(e)) == e
+    with pytest.raises(ValueError, match="crc64nvme= must be 16 hex digits"):
+        parse_line(f"s3://{bucket}/k crc64nvme={crc}")
+    moto.client().put_object(Bucket=bucket, Key="k", Body=body)  # boto3's default CRC32
+    f = fetcher()
+    got, data = fetch_bytes(f, e)
+    assert data == body and got.method == "crc64nvme" and got.also == ()  # the manifest's strongest verifies
+    with pytest.raises(WrongChecksum, match="S3's own s3-crc32 agrees"):
+        f.fetch(e._replace(crc64nvme="0" * 16, crc32=None), admit=lambda n: True)

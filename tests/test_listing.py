@@ -164,3 +164,19 @@ def test_composite_checksums_are_never_written_as_the_objects(moto, bucket):
     got = {e.ref.key: e for e in parse(out.getvalue().splitlines(), "-")}
     assert got["c/composite"].crc32c is None and got["c/composite"].md5 is None
     assert got["c/full"].crc32c == f"{crc32c.crc32c(b''.join(parts)):08x}"
+
+
+def test_checksums_include_s3s_and_boto3s_defaults(moto, bucket):
+    import zlib
+
+    from awscrt.checksums import crc64nvme
+
+    s3 = moto.client()
+    body = b"defaults" * 500
+    s3.put_object(Bucket=bucket, Key="d/crc32", Body=body)  # boto3's default: CRC32
+    s3.put_object(Bucket=bucket, Key="d/nvme", Body=body, ChecksumAlgorithm="CRC64NVME")  # S3's default
+    out = io.StringIO()
+    write_manifest(make_client(moto.url, "us-east-1"), bucket, "d/", out, checksums=True)
+    got = {e.ref.key: e for e in parse(out.getvalue().splitlines(), "-")}
+    assert got["d/crc32"].crc32 == f"{zlib.crc32(body):08x}" and got["d/crc32"].crc64nvme is None
+    assert got["d/nvme"].crc64nvme == f"{crc64nvme(body):016x}"

@@ -170,7 +170,8 @@ class Recovery:
         (or ``ask_s3`` is False)."""
         size = os.path.getsize(path)
         claims = [Expectation(m, v) for m, v in (("sha256", entry.sha256), ("md5", entry.md5),
-                                                  ("crc32c", entry.crc32c)) if v]
+                                                  ("crc64nvme", entry.crc64nvme), ("crc32c", entry.crc32c),
+                                                  ("crc32", entry.crc32)) if v]
         etag = version = ""
         if claims:
             expect, also = claims[0], tuple(claims[1:])

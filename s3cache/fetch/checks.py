@@ -46,6 +46,10 @@ def manifest_expectations(entry: Entry) -> list[Expectation]:
         exps.append(Expectation("md5", entry.md5))
     if entry.crc32c:
         exps.append(Expectation("crc32c", entry.crc32c))
+    if entry.crc64nvme:
+        exps.append(Expectation("crc64nvme", entry.crc64nvme))
+    if entry.crc32:
+        exps.append(Expectation("crc32", entry.crc32))
     return exps
 
 

@@ -37,9 +37,11 @@ METHODS = (
     "s3-sha1",
     "md5",
     "s3-md5",
+    "crc64nvme",
     "s3-crc64nvme",
     "crc32c",
     "s3-crc32c",
+    "crc32",
     "s3-crc32",
     "s3-xxhash128",
     "s3-xxhash3",
@@ -48,7 +50,7 @@ METHODS = (
     "etag-multipart",
     "size",
 )
-MANIFEST_METHODS = frozenset({"sha256", "md5", "crc32c"})
+MANIFEST_METHODS = frozenset({"sha256", "md5", "crc32c", "crc64nvme", "crc32"})
 
 
 class Expectation(NamedTuple):
@@ -214,14 +216,14 @@ class _Combiner:
 
 _COMBINERS = {
     "crc32c": _Combiner(0x82F63B78, 32), "s3-crc32c": _Combiner(0x82F63B78, 32),
-    "s3-crc32": _Combiner(0xEDB88320, 32),
-    "s3-crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64),
+    "s3-crc32": _Combiner(0xEDB88320, 32), "crc32": _Combiner(0xEDB88320, 32),
+    "s3-crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64), "crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64),
 }
 _LOCAL = _COMBINERS["crc32c"]
 
 
 _MAKERS = {
-    "s3-crc64nvme": _Crc64nvme,
+    "s3-crc64nvme": _Crc64nvme, "crc64nvme": _Crc64nvme,
     "sha256": hashlib.sha256, "s3-sha256": hashlib.sha256,
     "md5": hashlib.md5, "etag-md5": hashlib.md5, "etag-multipart": hashlib.md5,
     "s3-sha1": hashlib.sha1,
@@ -229,7 +231,7 @@ _MAKERS = {
     # S3's XXHASH checksums are the canonical (big-endian) XXH64, XXH3-64 and XXH3-128 with seed 0.
     "s3-xxhash64": xxhash.xxh64, "s3-xxhash3": xxhash.xxh3_64, "s3-xxhash128": xxhash.xxh3_128,
     "crc32c": _Crc32c, "s3-crc32c": _Crc32c,
-    "s3-crc32": _Crc32,
+    "s3-crc32": _Crc32, "crc32": _Crc32,
 }
 
 

@@ -8,7 +8,7 @@ Checksums: a listing carries none. ListObjectsV2 names an object's additional ch
 (``ChecksumAlgorithm``) but not its value, and it does not say how the object is encrypted, so its ETag
 cannot be written as ``md5=``: under SSE-KMS or SSE-C an ETag is not the MD5 of the bytes, and a wrong
 ``md5=`` would fail every fetch. With ``checksums=True`` each object is asked for with HeadObject
-(``ChecksumMode=ENABLED``, one request an object, in parallel) and gets ``sha256=`` / ``crc32c=`` when
+(``ChecksumMode=ENABLED``, one request an object, in parallel) and gets ``sha256=`` / ``crc64nvme=`` / ``crc32c=`` / ``crc32=`` when
 S3 stores a whole-object checksum of that kind (read as the fetcher reads it: ``checks.part_count``, so a
 composite checksum from a server that does not say so is never written as the object's), and ``md5=``
 from a single-part ETag when the object is neither SSE-KMS nor SSE-C encrypted. Without them the daemon still verifies every object against what
@@ -42,7 +42,8 @@ from .checks import S3_CHECKSUMS, etag_is_digest, part_count
 
 _PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
 # S3's whole-object checksums a manifest line can state, by the fetcher's method name.
-_FIELDS = {"s3-sha256": "sha256", "s3-md5": "md5", "s3-crc32c": "crc32c"}
+_FIELDS = {"s3-sha256": "sha256", "s3-md5": "md5", "s3-crc64nvme": "crc64nvme", "s3-crc32c": "crc32c",
+           "s3-crc32": "crc32"}
 _EXPLAINED = {
     "NoSuchBucket": "the bucket does not exist",
     "AccessDenied": "the credentials in use may not list this bucket",
