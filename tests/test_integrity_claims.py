@@ -209,6 +209,8 @@ def test_a_server_that_ignores_part_numbers_leaves_an_etag_only_object_its_size(
         got, data = fetch_bytes(fetcher(part_size=8 * MiB, max_attempts=3), Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "size"
     assert proxy.faults["no-parts-count"] == 3  # asked three times, once per answer, then given up
+    # Left with its size alone, which a HEAD confirms.
+    assert len([x for x in proxy.seen(f"/{bucket}/k", "HEAD") if "partNumber" not in x.query]) == 1
     assert any("ignores partNumber" in r.getMessage() for r in caplog.records)
     with pytest.raises(NoChecksum):
         fetcher(part_size=8 * MiB, require_checksum=True).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)

@@ -38,6 +38,7 @@ from .checksum import (
     Expectation,
     describe_mismatch,
     digest_file,
+    is_per_part,
 )
 from .retry import BadResponse
 from .s3api import ObjectApi
@@ -101,17 +102,26 @@ class Verifier:
         # HEAD runs while the parts' GETs are on their way. (A whole first answer with a manifest claim
         # is not held up by a HEAD: S3's claim is asked for only if the manifest's fails.)
         claims = readings(resp, etag) if whole else list(s3)
-        if expect is None or (not whole and expect.method != "sha256") or confirm:
-            head = self.head(entry, etag)
-            if int(head.get("ContentLength", -1)) != total:
-                raise BadResponse(f"{entry.uri}: an answer to a GET says the object is {total} bytes, a HEAD "
-                                  f"says {head.get('ContentLength')}")
-            s3 += [c for c in s3_expectations(head, etag, True) if c not in s3]
-            claims += [c for c in readings(head, etag) if c not in claims]
+        headed = expect is None or (not whole and expect.method != "sha256") or confirm
+        if headed:
+            self._ask(entry, etag, total, s3, claims)
         expect, also = self.api.checkable(entry, manifest, s3, total)
+        if expect is None and not headed:  # its per-part claims could not be checked: only the size is left
+            self._ask(entry, etag, total, s3, claims)
+            expect, also = self.api.checkable(entry, manifest, [c for c in s3 if not is_per_part(c)], total)
         if expect is None and self.require_checksum:
             raise NoChecksum(entry.uri)
         return Checks(expect, also, tuple(claims))
+
+    def _ask(self, entry: Entry, etag: str, total: int, s3: list[Expectation], claims: list[Expectation]) -> None:
+        """HEAD the object: its size must be ``total``; its claims are added to ``s3`` and their readings
+        to ``claims``."""
+        head = self.head(entry, etag)
+        if int(head.get("ContentLength", -1)) != total:
+            raise BadResponse(f"{entry.uri}: an answer to a GET says the object is {total} bytes, a HEAD "
+                              f"says {head.get('ContentLength')}")
+        s3 += [c for c in s3_expectations(head, etag, True) if c not in s3]
+        claims += [c for c in readings(head, etag) if c not in claims]
 
     def verify(self, entry: Entry, etag: str, total: int, checks: Checks, digest: Digest, fd: int,
                seen: dict) -> str:
