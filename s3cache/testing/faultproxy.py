@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import socket
 import struct
 import threading
@@ -59,6 +58,7 @@ from urllib.parse import unquote, urlsplit
 Plan = Callable[[str, str, str], "str | None"]
 
 from .faultplans import most_at_once, profile, random_plan  # noqa: E402,F401  (re-exported)
+from .heads import drop_header, header_map, misstate_range, set_header, shift_range
 
 _STEP = 64 << 10  # bytes relayed per write: small enough to pace smoothly
 FLOW_BIN = 0.1  # seconds per bin of ``FaultProxy.flow``
@@ -236,7 +236,7 @@ class FaultProxy:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-                headers = _headers(head)
+                headers = header_map(head)
                 body = b""
                 if int(headers.get("content-length", "0")):
                     body = await reader.readexactly(int(headers["content-length"]))
@@ -276,27 +276,27 @@ class FaultProxy:
                     continue
                 ranged = "range" in headers
                 if fault == "ignore-range" and ranged:
-                    head = _drop_header(head, b"range")
+                    head = drop_header(head, b"range")
                 elif fault == "shift" and ranged:
-                    head = _shift_range(head, headers["range"])
+                    head = shift_range(head, headers["range"])
                 if up_w is None:
                     up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
                 up_w.write(head + body)
                 await up_w.drain()
                 rhead = await up_r.readuntil(b"\r\n\r\n")
                 if fault == "no-parts-count":
-                    rhead = _drop_header(rhead, b"x-amz-mp-parts-count")
+                    rhead = drop_header(rhead, b"x-amz-mp-parts-count")
                 elif fault == "no-checksum-type":
-                    rhead = _drop_header(rhead, b"x-amz-checksum-type")
+                    rhead = drop_header(rhead, b"x-amz-checksum-type")
                 elif fault in ("range-as-200", "lie-total") and rhead.split(b" ", 2)[1] == b"206":
-                    rhead = _misstate_range(rhead, fault)
+                    rhead = misstate_range(rhead, fault)
                 if ranged and not self.ranged_checksums and rhead.split(b" ", 2)[1] == b"206":
-                    rhead = _drop_header(rhead, b"x-amz-checksum-")
+                    rhead = drop_header(rhead, b"x-amz-checksum-")
                 if self.headers_for is not None:
                     extra = self.headers_for(method, path, int(rhead.split(b" ", 2)[1]))
                     for name, value in (extra or {}).items():
-                        rhead = _set_header(rhead, name, value)
-                rheaders = _headers(rhead)
+                        rhead = set_header(rhead, name, value)
+                rheaders = header_map(rhead)
                 if exchange is not None:
                     exchange.status = int(rhead.split(b" ", 2)[1])
                 length = int(rheaders.get("content-length", "0")) if method != "HEAD" else 0
@@ -304,7 +304,7 @@ class FaultProxy:
                 if close_upstream:
                     # moto closes every connection; S3 keeps them alive. Reconnect upstream, and let the
                     # client keep its connection, as it would with S3.
-                    rhead = _drop_header(rhead, b"connection")
+                    rhead = drop_header(rhead, b"connection")
                 if fault in ("reset", "short", "stall", "flip") and length >= 2:
                     rbody = await up_r.readexactly(length)
                     if fault == "flip":
@@ -382,52 +382,6 @@ class FaultProxy:
             if delay > 0:
                 await asyncio.sleep(delay)
         return sent
-
-
-def _drop_header(head: bytes, name: bytes) -> bytes:
-    """``head`` without the header ``name``, or without every header starting with ``name`` if it ends
-    with ``-``."""
-    lines = head.split(b"\r\n")
-    prefix = name if name.endswith(b"-") else name + b":"
-    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(prefix))
-
-
-def _set_header(head: bytes, name: str, value: str) -> bytes:
-    """``head`` with header ``name`` set to ``value`` (any earlier value dropped)."""
-    lines = _drop_header(head, name.lower().encode()).split(b"\r\n")
-    return b"\r\n".join([lines[0], f"{name}: {value}".encode("latin-1")] + lines[1:])
-
-
-def _misstate_range(head: bytes, fault: str) -> bytes:
-    """A ``206``'s head rewritten: ``range-as-200`` makes it a ``200`` without ``Content-Range`` (the
-    body is still only the range); ``lie-total`` gives a ``Content-Range`` total that ends with the range."""
-    value = _headers(head).get("content-range", "")
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value)
-    if m is None:
-        return head
-    head = _drop_header(head, b"content-range")
-    if fault == "range-as-200":
-        status, _, rest = head.partition(b"\r\n")
-        return status.split(b" ", 1)[0] + b" 200 OK\r\n" + rest
-    return _set_header(head, "Content-Range", f"bytes {m.group(1)}-{m.group(2)}/{int(m.group(2)) + 1}")
-
-
-def _shift_range(head: bytes, value: str) -> bytes:
-    """``head`` asking for ``bytes=A-B`` moved by one byte: back, or forward when A is 0."""
-    first, _, last = value.removeprefix("bytes=").partition("-")
-    delta = -1 if int(first) > 0 else 1
-    lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"range:")]
-    rng = f"Range: bytes={int(first) + delta}-{int(last) + delta}".encode()
-    return b"\r\n".join([lines[0], rng] + lines[1:])
-
-
-def _headers(head: bytes) -> dict[str, str]:
-    out = {}
-    for line in head.split(b"\r\n")[1:]:
-        if b":" in line:
-            k, v = line.split(b":", 1)
-            out[k.decode("latin-1").strip().lower()] = v.decode("latin-1").strip()
-    return out
 
 
 if __name__ == "__main__":
