@@ -1,5 +1,6 @@
 """`s3cache manifest s3://bucket/prefix/` (issue 13.5) against moto's S3 server."""
 
+import base64
 import hashlib
 import io
 import uuid
@@ -137,3 +138,45 @@ def test_prefix_uris(uri, ok):
     else:
         with pytest.raises(UnsafeKey):
             parse_prefix_uri(uri)
+
+
+def test_composite_checksums_are_never_written_as_the_objects(moto, bucket):
+    """moto, like servers that predate x-amz-checksum-type, sends a composite CRC32C without "-N" and
+    without a type: the fetcher's rule (checks.part_count) reads it as composite, and so must the listing."""
+    import crc32c
+
+    s3 = moto.client()
+    parts = [b"a" * (5 << 20), b"b" * 1000]
+    for key, kind in (("c/composite", {}), ("c/full", {"ChecksumType": "FULL_OBJECT"})):
+        mp = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C", **kind)
+        done = []
+        for i, p in enumerate(parts, 1):
+            r = s3.upload_part(Bucket=bucket, Key=key, UploadId=mp["UploadId"], PartNumber=i, Body=p,
+                               ChecksumAlgorithm="CRC32C")
+            done.append({"PartNumber": i, "ETag": r["ETag"], "ChecksumCRC32C": r["ChecksumCRC32C"]})
+        whole = {"ChecksumCRC32C": base64.b64encode(crc32c.crc32c(b"".join(parts)).to_bytes(4, "big")).decode()}
+        s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mp["UploadId"],
+                                     MultipartUpload={"Parts": done}, **(kind and {**kind, **whole}))
+    head = s3.head_object(Bucket=bucket, Key="c/composite", ChecksumMode="ENABLED")
+    assert "ChecksumType" not in head and "-" not in head["ChecksumCRC32C"]  # the quirk this is about
+    out = io.StringIO()
+    write_manifest(make_client(moto.url, "us-east-1"), bucket, "c/", out, checksums=True)
+    got = {e.ref.key: e for e in parse(out.getvalue().splitlines(), "-")}
+    assert got["c/composite"].crc32c is None and got["c/composite"].md5 is None
+    assert got["c/full"].crc32c == f"{crc32c.crc32c(b''.join(parts)):08x}"
+
+
+def test_checksums_include_s3s_and_boto3s_defaults(moto, bucket):
+    import zlib
+
+    from awscrt.checksums import crc64nvme
+
+    s3 = moto.client()
+    body = b"defaults" * 500
+    s3.put_object(Bucket=bucket, Key="d/crc32", Body=body)  # boto3's default: CRC32
+    s3.put_object(Bucket=bucket, Key="d/nvme", Body=body, ChecksumAlgorithm="CRC64NVME")  # S3's default
+    out = io.StringIO()
+    write_manifest(make_client(moto.url, "us-east-1"), bucket, "d/", out, checksums=True)
+    got = {e.ref.key: e for e in parse(out.getvalue().splitlines(), "-")}
+    assert got["d/crc32"].crc32 == f"{zlib.crc32(body):08x}" and got["d/crc32"].crc64nvme is None
+    assert got["d/nvme"].crc64nvme == f"{crc64nvme(body):016x}"

@@ -34,14 +34,14 @@ def reason(line: str) -> str:
 # The messages users read, word for word: a bad line's message is all they get to fix it with.
 @pytest.mark.parametrize("line,want", [
     ("s3://bkt/k colour=red",
-     "unknown field 'colour' (known: size, sha256, md5, crc32c, version, pin)"),
+     "unknown field 'colour' (known: size, sha256, md5, crc32c, crc64nvme, crc32, version, pin)"),
     ("s3://bkt/train/ size=3 md5=00000000000000000000000000000000",
      "a prefix line takes only pin=, not md5, size"),
     ("s3://bkt/100%",
      "a '%' in a key must be followed by two hex digits (write '%' itself as %25)"),
     ("s3://bkt/k size=abc", "size= must be a whole number of bytes, got 'abc'"),
     ("s3://bkt/k version=", "expected NAME=VALUE after the URI, got 'version='"),
-    ("s3://bkt/k =v1", "unknown field '' (known: size, sha256, md5, crc32c, version, pin)"),
+    ("s3://bkt/k =v1", "unknown field '' (known: size, sha256, md5, crc32c, crc64nvme, crc32, version, pin)"),
 ])
 def test_bad_line_messages_word_for_word(line, want):
     assert reason(line) == want

@@ -75,3 +75,34 @@ def test_serve_revalidate_notices_changes_by_itself(tmp_path, s3, bucket, daemon
 def test_verify_needs_a_target(tmp_path):
     r = CliRunner().invoke(main, ["verify", "--cache-dir", str(tmp_path)])
     assert r.exit_code == 2 and "--all" in r.output
+
+
+def test_verify_source_spends_one_head_per_object_and_keeps_going_past_a_bad_answer(tmp_path, s3, bucket, daemons,
+                                                                                    proxy):
+    data = {}
+    for i in range(12):
+        key, body = f"v/{i:02d}", os.urandom(3000 + i)
+        if i % 3 == 0:  # 4 of them uploaded in (one) part: their ETag is a multipart one
+            mpu = s3.create_multipart_upload(Bucket=bucket, Key=key)
+            part = s3.upload_part(Bucket=bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=1, Body=body)
+            s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"],
+                                         MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+        else:
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+        data[f"s3://{bucket}/{key}"] = body
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", list(data)), args=["--endpoint-url", proxy.url])
+    d.wait_until(lambda st: st["objects"]["ready"] == 12)
+    changed = [u for i, u in enumerate(data) if i % 3]
+    for uri in changed:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"new " + uri.encode())
+    # A server that ignores partNumber: part HEADs come back with no part count (BadResponse, once).
+    proxy.plan = lambda m, p, q: "no-parts-count" if m == "HEAD" and "partNumber" in q else None
+    heads = len(proxy.seen(f"/{bucket}/", "HEAD"))
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", "--all", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert len(proxy.seen(f"/{bucket}/", "HEAD")) - heads == 12  # one per object, none for part sizes
+    assert sorted(c["uri"] for c in report["changed"]) == sorted(changed) and report["ok"] == 4
+    for uri in changed:
+        path = d.cache_dir / bucket / uri.split("/", 3)[3]
+        wait_for(lambda: path.read_bytes() == b"new " + uri.encode(), 120, f"{uri} fetched again")

@@ -256,6 +256,10 @@ def kinds(moto, s3, bucket) -> dict[str, tuple[bytes, str, str]]:
     crt.upload_fileobj(io.BytesIO(b := rnd(11 * MiB)), bucket, "mp-crc32", Config=TransferConfig(
         multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
     out["mp-crc32"] = (b, "", "s3-crc32")
+    # A copy of a composite-checksum object: a one-part MD5 ETag beside the source's composite CRC32 (with
+    # no "-N": read as the whole object's, it fails; the ETag agrees).
+    s3.copy_object(Bucket=bucket, Key="copy-crc32", CopySource={"Bucket": bucket, "Key": "mp-crc32"})
+    out["copy-crc32"] = (b, "", "etag-md5")
     return out
 
 

@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from s3cache.errors import FetchFailed
+from s3cache.errors import FetchFailed, S3CacheError
 from s3cache.fetch.checksum import digest_file
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.parse import Entry
@@ -84,14 +84,16 @@ class Maintenance:
         (removed if it cannot be) and the object fetched again; a file that could be neither stays and
         is reported with the error. A changed object is fetched again while its cached file stays
         readable until the new one is verified and replaces it: only a definitive answer (another
-        ETag or size) counts, and a good copy is never deleted first. Returns a report."""
+        ETag or size) counts, and a good copy is never deleted first. ``source`` costs one HEAD per
+        object; an object S3 gives no usable answer about is listed under ``errors`` and the others are
+        still checked. Returns a report."""
         with self._cond:
             if everything:
                 targets = self._space.records()
             else:
                 targets = self._space.records(from_identity(x).uri for x in uris)
                 missing = [x for x in uris if not self._space.is_ready(from_identity(x).uri)]
-        report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [],
+        report: dict = {"checked": 0, "ok": 0, "mismatched": [], "changed": [], "gone": [], "errors": [],
                         "not_cached": [] if everything else missing}
         for uri, rec in targets:
             for _ in range(3):  # a new copy renamed over the file while it was hashed: check that one
@@ -133,9 +135,13 @@ class Maintenance:
                     entry = self._schedule.entry_for(uri)
                 entry = entry or Entry(from_identity(uri))
                 try:
-                    now_is = self._describe(entry)
+                    now_is = self._describe(entry, checks=False)  # one HEAD: its size and ETag are all we use
                 except FetchFailed as e:
                     report["gone"].append({"uri": uri, "code": e.code})
+                    continue
+                except S3CacheError as e:  # one object's odd answer says nothing about the others
+                    log.warning("verify: cannot ask S3 about %s: %s", uri, e)
+                    report["errors"].append({"uri": uri, "error": str(e)[:300]})
                     continue
                 if (now_is.etag and rec.etag and now_is.etag != rec.etag) or now_is.size != rec.size:
                     with self._cond:

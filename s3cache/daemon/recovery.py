@@ -2,8 +2,10 @@
 
 Invariants it keeps:
 
-* reconcile neither re-hashes ready files nor asks S3 about them (a restart re-downloads nothing
-  verified); a ``publishing`` row is settled by its file's size and local CRC32C, never trusted as is;
+* reconcile never asks S3 about ready files (a restart re-downloads nothing verified) and re-hashes only
+  those modified since they were fetched; a ready file of another size than was verified, or modified
+  with other bytes, is never served; a ``publishing`` row is settled by its file's size and local
+  CRC32C, never trusted as is;
 * rebuild indexes a file only if it passes a checksum (the manifest's, or S3's from one HEAD): size
   alone is not enough to trust a file nobody watched being written;
 * a file S3 could not vouch for is never served: it waits in the quarantine dir (``held``, saved in the
@@ -54,6 +56,22 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _changed_on_disk(path: str, rec: Record) -> str | None:
+    """Why a ready file is not the one that was verified, or None. Its size must be the record's; one
+    modified after it was fetched (mtime later than ``fetched_at``) is re-hashed against its local
+    CRC32C, so a file truncated, extended or rewritten in place while the daemon was down is caught at
+    start rather than served. A file never touched costs one stat."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if st.st_size != rec.size:
+            return f"{st.st_size} bytes, {rec.size} when it was verified"
+        if rec.fetched_at and st.st_mtime > rec.fetched_at and local_crc32c_of(path) != rec.crc32c:
+            return "modified since it was fetched, and its CRC32C differs"
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
+    return None
 
 
 def cached_files(store: Store) -> Iterator[str]:
@@ -152,7 +170,8 @@ class Recovery:
         (or ``ask_s3`` is False)."""
         size = os.path.getsize(path)
         claims = [Expectation(m, v) for m, v in (("sha256", entry.sha256), ("md5", entry.md5),
-                                                  ("crc32c", entry.crc32c)) if v]
+                                                  ("crc64nvme", entry.crc64nvme), ("crc32c", entry.crc32c),
+                                                  ("crc32", entry.crc32)) if v]
         etag = version = ""
         if claims:
             expect, also = claims[0], tuple(claims[1:])
@@ -259,7 +278,8 @@ class Recovery:
         """Make the index agree with the disk without re-hashing or asking S3 about ready files.
 
         ``publishing`` rows (a crash between intent and ready) are settled by checking their file's size
-        and local CRC32C; ``ready`` rows whose file is gone are dropped, so the object is fetched again.
+        and local CRC32C; ``ready`` rows whose file is gone, or changed (``_changed_on_disk``), are dropped
+        (a changed file quarantined), so the object is fetched again.
         Files an earlier rebuild kept aside unverified are re-checked first (``recheck_held``).
         """
         self.recheck_held(catalog if catalog is not None else Catalog())
@@ -283,6 +303,12 @@ class Recovery:
             elif not self._store.exists(rec.path):
                 drop.append(uri)
                 continue
+            elif (problem := _changed_on_disk(path, rec)) is not None:
+                where, error = self._store.take_out(rec.path, quarantine=True)
+                log.error("%s changed on disk since it was verified (%s); %s, fetching it again", uri, problem,
+                          f"quarantined at {where}" if where else error or "removed")
+                drop.append(uri)
+                continue
             keep.append((uri, rec))
         with self._cond:
             self._space.load(keep)
@@ -291,5 +317,6 @@ class Recovery:
         if drop:
             self._index.delete_many(drop)
         if promote or drop:
-            log.info("reconciled index: %d interrupted publish(es) completed, %d missing file(s) re-queued",
+            log.info("reconciled index: %d interrupted publish(es) completed, %d missing or changed file(s) "
+                     "re-queued",
                      len(promote), len(drop))

@@ -88,7 +88,8 @@ class Schedule:
             del self.extra[uri]
         # Queued entries are the old manifest's: queue what the new one says (its version, checksums).
         self.demand = DemandQueue(self.entry_for(e.uri) or e._replace(size=None, sha256=None, md5=None,
-                                                                      crc32c=None, version=None, size_is_hint=False)
+                                                                      crc32c=None, version=None, size_is_hint=False,
+                                                                      crc64nvme=None, crc32=None)
                                   for e in self.demand)
         self.cursors = Cursors(catalog.jobs, len(catalog))
         self.prefetch_paused = False

@@ -17,6 +17,7 @@ import zlib
 from typing import BinaryIO, NamedTuple
 
 import crc32c as _crc32c
+import xxhash
 
 from s3cache.errors import ChecksumMismatch
 
@@ -24,24 +25,32 @@ CHUNK = 1 << 20  # bytes read or hashed at a time: memory stays flat whatever th
 
 # Preferred first: cryptographic digests (they catch any change, a wrong object included), then
 # whole-object CRCs (they catch transfer errors and are checked as the parts stream, with no second read
-# of the file), then ETags (an MD5 that needs the bytes in order). Of two claims of one kind the
+# of the file), then S3's XXHASH digests (fast, but they need the bytes in order), then ETags (an MD5
+# that needs the bytes in order). Of two claims of one kind the
 # manifest's comes first: it also says which content the user expects. "etag-md5" is the ETag of a
 # single-part upload; "etag-multipart" is the MD5 of the part MD5s (needs the part sizes); "size" alone
 # proves little: the fetcher warns about it and can refuse it.
 METHODS = (
     "sha256",
+    "s3-sha512",
     "s3-sha256",
     "s3-sha1",
     "md5",
+    "s3-md5",
+    "crc64nvme",
     "s3-crc64nvme",
     "crc32c",
     "s3-crc32c",
+    "crc32",
     "s3-crc32",
+    "s3-xxhash128",
+    "s3-xxhash3",
+    "s3-xxhash64",
     "etag-md5",
     "etag-multipart",
     "size",
 )
-MANIFEST_METHODS = frozenset({"sha256", "md5", "crc32c"})
+MANIFEST_METHODS = frozenset({"sha256", "md5", "crc32c", "crc64nvme", "crc32"})
 
 
 class Expectation(NamedTuple):
@@ -142,6 +151,9 @@ class _PerPart:
         parts = list(self.parts)
         if self.filled or not parts:
             parts.append(self.current.digest())
+        # Declared parts of 0 bytes after the last byte (an upload whose last part is empty) are parts too.
+        empty = self.make().digest()
+        parts += [empty for size in self.part_sizes[len(parts):] if size == 0]
         whole = self.make()
         whole.update(b"".join(parts))
         return f"{whole.hexdigest()}-{len(parts)}"
@@ -204,19 +216,22 @@ class _Combiner:
 
 _COMBINERS = {
     "crc32c": _Combiner(0x82F63B78, 32), "s3-crc32c": _Combiner(0x82F63B78, 32),
-    "s3-crc32": _Combiner(0xEDB88320, 32),
-    "s3-crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64),
+    "s3-crc32": _Combiner(0xEDB88320, 32), "crc32": _Combiner(0xEDB88320, 32),
+    "s3-crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64), "crc64nvme": _Combiner(0x9A6C9329AC4BC9B5, 64),
 }
 _LOCAL = _COMBINERS["crc32c"]
 
 
 _MAKERS = {
-    "s3-crc64nvme": _Crc64nvme,
+    "s3-crc64nvme": _Crc64nvme, "crc64nvme": _Crc64nvme,
     "sha256": hashlib.sha256, "s3-sha256": hashlib.sha256,
     "md5": hashlib.md5, "etag-md5": hashlib.md5, "etag-multipart": hashlib.md5,
     "s3-sha1": hashlib.sha1,
+    "s3-sha512": hashlib.sha512, "s3-md5": hashlib.md5,
+    # S3's XXHASH checksums are the canonical (big-endian) XXH64, XXH3-64 and XXH3-128 with seed 0.
+    "s3-xxhash64": xxhash.xxh64, "s3-xxhash3": xxhash.xxh3_64, "s3-xxhash128": xxhash.xxh3_128,
     "crc32c": _Crc32c, "s3-crc32c": _Crc32c,
-    "s3-crc32": _Crc32,
+    "s3-crc32": _Crc32, "crc32": _Crc32,
 }
 
 

@@ -35,13 +35,13 @@ from dataclasses import dataclass
 
 import botocore.exceptions
 
-from s3cache.errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
+from s3cache.errors import ConfigError, ObjectChanged, S3CacheError
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
-from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
+from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans, status
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .stream import DiskFull, Streams
@@ -139,9 +139,10 @@ class Fetcher:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
         return self.api.list(bucket, prefix)
 
-    def describe(self, entry: Entry) -> Described:
-        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
-        return self.api.describe(entry)
+    def describe(self, entry: Entry, checks: bool = True) -> Described:
+        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone.
+        ``checks=False``: its size and ETag only, with no part HEADs (``ObjectApi.describe``)."""
+        return self.api.describe(entry, checks)
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
                 prio: _Priority | None = None) -> None:
@@ -256,15 +257,18 @@ class Fetcher:
         try:
             # A 200 is the whole object (a server that ignores Range); a 206 must be the range asked for.
             total, whole = first_answer(resp, asked)
+            # A 200 to a ranged GET may be a cache's answer with only the range: only a HEAD can tell.
+            confirm = asked is not None and status(resp) == 200
             if entry.size is not None and total != entry.size:
                 if not entry.size_is_hint:
-                    raise FetchFailed(uri, "SizeMismatch", f"S3 says {total} bytes, the manifest says {entry.size}")
+                    self.verifier.size_mismatch(entry, etag, total)
                 # A size from a listing is a hint: the object was rewritten since. S3's size is the truth
-                # (admit below reserves for it), and the checks that follow are S3's own.
+                # (admit below reserves for it, once a HEAD agrees), and the checks that follow are S3's own.
                 log.info("%s is %d bytes in S3, %d when it was listed: fetching S3's", uri, total, entry.size)
+                confirm = True
             if not admit(total):
                 raise NeedSpace(total)
-            checks = self.verifier.settle(entry, resp, etag, whole, total) if whole else None
+            checks = self.verifier.settle(entry, resp, etag, whole, total, confirm) if whole else None
         except BaseException:
             body.close()
             raise
@@ -284,7 +288,7 @@ class Fetcher:
                 self._stream(body, fd, 0, total, digest, prio)
                 slot.release()
             else:
-                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot)
+                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
             # Writes never leave their ranges; the file's length is the object's all the same.
             os.ftruncate(fd, total)
             if os.fstat(fd).st_size != total:
@@ -300,7 +304,7 @@ class Fetcher:
                 self._discard(tmp)
 
     def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
-                    asked: Span, slot: Slot) -> tuple[Checks, Digest]:
+                    asked: Span, slot: Slot, confirm: bool = False) -> tuple[Checks, Digest]:
         """Write part 0 from the open first answer and the other parts in parallel, each pinned by
         If-Match and each answer checked to be exactly its range; return the checks and the whole
         object's digest.
@@ -359,7 +363,7 @@ class Fetcher:
         futures = [pool.submit(part, s) for s in layout[1:]]
         try:
             try:
-                final[0] = self.verifier.settle(entry, first, etag, False, total)
+                final[0] = self.verifier.settle(entry, first, etag, False, total, confirm)
                 if SplitDigest.splittable(final[0].expect, final[0].also):
                     final[1] = SplitDigest(final[0].expect, final[0].also)
                 else:

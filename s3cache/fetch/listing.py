@@ -8,9 +8,10 @@ Checksums: a listing carries none. ListObjectsV2 names an object's additional ch
 (``ChecksumAlgorithm``) but not its value, and it does not say how the object is encrypted, so its ETag
 cannot be written as ``md5=``: under SSE-KMS or SSE-C an ETag is not the MD5 of the bytes, and a wrong
 ``md5=`` would fail every fetch. With ``checksums=True`` each object is asked for with HeadObject
-(``ChecksumMode=ENABLED``, one request an object, in parallel) and gets ``sha256=`` / ``crc32c=`` when
-S3 stores a whole-object checksum of that kind, and ``md5=`` from a single-part ETag when the object is
-neither SSE-KMS nor SSE-C encrypted. Without them the daemon still verifies every object against what
+(``ChecksumMode=ENABLED``, one request an object, in parallel) and gets ``sha256=`` / ``crc64nvme=`` / ``crc32c=`` / ``crc32=`` when
+S3 stores a whole-object checksum of that kind (read as the fetcher reads it: ``checks.part_count``, so a
+composite checksum from a server that does not say so is never written as the object's), and ``md5=``
+from a single-part ETag when the object is neither SSE-KMS nor SSE-C encrypted. Without them the daemon still verifies every object against what
 S3 gives at fetch time; written into the manifest they also pin the content: an object rewritten after
 the manifest was made is refused instead of cached.
 """
@@ -38,7 +39,12 @@ from s3cache.manifest.parse import MAX_OBJECT_SIZE, Entry, SkipLog
 from s3cache.manifest.refs import ObjectRef, check_bucket, check_key
 from s3cache.service.config import redact_url
 
+from .checks import S3_CHECKSUMS, etag_is_digest, part_count
+
 _PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+# S3's whole-object checksums a manifest line can state, by the fetcher's method name.
+_FIELDS = {"s3-sha256": "sha256", "s3-md5": "md5", "s3-crc64nvme": "crc64nvme", "s3-crc32c": "crc32c",
+           "s3-crc32": "crc32"}
 _EXPLAINED = {
     "NoSuchBucket": "the bucket does not exist",
     "AccessDenied": "the credentials in use may not list this bucket",
@@ -151,21 +157,19 @@ def _with_checksums(client, e: Entry) -> Entry:
         raise _failed(e.uri, err) from None
     except botocore.exceptions.BotoCoreError as err:
         raise FetchFailed(e.uri, type(err).__name__, "HeadObject failed") from None
-    composite = head.get("ChecksumType") == "COMPOSITE"
+    etag = str(head.get("ETag", "")).strip('"')
     found: dict[str, str] = {}
-    for field, name, nbytes in (("ChecksumSHA256", "sha256", 32), ("ChecksumCRC32C", "crc32c", 4)):
-        value = head.get(field)
-        if not value or composite or "-" in value:
-            continue  # a checksum of part checksums is not the bytes' checksum
+    for field, method, nbytes in S3_CHECKSUMS:
+        name, value = _FIELDS.get(method), head.get(field)
+        if name is None or not value or part_count(method, value, etag, head.get("ChecksumType")):
+            continue  # a checksum of part checksums is not the bytes' checksum (the fetcher's rule)
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             continue
         if len(raw) == nbytes:
-            found[name] = raw.hex()
-    etag = str(head.get("ETag", "")).strip('"')
-    encrypted = head.get("SSECustomerAlgorithm") or str(head.get("ServerSideEncryption", "")).startswith("aws:kms")
-    if _PLAIN_ETAG.fullmatch(etag) and not encrypted:
-        found["md5"] = etag
+            found.setdefault(name, raw.hex())
+    if _PLAIN_ETAG.fullmatch(etag) and etag_is_digest(head):
+        found.setdefault("md5", etag)
     size = int(head.get("ContentLength", e.size))
     return e._replace(size=size, **found)

@@ -15,8 +15,9 @@ Invariants:
 * A ``Span``'s ``end`` is inclusive, as in HTTP's ``Range`` and ``Content-Range``.
 * A ranged answer is accepted only as a ``206`` whose ``Content-Range`` is exactly the span asked for
   and whose length is the span's (``check_ranged``); anything else is a ``BadResponse`` (retried). A
-  ``200`` to the first request is the whole object (``first_answer``): servers that ignore ``Range``
-  answer so, and its body is then all there is to read.
+  ``200`` to the first request is read as the whole object (``first_answer``): servers that ignore
+  ``Range`` answer so, and its body is then all there is to read; the fetcher has a HEAD confirm its
+  size, since a broken cache may answer so with only the range.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -19,10 +20,15 @@ import botocore.session
 
 from s3cache.manifest.parse import Entry, Listed
 
-from .checks import expectation, s3_expectations
-from .checksum import Expectation, is_per_part, strongest
+from .checks import manifest_expectations, plan, s3_expectations
+from .checksum import Expectation, is_per_part
 from .parts import Span, upload_parts
 from .retry import BadResponse, RetryPolicy
+
+log = logging.getLogger("s3cache.fetch")
+
+# Part HEADs answered without a part count before per-part claims are given up as uncheckable.
+NO_COUNT_ANSWERS = 3
 
 
 @dataclass
@@ -122,38 +128,59 @@ class ObjectApi:
 
         return self.policy.run(entry.uri, once)
 
-    def describe(self, entry: Entry) -> Described:
-        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone."""
+    def describe(self, entry: Entry, checks: bool = True) -> Described:
+        """HEAD the object (with its additional checksums). Raises FetchFailed if it is gone.
+
+        ``checks=False``: the size and ETag are all the caller uses, so no part HEADs are made for a
+        per-part check (``expect`` is then None)."""
         head = self.head(entry)
         etag = head.get("ETag", "").strip('"')
         size = int(head["ContentLength"])
-        expect = self.with_part_size(entry, expectation(entry, head, etag, whole=True), size)
+        expect = None
+        if checks:
+            expect, _ = self.checkable(entry, manifest_expectations(entry), s3_expectations(head, etag, True), size)
         return Described(size, etag, head.get("VersionId") or entry.version or "", expect)
 
-    def s3_check(self, entry: Entry, total: int) -> tuple[str, Expectation | None]:
-        """HEAD the object: its ETag, and the strongest check S3 itself offers (the manifest's aside)."""
-        head = self.head(entry)
-        etag = head.get("ETag", "").strip('"')
-        return etag, self.with_part_size(entry, strongest(s3_expectations(head, etag, whole=True)), total)
-
-    def with_part_size(self, entry: Entry, expect: Expectation | None, total: int) -> Expectation | None:
-        """Per-part checksums need the upload's part boundaries: learn them from ``HeadObject(PartNumber=k)``.
-
-        Parts 1 and N say whether the layout is even (every part the size of part 1 but a shorter last
-        one, as uploaders cut them); otherwise every part is asked for. An answer without a part count
-        is a ``BadResponse`` (retried, then a failure): never a quiet fall back to the size alone."""
+    def checkable(self, entry: Entry, manifest: list[Expectation], s3: list[Expectation],
+                  total: int) -> tuple[Expectation | None, tuple[Expectation, ...]]:
+        """``plan(manifest, s3)`` with the upload's part boundaries given to a per-part check. When the
+        server gives no part count (it ignores partNumber) per-part claims cannot be checked: they are
+        dropped and the next claim verifies (none: the size alone, with the usual warning)."""
+        expect, also = plan(manifest, s3)
         if expect is None or not is_per_part(expect) or expect.part_size or expect.part_sizes:
-            return expect
-        head = self.head(entry, part_number=1)
-        first, count = int(head.get("ContentLength") or 0), int(head.get("PartsCount") or 0)
-        if count <= 0 or first <= 0:
-            raise BadResponse(f"{entry.uri}: HeadObject(PartNumber=1) gave no part count or size, which "
-                              f"{expect.method} {expect.value} needs")
+            return expect, also
+        layout = self.part_layout(entry, total)
+        if layout is not None:
+            return expect._replace(part_sizes=layout), also
+        log.warning("%s: the server answered %d part HEADs with no part count (it ignores partNumber), so its "
+                    "%s %s cannot be checked", entry.uri, NO_COUNT_ANSWERS, expect.method, expect.value)
+        return plan(manifest, [c for c in s3 if not is_per_part(c)])
+
+    def with_boundaries(self, entry: Entry, claim: Expectation, total: int) -> Expectation | None:
+        """``claim`` ready to check: a per-part one with its upload's part boundaries (None if the server
+        gives no part count)."""
+        if not is_per_part(claim) or claim.part_size or claim.part_sizes:
+            return claim
+        layout = self.part_layout(entry, total)
+        return claim._replace(part_sizes=layout) if layout is not None else None
+
+    def part_layout(self, entry: Entry, total: int) -> tuple[int, ...] | None:
+        """The upload's part sizes, from ``HeadObject(PartNumber=k)``: parts 1 and N say whether the layout
+        is even (every part the size of part 1 but a shorter last one, as uploaders cut them); otherwise
+        every part is asked for. Parts may be empty (an upload of 0 bytes, or a last part of 0 bytes).
+
+        None when ``NO_COUNT_ANSWERS`` answers in a row carry no part count: a server that ignores
+        partNumber, whose per-part claims can never be checked (retrying the object would not help)."""
+        for _ in range(NO_COUNT_ANSWERS):
+            head = self.head(entry, part_number=1)
+            first, count = int(head.get("ContentLength") or 0), int(head.get("PartsCount") or 0)
+            if count > 0:
+                break
+        else:
+            return None
         last = int(self.head(entry, part_number=count)["ContentLength"]) if count > 1 else first
         even = upload_parts(total, count, first, last)
-        if even is not None:
-            return expect._replace(part_size=first)
-        return expect._replace(part_sizes=self.part_sizes(entry, count, total))
+        return even if even is not None else self.part_sizes(entry, count, total)
 
     def part_sizes(self, entry: Entry, count: int, total: int) -> tuple[int, ...]:
         """Every upload part's size, one HEAD each; they must add up to ``total``."""

@@ -36,7 +36,7 @@ def format_entry(e: Entry) -> str:
     parts = [f"s3://{e.ref.bucket}/{key}"]
     if e.size is not None:
         parts.append(f"size={e.size}")
-    for name in ("sha256", "md5", "crc32c"):
+    for name in ("sha256", "md5", "crc32c", "crc64nvme", "crc32"):
         v = getattr(e, name)
         if v:
             parts.append(f"{name}={v}")

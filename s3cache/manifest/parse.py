@@ -6,7 +6,8 @@ Grammar, one line::
 
 * ``KEY`` is percent-decoded (UTF-8): write a space as ``%20``, ``#`` as ``%23`` and ``%`` as ``%25``.
   Everything else, including non-ASCII text, may be written as is.
-* Fields: ``size=`` (bytes), ``sha256=``, ``md5=``, ``crc32c=`` (hex, or base64 as S3 prints them),
+* Fields: ``size=`` (bytes), ``sha256=``, ``md5=``, ``crc32c=``, ``crc64nvme=``, ``crc32=`` (hex, or
+  base64 as S3 prints them; ``crc64nvme=`` and ``crc32=`` are S3's and boto3's default checksums),
   ``version=`` (an S3 VersionId to fetch), ``pin=1`` (keep resident; see ``s3cache pin``).
 * A URI ending in ``/`` stands for every object under that prefix, in key order (ListObjectsV2).
   Only ``pin=`` may follow a prefix. Listed keys get the same checks as written ones (a bad one is
@@ -35,8 +36,8 @@ _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _DIGITS = re.compile(r"[0-9]+")
 MAX_OBJECT_SIZE = 5 << 40  # S3's largest object: 5 TiB
-_DIGEST_BYTES = {"sha256": 32, "md5": 16, "crc32c": 4}
-FIELDS = ("size", "sha256", "md5", "crc32c", "version", "pin")
+_DIGEST_BYTES = {"sha256": 32, "md5": 16, "crc32c": 4, "crc64nvme": 8, "crc32": 4}
+FIELDS = ("size", "sha256", "md5", "crc32c", "crc64nvme", "crc32", "version", "pin")
 
 log = logging.getLogger("s3cache.manifest")
 
@@ -58,6 +59,8 @@ class Entry(NamedTuple):
     version: str | None = None
     pin: bool = False
     size_is_hint: bool = False
+    crc64nvme: str | None = None  # after size_is_hint: lines built positionally stay valid
+    crc32: str | None = None
 
     @property
     def uri(self) -> str:

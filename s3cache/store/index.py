@@ -34,7 +34,8 @@ SCHEMA = 2  # 2: rows carry ``claims``; rows of schema 1 load with it empty
 def claims_of(entry: Entry) -> str:
     """The manifest's checksum claims about an object, as one canonical string ("" when it makes none):
     what a cached file was verified against, so that a manifest changing only a checksum is noticed."""
-    return ";".join(f"{name}={v}" for name in ("sha256", "md5", "crc32c") if (v := getattr(entry, name)))
+    return ";".join(f"{name}={v}" for name in ("sha256", "md5", "crc32c", "crc64nvme", "crc32")
+                    if (v := getattr(entry, name)))
 
 
 @dataclass(frozen=True)

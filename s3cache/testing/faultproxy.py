@@ -16,6 +16,13 @@ fault name or None:
 * ``"shift"``: ask upstream for the requested range moved by one byte (back, or forward from byte 0):
   a ``206`` of the same length whose (true) ``Content-Range`` is not the one asked for.
 * ``"no-parts-count"``: drop ``x-amz-mp-parts-count`` from the answer (a HEAD of a part without it).
+* ``"range-as-200"``: answer a ranged GET with the range's bytes but as a ``200`` with no
+  ``Content-Range``, as a broken cache in the path may: only part of the object, passed off as all of it.
+* ``"lie-total"``: a ``206`` whose ``Content-Range`` total says the object ends where the range ends.
+* ``"no-checksum-type"``: drop ``x-amz-checksum-type`` from the answer, as servers that predate it do.
+
+``headers_for(method, path, status)``, when given, returns headers to set on an answer (replacing any
+of the same name): how a test makes the proxy send a checksum moto does not (SHA-512, XXHASH).
 
 ``ranged_checksums=False`` drops ``x-amz-checksum-*`` headers from every answer to a ranged GET, as AWS
 does (moto sends them when the range covers the whole object).
@@ -51,6 +58,7 @@ from urllib.parse import unquote, urlsplit
 Plan = Callable[[str, str, str], "str | None"]
 
 from .faultplans import most_at_once, profile, random_plan  # noqa: E402,F401  (re-exported)
+from .heads import drop_header, header_map, misstate_range, set_header, shift_range
 
 _STEP = 64 << 10  # bytes relayed per write: small enough to pace smoothly
 FLOW_BIN = 0.1  # seconds per bin of ``FaultProxy.flow``
@@ -79,8 +87,10 @@ class Exchange:
 class FaultProxy:
     def __init__(self, upstream_port: int, plan: Plan | None = None, *, latency: float = 0.0,
                  bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0,
-                 ranged_checksums: bool = True) -> None:
+                 ranged_checksums: bool = True,
+                 headers_for: Callable[[str, str, int], dict[str, str]] | None = None) -> None:
         self.upstream_port = upstream_port
+        self.headers_for = headers_for
         self.plan = plan or (lambda m, p, q: None)
         self.latency = latency
         self.bandwidth = bandwidth
@@ -226,7 +236,7 @@ class FaultProxy:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-                headers = _headers(head)
+                headers = header_map(head)
                 body = b""
                 if int(headers.get("content-length", "0")):
                     body = await reader.readexactly(int(headers["content-length"]))
@@ -266,19 +276,27 @@ class FaultProxy:
                     continue
                 ranged = "range" in headers
                 if fault == "ignore-range" and ranged:
-                    head = _drop_header(head, b"range")
+                    head = drop_header(head, b"range")
                 elif fault == "shift" and ranged:
-                    head = _shift_range(head, headers["range"])
+                    head = shift_range(head, headers["range"])
                 if up_w is None:
                     up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
                 up_w.write(head + body)
                 await up_w.drain()
                 rhead = await up_r.readuntil(b"\r\n\r\n")
                 if fault == "no-parts-count":
-                    rhead = _drop_header(rhead, b"x-amz-mp-parts-count")
+                    rhead = drop_header(rhead, b"x-amz-mp-parts-count")
+                elif fault == "no-checksum-type":
+                    rhead = drop_header(rhead, b"x-amz-checksum-type")
+                elif fault in ("range-as-200", "lie-total") and rhead.split(b" ", 2)[1] == b"206":
+                    rhead = misstate_range(rhead, fault)
                 if ranged and not self.ranged_checksums and rhead.split(b" ", 2)[1] == b"206":
-                    rhead = _drop_header(rhead, b"x-amz-checksum-")
-                rheaders = _headers(rhead)
+                    rhead = drop_header(rhead, b"x-amz-checksum-")
+                if self.headers_for is not None:
+                    extra = self.headers_for(method, path, int(rhead.split(b" ", 2)[1]))
+                    for name, value in (extra or {}).items():
+                        rhead = set_header(rhead, name, value)
+                rheaders = header_map(rhead)
                 if exchange is not None:
                     exchange.status = int(rhead.split(b" ", 2)[1])
                 length = int(rheaders.get("content-length", "0")) if method != "HEAD" else 0
@@ -286,7 +304,7 @@ class FaultProxy:
                 if close_upstream:
                     # moto closes every connection; S3 keeps them alive. Reconnect upstream, and let the
                     # client keep its connection, as it would with S3.
-                    rhead = _drop_header(rhead, b"connection")
+                    rhead = drop_header(rhead, b"connection")
                 if fault in ("reset", "short", "stall", "flip") and length >= 2:
                     rbody = await up_r.readexactly(length)
                     if fault == "flip":
@@ -364,32 +382,6 @@ class FaultProxy:
             if delay > 0:
                 await asyncio.sleep(delay)
         return sent
-
-
-def _drop_header(head: bytes, name: bytes) -> bytes:
-    """``head`` without the header ``name``, or without every header starting with ``name`` if it ends
-    with ``-``."""
-    lines = head.split(b"\r\n")
-    prefix = name if name.endswith(b"-") else name + b":"
-    return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(prefix))
-
-
-def _shift_range(head: bytes, value: str) -> bytes:
-    """``head`` asking for ``bytes=A-B`` moved by one byte: back, or forward when A is 0."""
-    first, _, last = value.removeprefix("bytes=").partition("-")
-    delta = -1 if int(first) > 0 else 1
-    lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"range:")]
-    rng = f"Range: bytes={int(first) + delta}-{int(last) + delta}".encode()
-    return b"\r\n".join([lines[0], rng] + lines[1:])
-
-
-def _headers(head: bytes) -> dict[str, str]:
-    out = {}
-    for line in head.split(b"\r\n")[1:]:
-        if b":" in line:
-            k, v = line.split(b":", 1)
-            out[k.decode("latin-1").strip().lower()] = v.decode("latin-1").strip()
-    return out
 
 
 if __name__ == "__main__":
