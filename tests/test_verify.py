@@ -106,3 +106,17 @@ def test_verify_source_spends_one_head_per_object_and_keeps_going_past_a_bad_ans
     for uri in changed:
         path = d.cache_dir / bucket / uri.split("/", 3)[3]
         wait_for(lambda: path.read_bytes() == b"new " + uri.encode(), 120, f"{uri} fetched again")
+
+
+def test_verify_text_output_names_an_object_s3_gave_no_usable_answer_about(tmp_path, s3, bucket, daemons, proxy):
+    """The text form prints what --json lists under errors: one line per object left unchecked."""
+    for key in ("e/ok", "e/odd"):
+        s3.put_object(Bucket=bucket, Key=key, Body=key.encode() * 100)
+    uris = [f"s3://{bucket}/e/ok", f"s3://{bucket}/e/odd"]
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris), args=["--endpoint-url", proxy.url])
+    d.wait_until(lambda st: st["objects"]["ready"] == 2)
+    proxy.plan = lambda m, p, q: "500" if m == "HEAD" and p.endswith("/e/odd") else None
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(d.cache_dir), "--source", "--all"])
+    assert r.exit_code == 0, r.output
+    assert f"unchecked   s3://{bucket}/e/odd: " in r.output, r.output
+    assert "checked 2 file(s)" in r.output and f"s3://{bucket}/e/ok" not in r.output.split("unchecked", 1)[1]

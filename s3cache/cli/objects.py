@@ -183,6 +183,8 @@ def verify(cache_dir: Path, everything: bool, source: bool, as_json: bool, uris:
             click.echo(f"gone        {shown_uri(g['uri'])}: {g['code']}")
         for u in report["not_cached"]:
             click.echo(f"not cached  {shown_uri(u)}")
+        for e in report.get("errors", []):  # S3 gave no usable answer about it: not checked this time
+            click.echo(f"unchecked   {shown_uri(e['uri'])}: {e['error']}")
     if report["mismatched"]:
         sys.exit(1)
 

@@ -33,6 +33,7 @@ from s3cache.manifest.refs import from_identity
 from s3cache.store.files import Store
 from s3cache.store.index import Index, Record
 
+from .failures import SLOW, is_permanent
 from .recovery import DEFINITIVE, HELD, Recovery, cached_files, open_index  # noqa: F401 (re-exported)
 from .schedule import Schedule
 from .space import Space
@@ -137,7 +138,12 @@ class Maintenance:
                 try:
                     now_is = self._describe(entry, checks=False)  # one HEAD: its size and ETag are all we use
                 except FetchFailed as e:
-                    report["gone"].append({"uri": uri, "code": e.code})
+                    if is_permanent(e.code) or e.code in SLOW:  # S3 answered about the object itself
+                        report["gone"].append({"uri": uri, "code": e.code})
+                        continue
+                    # Retries ran out (a 500, a timeout): S3 said nothing about the object itself.
+                    log.warning("verify: cannot ask S3 about %s: %s", uri, e)
+                    report["errors"].append({"uri": uri, "error": str(e)[:300]})
                     continue
                 except S3CacheError as e:  # one object's odd answer says nothing about the others
                     log.warning("verify: cannot ask S3 about %s: %s", uri, e)
