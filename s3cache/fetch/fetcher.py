@@ -145,7 +145,7 @@ class Fetcher:
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
                 prio: _Priority | None = None) -> None:
-        self.streams.copy(body, fd, offset, expect_len, digest, background=prio is not None and not prio.foreground)
+        self.streams.copy(body, fd, offset, expect_len, digest, waited=prio)
 
     # -- one object --------------------------------------------------------------------------------
 
@@ -204,7 +204,8 @@ class Fetcher:
             self.link.readers = self._fg_active
             self._fg_idle.clear()
             prio.promoted = True
-            return True
+        self.link.wake()  # its streams waiting for prefetch's turn now wait only for a free slot
+        return True
 
     def _first_length(self, entry: Entry, foreground: bool) -> int:
         """What the first GET asks for. A reader's object starts with a small range when its size is
@@ -230,7 +231,7 @@ class Fetcher:
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
         asked: Span | None = first_span(self._first_length(entry, prio.foreground))
-        slot = Slot(self.link, prio.foreground)
+        slot = Slot(self.link, prio)
         try:
             try:
                 resp = self.api.get(entry, asked, None)
@@ -345,7 +346,7 @@ class Fetcher:
             return resp["Body"]
 
         def once(span: Span) -> None:
-            part_slot = Slot(self.link, prio.foreground)
+            part_slot = Slot(self.link, prio)
             try:
                 stream(get(span), span)
             finally:
