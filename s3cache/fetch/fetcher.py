@@ -39,6 +39,7 @@ from s3cache.errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
+from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
@@ -124,12 +125,15 @@ class Fetcher:
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
         self._fg_idle.set()
         self.link = Link(workers, cancel)
+        self._ports = endpoint_ports(client)
         self._inflight: dict[str, _Priority] = {}
         self.streams = Streams(cancel, self.link, self.counters)
 
     def abort(self) -> None:
-        """Stopping: wake every read blocked on a response body (see ``Streams.abort``)."""
+        """Stopping: wake every read blocked on a response body (see ``Streams.abort``), and every request
+        still waiting for its answer (``hangup.py``). Call after setting ``cancel``."""
         self.streams.abort()
+        hang_up(self._ports)
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
