@@ -322,7 +322,11 @@ class Daemon:
 
     def _fail(self, uri: str, code: str, message: str) -> None:
         message = _about(uri, redact_urls(message))
-        log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
+        # While S3 is unreachable the fetcher says so once a minute; one line per object giving up on
+        # it would bury that (hundreds a minute with many objects).
+        quiet = self.fetcher is not None and self.fetcher.policy.outage.explains(code)
+        log.log(logging.DEBUG if quiet else logging.ERROR, "failed %s: %s: %s", shown(uri), code,
+                message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
             self.schedule.fail(uri, code, message)
