@@ -298,7 +298,7 @@ class Space(Pins, RoomReports):
                 return True
             now = time.time()
             n = len(self.catalog)
-            fut = self._tracker.future(n, now)
+            fut = self._tracker.future(n)  # its own, monotonic clock: readers go silent over a duration
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + size - low - need)
@@ -329,7 +329,7 @@ class Space(Pins, RoomReports):
             self._drain_notes()
             now = time.time()
             n = len(self.catalog)
-            fut = self._tracker.future(n, now)
+            fut = self._tracker.future(n)  # its own, monotonic clock: readers go silent over a duration
             victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=False, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
