@@ -14,6 +14,14 @@ from collections import OrderedDict
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
 
 
+def lease_budget(max_size: int, filesystem: int) -> int:
+    """The bytes leases may hold beyond each holder's newest files: a share of what the cache can really
+    hold, the smaller of ``--max-size`` and the filesystem (``filesystem``: its size in bytes). A share
+    of ``--max-size`` alone let a reader's own old files, leased on a filesystem smaller than it, keep
+    that reader's next file out until ``--lease`` ended."""
+    return min(max_size, filesystem) // LEASE_SHARE
+
+
 class Leases:
     """Which files readers' leases hold: the newest each reader resolved, within ``lease`` seconds.
 
