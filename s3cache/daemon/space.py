@@ -62,6 +62,7 @@ from s3cache.service.config import Settings, human_size
 from s3cache.store.files import Store
 from s3cache.store.index import Index, Record
 
+from . import kept_leases
 from .pins import Pins
 from .room import RoomReports
 
@@ -97,6 +98,8 @@ class Space(Pins, RoomReports):
         # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
         # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
         self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()))
+        kept_leases.restore(index, self.leases)  # promised before a restart: kept after it
+        self._leases_saved = self.leases.changes
         self._awaited: dict[str, dict[str, int]] = {}
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}
@@ -396,11 +399,16 @@ class Space(Pins, RoomReports):
     # == usage ========================================================================================
 
     def flush(self) -> None:
-        """Write readers' usage (last_used) to the index. Outside the state lock, so eviction may delete
+        """Write readers' usage (last_used) and leases (``kept_leases``) to the index. Outside the state lock, so eviction may delete
         (or a publish replace) a row meanwhile: only rows still holding the same file are updated, in one
         transaction, so a row just deleted is never written back (issue 17 item 14)."""
         with self._cond:
             dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
             self._dirty_use.clear()
+            changes = self.leases.changes
+            leases = self.leases.snapshot(time.monotonic()) if changes != self._leases_saved else None
         if dirty:
             self.index.touch_many(dirty)
+        if leases is not None:
+            kept_leases.save(self.index, leases)
+            self._leases_saved = changes
