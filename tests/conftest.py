@@ -61,10 +61,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture
-def daemons(tmp_path, moto, request):
+def daemons(tmp_path, moto, request, small_fs):
     """Start daemons with ``daemons(cache_dir, manifest=..., args=[...])``; all are stopped at the end, and
     each must then have exited 0 with no traceback, loop error or dead thread in its log, unless the test
-    is marked ``unclean_daemon(reason)``."""
+    is marked ``unclean_daemon(reason)``. (It asks for ``small_fs`` so that its daemons stop before any
+    filesystem a test mounted for them is unmounted: fixtures end in the reverse order they began.)"""
     started: list[CheckedDaemon] = []
 
     def start(cache_dir: Path | None = None, *, manifest=None, args=None, wait=True, env=None) -> DaemonProcess:
