@@ -1,4 +1,4 @@
-"""Leases across a restart (issue 26, item 9): what was promised to a reader before the daemon
+"""Leases across a restart: what was promised to a reader before the daemon
 restarted is kept after it, each lease for what is left of it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lease budget on a filesystem smaller than --max-size (issue 26, item 11): a share of what the
+"""The lease budget on a filesystem smaller than --max-size: a share of what the
 cache can really hold, so a reader's own old leased files never keep its next file out."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stopping (issue 26, item 12): signals never run our code inside a handler, and SIGTERM ends the
+"""Stopping: signals never run our code inside a handler, and SIGTERM ends the
 daemon within a second or two whatever S3 does, requests still waiting for their answer included."""
 
 from __future__ import annotations
