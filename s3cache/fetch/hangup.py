@@ -4,11 +4,12 @@ waiting for their answer's headers.
 ``Streams.abort`` wakes reads blocked on a response body, whose socket it can reach. A request still
 waiting for its headers has no response object yet, and botocore gives no handle on its connection, so
 a stop while S3 is slow to answer used to wait for the read timeout (more than 15 s). This module finds
-the sockets themselves: every connected TCP socket of this process whose peer port is the endpoint's
-(or a configured proxy's) is shut down, which makes a blocked ``recv`` return at once; the request
-then fails, and the retry policy, seeing ``cancel`` set, ends it as ``Cancelled``.
+the sockets themselves: every TCP socket of this process connected or connecting to the endpoint's port
+(or a configured proxy's) is shut down, which makes a blocked ``recv`` return at once and ends a
+connection attempt to an endpoint that drops it; the request then fails, and the retry policy, seeing
+``cancel`` set, ends it as ``Cancelled``.
 
-Linux only (``/proc/self/fd``); elsewhere it does nothing and a stop waits for the read timeout, as
+Linux only (``/proc/self/fd``, ``/proc/net/tcp``); elsewhere it does nothing and a stop waits for the read timeout, as
 before. Only for stopping: it also cuts idle pooled connections, and any other connection of the
 process to the same port.
 """
@@ -21,6 +22,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 _DEFAULT_PORT = {"https": 443, "http": 80}
+_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 
 def endpoint_ports(client) -> set[int]:
@@ -39,8 +41,11 @@ def endpoint_ports(client) -> set[int]:
 
 
 def hang_up(ports: set[int]) -> int:
-    """Shut down (both ways) every connected TCP socket of this process whose peer port is in ``ports``;
-    how many. Descriptors are borrowed, never closed: their owners close them as the requests fail."""
+    """Shut down (both ways) every TCP socket of this process connected, or connecting, to a port in
+    ``ports``; how many. A socket still connecting (SYN sent to an endpoint that drops it) is
+    disconnected by the shutdown too, which wakes the thread waiting for the connection. Descriptors are
+    borrowed, never closed: their owners close them as the requests fail."""
+    peers = _peer_ports()
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
@@ -49,18 +54,40 @@ def hang_up(ports: set[int]) -> int:
     for name in fds:
         fd = int(name)
         try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=fd)
-        except OSError:  # closed since the listing, or not a socket after all
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing
+            continue
+        if not link.startswith("socket:[") or peers.get(int(link[8:-1])) not in ports:
             continue
         try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                if sock.getpeername()[1] in ports:  # ENOTCONN for a listening or unconnected socket
-                    sock.shutdown(socket.SHUT_RDWR)
-                    n += 1
+            sock = socket.socket(fileno=fd)
         except OSError:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            n += 1
+        except OSError:  # ended meanwhile
             pass
         finally:
             sock.detach()
     return n
+
+
+def _peer_ports() -> dict[int, int]:
+    """Socket inode -> remote port, for this network namespace's TCP sockets that have a peer (connected
+    or connecting: getpeername tells only the former)."""
+    out: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 10 or fields[3] == _LISTEN:
+                continue
+            port = int(fields[2].rsplit(":", 1)[1], 16)
+            if port:
+                out[int(fields[9])] = port
+    return out

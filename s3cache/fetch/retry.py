@@ -214,7 +214,8 @@ class RetryPolicy:
                 result = op()
             except Exception as e:  # classified: anything unknown is re-raised as is
                 if isinstance(e, UNREACHABLE):
-                    self.outage.unanswered(uri, e)
+                    if not self.cancel.is_set():  # not a hang-up of our own, stopping
+                        self.outage.unanswered(uri, e)
                 elif not isinstance(e, Cancelled):
                     self.outage.answered(uri)
                 verdict = classify(e, uri)
