@@ -4,12 +4,13 @@ daemon within a second or two whatever S3 does, requests still waiting for their
 from __future__ import annotations
 
 import os
-import socket
 import signal
+import socket
 import threading
 import time
 
 from conftest import put_objects, write_manifest
+
 from s3cache.daemon.signals import Signals
 from s3cache.testing import free_port, wait_for
 from s3cache.testing.faultproxy import FaultProxy

@@ -108,6 +108,7 @@ def classify(e: BaseException, uri: str) -> BaseException:
 
 UNREACHABLE = (botocore.exceptions.ConnectionError, botocore.exceptions.ReadTimeoutError)  # no answer at all
 SUMMARY_EVERY = 60.0  # seconds between "still unreachable" lines
+_GONE = "S3 is unreachable (%s: %s); retrying with backoff, one line a minute until it answers"
 
 
 class Outage:
@@ -140,8 +141,7 @@ class Outage:
             self._codes.add(type(e).__name__)
             if self.since is None:
                 self.since = self._said = now
-                line = ("S3 is unreachable (%s: %s); retrying with backoff, one line a minute until it "
-                        "answers", (type(e).__name__, redact_urls(str(e))))
+                line = (_GONE, (type(e).__name__, redact_urls(str(e))))
             elif now - self._said >= SUMMARY_EVERY:
                 self._said = now
                 oldest = now - min(self.waiting.values())
