@@ -38,24 +38,57 @@ def bucket(s3):
     return name
 
 
+# What a daemon's log must never show in a test that does not mean it: a traceback, a loop that survived
+# an exception (supervise.LoopErrors), a thread that died.
+UNCLEAN = ("Traceback (most recent call last)", "failed, carrying on:", "failed again", "thread died")
+
+
+class CheckedDaemon(DaemonProcess):
+    """A test daemon that remembers how it exited, whoever stopped it."""
+
+    exit_code: int | None = None
+
+    def stop(self) -> int | None:
+        rc = super().stop()
+        if rc is not None:
+            self.exit_code = rc
+        return rc
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unclean_daemon(reason): this test's daemons may exit non-zero or log "
+                                       "errors on purpose (a kill -9, a failure it provokes); say why")
+
+
 @pytest.fixture
-def daemons(tmp_path, moto):
-    """Start daemons with ``daemons(cache_dir, manifest=..., args=[...])``; all are stopped at the end."""
-    started: list[DaemonProcess] = []
+def daemons(tmp_path, moto, request, small_fs):
+    """Start daemons with ``daemons(cache_dir, manifest=..., args=[...])``; all are stopped at the end, and
+    each must then have exited 0 with no traceback, loop error or dead thread in its log, unless the test
+    is marked ``unclean_daemon(reason)``. (It asks for ``small_fs`` so that its daemons stop before any
+    filesystem a test mounted for them is unmounted: fixtures end in the reverse order they began.)"""
+    started: list[CheckedDaemon] = []
 
     def start(cache_dir: Path | None = None, *, manifest=None, args=None, wait=True, env=None) -> DaemonProcess:
         # These daemons serve tests of everything but the demand scope, which fetch on demand from
         # throwaway buckets: they may fetch any object (S3CACHE_ALLOW=s3://). The scope's own tests
         # (test_scope.py) give --allow, which beats the environment, or set S3CACHE_ALLOW themselves.
-        d = DaemonProcess(cache_dir or tmp_path / "cache", moto.url, manifest=manifest,
+        d = CheckedDaemon(cache_dir or tmp_path / "cache", moto.url, manifest=manifest,
                           args=list(args or []), env={"S3CACHE_ALLOW": "s3://", **(env or {})},
                           log_path=tmp_path / f"daemon-{len(started)}.log")
         started.append(d)
         return d.start(wait=wait)
 
     yield start
-    for d in started:
+    problems = []
+    for i, d in enumerate(started):
         d.stop()
+        if d.exit_code not in (0, None):  # None: the test ended it itself (a kill, its own wait)
+            problems.append(f"daemon {i} exited {d.exit_code}")
+        bad = [line for line in d.log().splitlines() if any(u in line for u in UNCLEAN)]
+        if bad:
+            problems.append(f"daemon {i}'s log ({d.log_path}): " + " | ".join(bad[:5]))
+    if problems and request.node.get_closest_marker("unclean_daemon") is None:
+        pytest.fail("test daemons did not stop cleanly: " + "; ".join(problems), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -44,7 +44,7 @@ def upload(rig, uris):
 
 
 def distances(rig, n):
-    fut = rig.tracker.future(n, time.time())
+    fut = rig.tracker.future(n)
     return [fut.distance(p) for p in range(n)]
 
 
@@ -106,7 +106,7 @@ def test_several_readers_count_by_nearest_use_and_a_silent_one_stops_counting(ri
     rig.readers.order_op("order", order_msg(uris, seed=2, reader="r2"))
     r1, r2 = list(permutation(20, 1, 0)), list(permutation(20, 2, 0))
     assert distances(rig, 20) == [min(r1.index(p), r2.index(p)) for p in range(20)]
-    later = time.time() + rig.tracker.idle + 1
+    later = rig.tracker.clock() + rig.tracker.idle + 1
     assert not rig.tracker.future(20, later)  # neither announced again nor read within the idle time
 
 

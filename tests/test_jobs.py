@@ -227,6 +227,7 @@ def test_a_bad_job_file_keeps_every_job_as_it_was_and_says_which(tmp_path, s3, b
     assert set(st["jobs"]) == {"a", "b"}
 
 
+@pytest.mark.unclean_daemon("refusing to start is the point: the daemon exits 2")
 def test_serve_refuses_a_manifest_dir_that_is_not_a_directory(tmp_path, daemons):
     f = tmp_path / "m.txt"
     f.write_text("")

@@ -51,6 +51,7 @@ def _index_on_its_own_fs(tmp_path, daemons, small_fs, size="8m"):
     return cache, index_dir
 
 
+@pytest.mark.unclean_daemon("a full index makes the worker record a loop error: surviving it is the point")
 def test_a_full_index_while_evicting_for_a_full_disk_does_not_kill_the_worker(tmp_path, s3, bucket, daemons,
                                                                               small_fs):
     """The data filesystem is full when a reader asks for an object; evicting for it then fails because
@@ -90,6 +91,7 @@ def test_a_full_index_while_evicting_for_a_full_disk_does_not_kill_the_worker(tm
         subprocess.run(["umount", "-l", str(index_dir)], capture_output=True)
 
 
+@pytest.mark.unclean_daemon("a full index makes housekeeping record a loop error: surviving it is the point")
 def test_housekeeping_survives_a_full_index_and_says_so_once(tmp_path, s3, bucket, daemons, small_fs):
     """The index's filesystem fills under a running daemon: readers' usage notes cannot reach the index.
     Housekeeping logs it once (not a traceback a second), counts each failure, and carries on; once

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from s3cache import resolve
 from s3cache.errors import ConfigError, FetchFailed
 from s3cache.service.metrics import FetchHistogram, parse_addr, serve_metrics
-from s3cache.testing import FAKE_CREDENTIALS, free_port
+from s3cache.testing import FAKE_CREDENTIALS, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "s3cache.json"
@@ -171,6 +171,24 @@ def test_grafana_dashboard_uses_only_exported_metrics(daemons):
         assert name in used, name
 
 
+def housekeeping_went_round(d, uris: list[str]) -> None:
+    """Wait until the daemon's housekeeping has gone once all round its steps (so that ``loop_errors``
+    would show a step that raises): a reader's use of ``uris[0]`` reaches the index at the first step
+    of some round; the use of ``uris[1]``, made after that, can only reach it at a later round's, which
+    comes after every step of the first."""
+    from s3cache.store.files import Layout
+    from s3cache.store.index import Index
+
+    index = Index(Layout(str(d.cache_dir.absolute())).index)
+    try:
+        for uri in uris[:2]:
+            before = index.get(uri).last_used
+            resolve(uri, cache_dir=d.cache_dir, timeout=60)
+            wait_for(lambda u=uri, b=before: index.get(u).last_used != b, 60, f"{uri}'s use in the index")
+    finally:
+        index.close()
+
+
 def test_serve_exports_metrics_on_metrics_addr(tmp_path, s3, bucket, daemons):
     """The real serve: the fetch histogram, errors by code and the manifest's bytes move with the work."""
     s3.put_object(Bucket=bucket, Key="k", Body=b"12345")
@@ -191,6 +209,7 @@ def test_serve_exports_metrics_on_metrics_addr(tmp_path, s3, bucket, daemons):
     # the manifest's size plus the one learned from S3; "gone" never told its size
     assert m[("s3cache_manifest_bytes", ())] == 7005
     assert m[("s3cache_disk_full_pauses_total", ())] == 0
+    housekeeping_went_round(d, [f"s3://{bucket}/k", f"s3://{bucket}/sized"])
     st = d.status()
     assert st["manifest_bytes"] == {"total": 7005, "ready": 7005, "unknown_sizes": 1}
     assert st["errors_by_code"] == {"NoSuchKey": 1} and st["loop_errors"] == {}

@@ -269,3 +269,49 @@ def test_a_lease_that_lands_late_keeps_its_place_in_the_readers_order():
     assert leases.held(4.5) == {"a", "b"}
     leases.saw("r", "c", 1, 5.0)
     assert leases.held(5.5) == {"b", "c"}
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_readers_go_silent_on_the_trackers_own_clock_not_the_wall_clock():
+    """Silence is a duration: the tracker measures it on its injected (monotonic) clock, so a wall
+    clock stepped an hour on forgets no reader, and one stepped back keeps none past ``idle``."""
+    clock = Clock()
+    t = ReaderTracker(idle=100, stride=4, clock=clock)
+    for p in range(4):
+        t.saw("a", p, 10)  # in order: its next position is known
+    clock.t += 99
+    assert t.positions(10) == [4]
+    clock.t += 2
+    assert t.positions(10) == []  # silent for longer than idle on its clock: forgotten
+    t.announce("b", Announcement(1, 0, ListMap(10)))
+    clock.t += 99
+    assert t.future(10)
+    clock.t += 2
+    assert not t.future(10)
+
+
+def test_the_daemons_parts_tell_the_tracker_no_time_of_their_own(tmp_path):
+    """Notes reach the tracker through the readers part with no wall-clock reading: with the tracker's
+    clock standing still, a reader is never forgotten however far the wall clock moves."""
+    from parts import Rig, catalog, entry
+
+    rig = Rig(tmp_path / "cache", max_size=1000, lease=600.0)
+    try:
+        clock = Clock(t=5.0)  # far below any wall-clock reading: a wall time would count as silence
+        rig.tracker.clock = clock
+        uris = [f"s3://bkt/{i}" for i in range(10)]
+        rig.install(catalog(*(entry(u, 1) for u in uris)))
+        with rig.cond:
+            rig.readers.note_use("p1", uris[:4], True)
+            assert rig.tracker.positions(10) == [4]
+            clock.t += rig.tracker.idle + 1
+            assert rig.tracker.positions(10) == []
+    finally:
+        rig.close()

@@ -86,7 +86,7 @@ class Announced:
         with self._cond:
             if self._schedule.catalog is not catalog:
                 return {"error": "the manifest changed meanwhile: announce again", "code": "UnknownList"}
-            self.tracker.announce(reader, ann, time.time())
+            self.tracker.announce(reader, ann)
             log.info("reader %s announced epoch %d: %d files in its seed-%d order from #%d", reader, epoch, n,
                      seed, start)
         self._schedule.reconsider()

@@ -123,7 +123,7 @@ class Readers(Announced):
             pos = catalog.position(uri)
             epoch = self.tracker.epoch_of(reader)
             if pos is not None:
-                epoch = self.tracker.saw(reader, pos, n, now)
+                epoch = self.tracker.saw(reader, pos, n)
                 moved = True
             if is_hit:
                 self.hits += 1

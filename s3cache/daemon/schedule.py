@@ -138,7 +138,7 @@ class Schedule:
         n = len(self.catalog)
         if not n:
             return None
-        fut = self._tracker.future(n, time.time())
+        fut = self._tracker.future(n)
         if not fut:
             cat = self.catalog
             p = self.cursors.next(lambda q: self._wanted(cat.entry(q).uri))

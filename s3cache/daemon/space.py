@@ -49,7 +49,6 @@ from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.jobs import Landed
 from s3cache.manifest.parse import Entry
 from s3cache.policy.evict import (
-    LEASE_SHARE,
     Leases,
     ReaderTracker,
     Resident,
@@ -57,11 +56,13 @@ from s3cache.policy.evict import (
     readahead_files,
     target_distance,
 )
+from s3cache.policy.leases import lease_budget
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import QUARANTINE_SHARE, Store
 from s3cache.store.index import Index, Record
 
+from . import kept_leases
 from .pins import Pins
 from .room import RoomReports
 
@@ -96,7 +97,9 @@ class Space(Pins, RoomReports):
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
         # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
         # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
-        self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE)
+        self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()))
+        kept_leases.restore(index, self.leases)  # promised before a restart: kept after it
+        self._leases_saved = self.leases.changes
         self._awaited: dict[str, dict[str, int]] = {}
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}
@@ -311,7 +314,7 @@ class Space(Pins, RoomReports):
                 return True
             now = time.time()
             n = len(self.catalog)
-            fut = self._tracker.future(n, now)
+            fut = self._tracker.future(n)  # its own, monotonic clock: readers go silent over a duration
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + self.quarantine_bytes + size - low - need)
@@ -343,7 +346,7 @@ class Space(Pins, RoomReports):
             self._drain_notes()
             now = time.time()
             n = len(self.catalog)
-            fut = self._tracker.future(n, now)
+            fut = self._tracker.future(n)  # its own, monotonic clock: readers go silent over a duration
             victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=False, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
@@ -412,11 +415,16 @@ class Space(Pins, RoomReports):
     # == usage ========================================================================================
 
     def flush(self) -> None:
-        """Write readers' usage (last_used) to the index. Outside the state lock, so eviction may delete
+        """Write readers' usage (last_used) and leases (``kept_leases``) to the index. Outside the state lock, so eviction may delete
         (or a publish replace) a row meanwhile: only rows still holding the same file are updated, in one
         transaction, so a row just deleted is never written back (issue 17 item 14)."""
         with self._cond:
             dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
             self._dirty_use.clear()
+            changes = self.leases.changes
+            leases = self.leases.snapshot(time.monotonic()) if changes != self._leases_saved else None
         if dirty:
             self.index.touch_many(dirty)
+        if leases is not None:
+            kept_leases.save(self.index, leases)
+            self._leases_saved = changes

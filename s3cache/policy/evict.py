@@ -1,4 +1,5 @@
-"""Which files to evict, and where readers are. Pure logic: no filesystem, no clock of its own.
+"""Which files to evict, and where readers are. Pure logic: no filesystem, and time only as given (the
+reader tracker reads an injected clock, monotonic by default).
 
 The policy, as a user can follow it:
 
@@ -34,6 +35,7 @@ The policy, as a user can follow it:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -280,16 +282,24 @@ class ReaderTracker:
     Wrapping from the end of the manifest back to the start begins its next epoch. A reader that
     announced its order (``announce``) is placed in that order instead. A reader silent for ``idle``
     seconds (no note, no announcement) is forgotten, its order with it.
+
+    Silence is a duration, so it is measured on ``clock`` (monotonic by default): a step of the wall
+    clock must neither forget every reader at once nor keep them all long past ``idle``. A ``now``
+    given to a method is a reading of that same clock (the simulator passes its own time, with its own
+    clock); the daemon passes none.
     """
 
-    def __init__(self, idle: float = 600.0, stride: int = 4) -> None:
+    def __init__(self, idle: float = 600.0, stride: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.idle = idle
         self.stride = stride
+        self.clock = clock
         self._readers: dict[str, _Reader] = {}
         self.jobs: Jobs | None = None  # the catalog's jobs (a manifest directory), set at install
 
-    def saw(self, reader: str, position: int, n: int, now: float) -> int:
+    def saw(self, reader: str, position: int, n: int, now: float | None = None) -> int:
         """Record that ``reader`` resolved ``position``; returns the reader's epoch (0-based)."""
+        now = self.clock() if now is None else now
         r = self._readers.get(reader)
         if r is None:
             self._readers[reader] = _Reader(position, 0, now, 0)
@@ -316,15 +326,16 @@ class ReaderTracker:
         r.position = position
         return r.epoch
 
-    def announce(self, reader: str, order: Announcement, now: float) -> None:
+    def announce(self, reader: str, order: Announcement, now: float | None = None) -> None:
         """``reader`` will read in ``order`` from its cursor on (then the next epochs' orders)."""
+        now = self.clock() if now is None else now
         r = self._readers.get(reader)
         if r is None:
             r = self._readers[reader] = _Reader(-1, 0, now, order.epoch)
         r.order = order
         r.when = now
 
-    def future(self, n: int, now: float) -> Future:
+    def future(self, n: int, now: float | None = None) -> Future:
         """When each manifest position is needed next, by the readers in order and the announced orders."""
         self._expire(now)
         announced = [r.order for r in self._readers.values() if r.order is not None and r.order.n]
@@ -336,12 +347,13 @@ class ReaderTracker:
             return 0
         return r.order.epoch if r.order is not None else r.epoch
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
         for name, r in list(self._readers.items()):
             if now - r.when > self.idle:
                 del self._readers[name]
 
-    def positions(self, n: int, now: float) -> list[int]:
+    def positions(self, n: int, now: float | None = None) -> list[int]:
         """Next positions of the readers that go in order (the manifest has ``n`` entries)."""
         self._expire(now)
         if not n:

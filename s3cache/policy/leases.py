@@ -14,6 +14,14 @@ from collections import OrderedDict
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
 
 
+def lease_budget(max_size: int, filesystem: int) -> int:
+    """The bytes leases may hold beyond each holder's newest files: a share of what the cache can really
+    hold, the smaller of ``--max-size`` and the filesystem (``filesystem``: its size in bytes). A share
+    of ``--max-size`` alone let a reader's own old files, leased on a filesystem smaller than it, keep
+    that reader's next file out until ``--lease`` ended."""
+    return min(max_size, filesystem) // LEASE_SHARE
+
+
 class Leases:
     """Which files readers' leases hold: the newest each reader resolved, within ``lease`` seconds.
 
@@ -35,6 +43,7 @@ class Leases:
         self._recent: dict[str, OrderedDict[str, tuple[int, float, int]]] = {}
         self._bytes: dict[str, int] = {}
         self._tickets = 0
+        self.changes = 0  # counts every change to what is leased: whether to save them again
 
     def ticket(self) -> int:
         """A place in readers' order: later than every place handed out before. Times do not serve:
@@ -61,6 +70,7 @@ class Leases:
         else:
             q[uri] = (size, now, place)
         total += size
+        self.changes += 1
         while len(q) > self.min_files:  # keep what could be held, with the budget all this reader's
             oldest = next(iter(q.values()))
             if total - oldest[0] < self.budget and now - oldest[1] < self.lease:
@@ -91,7 +101,33 @@ class Leases:
         """Readers whose lease holds a file now."""
         return sum(1 for q in self._recent.values() if q and now - max(v[1] for v in q.values()) < self.lease)
 
+    def snapshot(self, now: float) -> list[list]:
+        """The leases in force, as rows ``[reader, uri, size, when, place]`` for ``restore``."""
+        return [[reader, uri, size, when, place] for reader, q in self._recent.items()
+                for uri, (size, when, place) in q.items() if now - when < self.lease]
+
+    def restore(self, rows: object, now: float) -> int:
+        """Leases a previous run granted (``snapshot``'s rows, times on this same clock), before any
+        ``saw``: each keeps what is left of its ``lease``. Rows that expired, lie in the future (another
+        clock) or are malformed are dropped. Returns how many were restored."""
+        good = []
+        for row in rows if isinstance(rows, list) else []:
+            if not (isinstance(row, list) and len(row) == 5):
+                continue
+            reader, uri, size, when, place = row
+            if (isinstance(reader, str) and isinstance(uri, str) and type(size) is int and size >= 0
+                    and isinstance(when, (int, float)) and type(place) is int and 0 <= now - when < self.lease):
+                good.append((place, reader, uri, size, float(when)))
+        for place, reader, uri, size, when in sorted(good):
+            q = self._recent.setdefault(reader, OrderedDict())
+            old = q.pop(uri, None)
+            q[uri] = (size, when, place)
+            self._bytes[reader] = self._bytes.get(reader, 0) + size - (old[0] if old else 0)
+            self._tickets = max(self._tickets, place)
+        return len(good)
+
     def forget(self, reader: str | None = None) -> None:
+        self.changes += 1
         if reader is None:
             self._recent.clear()
             self._bytes.clear()
