@@ -1,0 +1,129 @@
+"""The peer tier inside the daemon: built from the settings, wired to the parts, started and stopped
+by the root. What it adds (``s3cache.peer`` has the pieces):
+
+* the workers fetch through ``source`` (``PeerSource``): an object another host owns is asked of it
+  first, S3 otherwise;
+* the listener (``PeerServer``) serves a peer this host's published files. ``find`` looks an object up
+  by its URI in the space (the index's files) and serves it only if it is in the manifest in force; an
+  object not fetched yet is wanted as a reader wants it (``Readers.want``: at the front of the queue,
+  fetched once however many ask) and the request waits for it up to the peer's deadline.
+
+Lock: the state lock only inside ``Readers.want``/``closed`` and around the space lookups; never held
+while waiting or sending.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from s3cache.fetch.fetcher import Fetcher
+from s3cache.manifest.refs import ObjectRef, from_identity
+from s3cache.peer.client import PeerClient
+from s3cache.peer.members import Health, resolve
+from s3cache.peer.owners import RendezvousOwners
+from s3cache.peer.server import Found, PeerServer
+from s3cache.peer.signing import read_secret
+from s3cache.peer.source import PeerSource
+from s3cache.service.config import Settings
+from s3cache.store.files import Store
+
+from .readers import Readers
+from .schedule import Schedule
+from .space import Space
+
+READER = "peer"  # the reader name a peer's want is noted under
+
+
+class _Waiter:
+    """Stands for a peer's request among a want's waiters: ``send`` is how Readers answers."""
+
+    def __init__(self) -> None:
+        self.answered = threading.Event()
+        self.msg: dict | None = None
+
+    def send(self, msg: dict) -> bool:
+        self.msg = msg
+        self.answered.set()
+        return True
+
+
+class Peering:
+    """Invariant: ``server`` serves only objects whose URI is in ``schedule.catalog`` and that the space
+    holds as ready files; ``source`` is what the workers fetch through."""
+
+    def __init__(self, s: Settings, fetcher: Fetcher, store: Store, cancel: threading.Event) -> None:
+        self.me = s.peer_addr
+        self.hosts = resolve(s.peers, s.peer_addr)
+        secret = read_secret(s.peer_secret_file)
+        self.owners = RendezvousOwners(self.hosts)
+        self.health = Health(self.hosts, self.me)
+        client = PeerClient(secret, timeout=s.peer_timeout, new_temp=store.new_temp, discard=store.discard,
+                            describe=fetcher.describe, cancel=cancel)
+        self.source = PeerSource(fetcher, client, me=self.me, owner=self.owners.owner, health=self.health)
+        self._secret = secret
+        self._rate = s.peer_rate
+        self._stopping = cancel
+        self._store = store
+        self.server: PeerServer | None = None
+        self._parts: tuple[Space, Schedule, Readers, threading.Condition] | None = None
+
+    def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition) -> None:
+        """Serve peers (after the cache is reconciled and the manifest installed)."""
+        self._parts = (space, schedule, readers, cond)
+        self.server = PeerServer(self.me, self._secret, self.find, rate=self._rate)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def find(self, raw: str, wait: float) -> Found | None:
+        """The published file of ``raw`` (an object URI in the manifest), fetching it first if this host
+        has not (waiting at most ``wait`` seconds); None if it is not served."""
+        space, schedule, readers, cond = self._parts
+        try:
+            ref = from_identity(raw)
+        except Exception:
+            return None
+        with cond:
+            if schedule.catalog.position(ref.uri) is None:
+                return None
+            found = self._ready(space, ref)
+        if found is not None or wait <= 0:
+            return found
+        waiter = _Waiter()
+        try:
+            answer = readers.want(waiter, READER, [ref.uri])[0]
+            if answer.get("state") == "pending":
+                deadline = time.monotonic() + wait
+                while not waiter.answered.wait(0.25):
+                    if self._stopping.is_set() or time.monotonic() > deadline:
+                        return None
+            elif answer.get("state") != "ready":
+                return None
+        finally:
+            readers.closed(waiter)
+        with cond:
+            return self._ready(space, ref)
+
+    def _ready(self, space: Space, ref: ObjectRef) -> Found | None:
+        """State lock held."""
+        rel = space.ready_path(ref.uri)
+        if rel is None:
+            return None
+        rec = space.records([ref.uri])[0][1]
+        return Found(self._store.layout.abspath(rel), rec.method, rec.etag, rec.version)
+
+    def status(self) -> dict:
+        st = {"me": self.me, "hosts": len(self.hosts), **self.health.status(time.time()), **self.source.status()}
+        if self.server is not None:
+            st.update(self.server.status())
+        return st
+
+
+def build(s: Settings, fetcher: Fetcher, store: Store, cancel: threading.Event) -> Peering | None:
+    """The peer tier when ``--peers`` is given, else None. Raises ConfigError (a bad list, a secret
+    that cannot be read)."""
+    return Peering(s, fetcher, store, cancel) if s.peers is not None else None
+
