@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.refs import ObjectRef, from_identity
@@ -49,7 +50,7 @@ class _Waiter:
 
 
 class Peering:
-    """Invariant: ``server`` serves only objects whose URI is in ``schedule.catalog`` and that the space
+    """Invariant: ``server`` serves (from ``start`` on) only objects whose URI is in ``schedule.catalog`` and that the space
     holds as ready files; ``source`` is what the workers fetch through."""
 
     def __init__(self, s: Settings, fetcher: Fetcher, store: Store, cancel: threading.Event) -> None:
@@ -61,22 +62,24 @@ class Peering:
         client = PeerClient(secret, timeout=s.peer_timeout, new_temp=store.new_temp, discard=store.discard,
                             describe=fetcher.describe, cancel=cancel)
         self.source = PeerSource(fetcher, client, me=self.me, owner=self.owners.owner, health=self.health)
-        self._secret = secret
-        self._rate = s.peer_rate
         self._stopping = cancel
         self._store = store
-        self.server: PeerServer | None = None
         self._parts: tuple[Space, Schedule, Readers, threading.Condition] | None = None
+        self._edited: Callable[[], bool] = lambda: False
+        # Bound now, served from ``start``: a peer that connects while this host reconciles waits in
+        # the listen backlog instead of being refused (and marking this host out).
+        self.server = PeerServer(self.me, secret, self.find, rate=s.peer_rate)
 
-    def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition) -> None:
-        """Serve peers (after the cache is reconciled and the manifest installed)."""
+    def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition,
+              edited: Callable[[], bool]) -> None:
+        """Serve peers (after the cache is reconciled and the manifest installed). ``edited``: whether
+        the manifest on disk is newer than the one in force (an edit is on its way in)."""
         self._parts = (space, schedule, readers, cond)
-        self.server = PeerServer(self.me, self._secret, self.find, rate=self._rate)
+        self._edited = edited
         self.server.start()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        self.server.stop()
 
     def find(self, raw: str, wait: float) -> Found | None:
         """The published file of ``raw`` (an object URI in the manifest), fetching it first if this host
@@ -86,17 +89,24 @@ class Peering:
             ref = from_identity(raw)
         except Exception:
             return None
-        with cond:
-            if schedule.catalog.position(ref.uri) is None:
-                return None
-            found = self._ready(space, ref)
+        deadline = time.monotonic() + wait
+        while True:
+            with cond:
+                listed = schedule.catalog.position(ref.uri) is not None
+                found = self._ready(space, ref) if listed else None
+            # Hosts see a new manifest at slightly different times: a peer may ask for an object of
+            # the edit this host is still installing. Outside the manifest otherwise: not served.
+            if listed or time.monotonic() > deadline or self._stopping.is_set() or not self._edited():
+                break
+            time.sleep(0.05)
+        if not listed:
+            return None
         if found is not None or wait <= 0:
             return found
         waiter = _Waiter()
         try:
             answer = readers.want(waiter, READER, [ref.uri])[0]
             if answer.get("state") == "pending":
-                deadline = time.monotonic() + wait
                 while not waiter.answered.wait(0.25):
                     if self._stopping.is_set() or time.monotonic() > deadline:
                         return None
@@ -116,10 +126,8 @@ class Peering:
         return Found(self._store.layout.abspath(rel), rec.method, rec.etag, rec.version)
 
     def status(self) -> dict:
-        st = {"me": self.me, "hosts": len(self.hosts), **self.health.status(time.time()), **self.source.status()}
-        if self.server is not None:
-            st.update(self.server.status())
-        return st
+        return {"me": self.me, "hosts": len(self.hosts), **self.health.status(time.time()),
+                **self.source.status(), **self.server.status()}
 
 
 def build(s: Settings, fetcher: Fetcher, store: Store, cancel: threading.Event) -> Peering | None:

@@ -130,6 +130,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Http(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the listen backlog: peers connecting before ``start`` wait in it
     allow_reuse_address = True
     owner: PeerServer
 
