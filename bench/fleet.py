@@ -72,11 +72,11 @@ class Fleet:
 
     def job(self, lines: list[str]) -> None:
         """The job's manifest, written whole (renamed into place) for every daemon at once; returns once
-        every daemon has installed it."""
+        every running daemon has installed it."""
         tmp = self.manifest.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.manifest)
-        for d in self.daemons:  # the job starts reading once every host has its manifest
+        for d in (d for d in self.daemons if d.proc is not None):  # readers start once every host has it
             d.wait_until(lambda st: st["manifest_entries"] == len(lines), 120, "the job's manifest installed")
 
     def stop(self) -> list[int | None]:
