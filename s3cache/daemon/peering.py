@@ -91,12 +91,14 @@ class Peering:
             return None
         deadline = time.monotonic() + wait
         while True:
+            # Hosts see a new manifest at slightly different times: a peer may ask for an object of
+            # the edit this host is still installing. Outside the manifest otherwise: not served.
+            # Asked before the catalog is read: an edit installed in between is then in the catalog.
+            editing = self._edited()
             with cond:
                 listed = schedule.catalog.position(ref.uri) is not None
                 found = self._ready(space, ref) if listed else None
-            # Hosts see a new manifest at slightly different times: a peer may ask for an object of
-            # the edit this host is still installing. Outside the manifest otherwise: not served.
-            if listed or time.monotonic() > deadline or self._stopping.is_set() or not self._edited():
+            if listed or not editing or time.monotonic() > deadline or self._stopping.is_set():
                 break
             time.sleep(0.05)
         if not listed:
