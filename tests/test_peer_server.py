@@ -1,0 +1,109 @@
+"""The peer listener refuses what is not a signed request for an object of its manifest, and a
+neighbour cannot exhaust it: connections are capped and idle ones closed."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+
+import pytest
+
+from bench.fleet import SECRET, Fleet, upload
+from s3cache.peer import signing
+from s3cache.peer.client import request_uri
+from s3cache.peer.server import Found, PeerServer
+from s3cache.testing import free_port, wait_for
+
+
+def _get(port: int, target: str, *, secret: bytes | None = SECRET.encode(), when: float | None = None,
+         method: str = "GET", sign_as: str | None = None) -> tuple[int, bytes]:
+    headers = {}
+    if secret is not None:
+        headers = signing.sign(secret, method, sign_as or target, time.time() if when is None else when)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, target, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served(tmp_path, s3, bucket, proxy):
+    """One host (its own owner) holding two objects of its manifest; a third object is in S3 only."""
+    data, lines = upload(s3, bucket, 2, 4096)
+    s3.put_object(Bucket=bucket, Key="secret/other", Body=b"not in the manifest")
+    fleet = Fleet(tmp_path / "fleet", proxy.url, 1)
+    try:
+        fleet.start()
+        fleet.job(lines)
+        fleet.wait_all_ready(len(data))
+        yield fleet, data
+    finally:
+        assert fleet.stop() == [0]
+
+
+def test_a_signed_request_for_a_manifest_object_is_served(served):
+    fleet, data = served
+    uri, body = next(iter(data.items()))
+    assert _get(fleet.ports[0], request_uri(uri, 1)) == (200, body)
+
+
+def test_unsigned_wrongly_signed_stale_or_altered_requests_are_refused(served):
+    fleet, data = served
+    port, target = fleet.ports[0], request_uri(next(iter(data)), 1)
+    assert _get(port, target, secret=None)[0] == 403
+    assert _get(port, target, secret=b"a-different-secret-of-some-length")[0] == 403
+    assert _get(port, target, when=time.time() - 3600)[0] == 403
+    other = request_uri(list(data)[1], 1)
+    assert _get(port, other, sign_as=target)[0] == 403  # a signature for another object
+    st = fleet.daemons[0].status()["peers"]
+    assert st["refused"] == {"unsigned": 1, "bad signature": 2, "stale": 1}
+    assert st["served"]["objects"] == 0
+
+
+def test_an_object_outside_the_manifest_is_refused_without_asking_s3(served, bucket, proxy):
+    fleet, _ = served
+    before = proxy.total()
+    assert _get(fleet.ports[0], request_uri(f"s3://{bucket}/secret/other", 5))[0] == 404
+    assert proxy.total() == before
+
+
+def test_paths_are_never_served(served, bucket):
+    fleet, data = served
+    port = fleet.ports[0]
+    rel = next(p for p in fleet.cache_dirs[0].rglob("*") if p.is_file() and p.read_bytes() in data.values())
+    for uri in ["/etc/passwd", f"s3://{bucket}/../../../etc/passwd", str(rel),
+                str(rel.relative_to(fleet.cache_dirs[0])), f"s3://{bucket}/fleet/../fleet/00000"]:
+        assert _get(port, request_uri(uri, 0))[0] in (400, 404), uri
+    for target in ["/etc/passwd", "/v1/object/../../etc/passwd", "/v1/../etc/passwd?uri=x", str(rel)]:
+        assert _get(port, target)[0] == 400, target
+    assert _get(port, request_uri(next(iter(data)), 0), method="PUT")[0] == 405
+    assert fleet.daemons[0].status()["peers"]["served"]["objects"] == 0
+
+
+def test_connections_are_capped_and_idle_ones_closed(tmp_path):
+    f = tmp_path / "obj"
+    f.write_bytes(b"x" * 1000)
+    secret = SECRET.encode()
+    server = PeerServer(f"127.0.0.1:{free_port()}", secret, lambda uri, wait: Found(str(f), "sha256", "", ""),
+                        max_connections=2, idle=0.5)
+    server.start()
+    port = server.address[1]
+    held = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        wait_for(lambda: server.status()["connections"] == 2, 30, "two connections held")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as third:
+            assert third.recv(1) == b""  # closed at once: the cap
+        assert server.status()["refused"] == {"too many connections": 1}
+        for s in held:  # a neighbour that sends nothing is closed after the idle timeout
+            assert s.recv(1) == b""
+        wait_for(lambda: server.status()["connections"] == 0, 30, "idle connections closed")
+        assert _get(port, request_uri("s3://b/k", 0)) == (200, b"x" * 1000)
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
