@@ -107,3 +107,22 @@ def test_connections_are_capped_and_idle_ones_closed(tmp_path):
         for s in held:
             s.close()
         server.stop()
+
+
+def test_peer_figures_are_in_status_and_metrics(served):
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from s3cache.service.metrics import StatusCollector
+
+    fleet, data = served
+    uri, body = next(iter(data.items()))
+    assert _get(fleet.ports[0], request_uri(uri, 1)) == (200, body)
+    st = fleet.daemons[0].status()
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(lambda: st))
+    text = generate_latest(registry).decode()
+    assert f's3cache_source_objects_total{{source="s3"}} {float(len(data))}' in text
+    assert "s3cache_peer_served_objects_total 1.0" in text
+    assert f"s3cache_peer_served_bytes_total {float(len(body))}" in text
+    assert "s3cache_peers_out 0.0" in text
