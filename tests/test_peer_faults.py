@@ -8,7 +8,6 @@ from pathlib import Path
 from bench.fleet import Fleet, upload
 from s3cache import resolve
 from s3cache.peer.owners import RendezvousOwners
-from s3cache.testing import wait_for
 
 
 def _flip(path: str) -> None:

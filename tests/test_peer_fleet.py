@@ -8,7 +8,7 @@ import pytest
 from bench.fleet import Fleet, read_epochs, upload
 
 
-@pytest.mark.parametrize("hosts", [3])
+@pytest.mark.parametrize("hosts", [2, 4])
 def test_a_globally_shuffled_job_pulls_each_object_from_s3_once(tmp_path, s3, bucket, proxy, hosts):
     data, lines = upload(s3, bucket, 24, 64 << 10)
     fleet = Fleet(tmp_path / "fleet", proxy.url, hosts, args=["--workers", "4"])

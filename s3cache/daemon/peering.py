@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from s3cache.errors import S3CacheError
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.peer.client import PeerClient
@@ -87,7 +88,7 @@ class Peering:
         space, schedule, readers, cond = self._parts
         try:
             ref = from_identity(raw)
-        except Exception:
+        except S3CacheError:  # not an object URI: nothing of ours
             return None
         deadline = time.monotonic() + wait
         while True:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import http.client
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -99,7 +98,7 @@ class PeerClient:
                 resp = conn.getresponse()
             except ConnectionRefusedError as e:
                 raise PeerFailed("refused", str(e)) from None
-            except (TimeoutError, socket.timeout) as e:
+            except TimeoutError as e:
                 raise PeerFailed("timeout", str(e)) from None
             except (OSError, http.client.HTTPException) as e:
                 raise PeerFailed("reset", f"{type(e).__name__}: {e}") from None
@@ -142,7 +141,7 @@ class PeerClient:
                     raise Cancelled(entry.uri)
                 try:
                     n = resp.readinto(view[:min(CHUNK, total - got)])
-                except (TimeoutError, socket.timeout) as e:
+                except TimeoutError as e:
                     raise PeerFailed("timeout", f"after {got} of {total} bytes: {e}") from None
                 except (OSError, http.client.HTTPException) as e:
                     raise PeerFailed("reset", f"after {got} of {total} bytes: {type(e).__name__}: {e}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.server
 import logging
+import math
 import os
 import socket
 import socketserver
@@ -74,7 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.owner.idle  # StreamRequestHandler sets it on the socket
         super().setup()
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's name)
+    def log_message(self, format: str, *args) -> None:
         log.debug("peer %s: %s", self.client_address[0], format % args)
 
     def _refuse(self, code: int, why: str) -> None:
@@ -83,7 +84,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         owner = self.server.owner
         problem = signing.check(owner.secret, "GET", self.path, self.headers, time.time())
         if problem is not None:
@@ -94,11 +95,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if parts.path != PATH or len(uris) != 1 or len(waits) != 1:
             return self._refuse(400, "not an object request")
         try:
-            wait = min(max(float(waits[0]), 0.0), MAX_WAIT)
+            wait = float(waits[0])
         except ValueError:
+            wait = math.nan
+        if not math.isfinite(wait):
             return self._refuse(400, "bad wait")
-        if wait != wait:
-            return self._refuse(400, "bad wait")
+        wait = min(max(wait, 0.0), MAX_WAIT)
         found = owner.find(uris[0], wait)
         if found is None:
             return self._refuse(404, "not here")
@@ -121,10 +123,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             owner.counts.objects += 1
             owner.counts.bytes += sent
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._refuse(405, "read only")
 
-    do_POST = do_DELETE = do_HEAD = do_PATCH = do_PUT  # noqa: N815
+    do_POST = do_DELETE = do_HEAD = do_PATCH = do_PUT
 
 
 class _Http(socketserver.ThreadingMixIn, http.server.HTTPServer):
