@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,26 @@ def test_peer_figures_are_in_status_and_metrics(served):
     assert "s3cache_peer_served_objects_total 1.0" in text
     assert f"s3cache_peer_served_bytes_total {float(len(body))}" in text
     assert "s3cache_peers_out 0.0" in text
+
+
+def test_an_owner_fetches_an_object_it_lacks_once_for_concurrent_asks_and_notes_no_reader(served, proxy):
+    import threading
+
+    from s3cache import resolve
+
+    fleet, data = served
+    uri, body = next(iter(data.items()))
+    Path(resolve(uri, cache_dir=fleet.cache_dirs[0])).unlink()  # gone behind the daemon's back
+    key_path = "/" + uri.removeprefix("s3://")
+    before, st0 = proxy.gets(key_path), fleet.daemons[0].status()
+    answers: list = []
+    asks = [threading.Thread(target=lambda: answers.append(_get(fleet.ports[0], request_uri(uri, 30))))
+            for _ in range(3)]
+    for t in asks:
+        t.start()
+    for t in asks:
+        t.join()
+    assert answers == [(200, body)] * 3
+    assert proxy.gets(key_path) - before == 1  # fetched once from S3, however many asked
+    st = fleet.daemons[0].status()
+    assert st["misses"] == st0["misses"] and st["readers"] == st0["readers"]  # a peer is not a reader

@@ -34,7 +34,7 @@ from .readers import Readers
 from .schedule import Schedule
 from .space import Space
 
-READER = "peer"  # the reader name a peer's want is noted under
+READER = "peer"  # the name a peer's want is logged under (it is not noted as a reader)
 
 
 class _Waiter:
@@ -108,7 +108,7 @@ class Peering:
             return found
         waiter = _Waiter()
         try:
-            answer = readers.want(waiter, READER, [ref.uri])[0]
+            answer = readers.want(waiter, READER, [ref.uri], counted=False)[0]
             if answer.get("state") == "pending":
                 while not waiter.answered.wait(0.25):
                     if self._stopping.is_set() or time.monotonic() > deadline:

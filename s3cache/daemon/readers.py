@@ -161,8 +161,11 @@ class Readers(Announced):
 
     # == wants and answers ============================================================================
 
-    def want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = ()) -> list[dict]:
+    def want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = (), *,
+             counted: bool = True) -> list[dict]:
         """A reader waits for ``uris`` (they go to the front of the queue) and will soon want ``ahead``.
+        ``counted`` False (a peer host's ask): no reader is noted (no position, epoch or lease) and no
+        miss counted; the fetch and its answer are as for a reader (its wait counts in wait_seconds).
 
         ``ahead`` is a hint for objects the manifest does not list (for listed ones the readahead policy
         already knows what comes next): they are queued behind the demand, with no one waiting yet. At
@@ -192,14 +195,15 @@ class Readers(Announced):
         front: list[Entry] = []
         edited = functools.cache(self._edited)  # a stat (a listing for a directory): once a want at most
         with self._cond:
-            self.drain()  # the reader's earlier notes first, so its position moves in order
-            self.note_use(reader, uris, hit=False)
-            missed = [u for u in uris if not self._space.is_ready(u)]
-            misses = len(missed)
-            self.misses += misses
-            for u in missed if self.job_stats.jobs else ():
-                self.job_stats.add(self._schedule.catalog.position(u), misses=1)
-            self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
+            if counted:
+                self.drain()  # the reader's earlier notes first, so its position moves in order
+                self.note_use(reader, uris, hit=False)
+                missed = [u for u in uris if not self._space.is_ready(u)]
+                misses = len(missed)
+                self.misses += misses
+                for u in missed if self.job_stats.jobs else ():
+                    self.job_stats.add(self._schedule.catalog.position(u), misses=1)
+                self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
             for raw, ref in zip(uris, parsed):
                 if isinstance(ref, S3CacheError):
                     results.append({"uri": raw, "state": "invalid", "message": str(ref)})
