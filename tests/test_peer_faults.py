@@ -75,3 +75,29 @@ def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_pa
     assert sum(peers["errors"][fleet.addrs[0]].values()) >= 1
     assert st["objects"]["failed"] == 0
     assert codes[1] == 0
+
+
+def test_a_peer_slower_than_s3_is_given_up_and_marked_out(tmp_path, s3, bucket, proxy):
+    data, lines = upload(s3, bucket, 4, 1 << 20)
+    # Host 0 serves at 16 KiB/s (a minute a file) and never goes idle; host 1 waits on it no longer
+    # than its --peer-timeout (1 s) plus twice what S3 takes for the size.
+    fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"], peer_timeout=1.0,
+                  peer_rate=16 << 10)
+    a, b = fleet.daemons
+    assert any(RendezvousOwners(fleet.addrs).owner(u) == fleet.addrs[0] for u in data)
+    try:
+        fleet.start([0])
+        fleet.job(lines)
+        a.wait_until(lambda st: st["objects"]["ready"] == len(data), 120, "host 0 holding everything")
+        fleet.start([1])
+        paths = resolve(list(data), cache_dir=b.cache_dir, timeout=120)
+        for uri, p in zip(data, paths):
+            assert Path(p).read_bytes() == data[uri]
+        st = b.status()
+    finally:
+        codes = fleet.stop()
+    peers = st["peers"]
+    assert set(peers["peer_failures"]) == {"slow"}, peers  # one per transfer in flight when it failed
+    assert peers["out"][fleet.addrs[0]]["why"] == "slow"
+    assert peers["from_peers"]["objects"] == 0 and peers["from_s3"]["objects"] == len(data)
+    assert codes == [0, 0]

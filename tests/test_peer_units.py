@@ -148,13 +148,14 @@ def test_a_failed_peer_is_out_for_a_while_then_longer_if_it_fails_again():
     h = Health(["a:1", "b:2"], "a:1")
     assert h.usable("b:2", 0.0)
     h.fail("b:2", "refused", 100.0)
+    h.fail("b:2", "refused", 101.0)  # another transfer in flight failing: out already, not for longer
     assert not h.usable("b:2", 100.0 + OUT_FOR - 0.1)
     assert h.usable("b:2", 100.0 + OUT_FOR)
     h.fail("b:2", "bad-bytes", 100.0 + OUT_FOR + 1)  # soon after coming back: twice as long
     assert not h.usable("b:2", 100.0 + 3 * OUT_FOR)
     st = h.status(100.0 + OUT_FOR + 2)
     assert st["out"]["b:2"]["why"] == "bad-bytes" and st["healthy"] == []
-    assert st["errors"] == {"b:2": {"refused": 1, "bad-bytes": 1}}
+    assert st["errors"] == {"b:2": {"refused": 2, "bad-bytes": 1}}
     later = 100.0 + 10 * OUT_FOR  # long after: a new failure starts from the short period again
     h.fail("b:2", "timeout", later)
     assert h.usable("b:2", later + OUT_FOR)

@@ -62,7 +62,8 @@ class Peering:
         self.health = Health(self.hosts, self.me)
         client = PeerClient(secret, timeout=s.peer_timeout, new_temp=store.new_temp, discard=store.discard,
                             describe=fetcher.describe, cancel=cancel)
-        self.source = PeerSource(fetcher, client, me=self.me, owner=self.owners.owner, health=self.health)
+        self.source = PeerSource(fetcher, client, me=self.me, owner=self.owners.owner, health=self.health,
+                                  timeout=s.peer_timeout)
         self._stopping = cancel
         self._store = store
         self._parts: tuple[Space, Schedule, Readers, threading.Condition] | None = None

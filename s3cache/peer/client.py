@@ -40,7 +40,7 @@ PATH = "/v1/object"
 
 class PeerFailed(Exception):
     """A peer could not give a verified copy. ``why``: refused, timeout, reset, missing, busy,
-    bad-status, bad-bytes, short, unverifiable, no-room. ``marks_out``: whether the peer is skipped for a while
+    bad-status, bad-bytes, short, slow, unverifiable, no-room. ``marks_out``: whether the peer is skipped for a while
     (a peer that merely lacks the object, or that this host cannot check, is not at fault)."""
 
     def __init__(self, why: str, detail: str = "") -> None:
@@ -86,9 +86,14 @@ class PeerClient:
         d = self._describe(entry)
         return d.expect, d.size, d.etag, d.version
 
-    def get(self, host: str, entry: Entry, admit: Callable[[int], bool]) -> Fetched:
+    def get(self, host: str, entry: Entry, admit: Callable[[int], bool],
+            budget: Callable[[int], float] = lambda size: 0.0) -> Fetched:
         """``entry`` from ``host`` into a verified temp file. Raises PeerFailed, or NeedSpace, DiskFull,
-        Cancelled as the fetcher does (never ChecksumMismatch: a peer's bad bytes are the peer's fault)."""
+        Cancelled as the fetcher does (never ChecksumMismatch: a peer's bad bytes are the peer's fault).
+
+        ``budget(size)``: seconds the body may take once the answer began (0: no bound but the idle
+        timeout); a peer slower than that fails with ``slow``, so a reader never waits on a peer
+        much longer than S3 would have taken."""
         name, _, port = host.rpartition(":")
         target = request_uri(entry.uri, self.timeout)
         conn = http.client.HTTPConnection(name.strip("[]"), int(port), timeout=self.timeout + 5)
@@ -122,34 +127,43 @@ class PeerClient:
                     raise NeedSpace(total)  # the manifest's size, not the peer's word: wait for room
                 # A size only the peer states must not fail the object as too large: S3 will say.
                 raise PeerFailed("no-room", f"{total} bytes offered")
-            conn.sock.settimeout(self.timeout)
+            seconds = budget(total)
+            deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
             return self._receive(entry, resp, total, expect, etag or resp.getheader(ETAG_HEADER) or "",
-                                 version or resp.getheader(VERSION_HEADER) or "")
+                                 version or resp.getheader(VERSION_HEADER) or "", deadline, conn.sock)
         finally:
             conn.close()
 
-    def _receive(self, entry: Entry, resp, total: int, expect: Expectation, etag: str, version: str) -> Fetched:
+    def _receive(self, entry: Entry, resp, total: int, expect: Expectation, etag: str, version: str,
+                 deadline: float, sock) -> Fetched:
+        """The body into a temp file, hashed as it lands. Each read returns what arrived (``read1``),
+        within the idle timeout and the time left before ``deadline``, so neither a silent nor a
+        trickling peer holds the fetch past them."""
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
         try:
             digest = Digest(expect)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
             got = 0
             while got < total:
                 if self._cancel.is_set():
                     raise Cancelled(entry.uri)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerFailed("slow", f"{got} of {total} bytes in the time S3 would take")
                 try:
-                    n = resp.readinto(view[:min(CHUNK, total - got)])
+                    sock.settimeout(max(0.01, min(self.timeout, left)))
+                    chunk = resp.read1(min(CHUNK, total - got))
                 except TimeoutError as e:
+                    if time.monotonic() >= deadline:
+                        raise PeerFailed("slow", f"{got} of {total} bytes in the time S3 would take") from None
                     raise PeerFailed("timeout", f"after {got} of {total} bytes: {e}") from None
                 except (OSError, http.client.HTTPException) as e:
                     raise PeerFailed("reset", f"after {got} of {total} bytes: {type(e).__name__}: {e}") from None
-                if not n:
+                if not chunk:
                     raise PeerFailed("short", f"{got} of {total} bytes")
-                digest.update(view[:n])
-                _write_all(fd, view[:n], entry.uri, total)
-                got += n
+                digest.update(chunk)
+                _write_all(fd, memoryview(chunk), entry.uri, total)
+                got += len(chunk)
             try:
                 method = digest.check(entry.uri, total)
             except ChecksumMismatch as e:

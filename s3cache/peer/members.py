@@ -114,6 +114,8 @@ class Health:
             counts = self.errors.setdefault(host, {})
             counts[why] = counts.get(why, 0) + 1
             prev = self._out.get(host)
+            if prev is not None and now < prev[0]:
+                return  # a transfer begun before it was marked out: already out, for as long
             period = OUT_FOR if prev is None or now >= prev[0] + prev[1] else min(prev[1] * 2, OUT_MAX)
             self._out[host] = (now + period, period, why)
 

@@ -196,8 +196,9 @@ class PeerServer:
         if not self.rate:
             return sock.sendfile(f, 0, size)
         sent, start = 0, time.monotonic()
+        step = max(1024, min(PACE_STEP, self.rate // 10))  # a slow pace sends often: never idle for long
         while sent < size:
-            n = sock.sendfile(f, sent, min(PACE_STEP, size - sent))
+            n = sock.sendfile(f, sent, min(step, size - sent))
             if not n:
                 break
             sent += n
