@@ -30,3 +30,27 @@ def test_a_globally_shuffled_job_pulls_each_object_from_s3_once(tmp_path, s3, bu
     assert all(not p["out"] and not p["peer_failures"] for p in peers), peers
     assert all(st["objects"]["failed"] == 0 for st in sts)
     assert codes == [0] * hosts
+
+
+def test_without_checksums_in_the_manifest_a_peer_copy_is_checked_against_s3s_with_one_head(
+        tmp_path, s3, bucket, proxy):
+    data, lines = upload(s3, bucket, 8, 16 << 10)
+    bare = [line.split()[0] for line in lines]  # URIs alone: no size=, no sha256=
+    fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"])
+    try:
+        fleet.start()
+        fleet.job(bare)
+        read_epochs(fleet.cache_dirs, data, epochs=1)
+        fleet.wait_all_ready(len(data))
+        sts = fleet.statuses()
+    finally:
+        codes = fleet.stop()
+    heads = sum(n for (m, p), n in proxy.snapshot().items() if m == "HEAD" and p.startswith(f"/{bucket}/"))
+    peers = [st["peers"] for st in sts]
+    assert proxy.gets(f"/{bucket}/") == len(data)
+    # Each copy from a peer was checked against S3's own checksum (here the ETag's MD5), learnt by one
+    # HEAD: a request, but no second download.
+    assert sum(p["from_peers"]["objects"] for p in peers) == len(data)
+    assert sum(p["s3_heads_for_checks"] for p in peers) == len(data) == heads
+    assert all(st["verified_by"] == {"etag-md5": len(data)} for st in sts), [st["verified_by"] for st in sts]
+    assert codes == [0, 0]
