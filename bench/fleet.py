@@ -32,13 +32,15 @@ SECRET = "fleet-secret-for-tests-and-benchmarks-0123456789"
 
 class Fleet:
     """``n`` daemons on 127.0.0.1 over ``endpoint``, each with its own cache dir under ``root``; with
-    ``peers`` they serve each other (one secret, one host list in order). Always ``stop()`` it.
+    ``peers`` they serve each other (one secret, one host list in order, or ``members`` as --peers).
+    Always ``stop()`` it.
 
     They start on an empty manifest and the job's arrives with ``job(lines)`` once all serve, as under
     systemd: a host that asked a peer still starting would find it refusing and fetch from S3."""
 
     def __init__(self, root: Path, endpoint: str, n: int, *, peers: bool = True,
-                 args: list[str] = (), peer_timeout: float = 60.0, peer_rate: int = 0) -> None:
+                 args: list[str] = (), peer_timeout: float = 60.0, peer_rate: int = 0,
+                 members: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ports = [free_port() for _ in range(n)]
@@ -52,7 +54,7 @@ class Fleet:
         for i in range(n):
             extra = list(args)
             if peers:
-                extra += ["--peers", ",".join(self.addrs), "--peer-addr", self.addrs[i],
+                extra += ["--peers", members or ",".join(self.addrs), "--peer-addr", self.addrs[i],
                           "--peer-secret-file", str(self.secret_file), "--peer-timeout", str(peer_timeout),
                           "--peer-rate", str(peer_rate)]
             self.daemons.append(DaemonProcess(self.root / f"cache{i}", endpoint, manifest=self.manifest, args=extra,

@@ -14,5 +14,5 @@ def test_fleet_benchmark_runs_in_smoke_mode():
     r = subprocess.run([sys.executable, "-m", "bench.fleet", "--smoke"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = dict(re.findall(r"^\| (alone|peers) \| (\d+) \|", r.stdout, re.M))
+    rows = dict(re.findall(r"^\| (alone|peers) \| (\d+) \|", r.stdout, re.MULTILINE))
     assert rows == {"alone": "16", "peers": "8"}, r.stdout  # 2 hosts, 8 objects

@@ -150,3 +150,20 @@ def test_an_owner_fetches_an_object_it_lacks_once_for_concurrent_asks_and_notes_
     assert proxy.gets(key_path) - before == 1  # fetched once from S3, however many asked
     st = fleet.daemons[0].status()
     assert st["misses"] == st0["misses"] and st["readers"] == st0["readers"]  # a peer is not a reader
+
+
+def test_a_host_finds_its_fleet_in_dns(tmp_path, s3, bucket, proxy):
+    """``--peers dns:NAME`` (a headless Service): here NAME is localhost, a fleet of this host alone."""
+    data, lines = upload(s3, bucket, 2, 4096)
+    fleet = Fleet(tmp_path / "fleet", proxy.url, 1, members="dns:localhost")
+    try:
+        fleet.start()
+        fleet.job(lines)
+        fleet.wait_all_ready(len(data))
+        uri, body = next(iter(data.items()))
+        assert _get(fleet.ports[0], request_uri(uri, 1)) == (200, body)
+        st = fleet.daemons[0].status()["peers"]
+    finally:
+        codes = fleet.stop()
+    assert st["hosts"] == 1 and st["me"] == fleet.addrs[0]
+    assert codes == [0]

@@ -159,3 +159,32 @@ def test_a_failed_peer_is_out_for_a_while_then_longer_if_it_fails_again():
     later = 100.0 + 10 * OUT_FOR  # long after: a new failure starts from the short period again
     h.fail("b:2", "timeout", later)
     assert h.usable("b:2", later + OUT_FOR)
+
+
+def test_dns_gives_the_sorted_addresses_with_the_peer_port_and_this_host():
+    from s3cache.peer.members import from_dns
+
+    assert resolve("dns:localhost", "127.0.0.1:7480") == ["127.0.0.1:7480"]
+    assert from_dns("localhost", "10.9.9.9:7480") == ["10.9.9.9:7480", "127.0.0.1:7480"]  # not ready yet: added
+    with pytest.raises(ConfigError, match="dns:no-such-host.invalid"):
+        resolve("dns:no-such-host.invalid", "127.0.0.1:7480")
+
+
+def test_membership_from_a_file_follows_its_edits_and_survives_a_bad_read(tmp_path):
+    from s3cache.peer.members import Membership
+
+    f = tmp_path / "peers"
+    f.write_text("\n".join(HOSTS[:4]) + "\n")
+    health = Health(HOSTS[:4], HOSTS[0])
+    m = Membership(str(f), HOSTS[0], health)
+    assert m.dynamic and m.hosts == HOSTS[:4]
+    before = {u: m.owner(u) for u in URIS[:3000]}
+    assert not m.refresh()  # unchanged
+    f.write_text("\n".join(HOSTS[:5]) + "\n")  # a host joins
+    assert m.refresh() and m.hosts == HOSTS[:5] and m.changes == 1
+    moved = [u for u in before if m.owner(u) != before[u]]
+    assert moved and all(m.owner(u) == HOSTS[4] for u in moved)
+    assert HOSTS[4] in health.status(0.0)["healthy"]
+    f.write_text("not an address\n")  # a bad edit keeps the fleet as it was
+    assert not m.refresh() and m.hosts == HOSTS[:5]
+    assert not Membership(",".join(HOSTS[:2]), HOSTS[0]).dynamic

@@ -22,8 +22,7 @@ from s3cache.errors import S3CacheError
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.peer.client import PeerClient
-from s3cache.peer.members import Health, resolve
-from s3cache.peer.owners import RendezvousOwners
+from s3cache.peer.members import REFRESH, Health, Membership
 from s3cache.peer.server import Found, PeerServer
 from s3cache.peer.signing import read_secret
 from s3cache.peer.source import PeerSource
@@ -56,13 +55,13 @@ class Peering:
 
     def __init__(self, s: Settings, fetcher: Fetcher, store: Store, cancel: threading.Event) -> None:
         self.me = s.peer_addr
-        self.hosts = resolve(s.peers, s.peer_addr)
+        self.health = Health([], self.me)
+        self.members = Membership(s.peers, s.peer_addr, self.health)
+        self.health.set_hosts(self.members.hosts)
         secret = read_secret(s.peer_secret_file)
-        self.owners = RendezvousOwners(self.hosts)
-        self.health = Health(self.hosts, self.me)
         client = PeerClient(secret, timeout=s.peer_timeout, new_temp=store.new_temp, discard=store.discard,
                             describe=fetcher.describe, cancel=cancel)
-        self.source = PeerSource(fetcher, client, me=self.me, owner=self.owners.owner, health=self.health,
+        self.source = PeerSource(fetcher, client, me=self.me, owner=self.members.owner, health=self.health,
                                   timeout=s.peer_timeout)
         self._stopping = cancel
         self._store = store
@@ -73,12 +72,19 @@ class Peering:
         self.server = PeerServer(self.me, secret, self.find, rate=s.peer_rate)
 
     def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition,
-              edited: Callable[[], bool]) -> None:
+              edited: Callable[[], bool], spawn: Callable[[Callable[[], None], str], None]) -> None:
         """Serve peers (after the cache is reconciled and the manifest installed). ``edited``: whether
-        the manifest on disk is newer than the one in force (an edit is on its way in)."""
+        the manifest on disk is newer than the one in force (an edit is on its way in). ``spawn``
+        runs the membership refresh on a supervised thread (a file or DNS is read again)."""
         self._parts = (space, schedule, readers, cond)
         self._edited = edited
         self.server.start()
+        if self.members.dynamic:
+            spawn(self._refresh_loop, "s3cache-peers")
+
+    def _refresh_loop(self) -> None:
+        while not self._stopping.wait(REFRESH):
+            self.members.refresh()
 
     def stop(self) -> None:
         self.server.stop()
@@ -130,7 +136,8 @@ class Peering:
         return Found(self._store.layout.abspath(rel), rec.method, rec.etag, rec.version)
 
     def status(self) -> dict:
-        return {"me": self.me, "hosts": len(self.hosts), **self.health.status(time.time()),
+        return {"me": self.me, "hosts": len(self.members.hosts), "membership_changes": self.members.changes,
+                **self.health.status(time.time()),
                 **self.source.status(), **self.server.status()}
 
 

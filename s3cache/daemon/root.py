@@ -172,7 +172,8 @@ class Daemon:
                              on_crash=self._server_crashed)
         self.server.start()
         if self.peering is not None:  # like the sockets: only once the cache is reconciled
-            self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited)
+            self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited,
+                               self._spawn)
         self._spawn(self._use_loop, "s3cache-use")
         self._spawn(self.publisher.run, "s3cache-publish")
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")

@@ -5,10 +5,16 @@ Membership comes from what the engines already give, in one fixed order on every
 * a list, ``host:port,host:port,...`` (the order written);
 * a file (``--peers /etc/s3cache/peers``): one ``host:port`` a line, ``#`` comments;
 * ``tf_config``: ``TF_CONFIG``'s chief and worker tasks (the order of ``--shard auto``), each host with
-  the port of ``--peer-addr``, since TF_CONFIG names TensorFlow's own ports.
+  the port of ``--peer-addr``, since TF_CONFIG names TensorFlow's own ports;
+* ``dns:NAME``: the addresses NAME resolves to (a headless Service lists its ready pods so), sorted,
+  each with ``--peer-addr``'s port; IPv4 unless ``--peer-addr`` is an IPv6 address.
 
-(DNS of a headless Service is not read yet: write its members to a file.) This host is the member equal
-to ``--peer-addr``; it must be in the list.
+This host is the member equal to ``--peer-addr``; it must be in a list, file or TF_CONFIG. DNS lists a
+pod only once it is ready, so from DNS this host is added to what it resolves.
+
+``Membership`` reads a file or DNS again every ``REFRESH`` seconds (``refresh``), so hosts that come
+and go change the owners without a restart; a list and TF_CONFIG are fixed. Rendezvous hashing moves
+only the objects of a host that left or joined.
 
 ``Health``: a peer that failed (refused, timed out, sent wrong bytes) is skipped by this host alone for
 ``OUT_FOR`` seconds, doubling on repeated failures up to ``OUT_MAX``; its objects come from S3
@@ -18,13 +24,20 @@ meanwhile. Ownership does not change: the list is the same, only this host's vie
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from s3cache.errors import ConfigError
+
+from .owners import RendezvousOwners
+
+log = logging.getLogger("s3cache.peer")
+REFRESH = 30.0  # seconds between two reads of a file or DNS
 
 OUT_FOR = 10.0  # seconds a failed peer is skipped at first
 OUT_MAX = 300.0
@@ -73,15 +86,40 @@ def from_tf_config(raw: str | None, port: int) -> list[str]:
     return hosts
 
 
+def from_dns(name: str, me: str, lookup: Callable = socket.getaddrinfo) -> list[str]:
+    """The addresses ``name`` resolves to, sorted, with ``me``'s port, and ``me`` among them."""
+    host, port = me.rsplit(":", 1)
+    v6 = host.startswith("[")
+    try:
+        infos = lookup(name, int(port), socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"--peers dns:{name}: {e}") from None
+    hosts = {f"[{i[4][0]}]:{port}" if v6 else f"{i[4][0]}:{port}" for i in infos}
+    hosts.add(me)
+    return sorted(hosts)
+
+
+def source_kind(peers: str) -> str:
+    """What ``--peers`` names: ``dns``, ``tf_config``, ``file`` or ``list``."""
+    text = peers.strip()
+    if text.lower().startswith("dns:"):
+        return "dns"
+    if text.lower() == "tf_config":
+        return "tf_config"
+    return "file" if "," not in text and not _ADDR.fullmatch(text) else "list"
+
+
 def resolve(peers: str, me: str, environ: Mapping[str, str] | None = None) -> list[str]:
-    """The fleet's hosts in order from ``--peers`` (a list, a file, or ``tf_config``); ``me`` must be
-    one of them. Raises ConfigError naming what is wrong."""
+    """The fleet's hosts in order from ``--peers`` (a list, a file, ``tf_config`` or ``dns:NAME``);
+    ``me`` must be one of them. Raises ConfigError naming what is wrong."""
     environ = os.environ if environ is None else environ
     me = _addr(me, "--peer-addr")
-    text = peers.strip()
-    if text.lower() == "tf_config":
+    text, kind = peers.strip(), source_kind(peers)
+    if kind == "dns":
+        return from_dns(text[4:], me)
+    if kind == "tf_config":
         hosts = from_tf_config(environ.get("TF_CONFIG"), int(me.rsplit(":", 1)[1]))
-    elif "," not in text and not _ADDR.fullmatch(text):
+    elif kind == "file":
         try:
             body = Path(text).read_text()
         except OSError as e:
@@ -100,8 +138,15 @@ class Health:
 
     def __init__(self, hosts: list[str], me: str) -> None:
         self._lock = threading.Lock()
+        self._me = me
         self._out: dict[str, tuple[float, float, str]] = {}  # host -> (until, period, why)
         self.errors: dict[str, dict[str, int]] = {h: {} for h in hosts if h != me}
+
+    def set_hosts(self, hosts: list[str]) -> None:
+        """The fleet changed: report on these hosts (a host gone is forgotten, with its errors)."""
+        with self._lock:
+            self.errors = {h: self.errors.get(h, {}) for h in hosts if h != self._me}
+            self._out = {h: v for h, v in self._out.items() if h in self.errors}
 
     def usable(self, host: str, now: float) -> bool:
         with self._lock:
@@ -124,3 +169,42 @@ class Health:
             out = {h: {"for": round(u - now, 1), "why": why} for h, (u, _, why) in self._out.items() if u > now}
             return {"healthy": sorted(h for h in self.errors if h not in out), "out": out,
                     "errors": {h: dict(c) for h, c in self.errors.items() if c}}
+
+
+class Membership:
+    """The hosts and their owners table now. ``owner`` reads one attribute, which ``refresh`` replaces
+    whole, so a lookup never sees half a change. Only the refresh thread calls ``refresh``."""
+
+    def __init__(self, peers: str, me: str, health: Health | None = None) -> None:
+        self.peers = peers
+        self.me = me
+        self._health = health
+        self.hosts = resolve(peers, me)
+        self._owners = RendezvousOwners(self.hosts)
+        self.changes = 0
+        self.dynamic = source_kind(peers) in ("dns", "file")
+
+    def owner(self, uri: str) -> str:
+        return self._owners.owner(uri)
+
+    def refresh(self) -> bool:
+        """Read the file or DNS again; True if the hosts changed. A read that fails keeps the hosts
+        (logged): a DNS hiccup must not shrink the fleet to this host alone."""
+        if not self.dynamic:
+            return False
+        try:
+            hosts = resolve(self.peers, self.me)
+        except ConfigError as e:
+            log.warning("peers not read again, keeping %d hosts: %s", len(self.hosts), e)
+            return False
+        if hosts == self.hosts:
+            return False
+        log.info("peers: %d hosts now (was %d): +%s -%s", len(hosts), len(self.hosts),
+                 sorted(set(hosts) - set(self.hosts)), sorted(set(self.hosts) - set(hosts)))
+        self._owners = RendezvousOwners(hosts)
+        self.hosts = hosts
+        self.changes += 1
+        if self._health is not None:
+            self._health.set_hosts(hosts)
+        return True
+
