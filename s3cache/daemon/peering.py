@@ -6,7 +6,8 @@ by the root. What it adds (``s3cache.peer`` has the pieces):
 * the listener (``PeerServer``) serves a peer this host's published files. ``find`` looks an object up
   by its URI in the space (the index's files) and serves it only if it is in the manifest in force; an
   object not fetched yet is wanted as a reader wants it (``Readers.want``: at the front of the queue,
-  fetched once however many ask) and the request waits for it up to the peer's deadline.
+  fetched once however many ask) and the request waits for it up to the peer's deadline;
+* with a file or ``dns:`` for ``--peers``, a thread reads the fleet again every ``REFRESH`` seconds.
 
 Lock: the state lock only inside ``Readers.want``/``closed`` and around the space lookups; never held
 while waiting or sending.

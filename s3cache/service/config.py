@@ -152,9 +152,10 @@ class Settings:
                                         "prefetch takes the jobs in turn. Instead of --manifest.")
 
     peers: str | None = setting(TEXT, None, "The fleet's hosts that serve each other cached files, in one order "
-                                "on every host: HOST:PORT,HOST:PORT..., a file of them (one a line), or "
-                                "'tf_config' (TF_CONFIG's chief and workers, on --peer-addr's port). Needs "
-                                "--peer-addr and --peer-secret-file.")
+                                "on every host: HOST:PORT,HOST:PORT..., a file of them (one a line), "
+                                "'tf_config' (TF_CONFIG's chief and workers) or dns:NAME (a headless "
+                                "Service), the last two on --peer-addr's port; a file or DNS is read again "
+                                "every 30 s. Needs --peer-addr and --peer-secret-file.")
     peer_addr: str | None = setting(MetricsAddr(), None, "This host in --peers: HOST:PORT, where it serves its "
                                     "files to peers.")
     peer_secret_file: Path | None = setting(PATH, None, "A file holding the secret (16 bytes or more) that "
