@@ -89,7 +89,7 @@ def test_connections_are_capped_and_idle_ones_closed(tmp_path):
     f = tmp_path / "obj"
     f.write_bytes(b"x" * 1000)
     secret = SECRET.encode()
-    server = PeerServer(f"127.0.0.1:{free_port()}", secret, lambda uri, wait: Found(str(f), "sha256", "", ""),
+    server = PeerServer(f"127.0.0.1:{free_port()}", secret, lambda uri, wait: Found(str(f), "sha256"),
                         max_connections=2, idle=0.5)
     server.start()
     port = server.address[1]
@@ -167,3 +167,27 @@ def test_a_host_finds_its_fleet_in_dns(tmp_path, s3, bucket, proxy):
         codes = fleet.stop()
     assert st["hosts"] == 1 and st["me"] == fleet.addrs[0]
     assert codes == [0]
+
+
+@pytest.mark.parametrize("problem", ["port in use", "secret readable by all", "not in the list"])
+def test_a_bad_peer_setting_stops_serve_with_exit_2_naming_it(tmp_path, problem):
+    import os
+    import subprocess
+    import sys
+
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    os.chmod(secret, 0o600)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        me = f"127.0.0.1:{taken.getsockname()[1] if problem == 'port in use' else free_port()}"
+        peers = me if problem != "not in the list" else "127.0.0.1:1"
+        if problem == "secret readable by all":
+            os.chmod(secret, 0o644)
+        r = subprocess.run([sys.executable, "-m", "s3cache", "serve", "--cache-dir", str(tmp_path / "c"),
+                            "--endpoint-url", "http://127.0.0.1:9", "--peers", peers, "--peer-addr", me,
+                            "--peer-secret-file", str(secret)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert {"port in use": "cannot listen there", "secret readable by all": "readable by every user",
+            "not in the list": "is not in --peers"}[problem] in r.stderr, r.stderr

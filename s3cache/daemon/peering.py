@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from s3cache.errors import S3CacheError
+from s3cache.errors import ConfigError, S3CacheError
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.peer.client import PeerClient
@@ -70,7 +70,10 @@ class Peering:
         self._edited: Callable[[], bool] = lambda: False
         # Bound now, served from ``start``: a peer that connects while this host reconciles waits in
         # the listen backlog instead of being refused (and marking this host out).
-        self.server = PeerServer(self.me, secret, self.find, rate=s.peer_rate)
+        try:
+            self.server = PeerServer(self.me, secret, self.find, rate=s.peer_rate)
+        except OSError as e:
+            raise ConfigError(f"--peer-addr {self.me}: cannot listen there: {e.strerror}") from None
 
     def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition,
               edited: Callable[[], bool], spawn: Callable[[Callable[[], None], str], None]) -> None:
@@ -134,7 +137,7 @@ class Peering:
         if rel is None:
             return None
         rec = space.records([ref.uri])[0][1]
-        return Found(self._store.layout.abspath(rel), rec.method, rec.etag, rec.version)
+        return Found(self._store.layout.abspath(rel), rec.method)
 
     def status(self) -> dict:
         return {"me": self.me, "hosts": len(self.members.hosts), "membership_changes": self.members.changes,

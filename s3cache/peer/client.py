@@ -33,8 +33,6 @@ from s3cache.manifest.parse import Entry
 from . import signing
 
 METHOD_HEADER = "X-S3cache-Method"
-ETAG_HEADER = "X-S3cache-Etag"
-VERSION_HEADER = "X-S3cache-Version"
 PATH = "/v1/object"
 
 
@@ -76,7 +74,7 @@ class PeerClient:
 
     def _checks(self, entry: Entry, hint: str) -> tuple[Expectation | None, int | None, str, str]:
         """The check the bytes must pass, the size they must have (None: the check covers it), and the
-        ETag and version to record."""
+        ETag and version to record ("" when unknown: S3 was not asked)."""
         mine = manifest_expectations(entry)
         if mine:
             chosen = next((e for e in mine if e.method == hint), None) or strongest(mine)
@@ -129,8 +127,9 @@ class PeerClient:
                 raise PeerFailed("no-room", f"{total} bytes offered")
             seconds = budget(total)
             deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
-            return self._receive(entry, resp, total, expect, etag or resp.getheader(ETAG_HEADER) or "",
-                                 version or resp.getheader(VERSION_HEADER) or "", deadline, conn.sock)
+            # The ETag and version recorded are S3's (from the HEAD) or the manifest's, never the peer's
+            # word: with none, revalidation compares sizes only for this file.
+            return self._receive(entry, resp, total, expect, etag, version, deadline, conn.sock)
         finally:
             conn.close()
 

@@ -11,8 +11,7 @@ Bounds, so that a neighbour cannot exhaust the host: at most ``max_connections``
 (one more is closed at once), ``idle`` seconds without a byte from the peer closes its connection,
 one request line and ``MAX_HEADERS`` headers of http.server's limits.
 
-Answers: 200 with the bytes, ``X-S3cache-Method`` (the check the file passed), ``X-S3cache-Etag`` and
-``X-S3cache-Version``; 400 malformed, 403 not signed right, 404 not here (outside the manifest, not
+Answers: 200 with the bytes and ``X-S3cache-Method`` (the check the file passed); 400 malformed, 403 not signed right, 404 not here (outside the manifest, not
 fetched in time, or not a known object), 405 not GET.
 """
 
@@ -31,7 +30,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import signing
-from .client import ETAG_HEADER, METHOD_HEADER, PATH, VERSION_HEADER
+from .client import METHOD_HEADER, PATH
 
 log = logging.getLogger("s3cache.peer")
 
@@ -40,12 +39,10 @@ PACE_STEP = 256 << 10  # bytes sent between two looks at the clock when paced
 
 
 class Found(NamedTuple):
-    """A published file: where it is (absolute, from the index) and what the index says of it."""
+    """A published file: where it is (absolute, from the index) and the check it passed."""
 
     path: str
     method: str
-    etag: str
-    version: str
 
 
 Find = Callable[[str, float], "Found | None"]
@@ -90,7 +87,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if problem is not None:
             return self._refuse(403, problem)
         parts = urlsplit(self.path)
-        query = parse_qs(parts.query, max_num_fields=4)
+        try:
+            query = parse_qs(parts.query, max_num_fields=4)
+        except ValueError:
+            return self._refuse(400, "not an object request")
         uris, waits = query.get("uri", []), query.get("wait", ["0"])
         if parts.path != PATH or len(uris) != 1 or len(waits) != 1:
             return self._refuse(400, "not an object request")
@@ -114,8 +114,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(size))
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header(METHOD_HEADER, found.method)
-            self.send_header(ETAG_HEADER, found.etag)
-            self.send_header(VERSION_HEADER, found.version)
             self.end_headers()
             self.wfile.flush()
             sent = owner.send(self.connection, f, size)
