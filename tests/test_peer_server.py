@@ -89,7 +89,7 @@ def test_connections_are_capped_and_idle_ones_closed(tmp_path):
     f = tmp_path / "obj"
     f.write_bytes(b"x" * 1000)
     secret = SECRET.encode()
-    server = PeerServer(f"127.0.0.1:{free_port()}", secret, lambda uri, wait: Found(str(f), "sha256"),
+    server = PeerServer(f"127.0.0.1:{free_port()}", secret, lambda uri, wait: Found(str(f)),
                         max_connections=2, idle=0.5)
     server.start()
     port = server.address[1]

@@ -136,8 +136,7 @@ class Peering:
         rel = space.ready_path(ref.uri)
         if rel is None:
             return None
-        rec = space.records([ref.uri])[0][1]
-        return Found(self._store.layout.abspath(rel), rec.method)
+        return Found(self._store.layout.abspath(rel))
 
     def status(self) -> dict:
         return {"me": self.me, "hosts": len(self.members.hosts), "membership_changes": self.members.changes,

@@ -1,15 +1,15 @@
 """One object from a peer into a verified, fsync'd temp file, or a ``PeerFailed`` saying why not.
 
 The request: ``GET /v1/object?uri=<s3 uri>&wait=<seconds>``, signed (``signing``). The owner answers
-``200`` with the file's bytes, and ``X-S3cache-Method`` naming the check it verified the file with;
-``404`` when it does not have the object (outside its manifest, or not fetched within ``wait``).
+``200`` with the file's bytes; ``404`` when it does not have the object (outside its manifest, or not
+fetched within ``wait``).
 
 Nothing the peer says is proof. The bytes are held to the manifest's checksum when the manifest states
 one (then no request goes to S3 at all), else to S3's own, from one ``HeadObject`` (the fetcher's
 ``describe``: the strongest claim S3 and the manifest make, with part sizes for per-part checksums).
-The owner's method only picks which of the manifest's claims to run when it states several. An object
-nothing but its size could vouch for is never taken from a peer (``PeerFailed("unverifiable")``): a
-peer would be trusted for its bytes. Digest, hashing and the checks are the fetcher's own
+The strongest claim is run whatever the owner says it checked: a peer naming a weaker check (a CRC,
+which anyone can forge) must not lower the bar. An object nothing but its size could vouch for is never
+taken from a peer (``PeerFailed("unverifiable")``): a peer would be trusted for its bytes. Digest, hashing and the checks are the fetcher's own
 (``fetch.checks``, ``fetch.checksum``).
 """
 
@@ -32,7 +32,6 @@ from s3cache.manifest.parse import Entry
 
 from . import signing
 
-METHOD_HEADER = "X-S3cache-Method"
 PATH = "/v1/object"
 
 
@@ -70,17 +69,18 @@ class PeerClient:
         self._describe = describe
         self._cancel = cancel
         self._clock = clock
-        self.s3_heads = 0  # HEADs asked of S3 for a check (manifests without checksums)
+        self._lock = threading.Lock()
+        self.s3_heads = 0  # HEADs asked of S3 for a check (manifests without checksums), under _lock
 
-    def _checks(self, entry: Entry, hint: str) -> tuple[Expectation | None, int | None, str, str]:
+    def _checks(self, entry: Entry) -> tuple[Expectation | None, int | None, str, str]:
         """The check the bytes must pass, the size they must have (None: the check covers it), and the
         ETag and version to record ("" when unknown: S3 was not asked)."""
         mine = manifest_expectations(entry)
         if mine:
-            chosen = next((e for e in mine if e.method == hint), None) or strongest(mine)
             size = entry.size if entry.size is not None and not entry.size_is_hint else None
-            return chosen, size, "", entry.version or ""
-        self.s3_heads += 1
+            return strongest(mine), size, "", entry.version or ""
+        with self._lock:
+            self.s3_heads += 1
         d = self._describe(entry)
         return d.expect, d.size, d.etag, d.version
 
@@ -115,7 +115,7 @@ class PeerClient:
             if length is None or not length.isdigit():
                 raise PeerFailed("bad-status", "no Content-Length")
             total = int(length)
-            expect, size, etag, version = self._checks(entry, resp.getheader(METHOD_HEADER) or "")
+            expect, size, etag, version = self._checks(entry)
             if expect is None:
                 raise PeerFailed("unverifiable", "nothing but the size could check a peer's bytes")
             if size is not None and total != size:

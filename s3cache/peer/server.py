@@ -11,7 +11,7 @@ Bounds, so that a neighbour cannot exhaust the host: at most ``max_connections``
 (one more is closed at once), ``idle`` seconds without a byte from the peer closes its connection,
 one request line and ``MAX_HEADERS`` headers of http.server's limits.
 
-Answers: 200 with the bytes and ``X-S3cache-Method`` (the check the file passed); 400 malformed, 403 not signed right, 404 not here (outside the manifest, not
+Answers: 200 with the bytes; 400 malformed, 403 not signed right, 404 not here (outside the manifest, not
 fetched in time, or not a known object), 405 not GET.
 """
 
@@ -30,7 +30,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import signing
-from .client import METHOD_HEADER, PATH
+from .client import PATH
 
 log = logging.getLogger("s3cache.peer")
 
@@ -39,10 +39,9 @@ PACE_STEP = 256 << 10  # bytes sent between two looks at the clock when paced
 
 
 class Found(NamedTuple):
-    """A published file: where it is (absolute, from the index) and the check it passed."""
+    """A published file: where it is (absolute, from the index)."""
 
     path: str
-    method: str
 
 
 Find = Callable[[str, float], "Found | None"]
@@ -113,7 +112,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(size))
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header(METHOD_HEADER, found.method)
             self.end_headers()
             self.wfile.flush()
             sent = owner.send(self.connection, f, size)
