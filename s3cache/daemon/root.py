@@ -327,13 +327,9 @@ class Daemon:
         log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
-            charged = self.schedule.fail(uri, code, message)
+            self.schedule.fail(uri, code, message)
             self.space.release(uri)
-            if charged is not None:
-                self.readers.failed(uri, code, message)
-            else:  # the fetch used an entry a reload has since changed: readers wait for the new one
-                log.info("%s: that fetch used an entry the manifest has changed since; fetching it again as "
-                         "the manifest now describes it", shown(uri))
+            self.readers.failed(uri, code, message)
             self.cond.notify_all()
 
     # == readers' sockets =============================================================================
@@ -397,14 +393,14 @@ class Daemon:
         peers = self.peering.status() if self.peering is not None else None  # its own locks, not ours
         with self.cond:
             st = assemble(root=self.store.layout.root, started_at=self.started_at,
-                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
-                            schedule=self.schedule,
-                            space=self.space, readers=self.readers, publisher=self.publisher,
-                            maintenance=self.maintenance, workers=self.workers,
-                            watch=self.manifests.watch if self.manifests else None, server=self.server,
-                            counters=self.fetcher.counters if self.fetcher else None,
-                            errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
-                            throughput=self.throughput.rate())
+                          manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
+                          schedule=self.schedule,
+                          space=self.space, readers=self.readers, publisher=self.publisher,
+                          maintenance=self.maintenance, workers=self.workers,
+                          watch=self.manifests.watch if self.manifests else None, server=self.server,
+                          counters=self.fetcher.counters if self.fetcher else None,
+                          errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
+                          throughput=self.throughput.rate())
         if peers is not None:
             st["peers"] = peers
         return st
