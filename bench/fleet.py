@@ -9,8 +9,9 @@ paces each connection to ``--bandwidth`` bytes/s, as S3 would; the peer link is 
 ``--peer-rate`` (bytes/s per transfer, a LAN's share). One reader per host reads its slice of a new
 global permutation of the dataset each epoch (PyTorch's ``DistributedSampler.set_epoch``), checking
 every byte. The same run is made without peers (every host fetches what its readers need from S3)
-and with them; the table gives fleet S3 GETs and bytes, the wall time of the epochs, and the ratios
-against the no-peer run of the same invocation.
+and with them; the table gives fleet S3 GETs (a waiting reader's object may come in ranged parts, each a
+GET), S3 bytes (also as copies of the dataset), the wall time of the epochs, and the ratios against the
+no-peer run of the same invocation.
 
 ``Fleet`` and ``read_epochs`` are also the harness of tests/test_peer*.py.
 """
@@ -173,14 +174,17 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
+    from s3cache.service.kinds import parse_size
+
     base = rows[0]
+    dataset = args.objects * parse_size(args.size)
     out = [f"{args.hosts} hosts, {args.objects} objects of {args.size}, {args.epochs} epochs, global reshuffle; "
            f"S3 {args.latency * 1000:.0f} ms and {args.bandwidth}/s a connection, peers {args.peer_rate}/s",
-           "", "| run | S3 GETs | GETs per object | S3 MB | epochs s | S3 bytes vs alone | time vs alone |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "", "| run | S3 GETs | GETs per object | S3 MB | copies from S3 | epochs s | S3 bytes vs alone | "
+           "time vs alone |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {'peers' if r['peers'] else 'alone'} | {r['gets']} | {r['gets'] / args.objects:.2f} | "
-                   f"{r['bytes'] / 1e6:.1f} | {r['seconds']:.1f} | {r['bytes'] / max(base['bytes'], 1):.2f} | "
+                   f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / dataset:.2f} | {r['seconds']:.1f} | {r['bytes'] / max(base['bytes'], 1):.2f} | "
                    f"{r['seconds'] / max(base['seconds'], 1e-9):.2f} |")
     return "\n".join(out)
 
