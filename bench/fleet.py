@@ -85,6 +85,12 @@ class Fleet:
     def stop(self) -> list[int | None]:
         return [d.stop() for d in self.daemons]
 
+    def log_problems(self) -> list[str]:
+        """Lines of the daemons' logs that say something went wrong (a traceback, an error): a test
+        fleet must run and stop clean."""
+        return [f"{d.log_path.name}: {line}" for d in self.daemons for line in d.log().splitlines()
+                if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
+
     def statuses(self) -> list[dict]:
         return [d.status() for d in self.daemons]
 

@@ -47,6 +47,7 @@ def test_a_peer_serving_flipped_bytes_is_marked_out_and_the_object_comes_from_s3
     assert proxy.gets(f"/{bucket}/") > gets_before
     assert st["objects"]["failed"] == 0 and not st["errors_by_code"], st["errors_by_code"]
     assert codes == [0, 0]
+    assert not fleet.log_problems()
 
 
 def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_path, s3, bucket, proxy):
@@ -75,6 +76,7 @@ def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_pa
     assert sum(peers["errors"][fleet.addrs[0]].values()) >= 1
     assert st["objects"]["failed"] == 0
     assert codes[1] == 0
+    assert not fleet.log_problems()
 
 
 def test_a_peer_slower_than_s3_is_given_up_and_marked_out(tmp_path, s3, bucket, proxy):
@@ -101,3 +103,4 @@ def test_a_peer_slower_than_s3_is_given_up_and_marked_out(tmp_path, s3, bucket, 
     assert peers["out"][fleet.addrs[0]]["why"] == "slow"
     assert peers["from_peers"]["objects"] == 0 and peers["from_s3"]["objects"] == len(data)
     assert codes == [0, 0]
+    assert not fleet.log_problems()

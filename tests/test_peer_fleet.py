@@ -30,6 +30,7 @@ def test_a_globally_shuffled_job_pulls_each_object_from_s3_once(tmp_path, s3, bu
     assert all(not p["out"] and not p["peer_failures"] for p in peers), peers
     assert all(st["objects"]["failed"] == 0 for st in sts)
     assert codes == [0] * hosts
+    assert not fleet.log_problems()
 
 
 def test_without_checksums_in_the_manifest_a_peer_copy_is_checked_against_s3s_with_one_head(
@@ -54,3 +55,4 @@ def test_without_checksums_in_the_manifest_a_peer_copy_is_checked_against_s3s_wi
     assert sum(p["s3_heads_for_checks"] for p in peers) == len(data) == heads
     assert all(st["verified_by"] == {"etag-md5": len(data)} for st in sts), [st["verified_by"] for st in sts]
     assert codes == [0, 0]
+    assert not fleet.log_problems()

@@ -44,6 +44,7 @@ def served(tmp_path, s3, bucket, proxy):
         yield fleet, data
     finally:
         assert fleet.stop() == [0]
+        assert not fleet.log_problems()
 
 
 def test_a_signed_request_for_a_manifest_object_is_served(served):
@@ -166,7 +167,7 @@ def test_a_host_finds_its_fleet_in_dns(tmp_path, s3, bucket, proxy):
     finally:
         codes = fleet.stop()
     assert st["hosts"] == 1 and st["me"] == fleet.addrs[0]
-    assert codes == [0]
+    assert codes == [0] and not fleet.log_problems()
 
 
 @pytest.mark.parametrize("problem", ["port in use", "secret readable by all", "not in the list"])
