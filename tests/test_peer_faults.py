@@ -71,8 +71,8 @@ def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_pa
     finally:
         codes = fleet.stop()
     peers = st["peers"]
-    why = peers["out"][fleet.addrs[0]]["why"]
-    assert why in ("reset", "short", "refused"), peers
+    assert {"reset", "short"} & set(peers["peer_failures"]), peers  # a transfer was cut by the kill
+    assert peers["out"][fleet.addrs[0]]["why"] in ("reset", "short"), peers
     assert sum(peers["errors"][fleet.addrs[0]].values()) >= 1
     assert st["objects"]["failed"] == 0
     assert codes[1] == 0
