@@ -33,7 +33,8 @@ SECRET = "fleet-secret-for-tests-and-benchmarks-0123456789"
 
 class Fleet:
     """``n`` daemons on 127.0.0.1 over ``endpoint``, each with its own cache dir under ``root``; with
-    ``peers`` they serve each other (one secret, one host list in order, or ``members`` as --peers).
+    ``peers`` they serve each other (one secret, one host list in order, or ``members`` as --peers);
+    ``sharded``: host i prefetches share i/n of the manifest.
     Always ``stop()`` it.
 
     They start on an empty manifest and the job's arrives with ``job(lines)`` once all serve, as under
@@ -41,7 +42,7 @@ class Fleet:
 
     def __init__(self, root: Path, endpoint: str, n: int, *, peers: bool = True,
                  args: list[str] = (), peer_timeout: float = 60.0, peer_rate: int = 0,
-                 members: str | None = None) -> None:
+                 members: str | None = None, sharded: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ports = [free_port() for _ in range(n)]
@@ -49,11 +50,12 @@ class Fleet:
         self.secret_file = self.root / "peer-secret"
         self.secret_file.write_text(SECRET + "\n")
         os.chmod(self.secret_file, 0o600)
+        self.sharded = sharded
         self.manifest = self.root / "manifest.txt"
         self.manifest.write_text("")
         self.daemons: list[DaemonProcess] = []
         for i in range(n):
-            extra = list(args)
+            extra = list(args) + (["--shard", f"{i}/{n}"] if sharded else [])
             if peers:
                 extra += ["--peers", members or ",".join(self.addrs), "--peer-addr", self.addrs[i],
                           "--peer-secret-file", str(self.secret_file), "--peer-timeout", str(peer_timeout),
@@ -79,8 +81,12 @@ class Fleet:
         tmp = self.manifest.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.manifest)
-        for d in (d for d in self.daemons if d.proc is not None):  # readers start once every host has it
-            d.wait_until(lambda st: st["manifest_entries"] == len(lines), 120, "the job's manifest installed")
+        n = len(self.daemons)
+        for i, d in enumerate(self.daemons):  # readers start once every running host has it
+            if d.proc is None:
+                continue
+            share = len(range(i, len(lines), n)) if self.sharded else len(lines)
+            d.wait_until(lambda st, k=share: st["manifest_entries"] == k, 120, "the job's manifest installed")
 
     def stop(self) -> list[int | None]:
         return [d.stop() for d in self.daemons]

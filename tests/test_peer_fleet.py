@@ -56,3 +56,22 @@ def test_without_checksums_in_the_manifest_a_peer_copy_is_checked_against_s3s_wi
     assert all(st["verified_by"] == {"etag-md5": len(data)} for st in sts), [st["verified_by"] for st in sts]
     assert codes == [0, 0]
     assert not fleet.log_problems()
+
+
+def test_sharded_hosts_reshuffling_globally_still_pull_each_object_once(tmp_path, s3, bucket, proxy):
+    """--shard i/N with peers: each host prefetches its share, and reads of other shares' objects (a
+    global reshuffle) come from their owner, not from S3 again."""
+    data, lines = upload(s3, bucket, 16, 32 << 10)
+    fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"], sharded=True)
+    try:
+        fleet.start()
+        fleet.job(lines)
+        read_epochs(fleet.cache_dirs, data, epochs=2)
+        gets = proxy.gets(f"/{bucket}/")
+        sts = fleet.statuses()
+    finally:
+        codes = fleet.stop()
+    assert gets == len(data), f"{gets} S3 GETs for {len(data)} objects"
+    assert sum(st["peers"]["from_peers"]["objects"] for st in sts) > 0
+    assert codes == [0, 0]
+    assert not fleet.log_problems()

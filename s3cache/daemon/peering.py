@@ -4,7 +4,8 @@ by the root. What it adds (``s3cache.peer`` has the pieces):
 * the workers fetch through ``source`` (``PeerSource``): an object another host owns is asked of it
   first, S3 otherwise;
 * the listener (``PeerServer``) serves a peer this host's published files. ``find`` looks an object up
-  by its URI in the space (the index's files) and serves it only if it is in the manifest in force; an
+  by its URI in the space (the index's files) and serves it only if it is in the manifest in force
+  (any share of it, under ``--shard``); an
   object not fetched yet is wanted as a reader wants it (``Readers.want``: at the front of the queue,
   fetched once however many ask) and the request waits for it up to the peer's deadline;
 * with a file or ``dns:`` for ``--peers``, a thread reads the fleet again every ``REFRESH`` seconds.
@@ -108,7 +109,10 @@ class Peering:
             # Asked before the catalog is read: an edit installed in between is then in the catalog.
             editing = self._edited()
             with cond:
-                listed = schedule.catalog.position(ref.uri) is not None
+                # Under --shard another share's object is the manifest's too (the demand scope's own
+                # rule): a sharded host owns objects of every share, by the URI's hash.
+                catalog = schedule.catalog
+                listed = catalog.position(ref.uri) is not None or catalog.off_share(ref.uri)
                 found = self._ready(space, ref) if listed else None
             if listed or not editing or time.monotonic() > deadline or self._stopping.is_set():
                 break
