@@ -151,6 +151,7 @@ def test_an_owner_fetches_an_object_it_lacks_once_for_concurrent_asks_and_notes_
     assert proxy.gets(key_path) - before == 1  # fetched once from S3, however many asked
     st = fleet.daemons[0].status()
     assert st["misses"] == st0["misses"] and st["readers"] == st0["readers"]  # a peer is not a reader
+    assert st["wait_seconds"] == st0["wait_seconds"]
 
 
 def test_a_host_finds_its_fleet_in_dns(tmp_path, s3, bucket, proxy):
