@@ -24,6 +24,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from s3cache.testing import DaemonProcess, MotoServer, free_port, wait_for
@@ -138,18 +139,25 @@ def read_epochs(cache_dirs: list[Path], data: dict[str, bytes], epochs: int, see
     return time.monotonic() - started
 
 
-def upload(s3, bucket: str, n: int, size: int, seed: int = 1) -> tuple[dict[str, bytes], list[str]]:
+def upload(s3, bucket: str, n: int, size: int, seed: int = 1,
+           keep: Callable[[str], bool] = lambda uri: True) -> tuple[dict[str, bytes], list[str]]:
     """``n`` objects of ``size`` random bytes; their data, and manifest lines with size= and sha256=
-    (what ``s3cache manifest --checksums`` writes): peers' bytes are then checked with no S3 request."""
+    (what ``s3cache manifest --checksums`` writes): peers' bytes are then checked with no S3 request.
+    ``keep(uri)``: whether to use a candidate key (tests pick keys by owner)."""
     import hashlib
+    import itertools
 
     rng = random.Random(seed)
     data, lines = {}, []
-    for i in range(n):
-        body = rng.randbytes(size)
+    for i in itertools.count():
+        if len(data) == n:
+            break
         key = f"fleet/{i:05d}"
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
         uri = f"s3://{bucket}/{key}"
+        if not keep(uri):
+            continue
+        body = rng.randbytes(size)
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
         data[uri] = body
         lines.append(f"{uri} size={size} sha256={hashlib.sha256(body).hexdigest()}")
     return data, lines

@@ -3,11 +3,25 @@ owner killed mid-transfer costs the other hosts only a fetch from S3."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.fleet import Fleet, upload
 from s3cache import resolve
 from s3cache.peer.owners import RendezvousOwners
+
+
+def _each_host_owns(fleet: Fleet, per_host: int) -> Callable[[str], bool]:
+    """A ``keep`` for ``upload`` that takes ``per_host`` objects owned by each host of ``fleet``."""
+    owners, counts = RendezvousOwners(fleet.addrs), Counter()
+
+    def keep(uri: str) -> bool:
+        owner = owners.owner(uri)
+        counts[owner] += 1
+        return counts[owner] <= per_host
+
+    return keep
 
 
 def _flip(path: str) -> None:
@@ -18,13 +32,11 @@ def _flip(path: str) -> None:
 
 
 def test_a_peer_serving_flipped_bytes_is_marked_out_and_the_object_comes_from_s3(tmp_path, s3, bucket, proxy):
-    data, lines = upload(s3, bucket, 6, 32 << 10)
     fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"])
+    data, lines = upload(s3, bucket, 6, 32 << 10, keep=_each_host_owns(fleet, 3))
     a, b = fleet.daemons
     owners = RendezvousOwners(fleet.addrs)
-    mine = [u for u in data if owners.owner(u) == fleet.addrs[0]]
-    assert mine, "the rendezvous table gave host 0 nothing: pick another seed"
-    bad = mine[0]
+    bad = next(u for u in data if owners.owner(u) == fleet.addrs[0])
     try:
         fleet.start([0])  # host 1 is down: host 0 fetches everything itself
         fleet.job(lines)
@@ -51,12 +63,10 @@ def test_a_peer_serving_flipped_bytes_is_marked_out_and_the_object_comes_from_s3
 
 
 def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_path, s3, bucket, proxy):
-    data, lines = upload(s3, bucket, 6, 512 << 10)
     # Host 0 serves slowly (a 128 KiB/s peer link), so that its transfers are in flight when it dies.
     fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"], peer_rate=128 << 10)
+    data, lines = upload(s3, bucket, 6, 512 << 10, keep=_each_host_owns(fleet, 3))
     a, b = fleet.daemons
-    owners = RendezvousOwners(fleet.addrs)
-    assert any(owners.owner(u) == fleet.addrs[0] for u in data)
     try:
         fleet.start([0])
         fleet.job(lines)
@@ -80,13 +90,12 @@ def test_an_owner_killed_mid_transfer_leaves_the_others_to_finish_from_s3(tmp_pa
 
 
 def test_a_peer_slower_than_s3_is_given_up_and_marked_out(tmp_path, s3, bucket, proxy):
-    data, lines = upload(s3, bucket, 4, 1 << 20)
     # Host 0 serves at 16 KiB/s (a minute a file) and never goes idle; host 1 waits on it no longer
     # than its --peer-timeout (1 s) plus twice what S3 takes for the size.
     fleet = Fleet(tmp_path / "fleet", proxy.url, 2, args=["--workers", "2"], peer_timeout=1.0,
                   peer_rate=16 << 10)
+    data, lines = upload(s3, bucket, 4, 1 << 20, keep=_each_host_owns(fleet, 2))
     a, b = fleet.daemons
-    assert any(RendezvousOwners(fleet.addrs).owner(u) == fleet.addrs[0] for u in data)
     try:
         fleet.start([0])
         fleet.job(lines)
