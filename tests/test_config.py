@@ -191,6 +191,8 @@ NON_DEFAULTS = {
     "max_attempts": "2", "revalidate": "60", "log_level": "debug", "shard": "3/8",
     "metrics_addr": "127.0.0.1:9200", "metrics_allow_remote": "true", "require_checksum": "true",
     "world_readable": "true", "pin_quota": "0.25", "manifest_settle": "1.5", "allow": "s3://b-1/x/",
+    "peers": "10.0.0.1:7480,10.0.0.2:7480", "peer_addr": "10.0.0.1:7480", "peer_secret_file": "/srv/peer-secret",
+    "peer_timeout": "3.5", "peer_rate": "100M",
 }
 
 
@@ -208,7 +210,8 @@ def test_every_option_is_a_flag_a_variable_and_a_key_and_show_reads_back(tmp_pat
     env = {o.env[0]: NON_DEFAULTS[o.name] for o in options() if o.name not in INSTEAD}
     by_env = show([], env=env)
     assert {k: v["value"] for k, v in by_env.items()} == {k: v["value"] for k, v in by_flag.items()}
-    assert all(row["source"] == f"env:{options()[i].env[0]}" for i, row in enumerate(by_env[n] for n in names))
+    env_of = {o.name: o.env[0] for o in options()}
+    assert all(by_env[n]["source"] == f"env:{env_of[n]}" for n in names)
     # `config show`'s text output is a TOML file that gives the same settings again.
     r = CliRunner().invoke(main, ["config", "show", *flags])
     f = tmp_path / "shown.toml"

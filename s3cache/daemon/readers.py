@@ -161,8 +161,11 @@ class Readers(Announced):
 
     # == wants and answers ============================================================================
 
-    def want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = ()) -> list[dict]:
+    def want(self, conn: Connection, reader: str, uris: list[str], ahead: list[str] = (), *,
+             counted: bool = True) -> list[dict]:
         """A reader waits for ``uris`` (they go to the front of the queue) and will soon want ``ahead``.
+        ``counted`` False (a peer host's ask): no reader is noted (no position, epoch or lease), no miss
+        and no wait counted; the fetch and its answer are as for a reader.
 
         ``ahead`` is a hint for objects the manifest does not list (for listed ones the readahead policy
         already knows what comes next): they are queued behind the demand, with no one waiting yet. At
@@ -192,14 +195,15 @@ class Readers(Announced):
         front: list[Entry] = []
         edited = functools.cache(self._edited)  # a stat (a listing for a directory): once a want at most
         with self._cond:
-            self.drain()  # the reader's earlier notes first, so its position moves in order
-            self.note_use(reader, uris, hit=False)
-            missed = [u for u in uris if not self._space.is_ready(u)]
-            misses = len(missed)
-            self.misses += misses
-            for u in missed if self.job_stats.jobs else ():
-                self.job_stats.add(self._schedule.catalog.position(u), misses=1)
-            self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
+            if counted:
+                self.drain()  # the reader's earlier notes first, so its position moves in order
+                self.note_use(reader, uris, hit=False)
+                missed = [u for u in uris if not self._space.is_ready(u)]
+                misses = len(missed)
+                self.misses += misses
+                for u in missed if self.job_stats.jobs else ():
+                    self.job_stats.add(self._schedule.catalog.position(u), misses=1)
+                self._epoch(self.tracker.epoch_of(reader.split("/", 1)[0]))["misses"] += misses
             for raw, ref in zip(uris, parsed):
                 if isinstance(ref, S3CacheError):
                     results.append({"uri": raw, "state": "invalid", "message": str(ref)})
@@ -223,7 +227,7 @@ class Readers(Announced):
                     results.append({"uri": uri, "state": "failed", "code": failure.code,
                                     "message": failure.message})
                     continue
-                self._wait_on(ref, {conn}, front)
+                self._wait_on(ref, {conn}, front, timed=counted)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
             for ref in hints:
@@ -235,12 +239,13 @@ class Readers(Announced):
         return results
 
     def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry],
-                 since: float | None = None) -> None:
+                 since: float | None = None, timed: bool = True) -> None:
         """``conns`` wait for ``ref`` (since ``since``, monotonic): queued at the front (``front``) or,
         if prefetching, promoted."""
         entry, in_flight = self._schedule.ask(ref)
         self.waiters.setdefault(ref.uri, set()).update(conns)
-        self._wanted_at.setdefault(ref.uri, time.monotonic() if since is None else since)
+        if timed:  # a peer's ask is not a reader waiting: it does not count in wait_seconds
+            self._wanted_at.setdefault(ref.uri, time.monotonic() if since is None else since)
         if not in_flight:
             front.append(entry)
         else:

@@ -57,6 +57,8 @@ from s3cache.store.index import Index, Record
 
 from .maintenance import Maintenance, open_index
 from .ops import Ops
+from .peering import Peering
+from .peering import build as build_peering
 from .publisher import Publisher
 from .readers import Readers
 from .reload import Manifests, Reload
@@ -97,6 +99,7 @@ class Daemon:
         self.readers: Readers | None = None
         self.workers: Workers | None = None
         self.maintenance: Maintenance | None = None
+        self.peering: Peering | None = None  # --peers: the workers fetch through it, peers are served
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
         self._progress_report = Progress()
@@ -136,6 +139,7 @@ class Daemon:
                                          workers=s.workers, max_attempts=s.max_attempts, cancel=self.stopping,
                                          new_temp=self.store.new_temp, discard=self.store.discard,
                                          require_checksum=s.require_checksum)
+        self.peering = build_peering(s, fetcher, self.store, self.stopping)
         self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=fetcher.list, spawn=self._spawn,
                                                exclusive=lambda: self.space.exclusive(),
                                                install_parts=self._install_parts)
@@ -167,6 +171,9 @@ class Daemon:
         self.server = Server(lay.control_socket, lay.use_socket, ops.handle, self.readers.closed,
                              on_crash=self._server_crashed)
         self.server.start()
+        if self.peering is not None:  # like the sockets: only once the cache is reconciled
+            self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited,
+                               self._spawn)
         self._spawn(self._use_loop, "s3cache-use")
         self._spawn(self.publisher.run, "s3cache-publish")
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
@@ -192,7 +199,8 @@ class Daemon:
                                promote=fetcher.promote,
                                scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
                                manifest_edited=self._manifest_edited)
-        self.workers = Workers(s, self.schedule, self.space, fetcher, cond, is_waited=self.readers.is_waited,
+        source = self.peering.source if self.peering is not None else fetcher
+        self.workers = Workers(s, self.schedule, self.space, source, cond, is_waited=self.readers.is_waited,
                                publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
                                errors=self.loop_errors)
         self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)
@@ -248,6 +256,8 @@ class Daemon:
                 t.join(timeout=0.2)
         if self.server is not None:
             self.server.stop()
+        if self.peering is not None:
+            self.peering.stop()
         if self.fetcher is not None:
             self.fetcher.close()
         try:
@@ -392,16 +402,20 @@ class Daemon:
 
     def status(self) -> dict:
         """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
+        peers = self.peering.status() if self.peering is not None else None  # its own locks, not ours
         with self.cond:
-            return assemble(root=self.store.layout.root, started_at=self.started_at,
-                            manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
-                            schedule=self.schedule,
-                            space=self.space, readers=self.readers, publisher=self.publisher,
-                            maintenance=self.maintenance, workers=self.workers,
-                            watch=self.manifests.watch if self.manifests else None, server=self.server,
-                            counters=self.fetcher.counters if self.fetcher else None,
-                            errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
-                            throughput=self.throughput.rate())
+            st = assemble(root=self.store.layout.root, started_at=self.started_at,
+                          manifest=str(self.s.manifest_source) if self.s.manifest_source else None,
+                          schedule=self.schedule,
+                          space=self.space, readers=self.readers, publisher=self.publisher,
+                          maintenance=self.maintenance, workers=self.workers,
+                          watch=self.manifests.watch if self.manifests else None, server=self.server,
+                          counters=self.fetcher.counters if self.fetcher else None,
+                          errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
+                          throughput=self.throughput.rate())
+        if peers is not None:
+            st["peers"] = peers
+        return st
 
 
 def _about(uri: str, message: str) -> str:

@@ -154,6 +154,20 @@ class Settings:
                                         "watched, added by writing its file and retired by removing it; "
                                         "prefetch takes the jobs in turn. Instead of --manifest.")
 
+    peers: str | None = setting(TEXT, None, "The fleet's hosts that serve each other cached files, in one order "
+                                "on every host: HOST:PORT,HOST:PORT..., a file of them (one a line), "
+                                "'tf_config' (TF_CONFIG's chief and workers) or dns:NAME (a headless "
+                                "Service), the last two on --peer-addr's port; a file or DNS is read again "
+                                "every 30 s. Needs --peer-addr and --peer-secret-file.")
+    peer_addr: str | None = setting(MetricsAddr(), None, "This host in --peers: HOST:PORT, where it serves its "
+                                    "files to peers.")
+    peer_secret_file: Path | None = setting(PATH, None, "A file holding the secret (16 bytes or more) that "
+                                            "signs requests between peers; not readable by others.")
+    peer_timeout: float = setting(Number(0, lo_open=True, what="seconds"), 2.0, "Seconds a fetch waits on "
+                                  "the owning peer (which may be fetching the object itself) before it goes "
+                                  "to S3; keep it near S3's time to first byte.")
+    peer_rate: int = setting(Size(0), 0, "Bytes/s this host serves to each peer at most (0: no limit).")
+
     def __post_init__(self) -> None:
         if self.manifest is not None and self.manifest_dir is not None:
             raise ConfigError("--manifest and --manifest-dir both given: one job's manifest, or a "
@@ -166,6 +180,10 @@ class Settings:
                 opt.kind.check(value)
             except ConfigError as e:
                 raise ConfigError(f"{opt.flag} {e}") from None
+
+        if self.peers is not None and (self.peer_addr is None or self.peer_secret_file is None):
+            raise ConfigError("--peers needs --peer-addr (this host's HOST:PORT in the list) and "
+                              "--peer-secret-file (the fleet's shared secret)")
 
     @property
     def manifest_source(self) -> Path | None:

@@ -210,6 +210,38 @@ def families(st: dict) -> Iterator:
     for method, n in sorted(st.get("verified_by", {}).items()):
         verified.add_metric([method], n)
     yield verified
+    if "peers" in st:
+        yield from _peer_families(st["peers"])
+
+
+def _peer_families(p: dict) -> Iterator:
+    """The peer tier's figures (status's ``peers``, present with ``--peers``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    objects = CounterMetricFamily("s3cache_source_objects", "Objects fetched, by source (s3 or peer).",
+                                  labels=["source"])
+    nbytes = CounterMetricFamily("s3cache_source_bytes", "Bytes fetched, by source (s3 or peer).",
+                                 labels=["source"])
+    for source, key in (("s3", "from_s3"), ("peer", "from_peers")):
+        objects.add_metric([source], p[key]["objects"])
+        nbytes.add_metric([source], p[key]["bytes"])
+    yield objects
+    yield nbytes
+    yield _counter("s3cache_peer_served_objects", "Objects served to peers.", p["served"]["objects"])
+    yield _counter("s3cache_peer_served_bytes", "Bytes served to peers.", p["served"]["bytes"])
+    yield _gauge("s3cache_peers_healthy", "Peers this host asks now.", len(p["healthy"]))
+    yield _gauge("s3cache_peers_out", "Peers this host skips for a while after a failure.", len(p["out"]))
+    errors = CounterMetricFamily("s3cache_peer_errors", "Failed asks of a peer, by peer and why.",
+                                 labels=["peer", "why"])
+    for peer, counts in sorted(p["errors"].items()):
+        for why, n in sorted(counts.items()):
+            errors.add_metric([peer, why], n)
+    yield errors
+    refused = CounterMetricFamily("s3cache_peer_refused_requests", "Requests from peers refused, by why.",
+                                  labels=["why"])
+    for why, n in sorted(p["refused"].items()):
+        refused.add_metric([why], n)
+    yield refused
 
 
 def parse_addr(text: str, allow_remote: bool = False) -> tuple[str, int]:
