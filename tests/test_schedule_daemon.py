@@ -160,6 +160,7 @@ def test_pins_need_the_daemons_user_or_root(tmp_path, s3, bucket, daemons, local
         assert d.status()["pinned"]["objects"] == 0
         r = CliRunner().invoke(main, ["pin", "--cache-dir", str(cache), f"s3://{bucket}/k"])  # root may
         assert r.exit_code == 0 and "1 pinned in all" in r.stdout, r.output
+        d.stop()  # before its cache dir goes: the fixture then checks how it exited
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
