@@ -66,14 +66,18 @@ class Manifests:
         self._stop: threading.Event | None = None  # the current watch's own stop
 
     def new_watch(self, path: str, directory: bool = False) -> ManifestWatch:
-        """A watch of ``path`` (a manifest directory if ``directory``) with its own stop event and the
-        current generation."""
-        gen = self.gen
-        self._stop = threading.Event()
+        """Start-up's watch of ``path`` (a manifest directory if ``directory``), made current."""
+        self.watch, self._stop = self._make_watch(path, directory, self.gen)
+        return self.watch
+
+    def _make_watch(self, path: str, directory: bool, gen: int) -> tuple[ManifestWatch, threading.Event]:
+        """A watch of ``path`` with its own stop event, installing as generation ``gen``."""
+        stop = threading.Event()
         s = self._settings()
-        return ManifestWatch(path, lister=self._lister, stopping=self._stop,
-                             install=lambda catalog: self.install(catalog, gen, path),
-                             shard=s.shard, settle=s.manifest_settle, directory=directory)
+        watch = ManifestWatch(path, lister=self._lister, stopping=stop,
+                              install=lambda catalog: self.install(catalog, gen, path),
+                              shard=s.shard, settle=s.manifest_settle, directory=directory)
+        return watch, stop
 
     def start_watch(self, watch: ManifestWatch) -> None:
         watch.watch()
@@ -94,24 +98,32 @@ class Manifests:
 
     def replace(self) -> None:
         """A fresh watch of the (possibly new) manifest path replaces the old one, whose installs are
-        ignored from now on; the new manifest is read and installed before this returns."""
+        ignored from then on; the new manifest is read and installed before this returns. Raises
+        S3CacheError when the new manifest does not load: the old watch then stays in force, still
+        watching, so the next good edit is installed as before."""
         s = self._settings()
         path = s.manifest_source
+        gen = self.gen + 1  # only replace() bumps it, and only the reload thread calls replace()
+        watch = stop = catalog = None
+        if path is not None:
+            watch, stop = self._make_watch(str(path), s.manifest_is_dir, gen)
+            try:
+                catalog = watch.read()
+            except BaseException:
+                watch.stop()
+                raise
         old, old_stop = self.watch, self._stop
         with self._cond:
-            self.gen += 1
+            self.gen = gen
         if old is not None:
             old_stop.set()
             old.wake()
             old.stop()
-        self.watch = None
-        if path is None:
-            self.install(Catalog(), self.gen, "(none)")
+        self.watch, self._stop = watch, stop
+        if watch is None:
+            self.install(Catalog(), gen, "(none)")
             return
-        watch = self.new_watch(str(path), s.manifest_is_dir)
-        catalog = watch.read()
-        self.watch = watch
-        self.install(catalog, self.gen, str(path))
+        self.install(catalog, gen, str(path))
         self.start_watch(watch)
 
     def stop(self) -> None:
