@@ -74,7 +74,11 @@ class ManifestWatch:
         self._watches: dict[str, object] = {}  # directory -> watchdog's ObservedWatch
         self._lock = threading.Lock()
         self._catalog = Catalog()  # the last one read whole (handed to install, or about to be)
-        self.errors: list[str] = []
+        self._listing_errors: list[str] = []  # prefixes the last read whole could not list
+        self._refusal: str | None = None  # why the last edit was refused (None once one installs)
+        self._refused_jobs: dict[str, str] = {}  # a directory's jobs refused in the version in force
+        self._kept: dict[str, bytes] | None = {} if directory else None  # each job's text in force
+        self._read_texts: dict[str, bytes] = {}  # ... in the version last read whole
         self.skipped = SkipLog()
         self.reload_failures = 0  # reload attempts ended by an unexpected exception
         self._off_share = 0
@@ -90,7 +94,7 @@ class ManifestWatch:
         while True:
             try:
                 catalog = self._load(seen)
-                self._seen = self._looked  # start-up and SIGHUP install it before anyone can ask
+                self._installed()  # start-up and SIGHUP install it before anyone can ask
                 return catalog
             except ManifestUnstable as e:
                 if time.monotonic() + e.retry_after > deadline:
@@ -115,11 +119,17 @@ class ManifestWatch:
                 return []
 
         self._looked = self._identity()
-        load = manifest_file.load_dir if self.directory else manifest_file.load
-        loaded = load(path, lister, self.shard, settle=self.settle, seen=seen)
+        if self.directory:
+            loaded = manifest_file.load_dir(path, lister, self.shard, settle=self.settle, seen=seen, kept=self._kept)
+        else:
+            loaded = manifest_file.load(path, lister, self.shard, settle=self.settle, seen=seen)
         self._looked = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
-        self.errors = errors
+        self._read_texts = dict(loaded.texts)
+        for why in loaded.refused.values():
+            log.error("manifest job not reloaded, keeping its previous version (if any): %s", why)
         with self._lock:
+            self._listing_errors = errors
+            self._refused_jobs = dict(loaded.refused)
             self.skipped = loaded.skipped
             self._catalog = loaded.catalog
         if not self.shard.whole:
@@ -207,10 +217,11 @@ class ManifestWatch:
                     if isinstance(e, ManifestError) and e.line is not None:  # a bad line: this version
                         self._rejected = self._looked  # will never install (an unreadable file may, later)
                     log.error("manifest not reloaded, keeping the previous one: %s", e)
+                    self.refused(str(e))
                     continue
                 seen = None
                 self._install(catalog)
-                self._seen = self._looked  # only now: until it is in force, an edit is still on its way
+                self._installed()  # only now: until it is in force, an edit is still on its way
             except Exception as e:
                 with self._lock:
                     self.reload_failures += 1
@@ -225,6 +236,28 @@ class ManifestWatch:
                     self._replan()
                 except Exception:
                     log.exception("re-planning the manifest watch failed")
+
+    def _installed(self) -> None:
+        """The version last read whole is in force: what is compared with the disk from now on, the job
+        texts a refused job falls back to, and no refusal left to report."""
+        self._seen = self._looked
+        if self._kept is not None:
+            self._kept = self._read_texts
+        with self._lock:
+            self._refusal = None
+
+    def refused(self, why: str) -> None:
+        """An edit was refused (a bad line; SIGHUP's read of it): reported until a version installs."""
+        with self._lock:
+            self._refusal = why
+
+    @property
+    def errors(self) -> list[str]:
+        """What ``status`` reports as ``manifest_errors``: prefixes the version in force could not list,
+        jobs of it refused, and the last edit refused since a version was installed."""
+        with self._lock:
+            return self._listing_errors + list(self._refused_jobs.values()) + \
+                ([self._refusal] if self._refusal else [])
 
     def edited(self) -> bool:
         """Whether the manifest on disk differs from the version last read whole (an edit not yet

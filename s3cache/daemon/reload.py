@@ -197,6 +197,8 @@ class Reload:
             self._manifests.replace()
         except S3CacheError as e:
             log.error("manifest not reloaded, keeping the previous one: %s", e)
+            if self._manifests.watch is not None:
+                self._manifests.watch.refused(str(e))  # in status and the metric until one installs
             notify.ready(f"manifest not reloaded: {e}".replace("\n", " "))
             return
         with self._cond:
