@@ -97,6 +97,7 @@ class Daemon:
         self.readers: Readers | None = None
         self.workers: Workers | None = None
         self.maintenance: Maintenance | None = None
+        self._tracker: ReaderTracker | None = None  # where each reader is (space, schedule, readers share it)
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
         self._progress_report = Progress()
@@ -181,7 +182,7 @@ class Daemon:
     def _wire(self, index: Index, fetcher: Fetcher) -> None:
         """Build the parts bottom up; callables let a lower part report to one built after it."""
         s, store, cond = self.s, self.store, self.cond
-        tracker = ReaderTracker(idle=max(s.lease, 60.0))
+        tracker = self._tracker = ReaderTracker(idle=_reader_idle(s))
         self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
                            on_evicted=lambda victims: self.schedule.evicted(victims))
         self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
@@ -290,8 +291,9 @@ class Daemon:
     def _apply_settings(self, merged: Settings) -> None:
         """SIGHUP's new live settings, to the daemon and the parts that read them (state lock held)."""
         self.s = merged
-        for part in (self.space, self.schedule, self.workers):
-            part.s = merged
+        self.space.apply(merged)  # with the copies its leases hold (duration, budget)
+        self.schedule.s = self.workers.s = merged
+        self._tracker.idle = _reader_idle(merged)
 
     def reload(self) -> None:
         """What SIGHUP does (``Reload.reload``): the configuration and the manifest again."""
@@ -390,6 +392,11 @@ class Daemon:
                             counters=self.fetcher.counters if self.fetcher else None,
                             errors_by_code=self.errors_by_code, loop_errors=self.loop_errors,
                             throughput=self.throughput.rate())
+
+
+def _reader_idle(s: Settings) -> float:
+    """Seconds of silence after which a reader is forgotten: never while its lease could hold a file."""
+    return max(s.lease, 60.0)
 
 
 def _about(uri: str, message: str) -> str:
