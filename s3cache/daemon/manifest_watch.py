@@ -49,6 +49,7 @@ START_WAIT = 30.0  # seconds start-up waits for a manifest being written to hold
 # manifest ourselves makes those, and reloading on them would loop.
 _EVENTS = frozenset({"created", "modified", "moved", "closed", "deleted"})
 RECENT = 20  # off-share objects remembered for status
+RELIST_FIRST, RELIST_MAX = 1.0, 60.0  # seconds before listing a failed prefix line again: doubling, capped
 
 
 class ManifestWatch:
@@ -79,6 +80,10 @@ class ManifestWatch:
         self._refused_jobs: dict[str, str] = {}  # a directory's jobs refused in the version in force
         self._kept: dict[str, bytes] | None = {} if directory else None  # each job's text in force
         self._read_texts: dict[str, bytes] = {}  # ... in the version last read whole
+        # Prefix lines that failed to list are listed again (the whole manifest read again) at
+        # _relist_at (monotonic; None: nothing failed), after _relist_attempts reads that failed to.
+        self._relist_at: float | None = None
+        self._relist_attempts = 0
         self.skipped = SkipLog()
         self.reload_failures = 0  # reload attempts ended by an unexpected exception
         self._off_share = 0
@@ -125,6 +130,7 @@ class ManifestWatch:
             loaded = manifest_file.load(path, lister, self.shard, settle=self.settle, seen=seen)
         self._looked = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
         self._read_texts = dict(loaded.texts)
+        self._plan_relist(len(errors))
         for why in loaded.refused.values():
             log.error("manifest job not reloaded, keeping its previous version (if any): %s", why)
         with self._lock:
@@ -136,6 +142,24 @@ class ManifestWatch:
             log.info("manifest %s: share %s holds %d of %d entries", path, self.shard, len(loaded.catalog),
                      loaded.catalog.total)
         return loaded.catalog
+
+    def _plan_relist(self, failed: int) -> None:
+        """After a read whole: when to list again the prefix lines it could not list (with backoff), or
+        that every one was listed, after failing before."""
+        if failed:
+            self._relist_attempts += 1
+            delay = min(RELIST_MAX, RELIST_FIRST * 2 ** (self._relist_attempts - 1))
+            self._relist_at = time.monotonic() + delay
+            log.warning("%s: %d prefix line(s) could not be listed; listing again in %.0fs (attempt %d)",
+                        self.path, failed, delay, self._relist_attempts)
+        elif self._relist_at is not None:
+            log.info("%s: every prefix line listed, after %d failed attempt(s)", self.path, self._relist_attempts)
+            self._relist_at, self._relist_attempts = None, 0
+
+    def _relist_in(self) -> float | None:
+        """Seconds until failed prefix lines are due to be listed again (None: none failed)."""
+        at = self._relist_at
+        return None if at is None else max(0.0, at - time.monotonic())
 
     # == watching =====================================================================================
 
@@ -187,9 +211,11 @@ class ManifestWatch:
         seen = None  # the manifest as the last ManifestUnstable saw it
         failed_before: set[str] = set()
         while True:
-            self._reload.wait()
+            relist = not self._reload.wait(self._relist_in())  # timed out: failed listings are due
             if self._stopping.is_set():
                 return
+            if relist:  # not again before the next backoff, whatever this attempt ends in
+                self._relist_at = time.monotonic() + min(RELIST_MAX, RELIST_FIRST * 2 ** self._relist_attempts)
             # Let a burst of events (write, close, rename) settle into one reload. They come within
             # a millisecond or two; a longer settle only delays a job that just wrote its manifest.
             while self._reload.is_set():
@@ -198,7 +224,7 @@ class ManifestWatch:
                     return
             try:
                 now = self._identity()
-                if seen is None and now is not None and now in (self._seen, self._rejected):
+                if not relist and seen is None and now is not None and now in (self._seen, self._rejected):
                     # an event that changed nothing read (a swap file beside a directory's jobs, a
                     # touch of a rejected file): a reload would only forget where every reader is
                     log.debug("%s: no change to what was read; not reloaded", self.path)
@@ -301,4 +327,9 @@ class ManifestWatch:
                 "manifest_skipped": {"count": skipped.count, "items": [s._asdict() for s in skipped.items]},
                 "off_share": {"count": self._off_share, "recent": list(dict.fromkeys(self._off_recent))},
                 "manifest_reload_failures": self.reload_failures,
+                "manifest_relist": {"attempts": self._relist_attempts, "next_in": _rounded(self._relist_in())},
             }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
