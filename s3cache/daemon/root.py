@@ -319,9 +319,13 @@ class Daemon:
         log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
-            self.schedule.fail(uri, code, message)
+            charged = self.schedule.fail(uri, code, message)
             self.space.release(uri)
-            self.readers.failed(uri, code, message)
+            if charged is not None:
+                self.readers.failed(uri, code, message)
+            else:  # the fetch used an entry a reload has since changed: readers wait for the new one
+                log.info("%s: that fetch used an entry the manifest has changed since; fetching it again as "
+                         "the manifest now describes it", shown(uri))
             self.cond.notify_all()
 
     # == readers' sockets =============================================================================
