@@ -64,6 +64,7 @@ class Manifests:
         self.watch: ManifestWatch | None = None
         self.gen = 0  # bumped when SIGHUP replaces the watch: an older watch may not install
         self._stop: threading.Event | None = None  # the current watch's own stop
+        self._installed: Catalog | None = None  # the version in force (None before the first install)
 
     def new_watch(self, path: str, directory: bool = False) -> ManifestWatch:
         """Start-up's watch of ``path`` (a manifest directory if ``directory``), made current."""
@@ -89,7 +90,11 @@ class Manifests:
         with self._exclusive():  # stale files leave while no reader is between stat and note
             if gen is not None and gen != self.gen:
                 return
+            if self._installed is not None and catalog.same(self._installed):
+                log.debug("manifest %s read again unchanged: nothing to install", path or self._settings().manifest_source)
+                return  # a reload would only cost readers their place (a ConfigMap resync, a touch)
             stale = self._install_parts(catalog)
+            self._installed = catalog
         if stale:
             log.info("manifest asks for another version, size or checksum of %d cached file(s); fetching again",
                      len(stale))

@@ -278,8 +278,9 @@ class Daemon:
     def _install_parts(self, catalog: Catalog) -> Collection[str]:
         """A manifest version into the parts (``Manifests.install`` holds the lease and state locks);
         returns the stale URIs the space dropped."""
+        moved = self.schedule.catalog.moved(catalog)  # readers' positions and orders carry over
         stale = self.space.install(catalog)
-        self.readers.install(catalog.jobs)
+        self.readers.install(catalog.jobs, moved)
         self.schedule.install(catalog)
         self.readers.rejudge_parked(expire=False)  # wants that waited for this edit of the scope
         return stale
