@@ -320,6 +320,7 @@ class Daemon:
         log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+            replacing = uri in self.schedule.replacing  # its cached copy is known to be superseded
             charged = self.schedule.fail(uri, code, message)
             self.space.release(uri)
             if charged is not None:
@@ -328,6 +329,23 @@ class Daemon:
                 log.info("%s: that fetch used an entry the manifest has changed since; fetching it again as "
                          "the manifest now describes it", shown(uri))
             self.cond.notify_all()
+        if replacing and charged is not None and charged.permanent:
+            self._withdraw_superseded(uri, code)
+
+    def _withdraw_superseded(self, uri: str, code: str) -> None:
+        """The new version of a cached object failed for good (``code``): the old copy, known to be
+        superseded, is not served as current any longer; a reader asking gets the failure instead."""
+        with self.space.exclusive():  # the lease lock, then the state lock
+            rec = self.space.ready.get(uri)
+            if rec is None or self.schedule.is_fetching(uri):
+                return  # gone already, or a reader's ask is fetching it again
+            done, _, error = self.space.withdraw(uri, rec, quarantine=False)
+        if done:
+            log.warning("%s changed in S3 and its new version cannot be cached (%s): the old copy is removed, "
+                        "not served as current", shown(uri), code)
+        else:
+            log.error("%s changed in S3 and its new version cannot be cached (%s), but the old copy could "
+                      "not be removed: %s", shown(uri), code, error)
 
     # == readers' sockets =============================================================================
 

@@ -168,11 +168,17 @@ class Schedule:
                     if pos is not None:
                         self.cursors.rewind(pos)
                 waiting_demand = [u for u in self.blocked if self._is_waited(u)]
+                # A ready object fetched again because S3 changed it: the in-order scan skips ready
+                # files, so unless queued again its new version would never come (the old one stays).
+                replacing = [u for u in self.blocked if u in self.replacing and u not in waiting_demand]
                 self.blocked.clear()
                 for uri in waiting_demand:
                     e = self.entry_for(uri)
                     if e is not None:
                         self.demand.appendleft(e)
+                for uri in replacing:
+                    if self._space.is_ready(uri) and not self.demand.has(uri):
+                        self.demand.append(self.entry_for(uri) or Entry(from_identity(uri)))
                 self.work_changed()
 
     def reconsider(self) -> None:
