@@ -102,7 +102,7 @@ def test_watchdog_kicks_at_most_once_per_half_interval(manager):
 
 
 def test_a_child_process_finds_the_socket_in_its_environment(manager):
-    code = "from s3cache import notify; import sys; sys.exit(0 if notify.ready('up') else 1)"
+    code = "from s3cache.service import notify; import sys; sys.exit(0 if notify.ready('up') else 1)"
     r = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), timeout=60)
     assert r.returncode == 0
     assert manager() == {"READY": "1", "STATUS": "up"}

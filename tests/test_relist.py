@@ -18,7 +18,7 @@ def test_a_prefix_that_failed_to_list_at_start_is_listed_again(tmp_path, s3, buc
     st = d.wait_until(lambda st: st["objects"]["ready"] == 2, what="the two listed objects")
     assert st["manifest_entries"] == 2
     assert len(st["manifest_errors"]) == 1 and f"cannot list s3://{later}/p/" in st["manifest_errors"][0]
-    assert st["manifest_relist"]["attempts"] >= 1 and st["manifest_relist"]["next_in"] is not None
+    assert "listing again in" in st["manifest_errors"][0]
     assert "listing again in" in d.log()
 
     s3.create_bucket(Bucket=later)  # the bucket can be listed now: no edit, no SIGHUP
@@ -26,6 +26,6 @@ def test_a_prefix_that_failed_to_list_at_start_is_listed_again(tmp_path, s3, buc
         s3.put_object(Bucket=later, Key=k, Body=k.encode() * 10)
     st = d.wait_until(lambda st: st["manifest_entries"] == 5 and st["objects"]["ready"] == 5, timeout=90,
                       what="the prefix listed again and fetched")
-    assert st["manifest_errors"] == [] and st["manifest_relist"] == {"attempts": 0, "next_in": None}
+    assert st["manifest_errors"] == []
     assert st["pinned"]["files"] == 3 and st["pinned"]["objects"] == 3  # the validation prefix, pinned
     assert "every prefix line listed" in d.log()

@@ -34,6 +34,11 @@ def status(cache_dir: Path, as_json: bool, watch: bool, interval: float) -> None
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
+    if st.get("state") == "starting":
+        click.echo(f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)")
+        click.echo(f"starting    {st['step']} ({st['seconds']:.0f}s so far)"
+                   + (f": {st['progress']}" if st["progress"] else ""))
+        return
     o, b = st["objects"], st["bytes"]
     pct = 100.0 * b["ready"] / b["max"] if b["max"] else 0.0
     click.echo(f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)")

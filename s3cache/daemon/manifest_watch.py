@@ -279,10 +279,13 @@ class ManifestWatch:
 
     @property
     def errors(self) -> list[str]:
-        """What ``status`` reports as ``manifest_errors``: prefixes the version in force could not list,
-        jobs of it refused, and the last edit refused since a version was installed."""
+        """What ``status`` reports as ``manifest_errors``: prefixes the version in force could not list
+        (with when they are listed again), jobs of it refused, and the last edit refused since a version
+        was installed."""
+        again = self._relist_in()
+        retry = "" if again is None else f" (listing again in {again:.0f}s, attempt {self._relist_attempts + 1})"
         with self._lock:
-            return self._listing_errors + list(self._refused_jobs.values()) + \
+            return [e + retry for e in self._listing_errors] + list(self._refused_jobs.values()) + \
                 ([self._refusal] if self._refusal else [])
 
     def edited(self) -> bool:
@@ -327,9 +330,4 @@ class ManifestWatch:
                 "manifest_skipped": {"count": skipped.count, "items": [s._asdict() for s in skipped.items]},
                 "off_share": {"count": self._off_share, "recent": list(dict.fromkeys(self._off_recent))},
                 "manifest_reload_failures": self.reload_failures,
-                "manifest_relist": {"attempts": self._relist_attempts, "next_in": _rounded(self._relist_in())},
             }
-
-
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 1)

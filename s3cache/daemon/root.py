@@ -23,8 +23,8 @@ usage-note reader, the SIGHUP reload, the control server's, the manifest watcher
 logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
 with exit code 1, for systemd to restart it.
 
-systemd (``notify``): STATUS= while starting, READY=1 once the cache is reconciled, the index and the
-manifest loaded and the control socket serving; STATUS= progress lines; WATCHDOG=1 from housekeeping,
+systemd (``notify``): STATUS= and EXTEND_TIMEOUT_USEC= while starting (starting.py), READY=1 once the
+cache is reconciled, the index and the manifest loaded and the parts answer the control socket; STATUS= progress lines; WATCHDOG=1 from housekeeping,
 after its state-lock sections (a deadlock stops the keep-alives); RELOADING=1 ... READY=1 around a
 SIGHUP reload; STOPPING=1 first thing in ``stop``.
 
@@ -63,6 +63,7 @@ from .readers import Readers
 from .reload import Manifests, Reload
 from .schedule import Schedule
 from .space import Space
+from .starting import Starting
 from .status import Progress, Throughput, assemble, measure
 from .supervise import LoopErrors, supervised
 from .workers import Workers
@@ -71,8 +72,10 @@ log = logging.getLogger("s3cache.daemon")
 
 
 class Daemon:
-    """Invariant: the parts exist from the end of ``_start`` until ``_teardown``; the server, which
-    lets readers in, starts only after the cache is reconciled and the manifest installed."""
+    """Invariant: the parts exist from the end of ``_start`` until ``_teardown``. The server opens as
+    soon as the cache dir is taken, but its requests reach the parts (``_ops``) only once the cache is
+    reconciled, the manifest installed and every thread running; until then ``starting.Starting``
+    answers them (readers wait, status names the step)."""
 
     def __init__(self, settings: Settings, *, flags: Mapping[str, Any] | None = None,
                  config_file: Path | None = None) -> None:
@@ -97,6 +100,9 @@ class Daemon:
         self.readers: Readers | None = None
         self.workers: Workers | None = None
         self.maintenance: Maintenance | None = None
+        self._ops: Ops | None = None  # answers the control socket once serving (before: _starting)
+        self._starting = Starting(str(self.store.layout.root),
+                                  str(settings.manifest_source) if settings.manifest_source else None)
         self._tracker: ReaderTracker | None = None  # where each reader is (space, schedule, readers share it)
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
@@ -115,16 +121,44 @@ class Daemon:
     # == lifecycle ====================================================================================
 
     def start(self) -> None:
-        """Take the cache dir, reconcile, load the manifest and start serving. Raises S3CacheError."""
-        notify.status("taking the cache dir")
-        self.store.open()
+        """Take the cache dir, open its sockets (answering "starting", see starting.py), reconcile,
+        load the manifest and start serving. Raises S3CacheError."""
+        starting = self._starting
+        starting.keep_alive()
         try:
-            self._start()
-        except BaseException:
-            self._teardown()
-            raise
-        self.serving = True
-        notify.ready(self._progress()["line"])
+            starting.step("taking the cache dir")
+            self.store.open()
+            try:
+                lay = self.store.layout
+                self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._closed,
+                                     on_crash=self._server_crashed)
+                self.server.start()
+                self._start()
+            except BaseException:
+                self._teardown()
+                raise
+            self.serving = True
+            notify.ready(self._progress()["line"])
+        finally:
+            starting.finish()
+
+    def _handle(self, conn, msg: dict) -> dict:
+        """The control socket's handler: the parts' answers (``Ops``) once serving, else "starting"."""
+        ops = self._ops
+        return ops.handle(conn, msg) if ops is not None else self._starting.answer(conn, msg)
+
+    def _closed(self, conn) -> None:
+        if self._ops is not None:
+            self.readers.closed(conn)
+
+    def _listing(self, lister: Callable) -> Callable:
+        """``lister`` (Fetcher.list) reporting each prefix line listed while starting."""
+        def listed(bucket: str, prefix: str):
+            got = lister(bucket, prefix)
+            if self._ops is None:
+                self._starting.listed(len(got))
+            return got
+        return listed
 
     def _start(self) -> None:
         s, lay = self.s, self.store.layout
@@ -137,7 +171,8 @@ class Daemon:
                                          workers=s.workers, max_attempts=s.max_attempts, cancel=self.stopping,
                                          new_temp=self.store.new_temp, discard=self.store.discard,
                                          require_checksum=s.require_checksum)
-        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=fetcher.list, spawn=self._spawn,
+        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=self._listing(fetcher.list),
+                                               spawn=self._spawn,
                                                exclusive=lambda: self.space.exclusive(),
                                                install_parts=self._install_parts)
         self._reload = Reload(flags=self._flags, config_file=self._config_file, hup=self._hup,
@@ -147,10 +182,10 @@ class Daemon:
                               progress_line=lambda: self._progress()["line"])
         catalog = Catalog()
         if s.manifest_source is not None:
-            notify.status(f"reading the manifest {s.manifest_source}")
+            self._starting.step(f"reading the manifest {s.manifest_source}")
             manifests.watch = manifests.new_watch(str(s.manifest_source), s.manifest_is_dir)
             catalog = manifests.watch.read()
-        notify.status("reconciling the cache dir with its index")
+        self._starting.step("reconciling the cache dir with its index")
         self.index, damaged = open_index(self.store)
         self._wire(self.index, fetcher)
         if damaged:
@@ -165,9 +200,6 @@ class Daemon:
         ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
                   maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
                   rate=self.throughput.rate)
-        self.server = Server(lay.control_socket, lay.use_socket, ops.handle, self.readers.closed,
-                             on_crash=self._server_crashed)
-        self.server.start()
         self._spawn(self._use_loop, "s3cache-use")
         self._spawn(self.publisher.run, "s3cache-publish")
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
@@ -175,6 +207,7 @@ class Daemon:
         for i in range(s.workers):
             self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
         self._start_revalidate(s.revalidate)
+        self._ops = ops  # requests reach the parts from now on
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
                  len(self.schedule.catalog), len(self.space.ready), human_size(self.space.used),
                  human_size(s.max_size))
@@ -404,7 +437,10 @@ class Daemon:
         return measure(self.cond, self.schedule, self.space, self.throughput.rate)
 
     def status(self) -> dict:
-        """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
+        """Assembled from each part's report, in one hold of the state lock (a consistent picture); while
+        starting, the step it is at (starting.py)."""
+        if self._ops is None:
+            return self._starting.status()
         with self.cond:
             return assemble(root=self.store.layout.root, started_at=self.started_at,
                             manifest=str(self.s.manifest_source) if self.s.manifest_source else None,

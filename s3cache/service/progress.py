@@ -114,6 +114,9 @@ def jobs(st: dict) -> list[tuple[str, dict, str]]:
 
 def render(st: dict) -> RenderableType:
     """The progress view of one status snapshot."""
+    if st.get("state") == "starting":  # the daemon has no parts yet: only its start-up step
+        return Text(f"s3cache on {st['cache_dir']} (pid {st['pid']}) is starting: {st['step']} "
+                    f"({eta_text(st['seconds'])} so far)" + (f"; {st['progress']}" if st["progress"] else ""))
     o, b = st["objects"], st["bytes"]
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
