@@ -71,6 +71,12 @@ def test_one_jobs_bad_file_holds_back_no_other_jobs_edit(tmp_path, s3, bucket, d
     assert st["jobs"]["b"]["objects"] == 1 and st["manifest_entries"] == 3  # b stays as it was
     assert len(st["manifest_errors"]) == 1 and "b.txt:2" in st["manifest_errors"][0]
 
+    d.proc.send_signal(signal.SIGHUP)  # a new watch: b's version in force stays in force
+    wait_for(lambda: "reloading the configuration" in d.log() and d.log().count("b.txt:2") >= 2, 30,
+             "SIGHUP to read the jobs again")
+    st = d.wait_until(lambda st: "b" in st["jobs"], what="the status after SIGHUP")
+    assert st["jobs"]["b"]["objects"] == 1 and st["manifest_entries"] == 3 and st["jobs"]["b"]["ready"] == 1
+
     put_job(jobs, "b", [f"s3://{bucket}/b/0", f"s3://{bucket}/b/1"])  # b fixed
     st = d.wait_until(lambda st: st["jobs"]["b"]["ready"] == 2 and st["manifest_errors"] == [], timeout=30,
                       what="b's fix to install")

@@ -143,6 +143,12 @@ class ManifestWatch:
                      loaded.catalog.total)
         return loaded.catalog
 
+    def carry_over(self, old: ManifestWatch) -> None:
+        """SIGHUP replaces ``old`` with this watch of the same directory: each job's text in force
+        stays what a refused job falls back to (else a bad job file would retire the job)."""
+        if self.directory and old.directory and old.path == self.path and old._kept is not None:
+            self._kept = dict(old._kept)
+
     def _plan_relist(self, failed: int) -> None:
         """After a read whole: when to list again the prefix lines it could not list (with backoff), or
         that every one was listed, after failing before."""

@@ -112,6 +112,8 @@ class Manifests:
         watch = stop = catalog = None
         if path is not None:
             watch, stop = self._make_watch(str(path), s.manifest_is_dir, gen)
+            if self.watch is not None:
+                watch.carry_over(self.watch)  # a refused job keeps its version in force across SIGHUP
             try:
                 catalog = watch.read()
             except BaseException:
