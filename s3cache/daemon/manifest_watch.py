@@ -15,9 +15,13 @@ Invariants it keeps:
   directories (manifest_file.watch_plan), planned again after every read, so a Kubernetes ConfigMap's
   ``..data`` swap is seen and the next swap too;
 * a burst of file events (write, close, rename) becomes one reload;
-* a manifest is installed only whole: one that fails to parse is not installed (the previous one stays),
-  and one being written (modified within ``settle`` seconds, or changed while it was read) is read
-  again once it has held still (manifest_file.load);
+* a manifest is installed only whole: one that fails to parse is not installed (the previous one stays,
+  and the refusal is in ``errors`` until a version installs), and one being written (modified within
+  ``settle`` seconds, or changed while it was read) is read again once it has held still
+  (manifest_file.load); under a manifest directory the unit is each job's file: a bad one keeps that
+  job's text in force (``_kept``) while the other jobs' edits install;
+* a prefix line that could not be listed is listed again (the manifest read again) with backoff,
+  ``RELIST_FIRST`` doubling to ``RELIST_MAX`` seconds, until every line lists;
 * the reload thread survives any exception of one attempt: logged once, counted in ``status``.
 
 Threads: ``read`` runs on one thread at a time (start-up, then the reload thread only), as do the watch

@@ -8,9 +8,11 @@
 
 Invariants: a version is installed in one hold of the lease lock and the state lock (``Space.exclusive``),
 so no reader is between its stat and its usage note while stale files leave; only the current watch
-installs: each watch carries the generation it was made in, ``replace`` bumps the generation (under the
-state lock) before it stops the old watch, and ``install`` drops a version from an older generation, so
-an old watch's last read never lands after the new manifest. A configuration or manifest that does not
+installs: each watch carries the generation it was made in, ``replace`` reads the new manifest first
+(a bad one leaves the old watch in force, still watching), then bumps the generation (under the state
+lock) before it stops the old watch, and ``install`` drops a version from an older generation, so an old
+watch's last read never lands after the new manifest. A version equal to the one in force
+(``Catalog.same``: a ConfigMap resync, a touch) installs nothing, so readers keep their places. A configuration or manifest that does not
 load keeps the running one, says why in the log and to systemd (READY=1 with the reason), and changes
 nothing. Log lines keep the daemon's logger name (``s3cache.daemon``), as before this was split out.
 """

@@ -363,22 +363,7 @@ class Daemon:
                          "the manifest now describes it", shown(uri))
             self.cond.notify_all()
         if replacing and charged is not None and charged.permanent:
-            self._withdraw_superseded(uri, code)
-
-    def _withdraw_superseded(self, uri: str, code: str) -> None:
-        """The new version of a cached object failed for good (``code``): the old copy, known to be
-        superseded, is not served as current any longer; a reader asking gets the failure instead."""
-        with self.space.exclusive():  # the lease lock, then the state lock
-            rec = self.space.ready.get(uri)
-            if rec is None or self.schedule.is_fetching(uri):
-                return  # gone already, or a reader's ask is fetching it again
-            done, _, error = self.space.withdraw(uri, rec, quarantine=False)
-        if done:
-            log.warning("%s changed in S3 and its new version cannot be cached (%s): the old copy is removed, "
-                        "not served as current", shown(uri), code)
-        else:
-            log.error("%s changed in S3 and its new version cannot be cached (%s), but the old copy could "
-                      "not be removed: %s", shown(uri), code, error)
+            self.maintenance.retire_superseded(uri, code, shown(uri))
 
     # == readers' sockets =============================================================================
 
