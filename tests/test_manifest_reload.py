@@ -6,6 +6,7 @@ other shares' objects are still served on demand and reported."""
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import time
 from pathlib import Path
@@ -120,3 +121,20 @@ def test_a_shard_fetches_exactly_its_share_and_serves_the_rest_on_demand(tmp_pat
     s3.put_object(Bucket=bucket, Key="elsewhere", Body=b"e")
     resolve([f"s3://{bucket}/elsewhere"], cache_dir=d.cache_dir, timeout=60)
     assert d.status()["off_share"]["count"] == 1
+
+
+def test_sighup_while_the_manifest_has_a_bad_line_keeps_the_watch(tmp_path, s3, bucket, daemons):
+    """SIGHUP reads a manifest with a bad line: it is refused and the running watch stays, so the next
+    good edit is still installed (the old watch used to be stopped before the new read failed)."""
+    for k in ("a", "b"):
+        s3.put_object(Bucket=bucket, Key=k, Body=k.encode() * 100)
+    m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a"])
+    d = daemons(manifest=m)
+    d.wait_until(lambda st: st["objects"]["ready"] == 1, what="the first manifest's object")
+    write_manifest(m, [f"s3://{bucket}/a", f"s3://{bucket}/b colour=red"])
+    wait_for(lambda: d.log().count("manifest not reloaded") >= 1, 30, "the watch to refuse the bad line")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.log().count("manifest not reloaded") >= 2, 30, "SIGHUP to refuse the bad line")
+    write_manifest(m, [f"s3://{bucket}/a", f"s3://{bucket}/b"])
+    d.wait_until(lambda st: st["manifest_entries"] == 2 and st["objects"]["ready"] == 2, timeout=30,
+                 what="the corrected manifest to be installed by the watch")

@@ -181,6 +181,22 @@ class Maintenance:
                 self._schedule.refetch(from_identity(uri))
         return done, where, error
 
+    def retire_superseded(self, uri: str, code: str, shown: str) -> None:
+        """The new version of a cached object failed for good (``code``): the old copy, known to be
+        superseded, is not served as current any longer; a reader asking gets the failure instead.
+        ``shown``: the URI as the log shows it. Takes the lease lock, then the state lock."""
+        with self._space.exclusive():
+            rec = self._space.ready.get(uri)
+            if rec is None or self._schedule.is_fetching(uri):
+                return  # gone already, or a reader's ask is fetching it again
+            done, _, error = self._space.withdraw(uri, rec, quarantine=False)
+        if done:
+            log.warning("%s changed in S3 and its new version cannot be cached (%s): the old copy is removed, "
+                        "not served as current", shown, code)
+        else:
+            log.error("%s changed in S3 and its new version cannot be cached (%s), but the old copy could "
+                      "not be removed: %s", shown, code, error)
+
     def revalidate_loop(self, stopping: threading.Event, every: float) -> None:
         """``--revalidate``: every ``every`` seconds, ask S3 whether cached manifest objects changed."""
         while not stopping.wait(every):

@@ -15,9 +15,13 @@ Invariants it keeps:
   directories (manifest_file.watch_plan), planned again after every read, so a Kubernetes ConfigMap's
   ``..data`` swap is seen and the next swap too;
 * a burst of file events (write, close, rename) becomes one reload;
-* a manifest is installed only whole: one that fails to parse is not installed (the previous one stays),
-  and one being written (modified within ``settle`` seconds, or changed while it was read) is read
-  again once it has held still (manifest_file.load);
+* a manifest is installed only whole: one that fails to parse is not installed (the previous one stays,
+  and the refusal is in ``errors`` until a version installs), and one being written (modified within
+  ``settle`` seconds, or changed while it was read) is read again once it has held still
+  (manifest_file.load); under a manifest directory the unit is each job's file: a bad one keeps that
+  job's text in force (``_kept``) while the other jobs' edits install;
+* a prefix line that could not be listed is listed again (the manifest read again) with backoff,
+  ``RELIST_FIRST`` doubling to ``RELIST_MAX`` seconds, until every line lists;
 * the reload thread survives any exception of one attempt: logged once, counted in ``status``.
 
 Threads: ``read`` runs on one thread at a time (start-up, then the reload thread only), as do the watch
@@ -49,6 +53,7 @@ START_WAIT = 30.0  # seconds start-up waits for a manifest being written to hold
 # manifest ourselves makes those, and reloading on them would loop.
 _EVENTS = frozenset({"created", "modified", "moved", "closed", "deleted"})
 RECENT = 20  # off-share objects remembered for status
+RELIST_FIRST, RELIST_MAX = 1.0, 60.0  # seconds before listing a failed prefix line again: doubling, capped
 
 
 class ManifestWatch:
@@ -74,7 +79,15 @@ class ManifestWatch:
         self._watches: dict[str, object] = {}  # directory -> watchdog's ObservedWatch
         self._lock = threading.Lock()
         self._catalog = Catalog()  # the last one read whole (handed to install, or about to be)
-        self.errors: list[str] = []
+        self._listing_errors: list[str] = []  # prefixes the last read whole could not list
+        self._refusal: str | None = None  # why the last edit was refused (None once one installs)
+        self._refused_jobs: dict[str, str] = {}  # a directory's jobs refused in the version in force
+        self._kept: dict[str, bytes] | None = {} if directory else None  # each job's text in force
+        self._read_texts: dict[str, bytes] = {}  # ... in the version last read whole
+        # Prefix lines that failed to list are listed again (the whole manifest read again) at
+        # _relist_at (monotonic; None: nothing failed), after _relist_attempts reads that failed to.
+        self._relist_at: float | None = None
+        self._relist_attempts = 0
         self.skipped = SkipLog()
         self.reload_failures = 0  # reload attempts ended by an unexpected exception
         self._off_share = 0
@@ -90,7 +103,7 @@ class ManifestWatch:
         while True:
             try:
                 catalog = self._load(seen)
-                self._seen = self._looked  # start-up and SIGHUP install it before anyone can ask
+                self._installed()  # start-up and SIGHUP install it before anyone can ask
                 return catalog
             except ManifestUnstable as e:
                 if time.monotonic() + e.retry_after > deadline:
@@ -115,17 +128,48 @@ class ManifestWatch:
                 return []
 
         self._looked = self._identity()
-        load = manifest_file.load_dir if self.directory else manifest_file.load
-        loaded = load(path, lister, self.shard, settle=self.settle, seen=seen)
+        if self.directory:
+            loaded = manifest_file.load_dir(path, lister, self.shard, settle=self.settle, seen=seen, kept=self._kept)
+        else:
+            loaded = manifest_file.load(path, lister, self.shard, settle=self.settle, seen=seen)
         self._looked = loaded.identity  # becomes _seen once installed (read() is installed by its caller)
-        self.errors = errors
+        self._read_texts = dict(loaded.texts)
+        self._plan_relist(len(errors))
+        for why in loaded.refused.values():
+            log.error("manifest job not reloaded, keeping its previous version (if any): %s", why)
         with self._lock:
+            self._listing_errors = errors
+            self._refused_jobs = dict(loaded.refused)
             self.skipped = loaded.skipped
             self._catalog = loaded.catalog
         if not self.shard.whole:
             log.info("manifest %s: share %s holds %d of %d entries", path, self.shard, len(loaded.catalog),
                      loaded.catalog.total)
         return loaded.catalog
+
+    def carry_over(self, old: ManifestWatch) -> None:
+        """SIGHUP replaces ``old`` with this watch of the same directory: each job's text in force
+        stays what a refused job falls back to (else a bad job file would retire the job)."""
+        if self.directory and old.directory and old.path == self.path and old._kept is not None:
+            self._kept = dict(old._kept)
+
+    def _plan_relist(self, failed: int) -> None:
+        """After a read whole: when to list again the prefix lines it could not list (with backoff), or
+        that every one was listed, after failing before."""
+        if failed:
+            self._relist_attempts += 1
+            delay = min(RELIST_MAX, RELIST_FIRST * 2 ** (self._relist_attempts - 1))
+            self._relist_at = time.monotonic() + delay
+            log.warning("%s: %d prefix line(s) could not be listed; listing again in %.0fs (attempt %d)",
+                        self.path, failed, delay, self._relist_attempts)
+        elif self._relist_at is not None:
+            log.info("%s: every prefix line listed, after %d failed attempt(s)", self.path, self._relist_attempts)
+            self._relist_at, self._relist_attempts = None, 0
+
+    def _relist_in(self) -> float | None:
+        """Seconds until failed prefix lines are due to be listed again (None: none failed)."""
+        at = self._relist_at
+        return None if at is None else max(0.0, at - time.monotonic())
 
     # == watching =====================================================================================
 
@@ -177,9 +221,11 @@ class ManifestWatch:
         seen = None  # the manifest as the last ManifestUnstable saw it
         failed_before: set[str] = set()
         while True:
-            self._reload.wait()
+            relist = not self._reload.wait(self._relist_in())  # timed out: failed listings are due
             if self._stopping.is_set():
                 return
+            if relist:  # not again before the next backoff, whatever this attempt ends in
+                self._relist_at = time.monotonic() + min(RELIST_MAX, RELIST_FIRST * 2 ** self._relist_attempts)
             # Let a burst of events (write, close, rename) settle into one reload. They come within
             # a millisecond or two; a longer settle only delays a job that just wrote its manifest.
             while self._reload.is_set():
@@ -188,7 +234,7 @@ class ManifestWatch:
                     return
             try:
                 now = self._identity()
-                if seen is None and now is not None and now in (self._seen, self._rejected):
+                if not relist and seen is None and now is not None and now in (self._seen, self._rejected):
                     # an event that changed nothing read (a swap file beside a directory's jobs, a
                     # touch of a rejected file): a reload would only forget where every reader is
                     log.debug("%s: no change to what was read; not reloaded", self.path)
@@ -207,10 +253,11 @@ class ManifestWatch:
                     if isinstance(e, ManifestError) and e.line is not None:  # a bad line: this version
                         self._rejected = self._looked  # will never install (an unreadable file may, later)
                     log.error("manifest not reloaded, keeping the previous one: %s", e)
+                    self.refused(str(e))
                     continue
                 seen = None
                 self._install(catalog)
-                self._seen = self._looked  # only now: until it is in force, an edit is still on its way
+                self._installed()  # only now: until it is in force, an edit is still on its way
             except Exception as e:
                 with self._lock:
                     self.reload_failures += 1
@@ -225,6 +272,31 @@ class ManifestWatch:
                     self._replan()
                 except Exception:
                     log.exception("re-planning the manifest watch failed")
+
+    def _installed(self) -> None:
+        """The version last read whole is in force: what is compared with the disk from now on, the job
+        texts a refused job falls back to, and no refusal left to report."""
+        self._seen = self._looked
+        if self._kept is not None:
+            self._kept = self._read_texts
+        with self._lock:
+            self._refusal = None
+
+    def refused(self, why: str) -> None:
+        """An edit was refused (a bad line; SIGHUP's read of it): reported until a version installs."""
+        with self._lock:
+            self._refusal = why
+
+    @property
+    def errors(self) -> list[str]:
+        """What ``status`` reports as ``manifest_errors``: prefixes the version in force could not list
+        (with when they are listed again), jobs of it refused, and the last edit refused since a version
+        was installed."""
+        again = self._relist_in()
+        retry = "" if again is None else f" (listing again in {again:.0f}s, attempt {self._relist_attempts + 1})"
+        with self._lock:
+            return [e + retry for e in self._listing_errors] + list(self._refused_jobs.values()) + \
+                ([self._refusal] if self._refusal else [])
 
     def edited(self) -> bool:
         """Whether the manifest on disk differs from the version last read whole (an edit not yet

@@ -88,9 +88,13 @@ class Readers(Announced):
         if warning:
             log.warning("%s", warning)
 
-    def install(self, jobs: Jobs | None = None) -> None:
-        """A new manifest (of these jobs, for a manifest directory): positions in the old one mean nothing."""
-        self.tracker.forget()
+    def install(self, jobs: Jobs | None = None, moved: Callable[[int], int | None] | None = None) -> None:
+        """A new manifest (of these jobs, for a manifest directory): ``moved(p)``, where the old one's
+        position ``p`` is now, carries readers and their orders over; without it they are forgotten."""
+        if moved is None:
+            self.tracker.forget()
+        else:
+            self.tracker.remap(moved)
         self.tracker.jobs = jobs
         self.job_stats.install(jobs)
 

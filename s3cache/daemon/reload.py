@@ -8,9 +8,11 @@
 
 Invariants: a version is installed in one hold of the lease lock and the state lock (``Space.exclusive``),
 so no reader is between its stat and its usage note while stale files leave; only the current watch
-installs: each watch carries the generation it was made in, ``replace`` bumps the generation (under the
-state lock) before it stops the old watch, and ``install`` drops a version from an older generation, so
-an old watch's last read never lands after the new manifest. A configuration or manifest that does not
+installs: each watch carries the generation it was made in, ``replace`` reads the new manifest first
+(a bad one leaves the old watch in force, still watching), then bumps the generation (under the state
+lock) before it stops the old watch, and ``install`` drops a version from an older generation, so an old
+watch's last read never lands after the new manifest. A version equal to the one in force
+(``Catalog.same``: a ConfigMap resync, a touch) installs nothing, so readers keep their places. A configuration or manifest that does not
 load keeps the running one, says why in the log and to systemd (READY=1 with the reason), and changes
 nothing. Log lines keep the daemon's logger name (``s3cache.daemon``), as before this was split out.
 """
@@ -64,16 +66,21 @@ class Manifests:
         self.watch: ManifestWatch | None = None
         self.gen = 0  # bumped when SIGHUP replaces the watch: an older watch may not install
         self._stop: threading.Event | None = None  # the current watch's own stop
+        self._installed: Catalog | None = None  # the version in force (None before the first install)
 
     def new_watch(self, path: str, directory: bool = False) -> ManifestWatch:
-        """A watch of ``path`` (a manifest directory if ``directory``) with its own stop event and the
-        current generation."""
-        gen = self.gen
-        self._stop = threading.Event()
+        """Start-up's watch of ``path`` (a manifest directory if ``directory``), made current."""
+        self.watch, self._stop = self._make_watch(path, directory, self.gen)
+        return self.watch
+
+    def _make_watch(self, path: str, directory: bool, gen: int) -> tuple[ManifestWatch, threading.Event]:
+        """A watch of ``path`` with its own stop event, installing as generation ``gen``."""
+        stop = threading.Event()
         s = self._settings()
-        return ManifestWatch(path, lister=self._lister, stopping=self._stop,
-                             install=lambda catalog: self.install(catalog, gen, path),
-                             shard=s.shard, settle=s.manifest_settle, directory=directory)
+        watch = ManifestWatch(path, lister=self._lister, stopping=stop,
+                              install=lambda catalog: self.install(catalog, gen, path),
+                              shard=s.shard, settle=s.manifest_settle, directory=directory)
+        return watch, stop
 
     def start_watch(self, watch: ManifestWatch) -> None:
         watch.watch()
@@ -85,7 +92,11 @@ class Manifests:
         with self._exclusive():  # stale files leave while no reader is between stat and note
             if gen is not None and gen != self.gen:
                 return
+            if self._installed is not None and catalog.same(self._installed):
+                log.debug("manifest %s read again unchanged: nothing to install", path or self._settings().manifest_source)
+                return  # a reload would only cost readers their place (a ConfigMap resync, a touch)
             stale = self._install_parts(catalog)
+            self._installed = catalog
         if stale:
             log.info("manifest asks for another version, size or checksum of %d cached file(s); fetching again",
                      len(stale))
@@ -94,24 +105,34 @@ class Manifests:
 
     def replace(self) -> None:
         """A fresh watch of the (possibly new) manifest path replaces the old one, whose installs are
-        ignored from now on; the new manifest is read and installed before this returns."""
+        ignored from then on; the new manifest is read and installed before this returns. Raises
+        S3CacheError when the new manifest does not load: the old watch then stays in force, still
+        watching, so the next good edit is installed as before."""
         s = self._settings()
         path = s.manifest_source
+        gen = self.gen + 1  # only replace() bumps it, and only the reload thread calls replace()
+        watch = stop = catalog = None
+        if path is not None:
+            watch, stop = self._make_watch(str(path), s.manifest_is_dir, gen)
+            if self.watch is not None:
+                watch.carry_over(self.watch)  # a refused job keeps its version in force across SIGHUP
+            try:
+                catalog = watch.read()
+            except BaseException:
+                watch.stop()
+                raise
         old, old_stop = self.watch, self._stop
         with self._cond:
-            self.gen += 1
+            self.gen = gen
         if old is not None:
             old_stop.set()
             old.wake()
             old.stop()
-        self.watch = None
-        if path is None:
-            self.install(Catalog(), self.gen, "(none)")
+        self.watch, self._stop = watch, stop
+        if watch is None:
+            self.install(Catalog(), gen, "(none)")
             return
-        watch = self.new_watch(str(path), s.manifest_is_dir)
-        catalog = watch.read()
-        self.watch = watch
-        self.install(catalog, self.gen, str(path))
+        self.install(catalog, gen, str(path))
         self.start_watch(watch)
 
     def stop(self) -> None:
@@ -185,6 +206,8 @@ class Reload:
             self._manifests.replace()
         except S3CacheError as e:
             log.error("manifest not reloaded, keeping the previous one: %s", e)
+            if self._manifests.watch is not None:
+                self._manifests.watch.refused(str(e))  # in status and the metric until one installs
             notify.ready(f"manifest not reloaded: {e}".replace("\n", " "))
             return
         with self._cond:

@@ -23,8 +23,8 @@ usage-note reader, the SIGHUP reload, the control server's, the manifest watcher
 logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
 with exit code 1, for systemd to restart it.
 
-systemd (``notify``): STATUS= while starting, READY=1 once the cache is reconciled, the index and the
-manifest loaded and the control socket serving; STATUS= progress lines; WATCHDOG=1 from housekeeping,
+systemd (``notify``): STATUS= and EXTEND_TIMEOUT_USEC= while starting (starting.py), READY=1 once the
+cache is reconciled, the index and the manifest loaded and the parts answer the control socket; STATUS= progress lines; WATCHDOG=1 from housekeeping,
 after its state-lock sections (a deadlock stops the keep-alives); RELOADING=1 ... READY=1 around a
 SIGHUP reload; STOPPING=1 first thing in ``stop``.
 
@@ -65,6 +65,7 @@ from .reload import Manifests, Reload
 from .schedule import Schedule
 from .signals import Signals
 from .space import Space
+from .starting import Starting
 from .status import Progress, Throughput, assemble, measure
 from .supervise import LoopErrors, supervised
 from .workers import Workers
@@ -73,8 +74,10 @@ log = logging.getLogger("s3cache.daemon")
 
 
 class Daemon:
-    """Invariant: the parts exist from the end of ``_start`` until ``_teardown``; the server, which
-    lets readers in, starts only after the cache is reconciled and the manifest installed."""
+    """Invariant: the parts exist from the end of ``_start`` until ``_teardown``. The server opens as
+    soon as the cache dir is taken, but its requests reach the parts (``_ops``) only once the cache is
+    reconciled, the manifest installed and every thread running; until then ``starting.Starting``
+    answers them (readers wait, status names the step)."""
 
     def __init__(self, settings: Settings, *, flags: Mapping[str, Any] | None = None,
                  config_file: Path | None = None) -> None:
@@ -100,6 +103,10 @@ class Daemon:
         self.workers: Workers | None = None
         self.maintenance: Maintenance | None = None
         self.peering: Peering | None = None  # --peers: the workers fetch through it, peers are served
+        self._ops: Ops | None = None  # answers the control socket once serving (before: _starting)
+        self._starting = Starting(str(self.store.layout.root),
+                                  str(settings.manifest_source) if settings.manifest_source else None)
+        self._tracker: ReaderTracker | None = None  # where each reader is (space, schedule, readers share it)
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
         self._progress_report = Progress()
@@ -117,16 +124,44 @@ class Daemon:
     # == lifecycle ====================================================================================
 
     def start(self) -> None:
-        """Take the cache dir, reconcile, load the manifest and start serving. Raises S3CacheError."""
-        notify.status("taking the cache dir")
-        self.store.open()
+        """Take the cache dir, open its sockets (answering "starting", see starting.py), reconcile,
+        load the manifest and start serving. Raises S3CacheError."""
+        starting = self._starting
+        starting.keep_alive()
         try:
-            self._start()
-        except BaseException:
-            self._teardown()
-            raise
-        self.serving = True
-        notify.ready(self._progress()["line"])
+            starting.step("taking the cache dir")
+            self.store.open()
+            try:
+                lay = self.store.layout
+                self.server = Server(lay.control_socket, lay.use_socket, self._handle, self._closed,
+                                     on_crash=self._server_crashed)
+                self.server.start()
+                self._start()
+            except BaseException:
+                self._teardown()
+                raise
+            self.serving = True
+            notify.ready(self._progress()["line"])
+        finally:
+            starting.finish()
+
+    def _handle(self, conn, msg: dict) -> dict:
+        """The control socket's handler: the parts' answers (``Ops``) once serving, else "starting"."""
+        ops = self._ops
+        return ops.handle(conn, msg) if ops is not None else self._starting.answer(conn, msg)
+
+    def _closed(self, conn) -> None:
+        if self._ops is not None:
+            self.readers.closed(conn)
+
+    def _listing(self, lister: Callable) -> Callable:
+        """``lister`` (Fetcher.list) reporting each prefix line listed while starting."""
+        def listed(bucket: str, prefix: str):
+            got = lister(bucket, prefix)
+            if self._ops is None:
+                self._starting.listed(len(got))
+            return got
+        return listed
 
     def _start(self) -> None:
         s, lay = self.s, self.store.layout
@@ -140,7 +175,8 @@ class Daemon:
                                          new_temp=self.store.new_temp, discard=self.store.discard,
                                          require_checksum=s.require_checksum)
         self.peering = build_peering(s, fetcher, self.store, self.stopping)
-        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=fetcher.list, spawn=self._spawn,
+        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=self._listing(fetcher.list),
+                                               spawn=self._spawn,
                                                exclusive=lambda: self.space.exclusive(),
                                                install_parts=self._install_parts)
         self._reload = Reload(flags=self._flags, config_file=self._config_file, hup=self._hup,
@@ -150,10 +186,10 @@ class Daemon:
                               progress_line=lambda: self._progress()["line"])
         catalog = Catalog()
         if s.manifest_source is not None:
-            notify.status(f"reading the manifest {s.manifest_source}")
+            self._starting.step(f"reading the manifest {s.manifest_source}")
             manifests.watch = manifests.new_watch(str(s.manifest_source), s.manifest_is_dir)
             catalog = manifests.watch.read()
-        notify.status("reconciling the cache dir with its index")
+        self._starting.step("reconciling the cache dir with its index")
         self.index, damaged = open_index(self.store)
         self._wire(self.index, fetcher)
         if damaged:
@@ -168,10 +204,7 @@ class Daemon:
         ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
                   maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
                   rate=self.throughput.rate, head=fetcher.api.head)
-        self.server = Server(lay.control_socket, lay.use_socket, ops.handle, self.readers.closed,
-                             on_crash=self._server_crashed)
-        self.server.start()
-        if self.peering is not None:  # like the sockets: only once the cache is reconciled
+        if self.peering is not None:  # like the readers' requests: only once the cache is reconciled
             self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited,
                                self._spawn)
         self._spawn(self._use_loop, "s3cache-use")
@@ -181,6 +214,7 @@ class Daemon:
         for i in range(s.workers):
             self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
         self._start_revalidate(s.revalidate)
+        self._ops = ops  # requests reach the parts from now on
         log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
                  len(self.schedule.catalog), len(self.space.ready), human_size(self.space.used),
                  human_size(s.max_size))
@@ -188,7 +222,7 @@ class Daemon:
     def _wire(self, index: Index, fetcher: Fetcher) -> None:
         """Build the parts bottom up; callables let a lower part report to one built after it."""
         s, store, cond = self.s, self.store, self.cond
-        tracker = ReaderTracker(idle=max(s.lease, 60.0))
+        tracker = self._tracker = ReaderTracker(idle=_reader_idle(s))
         self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
                            on_evicted=lambda victims: self.schedule.evicted(victims))
         self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
@@ -295,8 +329,9 @@ class Daemon:
     def _install_parts(self, catalog: Catalog) -> Collection[str]:
         """A manifest version into the parts (``Manifests.install`` holds the lease and state locks);
         returns the stale URIs the space dropped."""
+        moved = self.schedule.catalog.moved(catalog)  # readers' positions and orders carry over
         stale = self.space.install(catalog)
-        self.readers.install(catalog.jobs)
+        self.readers.install(catalog.jobs, moved)
         self.schedule.install(catalog)
         self.readers.rejudge_parked(expire=False)  # wants that waited for this edit of the scope
         return stale
@@ -308,8 +343,9 @@ class Daemon:
     def _apply_settings(self, merged: Settings) -> None:
         """SIGHUP's new live settings, to the daemon and the parts that read them (state lock held)."""
         self.s = merged
-        for part in (self.space, self.schedule, self.workers):
-            part.s = merged
+        self.space.apply(merged)  # with the copies its leases hold (duration, budget)
+        self.schedule.s = self.workers.s = merged
+        self._tracker.idle = _reader_idle(merged)
 
     def reload(self) -> None:
         """What SIGHUP does (``Reload.reload``): the configuration and the manifest again."""
@@ -339,10 +375,17 @@ class Daemon:
                 message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
-            self.schedule.fail(uri, code, message)
+            replacing = uri in self.schedule.replacing  # its cached copy is known to be superseded
+            charged = self.schedule.fail(uri, code, message)
             self.space.release(uri)
-            self.readers.failed(uri, code, message)
+            if charged is not None:
+                self.readers.failed(uri, code, message)
+            else:  # the fetch used an entry a reload has since changed: readers wait for the new one
+                log.info("%s: that fetch used an entry the manifest has changed since; fetching it again as "
+                         "the manifest now describes it", shown(uri))
             self.cond.notify_all()
+        if replacing and charged is not None and charged.permanent:
+            self.maintenance.retire_superseded(uri, code, shown(uri))
 
     # == readers' sockets =============================================================================
 
@@ -401,7 +444,10 @@ class Daemon:
         return measure(self.cond, self.schedule, self.space, self.throughput.rate)
 
     def status(self) -> dict:
-        """Assembled from each part's report, in one hold of the state lock (a consistent picture)."""
+        """Assembled from each part's report, in one hold of the state lock (a consistent picture); while
+        starting, the step it is at (starting.py)."""
+        if self._ops is None:
+            return self._starting.status()
         peers = self.peering.status() if self.peering is not None else None  # its own locks, not ours
         with self.cond:
             st = assemble(root=self.store.layout.root, started_at=self.started_at,
@@ -416,6 +462,11 @@ class Daemon:
         if peers is not None:
             st["peers"] = peers
         return st
+
+
+def _reader_idle(s: Settings) -> float:
+    """Seconds of silence after which a reader is forgotten: never while its lease could hold a file."""
+    return max(s.lease, 60.0)
 
 
 def _about(uri: str, message: str) -> str:

@@ -66,6 +66,7 @@ class Schedule:
         # its URI, so forgetting one loses nothing a new ask does not rebuild).
         self.extra: OrderedDict[str, Entry] = OrderedDict()
         self.fetching: set[str] = set()
+        self._fetching_as: dict[str, Entry] = {}  # uri in fetching -> the entry its job was handed out with
         self.failed = Failures()  # see failures.py: which are retried, when
         self.blocked: set[str] = set()  # waiting for room in the cache
         self.replacing: set[str] = set()  # ready, but to be fetched again (see ``replace``)
@@ -120,11 +121,13 @@ class Schedule:
                     e = self.demand.popleft()
                     if (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching:
                         self.fetching.add(e.uri)
+                        self._fetching_as[e.uri] = e
                         return e, True
                 if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
                     e = self._next_prefetch()
                     if e is not None:
                         self.fetching.add(e.uri)
+                        self._fetching_as[e.uri] = e
                         return e, False
                     self._scan_idle = True  # until something changes (see work_changed)
                 self._cond.wait(1.0)
@@ -166,11 +169,17 @@ class Schedule:
                     if pos is not None:
                         self.cursors.rewind(pos)
                 waiting_demand = [u for u in self.blocked if self._is_waited(u)]
+                # A ready object fetched again because S3 changed it: the in-order scan skips ready
+                # files, so unless queued again its new version would never come (the old one stays).
+                replacing = [u for u in self.blocked if u in self.replacing and u not in waiting_demand]
                 self.blocked.clear()
                 for uri in waiting_demand:
                     e = self.entry_for(uri)
                     if e is not None:
                         self.demand.appendleft(e)
+                for uri in replacing:
+                    if self._space.is_ready(uri) and not self.demand.has(uri):
+                        self.demand.append(self.entry_for(uri) or Entry(from_identity(uri)))
                 self.work_changed()
 
     def reconsider(self) -> None:
@@ -190,13 +199,17 @@ class Schedule:
 
     # == how a job ended ==============================================================================
 
+    def _stop_fetching(self, uri: str) -> None:
+        self.fetching.discard(uri)
+        self._fetching_as.pop(uri, None)
+
     def ended(self, uri: str) -> None:
         """A job ended without a result (cancelled, or the disk was full)."""
-        self.fetching.discard(uri)
+        self._stop_fetching(uri)
 
     def no_room(self, uri: str, demand: bool) -> None:
         """No room in the cache for ``uri`` yet: blocked; prefetch pauses until something may make room."""
-        self.fetching.discard(uri)
+        self._stop_fetching(uri)
         self.blocked.add(uri)
         if not demand:
             self.prefetch_paused = True
@@ -221,7 +234,7 @@ class Schedule:
 
     def fetched(self, uri: str) -> None:
         """``uri`` was published."""
-        self.fetching.discard(uri)
+        self._stop_fetching(uri)
         self.failed.succeeded(uri)
         self.extra.pop(uri, None)
         self.replacing.discard(uri)
@@ -229,7 +242,7 @@ class Schedule:
     def superseded(self, uri: str) -> None:
         """A reload changed ``uri``'s entry while it was fetched: the job was discarded; fetch it again
         as the manifest now describes it (readers waiting on it keep waiting)."""
-        self.fetching.discard(uri)
+        self._stop_fetching(uri)
         self.refetch(from_identity(uri))
 
     def replace(self, uri: str) -> None:
@@ -240,9 +253,19 @@ class Schedule:
             self.demand.append(self.entry_for(uri) or self.extra.get(uri) or self._remember_extra(Entry(from_identity(uri))))
         self.work_changed()
 
-    def fail(self, uri: str, code: str, message: str) -> Failure:
-        """A fetch of ``uri`` failed: remember it, permanent or with its next retry (failures.py)."""
-        self.fetching.discard(uri)
+    def fail(self, uri: str, code: str, message: str) -> Failure | None:
+        """A fetch of ``uri`` failed: remember it, permanent or with its next retry (failures.py).
+
+        A failure counts only against the entry its fetch used: when a reload changed the manifest's
+        entry for ``uri`` while it was fetched (another checksum, size or version), nothing is charged to
+        the entry now in force; the object is fetched again as it describes it (as ``superseded`` does
+        for a fetch that succeeded), and None is returned."""
+        used = self._fetching_as.get(uri)
+        self._stop_fetching(uri)
+        pos = self.catalog.position(uri)
+        if used is not None and pos is not None and self.catalog.entry(pos) != used:
+            self.refetch(from_identity(uri))
+            return None
         entry = self.entry_for(uri) or Entry(from_identity(uri))
         self.extra.pop(uri, None)
         self.failures += 1

@@ -112,6 +112,13 @@ class Space(Pins, RoomReports):
 
     def close(self) -> None:
         os.close(self._lease_fd)
+
+    def apply(self, settings: Settings) -> None:
+        """SIGHUP's live settings (state lock held), to the copies the leases made of them too."""
+        self.s = settings
+        self.leases.lease = settings.lease
+        self.leases.budget = lease_budget(settings.max_size, self.store.total_bytes())
+
     # == the resident set (state lock held) ===========================================================
 
     def load(self, rows: Iterable[tuple[str, Record]]) -> None:

@@ -16,7 +16,7 @@ import heapq
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote
 
 from .jobs import Jobs, JobStart
@@ -190,6 +190,21 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
+
+    def same(self, other: Catalog) -> bool:
+        """Whether ``other`` says exactly what this one says: the same entries (lines and flags) at the
+        same positions, of the same share, jobs and prefix lines. A manifest read again unchanged (a
+        ConfigMap resync, another job's file touched) is the same: installing it would change nothing."""
+        return (self._data == other._data and self._flags == other._flags and self._global == other._global
+                and self.shard == other.shard and self.total == other.total and self._others == other._others
+                and self._job_names == other._job_names and self._job_starts == other._job_starts
+                and self.prefixes == other.prefixes)
+
+    def moved(self, new: Catalog) -> Callable[[int], int | None]:
+        """Where a position of this catalog is in ``new`` (None: the object is not in it). Looked up per
+        position asked: readers hold a few positions, or the lists they announced, not the manifest."""
+        n = len(self)
+        return lambda p: new.position(self.entry(p).uri) if 0 <= p < n else None
 
     def line(self, i: int) -> str:
         return self._data[self._offsets[i] : self._offsets[i + 1] - 1].decode()

@@ -18,9 +18,11 @@ Two ways a watched manifest misleads a daemon, and what this module does about t
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from s3cache.errors import ManifestError, ManifestUnstable
@@ -60,6 +62,9 @@ class Loaded(NamedTuple):
     catalog: Catalog
     skipped: SkipLog
     identity: Identity
+    # load_dir(kept=...): each job file's text in force (compressed), and the jobs refused (file name -> why)
+    texts: Mapping[str, bytes] = {}
+    refused: Mapping[str, str] = {}
 
 
 def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SETTLE,
@@ -111,15 +116,17 @@ def dir_identity(path: str) -> DirIdentity | None:
 
 
 def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SETTLE,
-             seen: DirIdentity | None = None, clock: Callable[[], float] = time.time) -> Loaded:
+             seen: DirIdentity | None = None, clock: Callable[[], float] = time.time,
+             kept: Mapping[str, bytes] | None = None) -> Loaded:
     """Read a manifest directory (``serve --manifest-dir``): every ``NAME.txt`` in it is job NAME's
     manifest, read in name order into one catalog whose jobs say where each one's entries are.
 
-    Installed only whole, as ``load`` installs a file: a job being written (modified within ``settle``
-    seconds, unless the directory is as ``seen`` last time) or a directory that changed while it was
-    read raises ManifestUnstable; a bad line in any job raises ManifestError naming its file and line,
-    and the previous version of every job stays in force. ``identity`` of the result is a
-    ``DirIdentity``."""
+    A job being written (modified within ``settle`` seconds, unless the directory is as ``seen`` last
+    time) or a directory that changed while it was read raises ManifestUnstable. A bad line in a job
+    raises ManifestError naming its file and line, unless ``kept`` is given (file name -> that job's text
+    in force, as ``texts`` of an earlier result): then each job is installed or refused on its own, a
+    refused job's kept text (if any) standing in for it, and ``refused`` says why. ``identity`` of the
+    result is a ``DirIdentity``."""
     before = dir_identity(path)
     if before is None:
         if not os.path.isdir(path):
@@ -132,34 +139,59 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
                 age = max(now - ident.mtime_ns / 1e9, 0.0)
                 raise ManifestUnstable(os.path.join(path, name), f"modified {age:.2f}s ago",
                                        min(max(settle - age, 0.01), settle), before)
-    skipped = SkipLog()
-    prefixes: list[tuple[str, str]] = []
+    texts: dict[str, bytes] = {}
+    refused: dict[str, str] = {}
+
+    def job_text(name: str, file: str):
+        """The job's manifest as an open text file (read whole and kept, when jobs are kept)."""
+        if name in refused:
+            texts[name] = kept[name]  # type: ignore[index]
+            return io.TextIOWrapper(io.BytesIO(zlib.decompress(kept[name])), encoding="utf-8-sig",  # type: ignore[index]
+                                    newline=None)
+        try:
+            f = open(file, "rb")
+        except FileNotFoundError:
+            if os.path.lexists(file):  # a link to nothing: that job is broken, not retired
+                raise ManifestError(file, None, "cannot read manifest: a symlink to a missing file") from None
+            return None  # removed since the listing: the identity check below reads again
+        except OSError as e:
+            raise ManifestError(file, None, f"cannot read manifest: {e.strerror}") from None
+        if kept is None:
+            return io.TextIOWrapper(f, encoding="utf-8-sig", newline=None)
+        with f:
+            raw = f.read()
+        texts[name] = zlib.compress(raw, 1)
+        return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=None)
 
     def stream() -> Iterator[Entry | JobStart]:
         for name, _ in before:
+            if name in refused and name not in kept:  # type: ignore[operator]
+                continue  # refused and never in force: not a job yet
             file = os.path.join(path, name)
-            try:
-                f = open(file, encoding="utf-8-sig", newline=None)
-            except FileNotFoundError:
-                if os.path.lexists(file):  # a link to nothing: that job is broken, not retired
-                    raise ManifestError(file, None, "cannot read manifest: a symlink to a missing file") from None
-                continue  # removed since the listing: the identity check below reads again
-            except OSError as e:
-                raise ManifestError(file, None, f"cannot read manifest: {e.strerror}") from None
+            f = job_text(name, file)
+            if f is None:
+                continue
             with f:
                 yield JobStart(job_name(name) or name)
                 yield from expand(_noting_prefixes(read_open(f, file), prefixes), lister, skipped)
 
-    try:
-        catalog = Catalog.build(stream(), shard)
-        catalog.prefixes = tuple(dict.fromkeys(prefixes))
-    except ManifestError:
-        if dir_identity(path) != before:
-            raise ManifestUnstable(path, "changed while it was read", settle, before) from None
-        raise
+    while True:
+        skipped = SkipLog()
+        prefixes: list[tuple[str, str]] = []
+        try:
+            catalog = Catalog.build(stream(), shard)
+            catalog.prefixes = tuple(dict.fromkeys(prefixes))
+            break
+        except ManifestError as e:
+            if dir_identity(path) != before:
+                raise ManifestUnstable(path, "changed while it was read", settle, before) from None
+            name = os.path.basename(e.path)
+            if kept is None or e.path != os.path.join(path, name) or name in refused:
+                raise
+            refused[name] = str(e)  # read again without it (its kept text in its place)
     if dir_identity(path) != before:
         raise ManifestUnstable(path, "changed while it was read", settle, before)
-    return Loaded(catalog, skipped, before)  # type: ignore[arg-type]
+    return Loaded(catalog, skipped, before, texts, refused)  # type: ignore[arg-type]
 
 
 def _noting_prefixes(items: Iterable[Entry | Prefix], found: list[tuple[str, str]]) -> Iterator[Entry | Prefix]:

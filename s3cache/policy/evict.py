@@ -377,6 +377,19 @@ class ReaderTracker:
     def forget(self) -> None:
         self._readers.clear()
 
+    def remap(self, moved: Callable[[int], int | None]) -> None:
+        """A new manifest: ``moved(p)`` is where old position ``p`` is now (None: gone). Each reader keeps
+        its epoch and announced order, its position and order's list moved to the new positions; a
+        reader whose last file left the manifest counts as unordered until it steps in order again."""
+        for r in self._readers.values():
+            if r.position >= 0:
+                q = moved(r.position)
+                if q is None:
+                    r.steps = 0
+                r.position = -1 if q is None else q
+            if r.order is not None:
+                r.order.lists = r.order.lists.remapped(moved)
+
     def ids(self):
         """The readers tracked now (a live view)."""
         return self._readers.keys()

@@ -120,6 +120,16 @@ class ListMap:
         j, r = divmod(position - self.start, self.step)
         return j if r == 0 and 0 <= j < self.length else None
 
+    def remapped(self, moved: Callable[[int], int | None]) -> ListMap:
+        """This map onto a new manifest: ``moved(p)`` is where old position ``p`` is now (None: gone).
+        The reader's list is unchanged; only where its URIs stand in the manifest moved."""
+        table = []
+        for j in range(self.length):
+            p = self.position(j)
+            q = moved(p) if p is not None else None
+            table.append(-1 if q is None else q)
+        return ListMap(self.length, table=table)
+
 
 _perm_cache: OrderedDict[tuple[int, int, int], tuple[array, array]] = OrderedDict()
 _perm_lock = threading.Lock()  # the daemon's handler threads build orders while others read them

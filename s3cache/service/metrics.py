@@ -137,6 +137,10 @@ def families(st: dict) -> Iterator:
     info.add_metric([__version__], 1)
     yield info
     yield _gauge("s3cache_uptime_seconds", "Seconds since the daemon started.", st["uptime"])
+    yield _gauge("s3cache_starting", "1 while the daemon starts (status says the step), 0 once it serves.",
+                 int(st.get("state") == "starting"))
+    if st.get("state") == "starting":
+        return  # nothing else is known yet
     yield _gauge("s3cache_manifest_entries", "Objects the manifest lists.", st["manifest_entries"])
     if "manifest_bytes" in st:
         yield _gauge("s3cache_manifest_bytes", "Bytes of the manifest's objects whose size is known.",

@@ -75,6 +75,12 @@ def status(line: str) -> bool:
     return notify(status=line)
 
 
+def extend_timeout(seconds: float, line: str | None = None) -> bool:
+    """Still starting (or stopping), and moving: systemd's start (stop) timeout is extended to at least
+    ``seconds`` from now (EXTEND_TIMEOUT_USEC; systemd 236+, ignored by older ones)."""
+    return notify(extend_timeout_usec=int(seconds * 1_000_000), **({"status": line} if line is not None else {}))
+
+
 def progress_line(objects_done: int, objects_total: int, bytes_done: int, bytes_total: int | None,
                   bytes_per_s: float) -> str:
     """The STATUS= line ``systemctl status`` shows: ``"412/1000 objects, 31.2 GiB of 80.0 GiB, 1.9 GiB/s"``

@@ -114,6 +114,9 @@ def jobs(st: dict) -> list[tuple[str, dict, str]]:
 
 def render(st: dict) -> RenderableType:
     """The progress view of one status snapshot."""
+    if st.get("state") == "starting":  # the daemon has no parts yet: only its start-up step
+        return Text(f"s3cache on {st['cache_dir']} (pid {st['pid']}) is starting: {st['step']} "
+                    f"({eta_text(st['seconds'])} so far)" + (f"; {st['progress']}" if st["progress"] else ""))
     o, b = st["objects"], st["bytes"]
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -187,6 +190,10 @@ def plain_lines(st: dict) -> list[str]:
     them, and so does ``status --watch`` written to a pipe or a log, one frame after another. Every
     figure an operator acts on is here, not only in ``--json``: pinned files, this host's share and
     reads from other shares, what leases hold, the quarantine."""
+    if st.get("state") == "starting":  # the daemon has no parts yet: only its start-up step
+        return [f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)",
+                f"starting    {st['step']} ({st['seconds']:.0f}s so far)"
+                + (f": {st['progress']}" if st["progress"] else "")]
     o, b = st["objects"], st["bytes"]
     pct = 100.0 * b["ready"] / b["max"] if b["max"] else 0.0
     out = [f"cache dir   {st['cache_dir']} (daemon pid {st['pid']}, up {st['uptime']:.0f}s)",
