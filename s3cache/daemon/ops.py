@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from s3cache.errors import PermissionDenied
 from s3cache.manifest.refs import from_identity
 from s3cache.sockets.control import PROTOCOL, Connection
+from s3cache.sockets.usage_socket import holder_of
 
 if TYPE_CHECKING:
     from .maintenance import Maintenance
@@ -64,7 +65,9 @@ class Ops:
     def handle(self, conn: Connection, msg: dict) -> dict:
         op = msg.get("op")
         if op == "want":
-            results = self.readers.want(conn, str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])],
+            # The lease is the kernel's process, never the claimed id (usage_socket.holder_of).
+            reader = f"{str(msg.get('reader', '')).split('/', 1)[0]}/{holder_of(conn.pid, conn.uid)}"
+            results = self.readers.want(conn, reader, [str(u) for u in msg.get("uris", [])],
                                         [str(u) for u in msg.get("ahead", [])])
             watch = self.watch()
             if watch is not None:  # fetched on demand: count those of other hosts' shares

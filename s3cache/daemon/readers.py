@@ -102,14 +102,16 @@ class Readers(Announced):
     def note_use(self, reader: str, uris: list[str], hit: bool | list[bool]) -> None:
         """A reader resolved these URIs, in this order; ``hit`` (one for all, or one per URI): they were
         there when it first looked, which counts as a cache hit in the reader's current epoch.
-        ``reader`` may be ``process/thread`` (usage notes): the lease is the thread's, the position and
-        epoch the process's."""
+        ``reader`` is ``claimed/holder`` from the sockets: the position and epoch are the claimed
+        reader's, the lease the holder's (``uid:pid`` from SO_PEERCRED, usage_socket.holder_of), so a
+        process holds its two newest files however many threads or made-up ids it uses."""
         hits = [hit] * len(uris) if isinstance(hit, bool) else hit
         now = time.time()
         catalog = self._schedule.catalog
         n = len(catalog)
         moved = False
-        holder, reader = reader, reader.split("/", 1)[0]  # leases per thread, positions per process
+        reader, _, holder = reader.partition("/")  # positions per claimed reader, leases per process
+        holder = holder or reader
         if reader not in self.tracker.ids():
             self.tracker.make_room(MAX_READERS - 1)  # before adding one  # spoofed reader ids cost bounded memory
         for uri, is_hit in zip(uris, hits):

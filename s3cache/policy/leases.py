@@ -1,10 +1,11 @@
 """Readers' leases: which files eviction may not take because a reader may still open them.
 
 A lease covers the gap between ``resolve()`` returning a path and the reader opening the file (an open
-file stays readable after it is unlinked). It is held per reader thread (usage notes name it), for each
-holder's newest files and older ones within its share of a budget, never for longer than ``--lease``:
-so a reader that moved on never holds the cache against the file it waits for (issue 17 item 5), and
-the threads of one process each keep their own newest files.
+file stays readable after it is unlinked). It is held per reader process (the daemon names holders
+``uid:pid`` from SO_PEERCRED), for each holder's newest files and older ones within its share of a
+budget, never for longer than ``--lease``: so a reader that moved on never holds the cache against the
+file it waits for (issue 17 item 5), and one uid holds at most ``uid_cap`` bytes however many processes
+(or made-up reader ids) it uses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
+LEASE_UID_SHARE = 4  # the processes of one uid hold at most about 1/4 of the cache, newest files included
 
 
 class Leases:
@@ -26,10 +28,14 @@ class Leases:
     ``time.monotonic`` (a step of the wall clock never ends or stretches a lease).
     """
 
-    def __init__(self, lease: float, budget: int, min_files: int = 2) -> None:
+    def __init__(self, lease: float, budget: int, min_files: int = 2, uid_cap: int | None = None) -> None:
         self.lease = lease
         self.budget = budget
         self.min_files = min_files
+        # Holders named "uid:pid" (the daemon's) of one uid hold at most about this many bytes in all,
+        # however many processes it runs: newest files first, each process's in turn; the file that
+        # crosses the cap is still held (a file over the cap alone keeps its lease).
+        self.uid_cap = uid_cap
         # reader -> uri -> (size, when its lease started, its place in the reader's order), oldest first;
         # and the bytes in it
         self._recent: dict[str, OrderedDict[str, tuple[int, float, int]]] = {}
@@ -73,18 +79,32 @@ class Leases:
         for r in [r for r in self._recent if r not in active]:
             self.forget(r)
         share = self.budget // max(1, len(active))
-        out: set[str] = set()
-        for q in active.values():
+        by_uid: dict[str, list[list[tuple[str, int]]]] = {}
+        for holder, q in active.items():
             bytes_ = 0
             i = 0
+            mine: list[tuple[str, int]] = []
             for uri, (size, when, _) in reversed(q.items()):
                 if now - when >= self.lease:
                     continue
                 bytes_ += size
                 if i >= self.min_files and bytes_ > share:
                     break
-                out.add(uri)
+                mine.append((uri, size))
                 i += 1
+            by_uid.setdefault(holder.split(":", 1)[0] if ":" in holder else holder, []).append(mine)
+        out: set[str] = set()
+        for lists in by_uid.values():
+            if self.uid_cap is None:
+                for mine in lists:
+                    out.update(u for u, _ in mine)
+                continue
+            held = 0
+            for rank in range(max(len(m) for m in lists)):  # each process's newest, then the next ones
+                for mine in lists:
+                    if rank < len(mine) and held < self.uid_cap:
+                        out.add(mine[rank][0])
+                        held += mine[rank][1]
         return out
 
     def holders(self, now: float) -> int:

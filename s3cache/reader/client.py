@@ -57,10 +57,9 @@ class UseNotes:
         if not uris:
             return
         notes = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
-        # Leases are held per thread (tf.data's parallel interleave resolves from many threads, and each
-        # thread's newest files must stay protected while the others move on); positions and epochs are
-        # per process: the daemon strips the "/thread" suffix for those.
-        holder = f"{self.reader}/{threading.get_ident()}"
+        # The daemon holds leases per process as the kernel names it (SO_PEERCRED), whatever id is sent
+        # here: the id only names the reader's position.
+        holder = self.reader
         with self._lock:
             waits = time.monotonic() >= self._stuck_until
             deadline = time.monotonic() + (BACKLOG_WAIT if waits else 0.0)

@@ -128,7 +128,7 @@ class Resolver:
         for i in range(0, len(refs), MAX_URIS):
             chunk = refs[i : i + MAX_URIS]
             # the thread as the lease holder, as usage notes name it (client.UseNotes)
-            reply = client.request({"op": "want", "reader": f"{self.reader_id()}/{threading.get_ident()}",
+            reply = client.request({"op": "want", "reader": self.reader_id(),
                                     "uris": [r.uri for r in chunk],
                                     "ahead": hints if i == 0 else []})
             for res in reply.get("results", []):
