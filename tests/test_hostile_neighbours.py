@@ -1,0 +1,98 @@
+"""Hostile neighbours, second round: a member of the daemon's group (a user made by the test) who sends
+what an honest reader never would, against the real daemon. Each test shows the limit holds: a member
+costs bounded memory and threads, holds a bounded share of the cache, and cannot run the daemon's
+expensive requests. Skipped where users cannot be made (not root)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from s3cache import resolve
+from s3cache.store.files import Layout
+
+KiB = 1 << 10
+MiB = 1 << 20
+PY = "/usr/bin/python3"  # the member's side needs no s3cache: raw sockets, as an attacker would use
+
+
+@pytest.fixture
+def shared_cache(local_user):
+    """(member, cache dir): a cache dir owned by root and a fresh group, under a sticky 1777 dir, and a
+    new user in that group (the group the daemon's sockets and files are shared with)."""
+    if not os.path.exists(PY):
+        pytest.skip(f"needs {PY} to run a client as another user")
+    g = "s3ctg" + uuid.uuid4().hex[:6]
+    member = local_user(groups=(g,))
+    shared = Path(tempfile.mkdtemp(prefix="s3ct-hostile-", dir="/tmp"))
+    os.chmod(shared, 0o1777)
+    cache = shared / "cache"
+    cache.mkdir(mode=0o755)
+    os.chown(cache, 0, grp.getgrnam(g).gr_gid)
+    yield member, cache
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def as_member(member, code: str, *args: str, timeout: float = 120) -> str:
+    r = member.run([PY, "-c", code, *args], timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+# Notes under made-up reader ids, from ``procs`` processes at once: each process connects once per id
+# and says it used its two files. The member prints "done" once every process sent all its notes.
+SPOOF_NOTES = r"""
+import os, socket, sys, json
+sock, procs, files = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+per = len(files) // procs
+kids = []
+for p in range(procs):
+    pid = os.fork()
+    if pid == 0:
+        mine = files[p * per:(p + 1) * per]
+        for i in range(0, len(mine), 2):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            s.sendall(f"Rinvented-{p}-{i}\0".encode() + b"".join(b"h" + u.encode() + b"\0" for u in mine[i:i + 2]))
+            s.close()
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+print("done")
+"""
+
+
+def test_made_up_reader_ids_hold_one_process_worth_and_a_uid_a_quarter_of_the_cache(
+        shared_cache, s3, bucket, daemons):
+    member, cache = shared_cache
+    size, n = 256 * KiB, 32
+    for i in range(n):
+        s3.put_object(Bucket=bucket, Key=f"f{i:02d}", Body=bytes([i]) * size)
+    max_size = n * size  # every file fits: only leases decide what could be evicted
+    d = daemons(cache, args=["--max-size", str(max_size), "--lease", "600"])
+    uris = [f"s3://{bucket}/f{i:02d}" for i in range(n)]
+    for u in uris:
+        resolve(u, cache_dir=cache, timeout=120)
+    use = Layout(str(cache)).use_socket
+    # The daemon's own resolves are one process, ours: let their leases lapse out of the picture by
+    # asking what is held beyond them.
+    before = d.status()
+    mine, hits = before["leases"]["files"], before["hits"]
+    # One process, sixteen invented ids, two files each: one holder, its newest two files and its share.
+    as_member(member, SPOOF_NOTES, use, "1", json.dumps(uris))
+    st = d.wait_until(lambda st: st["hits"] >= hits + n, 60, "the member's notes to be applied")
+    assert st["leases"]["readers"] <= 2, st["leases"]  # us and the member's one process
+    assert st["leases"]["files"] - mine <= 3, st["leases"]  # its newest two, plus its budget share
+    # Sixteen processes, two files each: the uid holds about a quarter of the cache, not all of it.
+    as_member(member, SPOOF_NOTES, use, "16", json.dumps(uris))
+    st = d.wait_until(lambda st: st["hits"] >= hits + 2 * n, 60, "the sixteen processes' notes to be applied")
+    held = st["leases"]["bytes"] - mine * size
+    assert held <= max_size // 4 + size, st["leases"]
