@@ -96,3 +96,56 @@ def test_made_up_reader_ids_hold_one_process_worth_and_a_uid_a_quarter_of_the_ca
     st = d.wait_until(lambda st: st["hits"] >= hits + 2 * n, 60, "the sixteen processes' notes to be applied")
     held = st["leases"]["bytes"] - mine * size
     assert held <= max_size // 4 + size, st["leases"]
+
+
+# ``conns`` connections to ctl.sock, each sending ``wants`` wants of 1,000 objects nobody has; prints the
+# count of each state in the answers, then exits (closing them all).
+MISSING_WANTS = r"""
+import json, socket, sys
+sock, bucket, conns, wants = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+states, codes, socks = {}, {}, []
+for c in range(conns):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    socks.append(s)
+    f = s.makefile("rb")
+    for w in range(wants):
+        uris = [f"s3://{bucket}/nothing/{c}/{w}/{i}" for i in range(1000)]
+        s.sendall(json.dumps({"op": "want", "reader": "m", "uris": uris}).encode() + b"\n")
+        while True:
+            msg = json.loads(f.readline())
+            if "results" in msg:
+                break
+        for r in msg["results"]:
+            states[r["state"]] = states.get(r["state"], 0) + 1
+            if "code" in r:
+                codes[r["code"]] = codes.get(r["code"], 0) + 1
+print(json.dumps({"states": states, "codes": codes}))
+"""
+
+
+@pytest.fixture
+def slow_s3(moto):
+    """S3 through a proxy that answers each request after 5 s: demand stays queued while a test looks."""
+    from s3cache.testing.faultproxy import FaultProxy
+
+    p = FaultProxy(moto.port, latency=5.0).start()
+    yield p
+    p.stop()
+
+
+def test_demand_outside_the_manifest_is_capped_per_connection_and_uid_and_dropped_when_they_leave(
+        shared_cache, bucket, daemons, slow_s3):
+    member, cache = shared_cache
+    d = daemons(cache, args=["--endpoint-url", slow_s3.url, "--workers", "2"])
+    ctl = Layout(str(cache)).control_socket
+    # One connection, three wants of 1,000: the first 1,024 wait, the rest are refused at once.
+    got = json.loads(as_member(member, MISSING_WANTS, ctl, bucket, "1", "3"))
+    assert got["states"] == {"pending": 1024, "failed": 1976}, got
+    assert got["codes"] == {"TooMany": 1976}, got
+    # It left: what it alone waited on leaves the queue (only downloads already in flight go on).
+    d.wait_until(lambda st: st["objects"]["queued"] <= 2, 60, "the departed member's demand to be dropped")
+    # Five connections of one uid: 4,096 wait in all, whatever the number of connections.
+    got = json.loads(as_member(member, MISSING_WANTS, ctl, bucket, "5", "1"))
+    assert got["states"] == {"pending": 4096, "failed": 904}, got
+    d.wait_until(lambda st: st["objects"]["queued"] <= 2, 60, "the member's demand to be dropped again")

@@ -64,6 +64,16 @@ class DemandQueue(deque):
         super().remove(e)
         self._dec(e)
 
+    def drop(self, uris: set[str]) -> int:
+        """Remove every entry of these URIs (one pass, whatever their number); how many were removed."""
+        if not any(u in self._count for u in uris):
+            return 0
+        keep = [e for e in self if e.uri not in uris]
+        removed = len(self) - len(keep)
+        self.clear()
+        self.extend(keep)
+        return removed
+
     def has(self, uri: str) -> bool:
         return uri in self._count
 

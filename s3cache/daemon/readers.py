@@ -42,6 +42,7 @@ from s3cache.store.files import Store
 from s3cache.store.index import Record
 
 from .announce import Announced
+from .quota import OutsideDemand
 from .schedule import Schedule
 from .space import Space
 
@@ -84,6 +85,7 @@ class Readers(Announced):
         self._edited = manifest_edited  # the manifest on disk differs from the one installed
         self._parked: dict[str, tuple[ObjectRef, float, set[Connection]]] = {}  # wants waiting for that edit
         self.hints_out_of_scope = 0  # ahead hints dropped as out of scope since start
+        self.outside = OutsideDemand()  # waits on objects the manifest does not list, capped (quota.py)
         warning = self._scope.warning()
         if warning:
             log.warning("%s", warning)
@@ -225,6 +227,11 @@ class Readers(Announced):
                     results.append({"uri": uri, "state": "failed", "code": failure.code,
                                     "message": failure.message})
                     continue
+                if self._schedule.catalog.position(uri) is None:
+                    why = self.outside.admit(conn, uri)
+                    if why is not None:
+                        results.append({"uri": uri, "state": "failed", "code": wire.E_TOO_MANY, "message": why})
+                        continue
                 self._wait_on(ref, {conn}, front)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
@@ -302,13 +309,17 @@ class Readers(Announced):
                 used_at = now  # a reader is about to open it: its lease starts now
             if used_at:
                 self._space.touch(uri, used_at)
-            self._tell(self.waiters.pop(uri, ()), {"event": "ready", "uri": uri, "path": rec.path})
+            conns = self.waiters.pop(uri, ())
+            self.outside.done(uri, conns)
+            self._tell(conns, {"event": "ready", "uri": uri, "path": rec.path})
             self._stop_waiting(uri)
 
     def failed(self, uri: str, code: str, message: str) -> None:
         """Fetching ``uri`` failed: answer its waiters."""
         self._early_use.pop(uri, None)
-        self._tell(self.waiters.pop(uri, ()), {"event": "failed", "uri": uri, "code": code, "message": message})
+        conns = self.waiters.pop(uri, ())
+        self.outside.done(uri, conns)
+        self._tell(conns, {"event": "failed", "uri": uri, "code": code, "message": message})
         self._stop_waiting(uri)
 
     def _tell(self, conns: Iterable[Connection], msg: dict) -> None:
@@ -325,8 +336,10 @@ class Readers(Announced):
 
     def closed(self, conn: Connection) -> None:
         """A reader's ctl connection closed: it waits on nothing any more. A wait that ends so (the
-        reader timed out, or was stopped) still counts in ``wait_seconds``."""
+        reader timed out, or was stopped) still counts in ``wait_seconds``. Objects outside the
+        manifest it alone waited on leave the demand queue: nobody would read them."""
         with self._cond:
+            outside = self.outside.closed(conn)
             for uri in [u for u, (_, _, cs) in self._parked.items() if conn in cs]:
                 self._parked[uri][2].discard(conn)
                 if not self._parked[uri][2]:
@@ -336,6 +349,9 @@ class Readers(Announced):
                 if not self.waiters[uri]:
                     del self.waiters[uri]
                     self._stop_waiting(uri)
+            unwanted = {u for u in outside if u not in self.waiters and u not in self._schedule.catalog}
+            if unwanted:
+                self._schedule.demand.drop(unwanted)
 
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held). ``wait_seconds`` includes waits going on."""
@@ -350,6 +366,8 @@ class Readers(Announced):
             "wait_seconds": self.wait_seconds + waiting,
             "waiting": len(self._wanted_at),
             "notes_rejected": self.notes_rejected,
+            "outside_waits": self.outside.total,
+            "outside_refused": self.outside.refused,
         }
 
 

@@ -34,7 +34,8 @@ class Leases:
         self.min_files = min_files
         # Holders named "uid:pid" (the daemon's) of one uid hold at most about this many bytes in all,
         # however many processes it runs: newest files first, each process's in turn; the file that
-        # crosses the cap is still held (a file over the cap alone keeps its lease).
+        # crosses the cap is still held, and a uid always holds ``min_files`` (a lone reader of a small
+        # cache keeps its two newest files, as before the cap).
         self.uid_cap = uid_cap
         # reader -> uri -> (size, when its lease started, its place in the reader's order), oldest first;
         # and the bytes in it
@@ -99,12 +100,13 @@ class Leases:
                 for mine in lists:
                     out.update(u for u, _ in mine)
                 continue
-            held = 0
+            held = files = 0
             for rank in range(max(len(m) for m in lists)):  # each process's newest, then the next ones
                 for mine in lists:
-                    if rank < len(mine) and held < self.uid_cap:
+                    if rank < len(mine) and (held < self.uid_cap or files < self.min_files):
                         out.add(mine[rank][0])
                         held += mine[rank][1]
+                        files += 1
         return out
 
     def holders(self, now: float) -> int:
