@@ -149,3 +149,64 @@ def test_demand_outside_the_manifest_is_capped_per_connection_and_uid_and_droppe
     got = json.loads(as_member(member, MISSING_WANTS, ctl, bucket, "5", "1"))
     assert got["states"] == {"pending": 4096, "failed": 904}, got
     d.wait_until(lambda st: st["objects"]["queued"] <= 2, 60, "the member's demand to be dropped again")
+
+
+# ``count`` order requests on one connection, each under a new reader id (argv: the request's JSON);
+# prints how many were answered ok.
+MANY_ORDERS = r"""
+import json, socket, sys
+sock, count, msg = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+f = s.makefile("rb")
+ok = 0
+for i in range(0, count, 100):
+    s.sendall(b"".join(json.dumps({**msg, "reader": f"made-up-{j}"}).encode() + b"\n" for j in range(i, i + 100)))
+    for _ in range(100):
+        ok += bool(json.loads(f.readline()).get("ok"))
+print(ok)
+"""
+
+
+def test_orders_under_made_up_reader_ids_stay_within_the_reader_cap(shared_cache, s3, bucket, daemons,
+                                                                    tmp_path):
+    from s3cache.daemon.announce import MAX_READERS
+    from s3cache.policy.order import list_digest
+    from conftest import write_manifest
+
+    member, cache = shared_cache
+    uris = [f"s3://{bucket}/o/{i}" for i in range(8)]
+    for u in uris:
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=b"o")
+    d = daemons(cache, manifest=write_manifest(tmp_path / "m.txt", uris))
+    msg = {"op": "order", "seed": 1, "epoch": 0, "n": len(uris), "start": 0, "list": list_digest(uris)}
+    n = MAX_READERS + 100 - MAX_READERS % 100  # past the cap, in batches of 100
+    assert as_member(member, MANY_ORDERS, Layout(str(cache)).control_socket, str(n), json.dumps(msg)).strip() == str(n)
+    assert d.status()["readers"] <= MAX_READERS
+
+
+def test_order_lists_count_their_real_memory_and_shares_are_bounded():
+    """Lists (policy/order.py) on what a reader can send: a list of keys of 4-byte characters is
+    counted at its real size (the 512 MiB cap was ~4x too lax), and a new share per request does not
+    grow the daemon (each share's digest is remembered, at most MAX_SHARES)."""
+    import tracemalloc
+
+    from s3cache.policy.order import MAX_SHARES, Lists, list_digest
+
+    uris = [f"s3://b/{chr(0x1F600 + i % 64) * 200}{i}" for i in range(5000)]
+    digest = list_digest(uris)
+    lists = Lists()
+    tracemalloc.start()
+    try:
+        for off in range(0, len(uris), 1000):
+            lists.upload(digest, off, len(uris), [str(u.encode().decode()) for u in uris[off:off + 1000]])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(lists._sizes.values()) >= 0.9 * held
+    manifest = [f"s3://b/{i}" for i in range(64)]
+    token = object()
+    for count in range(2, 2 + 4 * MAX_SHARES):
+        lists.map_for("no such digest", 1, (0, count), token=token, manifest_n=len(manifest),
+                      manifest_uris=lambda: iter(manifest), position_of=lambda u: None)
+    assert len(lists._digests) <= MAX_SHARES

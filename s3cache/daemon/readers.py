@@ -41,7 +41,7 @@ from s3cache.sockets.control import Connection
 from s3cache.store.files import Store
 from s3cache.store.index import Record
 
-from .announce import Announced
+from .announce import MAX_READERS, MAX_URI_CHARS, Announced
 from .quota import OutsideDemand
 from .schedule import Schedule
 from .space import Space
@@ -49,13 +49,11 @@ from .space import Space
 log = logging.getLogger("s3cache.daemon")
 
 MAX_AHEAD = wire.MAX_AHEAD  # ahead hints in one want; the server refuses more (TooMany) before we see it
-MAX_READERS = 1_024  # readers tracked; a new one beyond makes the longest silent one forgotten
 # A want outside the demand scope while the manifest on disk is not the one installed (a job appended
 # its object and asked at once) waits for the edit to be installed, at most this long, at most this many.
 SCOPE_WAIT_MAX = 120.0
 MAX_PARKED = 10_000
 EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
-MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
 
 
 class Readers(Announced):
