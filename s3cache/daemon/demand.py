@@ -1,9 +1,20 @@
-"""The demand queue: objects readers wait on or will soon want, served before prefetch (see schedule.py)."""
+"""The demand queue: objects readers wait on or will soon want, served before prefetch (see schedule.py);
+and ``OutsideDemand``, how many waits on objects the manifest does not list each reader may hold.
+
+Readers' demand outside the manifest costs a queue entry, a GET and memory, and nothing in the manifest
+bounds it. ``OutsideDemand`` counts (connection, object) waits outside the manifest per connection, per
+uid (the connection's SO_PEERCRED uid) and in all, and refuses a new one past any cap. Used by
+``Readers`` under the daemon's state lock; it takes no lock of its own and touches no socket.
+Invariants: every counted wait is one ``conn`` in ``waiting[conn]``; ``per_uid`` and ``total`` are the
+sums of those sets; a wait leaves the count when its object lands or fails (``done``) or its connection
+closes (``closed``), so a client that left costs nothing afterwards.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from s3cache.manifest.parse import Entry
 
@@ -83,3 +94,75 @@ class DemandQueue(deque):
     def uris(self):
         """The distinct URIs queued (a live view)."""
         return self._count.keys()
+
+MAX_PER_CONNECTION = 1_024  # one want's worth (wire.MAX_URIS): a streaming reader waits on ~16
+MAX_PER_UID = 4_096  # all connections of one uid
+MAX_TOTAL = 10_000  # every reader: as many as the schedule remembers outside the manifest (MAX_EXTRA)
+
+
+class _Conn(Protocol):
+    uid: int
+
+
+class OutsideDemand:
+    def __init__(self, per_connection: int = MAX_PER_CONNECTION, per_uid: int = MAX_PER_UID,
+                 total: int = MAX_TOTAL) -> None:
+        self.caps = (per_connection, per_uid, total)
+        self.waiting: dict[object, set[str]] = {}
+        self.per_uid: dict[int, int] = {}
+        self.total = 0
+        self.refused = 0  # waits refused for a cap since start
+
+    def admit(self, conn: _Conn, uri: str) -> str | None:
+        """Count ``conn``'s wait on ``uri``; None if admitted (or already counted), else why not."""
+        mine = self.waiting.get(conn)
+        if mine is not None and uri in mine:
+            return None
+        uid = getattr(conn, "uid", -1)
+        per_conn, per_uid, total = self.caps
+        why = None
+        if mine is not None and len(mine) >= per_conn:
+            why = f"this connection already waits on {len(mine)} objects outside the manifest (at most {per_conn})"
+        elif self.per_uid.get(uid, 0) >= per_uid:
+            why = f"uid {uid} already waits on {self.per_uid[uid]} objects outside the manifest (at most {per_uid})"
+        elif self.total >= total:
+            why = f"readers already wait on {self.total} objects outside the manifest (at most {total})"
+        if why is not None:
+            self.refused += 1
+            return why + ": ask again once some have come"
+        self.waiting.setdefault(conn, set()).add(uri)
+        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        self.total += 1
+        return None
+
+    def done(self, uri: str, conns: Iterable[object]) -> None:
+        """``uri`` landed or failed: its waits end."""
+        for conn in conns:
+            mine = self.waiting.get(conn)
+            if mine is not None and uri in mine:
+                self._drop(conn, mine, uri)
+
+    def closed(self, conn: object) -> set[str]:
+        """``conn`` closed: its waits end. Returns the objects it waited on."""
+        mine = self.waiting.pop(conn, set())
+        uid = getattr(conn, "uid", -1)
+        if mine:
+            left = self.per_uid[uid] - len(mine)
+            if left:
+                self.per_uid[uid] = left
+            else:
+                del self.per_uid[uid]
+            self.total -= len(mine)
+        return mine
+
+    def _drop(self, conn: object, mine: set[str], uri: str) -> None:
+        mine.discard(uri)
+        if not mine:
+            del self.waiting[conn]
+        uid = getattr(conn, "uid", -1)
+        left = self.per_uid[uid] - 1
+        if left:
+            self.per_uid[uid] = left
+        else:
+            del self.per_uid[uid]
+        self.total -= 1

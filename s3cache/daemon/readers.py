@@ -42,7 +42,7 @@ from s3cache.store.files import Store
 from s3cache.store.index import Record
 
 from .announce import MAX_READERS, MAX_URI_CHARS, Announced
-from .quota import OutsideDemand
+from .demand import OutsideDemand
 from .schedule import Schedule
 from .space import Space
 
@@ -83,7 +83,7 @@ class Readers(Announced):
         self._edited = manifest_edited  # the manifest on disk differs from the one installed
         self._parked: dict[str, tuple[ObjectRef, float, set[Connection]]] = {}  # wants waiting for that edit
         self.hints_out_of_scope = 0  # ahead hints dropped as out of scope since start
-        self.outside = OutsideDemand()  # waits on objects the manifest does not list, capped (quota.py)
+        self.outside = OutsideDemand()  # waits on objects the manifest does not list, capped (demand.py)
         warning = self._scope.warning()
         if warning:
             log.warning("%s", warning)
