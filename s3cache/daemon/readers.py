@@ -118,7 +118,11 @@ class Readers(Announced):
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
-            if not self._space.touch(uri, now, holder) and self._schedule.is_fetching(uri):
+            # A holder is kept for a file not ready only if it is coming (Space._awaited is bounded
+            # by what is fetched or waited on, not by what readers name).
+            coming = self._schedule.is_fetching(uri) or uri in self.waiters or self._schedule.demand.has(uri)
+            if not self._space.touch(uri, now, holder if coming or self._space.is_ready(uri) else "") \
+                    and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
@@ -195,7 +199,6 @@ class Readers(Announced):
         edited = functools.cache(self._edited)  # a stat (a listing for a directory): once a want at most
         with self._cond:
             self.drain()  # the reader's earlier notes first, so its position moves in order
-            self.note_use(reader, uris, hit=False)
             missed = [u for u in uris if not self._space.is_ready(u)]
             misses = len(missed)
             self.misses += misses
@@ -233,6 +236,8 @@ class Readers(Announced):
                 self._wait_on(ref, {conn}, front)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
+            # After the waits are set up, so the reader's lease on each pending file starts when it lands.
+            self.note_use(reader, uris, hit=False)
             for ref in hints:
                 if self._scope.allows(ref, self._schedule.catalog):
                     self._schedule.hint(ref)

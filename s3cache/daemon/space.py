@@ -71,6 +71,9 @@ log = logging.getLogger("s3cache.daemon")
 # Bytes of the filesystem a download may never take: the index and directories grow as files land.
 DISK_MARGIN = 256 << 10
 
+MAX_AWAITING = 256  # processes whose lease on one file not yet ready is kept for when it lands
+
+
 class Space(Pins, RoomReports):
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
                  tracker: ReaderTracker, *, drain_notes: Callable[[], None],
@@ -176,7 +179,9 @@ class Space(Pins, RoomReports):
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
                 if len(self._awaited) >= 100_000 and uri not in self._awaited:
                     del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
-                self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
+                holders = self._awaited.setdefault(uri, {})
+                if reader in holders or len(holders) < MAX_AWAITING:  # holders are processes: bounded
+                    holders[reader] = self.leases.ticket()
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
-LEASE_UID_SHARE = 4  # the processes of one uid hold at most about 1/4 of the cache, newest files included
+LEASE_UID_SHARE = 2  # the processes of one uid hold at most about half the cache (+ one file): another uid has the rest
 
 
 class Leases:
