@@ -210,3 +210,59 @@ def test_order_lists_count_their_real_memory_and_shares_are_bounded():
         lists.map_for("no such digest", 1, (0, count), token=token, manifest_n=len(manifest),
                       manifest_uris=lambda: iter(manifest), position_of=lambda u: None)
     assert len(lists._digests) <= MAX_SHARES
+
+
+def _raw(member, sock_path: str, msg: dict) -> dict:
+    code = ("import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+            "s.sendall(sys.argv[2].encode()+b'\\n'); print(s.makefile().readline())")
+    return json.loads(as_member(member, code, sock_path, json.dumps(msg)))
+
+
+def test_verify_all_or_source_needs_the_daemons_user_and_verifies_never_starve_wants(
+        shared_cache, s3, bucket, daemons, moto):
+    import select
+    import socket
+
+    from s3cache.sockets.control import HANDLER_THREADS, Client
+    from s3cache.testing.faultproxy import FaultProxy
+
+    member, cache = shared_cache
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"v/{i}", Body=bytes([i]) * KiB)
+    s3.put_object(Bucket=bucket, Key="later", Body=b"later")
+    uris = [f"s3://{bucket}/v/{i}" for i in range(3)]
+    with FaultProxy(moto.port) as proxy:
+        d = daemons(cache, args=["--endpoint-url", proxy.url])
+        for u in uris:
+            resolve(u, cache_dir=cache, timeout=120)
+        ctl = Layout(str(cache)).control_socket
+        # A member may re-hash files it names; not the whole cache, and not ask S3.
+        for msg, what in [({"all": True}, "--all"), ({"uris": uris[:1], "source": True}, "--source")]:
+            reply = _raw(member, ctl, {"op": "verify", **msg})
+            assert reply.get("code") == "PermissionDenied", reply
+            assert reply["error"].startswith(f"uid {member.uid} may not verify {what}: it needs the daemon's user"), reply
+        assert _raw(member, ctl, {"op": "verify", "uris": uris[:1]})["report"]["ok"] == 1
+        # The daemon's user sends more --source verifies than there are handler threads, while every S3
+        # request takes 5 s: a status and a want are answered while none of them is.
+        proxy.latency = 5.0
+        verifiers = []
+        for _ in range(HANDLER_THREADS + 1):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(ctl)
+            s.sendall(json.dumps({"op": "verify", "all": True, "source": True}).encode() + b"\n")
+            verifiers.append(s)
+        with Client(ctl, str(cache), timeout=120) as c:
+            assert "status" in c.request({"op": "status"})
+            # Those answered now were refused Busy (beyond the queue); the rest still verify.
+            answered = select.select(verifiers, [], [], 0)[0]
+            for s in answered:
+                assert b'"code":"Busy"' in s.recv(1 << 16)
+            assert len(answered) < len(verifiers)
+            reply = c.request({"op": "want", "reader": "r", "uris": [f"s3://{bucket}/later"]})
+            assert reply["results"][0]["state"] == "pending"
+            assert select.select([s for s in verifiers if s not in answered], [], [], 0)[0] == []
+        proxy.latency = 0.0
+        for s in verifiers:
+            s.close()
+        assert d.stop() == 0
+        assert "Traceback" not in d.log(), d.log()[-3000:]
