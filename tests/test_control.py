@@ -14,7 +14,7 @@ from s3cache.errors import RequestRefused
 from s3cache.reader.client import Client, UseNotes
 from s3cache.reader.wire import MAX_LINE, MAX_RECORD, MAX_URIS
 from s3cache.sockets.control import Connection, Server
-from s3cache.sockets.usage_socket import MAX_PENDING_NOTES, holder_of
+from s3cache.sockets.usage_socket import MAX_PENDING_NOTES, holder_of, lease_name
 from s3cache.testing import wait_for
 
 
@@ -136,8 +136,8 @@ def test_usage_records_malformed_or_oversized_are_counted_and_the_rest_kept(tmp_
         notes = UseNotes(h.use, "good")
         notes.send("h", ["s3://b/good"])
         got: list = []
-        # notes name the claimed reader and the holder the kernel says sent them: "good/<uid>:<pid>"
-        mine = f"good/{holder_of(os.getpid(), os.getuid())}"
+        # notes name the claimed reader and the holder the kernel says sent them: "good/<uid>:<pid>|<thread>"
+        mine = lease_name(f"good/{threading.get_ident()}", holder_of(os.getpid(), os.getuid()))
         wait_for(lambda: got.extend(h.server.use.drain()) or (mine, "h", "s3://b/good") in got, 30,
                  "the good reader's note")
         notes.close()
@@ -201,7 +201,8 @@ def test_notes_wake_a_waiting_drainer_and_the_select_fd(tmp_path):
         assert h.server.use.wait(60)
         r, _, _ = select.select(h.server.use.fds(), [], [], 60)
         assert r
-        assert h.server.use.drain() == [(f"r/{holder_of(os.getpid(), os.getuid())}", "w", "s3://b/k")]
+        me = lease_name(f"r/{threading.get_ident()}", holder_of(os.getpid(), os.getuid()))
+        assert h.server.use.drain() == [(me, "w", "s3://b/k")]
         r, _, _ = select.select(h.server.use.fds(), [], [], 0)
         assert not r  # drained: nothing signalled any more
         notes.close()
@@ -362,4 +363,45 @@ def test_a_lease_holder_is_the_process_whatever_reader_id_it_claims(tmp_path):
         got: list = []
         wait_for(lambda: got.extend(h.server.use.drain()) or len(got) >= 16, 30, "the sixteen notes")
         me = holder_of(os.getpid(), os.getuid())
-        assert sorted(r for r, _, _ in got) == sorted(f"made-up-{i}/{me}" for i in range(16))
+        assert sorted(r for r, _, _ in got) == sorted(f"made-up-{i}/{me}|thread-{i}" for i in range(16))
+
+
+def test_a_connection_silent_after_connecting_is_closed_and_one_that_asked_is_kept(tmp_path):
+    with Harness(tmp_path, idle_timeout=1.0) as h:
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(h.ctl)
+        silent.settimeout(60)
+        with h.client() as asked:
+            assert asked.request({"op": "hello"})["ok"]
+            assert silent.recv(10) == b""  # closed by the daemon (within the 60 s deadline)
+            assert h.server.counters()["closed_idle"] == 1
+            assert asked.request({"op": "hello"})["ok"]  # it asked once: kept however long it waits
+        silent.close()
+
+
+def test_an_unreachable_daemon_says_why_apart_from_the_command_it_suggests(tmp_path):
+    from s3cache.errors import DaemonNotRunning
+
+    path = str(tmp_path / "ctl.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fillers = []
+    try:
+        while True:  # fill the backlog: connects that nobody accepts
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(DaemonNotRunning) as e:
+            Client(path, "/data/cache", timeout=5)
+        msg = str(e.value)
+        assert msg.startswith("cannot reach the s3cache daemon of /data/cache: its control socket's backlog is full")
+        assert "`s3cache serve --cache-dir /data/cache --manifest MANIFEST`" in msg  # the command is whole
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

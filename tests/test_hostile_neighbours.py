@@ -266,3 +266,64 @@ def test_verify_all_or_source_needs_the_daemons_user_and_verifies_never_starve_w
             s.close()
         assert d.stop() == 0
         assert "Traceback" not in d.log(), d.log()[-3000:]
+
+
+# Opens ``count`` connections to ctl.sock and keeps them, then says hello on one more; prints how
+# many of the kept ones were refused (an error line, then closed) and the last answer.
+HOLD_CONNECTIONS = r"""
+import json, select, socket, sys
+sock, count = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    held.append(s)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+s.sendall(b'{"op": "hello"}\n')
+last = json.loads(s.makefile().readline())
+# Refusals are sent at accept, in order: all are there once the last connection was answered.
+refused = sum(b"Busy" in h.recv(4096) for h in select.select(held, [], [], 1.0)[0]) if held else 0
+print(json.dumps({"refused": refused, "last": last}))
+"""
+
+
+def test_one_member_cannot_take_every_control_connection(shared_cache, local_user, daemons):
+    from s3cache.sockets.control import MAX_CONNECTIONS_PER_UID
+
+    member, cache = shared_cache
+    other = local_user(groups=tuple(member.groups))
+    d = daemons(cache)
+    ctl = Layout(str(cache)).control_socket
+    hog = member.popen([PY, "-c", HOLD_CONNECTIONS.replace("print(", "input(); print("), ctl,
+                        str(MAX_CONNECTIONS_PER_UID + 50)], stdin=-1, stdout=-1, stderr=-1, text=True)
+    try:
+        d.wait_until(lambda st: st["sockets"]["refused_uid"] >= 50, 60, "the member's extra connections to be refused")
+        # Another member (and the daemon's own user) still get a connection and an answer.
+        got = json.loads(as_member(other, HOLD_CONNECTIONS, ctl, "3"))
+        assert got["refused"] == 0 and got["last"]["ok"], got
+        assert d.status()["sockets"]["connections"] <= MAX_CONNECTIONS_PER_UID + 1
+        out, err = hog.communicate("\n", timeout=120)
+        assert hog.returncode == 0, err
+        got = json.loads(out)
+        assert got["refused"] == 50 and got["last"].get("code") == "Busy", got
+    finally:
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait()
+
+
+def test_a_process_holds_its_threads_fresh_files_then_only_its_two_newest():
+    """Leases per process (the holder the daemon names uid:pid|thread): each thread's two newest files
+    are held for ``recent`` seconds (each thread opens its own soon), then only the process's two
+    newest, for the rest of ``--lease``: four finished threads no longer hold eight files."""
+    from s3cache.policy.leases import Leases
+
+    leases = Leases(lease=600.0, budget=0, recent=10.0, uid_cap=4 * KiB, uncapped=("0",))
+    for i in range(8):  # four threads, two files each, one process
+        leases.saw(f"1000:42|t{i // 2}", f"s3://b/{i}", KiB, now=100.0 + i * 0.01)
+    assert len(leases.held(101.0)) == 4  # fresh, but the uid's cap (4 KiB) holds
+    for i in range(8):
+        leases.saw(f"0:7|t{i // 2}", f"s3://b/root/{i}", KiB, now=100.0 + i * 0.01)
+    assert {u for u in leases.held(101.0) if "/root/" in u} == {f"s3://b/root/{i}" for i in range(8)}  # root: no cap
+    assert leases.held(111.0) == {"s3://b/6", "s3://b/7", "s3://b/root/6", "s3://b/root/7"}

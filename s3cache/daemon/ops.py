@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from s3cache.errors import PermissionDenied, S3CacheError
 from s3cache.manifest.refs import from_identity
 from s3cache.sockets.control import E_BUSY, E_FAILED, PROTOCOL, Connection
-from s3cache.sockets.usage_socket import holder_of
+from s3cache.sockets.usage_socket import holder_of, lease_name
 
 log = logging.getLogger("s3cache.daemon")
 
@@ -79,7 +79,7 @@ class Ops:
         op = msg.get("op")
         if op == "want":
             # The lease is the kernel's process, never the claimed id (usage_socket.holder_of).
-            reader = f"{str(msg.get('reader', '')).split('/', 1)[0]}/{holder_of(conn.pid, conn.uid)}"
+            reader = lease_name(str(msg.get("reader", "")), holder_of(conn.pid, conn.uid))
             results = self.readers.want(conn, reader, [str(u) for u in msg.get("uris", [])],
                                         [str(u) for u in msg.get("ahead", [])])
             watch = self.watch()

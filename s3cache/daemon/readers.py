@@ -102,9 +102,9 @@ class Readers(Announced):
     def note_use(self, reader: str, uris: list[str], hit: bool | list[bool]) -> None:
         """A reader resolved these URIs, in this order; ``hit`` (one for all, or one per URI): they were
         there when it first looked, which counts as a cache hit in the reader's current epoch.
-        ``reader`` is ``claimed/holder`` from the sockets: the position and epoch are the claimed
-        reader's, the lease the holder's (``uid:pid`` from SO_PEERCRED, usage_socket.holder_of), so a
-        process holds its two newest files however many threads or made-up ids it uses."""
+        ``reader`` is ``claimed/holder`` from the sockets (usage_socket.lease_name): the position and
+        epoch are the claimed reader's, the lease the holder's (``uid:pid`` from SO_PEERCRED, then
+        ``|thread``: leases.py), so a process holds its newest files however many made-up ids it uses."""
         hits = [hit] * len(uris) if isinstance(hit, bool) else hit
         now = time.time()
         catalog = self._schedule.catalog

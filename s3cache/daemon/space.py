@@ -57,7 +57,7 @@ from s3cache.policy.evict import (
     readahead_files,
     target_distance,
 )
-from s3cache.policy.leases import LEASE_UID_SHARE
+from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import Store
@@ -100,7 +100,9 @@ class Space(Pins, RoomReports):
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
         # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
         # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
-        self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE, uid_cap=settings.max_size // LEASE_UID_SHARE)
+        # Holders are processes (uid:pid); a uid other than root and ours holds at most half the cache.
+        self.leases = Leases(settings.lease, settings.max_size // LEASE_SHARE, recent=LEASE_RECENT,
+                             uid_cap=settings.max_size // LEASE_UID_SHARE, uncapped=("0", str(os.geteuid())))
         self._awaited: dict[str, dict[str, int]] = {}
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}

@@ -58,8 +58,9 @@ class UseNotes:
             return
         notes = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
         # The daemon holds leases per process as the kernel names it (SO_PEERCRED), whatever id is sent
-        # here: the id only names the reader's position.
-        holder = self.reader
+        # here; "/thread" tells it which thread's newest files to keep fresh (tf.data resolves from
+        # many threads, and each opens the file it was given soon after).
+        holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
             waits = time.monotonic() >= self._stuck_until
             deadline = time.monotonic() + (BACKLOG_WAIT if waits else 0.0)
@@ -98,6 +99,14 @@ class UseNotes:
                 self._sock = None
 
 
+def _unreachable(cache_dir: str, reason: str) -> DaemonNotRunning:
+    """DaemonNotRunning for a daemon that could not be reached for ``reason``: the reason is said apart,
+    never pasted into the ``s3cache serve --cache-dir`` command the message suggests."""
+    e = DaemonNotRunning(cache_dir)
+    e.args = (f"cannot reach the s3cache daemon of {cache_dir}: {reason}. If none runs: {e}",)
+    return e
+
+
 class Client:
     """A reader's connection to the daemon's ``ctl.sock``.
 
@@ -124,14 +133,15 @@ class Client:
             raise DaemonNotRunning(self.cache_dir) from None
         except PermissionError:
             sock.close()
-            raise DaemonNotRunning(
-                f"{self.cache_dir} (permission denied on {self.ctl_path}: join the daemon's group)") from None
+            raise _unreachable(self.cache_dir, f"permission denied on {self.ctl_path}: join the daemon's group") \
+                from None
         except BlockingIOError:  # AF_UNIX says EAGAIN, not "wait", when the listen backlog is full
             sock.close()
-            raise DaemonNotRunning(f"{self.cache_dir} (its control socket's backlog is full)") from None
+            raise _unreachable(self.cache_dir, "its control socket's backlog is full: the daemon runs but "
+                                               "cannot take more connections now") from None
         except OSError as e:
             sock.close()
-            raise DaemonNotRunning(f"{self.cache_dir} ({e.strerror or e} on {self.ctl_path})") from None
+            raise _unreachable(self.cache_dir, f"{e.strerror or e} on {self.ctl_path}") from None
         return sock
 
     def reconnect(self) -> None:

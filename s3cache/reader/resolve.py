@@ -127,8 +127,8 @@ class Resolver:
         hints = [r.uri for r in also][:MAX_AHEAD]
         for i in range(0, len(refs), MAX_URIS):
             chunk = refs[i : i + MAX_URIS]
-            # the thread as the lease holder, as usage notes name it (client.UseNotes)
-            reply = client.request({"op": "want", "reader": self.reader_id(),
+            # the thread names which of the process's files are fresh, as usage notes do (client.UseNotes)
+            reply = client.request({"op": "want", "reader": f"{self.reader_id()}/{threading.get_ident()}",
                                     "uris": [r.uri for r in chunk],
                                     "ahead": hints if i == 0 else []})
             for res in reply.get("results", []):

@@ -224,7 +224,7 @@ class UseChannel:
                 continue
             if kind == b"R":
                 # Positions are the claimed process's; the lease is the kernel's process (see the doc).
-                state[0] = f"{text.split('/', 1)[0]}/{state[2]}"
+                state[0] = lease_name(text, state[2])
             elif kind in (b"h", b"w") and text:
                 self._notes.append((state[0], kind.decode(), text))
                 self._note_bytes += len(rec)
@@ -283,6 +283,14 @@ def _queued(sock: socket.socket) -> int:
         return int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"), "little")
     except OSError:
         return 0
+
+
+def lease_name(claimed: str, holder: str) -> str:
+    """``claimed-process/holder|thread`` from a reader's claimed ``process/thread`` id and its kernel
+    holder: what Readers.note_use takes. The thread (at most 32 characters) only names which of the
+    process's files are fresh (policy/leases.py); it never makes a holder of its own."""
+    process, _, thread = claimed.partition("/")
+    return f"{process}/{holder}|{thread[:32]}" if thread else f"{process}/{holder}"
 
 
 def holder_of(pid: int, uid: int) -> str:
