@@ -327,3 +327,48 @@ def test_a_process_holds_its_threads_fresh_files_then_only_its_two_newest():
         leases.saw(f"0:7|t{i // 2}", f"s3://b/root/{i}", KiB, now=100.0 + i * 0.01)
     assert {u for u in leases.held(101.0) if "/root/" in u} == {f"s3://b/root/{i}" for i in range(8)}  # root: no cap
     assert leases.held(111.0) == {"s3://b/6", "s3://b/7", "s3://b/root/6", "s3://b/root/7"}
+
+
+# == smaller: credentials in URLs, invisible characters in keys, a listing that strays ===============
+
+
+@pytest.mark.parametrize("password", ["p@ss@word", "a/b", "x#y", "q?z", "plain"])
+def test_a_password_in_a_url_is_masked_whatever_it_holds(password):
+    from s3cache.service.kinds import Url, redact_url, redact_urls
+
+    url = f"https://key:{password}@minio.internal:9000/"
+    assert redact_url(url) == Url().format(url) == "https://key:***@minio.internal:9000/"
+    text = f"could not reach {url} (timed out); then http://u:{password}@other/"
+    assert redact_urls(text) == "could not reach https://key:***@minio.internal:9000/ (timed out); then http://u:***@other/"
+
+
+@pytest.mark.parametrize("ch", ["\x85", "\u2028", "\x9b", "\u202e", "\u200b", "\ufeff"])
+def test_c1_controls_and_bidi_characters_take_the_hashed_layout_and_are_never_printed_raw(ch):
+    from s3cache.manifest.catalog import format_entry
+    from s3cache.manifest.parse import Entry, parse_line
+    from s3cache.manifest.refs import make_ref, printable
+    from s3cache.store.paths import HASHED_DIR, candidates
+
+    ref = make_ref("bkt", f"data/evil{ch}gpj.exe")
+    assert candidates(ref) == (candidates(ref)[0],) and candidates(ref)[0].startswith(HASHED_DIR + "/")
+    line = format_entry(Entry(ref, 3))
+    assert ch not in line and parse_line(line) == Entry(ref, 3)
+    assert ch not in printable(ref.uri)
+
+
+def test_a_listing_that_strays_outside_the_prefix_is_skipped(s3, bucket):
+    from botocore.stub import Stubber
+
+    from s3cache.fetch.listing import manifest_lines
+    from s3cache.manifest.parse import SkipLog
+
+    stub = Stubber(s3)
+    stub.add_response("list_objects_v2", {
+        "IsTruncated": False, "KeyCount": 2, "Name": bucket, "Prefix": "train/",
+        "Contents": [{"Key": "train/a", "Size": 1}, {"Key": "secret/b", "Size": 1}]},
+        {"Bucket": bucket, "Prefix": "train/"})
+    skipped = SkipLog(log_first=0)
+    with stub:
+        lines = list(manifest_lines(s3, bucket, "train/", skipped=skipped))
+    assert lines == [f"s3://{bucket}/train/a size=1"]
+    assert skipped.count == 1 and "outside the prefix" in skipped.items[0].reason
