@@ -372,3 +372,48 @@ def test_a_listing_that_strays_outside_the_prefix_is_skipped(s3, bucket):
         lines = list(manifest_lines(s3, bucket, "train/", skipped=skipped))
     assert lines == [f"s3://{bucket}/train/a size=1"]
     assert skipped.count == 1 and "outside the prefix" in skipped.items[0].reason
+
+
+# Holds ``count`` idle TCP connections to the metrics port until its stdin closes.
+HOLD_TCP = r"""
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_outsider_holding_metrics_connections_costs_bounded_threads_and_idle_ones_are_closed(
+        local_user, tmp_path, daemons):
+    import socket
+    import urllib.request
+
+    from s3cache.service.metrics import MAX_CONNECTIONS
+    from s3cache.testing import wait_for
+
+    if not os.path.exists(PY):
+        pytest.skip(f"needs {PY} to run a client as another user")
+    outsider = local_user()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = daemons(args=["--metrics-addr", f"127.0.0.1:{port}"])
+    threads = lambda: len(os.listdir(f"/proc/{d.proc.pid}/task"))  # noqa: E731
+    before = threads()
+    hog = outsider.popen([PY, "-c", HOLD_TCP, str(port), "300"], stdin=-1, stdout=-1, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "holding"
+        assert threads() <= before + MAX_CONNECTIONS
+        # Idle connections are closed: a scrape gets through while the outsider still holds its sockets.
+        def scraped() -> bool:
+            try:
+                return b"s3cache_" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            except OSError:
+                return False
+        wait_for(scraped, 120, "a scrape to be served beside the idle connections")
+        assert threads() <= before + MAX_CONNECTIONS
+        assert d.status()["pid"] == d.proc.pid
+    finally:
+        hog.stdin.close()
+        hog.wait(60)
