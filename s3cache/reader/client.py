@@ -12,6 +12,7 @@ from s3cache.errors import DaemonNotRunning, ProtocolError, RequestRefused
 
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 
+MAX_REPLY = 8 << 20  # bytes of one line from the daemon (it drops a client 8 MiB behind): past it, not a daemon
 BACKLOG_WAIT = 2.0  # seconds a usage note tries again (a full listen backlog, a connection the daemon closed)
 STUCK_FOR = 10.0  # after such a wait failed, seconds notes give up at once (a stopped daemon evicts nothing)
 
@@ -209,6 +210,9 @@ class Client:
             if not data:
                 raise DaemonNotRunning(self.cache_dir)
             self._buf += data
+            if len(self._buf) > MAX_REPLY and b"\n" not in self._buf:
+                self._buf = b""
+                raise ProtocolError(f"{self.ctl_path} sent a line over {MAX_REPLY} bytes: not an s3cache daemon")
         line, self._buf = self._buf.split(b"\n", 1)
         try:
             reply = json.loads(line)

@@ -48,6 +48,7 @@ from .wire import MAX_AHEAD, MAX_URIS
 
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once
 SAFETY_LOOK = 5.0  # seconds between looks while waiting for news, should a push ever go missing
+EXPLAIN_GRACE = 1.0  # seconds past the deadline a timed-out resolve() asks the daemon why, at most
 RECONNECTS = 5  # fresh ctl.sock connections one wait may open before giving up
 
 
@@ -120,17 +121,19 @@ class Resolver:
             if own:
                 client.close()
 
-    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef]) -> dict[str, str]:
+    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef],
+              deadline: float | None = None) -> dict[str, str]:
         """Ask for ``refs`` (in requests of at most MAX_URIS); their states by URI. Raises for a failed or
-        invalid one."""
+        invalid one. Each request waits at most until ``deadline`` (monotonic): DaemonNotRunning past it."""
         states: dict[str, str] = {}
         hints = [r.uri for r in also][:MAX_AHEAD]
         for i in range(0, len(refs), MAX_URIS):
             chunk = refs[i : i + MAX_URIS]
             # the thread names which of the process's files are fresh, as usage notes do (client.UseNotes)
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
             reply = client.request({"op": "want", "reader": f"{self.reader_id()}/{threading.get_ident()}",
                                     "uris": [r.uri for r in chunk],
-                                    "ahead": hints if i == 0 else []})
+                                    "ahead": hints if i == 0 else []}, timeout=left)
             for res in reply.get("results", []):
                 _raise_for(res)
                 states[res.get("uri", "")] = res.get("state", "")
@@ -160,8 +163,10 @@ class Resolver:
             now = time.monotonic()
             if ask and now >= ask_after:
                 try:
-                    states = self._want(client, ask, hints)
+                    states = self._want(client, ask, hints, deadline)
                 except DaemonNotRunning:
+                    if deadline is not None and time.monotonic() >= deadline:  # it did not answer in time
+                        raise ResolveTimeout(self._timed_out(client, [refs[i] for i in pending])) from None
                     reconnects = self._reconnect(client, reconnects)
                     outstanding.clear()
                     continue
@@ -196,7 +201,7 @@ class Resolver:
         (``explain``): queued behind N, fetching at X MB/s, waiting for space held by leases, failed."""
         text = f"{len(refs)} file(s) not ready in time, first {refs[0].display}"
         try:
-            reply = client.request({"op": "explain", "uris": [refs[0].uri]}, timeout=5.0)
+            reply = client.request({"op": "explain", "uris": [refs[0].uri]}, timeout=EXPLAIN_GRACE)
             why = reply.get("results", [{}])[0].get("text")
         except (S3CacheError, OSError, IndexError, AttributeError):
             return text + " (the daemon did not say why)"
