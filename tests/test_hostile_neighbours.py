@@ -417,3 +417,44 @@ def test_an_outsider_holding_metrics_connections_costs_bounded_threads_and_idle_
     finally:
         hog.stdin.close()
         hog.wait(60)
+
+
+# == job files under --manifest-dir, planted by a member ===========================================
+
+LOAD_DIR = r"""
+import sys
+from s3cache.errors import ManifestError
+from s3cache.manifest.file import load_dir
+try:
+    loaded = load_dir(sys.argv[1], lambda bucket, prefix: iter(()), settle=0)
+    print("loaded", len(loaded.catalog))
+except ManifestError as e:
+    print("refused", e)
+"""
+
+
+@pytest.mark.parametrize("plant", ["environ", "fifo", "zero", "secret line", "long line"])
+def test_job_files_a_member_plants_are_refused_without_hanging_or_quoting_them(shared_cache, tmp_path, plant):
+    import subprocess
+    import sys
+
+    member, cache = shared_cache
+    jobs = cache.parent / "jobs"  # under the sticky 1777 dir: the member can reach it
+    jobs.mkdir()
+    os.chown(jobs, member.uid, member.gid)
+    (jobs / "good.txt").write_text("s3://bkt/a size=1\n")
+    script = {"environ": "ln -s /proc/self/environ bad.txt",
+              "fifo": "mkfifo bad.txt",
+              "zero": "ln -s /dev/zero bad.txt",
+              "secret line": "echo 'AWS_SECRET_ACCESS_KEY=s3ct-secret-xyz s3://bkt/b' > bad.txt",
+              "long line": "head -c 100000 /dev/zero | tr '\\0' x > bad.txt"}[plant]
+    r = member.run(["sh", "-c", f"cd {jobs} && {script}"])
+    assert r.returncode == 0, r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "AWS_SECRET_ACCESS_KEY"}
+    env = {"AWS_SECRET_ACCESS_KEY": "s3ct-secret-xyz", **env}  # first: /proc/self/environ starts with it
+    out = subprocess.run([sys.executable, "-c", LOAD_DIR, str(jobs)], capture_output=True, text=True, env=env,
+                         timeout=60)  # a FIFO hung this for good
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"refused {jobs}/bad.txt"), out.stdout
+    assert "s3ct-secret-xyz" not in out.stdout + out.stderr
+    assert len(out.stdout) < 1000  # no file content echoed
