@@ -458,3 +458,35 @@ def test_job_files_a_member_plants_are_refused_without_hanging_or_quoting_them(s
     assert out.stdout.startswith(f"refused {jobs}/bad.txt"), out.stdout
     assert "s3ct-secret-xyz" not in out.stdout + out.stderr
     assert len(out.stdout) < 1000  # no file content echoed
+
+
+def test_a_reader_refuses_a_cache_dir_an_outsider_planted_and_never_follows_a_link_out(local_user):
+    """An outsider who creates the cache dir first in a shared sticky parent (the daemon refuses it):
+    resolve() returned the outsider's bytes for one key and, for another, a path leading to
+    /etc/hostname."""
+    from s3cache.errors import UntrustedCacheDir
+
+    outsider = local_user()
+    shared = Path(tempfile.mkdtemp(prefix="s3ct-planted-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o1777)
+        cache = shared / "cache"
+        r = outsider.run(["sh", "-c", f"umask 022 && mkdir -p {cache}/.s3cache {cache}/bkt && "
+                                      f"echo forged > {cache}/bkt/data && ln -s /etc/hostname {cache}/bkt/host"])
+        assert r.returncode == 0, r.stderr
+        for key in ("data", "host"):
+            with pytest.raises(UntrustedCacheDir, match="anyone may create it first"):
+                resolve(f"s3://bkt/{key}", cache_dir=cache, timeout=5)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_symlink_in_a_trusted_cache_dir_is_never_returned(tmp_path, store):
+    """Even in a dir the reader trusts, a path is returned only for a regular file of the dir's owner,
+    never through a symlink at the end of it."""
+    os.makedirs(tmp_path / "cache" / "bkt", exist_ok=True)
+    os.symlink("/etc/hostname", tmp_path / "cache" / "bkt" / "host")
+    from s3cache.errors import DaemonNotRunning
+
+    with pytest.raises(DaemonNotRunning):  # not cached: it asks the daemon (there is none here)
+        resolve("s3://bkt/host", cache_dir=tmp_path / "cache", timeout=5)
