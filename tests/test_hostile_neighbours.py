@@ -490,3 +490,43 @@ def test_a_symlink_in_a_trusted_cache_dir_is_never_returned(tmp_path, store):
 
     with pytest.raises(DaemonNotRunning):  # not cached: it asks the daemon (there is none here)
         resolve("s3://bkt/host", cache_dir=tmp_path / "cache", timeout=5)
+
+
+# ``count`` wants of one missing object each on one connection; then stays until stdin closes.
+MANY_WANTS = r"""
+import json, socket, sys
+sock, bucket, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+f = s.makefile("rb")
+for i in range(count):
+    s.sendall(json.dumps({"op": "want", "reader": "m", "uris": [f"s3://{bucket}/flood/{i}"]}).encode() + b"\n")
+    while "results" not in json.loads(f.readline()):
+        pass
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_members_flood_of_wants_does_not_push_another_uids_want_back(shared_cache, s3, bucket, daemons,
+                                                                        slow_s3):
+    from s3cache.sockets.control import Client
+
+    member, cache = shared_cache
+    d = daemons(cache, args=["--endpoint-url", slow_s3.url, "--workers", "1"])
+    ctl = Layout(str(cache)).control_socket
+    honest = f"s3://{bucket}/honest"
+    with Client(ctl, str(cache), timeout=60) as c:
+        c.request({"op": "want", "reader": "honest", "uris": [f"s3://{bucket}/first"]})  # the one worker: busy
+        d.wait_until(lambda st: st["objects"]["fetching"] == 1, 60, "the only worker to be busy")
+        c.request({"op": "want", "reader": "honest", "uris": [honest]})
+        flood = member.popen([PY, "-c", MANY_WANTS, ctl, bucket, "500"], stdin=-1, stdout=-1, text=True)
+        try:
+            assert flood.stdout.readline().strip() == "sent"
+            [why] = c.request({"op": "explain", "uris": [honest]})["results"]
+            # Each want of the member came after ours and went to the front of the queue: ours was
+            # "queued behind 500". Served in turn by uid, it is next (or already fetching).
+            assert why["state"] == "fetching" or (why["state"] == "queued" and why["behind"] <= 1), why
+        finally:
+            flood.stdin.close()
+            flood.wait(60)

@@ -254,6 +254,8 @@ class Readers(Announced):
         self.waiters.setdefault(ref.uri, set()).update(conns)
         self._wanted_at.setdefault(ref.uri, time.monotonic() if since is None else since)
         if not in_flight:
+            # In the asking uid's lane: uids are served in turn (demand.DemandQueue)
+            self._schedule.demand.claim(ref.uri, getattr(next(iter(conns)), "uid", None) if conns else None)
             front.append(entry)
         else:
             self._promote(ref.uri)  # it was prefetching: now a reader waits on it
