@@ -226,7 +226,7 @@ def test_a_daemon_that_never_answers_costs_a_resolve_its_timeout_and_bounded_mem
             try:
                 c, _ = listener.accept()
                 conns.append(c)
-            except socket.timeout:
+            except TimeoutError:
                 pass
             if speaks != "nothing":
                 for c in conns:

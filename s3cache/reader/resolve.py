@@ -41,8 +41,8 @@ from s3cache.manifest.refs import ObjectRef, format_uri, parse_uri
 from s3cache.policy import order
 from s3cache.service.config import default_cache_dir
 from s3cache.store import paths
-from s3cache.store.paths import PRIVATE_DIR
 from s3cache.store.layout import Layout
+from s3cache.store.paths import PRIVATE_DIR
 
 from .client import Client, UseNotes
 from .lease import SharedLease

@@ -299,7 +299,7 @@ def _bounded_server(host: str, port: int, app):
     class Handler(WSGIRequestHandler):
         timeout = IDLE_TIMEOUT  # StreamRequestHandler puts it on the connection's socket
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        def log_message(self, format: str, *args) -> None:
             pass  # a scrape a second is not news
 
     class Server(ThreadingMixIn, WSGIServer):
