@@ -292,6 +292,8 @@ class Server:
                 try:  # one line into an empty socket buffer: never blocks
                     sock.send(encode({"error": f"uid {conn.uid} has {self.max_per_uid} connections to the daemon "
                                                f"open already: close some", "code": E_BUSY}))
+                    while sock.recv(1 << 16):  # what it sent already: closed unread, the kernel would
+                        pass                   # reset the client's side and drop our answer with it
                 except OSError:
                     pass
                 self._close_sock(sock)
