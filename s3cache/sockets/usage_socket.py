@@ -21,8 +21,8 @@ from s3cache.reader.wire import MAX_RECORD
 if TYPE_CHECKING:
     from .control import Server
 
-MAX_PENDING_NOTES = 100_000  # notes read but not drained before reading use.sock stops (drain included)
-MAX_PENDING_BYTES = 16 << 20  # and URI bytes in them: a flood costs bounded memory, the rest waits in the kernel
+MAX_PENDING_NOTES = 16_384  # notes read but not drained before reading use.sock stops (drain included)
+MAX_PENDING_BYTES = 4 << 20  # and URI bytes in them: a flood costs bounded memory, the rest waits in the kernel
 USE_CONN = "use-conn"  # selector data of a reader's connection
 EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() out of resources
 
