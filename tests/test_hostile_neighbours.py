@@ -533,3 +533,21 @@ def test_a_members_flood_of_wants_does_not_push_another_uids_want_back(shared_ca
         finally:
             flood.stdin.close()
             flood.wait(60)
+
+
+def test_a_manifest_path_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    """The single --manifest is the operator's path (symlinks followed, as a ConfigMap's are), but it is
+    still opened without blocking and must be a regular file: a FIFO hung the reload thread for good."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "m.fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "m.zero"
+    os.symlink("/dev/zero", link)
+    code = ("import sys\nfrom s3cache.errors import ManifestError\nfrom s3cache.manifest.file import load\n"
+            "try:\n    load(sys.argv[1], lambda b, p: iter(()), settle=0)\nexcept ManifestError as e:\n    print(e)\n")
+    for path in (fifo, link):
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False,
+                             timeout=60)
+        assert out.stdout.strip() == f"{path}: cannot read manifest: not a regular file", out

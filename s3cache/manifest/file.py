@@ -85,7 +85,7 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
     be in the half that was caught.
     """
     try:
-        f = open(path, encoding="utf-8-sig", newline=None)
+        f = _open_regular(path, follow=True)  # the operator's path: a ConfigMap's links lead anywhere
     except OSError as e:
         raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
     with f:
@@ -97,7 +97,8 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
         skipped = SkipLog()
         try:
             prefixes: list[tuple[str, str]] = []
-            catalog = Catalog.build(expand(_noting_prefixes(read_open(f, path), prefixes), lister, skipped), shard)
+            lines = _bounded_lines(f, path)
+            catalog = Catalog.build(expand(_noting_prefixes(read_open(lines, path), prefixes), lister, skipped), shard)
             catalog.prefixes = tuple(dict.fromkeys(prefixes))  # the demand scope includes them (scope.py)
         except ManifestError:
             if _changed(f, path, before):
@@ -185,7 +186,14 @@ def open_job(directory: str, name: str) -> io.TextIOWrapper:
         if os.path.commonpath([real, inside]) != inside:
             raise OSError(0, "a symlink that leaves the manifest directory")
         file = real
-    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    return _open_regular(file, follow=False)
+
+
+def _open_regular(file: str, follow: bool) -> io.TextIOWrapper:
+    """``file`` opened for reading without blocking (a FIFO never hangs the caller), if it is a regular
+    file of at most MAX_FILE_BYTES; through a symlink at its end only if ``follow``. Raises OSError."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(file, flags)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
