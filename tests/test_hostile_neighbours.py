@@ -551,3 +551,26 @@ def test_a_manifest_path_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path)
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False,
                              timeout=60)
         assert out.stdout.strip() == f"{path}: cannot read manifest: not a regular file", out
+
+
+def test_the_sockets_are_bound_only_in_the_daemons_own_directory_never_through_a_link(local_user, tmp_path):
+    """The sockets were unlinked, bound and chmodded by path: a directory swapped in on the way (here
+    a symlink to another user's directory) received them, 0660. Now they go through the checked
+    directory's descriptor, or nowhere."""
+    from s3cache.errors import UntrustedCacheDir
+    from s3cache.sockets.control import Server
+
+    other = local_user()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, other.uid, other.gid)
+    (tmp_path / "priv").symlink_to(theirs)
+    with pytest.raises(UntrustedCacheDir, match="without following a symlink"):
+        Server(str(tmp_path / "priv" / "ctl.sock"), str(tmp_path / "priv" / "use.sock"), lambda c, m: None,
+               lambda c: None)
+    assert os.listdir(theirs) == []
+    (tmp_path / "mine").mkdir()
+    os.chmod(tmp_path / "mine", 0o777)  # whatever the umask: writable by everyone
+    with pytest.raises(UntrustedCacheDir, match="not the daemon's own directory"):
+        Server(str(tmp_path / "mine" / "ctl.sock"), str(tmp_path / "mine" / "use.sock"), lambda c, m: None,
+               lambda c: None)

@@ -31,11 +31,13 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
+from s3cache.errors import UntrustedCacheDir
 from s3cache.reader.client import Client, UseNotes  # noqa: F401  (re-exported: the readers' side)
 from s3cache.reader.wire import (  # noqa: F401
     E_BUSY,
@@ -111,18 +113,36 @@ class Server:
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
+        """Bind ``path`` (mode 0660) inside its directory as opened and checked once: the daemon's own,
+        written by nobody else, never through a symlink; the unlink, bind and chmod all go through that
+        descriptor, so a directory swapped in on the way (a writable parent higher up) is refused, not
+        written into."""
+        parent, name = os.path.split(path)
         try:
-            os.unlink(path)  # a socket left by a killed daemon; we hold the cache lock, so it is stale
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o117)
+            dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise UntrustedCacheDir(f"cannot open {parent} for the daemon's sockets without following a "
+                                    f"symlink: {e.strerror}") from None
         try:
-            s.bind(path)
+            st = os.fstat(dfd)
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise UntrustedCacheDir(f"{parent} is not the daemon's own directory (owner uid {st.st_uid}, mode "
+                                        f"{stat.S_IMODE(st.st_mode):04o}): not binding its sockets there")
+            try:
+                os.unlink(name, dir_fd=dfd)  # a socket left by a killed daemon; we hold the cache lock
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            via = f"/proc/self/fd/{dfd}/{name}"  # the checked directory itself, whatever the path says now
+            old = os.umask(0o117)
+            try:
+                s.bind(via if os.path.isdir(f"/proc/self/fd/{dfd}") else path)
+            finally:
+                os.umask(old)
+            os.chmod(name, 0o660, dir_fd=dfd)
+            return s
         finally:
-            os.umask(old)
-        os.chmod(path, 0o660)
-        return s
+            os.close(dfd)
 
     # -- life -------------------------------------------------------------------------------------------
 
