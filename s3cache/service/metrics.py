@@ -305,6 +305,7 @@ def _bounded_server(host: str, port: int, app):
     class Server(ThreadingMixIn, WSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
+        request_queue_size = 128  # connects complete at once and are refused at once, not retried for seconds
         slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
         def process_request(self, request, client_address) -> None:
