@@ -303,7 +303,8 @@ def test_one_member_cannot_take_every_control_connection(shared_cache, local_use
         # Another member (and the daemon's own user) still get a connection and an answer.
         got = json.loads(as_member(other, HOLD_CONNECTIONS, ctl, "3"))
         assert got["refused"] == 0 and got["last"]["ok"], got
-        assert d.status()["sockets"]["connections"] <= MAX_CONNECTIONS_PER_UID + 1
+        # The member's 128, this status request's, and the other member's 4 if their close is not yet seen
+        assert d.status()["sockets"]["connections"] <= MAX_CONNECTIONS_PER_UID + 1 + 4
         out, err = hog.communicate("\n", timeout=120)
         assert hog.returncode == 0, err
         got = json.loads(out)
