@@ -14,6 +14,7 @@ from s3cache.errors import RequestRefused
 from s3cache.reader.client import Client, UseNotes
 from s3cache.reader.wire import MAX_LINE, MAX_RECORD, MAX_URIS
 from s3cache.sockets.control import Connection, Server
+from s3cache.sockets.usage_socket import MAX_PENDING_NOTES, holder_of, lease_name
 from s3cache.testing import wait_for
 
 
@@ -135,12 +136,12 @@ def test_usage_records_malformed_or_oversized_are_counted_and_the_rest_kept(tmp_
         notes = UseNotes(h.use, "good")
         notes.send("h", ["s3://b/good"])
         got: list = []
-        # notes name their thread (leases are per thread): "good/<thread id>"
-        mine = f"good/{threading.get_ident()}"
+        # notes name the claimed reader and the holder the kernel says sent them: "good/<uid>:<pid>|<thread>"
+        mine = lease_name(f"good/{threading.get_ident()}", holder_of(os.getpid(), os.getuid()))
         wait_for(lambda: got.extend(h.server.use.drain()) or (mine, "h", "s3://b/good") in got, 30,
                  "the good reader's note")
         notes.close()
-        assert ("job", "h", "s3://b/ok") in got
+        assert (f"job/{holder_of(os.getpid(), os.getuid())}", "h", "s3://b/ok") in got
         assert not any(u == "s3://b/after" for _, _, u in got)  # after the oversized record: connection closed
         st = h.server.counters()
         assert st["malformed_notes"] == 4  # \xff kind, unknown kind x, invalid UTF-8, cut off at close
@@ -200,7 +201,8 @@ def test_notes_wake_a_waiting_drainer_and_the_select_fd(tmp_path):
         assert h.server.use.wait(60)
         r, _, _ = select.select(h.server.use.fds(), [], [], 60)
         assert r
-        assert h.server.use.drain() == [(f"r/{threading.get_ident()}", "w", "s3://b/k")]
+        me = lease_name(f"r/{threading.get_ident()}", holder_of(os.getpid(), os.getuid()))
+        assert h.server.use.drain() == [(me, "w", "s3://b/k")]
         r, _, _ = select.select(h.server.use.fds(), [], [], 0)
         assert not r  # drained: nothing signalled any more
         notes.close()
@@ -305,3 +307,101 @@ def test_no_note_is_lost_by_a_reader_the_daemon_reads_and_closes(tmp_path):
                 t.join(60)
             holder.close()
         assert h.server.counters()["refused_readers"] >= threads  # each reader, at least once
+
+
+def test_a_drain_reads_at_most_the_pending_cap_and_loses_nothing(tmp_path):
+    """A flood on use.sock: drain runs under the daemon's state lock, so it reads no more than
+    MAX_PENDING_NOTES (the rest waits in the kernel, in order) and the next drains get the rest."""
+    h = Harness(tmp_path)  # no I/O thread: drain alone reads
+    flooders: list[socket.socket] = []
+    try:
+        sent = 0
+        record = b"hs3://b/x\0"
+        chunk = record * 4096
+        while sent < 2 * MAX_PENDING_NOTES:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(h.use)
+            s.sendall(b"Rflood\0")
+            s.setblocking(False)
+            try:
+                while True:  # fill this connection's buffers: what a writer that never stops leaves
+                    n = s.send(chunk)
+                    sent += n // len(record)
+                    if n % len(record):
+                        s.setblocking(True)
+                        s.sendall(chunk[n:][: len(record) - n % len(record)])  # end the record
+                        sent += 1
+                        break
+            except BlockingIOError:
+                pass
+            flooders.append(s)
+        first = h.server.use.drain()
+        assert 0 < len(first) <= MAX_PENDING_NOTES + 1  # + the one a carried-over partial record completes
+        got = len(first)
+        for _ in range(100):
+            if got >= sent:
+                break
+            batch = h.server.use.drain()
+            assert len(batch) <= MAX_PENDING_NOTES + 1
+            got += len(batch)
+        assert got == sent  # nothing lost: what a drain left was read by the next ones
+    finally:
+        for s in flooders:
+            s.close()
+        h.server.stop()
+
+
+def test_a_lease_holder_is_the_process_whatever_reader_id_it_claims(tmp_path):
+    """Made-up reader ids on use.sock name positions only: every note carries the sender's uid:pid from
+    the kernel, so one process is one lease holder."""
+    with Harness(tmp_path) as h:
+        for i in range(16):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(h.use)
+            s.sendall(f"Rmade-up-{i}/thread-{i}\0hs3://b/{i}\0".encode())
+            s.close()
+        got: list = []
+        wait_for(lambda: got.extend(h.server.use.drain()) or len(got) >= 16, 30, "the sixteen notes")
+        me = holder_of(os.getpid(), os.getuid())
+        assert sorted(r for r, _, _ in got) == sorted(f"made-up-{i}/{me}|thread-{i}" for i in range(16))
+
+
+def test_a_connection_silent_after_connecting_is_closed_and_one_that_asked_is_kept(tmp_path):
+    with Harness(tmp_path, idle_timeout=1.0) as h:
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(h.ctl)
+        silent.settimeout(60)
+        with h.client() as asked:
+            assert asked.request({"op": "hello"})["ok"]
+            assert silent.recv(10) == b""  # closed by the daemon (within the 60 s deadline)
+            assert h.server.counters()["closed_idle"] == 1
+            assert asked.request({"op": "hello"})["ok"]  # it asked once: kept however long it waits
+        silent.close()
+
+
+def test_an_unreachable_daemon_says_why_apart_from_the_command_it_suggests(tmp_path):
+    from s3cache.errors import DaemonNotRunning
+
+    path = str(tmp_path / "ctl.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fillers = []
+    try:
+        while True:  # fill the backlog: connects that nobody accepts
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(DaemonNotRunning) as e:
+            Client(path, "/data/cache", timeout=5)
+        msg = str(e.value)
+        assert msg.startswith("cannot reach the s3cache daemon of /data/cache: its control socket's backlog is full")
+        assert "`s3cache serve --cache-dir /data/cache --manifest MANIFEST`" in msg  # the command is whole
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

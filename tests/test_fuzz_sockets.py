@@ -72,3 +72,82 @@ def test_fuzzing_both_sockets_leaves_the_daemon_serving(tmp_path, s3, bucket, da
     log = d.log()
     assert "Traceback" not in log and "Exception in thread" not in log, log[-5000:]
     print(f"fuzzed: {sent['ctl']} control lines, {sent['use']} usage connections")
+
+
+http_junk = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from([b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /metrics HTTP/1.1\r\n", b"GET ",
+                     b"POST /metrics HTTP/1.0\r\nContent-Length: 99999999\r\n\r\nx", b""]),
+)
+
+
+def test_fuzzing_both_sockets_and_the_metrics_port_beside_a_streaming_reader(tmp_path, s3, bucket, daemons):
+    """Garbage on ctl.sock, use.sock and the metrics port (some of it left open, idle) while a reader
+    streams through the cache: the reader gets every byte right and finishes, and the daemon serves on."""
+    import threading
+
+    n = 40
+    data = {f"s3://{bucket}/s/{i:02d}": bytes([i]) * 4096 for i in range(n)}
+    for uri, body in data.items():
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=body)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = daemons(args=["--workers", "2", "--metrics-addr", f"127.0.0.1:{port}"])
+    lay = Layout(str(d.cache_dir.absolute()))
+    errors: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        try:
+            for _ in range(2):
+                for uri, body in data.items():
+                    if open(resolve(uri, cache_dir=d.cache_dir, timeout=300), "rb").read() != body:
+                        errors.append(f"wrong bytes for {uri}")
+        except Exception as e:  # noqa: BLE001 (any failure of the reader is the test's finding)
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            done.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    idle: list[socket.socket] = []
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(lines=st.lists(ctl_lines, min_size=1, max_size=3), notes=use_records, http=http_junk,
+           keep=st.booleans())
+    def one(lines, notes, http, keep):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(lay.control_socket)
+            try:
+                s.sendall(b"".join(line.replace(b"\n", b" ") + b"\n" for line in lines))
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(1 << 16):
+                    pass
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(lay.use_socket)
+            s.sendall(notes)
+        m = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            m.sendall(http)
+        except OSError:
+            pass
+        if keep and len(idle) < 200:
+            idle.append(m)  # left open and silent
+        else:
+            m.close()
+
+    try:
+        one()
+        reader.join(600)
+        assert done.is_set() and not errors, errors
+    finally:
+        for m in idle:
+            m.close()
+    with Client(lay.control_socket, str(d.cache_dir), timeout=60) as c:
+        assert c.request({"op": "status"})["status"]["pid"] == d.proc.pid
+    log = d.log()
+    assert "Traceback" not in log and "Exception in thread" not in log, log[-5000:]

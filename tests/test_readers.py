@@ -170,3 +170,21 @@ def test_spoofed_notes_cost_bounded_state(rig):
     assert st["readers"] <= MAX_READERS and len(rig.readers.epochs) <= EPOCHS_KEPT
     assert len(st["epochs"]) <= EPOCHS_KEPT and st["epochs"][-1]["epoch"] >= 400  # the recent ones
     assert st["notes_rejected"] == 5
+
+
+def test_notes_for_files_nobody_fetches_or_awaits_keep_nothing_and_holders_per_file_are_capped(rig, conn):
+    """Notes come from any group member under any holder: a note for an object neither fetching nor
+    waited on leaves no awaited lease behind, and one object keeps at most MAX_AWAITING holders."""
+    from s3cache.daemon.space import MAX_AWAITING
+
+    c, _ = conn
+    rig.install(catalog(entry(B + "a", 3)))
+    rig.notes.extend((f"r/0:{i}", "h", f"{B}never/{i}") for i in range(5000))
+    with rig.cond:
+        rig.readers.drain()
+    assert rig.space._awaited == {}
+    rig.readers.want(c, "r/0:1", [B + "a"])  # now it is waited on: holders are kept, up to the cap
+    rig.notes.extend((f"r/0:{i}", "h", B + "a") for i in range(4 * MAX_AWAITING))
+    with rig.cond:
+        rig.readers.drain()
+    assert 0 < len(rig.space._awaited[B + "a"]) <= MAX_AWAITING

@@ -204,3 +204,49 @@ def _fresh_reader_state():
     mod = sys.modules.get("s3cache.reader.resolve")
     if mod is not None and hasattr(mod, "reset"):
         mod.reset()
+
+
+@pytest.mark.parametrize("speaks", ["nothing", "one endless line"])
+def test_a_daemon_that_never_answers_costs_a_resolve_its_timeout_and_bounded_memory(tmp_path, store, speaks):
+    """resolve(timeout=) is a bound: every request gets what is left of it (a want used the client's
+    60 s, then explain 5 s more), and a line from the socket is capped (an endless one grew memory)."""
+    import socket
+
+    from s3cache.errors import ProtocolError, ResolveTimeout
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(store.layout.control_socket)
+    listener.listen(8)
+    stop = threading.Event()
+
+    def fake_daemon() -> None:  # whoever bound ctl.sock: accepts, then says nothing or never ends a line
+        conns = []
+        listener.settimeout(0.01)
+        while not stop.is_set():
+            try:
+                c, _ = listener.accept()
+                conns.append(c)
+            except TimeoutError:
+                pass
+            if speaks != "nothing":
+                for c in conns:
+                    c.setblocking(False)
+                    for _ in range(32):
+                        try:
+                            c.send(b"x" * 65536)
+                        except OSError:
+                            break
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=fake_daemon)
+    t.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises((ResolveTimeout, ProtocolError)):
+            resolve("s3://bkt/missing", cache_dir=tmp_path / "cache", timeout=2)
+        assert time.monotonic() - started < 20  # 2 s, and a second to ask why: far from the 65 s it took
+    finally:
+        stop.set()
+        t.join(30)
+        listener.close()

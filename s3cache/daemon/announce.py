@@ -34,6 +34,9 @@ from s3cache.service.config import human_size
 
 log = logging.getLogger("s3cache.daemon")
 
+MAX_READERS = 1_024  # readers tracked (notes and orders alike); a new one beyond makes the longest silent one forgotten
+MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
+
 
 class Announced:
     """``order``, ``order_list`` and ``explain`` for ``Readers`` (a mixin: see the module doc)."""
@@ -86,6 +89,8 @@ class Announced:
         with self._cond:
             if self._schedule.catalog is not catalog:
                 return {"error": "the manifest changed meanwhile: announce again", "code": "UnknownList"}
+            if reader not in self.tracker.ids():
+                self.tracker.make_room(MAX_READERS - 1)  # announced ids are made up as freely as noted ones
             self.tracker.announce(reader, ann)
             log.info("reader %s announced epoch %d: %d files in its seed-%d order from #%d", reader, epoch, n,
                      seed, start)
@@ -99,6 +104,9 @@ class Announced:
         uris = msg.get("uris")
         if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
             raise ListError("uris must be a list of strings")
+        for i, u in enumerate(uris):  # kept for the list's life: only what could be an object's identity
+            if not u.startswith("s3://") or len(u) > MAX_URI_CHARS or "\0" in u:
+                raise ListError(f"uris[{i}] is not an s3:// URI of at most {MAX_URI_CHARS} characters: {u[:80]!r}")
         got = self._order_lists().upload(str(msg.get("list", "")), _whole(msg, "offset"), _whole(msg, "n"), uris)
         return {"ok": True, "received": got}
 

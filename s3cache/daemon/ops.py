@@ -4,26 +4,37 @@ Ops: ``want`` (readers), ``status`` (the daemon's assembled status), ``verify`` 
 ``unpin`` (the space and the schedule), ``hello``, and ``order`` / ``order_list`` / ``explain`` (readers).
 Runs on the control server's handler threads (control.py), never its I/O thread.
 
-Invariants: only the daemon's own user or root may pin or unpin (SO_PEERCRED of the connection; an
-unknown peer is refused), and a refused or malformed pin changes nothing; an object S3 refuses (no
-such key, say: asked with one HEAD unless it is cached) is not pinned and its result says why; an
-unknown op gets an error reply, never an exception; the parts' state is touched only under the state
-lock, inside the parts or here around a pin.
+Invariants: only the daemon's own user or root may pin or unpin, or ``verify --all`` / ``--source``
+(SO_PEERCRED of the connection; an unknown peer is refused): pins hold space against every reader, and
+those verifies send S3 requests with the daemon's credentials by the thousand; a refused or malformed
+request changes nothing; an object S3 refuses (no such key, say: asked with one HEAD unless it is
+cached) is not pinned and its result says why. Verification runs one request at a time on its own thread, never on the
+handler pool, with at most ``MAX_VERIFY_QUEUED`` waiting (more are answered Busy): so however many
+verifies are sent, wants and status always have a handler thread. Its answer is sent when it is done,
+after any later request of the same connection. An unknown op gets an error reply, never an
+exception; the parts' state is touched only under the state lock, inside the parts or here around a pin.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import socket
 import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from s3cache.errors import FetchFailed, PermissionDenied
+from s3cache.errors import FetchFailed, PermissionDenied, S3CacheError
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef, from_identity
-from s3cache.sockets.control import PROTOCOL, Connection
+from s3cache.sockets.control import E_BUSY, E_FAILED, PROTOCOL, Connection
+from s3cache.sockets.usage_socket import holder_of, lease_name
+
+log = logging.getLogger("s3cache.daemon")
+
+MAX_VERIFY_QUEUED = 8  # verify requests waiting for the verifier thread; more are answered Busy
 
 if TYPE_CHECKING:
     from .maintenance import Maintenance
@@ -63,11 +74,16 @@ class Ops:
         self.watch = watch
         self.status = status
         self.rate = rate
+        self._verifies: queue.Queue = queue.Queue(MAX_VERIFY_QUEUED)
+        self._verifier: threading.Thread | None = None
+        self._verifier_lock = threading.Lock()
 
-    def handle(self, conn: Connection, msg: dict) -> dict:
+    def handle(self, conn: Connection, msg: dict) -> dict | None:
         op = msg.get("op")
         if op == "want":
-            results = self.readers.want(conn, str(msg.get("reader", "")), [str(u) for u in msg.get("uris", [])],
+            # The lease is the kernel's process, never the claimed id (usage_socket.holder_of).
+            reader = lease_name(str(msg.get("reader", "")), holder_of(conn.pid, conn.uid))
+            results = self.readers.want(conn, reader, [str(u) for u in msg.get("uris", [])],
                                         [str(u) for u in msg.get("ahead", [])])
             watch = self.watch()
             if watch is not None:  # fetched on demand: count those of other hosts' shares
@@ -76,8 +92,8 @@ class Ops:
         if op == "status":
             return {"status": self.status()}
         if op == "verify":
-            return {"report": self.maintenance.verify([str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
-                                                      bool(msg.get("source")))}
+            return self.verify(conn, [str(u) for u in msg.get("uris", [])], bool(msg.get("all")),
+                               bool(msg.get("source")))
         if op in ("pin", "unpin"):
             return self.pin(conn, [str(u) for u in msg.get("uris", [])], op == "pin")
         if op == "hello":
@@ -85,6 +101,43 @@ class Ops:
         if op in ("order", "order_list", "explain"):
             return self.readers.order_op(op, msg, self.rate())
         return {"error": f"unknown op {op!r}"}
+
+    def verify(self, conn: Connection, uris: list[str], everything: bool, source: bool) -> dict | None:
+        """Queue a verify for the verifier thread (None: it answers on ``conn`` when done). Raises
+        PermissionDenied for ``--all``/``--source`` from anyone but the daemon's user or root; answers
+        Busy when MAX_VERIFY_QUEUED wait already."""
+        if everything or source:
+            uid = peer_uid(conn)
+            if uid is None or uid not in (0, os.geteuid()):
+                what = "--all" if everything else "--source"
+                raise PermissionDenied(
+                    f"uid {'unknown' if uid is None else uid} may not verify {what}: it needs the daemon's user "
+                    f"(uid {os.geteuid()}) or root, as it re-reads the whole cache or asks S3 with the "
+                    f"daemon's credentials; name the files to re-hash instead")
+        try:
+            self._verifies.put_nowait((conn, uris, everything, source))
+        except queue.Full:
+            return {"error": f"{MAX_VERIFY_QUEUED} verify requests are waiting already: try again later",
+                    "code": E_BUSY}
+        with self._verifier_lock:
+            if self._verifier is None:
+                self._verifier = threading.Thread(target=self._verify_loop, name="s3cache-verify", daemon=True)
+                self._verifier.start()
+        return None
+
+    def _verify_loop(self) -> None:
+        while True:
+            conn, uris, everything, source = self._verifies.get()
+            if conn.closed:
+                continue  # nobody to tell: its client gave up
+            try:
+                reply = {"report": self.maintenance.verify(uris, everything, source)}
+            except S3CacheError as e:
+                reply = {"error": str(e), "code": type(e).__name__}
+            except Exception as e:  # a bug: answer, log, keep verifying for the next one
+                log.error("verify failed", exc_info=e)
+                reply = {"error": f"{type(e).__name__}: {e}", "code": E_FAILED}
+            conn.send(reply)
 
     def pin(self, conn: Connection, uris: list[str], pin: bool) -> dict:
         """``s3cache pin/unpin``: keep files resident (fetching them now) or release them.

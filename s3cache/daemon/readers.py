@@ -41,20 +41,19 @@ from s3cache.sockets.control import Connection
 from s3cache.store.files import Store
 from s3cache.store.index import Record
 
-from .announce import Announced
+from .announce import MAX_READERS, MAX_URI_CHARS, Announced
+from .demand import OutsideDemand
 from .schedule import Schedule
 from .space import Space
 
 log = logging.getLogger("s3cache.daemon")
 
 MAX_AHEAD = wire.MAX_AHEAD  # ahead hints in one want; the server refuses more (TooMany) before we see it
-MAX_READERS = 1_024  # readers tracked; a new one beyond makes the longest silent one forgotten
 # A want outside the demand scope while the manifest on disk is not the one installed (a job appended
 # its object and asked at once) waits for the edit to be installed, at most this long, at most this many.
 SCOPE_WAIT_MAX = 120.0
 MAX_PARKED = 10_000
 EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
-MAX_URI_CHARS = 5 + 63 + 1 + 1024  # s3:// + the longest bucket + / + the longest key S3 allows
 
 
 class Readers(Announced):
@@ -84,6 +83,7 @@ class Readers(Announced):
         self._edited = manifest_edited  # the manifest on disk differs from the one installed
         self._parked: dict[str, tuple[ObjectRef, float, set[Connection]]] = {}  # wants waiting for that edit
         self.hints_out_of_scope = 0  # ahead hints dropped as out of scope since start
+        self.outside = OutsideDemand()  # waits on objects the manifest does not list, capped (demand.py)
         warning = self._scope.warning()
         if warning:
             log.warning("%s", warning)
@@ -106,21 +106,27 @@ class Readers(Announced):
     def note_use(self, reader: str, uris: list[str], hit: bool | list[bool]) -> None:
         """A reader resolved these URIs, in this order; ``hit`` (one for all, or one per URI): they were
         there when it first looked, which counts as a cache hit in the reader's current epoch.
-        ``reader`` may be ``process/thread`` (usage notes): the lease is the thread's, the position and
-        epoch the process's."""
+        ``reader`` is ``claimed/holder`` from the sockets (usage_socket.lease_name): the position and
+        epoch are the claimed reader's, the lease the holder's (``uid:pid`` from SO_PEERCRED, then
+        ``|thread``: leases.py), so a process holds its newest files however many made-up ids it uses."""
         hits = [hit] * len(uris) if isinstance(hit, bool) else hit
         now = time.time()
         catalog = self._schedule.catalog
         n = len(catalog)
         moved = False
-        holder, reader = reader, reader.split("/", 1)[0]  # leases per thread, positions per process
+        reader, _, holder = reader.partition("/")  # positions per claimed reader, leases per process
+        holder = holder or reader
         if reader not in self.tracker.ids():
             self.tracker.make_room(MAX_READERS - 1)  # before adding one  # spoofed reader ids cost bounded memory
         for uri, is_hit in zip(uris, hits):
             if not _valid(uri):  # checked before any lookup: notes come from any member of the group
                 self.notes_rejected += 1
                 continue
-            if not self._space.touch(uri, now, holder) and self._schedule.is_fetching(uri):
+            # A holder is kept for a file not ready only if it is coming (Space._awaited is bounded
+            # by what is fetched or waited on, not by what readers name).
+            coming = self._schedule.is_fetching(uri) or uri in self.waiters or self._schedule.demand.has(uri)
+            if not self._space.touch(uri, now, holder if coming or self._space.is_ready(uri) else "") \
+                    and self._schedule.is_fetching(uri):
                 # Renamed into place but not yet marked ready: the reader already has it. Its lease
                 # must start now, or the file could be evicted the moment it becomes ready.
                 self._early_use[uri] = now
@@ -201,7 +207,6 @@ class Readers(Announced):
         with self._cond:
             if counted:
                 self.drain()  # the reader's earlier notes first, so its position moves in order
-                self.note_use(reader, uris, hit=False)
                 missed = [u for u in uris if not self._space.is_ready(u)]
                 misses = len(missed)
                 self.misses += misses
@@ -231,9 +236,17 @@ class Readers(Announced):
                     results.append({"uri": uri, "state": "failed", "code": failure.code,
                                     "message": failure.message})
                     continue
+                if self._schedule.catalog.position(uri) is None:
+                    why = self.outside.admit(conn, uri)
+                    if why is not None:
+                        results.append({"uri": uri, "state": "failed", "code": wire.E_TOO_MANY, "message": why})
+                        continue
                 self._wait_on(ref, {conn}, front, timed=counted)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
+            # After the waits are set up, so the reader's lease on each pending file starts when it lands.
+            if counted:
+                self.note_use(reader, uris, hit=False)
             for ref in hints:
                 if self._scope.allows(ref, self._schedule.catalog):
                     self._schedule.hint(ref)
@@ -251,6 +264,8 @@ class Readers(Announced):
         if timed:  # a peer's ask is not a reader waiting: it does not count in wait_seconds
             self._wanted_at.setdefault(ref.uri, time.monotonic() if since is None else since)
         if not in_flight:
+            # In the asking uid's lane: uids are served in turn (demand.DemandQueue)
+            self._schedule.demand.claim(ref.uri, getattr(next(iter(conns)), "uid", None) if conns else None)
             front.append(entry)
         else:
             self._promote(ref.uri)  # it was prefetching: now a reader waits on it
@@ -309,13 +324,17 @@ class Readers(Announced):
                 used_at = now  # a reader is about to open it: its lease starts now
             if used_at:
                 self._space.touch(uri, used_at)
-            self._tell(self.waiters.pop(uri, ()), {"event": "ready", "uri": uri, "path": rec.path})
+            conns = self.waiters.pop(uri, ())
+            self.outside.done(uri, conns)
+            self._tell(conns, {"event": "ready", "uri": uri, "path": rec.path})
             self._stop_waiting(uri)
 
     def failed(self, uri: str, code: str, message: str) -> None:
         """Fetching ``uri`` failed: answer its waiters."""
         self._early_use.pop(uri, None)
-        self._tell(self.waiters.pop(uri, ()), {"event": "failed", "uri": uri, "code": code, "message": message})
+        conns = self.waiters.pop(uri, ())
+        self.outside.done(uri, conns)
+        self._tell(conns, {"event": "failed", "uri": uri, "code": code, "message": message})
         self._stop_waiting(uri)
 
     def _tell(self, conns: Iterable[Connection], msg: dict) -> None:
@@ -332,8 +351,10 @@ class Readers(Announced):
 
     def closed(self, conn: Connection) -> None:
         """A reader's ctl connection closed: it waits on nothing any more. A wait that ends so (the
-        reader timed out, or was stopped) still counts in ``wait_seconds``."""
+        reader timed out, or was stopped) still counts in ``wait_seconds``. Objects outside the
+        manifest it alone waited on leave the demand queue: nobody would read them."""
         with self._cond:
+            outside = self.outside.closed(conn)
             for uri in [u for u, (_, _, cs) in self._parked.items() if conn in cs]:
                 self._parked[uri][2].discard(conn)
                 if not self._parked[uri][2]:
@@ -343,6 +364,9 @@ class Readers(Announced):
                 if not self.waiters[uri]:
                     del self.waiters[uri]
                     self._stop_waiting(uri)
+            unwanted = {u for u in outside if u not in self.waiters and u not in self._schedule.catalog}
+            if unwanted:
+                self._schedule.demand.drop(unwanted)
 
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held). ``wait_seconds`` includes waits going on."""
@@ -357,6 +381,8 @@ class Readers(Announced):
             "wait_seconds": self.wait_seconds + waiting,
             "waiting": len(self._wanted_at),
             "notes_rejected": self.notes_rejected,
+            "outside_waits": self.outside.total,
+            "outside_refused": self.outside.refused,
         }
 
 

@@ -56,7 +56,7 @@ from s3cache.policy.evict import (
     readahead_files,
     target_distance,
 )
-from s3cache.policy.leases import lease_budget
+from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE, lease_budget
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import QUARANTINE_SHARE, Store
@@ -70,6 +70,9 @@ log = logging.getLogger("s3cache.daemon")
 
 # Bytes of the filesystem a download may never take: the index and directories grow as files land.
 DISK_MARGIN = 256 << 10
+
+MAX_AWAITING = 256  # processes whose lease on one file not yet ready is kept for when it lands
+
 
 class Space(Pins, RoomReports):
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
@@ -97,7 +100,10 @@ class Space(Pins, RoomReports):
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
         # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
         # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
-        self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()))
+        # Holders are processes (uid:pid); a uid other than root and ours holds at most half the cache.
+        self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()),
+                             recent=LEASE_RECENT, uid_cap=min(settings.max_size, store.total_bytes()) // LEASE_UID_SHARE,
+                             uncapped=("0", str(os.geteuid())))
         kept_leases.restore(index, self.leases)  # promised before a restart: kept after it
         self._leases_saved = self.leases.changes
         self._awaited: dict[str, dict[str, int]] = {}
@@ -118,6 +124,7 @@ class Space(Pins, RoomReports):
         self.s = settings
         self.leases.lease = settings.lease
         self.leases.budget = lease_budget(settings.max_size, self.store.total_bytes())
+        self.leases.uid_cap = min(settings.max_size, self.store.total_bytes()) // LEASE_UID_SHARE
 
     # == the resident set (state lock held) ===========================================================
 
@@ -198,7 +205,9 @@ class Space(Pins, RoomReports):
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
                 if len(self._awaited) >= 100_000 and uri not in self._awaited:
                     del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
-                self._awaited.setdefault(uri, {})[reader] = self.leases.ticket()
+                holders = self._awaited.setdefault(uri, {})
+                if reader in holders or len(holders) < MAX_AWAITING:  # holders are processes: bounded
+                    holders[reader] = self.leases.ticket()
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when

@@ -107,6 +107,9 @@ def manifest_lines(client, bucket: str, prefix: str, *, pattern: str | None = No
                 key, size = obj.get("Key"), obj.get("Size")
                 if not isinstance(key, str) or key.endswith("/"):
                     continue
+                if not key.startswith(prefix):  # a listing (a proxy, a buggy store) that strays
+                    skips.add(bucket, key, f"outside the prefix {prefix!r} asked for")
+                    continue
                 if pattern is not None and not fnmatch.fnmatchcase(key[len(prefix):], pattern):
                     continue
                 try:

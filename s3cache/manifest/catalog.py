@@ -21,10 +21,10 @@ from urllib.parse import quote
 
 from .jobs import Jobs, JobStart
 from .parse import Entry, parse_line
-from .refs import ObjectRef
+from .refs import INVISIBLE, ObjectRef
 from .shard import WHOLE, Shard
 
-_NEEDS_QUOTING = re.compile(r"[%#\s\x00-\x1f\x7f]")
+_NEEDS_QUOTING = re.compile(f"[%#\\s\x00-\x1f{INVISIBLE}]")  # as refs.encode_key
 
 
 def format_entry(e: Entry) -> str:

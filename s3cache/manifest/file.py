@@ -14,12 +14,21 @@ Two ways a watched manifest misleads a daemon, and what this module does about t
   ..2024_01_01_00_00_00.1234`` and updates it by renaming a new ``..data`` link over the old one: the
   file itself never changes, the link on the way to it does. ``watch_plan`` names every link on the way
   and the file at the end, and the directories holding them, so a watcher sees that rename.
+
+**Files a neighbour controls.** Job files under ``--manifest-dir`` are written by whoever may write that
+directory. Each is opened without blocking (a FIFO never hangs the reload thread), must be a regular
+file of at most ``MAX_FILE_BYTES`` with lines of at most ``MAX_LINE_CHARS`` (``/dev/zero`` costs no
+memory), and may be a symlink only to a file inside the directory (a ConfigMap's ``..data`` links are;
+``/proc/self/environ`` is not). An error in a job file names its file and line but quotes none of its
+content: the daemon's log and status are readable by others than the file's author.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,6 +42,8 @@ from .parse import Entry, Lister, Prefix, SkipLog, expand, read_open
 from .shard import WHOLE, Shard
 
 SETTLE = 0.25  # seconds a file must have gone unmodified; editors finish a save well within it
+MAX_FILE_BYTES = 1 << 30  # a manifest of ~10 million lines; more is a mistake or an attack
+MAX_LINE_CHARS = 8 << 10  # a line: a URI (at most ~1.1 KiB) and its fields
 
 
 class Identity(NamedTuple):
@@ -78,7 +89,7 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
     be in the half that was caught.
     """
     try:
-        f = open(path, encoding="utf-8-sig", newline=None)
+        f = _open_regular(path, follow=True)  # the operator's path: a ConfigMap's links lead anywhere
     except OSError as e:
         raise ManifestError(path, None, f"cannot read manifest: {e.strerror}") from None
     with f:
@@ -90,7 +101,8 @@ def load(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float = SET
         skipped = SkipLog()
         try:
             prefixes: list[tuple[str, str]] = []
-            catalog = Catalog.build(expand(_noting_prefixes(read_open(f, path), prefixes), lister, skipped), shard)
+            lines = _bounded_lines(f, path)
+            catalog = Catalog.build(expand(_noting_prefixes(read_open(lines, path), prefixes), lister, skipped), shard)
             catalog.prefixes = tuple(dict.fromkeys(prefixes))  # the demand scope includes them (scope.py)
         except ManifestError:
             if _changed(f, path, before):
@@ -149,7 +161,7 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
             return io.TextIOWrapper(io.BytesIO(zlib.decompress(kept[name])), encoding="utf-8-sig",  # type: ignore[index]
                                     newline=None)
         try:
-            f = open(file, "rb")
+            f = open_job(path, name)
         except FileNotFoundError:
             if os.path.lexists(file):  # a link to nothing: that job is broken, not retired
                 raise ManifestError(file, None, "cannot read manifest: a symlink to a missing file") from None
@@ -157,11 +169,11 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
         except OSError as e:
             raise ManifestError(file, None, f"cannot read manifest: {e.strerror}") from None
         if kept is None:
-            return io.TextIOWrapper(f, encoding="utf-8-sig", newline=None)
+            return f
         with f:
-            raw = f.read()
+            raw = f.read().encode("utf-8")  # open_job capped its size; the BOM is gone already
         texts[name] = zlib.compress(raw, 1)
-        return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=None)
+        return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", newline=None)
 
     def stream() -> Iterator[Entry | JobStart]:
         for name, _ in before:
@@ -173,7 +185,8 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
                 continue
             with f:
                 yield JobStart(job_name(name) or name)
-                yield from expand(_noting_prefixes(read_open(f, file), prefixes), lister, skipped)
+                yield from expand(_noting_prefixes(read_open(_bounded_lines(f, file), file), prefixes),
+                                  lister, skipped)
 
     while True:
         skipped = SkipLog()
@@ -186,12 +199,75 @@ def load_dir(path: str, lister: Lister, shard: Shard = WHOLE, *, settle: float =
             if dir_identity(path) != before:
                 raise ManifestUnstable(path, "changed while it was read", settle, before) from None
             name = os.path.basename(e.path)
+            unquoted = ManifestError(e.path, e.line, _unquoted(e.reason))  # never the file's own words
             if kept is None or e.path != os.path.join(path, name) or name in refused:
-                raise
-            refused[name] = str(e)  # read again without it (its kept text in its place)
+                raise unquoted from None
+            refused[name] = str(unquoted)  # read again without it (its kept text in its place)
     if dir_identity(path) != before:
         raise ManifestUnstable(path, "changed while it was read", settle, before)
     return Loaded(catalog, skipped, before, texts, refused)  # type: ignore[arg-type]
+
+
+def open_job(directory: str, name: str) -> io.TextIOWrapper:
+    """Open job file ``name`` of ``directory`` as the module doc says: without blocking, a regular file
+    within MAX_FILE_BYTES, through symlinks only to a file inside ``directory``. Raises OSError (with a
+    ``strerror`` fit for the message) when it is none of that."""
+    file = os.path.join(directory, name)
+    if os.path.islink(file):
+        real, inside = os.path.realpath(file), os.path.realpath(directory)
+        if os.path.commonpath([real, inside]) != inside:
+            raise OSError(0, "a symlink that leaves the manifest directory")
+        file = real
+    return _open_regular(file, follow=False)
+
+
+def _open_regular(file: str, follow: bool) -> io.TextIOWrapper:
+    """``file`` opened for reading without blocking (a FIFO never hangs the caller), if it is a regular
+    file of at most MAX_FILE_BYTES; through a symlink at its end only if ``follow``. Raises OSError."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(file, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise OSError(0, f"larger than {MAX_FILE_BYTES} bytes")
+        os.set_blocking(fd, True)
+        return open(fd, encoding="utf-8-sig", newline=None, closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _BoundedLines:
+    """A text file's lines, at most MAX_LINE_CHARS each and MAX_FILE_BYTES in all (a file that grows
+    while it is read, or a file the kernel calls regular but never ends, as /proc's). ``buffer`` is the
+    file's, for ``read_open``'s report of a byte that is not UTF-8."""
+
+    def __init__(self, f: io.TextIOWrapper, path: str) -> None:
+        self._f, self._path, self.buffer = f, path, f.buffer
+
+    def __iter__(self) -> Iterator[str]:
+        total = 0
+        for lineno, line in enumerate(iter(lambda: self._f.readline(MAX_LINE_CHARS + 1), ""), 1):
+            if len(line) > MAX_LINE_CHARS:
+                raise ManifestError(self._path, lineno, f"a line over {MAX_LINE_CHARS} characters")
+            total += len(line)
+            if total > MAX_FILE_BYTES:
+                raise ManifestError(self._path, None, f"more than {MAX_FILE_BYTES} bytes")
+            yield line
+
+
+def _bounded_lines(f: io.TextIOWrapper, path: str) -> _BoundedLines:
+    return _BoundedLines(f, path)
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _unquoted(message: str) -> str:
+    """A parse error's message without the text it quotes from the line (``got '...'``)."""
+    return _QUOTED.sub("(text not shown)", message)
 
 
 def _noting_prefixes(items: Iterable[Entry | Prefix], found: list[tuple[str, str]]) -> Iterator[Entry | Prefix]:

@@ -112,7 +112,10 @@ def make_ref(bucket: str, key: str) -> ObjectRef:
 
 
 # What needs quoting in a displayed key: the same test as catalog.format_entry (the manifest writer).
-_NEEDS_QUOTING = re.compile(r"[%#\s\x00-\x1f\x7f]")
+# C1 controls and the invisible or direction-changing format characters (zero-width, bidi overrides and
+# isolates, BOM) are quoted too: printed raw they reorder or hide what a terminal shows.
+INVISIBLE = "\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_NEEDS_QUOTING = re.compile(f"[%#\\s\x00-\x1f{INVISIBLE}]")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 

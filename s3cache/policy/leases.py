@@ -1,17 +1,23 @@
 """Readers' leases: which files eviction may not take because a reader may still open them.
 
 A lease covers the gap between ``resolve()`` returning a path and the reader opening the file (an open
-file stays readable after it is unlinked). It is held per reader thread (usage notes name it), for each
-holder's newest files and older ones within its share of a budget, never for longer than ``--lease``:
-so a reader that moved on never holds the cache against the file it waits for (issue 17 item 5), and
-the threads of one process each keep their own newest files.
+file stays readable after it is unlinked). It is held per reader process (the daemon names holders
+``uid:pid`` from SO_PEERCRED), for each holder's newest files and older ones within its share of a
+budget, and every file it resolved in the last ``recent`` seconds (its threads' files between resolve
+and open), never for longer than ``--lease``: so a reader that moved on never holds the cache against
+the file it waits for (issue 17 item 5), threads that finished hold nothing for long, and one uid holds
+at most about ``uid_cap`` bytes however many processes (or made-up reader ids) it uses.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
+LEASE_RECENT = 10.0  # seconds each thread's two newest files stay held (its resolve-to-open gap)
+MAX_THREADS = 256  # threads of one process whose newest files are kept
+LEASE_UID_SHARE = 2  # the processes of one uid hold at most about half the cache (+ one file): another uid has the rest
 
 
 def lease_budget(max_size: int, filesystem: int) -> int:
@@ -34,10 +40,22 @@ class Leases:
     ``time.monotonic`` (a step of the wall clock never ends or stretches a lease).
     """
 
-    def __init__(self, lease: float, budget: int, min_files: int = 2) -> None:
+    def __init__(self, lease: float, budget: int, min_files: int = 2, uid_cap: int | None = None,
+                 recent: float = 0.0, uncapped: Iterable[str] = ()) -> None:
         self.lease = lease
+        # A holder is a process ("uid:pid|thread" names one of its threads): each thread's two newest
+        # files resolved within ``recent`` seconds are held too, whatever the budget, as each thread
+        # opens its own soon; a thread that finished frees them after ``recent``, not ``lease``.
+        self.recent = min(recent, lease)
+        self._threads: dict[str, OrderedDict[str, deque[tuple[str, int, float]]]] = {}
         self.budget = budget
         self.min_files = min_files
+        # Holders named "uid:pid" (the daemon's) of one uid hold at most about this many bytes in all,
+        # however many processes it runs: newest files first, each process's in turn; the file that
+        # crosses the cap is still held, and a uid always holds ``min_files`` (a lone reader of a small
+        # cache keeps its two newest files, as before the cap).
+        self.uid_cap = uid_cap
+        self.uncapped = frozenset(uncapped)  # uids trusted like pins (root, the daemon's): no cap
         # reader -> uri -> (size, when its lease started, its place in the reader's order), oldest first;
         # and the bytes in it
         self._recent: dict[str, OrderedDict[str, tuple[int, float, int]]] = {}
@@ -56,7 +74,17 @@ class Leases:
         """``reader`` may open ``uri`` from ``now`` on. ``place``: the ``ticket`` taken when the reader
         took it, if it was not ready then (it used the file between its rename and its commit, and may
         have moved on to newer files since): it goes in the reader's order there, so it does not push
-        those out of the lease. Without one it is the reader's newest."""
+        those out of the lease. Without one it is the reader's newest. ``reader`` may be
+        ``process|thread``: the lease is the process's, and the thread's newest files are kept fresh."""
+        reader, _, thread = reader.partition("|")
+        if thread and self.recent > 0:
+            threads = self._threads.setdefault(reader, OrderedDict())
+            mine = threads.pop(thread, None) or deque(maxlen=self.min_files)
+            threads[thread] = mine  # the most recently active thread last
+            if not any(u == uri for u, _, _ in mine):
+                mine.append((uri, size, now))
+            while len(threads) > MAX_THREADS:  # thread names are the reader's to choose: bounded
+                threads.popitem(last=False)
         q = self._recent.setdefault(reader, OrderedDict())
         total = self._bytes.get(reader, 0)
         old = q.pop(uri, None)
@@ -83,18 +111,39 @@ class Leases:
         for r in [r for r in self._recent if r not in active]:
             self.forget(r)
         share = self.budget // max(1, len(active))
-        out: set[str] = set()
-        for q in active.values():
+        by_uid: dict[str, list[list[tuple[str, int]]]] = {}
+        for holder, q in active.items():
             bytes_ = 0
             i = 0
+            mine: list[tuple[str, int]] = []
             for uri, (size, when, _) in reversed(q.items()):
                 if now - when >= self.lease:
                     continue
                 bytes_ += size
                 if i >= self.min_files and bytes_ > share:
                     break
-                out.add(uri)
+                mine.append((uri, size))
                 i += 1
+            seen = {u for u, _ in mine}
+            for files in self._threads.get(holder, {}).values():
+                for uri, size, when in files:
+                    if now - when < self.recent and uri not in seen:
+                        mine.append((uri, size))
+                        seen.add(uri)
+            by_uid.setdefault(holder.split(":", 1)[0] if ":" in holder else holder, []).append(mine)
+        out: set[str] = set()
+        for uid, lists in by_uid.items():
+            if self.uid_cap is None or uid in self.uncapped:
+                for mine in lists:
+                    out.update(u for u, _ in mine)
+                continue
+            held = files = 0
+            for rank in range(max(len(m) for m in lists)):  # each process's newest, then the next ones
+                for mine in lists:
+                    if rank < len(mine) and (held < self.uid_cap or files < self.min_files):
+                        out.add(mine[rank][0])
+                        held += mine[rank][1]
+                        files += 1
         return out
 
     def holders(self, now: float) -> int:
@@ -131,6 +180,8 @@ class Leases:
         if reader is None:
             self._recent.clear()
             self._bytes.clear()
+            self._threads.clear()
         else:
             self._recent.pop(reader, None)
+            self._threads.pop(reader, None)
             self._bytes.pop(reader, None)

@@ -42,6 +42,7 @@ LIST_CHUNK = 1000  # URIs per order_list message
 LIST_CHUNK_BYTES = 512 << 10  # ... and at most this many bytes of them (a ctl.sock line is at most 1 MiB)
 MAX_LISTS = 4  # uploaded lists a daemon keeps (least recently announced dropped first)
 MAX_LIST_URIS = 4_000_000  # URIs in one uploaded list (the daemon keeps them to re-map on reload)
+MAX_SHARES = 1_024  # share digests of the manifest remembered
 MAX_LIST_BYTES = 512 << 20  # memory all uploaded lists (and uploads under way) may take, estimated
 JUMP = 256  # a note further ahead in the order than this is a straggler or a stranger, not progress
 
@@ -271,6 +272,8 @@ class Lists:
             got = list_digest(itertools.islice(uris(), index, None, count))
             with self._lock:
                 if self._token is token:
+                    if len(self._digests) >= MAX_SHARES:  # shares are whatever a reader sends: bounded
+                        del self._digests[next(iter(self._digests))]
                     self._digests[(index, count)] = got
         return got
 
@@ -320,7 +323,7 @@ class Lists:
                 self._sizes.pop(digest, None)
                 raise ListError(f"list {digest}: more than the {total} URIs announced")
             self._partial[digest] = got
-            self._make_room(digest, sum(len(u) + 64 for u in uris))  # 64: a str's overhead, about
+            self._make_room(digest, sum(sys.getsizeof(u) + 8 for u in uris))  # + its slot in the list
             if len(got) < total:
                 while len(self._partial) > MAX_LISTS:
                     self._sizes.pop(self._partial.popitem(last=False)[0], None)

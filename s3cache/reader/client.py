@@ -12,6 +12,7 @@ from s3cache.errors import CacheAccessDenied, DaemonNotRunning, ProtocolError, R
 
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 
+MAX_REPLY = 8 << 20  # bytes of one line from the daemon (it drops a client 8 MiB behind): past it, not a daemon
 BACKLOG_WAIT = 2.0  # seconds a usage note tries again (a full listen backlog, a connection the daemon closed)
 STUCK_FOR = 10.0  # after such a wait failed, seconds notes give up at once (a stopped daemon evicts nothing)
 
@@ -57,9 +58,9 @@ class UseNotes:
         if not uris:
             return
         notes = b"".join(kind.encode() + u.encode() + b"\0" for u in uris)
-        # Leases are held per thread (tf.data's parallel interleave resolves from many threads, and each
-        # thread's newest files must stay protected while the others move on); positions and epochs are
-        # per process: the daemon strips the "/thread" suffix for those.
+        # The daemon holds leases per process as the kernel names it (SO_PEERCRED), whatever id is sent
+        # here; "/thread" tells it which thread's newest files to keep fresh (tf.data resolves from
+        # many threads, and each opens the file it was given soon after).
         holder = f"{self.reader}/{threading.get_ident()}"
         with self._lock:
             waits = time.monotonic() >= self._stuck_until
@@ -99,6 +100,14 @@ class UseNotes:
                 self._sock = None
 
 
+def _unreachable(cache_dir: str, reason: str) -> DaemonNotRunning:
+    """DaemonNotRunning for a daemon that could not be reached for ``reason``: the reason is said apart,
+    never pasted into the ``s3cache serve --cache-dir`` command the message suggests."""
+    e = DaemonNotRunning(cache_dir)
+    e.args = (f"cannot reach the s3cache daemon of {cache_dir}: {reason}. If none runs: {e}",)
+    return e
+
+
 class Client:
     """A reader's connection to the daemon's ``ctl.sock``.
 
@@ -128,10 +137,11 @@ class Client:
             raise CacheAccessDenied(self.ctl_path, self.cache_dir) from None
         except BlockingIOError:  # AF_UNIX says EAGAIN, not "wait", when the listen backlog is full
             sock.close()
-            raise DaemonNotRunning(f"{self.cache_dir} (its control socket's backlog is full)") from None
+            raise _unreachable(self.cache_dir, "its control socket's backlog is full: the daemon runs but "
+                                               "cannot take more connections now") from None
         except OSError as e:
             sock.close()
-            raise DaemonNotRunning(f"{self.cache_dir} ({e.strerror or e} on {self.ctl_path})") from None
+            raise _unreachable(self.cache_dir, f"{e.strerror or e} on {self.ctl_path}") from None
         return sock
 
     def reconnect(self) -> None:
@@ -199,6 +209,9 @@ class Client:
             if not data:
                 raise DaemonNotRunning(self.cache_dir)
             self._buf += data
+            if len(self._buf) > MAX_REPLY and b"\n" not in self._buf:
+                self._buf = b""
+                raise ProtocolError(f"{self.ctl_path} sent a line over {MAX_REPLY} bytes: not an s3cache daemon")
         line, self._buf = self._buf.split(b"\n", 1)
         try:
             reply = json.loads(line)

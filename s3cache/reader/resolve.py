@@ -35,12 +35,14 @@ from s3cache.errors import (
     ResolveTimeout,
     S3CacheError,
     UnsafeKey,
+    UntrustedCacheDir,
 )
 from s3cache.manifest.refs import ObjectRef, format_uri, parse_uri
 from s3cache.policy import order
 from s3cache.service.config import default_cache_dir
 from s3cache.store import paths
 from s3cache.store.layout import Layout
+from s3cache.store.paths import PRIVATE_DIR
 
 from .client import Client, UseNotes
 from .lease import SharedLease
@@ -48,6 +50,7 @@ from .wire import MAX_AHEAD, MAX_URIS
 
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once
 SAFETY_LOOK = 5.0  # seconds between looks while waiting for news, should a push ever go missing
+EXPLAIN_GRACE = 1.0  # seconds past the deadline a timed-out resolve() asks the daemon why, at most
 RECONNECTS = 5  # fresh ctl.sock connections one wait may open before giving up
 
 
@@ -57,6 +60,7 @@ class Resolver:
     def __init__(self, cache_dir: str) -> None:
         self.root = os.path.abspath(cache_dir)
         self.layout = Layout(self.root)
+        self._owner: int | None = None  # the cache dir's trusted owner, once it exists (trusted_owner)
         self._pid = os.getpid()
         self._reader = f"{socket.gethostname()}:{self._pid}"
         self._notes = UseNotes(self.layout.use_socket, self._reader)
@@ -65,13 +69,20 @@ class Resolver:
     # -- fast path ---------------------------------------------------------------------------------
 
     def _find(self, ref: ObjectRef) -> str | None:
+        """The cached file of ``ref``: a regular file (not a symlink) owned by the cache dir's owner, or
+        None. Raises UntrustedCacheDir for a cache dir the daemon would refuse (``trusted_owner``)."""
+        if self._owner is None:
+            self._owner = trusted_owner(self.root)
+            if self._owner is None:
+                return None  # no cache dir yet: nothing is cached
         for rel in paths.candidates(ref):
             p = self.root + "/" + rel
             try:
-                if stat.S_ISREG(os.stat(p).st_mode):
-                    return p
+                st = os.lstat(p)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == self._owner:
+                return p
         return None
 
     @contextmanager
@@ -120,17 +131,19 @@ class Resolver:
             if own:
                 client.close()
 
-    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef]) -> dict[str, str]:
+    def _want(self, client: Client, refs: Sequence[ObjectRef], also: Sequence[ObjectRef],
+              deadline: float | None = None) -> dict[str, str]:
         """Ask for ``refs`` (in requests of at most MAX_URIS); their states by URI. Raises for a failed or
-        invalid one."""
+        invalid one. Each request waits at most until ``deadline`` (monotonic): DaemonNotRunning past it."""
         states: dict[str, str] = {}
         hints = [r.uri for r in also][:MAX_AHEAD]
         for i in range(0, len(refs), MAX_URIS):
             chunk = refs[i : i + MAX_URIS]
-            # the thread as the lease holder, as usage notes name it (client.UseNotes)
+            # the thread names which of the process's files are fresh, as usage notes do (client.UseNotes)
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
             reply = client.request({"op": "want", "reader": f"{self.reader_id()}/{threading.get_ident()}",
                                     "uris": [r.uri for r in chunk],
-                                    "ahead": hints if i == 0 else []})
+                                    "ahead": hints if i == 0 else []}, timeout=left)
             for res in reply.get("results", []):
                 _raise_for(res)
                 states[res.get("uri", "")] = res.get("state", "")
@@ -160,8 +173,10 @@ class Resolver:
             now = time.monotonic()
             if ask and now >= ask_after:
                 try:
-                    states = self._want(client, ask, hints)
+                    states = self._want(client, ask, hints, deadline)
                 except DaemonNotRunning:
+                    if deadline is not None and time.monotonic() >= deadline:  # it did not answer in time
+                        raise ResolveTimeout(self._timed_out(client, [refs[i] for i in pending])) from None
                     reconnects = self._reconnect(client, reconnects)
                     outstanding.clear()
                     continue
@@ -196,7 +211,7 @@ class Resolver:
         (``explain``): queued behind N, fetching at X MB/s, waiting for space held by leases, failed."""
         text = f"{len(refs)} file(s) not ready in time, first {refs[0].display}"
         try:
-            reply = client.request({"op": "explain", "uris": [refs[0].uri]}, timeout=5.0)
+            reply = client.request({"op": "explain", "uris": [refs[0].uri]}, timeout=EXPLAIN_GRACE)
             why = reply.get("results", [{}])[0].get("text")
         except (S3CacheError, OSError, IndexError, AttributeError):
             return text + " (the daemon did not say why)"
@@ -231,6 +246,34 @@ class Resolver:
             raise DaemonNotRunning(f"{self.root} (the daemon closed the connection {done} times)")
         client.reconnect()
         return done + 1
+
+
+def trusted_owner(root: str) -> int | None:
+    """The uid that owns the cache dir ``root``, if a reader may trust what is in it; None if it does not
+    exist yet. Raises UntrustedCacheDir as the daemon refuses such a dir (store/trust.py): the dir or its
+    ``.s3cache`` writable by others, ``.s3cache`` not a directory of the same owner, or an owner who is
+    neither root, this reader, nor the owner of a parent only its owner may write (in a shared parent
+    such as /tmp anyone can create the dir first). Then no one else can plant a file or a symlink in
+    it, and a path under it never leads out of it."""
+    try:
+        st = os.stat(root)
+        priv = os.lstat(os.path.join(root, PRIVATE_DIR))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UntrustedCacheDir(f"cache dir {root} cannot be checked: {e.strerror}") from None
+    why = None
+    if not stat.S_ISDIR(st.st_mode) or not stat.S_ISDIR(priv.st_mode) or priv.st_uid != st.st_uid:
+        why = f"its {PRIVATE_DIR} is not a directory of the cache dir's owner"
+    elif (st.st_mode | priv.st_mode) & (stat.S_IWGRP | stat.S_IWOTH):
+        why = "it is writable by others than its owner"
+    elif st.st_uid not in (0, os.geteuid()):
+        parent = os.stat(os.path.dirname(os.path.realpath(root)))
+        if parent.st_uid != st.st_uid and (parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            why = f"it is owned by uid {st.st_uid} in {os.path.dirname(root)}, where anyone may create it first"
+    if why is not None:
+        raise UntrustedCacheDir(f"cache dir {root} is not one a daemon would serve: {why}; not reading from it")
+    return st.st_uid
 
 
 class Shuffled:

@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 from s3cache.errors import ConfigError
 from s3cache.manifest.scope import parse_allow_list
@@ -78,14 +77,13 @@ def parse_readahead(text: str | int) -> Readahead:
 
 def redact_url(url: str) -> str:
     """``https://user:pw@host/`` -> ``https://user:***@host/``: a URL as it may be printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return redact_urls(url)
 
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):[^/\s@]*@")
+# The password runs to the LAST '@' of the word: a password may hold '@', '/', '#' or '?' unencoded
+# (urlsplit then ends the netloc early and sees none). A later '@' in a path hides more than the
+# password, never less.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):\S*@")
 
 
 def redact_urls(text: str) -> str:

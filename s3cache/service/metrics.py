@@ -10,6 +10,9 @@ Fetch latency cannot be read back from status, so the daemon records each fetch 
 
 The listener is loopback by default: metrics name no object, but they do tell anyone who can reach
 them how busy the host is. ``allow_remote=True`` is the explicit opt-in for a scraper on the network.
+Any local user can connect, so the listener serves at most ``MAX_CONNECTIONS`` connections at once (one
+thread each; more are closed at once) and closes one that sends nothing for ``IDLE_TIMEOUT`` seconds:
+idle connections cost the daemon neither threads nor descriptors beyond those.
 
 ``prometheus_client`` is imported only by what serves or builds metric families, never by
 ``FetchHistogram``: the daemon records fetches whether or not ``--metrics-addr`` is given, and must not
@@ -19,6 +22,7 @@ load the exporter it does not run.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +37,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 SIZE_BUCKETS = tuple(float(4 ** i * 1024) for i in range(1, 12))
 
 Snapshot = Callable[[], dict]
+
+MAX_CONNECTIONS = 16  # metrics connections served at once (a scraper needs one)
+IDLE_TIMEOUT = 5.0  # seconds a metrics connection may stay silent (a scraper asks at once)
 
 
 class _Buckets:
@@ -304,14 +311,58 @@ def serve_metrics(addr: str, snapshot: Snapshot, histogram: FetchHistogram | Non
     Raises ConfigError for a bad or (without ``allow_remote``) non-loopback address, and for a port
     already in use.
     """
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 
     host, port = parse_addr(addr, allow_remote)
     registry = CollectorRegistry()
     registry.register(StatusCollector(snapshot, histogram))
     ProcessCollector(namespace="s3cache", registry=registry)  # s3cache_process_resident_memory_bytes, CPU, fds
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server = _bounded_server(host, port, make_wsgi_app(registry))
     except OSError as e:
         raise ConfigError(f"cannot serve metrics on {addr}: {e.strerror or e}") from None
+    thread = threading.Thread(target=server.serve_forever, name="s3cache-metrics", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
+
+
+def _bounded_server(host: str, port: int, app):
+    """A threading WSGI server with at most MAX_CONNECTIONS connections served at once and IDLE_TIMEOUT
+    on each (prometheus_client's own starts a thread per connection and never times one out)."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Handler(WSGIRequestHandler):
+        timeout = IDLE_TIMEOUT  # StreamRequestHandler puts it on the connection's socket
+
+        def log_message(self, format: str, *args) -> None:
+            pass  # a scrape a second is not news
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+        request_queue_size = 128  # connects complete at once and are refused at once, not retried for seconds
+        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        def process_request(self, request, client_address) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # full: closed at once, the listener thread moves on
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address) -> None:
+            pass  # a client that vanished or timed out: its connection is closed, nothing else to do
+
+    server = Server((host, port), Handler)
+    server.set_app(app)
+    return server

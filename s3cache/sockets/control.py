@@ -11,6 +11,9 @@ a client that stops reading loses only its own connection.
 Limits, so that no local client can stall or exhaust the daemon: a line is at most ``wire.MAX_LINE`` (over
 it: an error reply and the connection closed), a usage record at most ``wire.MAX_RECORD``, connections are
 capped, and when accept() runs out of descriptors (EMFILE/ENFILE) the server backs off and tries again.
+One uid (other than root and the daemon's own) may hold at most ``MAX_CONNECTIONS_PER_UID`` of the
+connections (more are answered Busy and closed), and a connection that sends no complete request within
+``IDLE_TIMEOUT`` seconds of connecting is closed: one group member cannot take every slot.
 A crash of the I/O thread is logged with its traceback and the loop restarts; if it keeps crashing the
 server is marked ``failed`` and ``on_crash`` is called (by default: the process exits 70, so systemd
 restarts it).
@@ -28,11 +31,13 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
+from s3cache.errors import UntrustedCacheDir
 from s3cache.reader.client import Client, UseNotes  # noqa: F401  (re-exported: the readers' side)
 from s3cache.reader.wire import (  # noqa: F401
     E_BUSY,
@@ -53,6 +58,8 @@ log = logging.getLogger("s3cache.control")
 
 MAX_CONNECTIONS = 1024  # ctl.sock clients at once; more wait in the listen backlog
 MAX_USE_CONNECTIONS = 4096  # use.sock readers at once; more are read and closed
+MAX_CONNECTIONS_PER_UID = 128  # ctl.sock clients of one uid (root and the daemon's own uid: no limit)
+IDLE_TIMEOUT = 30.0  # seconds a new ctl.sock connection may stay silent before its first request
 
 
 _WAKE, _CTL, _USE = "wake", "ctl", "use"
@@ -69,16 +76,22 @@ class Server:
     def __init__(self, ctl_path: str, use_path: str, handle: Handler,
                  on_close: Callable[[Connection], None], *, on_crash: Callable[[BaseException], None] | None = None,
                  max_connections: int = MAX_CONNECTIONS, max_use_connections: int = MAX_USE_CONNECTIONS,
-                 max_outbound: int = MAX_OUTBOUND, handler_threads: int = HANDLER_THREADS) -> None:
+                 max_outbound: int = MAX_OUTBOUND, handler_threads: int = HANDLER_THREADS,
+                 max_per_uid: int = MAX_CONNECTIONS_PER_UID, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.ctl_path = ctl_path
         self.use_path = use_path
         self._on_crash = on_crash
         self.max_connections = max_connections
         self.max_outbound = max_outbound
+        self.max_per_uid = max_per_uid
+        self.idle_timeout = idle_timeout
+        self._per_uid: dict[int, int] = {}  # open connections per peer uid (I/O thread only)
+        self._silent: dict[Connection, float] = {}  # connections yet to send a request -> when accepted
+        self._next_idle_check = 0.0
         self.failed = threading.Event()
         self.crash: BaseException | None = None
         self.stats = {"connections": 0, "dropped_slow": 0, "bad_requests": 0, "accept_errors": 0,
-                      "crashes": 0, "refused_busy": 0}
+                      "crashes": 0, "refused_busy": 0, "refused_uid": 0, "closed_idle": 0}
         self._stop = threading.Event()
         self._conns: set[Connection] = set()
         self._lock = threading.Lock()  # guards _dirty and _closing
@@ -100,18 +113,36 @@ class Server:
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
+        """Bind ``path`` (mode 0660) inside its directory as opened and checked once: the daemon's own,
+        written by nobody else, never through a symlink; the unlink, bind and chmod all go through that
+        descriptor, so a directory swapped in on the way (a writable parent higher up) is refused, not
+        written into."""
+        parent, name = os.path.split(path)
         try:
-            os.unlink(path)  # a socket left by a killed daemon; we hold the cache lock, so it is stale
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o117)
+            dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise UntrustedCacheDir(f"cannot open {parent} for the daemon's sockets without following a "
+                                    f"symlink: {e.strerror}") from None
         try:
-            s.bind(path)
+            st = os.fstat(dfd)
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise UntrustedCacheDir(f"{parent} is not the daemon's own directory (owner uid {st.st_uid}, mode "
+                                        f"{stat.S_IMODE(st.st_mode):04o}): not binding its sockets there")
+            try:
+                os.unlink(name, dir_fd=dfd)  # a socket left by a killed daemon; we hold the cache lock
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            via = f"/proc/self/fd/{dfd}/{name}"  # the checked directory itself, whatever the path says now
+            old = os.umask(0o117)
+            try:
+                s.bind(via if os.path.isdir(f"/proc/self/fd/{dfd}") else path)
+            finally:
+                os.umask(old)
+            os.chmod(name, 0o660, dir_fd=dfd)
+            return s
         finally:
-            os.umask(old)
-        os.chmod(path, 0o660)
-        return s
+            os.close(dfd)
 
     # -- life -------------------------------------------------------------------------------------------
 
@@ -224,9 +255,21 @@ class Server:
                 self._requests.dispatch(c)
                 self._interest(c)
         self.use._register_new()
+        self._close_silent()
         if self._accept_paused_until is not None and time.monotonic() >= self._accept_paused_until:
             self._accept_paused_until = None
         self._listen(self._accept_paused_until is None and len(self._conns) < self.max_connections)
+
+    def _close_silent(self) -> None:
+        """Close connections that sent no request within ``idle_timeout`` of connecting (once a second)."""
+        now = time.monotonic()
+        if now < self._next_idle_check or not self._silent:
+            return
+        self._next_idle_check = now + min(1.0, self.idle_timeout / 2)
+        for c, since in list(self._silent.items()):
+            if now - since > self.idle_timeout:
+                self.stats["closed_idle"] += 1
+                self._close(c)
 
     def _listen(self, on: bool) -> None:
         registered = self._is_registered(self.ctl)
@@ -264,6 +307,19 @@ class Server:
                 return
             sock.setblocking(False)
             conn = Connection(self, sock)
+            if conn.uid not in (0, os.geteuid()) and self._per_uid.get(conn.uid, 0) >= self.max_per_uid:
+                self.stats["refused_uid"] += 1
+                try:  # one line into an empty socket buffer: never blocks
+                    sock.send(encode({"error": f"uid {conn.uid} has {self.max_per_uid} connections to the daemon "
+                                               f"open already: close some", "code": E_BUSY}))
+                    while sock.recv(1 << 16):  # what it sent already: closed unread, the kernel would
+                        pass                   # reset the client's side and drop our answer with it
+                except OSError:
+                    pass
+                self._close_sock(sock)
+                continue
+            self._per_uid[conn.uid] = self._per_uid.get(conn.uid, 0) + 1
+            self._silent[conn] = time.monotonic()
             self._conns.add(conn)
             self.stats["connections"] += 1
             self._interest(conn)
@@ -313,6 +369,7 @@ class Server:
             self._close(c)
             return
         if lines:
+            self._silent.pop(c, None)
             with c._lock:
                 c._inbox.extend(lines)
             self._requests.dispatch(c)
@@ -375,9 +432,15 @@ class Server:
         if c._events:
             self._sel.unregister(c.sock)
             c._events = 0
+        self._silent.pop(c, None)
         if c in self._conns:
             self._conns.discard(c)
             self._close_sock(c.sock)
+            left = self._per_uid.get(c.uid, 1) - 1
+            if left > 0:
+                self._per_uid[c.uid] = left
+            else:
+                self._per_uid.pop(c.uid, None)
         if call:
             self._requests.closed(c)
 

@@ -1,13 +1,18 @@
 """The daemon's side of ``use.sock``: usage notes from readers, read by the server's I/O thread as they
-come and by ``drain`` (under the daemon's lease lock) to the last byte. Records are bounded and checked
-(see ``wire``); a malformed one is counted and skipped, an oversized one closes its connection."""
+come and by ``drain`` (under the daemon's lease lock) up to what was queued when it began. Records are
+bounded and checked (see ``wire``); a malformed one is counted and skipped, an oversized one closes its
+connection. Each note names its lease holder as the kernel says it (SO_PEERCRED ``uid:pid``), never as
+the reader claims: a made-up reader id moves positions at most, it never holds a file."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import selectors
 import socket
+import struct
+import termios
 import threading
 from typing import TYPE_CHECKING
 
@@ -16,7 +21,8 @@ from s3cache.reader.wire import MAX_RECORD
 if TYPE_CHECKING:
     from .control import Server
 
-MAX_PENDING_NOTES = 100_000  # notes read but not drained before the I/O thread stops reading use.sock
+MAX_PENDING_NOTES = 16_384  # notes read but not drained before reading use.sock stops (drain included)
+MAX_PENDING_BYTES = 4 << 20  # and URI bytes in them: a flood costs bounded memory, the rest waits in the kernel
 USE_CONN = "use-conn"  # selector data of a reader's connection
 EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() out of resources
 
@@ -24,9 +30,12 @@ EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept(
 class UseChannel:
     """The daemon's side of ``use.sock``: every reader connection, read without blocking.
 
-    Invariant: ``drain`` returns every note a reader sent before ``drain`` began: it accepts every
-    connection waiting in the listen backlog and reads every byte waiting on every connection itself
-    (under ``_lock``, which serialises it with the I/O thread's reads so no record is split or lost).
+    Invariant: ``drain`` returns every note a reader sent before ``drain`` began, unless notes already
+    pending reach ``MAX_PENDING_NOTES``/``MAX_PENDING_BYTES`` (then the rest stays queued, in order, for
+    the next drain): it accepts every connection waiting in the listen backlog and reads on each
+    connection the bytes queued there when it began, no more (under ``_lock``, which serialises it with
+    the I/O thread's reads so no record is split or lost). So a reader that keeps writing cannot keep a
+    drain, and the state lock its caller holds, for longer than one socket buffer per connection.
     The I/O thread reads notes as they come and signals them: ``wait`` blocks until notes are waiting,
     and the socket in ``fds()`` is readable while they are (for a ``select`` loop). If notes pile up
     undrained, the I/O thread stops reading (readers' sends then wait in their socket buffers).
@@ -40,8 +49,10 @@ class UseChannel:
         self._max = max_connections
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
-        self._conns: dict[socket.socket, list] = {}  # sock -> [reader id, partial record bytes]
+        # sock -> [reader id "claimed/uid:pid", partial record bytes, "uid:pid" from SO_PEERCRED]
+        self._conns: dict[socket.socket, list] = {}
         self._notes: list[tuple[str, str, str]] = []
+        self._note_bytes = 0
         self._unwatched: set[socket.socket] = set()  # accepted by drain or paused: not in the selector
         self._dead: list[socket.socket] = []  # at EOF or refused: to unregister and close (I/O thread)
         self._sig_r, self._sig_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -63,9 +74,12 @@ class UseChannel:
         """(reader, kind, uri) for every note readers have sent so far, in order per reader."""
         with self._lock:
             self._accept_all(in_io=False, locked=True)
-            for sock in list(self._conns):
-                self._read(sock, until_empty=True)
-            out, self._notes = self._notes, []
+            queued = {sock: _queued(sock) for sock in self._conns}  # what was there when drain began
+            for sock, n in queued.items():
+                if self._full():
+                    break  # the rest stays in the kernel, in order, for the next drain
+                self._read(sock, until_empty=True, limit=n)
+            out, self._notes, self._note_bytes = self._notes, [], 0
             try:
                 while self._sig_r.recv(4096):
                     pass
@@ -98,7 +112,7 @@ class UseChannel:
                 self._read_and_close(sock)
                 continue
             sock.setblocking(False)
-            self._conns[sock] = ["", bytearray()]
+            self._conns[sock] = _state(sock)
             if in_io:
                 self._server._sel.register(sock, selectors.EVENT_READ, USE_CONN)
             else:
@@ -139,8 +153,8 @@ class UseChannel:
         except OSError:
             pass
         sock.setblocking(False)
-        self._conns[sock] = ["", bytearray()]
-        self._read(sock, until_empty=True)
+        self._conns[sock] = _state(sock)
+        self._read(sock, until_empty=True)  # bounded: reading is shut, nothing more can arrive
         self._conns.pop(sock, None)
         if sock in self._dead:
             self._dead.remove(sock)
@@ -150,19 +164,30 @@ class UseChannel:
         with self._lock:
             if sock not in self._conns:
                 return
-            if len(self._notes) >= MAX_PENDING_NOTES:
+            if self._full():
                 self._server._sel.unregister(sock)  # nobody drains: let the readers' buffers hold them
                 self._unwatched.add(sock)
                 return
             self._read(sock, until_empty=False)
 
-    def _read(self, sock: socket.socket, until_empty: bool) -> None:
+    def _full(self) -> bool:
+        return len(self._notes) >= MAX_PENDING_NOTES or self._note_bytes >= MAX_PENDING_BYTES
+
+    def _read(self, sock: socket.socket, until_empty: bool, limit: int | None = None) -> None:
+        """Read ``sock``: one recv, or until it is empty (or ``limit`` bytes were read, or the notes
+        are full)."""
         state = self._conns.get(sock)
         if state is None:
             return
         while True:
+            # Never more than the room left: a note is at least 3 bytes ("h" + a character + NUL), so
+            # the notes stay within their cap (the one completing a carried-over partial record aside).
+            room = min(3 * (MAX_PENDING_NOTES - len(self._notes)), MAX_PENDING_BYTES - self._note_bytes)
+            want = min(1 << 16, room if limit is None else min(limit, room))
+            if want <= 0:
+                return
             try:
-                data = sock.recv(1 << 16)
+                data = sock.recv(want)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -175,7 +200,9 @@ class UseChannel:
             if not self._parse(state, data):
                 self._retire(sock)
                 return
-            if not until_empty:
+            if limit is not None:
+                limit -= len(data)
+            if not until_empty or self._full():
                 return
 
     def _parse(self, state: list, data: bytes) -> bool:
@@ -196,9 +223,11 @@ class UseChannel:
                 self.stats["malformed_notes"] += 1
                 continue
             if kind == b"R":
-                state[0] = text
+                # Positions are the claimed process's; the lease is the kernel's process (see the doc).
+                state[0] = lease_name(text, state[2])
             elif kind in (b"h", b"w") and text:
                 self._notes.append((state[0], kind.decode(), text))
+                self._note_bytes += len(rec)
                 self.stats["notes"] += 1
             else:
                 self.stats["malformed_notes"] += 1
@@ -229,7 +258,7 @@ class UseChannel:
                 except (KeyError, ValueError):
                     pass
                 sock.close()
-            if len(self._notes) < MAX_PENDING_NOTES:
+            if not self._full():
                 for sock in self._unwatched:
                     self._server._sel.register(sock, selectors.EVENT_READ, USE_CONN)
                 self._unwatched.clear()
@@ -246,3 +275,37 @@ class UseChannel:
             if self._reserve is not None:
                 os.close(self._reserve)
                 self._reserve = None
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting to be read on ``sock`` now (0 if the kernel will not say)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"), "little")
+    except OSError:
+        return 0
+
+
+def lease_name(claimed: str, holder: str) -> str:
+    """``claimed-process/holder|thread`` from a reader's claimed ``process/thread`` id and its kernel
+    holder: what Readers.note_use takes. The thread (at most 32 characters) only names which of the
+    process's files are fresh (policy/leases.py); it never makes a holder of its own."""
+    process, _, thread = claimed.partition("/")
+    return f"{process}/{holder}|{thread[:32]}" if thread else f"{process}/{holder}"
+
+
+def holder_of(pid: int, uid: int) -> str:
+    """The lease holder of a peer: ``uid:pid`` as the kernel reports it. Readers.note_use and the
+    per-uid lease cap (policy/leases.py) read the uid back from before the colon."""
+    return f"{uid}:{pid}"
+
+
+def _state(sock: socket.socket) -> list:
+    """A new connection's reading state: [reader id, partial record, holder]; before any ``R`` record
+    the reader id is the holder's own."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+    except OSError:
+        pid, uid = 0, -1
+    holder = holder_of(pid, uid)
+    return [f"/{holder}", bytearray(), holder]

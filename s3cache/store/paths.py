@@ -25,14 +25,14 @@ import hashlib
 import os
 import re
 
-from s3cache.manifest.refs import ObjectRef
+from s3cache.manifest.refs import INVISIBLE, ObjectRef
 
 PRIVATE_DIR = ".s3cache"
 HASHED_DIR = ".h"
 MAX_SEGMENT_BYTES = 255
 MAX_DEPTH = 32  # key segments in a readable path (so at most 32 directories: bucket and 31 below)
 MAX_READABLE_BYTES = 1024  # of the key in a readable path: S3's own limit, far below PATH_MAX
-_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNSAFE_CHARS = re.compile(f"[\x00-\x1f{INVISIBLE}\\\\]")  # controls, C1, bidi, zero-width: hashed
 _BASENAME_KEEP = re.compile(r"[^A-Za-z0-9._+=@,-]")
 
 
