@@ -149,3 +149,104 @@ def test_less_throughput_on_the_same_connections_is_not_a_saturated_link():
     run_window(link, clock, 16, 300e6)
     run_window(link, clock, 14, 200e6)
     assert not link.limited
+
+
+class Prio:
+    """A fetch's priority as the link reads it (the fetcher's own is private to it)."""
+
+    def __init__(self, foreground: bool) -> None:
+        self.foreground = foreground
+
+
+def saturated(capacity: int = 4) -> tuple[Link, Clock]:
+    """A link measured to be the limit: twice the connections moved the same bytes."""
+    clock = Clock()
+    link = Link(capacity, clock=clock)
+    run_window(link, clock, 2, 100e6)
+    run_window(link, clock, 4, 100e6)
+    assert link.limited
+    return link, clock
+
+
+def test_a_prefetch_promoted_while_it_waits_for_its_turn_takes_the_next_free_slot():
+    """The deadlock seen in fuzz runs: a prefetch stream yields to a reader on a saturated link and
+    waits for ``readers == 0``, then the reader's want promotes that very prefetch, so it is one of the
+    readers it waits for. Another reader's GET keeps the link busy (the verdict cannot expire) and the
+    clock stands still: only the promotion can let it through."""
+    link, _ = saturated()
+    link.acquire(True)  # another reader's GET, awaiting its answer
+    prio = Prio(False)
+    link.acquire(False, prio)
+    link.readers = 1  # a reader now waits on some file: on a saturated link prefetch yields
+    assert link.should_yield(prio)
+    back = threading.Event()
+
+    def yield_then_stream_on() -> None:
+        link.pause(prio)
+        back.set()
+
+    t = threading.Thread(target=yield_then_stream_on)
+    t.start()
+    wait_for(lambda: link.bg == 0, 30, "the prefetch stream to give its slot up")
+    assert not back.is_set()
+    prio.foreground = True  # the file the reader waits on is this prefetch's: a promotion
+    link.readers = 2
+    link.wake()
+    assert back.wait(30), "a promoted prefetch waited on itself"
+    t.join(30)
+    assert link.limited and (link.fg, link.bg) == (1, 1)
+    assert not link.should_yield(prio)  # and a promoted stream never yields again
+    link.release(False)
+    link.release(True)
+
+
+def test_the_limited_verdict_ends_when_nothing_streams():
+    """A reader's fetch that holds no slot (in its HEAD, say) on a link last measured saturated: prefetch
+    waits for it, no stream runs, and so nothing would ever measure the link again. One idle window ends
+    the verdict and prefetch streams on."""
+    link, clock = saturated()
+    link.readers = 1
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (link.acquire(False), got.set()))
+    t.start()
+    wait_for(lambda: t.is_alive() and not got.is_set(), 30, "prefetch to wait")
+    assert not got.wait(0.2)  # held while the verdict stands (a condition that does not change: no race)
+    clock.t += WINDOW  # a window passes with no stream at all
+    assert got.wait(30), "prefetch waited for ever on a verdict nothing could renew"
+    t.join(30)
+    assert not link.limited
+    link.release(False)
+
+
+def test_a_prefetch_promoted_mid_stream_on_a_saturated_link_finishes(moto, s3, bucket, store):
+    """The fuzz runs' deadlock end to end with the real fetcher: a prefetch streams, the link is judged
+    saturated, a reader's want promotes that prefetch. It must finish while another reader's GET keeps
+    the link busy. (The verdict is set here, not measured: producing a saturated link on loopback is
+    timing; the measurement has its own tests above.)"""
+    body = os.urandom(3 * MiB)
+    s3.put_object(Bucket=bucket, Key="bg", Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=1_000_000).start()  # 3 s of body at 1 MB/s
+    cancel = threading.Event()
+    f = Fetcher(make_client(proxy.url, "us-east-1", 16, 5, 30), part_size=16 * MiB, workers=4,
+                max_attempts=3, cancel=cancel, new_temp=store.new_temp, discard=store.discard)
+    got = {}
+    uri = f"s3://{bucket}/bg"
+    t = threading.Thread(target=lambda: got.setdefault("f", f.fetch(Entry(ObjectRef(bucket, "bg")),
+                                                                    admit=lambda n: True)))
+    try:
+        t.start()
+        wait_for(lambda: f.counters.bytes > 0, 60, "the prefetch to stream")
+        f.link.acquire(True)  # another reader's GET: the link is never idle, the verdict stands
+        f.link.limited = True
+        assert f.promote(uri)
+        t.join(60)
+        assert not t.is_alive(), "the promoted prefetch never finished"
+        f.link.release(True)
+        with open(got["f"].tmp_path, "rb") as fh:
+            assert fh.read() == body
+    finally:
+        cancel.set()
+        f.abort()
+        t.join(30)
+        f.close()
+        proxy.stop()

@@ -4,6 +4,7 @@ Errors are botocore's real exception classes, built as botocore builds them from
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import botocore.exceptions
@@ -139,3 +140,58 @@ def test_cancel_stops_at_once():
     with pytest.raises(Cancelled):
         RetryPolicy(3, cancel, Counters()).run("s3://b/k", op)
     assert op.calls == 0
+
+
+def test_s3_unreachable_is_told_in_three_lines_not_one_per_attempt(caplog):
+    """Twenty objects, three attempts each, S3 refusing every connection: one line when it becomes
+    unreachable, a summary a minute (objects waiting, for how long), one line when it answers again;
+    every attempt's retry at debug only."""
+    clock = Clock()
+    p = RetryPolicy(3, threading.Event(), Counters(), clock=clock)
+    p.backoff = lambda attempt: 0.0
+    refused = botocore.exceptions.EndpointConnectionError(endpoint_url="http://s3.example:9/b/k")
+    caplog.set_level(logging.DEBUG, logger="s3cache")
+    for i in range(20):
+        with pytest.raises(FetchFailed) as ei:
+            p.run(f"s3://b/k{i:02d}", Flaky(*[refused] * 3))
+        assert p.outage.explains(ei.value.code)  # the daemon's own "failed" line stays at debug then
+        clock.t += 1.0
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(told) == 1 and told[0].startswith("S3 is unreachable (EndpointConnectionError")
+    assert sum("retrying" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 60
+    clock.t += 60  # a minute on, still refused: one summary
+    with pytest.raises(FetchFailed):
+        p.run("s3://b/k00", Flaky(*[refused] * 3))
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(told) == 2 and told[1] == ("S3 still unreachable after 80 s: 20 object(s) waiting, the oldest "
+                                          "for 80 s (EndpointConnectionError)")
+    assert p.run("s3://b/k05", Flaky(refused)) == "ok"  # S3 is back
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert told[2:] == ["S3 answers again after 80 s unreachable (20 object(s) were waiting)"]
+    assert not p.outage.active and not p.outage.explains("EndpointConnectionError")
+
+
+def test_an_answer_of_any_kind_ends_the_outage_and_a_permanent_one_stops_the_wait():
+    clock = Clock()
+    p = RetryPolicy(2, threading.Event(), Counters(), clock=clock)
+    p.backoff = lambda attempt: 0.0
+    timeout = botocore.exceptions.ReadTimeoutError(endpoint_url="http://s3.example/b/k")
+    with pytest.raises(FetchFailed):
+        p.run("s3://b/a", Flaky(timeout, timeout))
+    with pytest.raises(FetchFailed):
+        p.run("s3://b/gone", Flaky(timeout, client_error("NoSuchKey", 404)))
+    assert not p.outage.active and p.outage.waiting == {}  # S3 answered (a 404 is an answer)
+    with pytest.raises(FetchFailed):
+        p.run("s3://b/a", Flaky(timeout, timeout))
+    assert p.outage.waiting == {"s3://b/a": 0.0}
+    with pytest.raises(FetchFailed):
+        p.run("s3://b/a", Flaky(client_error("NoSuchKey", 404)))
+    assert not p.outage.active  # an answer, which also ends the outage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t

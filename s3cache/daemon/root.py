@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -62,6 +61,7 @@ from .publisher import Publisher
 from .readers import Readers
 from .reload import Manifests, Reload
 from .schedule import Schedule
+from .signals import Signals
 from .space import Space
 from .status import Progress, Throughput, assemble, measure
 from .supervise import LoopErrors, supervised
@@ -238,8 +238,14 @@ class Daemon:
             self.manifests.close()
         if self.publisher is not None:
             self.publisher.stop()
+        # A GET waiting for its answer holds its thread until S3 answers (or its read timeout): hang up
+        # again until every thread has ended, as one may have sent a request after the first hang-up.
+        deadline = time.monotonic() + 10
         for t in self._threads:
-            t.join(timeout=10)
+            while t.is_alive() and time.monotonic() < deadline:
+                if self.fetcher is not None:
+                    self.fetcher.abort()
+                t.join(timeout=0.2)
         if self.server is not None:
             self.server.stop()
         if self.fetcher is not None:
@@ -264,12 +270,14 @@ class Daemon:
     def run(self) -> int:
         """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
         # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
+        signals = Signals(on_stop=self.stop, on_hup=self._hup.set)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-            signal.signal(signal.SIGHUP, lambda *_: self._hup.set())
-        self.start()
-        self.wait()
+            signals.install()
+        try:
+            self.start()
+            self.wait()
+        finally:
+            signals.close()
         return self.exit_code
 
     # == what one part tells the others ===============================================================
@@ -314,7 +322,11 @@ class Daemon:
 
     def _fail(self, uri: str, code: str, message: str) -> None:
         message = _about(uri, redact_urls(message))
-        log.error("failed %s: %s: %s", shown(uri), code, message.replace(uri, shown(uri)))
+        # While S3 is unreachable the fetcher says so once a minute; one line per object giving up on
+        # it would bury that (hundreds a minute with many objects).
+        quiet = self.fetcher is not None and self.fetcher.policy.outage.explains(code)
+        log.log(logging.DEBUG if quiet else logging.ERROR, "failed %s: %s: %s", shown(uri), code,
+                message.replace(uri, shown(uri)))
         with self.cond:
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
             self.schedule.fail(uri, code, message)

@@ -39,6 +39,7 @@ from s3cache.errors import ConfigError, FetchFailed, ObjectChanged, S3CacheError
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
+from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
@@ -124,12 +125,15 @@ class Fetcher:
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
         self._fg_idle.set()
         self.link = Link(workers, cancel)
+        self._ports = endpoint_ports(client)
         self._inflight: dict[str, _Priority] = {}
         self.streams = Streams(cancel, self.link, self.counters)
 
     def abort(self) -> None:
-        """Stopping: wake every read blocked on a response body (see ``Streams.abort``)."""
+        """Stopping: wake every read blocked on a response body (see ``Streams.abort``), and every request
+        still waiting for its answer (``hangup.py``). Call after setting ``cancel``."""
         self.streams.abort()
+        hang_up(self._ports)
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
@@ -145,7 +149,7 @@ class Fetcher:
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
                 prio: _Priority | None = None) -> None:
-        self.streams.copy(body, fd, offset, expect_len, digest, background=prio is not None and not prio.foreground)
+        self.streams.copy(body, fd, offset, expect_len, digest, waited=prio)
 
     # -- one object --------------------------------------------------------------------------------
 
@@ -204,7 +208,8 @@ class Fetcher:
             self.link.readers = self._fg_active
             self._fg_idle.clear()
             prio.promoted = True
-            return True
+        self.link.wake()  # its streams waiting for prefetch's turn now wait only for a free slot
+        return True
 
     def _first_length(self, entry: Entry, foreground: bool) -> int:
         """What the first GET asks for. A reader's object starts with a small range when its size is
@@ -230,7 +235,7 @@ class Fetcher:
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
         asked: Span | None = first_span(self._first_length(entry, prio.foreground))
-        slot = Slot(self.link, prio.foreground)
+        slot = Slot(self.link, prio)
         try:
             try:
                 resp = self.api.get(entry, asked, None)
@@ -345,7 +350,7 @@ class Fetcher:
             return resp["Body"]
 
         def once(span: Span) -> None:
-            part_slot = Slot(self.link, prio.foreground)
+            part_slot = Slot(self.link, prio)
             try:
                 stream(get(span), span)
             finally:

@@ -18,10 +18,20 @@ from it. (A drop in bytes per stream alone is not enough: streams in their reque
 busy CPU, lower it while more connections still add throughput; an early version paused on that and
 cost the 1 MiB cell of bench --matrix a quarter of its throughput.)
 
+A verdict of "limited" holds only while there are streams to measure: a window in which on average
+fewer than half a stream ran ends it. Otherwise prefetch paused for a reader whose fetch is not
+streaming (in its HEAD, say) would keep the link idle and the verdict with it, for ever.
+
+A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader now waits on it) is one of
+``readers``: it neither yields for readers nor waits for them, since it would be waiting on itself. It
+keeps the kind of slot it took (a promotion changes whom it yields to, not what it holds), so each
+release matches its acquire.
+
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``handoff`` the slots prefetch gave up
-for them and they have not taken yet; a prefetch stream yields only while ``fg_waiting > handoff`` (one
-per waiting part) or while a reader waits on a saturated link.
+for them and they have not taken yet; a prefetch stream that is not promoted yields only while
+``fg_waiting > handoff`` (one per waiting part) or while a reader waits on a saturated link; a promoted
+one waits only for a free slot.
 """
 
 from __future__ import annotations
@@ -29,11 +39,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Protocol
 
 WINDOW = 0.5  # seconds per throughput sample
 HISTORY = 20  # windows remembered (10 s)
 FEWER = 0.6  # a window with at most this share of the streams ...
 SAME = 0.9  # ... that moved at least this share of the bytes/s: more connections stopped helping
+
+
+class Waited(Protocol):
+    """A fetch's priority as the link reads it: ``foreground`` is True while a reader waits on the fetch,
+    and may turn True while one of its streams waits for a slot (a promotion)."""
+
+    foreground: bool
 
 
 class Link:
@@ -76,14 +94,19 @@ class Link:
             if self.streams >= 0.5:
                 per = self.rate / self.streams
                 self.per_stream = max(per, self.per_stream * 0.98)  # slowly forgets an old best
-            if self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
+            if self.streams < 0.5:  # the link was idle: nothing measured says it is the limit now
+                self.limited = False
+            elif self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
                 self.limited = any(n <= FEWER * self.streams and r >= SAME * self.rate for n, r in self.history)
             if self.streams >= 0.5:
                 self.history.append((self.streams, self.rate))
             self._w_start, self._w_bytes, self._w_area = now, 0, 0.0
 
-    def acquire(self, foreground: bool) -> None:
-        """Take a slot (blocking); a foreground stream goes first and makes prefetch streams yield."""
+    def acquire(self, foreground: bool, waited: Waited | None = None) -> None:
+        """Take a slot (blocking); a foreground stream goes first and makes prefetch streams yield.
+
+        ``waited``: the prefetch's priority, read again while it waits; once promoted it waits only for
+        a free slot (it is one of the readers prefetch would otherwise wait for)."""
         with self._cond:
             if foreground:
                 self.fg_waiting += 1
@@ -97,7 +120,7 @@ class Link:
                 self._tick()
                 self.fg += 1
             else:
-                while self.fg + self.bg >= self.capacity or self._bg_held():
+                while self.fg + self.bg >= self.capacity or (self._bg_held() and not _promoted(waited)):
                     self._wait()
                 self._tick()
                 self.bg += 1
@@ -118,22 +141,30 @@ class Link:
 
             raise Cancelled("stopping")
         self._cond.wait(0.5)
+        self._tick()  # time passes while everyone waits: an idle window must close (and end "limited")
+
+    def wake(self) -> None:
+        """Something a waiting stream depends on changed outside the lock (a promotion): re-check now."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _bg_held(self) -> bool:
         """Whether prefetch must not stream now (lock held)."""
         return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
 
-    def should_yield(self) -> bool:
-        """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.)"""
-        if not self.fg_waiting and not (self.readers and self.limited):
+    def should_yield(self, waited: Waited | None = None) -> bool:
+        """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
+        once the prefetch is promoted: a reader waits on it."""
+        if _promoted(waited) or (not self.fg_waiting and not (self.readers and self.limited)):
             return False
         with self._cond:
             if self.readers and self.limited:
                 return True
             return self.fg_waiting > self.handoff and self.fg + self.bg >= self.capacity
 
-    def pause(self) -> None:
-        """A prefetch stream gives its slot up and takes one again when prefetch may stream."""
+    def pause(self, waited: Waited | None = None) -> None:
+        """A prefetch stream gives its slot up and takes one again when prefetch may stream (or, once
+        ``waited`` is promoted, when a slot is free)."""
         with self._cond:
             self.yields += 1
             self._tick()
@@ -141,7 +172,7 @@ class Link:
             if self.fg_waiting > self.handoff:
                 self.handoff += 1
             self._cond.notify_all()
-        self.acquire(False)
+        self.acquire(False, waited)
 
     def moved(self, n: int) -> None:
         """``n`` body bytes arrived on some stream. No lock: this runs per chunk on every stream, and an
@@ -167,15 +198,19 @@ class Link:
                     "rate": round(self.rate), "per_stream": round(self.per_stream), "yields": self.yields}
 
 
+def _promoted(waited: Waited | None) -> bool:
+    return waited is not None and waited.foreground
+
+
 class Slot:
     """One GET's slot on the link: taken before the request, given back once (when its body is read,
     closed, or the request failed). Remembers the kind it took, as a promotion may change the fetch's."""
 
     __slots__ = ("link", "foreground", "held")
 
-    def __init__(self, link: Link, foreground: bool) -> None:
-        self.link, self.foreground = link, foreground
-        link.acquire(foreground)
+    def __init__(self, link: Link, waited: Waited) -> None:
+        self.link, self.foreground = link, waited.foreground
+        link.acquire(self.foreground, waited)
         self.held = True
 
     def release(self) -> None:

@@ -14,6 +14,9 @@ Invariants:
   pushes back every request of every worker until the backoff has passed, so a burst of 503s is not
   answered by a retry storm.
 * Setting ``cancel`` ends every wait at once with ``Cancelled``.
+* Logging stays a few lines however long S3 is away: each attempt's retry is logged at debug; while
+  requests cannot reach S3 (``Outage``) one line says so, one summary a minute says how many objects
+  wait and for how long, and one line says when S3 answers again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import botocore.exceptions
 import urllib3.exceptions
 
 from s3cache.errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError, WrongChecksum
+from s3cache.service.config import redact_urls
 
 log = logging.getLogger("s3cache.fetch")
 
@@ -102,13 +106,86 @@ def classify(e: BaseException, uri: str) -> BaseException:
     return e
 
 
+UNREACHABLE = (botocore.exceptions.ConnectionError, botocore.exceptions.ReadTimeoutError)  # no answer at all
+SUMMARY_EVERY = 60.0  # seconds between "still unreachable" lines
+
+
+class Outage:
+    """Whether S3 can be reached, as the requests of one fetcher find it, told in three kinds of line.
+
+    It begins at a request that got no answer (refused, timed out connecting or reading: ``UNREACHABLE``)
+    and ends at the next request that got one. ``waiting`` maps each object whose request went
+    unanswered during it, and has not been fetched or failed for good since, to when that first
+    happened. Invariant: ``since`` is None exactly when no outage is under way, and then ``waiting`` is
+    empty. Thread-safe.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.since: float | None = None
+        self.waiting: dict[str, float] = {}
+        self._said = 0.0  # when the last line about this outage was written
+        self._codes: set[str] = set()  # the errors seen during it (what ``FetchFailed`` names as code)
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def unanswered(self, uri: str, e: BaseException) -> None:
+        """A request for ``uri`` got no answer."""
+        now = self._clock()
+        with self._lock:
+            self.waiting.setdefault(uri, now)
+            self._codes.add(type(e).__name__)
+            if self.since is None:
+                self.since = self._said = now
+                line = ("S3 is unreachable (%s: %s); retrying with backoff, one line a minute until it "
+                        "answers", (type(e).__name__, redact_urls(str(e))))
+            elif now - self._said >= SUMMARY_EVERY:
+                self._said = now
+                oldest = now - min(self.waiting.values())
+                line = ("S3 still unreachable after %.0f s: %d object(s) waiting, the oldest for %.0f s (%s)",
+                        (now - self.since, len(self.waiting), oldest, type(e).__name__))
+            else:
+                return
+        log.warning(line[0], *line[1])
+
+    def answered(self, uri: str) -> None:
+        """A request for ``uri`` got an answer (any answer: S3 is there)."""
+        if self.since is None:  # the common case, without the lock
+            return
+        now = self._clock()
+        with self._lock:
+            if self.since is None:
+                return
+            took, waited = now - self.since, len(self.waiting)
+            self.since = None
+            self.waiting.clear()
+            self._codes.clear()
+        log.warning("S3 answers again after %.0f s unreachable (%d object(s) were waiting)", took, waited)
+
+    def explains(self, code: str) -> bool:
+        """Whether a failure with ``code`` is this outage's doing (then it was told already, and an
+        object giving up on it is not worth its own line)."""
+        with self._lock:
+            return self.since is not None and code in self._codes
+
+    def gave_up(self, uri: str) -> None:
+        """``uri`` failed for good (a permanent answer, or cancelled): no longer waiting."""
+        with self._lock:
+            self.waiting.pop(uri, None)
+
+
 class RetryPolicy:
     """Runs operations under the invariants above. One per fetcher: the throttle is shared by its workers."""
 
-    def __init__(self, max_attempts: int, cancel: threading.Event, counters: _Counts) -> None:
+    def __init__(self, max_attempts: int, cancel: threading.Event, counters: _Counts,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_attempts = max_attempts
         self.cancel = cancel
         self.counters = counters
+        self.outage = Outage(clock)
         self._throttle_until = 0.0
         self._lock = threading.Lock()
 
@@ -134,10 +211,15 @@ class RetryPolicy:
                 raise Cancelled("stopping")
             self.wait_throttle()
             try:
-                return op()
+                result = op()
             except Exception as e:  # classified: anything unknown is re-raised as is
+                if isinstance(e, UNREACHABLE):
+                    self.outage.unanswered(uri, e)
+                elif not isinstance(e, Cancelled):
+                    self.outage.answered(uri)
                 verdict = classify(e, uri)
                 if not isinstance(verdict, Retry):
+                    self.outage.gave_up(uri)
                     if verdict is e:
                         raise
                     raise verdict from e
@@ -147,10 +229,14 @@ class RetryPolicy:
                 if verdict.throttled:
                     with self._lock:
                         self._throttle_until = max(self._throttle_until, time.monotonic() + delay)
-                log.info("retrying %s after %s (attempt %d/%d, %.2fs)", uri,
-                         type(last).__name__, attempt + 1, self.max_attempts, delay)
+                log.debug("retrying %s after %s (attempt %d/%d, %.2fs)", uri,
+                          type(last).__name__, attempt + 1, self.max_attempts, delay)
                 if self.cancel.wait(delay):
+                    self.outage.gave_up(uri)
                     raise Cancelled("stopping")
+                continue
+            self.outage.answered(uri)
+            return result
         if isinstance(last, ChecksumMismatch):
             raise last
         code = type(last).__name__ if last else "Unknown"

@@ -19,7 +19,7 @@ import botocore.exceptions
 from s3cache.errors import S3CacheError
 
 from .checksum import CHUNK, Digest
-from .link import Link
+from .link import Link, Waited
 from .retry import BadResponse, Cancelled
 
 
@@ -51,11 +51,12 @@ class Streams:
             _shutdown(body)
 
     def copy(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
-             background: bool = False) -> None:
+             waited: Waited | None = None) -> None:
         """Copy a response body to ``fd`` at ``offset`` in chunks; a short body is retried.
 
-        A background (prefetch) stream gives its link slot up between chunks when a reader's stream waits
-        for one (or a reader waits on a saturated link), and streams on once it has a slot again.
+        A prefetch stream (``waited`` given and not foreground) gives its link slot up between chunks when
+        a reader's stream waits for one (or a reader waits on a saturated link), and streams on once it
+        has a slot again; ``waited`` is read per chunk, so a promoted prefetch stops yielding at once.
         """
         got = 0
         with self._bodies_lock:
@@ -64,8 +65,8 @@ class Streams:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled("stopping")
-                if background and self.link.should_yield():
-                    self.link.pause()
+                if waited is not None and self.link.should_yield(waited):
+                    self.link.pause(waited)
                 if got == expect_len:
                     if body.read(1):  # never written: a body longer than its range is a wrong answer
                         raise BadResponse(f"more than the {expect_len} bytes asked for at offset {offset}")
