@@ -1,6 +1,7 @@
 """The workers: take a job from the schedule, get it room in the space, fetch it, hand it on.
 
-One ``run`` per worker thread. It owns no state: every outcome of a fetch is routed to the part whose
+One ``run`` per worker thread (``threads`` of them: half of them kept for readers' objects, see
+``Schedule.next_job``). It owns no state: every outcome of a fetch is routed to the part whose
 state it changes — a verified file to the publisher (``publish``), a failure to ``fail``, no room to
 the schedule (blocked) with the size learned by the space, a full disk to eviction for the filesystem
 or to the schedule (parked) — so that each of those decisions is made in one place.
@@ -56,6 +57,13 @@ class Workers:
         self._histogram = histogram
         self._errors = errors or LoopErrors()
         self.disk_full_pauses = 0  # state lock
+
+    @property
+    def threads(self) -> int:
+        """Worker threads to run: ``workers`` for prefetch and as many again kept for readers' objects
+        (the schedule hands at most ``workers`` jobs no reader waits on out at once). Threads, not
+        connections: the link still lets at most ``workers`` GETs stream at once."""
+        return 2 * self.s.workers
 
     def run(self) -> None:
         """One worker thread: until the schedule says stop."""
