@@ -10,7 +10,7 @@ from conftest import write_manifest
 
 from s3cache import resolve
 from s3cache.testing import wait_for
-from s3cache.testing.faultproxy import FaultProxy
+from s3cache.testing.faultproxy import FaultProxy, most_at_once
 
 MiB = 1 << 20
 
@@ -43,6 +43,36 @@ def test_a_readers_object_starts_while_every_worker_streams_a_large_prefetch(tmp
         first = proxy.seen(f"/{bucket}/reader/small")[0]
         ended = [end for (m, p, _r, _n, _s, end) in proxy.request_bytes if m == "GET" and p in big_paths]
         assert all(first.when < end for end in ended), "the reader's GET waited for a prefetch to finish"
+        assert d.status()["loop_errors"] == {}
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, moto, s3, bucket, daemons):
+    """Six connections paced at 2 MiB/s and eight 6 MiB objects, no reader yet: each of the first four
+    files of the manifest (the job opens them first) is asked for as a reader's file is, a 1 MiB first
+    range and then the rest in ranges streaming at once, instead of one GET on one connection each;
+    the files after them are plain prefetch, one GET each."""
+    uris = [f"s3://{bucket}/d/{i}" for i in range(8)]
+    data = {u: os.urandom(6 * MiB) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                    args=["--workers", "6", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        d.wait_until(lambda st: st["objects"]["ready"] == len(uris), 120, "every object cached")
+        for i, u in enumerate(uris):
+            ranges = [(r[2], r[4], r[5]) for r in proxy.request_bytes if r[0] == "GET" and r[1] == f"/{bucket}/d/{i}"]
+            if i < 4:
+                assert ranges[0][0] == f"bytes=0-{MiB - 1}", (i, ranges)
+                assert most_at_once([(s, e) for _, s, e in ranges]) >= 2, (i, ranges)
+            else:
+                assert len(ranges) == 1, (i, ranges)
+        for u, body in data.items():
+            with open(resolve(u, cache_dir=d.cache_dir, timeout=60), "rb") as f:
+                assert f.read() == body
         assert d.status()["loop_errors"] == {}
         assert d.stop() == 0, d.log()
     finally:

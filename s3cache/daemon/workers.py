@@ -11,7 +11,8 @@ Invariants it keeps:
 * every job handed out ends in exactly one of: published, failed, blocked, parked, re-queued, or
   cancelled at shutdown; in every case it leaves the fetching set, and a reservation it took is
   released (or turned into ready bytes by the publisher);
-* a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch);
+* a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch); the first
+  files of each job are fetched *early*: laid out the same way, behind readers, ahead of other prefetch;
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).
@@ -39,6 +40,8 @@ from .space import Space
 from .supervise import LoopErrors
 
 log = logging.getLogger("s3cache.daemon")
+
+FIRST_FILES = 4  # per job: prefetched early, as a reader's files are (``Workers._opens_first``)
 
 
 class Workers:
@@ -91,13 +94,13 @@ class Workers:
             if size is not None and not space.admit(entry, size, demand):
                 raise NeedSpace(size)
             # Foreground while a reader waits: files a reader will want next ("ahead") come through
-            # the demand queue too, and must not compete with the one it waits on. The head of the
-            # manifest counts as waited on: a job that just wrote its manifest reads it first, and
-            # is usually still starting up when the fetch begins.
+            # the demand queue too, and must not compete with the one it waits on.
             with self._cond:
-                foreground = self._is_waited(uri) if demand else self._schedule.position(uri) == 0
+                foreground = demand and self._is_waited(uri)
+                early = not demand and self._opens_first(uri)
             started = time.monotonic()
-            fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground)
+            fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground,
+                                          early=early)
             if self._histogram is not None:
                 self._histogram.record_fetch(time.monotonic() - started, fetched.size)
         except NeedSpace as e:
@@ -156,6 +159,19 @@ class Workers:
             return True
         self._publish(entry, fetched)
         return True
+
+    def _opens_first(self, uri: str) -> bool:
+        """Whether ``uri`` is one of the ``FIRST_FILES`` a job opens first (its manifest's head; each
+        job's, in a manifest directory) (state lock held). A job that just wrote its manifest reads
+        them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
+        first record once about three files are open, so those come as a reader's file would: a
+        small first part, then the rest over many connections, ahead of other prefetch (``early``)."""
+        pos = self._schedule.position(uri)
+        if pos is None:
+            return False
+        jobs = self._schedule.catalog.jobs
+        start = jobs.bounds(pos)[0] if jobs is not None else 0
+        return pos - start < FIRST_FILES
 
     def _give_up(self, entry: Entry, err: Exception) -> None:
         """End a job whose outcome could not be routed: out of the fetching set, its reservation

@@ -75,13 +75,20 @@ class Fetched:
 
 
 class _Priority:
-    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs."""
+    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs. ``early``: a
+    prefetch of one of the first files a job opens, laid out like a reader's (see ``Link``)."""
 
-    __slots__ = ("foreground", "promoted")
+    __slots__ = ("foreground", "promoted", "early")
 
-    def __init__(self, foreground: bool) -> None:
+    def __init__(self, foreground: bool, early: bool = False) -> None:
         self.foreground = foreground
         self.promoted = False
+        self.early = early and not foreground
+
+    @property
+    def spread(self) -> bool:
+        """Laid out over the free connections in small parts, as a reader's object is."""
+        return self.foreground or self.early
 
 
 class Fetcher:
@@ -120,6 +127,8 @@ class Fetcher:
         # Two part pools, so that a reader's object never queues behind parts of background prefetch.
         self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
         self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
+        # Early prefetch's parts wait for slots ahead of plain prefetch's: not queued behind them either.
+        self._early_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-earlypart")
         self._fg_active = 0
         self._fg_lock = threading.Lock()
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
@@ -138,6 +147,7 @@ class Fetcher:
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
         self._fg_parts.shutdown(wait=True, cancel_futures=True)
+        self._early_parts.shutdown(wait=True, cancel_futures=True)
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
@@ -153,10 +163,13 @@ class Fetcher:
 
     # -- one object --------------------------------------------------------------------------------
 
-    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
+              early: bool = False) -> Fetched:
         """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
 
-        ``foreground``: a reader waits on it; background fetches yield to it while it runs.
+        ``foreground``: a reader waits on it; background fetches yield to it while it runs. ``early``: a
+        prefetch of one of the first files a job opens: laid out as a reader's object is (a small first
+        part, then the rest over the free connections), ahead of other prefetch, behind readers.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
         at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
@@ -165,7 +178,7 @@ class Fetcher:
         uri = entry.uri
         changed = 0
         seen: dict = {}  # wrong digests of earlier attempts, and how many attempts gave each
-        prio = _Priority(foreground)
+        prio = _Priority(foreground, early)
         with self._fg_lock:
             self._inflight[uri] = prio
             if foreground:
@@ -234,7 +247,7 @@ class Fetcher:
         return part_length(nbytes, share, low, self.prefetch_part_size)
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
-        asked: Span | None = first_span(self._first_length(entry, prio.foreground))
+        asked: Span | None = first_span(self._first_length(entry, prio.spread))
         slot = Slot(self.link, prio)
         try:
             try:
@@ -359,8 +372,8 @@ class Fetcher:
         def part(span: Span) -> None:
             self.policy.run(uri, lambda: once(span))
 
-        layout = spans(total, self._part_length(total - asked.length, prio.foreground), asked.length)
-        pool = self._fg_parts if prio.foreground else self._parts
+        layout = spans(total, self._part_length(total - asked.length, prio.spread), asked.length)
+        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
         futures = [pool.submit(part, s) for s in layout[1:]]
         try:
             try:

@@ -22,16 +22,21 @@ A verdict of "limited" holds only while there are streams to measure: a window i
 fewer than half a stream ran ends it. Otherwise prefetch paused for a reader whose fetch is not
 streaming (in its HEAD, say) would keep the link idle and the verdict with it, for ever.
 
+An *early* prefetch (``Waited.early``: one of the first files a job opens, fetched the way a reader's
+file is) sits between the two: it holds a prefetch slot and yields to readers like any prefetch, but
+other prefetch yields to it and waits while it waits, so the first files come over many connections
+instead of one each (the job's first record waits for them) without delaying a reader's object.
+
 A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader now waits on it) is one of
 ``readers``: it neither yields for readers nor waits for them, since it would be waiting on itself. It
 keeps the kind of slot it took (a promotion changes whom it yields to, not what it holds), so each
 release matches its acquire.
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
-``fg_waiting`` counts foreground streams blocked in ``acquire``, ``handoff`` the slots prefetch gave up
-for them and they have not taken yet; a prefetch stream that is not promoted yields only while
-``fg_waiting > handoff`` (one per waiting part) or while a reader waits on a saturated link; a promoted
-one waits only for a free slot.
+``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
+``handoff`` the slots prefetch gave up for them and they have not taken yet; a prefetch stream that is
+not promoted yields only while more streams of a higher rank wait than have been handed a slot (one per
+waiting part) or while a reader waits on a saturated link; a promoted one waits only for a free slot.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class Waited(Protocol):
     foreground: bool
 
 
+def _early(waited: Waited | None) -> bool:
+    return bool(getattr(waited, "early", False))
+
+
 class Link:
     def __init__(self, capacity: int, cancel: threading.Event | None = None, clock=time.monotonic) -> None:
         if capacity < 1:
@@ -65,6 +74,7 @@ class Link:
         self.fg = 0  # slots held by foreground streams
         self.bg = 0  # slots held by prefetch streams
         self.fg_waiting = 0
+        self.early_waiting = 0  # early prefetch streams blocked in acquire (plain prefetch yields to them)
         self.handoff = 0
         self.readers = 0  # foreground fetches in flight (set by the fetcher)
         self.peak = 0
@@ -116,11 +126,23 @@ class Link:
                         self._wait()
                 finally:
                     self.fg_waiting -= 1
-                    self.handoff = min(self.handoff, self.fg_waiting)
+                    self.handoff = min(self.handoff, self.fg_waiting + self.early_waiting)
                 self._tick()
                 self.fg += 1
+            elif _early(waited):
+                self.early_waiting += 1
+                self._cond.notify_all()  # plain prefetch streams check whether to yield
+                try:
+                    while self.fg + self.bg >= self.capacity or (self._bg_held() and not _promoted(waited)):
+                        self._wait()
+                finally:
+                    self.early_waiting -= 1
+                    self.handoff = min(self.handoff, self.fg_waiting + self.early_waiting)
+                self._tick()
+                self.bg += 1
             else:
-                while self.fg + self.bg >= self.capacity or (self._bg_held() and not _promoted(waited)):
+                while self.fg + self.bg >= self.capacity or (
+                        (self._bg_held() or self.early_waiting) and not _promoted(waited)):
                     self._wait()
                 self._tick()
                 self.bg += 1
@@ -152,15 +174,20 @@ class Link:
         """Whether prefetch must not stream now (lock held)."""
         return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
 
+    def _above(self, waited: Waited | None) -> int:
+        """Streams of a higher rank than ``waited``'s waiting for a slot (lock held, or a hint)."""
+        return self.fg_waiting + (0 if _early(waited) else self.early_waiting)
+
     def should_yield(self, waited: Waited | None = None) -> bool:
         """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
-        once the prefetch is promoted: a reader waits on it."""
-        if _promoted(waited) or (not self.fg_waiting and not (self.readers and self.limited)):
+        once the prefetch is promoted: a reader waits on it. An early prefetch yields to readers only;
+        plain prefetch to early prefetch as well."""
+        if _promoted(waited) or (not self._above(waited) and not (self.readers and self.limited)):
             return False
         with self._cond:
             if self.readers and self.limited:
                 return True
-            return self.fg_waiting > self.handoff and self.fg + self.bg >= self.capacity
+            return self._above(waited) > self.handoff and self.fg + self.bg >= self.capacity
 
     def pause(self, waited: Waited | None = None) -> None:
         """A prefetch stream gives its slot up and takes one again when prefetch may stream (or, once
@@ -169,7 +196,7 @@ class Link:
             self.yields += 1
             self._tick()
             self.bg -= 1
-            if self.fg_waiting > self.handoff:
+            if self._above(waited) > self.handoff:
                 self.handoff += 1
             self._cond.notify_all()
         self.acquire(False, waited)
@@ -181,9 +208,9 @@ class Link:
         self._w_bytes += n
 
     def free(self) -> int:
-        """Slots neither held nor about to be taken by a waiting reader's stream."""
+        """Slots neither held nor about to be taken by a waiting reader's (or early) stream."""
         with self._cond:
-            return max(0, self.capacity - self.fg - self.bg - self.fg_waiting)
+            return max(0, self.capacity - self.fg - self.bg - self.fg_waiting - self.early_waiting)
 
     def foreground_share(self, holding: bool) -> int:
         """Connections a waited-on object may spread over: the free ones, half of those prefetch streams
