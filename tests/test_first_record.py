@@ -77,3 +77,38 @@ def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, m
         assert d.stop() == 0, d.log()
     finally:
         proxy.stop()
+
+
+def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connections(tmp_path, moto, s3, bucket,
+                                                                                  daemons):
+    """A 12 MiB prefetch streams on one connection at 1 MiB/s when a reader asks for it: the rest of it
+    comes in ranged parts on several connections at once (its one GET is cut short at a chunk), and
+    the file is whole and verified (the object carries a CRC32 that the daemon checks)."""
+    body = os.urandom(12 * MiB)
+    checked = moto.client()  # boto3's default: a whole-object CRC32 stored with the object
+    checked.put_object(Bucket=bucket, Key="big", Body=body)
+    head = [f"s3://{bucket}/head/{i}" for i in range(4)]  # the job's first files, out of the way
+    for uri in head:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"h" * 1000)
+    uri = f"s3://{bucket}/big"
+    proxy = FaultProxy(moto.port, bandwidth=MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", head + [uri]),
+                    args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        wait_for(lambda: any(x.status == 206 and not x.done for x in proxy.seen(f"/{bucket}/big")), 120,
+                 "the prefetch of big streaming")
+        [prefetch] = proxy.seen(f"/{bucket}/big")
+        with open(resolve(uri, cache_dir=d.cache_dir, timeout=120), "rb") as f:
+            assert f.read() == body
+        parts = [x for x in proxy.seen(f"/{bucket}/big") if x is not prefetch]
+        assert len(parts) >= 2, [x.headers.get("range") for x in parts]
+        # The proxy logs an answer just after its last byte left, which may be after the reader had it.
+        wait_for(lambda: all(x.done for x in parts), 60, "the proxy to log every part's answer")
+        later = [(r[2], r[4], r[5]) for r in proxy.request_bytes if r[0] == "GET" and r[1] == f"/{bucket}/big"]
+        assert most_at_once([(s, e) for _, s, e in later]) >= 2, later
+        st = d.status()
+        assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
+        assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]  # big's CRC32, its bytes fed in order
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()

@@ -42,6 +42,7 @@ from .checksum import Digest, have_crc64nvme
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
+from .resplit import CutBody, read_into
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
@@ -299,8 +300,7 @@ class Fetcher:
                         raise
             if checks is not None:
                 digest = Digest(checks.expect, checks.also)
-                self._stream(body, fd, 0, total, digest, prio)
-                slot.release()
+                self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
                 checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot)
             # Writes never leave their ranges; the file's length is the object's all the same.
@@ -316,6 +316,64 @@ class Fetcher:
             os.close(fd)
             if not ok:
                 self._discard(tmp)
+
+    def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: _Priority,
+                      slot: Slot) -> None:
+        """Stream a whole-object answer into the file and, in order, into ``digest``. A prefetch that a
+        reader starts waiting on (promoted) with at least two parts' worth left stops at its next chunk;
+        the rest comes in ranged parts over the free connections, and is fed to ``digest`` from the file
+        (``resplit.py``): on one connection a reader waited for the whole object at one connection's rate."""
+        def cut(left: int) -> bool:
+            return (prio.promoted and left >= 2 * FLOOR
+                    and part_length(left, self.link.foreground_share(True), FLOOR, self.part_size) < left)
+
+        cuttable = CutBody(body, total, cut)
+        try:
+            self._stream(cuttable, fd, 0, total, digest, prio)
+        except botocore.exceptions.IncompleteReadError:
+            if cuttable.at is None:
+                raise
+        slot.release()
+        if cuttable.at is not None:
+            start = cuttable.at
+            self._fetch_span(entry, fd, Span(start, total - 1), total, None if entry.version else etag, prio)
+            self.counters.add(readback=read_into(digest, fd, start, total))
+            log.debug("%s: a reader waits on it; its last %d bytes came in parts", entry.uri, total - start)
+
+    def _fetch_span(self, entry: Entry, fd: int, span: Span, total: int, pin: str | None, prio: _Priority) -> None:
+        """Write ``span`` of the object into the file in ranged parts over the connections this fetch may
+        use (each retried on its own, pinned by ``pin``), without a digest."""
+        uri = entry.uri
+        length = self._part_length(span.length, prio.spread)
+        layout = [Span(s, min(span.end, s + length - 1)) for s in range(span.start, span.end + 1, length)]
+
+        def once(part: Span) -> None:
+            part_slot = Slot(self.link, prio)
+            try:
+                resp = self.api.get(entry, part, pin)
+                try:
+                    check_ranged(resp, part, total)
+                except BadResponse:
+                    resp["Body"].close()
+                    raise
+                self._stream(resp["Body"], fd, part.start, part.length, None, prio)
+            finally:
+                part_slot.release()
+
+        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
+        futures = [pool.submit(self.policy.run, uri, lambda p=p: once(p)) for p in layout]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            for f in futures:  # none may write into the file once the caller closes it
+                if not f.cancelled():
+                    try:
+                        f.exception()
+                    except Exception:
+                        pass
 
     def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
                     asked: Span, slot: Slot) -> tuple[Checks, Digest]:
