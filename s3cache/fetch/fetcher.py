@@ -15,7 +15,9 @@ Per object:
   size and that count, 1 MiB at least, ``part_size`` at most), taking slots before prefetch does; a
   prefetch object is spread over its share of the connections (``workers`` / objects in flight) in
   parts of ``part_size`` to ``prefetch_part_size``. Prefetch gives up only the slots a reader's parts
-  wait for, or all of them while a reader waits on a link measured to be saturated.
+  wait for, or all of them while a reader waits on a link measured to be saturated. The first files a
+  job opens (``early``) are laid out as a reader's object is, behind readers and ahead of other
+  prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
 * Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
 * The strongest available checksum is checked, with the size, before the file is handed back.
 
@@ -207,12 +209,13 @@ class Fetcher:
 
     def promote(self, uri: str) -> bool:
         """A reader now waits on a fetch that started as prefetch: it stops yielding to other waited-on
-        fetches. False if no such fetch is in flight.
+        fetches, and a whole object still streaming on one connection is re-split (``_stream_whole``):
+        its rest comes in parts over the free connections, which other prefetch yields to. False if no
+        such fetch is in flight.
 
-        It does not make other prefetch pause, as a fresh demand does: its parts are already laid out,
-        so it cannot use the connections others would give up (one S3 connection tops out at ~80 MB/s),
-        and a reader that caught up with prefetch wants those other files next. Pausing them on every
-        promotion cut a cold epoch's throughput by a quarter in bench/compare.py."""
+        It does not make other prefetch pause outright, as a fresh demand's waiting parts do: a reader
+        that caught up with prefetch wants those other files next. Pausing them on every promotion cut a
+        cold epoch's throughput by a quarter in bench/compare.py."""
         with self._fg_lock:
             prio = self._inflight.get(uri)
             if prio is None or prio.foreground:
