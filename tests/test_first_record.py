@@ -1,14 +1,18 @@
-"""The first record in a second: a reader's object starts at once whatever prefetch is doing, and the
-first files a job opens come over many connections, each shown from the proxy's request timeline (what
-reached S3 and when), never from a clock in the test."""
+"""The first record in a second: a reader's object starts at once whatever prefetch is doing, the first
+files a job opens come over many connections, and so does the rest of a prefetch a reader starts waiting
+on; each shown from the proxy's request log (what reached S3, in what order, which answers overlapped),
+never from a clock in the test."""
 
 from __future__ import annotations
 
 import os
+import threading
+from types import SimpleNamespace
 
 from conftest import write_manifest
 
 from s3cache import resolve
+from s3cache.fetch.link import Link
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
 
@@ -116,3 +120,36 @@ def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connection
         assert d.stop() == 0, d.log()
     finally:
         proxy.stop()
+
+
+def test_early_prefetch_goes_before_other_prefetch_and_after_readers():
+    """The link's three ranks: a plain prefetch stream yields its slot to an early part waiting, and
+    plain prefetch waits while one does; an early stream yields to a reader's part, not to another early."""
+    link = Link(2)
+    plain = SimpleNamespace(foreground=False)
+    early = SimpleNamespace(foreground=False, early=True)
+    link.acquire(False, plain)
+    link.acquire(False, early)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (link.acquire(False, early), got.set()))
+    waiter.start()
+    wait_for(lambda: link.early_waiting == 1, 30, "the early part to wait")
+    assert link.should_yield(plain) and not link.should_yield(early)
+    assert link.free() == 0
+    yielded = threading.Thread(target=lambda: link.pause(plain))  # gives its slot up, waits for one again
+    yielded.start()
+    assert got.wait(30), "the early part never got the slot plain prefetch gave up"
+    waiter.join(30)
+    assert (link.fg, link.bg) == (0, 2)
+    reader = threading.Thread(target=lambda: link.acquire(True))
+    reader.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the reader's part to wait")
+    assert link.should_yield(early)
+    link.release(False)  # an early stream ends: the reader's part takes the slot, not the plain stream
+    reader.join(30)
+    assert (link.fg, link.bg) == (1, 1) and yielded.is_alive()
+    link.release(True)
+    link.release(False)
+    yielded.join(30)
+    assert (link.fg, link.bg) == (0, 1) and link.yields == 1
+    link.release(False)
