@@ -153,3 +153,29 @@ def test_early_prefetch_goes_before_other_prefetch_and_after_readers():
     yielded.join(30)
     assert (link.fg, link.bg) == (0, 1) and link.yields == 1
     link.release(False)
+
+
+def test_among_early_prefetch_the_jobs_first_file_goes_first():
+    """An early stream of the job's second file yields its slot to a waiting part of the first file, and
+    a later file's part waits while an earlier one's does; the first file's stream never yields to a later."""
+    link = Link(1)
+    first = SimpleNamespace(foreground=False, early=True, order=0)
+    second = SimpleNamespace(foreground=False, early=True, order=1)
+    link.acquire(False, second)
+    got: list[str] = []
+    waiters = [threading.Thread(target=lambda w=w, name=name: (link.acquire(False, w), got.append(name)))
+               for w, name in ((second, "second"), (first, "first"))]
+    waiters[0].start()
+    wait_for(lambda: link.early_waiting == 1, 30, "a part of the second file to wait")
+    assert not link.should_yield(second)  # the same file's part: no reason to hand over
+    waiters[1].start()
+    wait_for(lambda: link.early_waiting == 2, 30, "a part of the first file to wait")
+    assert link.should_yield(second)
+    link.release(False)  # the second file's stream ends: the first file's part takes the slot
+    wait_for(lambda: got, 30, "a waiting part to take the slot")
+    assert got == ["first"] and not link.should_yield(first)
+    link.release(False)
+    wait_for(lambda: len(got) == 2, 30, "the second file's part to take the slot")
+    link.release(False)
+    for t in waiters:
+        t.join(30)

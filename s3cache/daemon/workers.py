@@ -97,7 +97,7 @@ class Workers:
             # the demand queue too, and must not compete with the one it waits on.
             with self._cond:
                 foreground = demand and self._is_waited(uri)
-                early = not demand and self._opens_first(uri)
+                early = None if demand else self._opens_first(uri)
             started = time.monotonic()
             fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground,
                                           early=early)
@@ -160,18 +160,18 @@ class Workers:
         self._publish(entry, fetched)
         return True
 
-    def _opens_first(self, uri: str) -> bool:
-        """Whether ``uri`` is one of the ``FIRST_FILES`` a job opens first (its manifest's head; each
-        job's, in a manifest directory) (state lock held). A job that just wrote its manifest reads
+    def _opens_first(self, uri: str) -> int | None:
+        """Which of the ``FIRST_FILES`` a job opens first ``uri`` is (its manifest's head; each job's, in
+        a manifest directory), None if none (state lock held). A job that just wrote its manifest reads
         them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
         first record once about three files are open, so those come as a reader's file would: a
         small first part, then the rest over many connections, ahead of other prefetch (``early``)."""
         pos = self._schedule.position(uri)
         if pos is None:
-            return False
+            return None
         jobs = self._schedule.catalog.jobs
-        start = jobs.bounds(pos)[0] if jobs is not None else 0
-        return pos - start < FIRST_FILES
+        nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
+        return nth if nth < FIRST_FILES else None
 
     def _give_up(self, entry: Entry, err: Exception) -> None:
         """End a job whose outcome could not be routed: out of the fetching set, its reservation

@@ -79,14 +79,16 @@ class Fetched:
 
 class _Priority:
     """Whether a reader waits on this fetch; a prefetch can be promoted while it runs. ``early``: a
-    prefetch of one of the first files a job opens, laid out like a reader's (see ``Link``)."""
+    prefetch of one of the first files a job opens, laid out like a reader's, the job's ``order``-th
+    (see ``Link``)."""
 
-    __slots__ = ("foreground", "promoted", "early")
+    __slots__ = ("foreground", "promoted", "early", "order")
 
-    def __init__(self, foreground: bool, early: bool = False) -> None:
+    def __init__(self, foreground: bool, early: int | None = None) -> None:
         self.foreground = foreground
         self.promoted = False
-        self.early = early and not foreground
+        self.early = early is not None and not foreground
+        self.order = early or 0
 
     @property
     def spread(self) -> bool:
@@ -167,12 +169,13 @@ class Fetcher:
     # -- one object --------------------------------------------------------------------------------
 
     def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
-              early: bool = False) -> Fetched:
+              early: int | None = None) -> Fetched:
         """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
 
         ``foreground``: a reader waits on it; background fetches yield to it while it runs. ``early``: a
-        prefetch of one of the first files a job opens: laid out as a reader's object is (a small first
-        part, then the rest over the free connections), ahead of other prefetch, behind readers.
+        prefetch of the ``early``-th file a job opens (one of its first): laid out as a reader's object
+        is (a small first part, then the rest over the free connections), ahead of other prefetch and
+        of later early files, behind readers.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
         at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
