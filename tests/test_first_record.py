@@ -179,3 +179,39 @@ def test_among_early_prefetch_the_jobs_first_file_goes_first():
     link.release(False)
     for t in waiters:
         t.join(30)
+
+
+def test_early_parts_waiting_for_long_never_stop_prefetch_yielding_to_the_next_reader():
+    """Early parts may wait for a slot for long. A reader's part that a stream yielded to, once it took
+    its slot, must leave no handoff behind them: the next reader's part gets a stream to yield too
+    (a count shared with the early parts kept one, and a reader's object waited for a 16 MiB part)."""
+    link = Link(2)
+    a = SimpleNamespace(foreground=False, early=True, order=0)
+    b = SimpleNamespace(foreground=False, early=True, order=1)
+    link.acquire(False, a)
+    link.acquire(False, b)
+    part = threading.Thread(target=lambda: link.acquire(False, a))  # a's next part waits for a slot
+    part.start()
+    wait_for(lambda: link.early_waiting == 1, 30, "an early part to wait")
+    reader = threading.Thread(target=lambda: link.acquire(True))
+    reader.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the first reader's part to wait")
+    assert link.should_yield(b)
+    paused = threading.Thread(target=lambda: link.pause(b))
+    paused.start()
+    reader.join(30)
+    assert link.fg == 1
+    link.release(True)  # the reader's part is done: a's waiting part (the earlier file) takes the slot
+    part.join(30)
+    assert (link.fg, link.bg) == (0, 2) and paused.is_alive()
+    second = threading.Thread(target=lambda: link.acquire(True))
+    second.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the second reader's part to wait")
+    assert link.should_yield(a), "no stream yields to the second reader's part"
+    link.release(False)
+    second.join(30)
+    link.release(True)
+    paused.join(30)
+    link.release(False)
+    link.release(False)
+    assert (link.fg, link.bg) == (0, 0)

@@ -38,9 +38,11 @@ release matches its acquire.
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
-``handoff`` the slots prefetch gave up for them and they have not taken yet; a prefetch stream that is
-not promoted yields only while more streams of a higher rank wait than have been handed a slot (one per
-waiting part) or while a reader waits on a saturated link; a promoted one waits only for a free slot.
+``handoff`` the slots prefetch gave up for readers' streams and they have not taken yet (exactly:
+``handoff <= fg_waiting``), ``early_handoff`` those given up for early streams (at most
+``early_waiting``); a prefetch stream that is not promoted yields only while more streams of a higher
+rank wait than have been handed a slot (one per waiting part) or while a reader waits on a saturated
+link; a promoted one waits only for a free slot.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Link:
         self.early_waiting = 0  # early prefetch streams blocked in acquire (plain prefetch yields to them)
         self._early_orders: dict[int, int] = {}  # order -> early streams of that order waiting
         self.handoff = 0
+        self.early_handoff = 0  # slots plain prefetch gave up for early streams, not taken yet
         self.readers = 0  # foreground fetches in flight (set by the fetcher)
         self.peak = 0
         self.yields = 0  # times a prefetch stream gave its slot up, for tests and status
@@ -135,7 +138,7 @@ class Link:
                         self._wait()
                 finally:
                     self.fg_waiting -= 1
-                    self.handoff = min(self.handoff, self.fg_waiting + self.early_waiting)
+                    self.handoff = min(self.handoff, self.fg_waiting)
                 self._tick()
                 self.fg += 1
             elif _early(waited):
@@ -152,7 +155,7 @@ class Link:
                     self._early_orders[order] -= 1
                     if not self._early_orders[order]:
                         del self._early_orders[order]
-                    self.handoff = min(self.handoff, self.fg_waiting + self.early_waiting)
+                    self.early_handoff = min(self.early_handoff, self.early_waiting)
                     self._cond.notify_all()  # a later early stream may take a slot still free
                 self._tick()
                 self.bg += 1
@@ -190,13 +193,13 @@ class Link:
         """Whether prefetch must not stream now (lock held)."""
         return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
 
-    def _above(self, waited: Waited | None) -> int:
-        """Streams of a higher rank than ``waited``'s waiting for a slot (lock held): readers' for any
-        prefetch, early ones of an earlier file for an early one, every early one for plain prefetch."""
+    def _early_above(self, waited: Waited | None) -> int:
+        """Early streams that ``waited``'s gives way to waiting for a slot (lock held): every one for
+        plain prefetch, those of an earlier file for an early one."""
         if not _early(waited):
-            return self.fg_waiting + self.early_waiting
+            return self.early_waiting
         order = _order(waited)
-        return self.fg_waiting + sum(n for o, n in self._early_orders.items() if o < order)
+        return sum(n for o, n in self._early_orders.items() if o < order)
 
     def should_yield(self, waited: Waited | None = None) -> bool:
         """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
@@ -207,7 +210,12 @@ class Link:
         with self._cond:
             if self.readers and self.limited:
                 return True
-            return self._above(waited) > self.handoff and self.fg + self.bg >= self.capacity
+            if self.fg + self.bg < self.capacity:
+                return False
+            # Counted apart: early parts may wait for long (a link full of plain prefetch), and counting
+            # them with readers' parts kept a stale handoff that stopped streams yielding to the next
+            # reader (a reader's 4 MiB object waited 3 s for a 16 MiB part to end).
+            return self.fg_waiting > self.handoff or self._early_above(waited) > self.early_handoff
 
     def pause(self, waited: Waited | None = None) -> None:
         """A prefetch stream gives its slot up and takes one again when prefetch may stream (or, once
@@ -216,8 +224,10 @@ class Link:
             self.yields += 1
             self._tick()
             self.bg -= 1
-            if self._above(waited) > self.handoff:
+            if self.fg_waiting > self.handoff:
                 self.handoff += 1
+            elif self._early_above(waited) > self.early_handoff:
+                self.early_handoff += 1
             self._cond.notify_all()
         self.acquire(False, waited)
 
