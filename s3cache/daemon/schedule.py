@@ -121,8 +121,9 @@ class Schedule:
         Called by twice ``workers`` threads (``Workers.threads``); at most ``workers`` of them are on jobs
         no reader waits on. The others are kept for readers' objects, whose fetch so starts at once
         whatever prefetch is doing (its GET takes a link slot first and prefetch streams yield theirs).
-        With one thread per connection, a reader's object waited for a prefetch to finish: 8.4 s for
-        4 MiB behind a 48 MiB prefetch with two workers at 4 MiB/s each, against 0.6 s idle."""
+        With one thread per connection, a reader's object waited for a prefetch to finish: in
+        bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
+        prefetches, against 0.54 s on an idle daemon."""
         with self._cond:
             while not self._stopping.is_set():
                 full = self._background() >= self.s.workers
