@@ -44,8 +44,8 @@ from .checksum import Digest, have_crc64nvme
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
-from .resplit import CutBody, read_into
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans
+from .resplit import CutBody, read_into
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .stream import DiskFull, Streams
@@ -82,7 +82,7 @@ class _Priority:
     prefetch of one of the first files a job opens, laid out like a reader's, the job's ``order``-th
     (see ``Link``)."""
 
-    __slots__ = ("foreground", "promoted", "early", "order")
+    __slots__ = ("early", "foreground", "order", "promoted")
 
     def __init__(self, foreground: bool, early: int | None = None) -> None:
         self.foreground = foreground
