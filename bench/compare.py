@@ -273,6 +273,11 @@ class Bench:
                 proc.wait()
 
 
+def _spread(values: list[float]) -> float:
+    """(max - min) / min: how far identical rounds differ."""
+    return (max(values) - min(values)) / min(values) if values else float("nan")
+
+
 def _records_from_blobs(blobs):
     """Baseline A's parsing: split each fetched shard into its records in memory."""
     import tensorflow as tf
@@ -432,6 +437,10 @@ def report(b: Bench, a, total: int) -> None:
         f"S3 requests in warm epochs: {sum(s.requests for w in warm for s in w.samples)} (goal 0)",
         f"- first record {cold.median('ttfr'):.2f}s = {cold.median('ttfr') / one_shard:.1f}x the time to fetch one "
         f"shard ({one_shard:.2f}s; goal <= 2x)",
+        f"- first record every round, s3cache cold: {' '.join(f'{s.ttfr:.2f}' for s in cold.samples)} s; "
+        f"baseline A epoch 1: {' '.join(f'{s.ttfr:.2f}' for s in base.samples)} s (s3cache below it in "
+        f"{sum(c.ttfr < b.ttfr for c, b in zip(cold.samples, base.samples))} of {len(cold.samples)} rounds); "
+        f"cold epoch spread between rounds {_spread([total / s.seconds for s in cold.samples]):.0%}",
         f"- daemon CPU {cold_cpu:.1f} s/GB = {cold_cpu / c1_cpu:.2f}x ceiling 1's (goal <= 1.2x); "
         f"daemon peak RSS {human_size(max(b.rss))} (goal < 200 MB)",
         f"- resolve() of a cached file: p50 {p50:.1f} us, p99 {p99:.1f} us",

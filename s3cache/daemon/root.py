@@ -211,7 +211,7 @@ class Daemon:
         self._spawn(self.publisher.run, "s3cache-publish")
         self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
         self._spawn(self._reload.loop, "s3cache-reload")
-        for i in range(s.workers):
+        for i in range(self.workers.threads):
             self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
         self._start_revalidate(s.revalidate)
         self._ops = ops  # requests reach the parts from now on

@@ -12,6 +12,8 @@ Invariants it keeps:
   hands it out: a job is never handed out twice at once;
 * demand goes before prefetch; prefetch is not handed out while the disk is full, demand is (its
   admission counts the filesystem's free bytes and may evict for it: a waiting reader never starves);
+* at most ``workers`` jobs no reader waits on are in flight: the workers' other threads are kept for
+  objects readers wait on, so a reader's fetch never waits for a prefetch to finish (``next_job``);
 * with readers whose future is known (in order, or an announced order), prefetch goes in order of next
   use, and nothing beyond the readahead window (``evict.readahead_files``: at most a sixteenth of the
   cache) is prefetched unless it fits in free room (evicting for a file needed later than what is
@@ -35,6 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import islice
 
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.jobs import Cursors
@@ -49,6 +52,7 @@ from .failures import RECHECK, Failure, Failures
 from .space import Space
 
 MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
+LOOK = 64  # demand entries looked at for one a reader waits on while prefetch holds its share of threads
 
 
 class Schedule:
@@ -114,15 +118,25 @@ class Schedule:
     # == handing out work =============================================================================
 
     def next_job(self) -> tuple[Entry, bool] | None:
-        """Block until there is a job: (entry, True for demand). None once the daemon stops."""
+        """Block until there is a job: (entry, True for demand). None once the daemon stops.
+
+        Called by twice ``workers`` threads (``Workers.threads``); at most ``workers`` of them are on jobs
+        no reader waits on. The others are kept for readers' objects, whose fetch so starts at once
+        whatever prefetch is doing (its GET takes a link slot first and prefetch streams yield theirs).
+        With one thread per connection, a reader's object waited for a prefetch to finish: in
+        bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
+        prefetches, against 0.54 s on an idle daemon."""
         with self._cond:
             while not self._stopping.is_set():
-                while self.demand:  # even on a full disk: admission evicts for a waiting reader
-                    e = self.demand.popleft()
-                    if (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching:
-                        self.fetching.add(e.uri)
-                        self._fetching_as[e.uri] = e
-                        return e, True
+                full = self._background() >= self.s.workers
+                e = self._next_demand(full)  # even on a full disk: admission evicts for a waiting reader
+                if e is not None:
+                    self.fetching.add(e.uri)
+                    self._fetching_as[e.uri] = e
+                    return e, True
+                if full:
+                    self._cond.wait(1.0)
+                    continue
                 if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
                     e = self._next_prefetch()
                     if e is not None:
@@ -131,6 +145,32 @@ class Schedule:
                         return e, False
                     self._scan_idle = True  # until something changes (see work_changed)
                 self._cond.wait(1.0)
+        return None
+
+    def _background(self) -> int:
+        """Jobs in flight that no reader waits on (prefetch, hints, pins)."""
+        return sum(1 for u in self.fetching if not self._is_waited(u))
+
+    def _demand_wanted(self, e: Entry) -> bool:
+        return (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching
+
+    def _next_demand(self, waited_only: bool) -> Entry | None:
+        """The next demand job, taken off the queue; only one a reader waits on if ``waited_only``.
+
+        Entries a reader waits on are queued at the front (``push_front``, ``again``,
+        ``resume_prefetch``), behind at most entries whose reader has left since: a look at the first
+        ``LOOK`` finds them without scanning thousands of hints under the lock."""
+        d = self.demand
+        while d and not self._demand_wanted(next(iter(d))):  # the order popleft serves (round robin)
+            d.popleft()
+        if not d:
+            return None
+        if not waited_only:
+            return d.popleft()
+        for e in islice(d, LOOK):
+            if self._is_waited(e.uri) and self._demand_wanted(e):
+                d.remove(e)
+                return e
         return None
 
     def _size_of(self, e: Entry) -> int:

@@ -1,6 +1,7 @@
 """The workers: take a job from the schedule, get it room in the space, fetch it, hand it on.
 
-One ``run`` per worker thread. It owns no state: every outcome of a fetch is routed to the part whose
+One ``run`` per worker thread (``threads`` of them: half of them kept for readers' objects, see
+``Schedule.next_job``). It owns no state: every outcome of a fetch is routed to the part whose
 state it changes — a verified file to the publisher (``publish``), a failure to ``fail``, no room to
 the schedule (blocked) with the size learned by the space, a full disk to eviction for the filesystem
 or to the schedule (parked) — so that each of those decisions is made in one place.
@@ -10,7 +11,8 @@ Invariants it keeps:
 * every job handed out ends in exactly one of: published, failed, blocked, parked, re-queued, or
   cancelled at shutdown; in every case it leaves the fetching set, and a reservation it took is
   released (or turned into ready bytes by the publisher);
-* a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch);
+* a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch); the first
+  files of each job are fetched *early*: laid out the same way, behind readers, ahead of other prefetch;
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).
@@ -39,6 +41,8 @@ from .supervise import LoopErrors
 
 log = logging.getLogger("s3cache.daemon")
 
+FIRST_FILES = 4  # per job: prefetched early, as a reader's files are (``Workers._opens_first``)
+
 
 class Workers:
     def __init__(self, settings: Settings, schedule: Schedule, space: Space, fetcher: Fetcher,
@@ -56,6 +60,13 @@ class Workers:
         self._histogram = histogram
         self._errors = errors or LoopErrors()
         self.disk_full_pauses = 0  # state lock
+
+    @property
+    def threads(self) -> int:
+        """Worker threads to run: ``workers`` for prefetch and as many again kept for readers' objects
+        (the schedule hands at most ``workers`` jobs no reader waits on out at once). Threads, not
+        connections: the link still lets at most ``workers`` GETs stream at once."""
+        return 2 * self.s.workers
 
     def run(self) -> None:
         """One worker thread: until the schedule says stop."""
@@ -83,13 +94,13 @@ class Workers:
             if size is not None and not space.admit(entry, size, demand):
                 raise NeedSpace(size)
             # Foreground while a reader waits: files a reader will want next ("ahead") come through
-            # the demand queue too, and must not compete with the one it waits on. The head of the
-            # manifest counts as waited on: a job that just wrote its manifest reads it first, and
-            # is usually still starting up when the fetch begins.
+            # the demand queue too, and must not compete with the one it waits on.
             with self._cond:
-                foreground = self._is_waited(uri) if demand else self._schedule.position(uri) == 0
+                foreground = demand and self._is_waited(uri)
+                early = None if demand else self._opens_first(uri)
             started = time.monotonic()
-            fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground)
+            fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground,
+                                          early=early)
             if self._histogram is not None:
                 self._histogram.record_fetch(time.monotonic() - started, fetched.size)
         except NeedSpace as e:
@@ -148,6 +159,19 @@ class Workers:
             return True
         self._publish(entry, fetched)
         return True
+
+    def _opens_first(self, uri: str) -> int | None:
+        """Which of the ``FIRST_FILES`` a job opens first ``uri`` is (its manifest's head; each job's, in
+        a manifest directory), None if none (state lock held). A job that just wrote its manifest reads
+        them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
+        first record once about three files are open, so those come as a reader's file would: a
+        small first part, then the rest over many connections, ahead of other prefetch (``early``)."""
+        pos = self._schedule.position(uri)
+        if pos is None:
+            return None
+        jobs = self._schedule.catalog.jobs
+        nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
+        return nth if nth < FIRST_FILES else None
 
     def _give_up(self, entry: Entry, err: Exception) -> None:
         """End a job whose outcome could not be routed: out of the fetching set, its reservation

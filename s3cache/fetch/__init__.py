@@ -1,6 +1,6 @@
 """One object from S3 into a verified, fsync'd temp file: the requests (``s3api``), the link's
 connections and its priority (``link``), the byte layout of ranged GETs (``parts``), streaming to disk
-(``stream``), retries (``retry``), which checks an object is held to (``checks``, ``verifier``), the
+(``stream``), re-splitting a download a reader starts waiting on (``resplit``), retries (``retry``), which checks an object is held to (``checks``, ``verifier``), the
 checksums themselves (``checksum``, ``partdigest``), writing a manifest from a listing
 (``listing``), and a manifest's URI list, prefix lines listed, for training code (``uris``).
 

@@ -15,7 +15,9 @@ Per object:
   size and that count, 1 MiB at least, ``part_size`` at most), taking slots before prefetch does; a
   prefetch object is spread over its share of the connections (``workers`` / objects in flight) in
   parts of ``part_size`` to ``prefetch_part_size``. Prefetch gives up only the slots a reader's parts
-  wait for, or all of them while a reader waits on a link measured to be saturated.
+  wait for, or all of them while a reader waits on a link measured to be saturated. The first files a
+  job opens (``early``) are laid out as a reader's object is, behind readers and ahead of other
+  prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
 * Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
 * The strongest available checksum is checked, with the size, before the file is handed back.
 
@@ -43,6 +45,7 @@ from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
 from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans, status
+from .resplit import CutBody, read_into
 from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .stream import DiskFull, Streams
@@ -75,13 +78,22 @@ class Fetched:
 
 
 class _Priority:
-    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs."""
+    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs. ``early``: a
+    prefetch of one of the first files a job opens, laid out like a reader's, the job's ``order``-th
+    (see ``Link``)."""
 
-    __slots__ = ("foreground", "promoted")
+    __slots__ = ("early", "foreground", "order", "promoted")
 
-    def __init__(self, foreground: bool) -> None:
+    def __init__(self, foreground: bool, early: int | None = None) -> None:
         self.foreground = foreground
         self.promoted = False
+        self.early = early is not None and not foreground
+        self.order = early or 0
+
+    @property
+    def spread(self) -> bool:
+        """Laid out over the free connections in small parts, as a reader's object is."""
+        return self.foreground or self.early
 
 
 class Fetcher:
@@ -120,6 +132,8 @@ class Fetcher:
         # Two part pools, so that a reader's object never queues behind parts of background prefetch.
         self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
         self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
+        # Early prefetch's parts wait for slots ahead of plain prefetch's: not queued behind them either.
+        self._early_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-earlypart")
         self._fg_active = 0
         self._fg_lock = threading.Lock()
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
@@ -138,6 +152,7 @@ class Fetcher:
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
         self._fg_parts.shutdown(wait=True, cancel_futures=True)
+        self._early_parts.shutdown(wait=True, cancel_futures=True)
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
@@ -154,10 +169,14 @@ class Fetcher:
 
     # -- one object --------------------------------------------------------------------------------
 
-    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
+              early: int | None = None) -> Fetched:
         """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
 
-        ``foreground``: a reader waits on it; background fetches yield to it while it runs.
+        ``foreground``: a reader waits on it; background fetches yield to it while it runs. ``early``: a
+        prefetch of the ``early``-th file a job opens (one of its first): laid out as a reader's object
+        is (a small first part, then the rest over the free connections), ahead of other prefetch and
+        of later early files, behind readers.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
         at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
@@ -166,7 +185,7 @@ class Fetcher:
         uri = entry.uri
         changed = 0
         seen: dict = {}  # wrong digests of earlier attempts, and how many attempts gave each
-        prio = _Priority(foreground)
+        prio = _Priority(foreground, early)
         with self._fg_lock:
             self._inflight[uri] = prio
             if foreground:
@@ -194,12 +213,13 @@ class Fetcher:
 
     def promote(self, uri: str) -> bool:
         """A reader now waits on a fetch that started as prefetch: it stops yielding to other waited-on
-        fetches. False if no such fetch is in flight.
+        fetches, and a whole object still streaming on one connection is re-split (``_stream_whole``):
+        its rest comes in parts over the free connections, which other prefetch yields to. False if no
+        such fetch is in flight.
 
-        It does not make other prefetch pause, as a fresh demand does: its parts are already laid out,
-        so it cannot use the connections others would give up (one S3 connection tops out at ~80 MB/s),
-        and a reader that caught up with prefetch wants those other files next. Pausing them on every
-        promotion cut a cold epoch's throughput by a quarter in bench/compare.py."""
+        It does not make other prefetch pause outright, as a fresh demand's waiting parts do: a reader
+        that caught up with prefetch wants those other files next. Pausing them on every promotion cut a
+        cold epoch's throughput by a quarter in bench/compare.py."""
         with self._fg_lock:
             prio = self._inflight.get(uri)
             if prio is None or prio.foreground:
@@ -235,7 +255,7 @@ class Fetcher:
         return part_length(nbytes, share, low, self.prefetch_part_size)
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
-        asked: Span | None = first_span(self._first_length(entry, prio.foreground))
+        asked: Span | None = first_span(self._first_length(entry, prio.spread))
         slot = Slot(self.link, prio)
         try:
             try:
@@ -290,8 +310,7 @@ class Fetcher:
                         raise
             if checks is not None:
                 digest = Digest(checks.expect, checks.also)
-                self._stream(body, fd, 0, total, digest, prio)
-                slot.release()
+                self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
                 checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
             # Writes never leave their ranges; the file's length is the object's all the same.
@@ -307,6 +326,64 @@ class Fetcher:
             os.close(fd)
             if not ok:
                 self._discard(tmp)
+
+    def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: _Priority,
+                      slot: Slot) -> None:
+        """Stream a whole-object answer into the file and, in order, into ``digest``. A prefetch that a
+        reader starts waiting on (promoted) with at least two parts' worth left stops at its next chunk;
+        the rest comes in ranged parts over the free connections, and is fed to ``digest`` from the file
+        (``resplit.py``): on one connection a reader waited for the whole object at one connection's rate."""
+        def cut(left: int) -> bool:
+            return (prio.promoted and left >= 2 * FLOOR
+                    and part_length(left, self.link.foreground_share(True), FLOOR, self.part_size) < left)
+
+        cuttable = CutBody(body, total, cut)
+        try:
+            self._stream(cuttable, fd, 0, total, digest, prio)
+        except botocore.exceptions.IncompleteReadError:
+            if cuttable.at is None:
+                raise
+        slot.release()
+        if cuttable.at is not None:
+            start = cuttable.at
+            self._fetch_span(entry, fd, Span(start, total - 1), total, None if entry.version else etag, prio)
+            self.counters.add(readback=read_into(digest, fd, start, total))
+            log.debug("%s: a reader waits on it; its last %d bytes came in parts", entry.uri, total - start)
+
+    def _fetch_span(self, entry: Entry, fd: int, span: Span, total: int, pin: str | None, prio: _Priority) -> None:
+        """Write ``span`` of the object into the file in ranged parts over the connections this fetch may
+        use (each retried on its own, pinned by ``pin``), without a digest."""
+        uri = entry.uri
+        length = self._part_length(span.length, prio.spread)
+        layout = [Span(s, min(span.end, s + length - 1)) for s in range(span.start, span.end + 1, length)]
+
+        def once(part: Span) -> None:
+            part_slot = Slot(self.link, prio)
+            try:
+                resp = self.api.get(entry, part, pin)
+                try:
+                    check_ranged(resp, part, total)
+                except BadResponse:
+                    resp["Body"].close()
+                    raise
+                self._stream(resp["Body"], fd, part.start, part.length, None, prio)
+            finally:
+                part_slot.release()
+
+        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
+        futures = [pool.submit(self.policy.run, uri, lambda p=p: once(p)) for p in layout]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            for f in futures:  # none may write into the file once the caller closes it
+                if not f.cancelled():
+                    try:
+                        f.exception()
+                    except Exception:
+                        pass
 
     def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
                     asked: Span, slot: Slot, confirm: bool = False) -> tuple[Checks, Digest]:
@@ -363,8 +440,8 @@ class Fetcher:
         def part(span: Span) -> None:
             self.policy.run(uri, lambda: once(span))
 
-        layout = spans(total, self._part_length(total - asked.length, prio.foreground), asked.length)
-        pool = self._fg_parts if prio.foreground else self._parts
+        layout = spans(total, self._part_length(total - asked.length, prio.spread), asked.length)
+        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
         futures = [pool.submit(part, s) for s in layout[1:]]
         try:
             try:

@@ -22,16 +22,27 @@ A verdict of "limited" holds only while there are streams to measure: a window i
 fewer than half a stream ran ends it. Otherwise prefetch paused for a reader whose fetch is not
 streaming (in its HEAD, say) would keep the link idle and the verdict with it, for ever.
 
+An *early* prefetch (``Waited.early``: one of the first files a job opens, fetched the way a reader's
+file is) sits between the two: it holds a prefetch slot and yields to readers like any prefetch, but
+other prefetch yields to it and waits while it waits, so the first files come over many connections
+instead of one each (the job's first record waits for them) without delaying a reader's object. Among
+early streams the job's first file goes first (``Waited.order``): the first record needs the first
+file whole, then the next, not all of them at a quarter of the link each. (Holding plain prefetch back
+altogether while early files are in flight was tried: it made the first record no faster on this
+2-core machine, where the CPU is the limit, and cold epochs up to twice as long.)
+
 A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader now waits on it) is one of
 ``readers``: it neither yields for readers nor waits for them, since it would be waiting on itself. It
 keeps the kind of slot it took (a promotion changes whom it yields to, not what it holds), so each
 release matches its acquire.
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
-``fg_waiting`` counts foreground streams blocked in ``acquire``, ``handoff`` the slots prefetch gave up
-for them and they have not taken yet; a prefetch stream that is not promoted yields only while
-``fg_waiting > handoff`` (one per waiting part) or while a reader waits on a saturated link; a promoted
-one waits only for a free slot.
+``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
+``handoff`` the slots prefetch gave up for readers' streams and they have not taken yet (exactly:
+``handoff <= fg_waiting``), ``early_handoff`` those given up for early streams (at most
+``early_waiting``); a prefetch stream that is not promoted yields only while more streams of a higher
+rank wait than have been handed a slot (one per waiting part) or while a reader waits on a saturated
+link; a promoted one waits only for a free slot.
 """
 
 from __future__ import annotations
@@ -54,6 +65,14 @@ class Waited(Protocol):
     foreground: bool
 
 
+def _early(waited: Waited | None) -> bool:
+    return bool(getattr(waited, "early", False))
+
+
+def _order(waited: Waited | None) -> int:
+    return getattr(waited, "order", 0)
+
+
 class Link:
     def __init__(self, capacity: int, cancel: threading.Event | None = None, clock=time.monotonic) -> None:
         if capacity < 1:
@@ -65,7 +84,10 @@ class Link:
         self.fg = 0  # slots held by foreground streams
         self.bg = 0  # slots held by prefetch streams
         self.fg_waiting = 0
+        self.early_waiting = 0  # early prefetch streams blocked in acquire (plain prefetch yields to them)
+        self._early_orders: dict[int, int] = {}  # order -> early streams of that order waiting
         self.handoff = 0
+        self.early_handoff = 0  # slots plain prefetch gave up for early streams, not taken yet
         self.readers = 0  # foreground fetches in flight (set by the fetcher)
         self.peak = 0
         self.yields = 0  # times a prefetch stream gave its slot up, for tests and status
@@ -119,8 +141,27 @@ class Link:
                     self.handoff = min(self.handoff, self.fg_waiting)
                 self._tick()
                 self.fg += 1
+            elif _early(waited):
+                order = _order(waited)
+                self.early_waiting += 1
+                self._early_orders[order] = self._early_orders.get(order, 0) + 1
+                self._cond.notify_all()  # plain prefetch streams check whether to yield
+                try:
+                    while self.fg + self.bg >= self.capacity or (
+                            (self._bg_held() or min(self._early_orders) < order) and not _promoted(waited)):
+                        self._wait()
+                finally:
+                    self.early_waiting -= 1
+                    self._early_orders[order] -= 1
+                    if not self._early_orders[order]:
+                        del self._early_orders[order]
+                    self.early_handoff = min(self.early_handoff, self.early_waiting)
+                    self._cond.notify_all()  # a later early stream may take a slot still free
+                self._tick()
+                self.bg += 1
             else:
-                while self.fg + self.bg >= self.capacity or (self._bg_held() and not _promoted(waited)):
+                while self.fg + self.bg >= self.capacity or (
+                        (self._bg_held() or self.early_waiting) and not _promoted(waited)):
                     self._wait()
                 self._tick()
                 self.bg += 1
@@ -152,15 +193,29 @@ class Link:
         """Whether prefetch must not stream now (lock held)."""
         return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
 
+    def _early_above(self, waited: Waited | None) -> int:
+        """Early streams that ``waited``'s gives way to waiting for a slot (lock held): every one for
+        plain prefetch, those of an earlier file for an early one."""
+        if not _early(waited):
+            return self.early_waiting
+        order = _order(waited)
+        return sum(n for o, n in self._early_orders.items() if o < order)
+
     def should_yield(self, waited: Waited | None = None) -> bool:
         """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
-        once the prefetch is promoted: a reader waits on it."""
-        if _promoted(waited) or (not self.fg_waiting and not (self.readers and self.limited)):
+        once the prefetch is promoted: a reader waits on it. An early prefetch yields to readers and to
+        early prefetch of an earlier file; plain prefetch to early prefetch as well."""
+        if _promoted(waited) or not (self.fg_waiting or self.early_waiting or (self.readers and self.limited)):
             return False
         with self._cond:
             if self.readers and self.limited:
                 return True
-            return self.fg_waiting > self.handoff and self.fg + self.bg >= self.capacity
+            if self.fg + self.bg < self.capacity:
+                return False
+            # Counted apart: early parts may wait for long (a link full of plain prefetch), and counting
+            # them with readers' parts kept a stale handoff that stopped streams yielding to the next
+            # reader (a reader's 4 MiB object waited 3 s for a 16 MiB part to end).
+            return self.fg_waiting > self.handoff or self._early_above(waited) > self.early_handoff
 
     def pause(self, waited: Waited | None = None) -> None:
         """A prefetch stream gives its slot up and takes one again when prefetch may stream (or, once
@@ -171,6 +226,8 @@ class Link:
             self.bg -= 1
             if self.fg_waiting > self.handoff:
                 self.handoff += 1
+            elif self._early_above(waited) > self.early_handoff:
+                self.early_handoff += 1
             self._cond.notify_all()
         self.acquire(False, waited)
 
@@ -181,9 +238,9 @@ class Link:
         self._w_bytes += n
 
     def free(self) -> int:
-        """Slots neither held nor about to be taken by a waiting reader's stream."""
+        """Slots neither held nor about to be taken by a waiting reader's (or early) stream."""
         with self._cond:
-            return max(0, self.capacity - self.fg - self.bg - self.fg_waiting)
+            return max(0, self.capacity - self.fg - self.bg - self.fg_waiting - self.early_waiting)
 
     def foreground_share(self, holding: bool) -> int:
         """Connections a waited-on object may spread over: the free ones, half of those prefetch streams

@@ -1,0 +1,217 @@
+"""The first record in a second: a reader's object starts at once whatever prefetch is doing, the first
+files a job opens come over many connections, and so does the rest of a prefetch a reader starts waiting
+on; each shown from the proxy's request log (what reached S3, in what order, which answers overlapped),
+never from a clock in the test."""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import SimpleNamespace
+
+from conftest import write_manifest
+
+from s3cache import resolve
+from s3cache.fetch.link import Link
+from s3cache.testing import wait_for
+from s3cache.testing.faultproxy import FaultProxy, most_at_once
+
+MiB = 1 << 20
+
+
+def test_a_readers_object_starts_while_every_worker_streams_a_large_prefetch(tmp_path, moto, s3, bucket, daemons):
+    """Two workers, both streaming a 24 MiB prefetch at 1 MiB/s per connection: a reader's small object
+    (outside the manifest) is asked for. Its GET reaches S3 while both prefetches are still streaming,
+    not once one of them has finished (a worker per connection used to hold it back that long)."""
+    small = os.urandom(256 << 10)
+    s3.put_object(Bucket=bucket, Key="reader/small", Body=small)
+    head = [f"s3://{bucket}/head/{i}" for i in range(4)]  # the first files: fetched first, out of the way
+    for uri in head:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"h" * 1000)
+    big = [f"s3://{bucket}/big/{i}" for i in range(2)]
+    for uri in big:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=os.urandom(24 * MiB))
+    proxy = FaultProxy(moto.port, bandwidth=MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", head + big),
+                    args=["--workers", "2", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        big_paths = [f"/{bucket}/big/{i}" for i in range(2)]
+
+        def streaming() -> bool:
+            return all(any(x.status == 206 and not x.done for x in proxy.seen(p)) for p in big_paths)
+
+        wait_for(streaming, 120, "both workers streaming a large prefetch")
+        path = resolve(f"s3://{bucket}/reader/small", cache_dir=d.cache_dir, timeout=120)
+        with open(path, "rb") as f:
+            assert f.read() == small
+        first = proxy.seen(f"/{bucket}/reader/small")[0]
+        ended = [end for (m, p, _r, _n, _s, end) in proxy.request_bytes if m == "GET" and p in big_paths]
+        assert all(first.when < end for end in ended), "the reader's GET waited for a prefetch to finish"
+        assert d.status()["loop_errors"] == {}
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, moto, s3, bucket, daemons):
+    """Six connections paced at 2 MiB/s and eight 6 MiB objects, no reader yet: each of the first four
+    files of the manifest (the job opens them first) is asked for as a reader's file is, a 1 MiB first
+    range and then the rest in ranges streaming at once, instead of one GET on one connection each;
+    the files after them are plain prefetch, one GET each."""
+    uris = [f"s3://{bucket}/d/{i}" for i in range(8)]
+    data = {u: os.urandom(6 * MiB) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                    args=["--workers", "6", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        d.wait_until(lambda st: st["objects"]["ready"] == len(uris), 120, "every object cached")
+        # The proxy logs an answer just after its last byte left, which may be after the daemon had it.
+        wait_for(lambda: all(x.done for x in proxy.seen(f"/{bucket}/d/")), 60, "the proxy to log every answer")
+        for i, u in enumerate(uris):
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/d/{i}")]  # in the order sent
+            if i < 4:
+                assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
+            else:
+                assert asked == ["bytes=0-67108863"], (i, asked)  # one GET (of --prefetch-part-size)
+        early = [(r[4], r[5]) for r in proxy.request_bytes
+                 if r[0] == "GET" and r[1] in {f"/{bucket}/d/{i}" for i in range(4)}]
+        assert most_at_once(early) >= 4, early  # the first files' parts streamed side by side
+        for u, body in data.items():
+            with open(resolve(u, cache_dir=d.cache_dir, timeout=60), "rb") as f:
+                assert f.read() == body
+        assert d.status()["loop_errors"] == {}
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connections(tmp_path, moto, s3, bucket,
+                                                                                  daemons):
+    """A 12 MiB prefetch streams on one connection at 1 MiB/s when a reader asks for it: the rest of it
+    comes in ranged parts on several connections at once (its one GET is cut short at a chunk), and
+    the file is whole and verified (the object carries a CRC32 that the daemon checks)."""
+    body = os.urandom(12 * MiB)
+    checked = moto.client()  # boto3's default: a whole-object CRC32 stored with the object
+    checked.put_object(Bucket=bucket, Key="big", Body=body)
+    head = [f"s3://{bucket}/head/{i}" for i in range(4)]  # the job's first files, out of the way
+    for uri in head:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"h" * 1000)
+    uri = f"s3://{bucket}/big"
+    proxy = FaultProxy(moto.port, bandwidth=MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", head + [uri]),
+                    args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        wait_for(lambda: any(x.status == 206 and not x.done for x in proxy.seen(f"/{bucket}/big")), 120,
+                 "the prefetch of big streaming")
+        [prefetch] = proxy.seen(f"/{bucket}/big")
+        with open(resolve(uri, cache_dir=d.cache_dir, timeout=120), "rb") as f:
+            assert f.read() == body
+        parts = [x for x in proxy.seen(f"/{bucket}/big") if x is not prefetch]
+        assert len(parts) >= 2, [x.headers.get("range") for x in parts]
+        # The proxy logs an answer just after its last byte left, which may be after the reader had it.
+        wait_for(lambda: all(x.done for x in parts), 60, "the proxy to log every part's answer")
+        later = [(r[2], r[4], r[5]) for r in proxy.request_bytes if r[0] == "GET" and r[1] == f"/{bucket}/big"]
+        assert most_at_once([(s, e) for _, s, e in later]) >= 2, later
+        st = d.status()
+        assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
+        assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]  # big's CRC32, its bytes fed in order
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_early_prefetch_goes_before_other_prefetch_and_after_readers():
+    """The link's three ranks: a plain prefetch stream yields its slot to an early part waiting, and
+    plain prefetch waits while one does; an early stream yields to a reader's part, not to another early."""
+    link = Link(2)
+    plain = SimpleNamespace(foreground=False)
+    early = SimpleNamespace(foreground=False, early=True)
+    link.acquire(False, plain)
+    link.acquire(False, early)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (link.acquire(False, early), got.set()))
+    waiter.start()
+    wait_for(lambda: link.early_waiting == 1, 30, "the early part to wait")
+    assert link.should_yield(plain) and not link.should_yield(early)
+    assert link.free() == 0
+    yielded = threading.Thread(target=lambda: link.pause(plain))  # gives its slot up, waits for one again
+    yielded.start()
+    assert got.wait(30), "the early part never got the slot plain prefetch gave up"
+    waiter.join(30)
+    assert (link.fg, link.bg) == (0, 2)
+    reader = threading.Thread(target=lambda: link.acquire(True))
+    reader.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the reader's part to wait")
+    assert link.should_yield(early)
+    link.release(False)  # an early stream ends: the reader's part takes the slot, not the plain stream
+    reader.join(30)
+    assert (link.fg, link.bg) == (1, 1) and yielded.is_alive()
+    link.release(True)
+    link.release(False)
+    yielded.join(30)
+    assert (link.fg, link.bg) == (0, 1) and link.yields == 1
+    link.release(False)
+
+
+def test_among_early_prefetch_the_jobs_first_file_goes_first():
+    """An early stream of the job's second file yields its slot to a waiting part of the first file, and
+    a later file's part waits while an earlier one's does; the first file's stream never yields to a later."""
+    link = Link(1)
+    first = SimpleNamespace(foreground=False, early=True, order=0)
+    second = SimpleNamespace(foreground=False, early=True, order=1)
+    link.acquire(False, second)
+    got: list[str] = []
+    waiters = [threading.Thread(target=lambda w=w, name=name: (link.acquire(False, w), got.append(name)))
+               for w, name in ((second, "second"), (first, "first"))]
+    waiters[0].start()
+    wait_for(lambda: link.early_waiting == 1, 30, "a part of the second file to wait")
+    assert not link.should_yield(second)  # the same file's part: no reason to hand over
+    waiters[1].start()
+    wait_for(lambda: link.early_waiting == 2, 30, "a part of the first file to wait")
+    assert link.should_yield(second)
+    link.release(False)  # the second file's stream ends: the first file's part takes the slot
+    wait_for(lambda: got, 30, "a waiting part to take the slot")
+    assert got == ["first"] and not link.should_yield(first)
+    link.release(False)
+    wait_for(lambda: len(got) == 2, 30, "the second file's part to take the slot")
+    link.release(False)
+    for t in waiters:
+        t.join(30)
+
+
+def test_early_parts_waiting_for_long_never_stop_prefetch_yielding_to_the_next_reader():
+    """Early parts may wait for a slot for long. A reader's part that a stream yielded to, once it took
+    its slot, must leave no handoff behind them: the next reader's part gets a stream to yield too
+    (a count shared with the early parts kept one, and a reader's object waited for a 16 MiB part)."""
+    link = Link(2)
+    a = SimpleNamespace(foreground=False, early=True, order=0)
+    b = SimpleNamespace(foreground=False, early=True, order=1)
+    link.acquire(False, a)
+    link.acquire(False, b)
+    part = threading.Thread(target=lambda: link.acquire(False, a))  # a's next part waits for a slot
+    part.start()
+    wait_for(lambda: link.early_waiting == 1, 30, "an early part to wait")
+    reader = threading.Thread(target=lambda: link.acquire(True))
+    reader.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the first reader's part to wait")
+    assert link.should_yield(b)
+    paused = threading.Thread(target=lambda: link.pause(b))
+    paused.start()
+    reader.join(30)
+    assert link.fg == 1
+    link.release(True)  # the reader's part is done: a's waiting part (the earlier file) takes the slot
+    part.join(30)
+    assert (link.fg, link.bg) == (0, 2) and paused.is_alive()
+    second = threading.Thread(target=lambda: link.acquire(True))
+    second.start()
+    wait_for(lambda: link.fg_waiting == 1, 30, "the second reader's part to wait")
+    assert link.should_yield(a), "no stream yields to the second reader's part"
+    link.release(False)
+    second.join(30)
+    link.release(True)
+    paused.join(30)
+    link.release(False)
+    link.release(False)
+    assert (link.fg, link.bg) == (0, 0)
