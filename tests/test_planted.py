@@ -21,6 +21,7 @@ from conftest import write_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
 from s3cache import resolve
+from s3cache.errors import DaemonNotRunning
 from s3cache.store.index import PUBLISHING, READY, Index
 from s3cache.store.layout import Layout
 from s3cache.testing import free_port, wait_for
@@ -121,21 +122,33 @@ class Strace:
                                          stdout=subprocess.DEVNULL, stderr=err)
         # Wait until the kernel names strace as the tracer of every thread the daemon had: only then is
         # no call of theirs missed (threads started later are followed by -f from their first call).
-        wait_for(lambda: self._attached(tasks), 30, "strace attached to the daemon's threads")
+        try:
+            wait_for(lambda: self._attached(tasks), 30, "strace attached to the daemon's threads")
+        except BaseException:
+            self.stop()
+            raise
 
     def _attached(self, tasks: list[str]) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"strace exited {self.proc.returncode}: {self.err.read_text()}")
-        try:
-            return all(_tracer(self.pid, int(t)) == self.proc.pid for t in tasks)
-        except FileNotFoundError:
-            return True  # a thread ended meanwhile; the others are checked on the next round
+        for t in tasks:
+            try:
+                if _tracer(self.pid, int(t)) != self.proc.pid:
+                    return False
+            except FileNotFoundError:
+                continue  # the thread ended meanwhile: none of its calls can be missed
+        return True
 
     def stop(self) -> list[tuple[int, str, str]]:
         """Detach; every traced call as (thread id, syscall, arguments and result)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # detaches and leaves the tracee running
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
         calls = []
         for line in self.out.read_text().splitlines():
             mo = _LINE.match(line)
@@ -176,6 +189,9 @@ def test_publish_fsyncs_the_directory_after_the_rename_and_before_ready(tmp_path
     renames = [i for i, (_, name, args) in enumerate(calls)
                if _is_rename(name) and f'"{os.path.basename(path)}"' in args and f"<{file_dir}>" in args]
     assert len(renames) == 1, f"one rename of the file into {file_dir}: {calls}"
+    tmp_name = re.search(r'tmp>, "([^"]+)"', calls[renames[0]][2]).group(1)
+    assert any(name in ("fsync", "fdatasync") and f"/{tmp_name}>" in args for _, name, args in calls[:renames[0]]), (
+        f"the temp file {tmp_name} fsync'd before its rename: {calls}")
     tid = calls[renames[0]][0]
     mine = [(name, args) for t, name, args in calls if t == tid]  # the publisher's calls, in order
     at = next(i for i, (name, args) in enumerate(mine) if _is_rename(name) and f"<{file_dir}>" in args)
@@ -212,7 +228,7 @@ def test_a_kill_between_the_row_and_the_rename_leaves_no_ready_row_without_its_f
     trace = Strace(pid, tmp_path / "strace.txt", "rename,renameat,renameat2",
                    ("-e", "inject=rename,renameat,renameat2:error=EIO:signal=SIGKILL:when=1"))
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(DaemonNotRunning):
             resolve(uri, cache_dir=cache, timeout=60)  # the daemon dies under this reader
         wait_for(lambda: d.proc.poll() is not None, 60, "the daemon killed at its rename")
     finally:
