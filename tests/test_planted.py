@@ -62,15 +62,15 @@ def test_retries_metric_counts_retries_not_requests(tmp_path, s3, bucket, proxy,
     port = free_port()
     m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/{k}" for k in keys])
     d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--metrics-addr", f"127.0.0.1:{port}"])
-    st = d.wait_until(lambda st: st["objects"]["ready"] == len(keys), what="every object fetched through the 500s")
+    before = d.wait_until(lambda st: st["objects"]["ready"] == len(keys), what="every object fetched through the 500s")
     metrics = scrape(f"http://127.0.0.1:{port}/metrics")
-    st = d.status()
+    st = d.status()  # housekeeping may still ask S3 something between the two: the scrape lies between them
     assert proxy.faults["500"] == len(keys)
     assert st["retries"] == len(keys), st
     # Requests are the retried GETs plus their successful repeats (and HEADs, if any): more than retries.
     assert st["requests"] > st["retries"]
     assert st["requests"] <= proxy.total(), (st["requests"], proxy.total())
-    assert metrics["s3cache_s3_requests_total"] == st["requests"]
+    assert before["requests"] <= metrics["s3cache_s3_requests_total"] <= st["requests"]
     assert metrics["s3cache_s3_retries_total"] == st["retries"], (
         f"s3cache_s3_retries_total={metrics['s3cache_s3_retries_total']}, status retries={st['retries']}, "
         f"requests={st['requests']}, proxy saw {proxy.total()} requests")
