@@ -73,7 +73,8 @@ class PeerSource:
         self.from_peers = [0, 0]
         self.peer_failures: dict[str, int] = {}
 
-    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
+              early: int | None = None) -> Fetched:
         owner = self._owner(entry.uri)
         if owner != self.me and self.health.usable(owner, self._clock()):
             try:
@@ -94,7 +95,7 @@ class PeerSource:
                     self.from_peers[1] += got.size
                 return got
         started = time.monotonic()
-        got = self.fetcher.fetch(entry, admit, foreground=foreground)
+        got = self.fetcher.fetch(entry, admit, foreground=foreground, early=early)
         self.pace.record(time.monotonic() - started, got.size)
         with self._lock:
             self.from_s3[0] += 1
