@@ -296,6 +296,7 @@ class Harness:
         self.s3 = FakeS3()
         self.fs = Filesystem(root)
         self.catalog = Catalog()
+        self.entries: list[Entry] = []  # the manifest's lines, as the catalog was built from them
         self.jobs: dict[str, Job] = {}
         self.evictions: list[tuple[list, set[str], set[str]]] = []  # (victims, held, pinned) as seen then
         self.errors: list[str] = []
@@ -334,6 +335,7 @@ class Harness:
 
         d.workers._publish = publish
         self.queued: list[str] = []
+        self.reread()
         if damaged:
             d.maintenance.rebuild(self.catalog)
         else:
@@ -468,9 +470,25 @@ class Harness:
         with self.d.cond:
             self.d.readers.drain()
 
-    def install(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self.d.manifests.install(catalog)
+    def install(self, entries: list[Entry]) -> None:
+        """A manifest edit: its entries read and installed (``ManifestWatch`` then ``Manifests.install``)."""
+        self.entries = list(entries)
+        self.catalog = Catalog.build(self.entries)
+        self.d.manifests.install(self.catalog)
+
+    def reread(self) -> Catalog:
+        """The manifest read again (at start, or by SIGHUP): its prefix lines listed again, so a listed
+        size is S3's size now and an object deleted since is gone from the listing."""
+        entries = []
+        for e in self.entries:
+            if e.size_is_hint:
+                gen = self.s3.current(e.uri)
+                if gen is None:
+                    continue
+                e = e._replace(size=self.s3.gens[e.uri][gen])
+            entries.append(e)
+        self.catalog = Catalog.build(entries)
+        return self.catalog
 
     def sighup(self, **changes) -> None:
         """What ``Reload.reload`` does when only live settings changed: apply them to the daemon and its
@@ -479,7 +497,7 @@ class Harness:
         merged = dataclasses.replace(d.s, **changes)
         with d.cond:
             d._apply_settings(merged)
-        d.manifests.install(self.catalog)
+        d.manifests.install(self.reread())
         with d.cond:
             d.schedule.work_changed()
 

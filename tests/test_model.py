@@ -25,7 +25,8 @@ promises, and each has an example test below, marked xfail(strict=True), that re
 sequence and fails until the fix lands (then the strict xfail fails: drop the name from ``KNOWN``).
 
 ``S3CACHE_MODEL_EXAMPLES`` (default 25) and ``S3CACHE_MODEL_STEPS`` (default 40) scale the run;
-CI's run is derandomized, so it is the same sequences every time.
+CI's run is derandomized, so it is the same sequences every time; ``S3CACHE_MODEL_RANDOM=1`` explores
+new ones (``--hypothesis-seed=N`` repeats one such run), ``S3CACHE_MODEL_STATS=1`` prints what ran.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from model_harness import BUCKET, Conn, FakeClock, Harness, clocked, content, ge
 
 from s3cache.daemon.recovery import cached_files
 from s3cache.errors import PinQuotaExceeded
-from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import parse_uri
 from s3cache.policy.leases import LEASE_SHARE
@@ -66,6 +66,7 @@ KNOWN = frozenset({
     "sighup_leases",  # SIGHUP's lease and max_size do not reach the leases (item 7)
     "wall_clock_readers",  # a step of the wall clock forgets every reader (item 14)
     "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
+    "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
 })
 
 
@@ -91,6 +92,7 @@ class DaemonModel(RuleBasedStateMachine):
         # With "shrink_max_size" known: the bytes a smaller --max-size left above it, which may only go
         # down (admission evicts down to the new size), 0 once within it.
         self.ceiling = 0
+        self.excused: set[str] = set()  # objects whose lost wake-up is a known defect (their readers time out)
         self.tmp = Path(tempfile.mkdtemp(prefix="s3cache-model-"))
         self.clock = FakeClock()
         self._clocked = clocked(self.clock)
@@ -132,16 +134,17 @@ class DaemonModel(RuleBasedStateMachine):
 
     # == the world ===================================================================================
 
-    @initialize(sizes=st.lists(st.integers(50, 900), min_size=len(KEYS), max_size=len(KEYS)),
+    # Sizes that fill the 2000-byte cache after a few files (hypothesis leans to the smallest values).
+    @initialize(sizes=st.lists(st.sampled_from([700, 300, 500, 900, 60]), min_size=len(KEYS), max_size=len(KEYS)),
                 listed=st.booleans())
     def objects(self, sizes, listed):
         """The bucket, and a manifest of it all (sizes stated) or none yet."""
         for uri, n in zip(KEYS, sizes):
             self.h.s3.put(uri, n)
         if listed:
-            self.h.install(Catalog.build(Entry(parse_uri(u), n) for u, n in zip(KEYS, sizes)))
+            self.h.install([Entry(parse_uri(u), n) for u, n in zip(KEYS, sizes)])
 
-    @rule(uri=st.sampled_from(KEYS), size=st.integers(50, 900))
+    @rule(uri=st.sampled_from(KEYS), size=st.sampled_from([600, 200, 950]))
     def s3_overwrite(self, uri, size):
         self.h.s3.put(uri, size)
 
@@ -172,7 +175,7 @@ class DaemonModel(RuleBasedStateMachine):
             elif sha == "wrong":
                 kw["sha256"] = "0" * 64
             entries.append(Entry(parse_uri(uri), **kw))
-        self.h.install(Catalog.build(entries))
+        self.h.install(entries)
 
     # == readers =====================================================================================
 
@@ -340,7 +343,7 @@ class DaemonModel(RuleBasedStateMachine):
     @rule(crash=st.booleans())
     def restart(self, crash):
         self._read_messages()
-        before = {u: (r.path, r.crc32c) for u, r in self.h.d.space.ready.items()}
+        before = dict(self.h.d.space.ready)
         self._count()
         self.h.restart(crash)
         STATS["crashes" if crash else "restarts"] += 1
@@ -349,9 +352,12 @@ class DaemonModel(RuleBasedStateMachine):
         if "restart_leases" in self.known:
             for r in READERS:
                 self.resolved[r].clear()
-        after = self.h.d.space.ready
-        for uri, (path, crc) in before.items():
-            if uri not in after or (after[uri].path, after[uri].crc32c) != (path, crc):
+        after, catalog = self.h.d.space.ready, self.h.catalog
+        for uri, rec in before.items():
+            if uri in after and (after[uri].path, after[uri].crc32c) == (rec.path, rec.crc32c):
+                continue
+            pos = catalog.position(uri)
+            if pos is None or rec.stale_for(catalog.entry(pos)) is None:  # else: S3 changed it, listed anew
                 self._violate(f"{'a crash' if crash else 'a restart'} lost the verified file of {uri}")
 
     # == the machine it runs on ======================================================================
@@ -479,6 +485,9 @@ class DaemonModel(RuleBasedStateMachine):
             if d.space.is_ready(uri) and uri not in sched.replacing:
                 self._violate(f"a reader still waits on {uri}, which is ready (a lost answer)")
             elif not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked):
+                if "unlisted_blocked_want" in self.known and sched.position(uri) is None:
+                    self.excused.add(uri)
+                    continue
                 self._violate(f"a reader waits on {uri}, which is neither queued, in flight nor waiting "
                               f"for room (a lost wake-up)")
         for uri, (path, fetched_at) in self.superseded.items():
@@ -539,6 +548,9 @@ class DaemonModel(RuleBasedStateMachine):
         else:
             self._violate("the daemon did not settle in 300 turns")
         self._read_messages()
+        for reader in sorted({r for r, u in self.pending if u in self.excused}):
+            self.reader_leaves(reader)  # it timed out waiting (a known defect; see KNOWN)
+        self.excused.clear()
         if self.pending:
             self._violate(f"wants never answered with every fetch succeeding and room to spare: "
                           f"{sorted(self.pending)}")
@@ -558,7 +570,7 @@ STEPS = int(os.environ.get("S3CACHE_MODEL_STEPS", "40"))
 
 DaemonModel.TestCase.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
-    derandomize=os.environ.get("S3CACHE_MODEL_SEED") is None,
+    derandomize=not os.environ.get("S3CACHE_MODEL_RANDOM"),  # a long run explores new sequences
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 TestDaemonModel = DaemonModel.TestCase
@@ -646,3 +658,18 @@ def test_a_smaller_max_size_is_kept_once_sighup_applies_it():
         lambda m: m.settle(),  # 901 bytes cached
         lambda m: m.sighup(max_size=900, lease=600.0),
     ], known=KNOWN - {"shrink_max_size"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Schedule.resume_prefetch drops a reader's want blocked for room once the manifest "
+                          "no longer lists its object (entry_for is None): the reader waits until its timeout")
+def test_a_want_blocked_for_room_is_not_lost_when_the_manifest_drops_its_object():
+    replay([
+        sized(700),
+        lambda m: m.disk_fills(),
+        lambda m: m.install_manifest(keys=[KEYS[0]], specs=[("right", "none", "latest", False)] * len(KEYS)),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.workers_run(1),  # no room on the filesystem: blocked
+        lambda m: m.install_manifest(keys=[], specs=[("none", "none", "latest", False)] * len(KEYS)),
+        lambda m: m.housekeeping(),  # blocked work is reconsidered: the want must stay queued
+    ], known=KNOWN - {"unlisted_blocked_want"})
