@@ -485,8 +485,7 @@ class DaemonModel(RuleBasedStateMachine):
             if d.space.is_ready(uri) and uri not in sched.replacing:
                 self._violate(f"a reader still waits on {uri}, which is ready (a lost answer)")
             elif not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked):
-                if "unlisted_blocked_want" in self.known and sched.position(uri) is None:
-                    self.excused.add(uri)
+                if self._excused(uri):
                     continue
                 self._violate(f"a reader waits on {uri}, which is neither queued, in flight nor waiting "
                               f"for room (a lost wake-up)")
@@ -495,6 +494,15 @@ class DaemonModel(RuleBasedStateMachine):
             if rec is not None and (rec.path, rec.fetched_at) == (path, fetched_at) and uri not in sched.replacing:
                 self._violate(f"{uri} changed in S3 (verify said so) and its refetch was dropped: the old "
                               f"bytes stay served as current")
+
+    def _excused(self, uri: str) -> bool:
+        """A reader's want of ``uri`` is lost by the known defect "unlisted_blocked_want" (state lock held)."""
+        d = self.h.d
+        sched = d.schedule
+        if ("unlisted_blocked_want" in self.known and sched.position(uri) is None and d.readers.is_waited(uri)
+                and not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked)):
+            self.excused.add(uri)
+        return uri in self.excused
 
     def _check_status(self, d) -> None:
         st_ = d.status()
@@ -533,7 +541,9 @@ class DaemonModel(RuleBasedStateMachine):
             h.drain_notes()
             h.housekeeping()
             self._read_messages()
-            if not (self.pending or self._stale() or h.jobs or h.queued):
+            with h.d.cond:
+                waiting = [u for _, u in self.pending if not self._excused(u)]
+            if not (waiting or self._stale() or h.jobs or h.queued):
                 break
             if turn % 10 == 9:  # leases, idle readers and backoffs end; a blocked prefetch may cycle meanwhile
                 self.clock.advance(h.d.s.lease + 601.0)
