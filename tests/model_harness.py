@@ -32,7 +32,16 @@ import time as real_time
 from collections.abc import Callable
 from pathlib import Path
 
-from s3cache.daemon import announce, failures, publisher, readers, room, schedule, space, workers
+from s3cache.daemon import (
+    announce,
+    failures,
+    publisher,
+    readers,
+    room,
+    schedule,
+    space,
+    workers,
+)
 from s3cache.daemon.maintenance import open_index
 from s3cache.daemon.reload import Manifests
 from s3cache.daemon.root import Daemon
@@ -415,7 +424,7 @@ class Harness:
         def run() -> None:
             try:
                 d.workers._one(entry, demand)
-            except BaseException as e:  # what Workers.run does with an outcome that could not be routed
+            except Exception as e:  # noqa: BLE001 - as Workers.run: an outcome that could not be routed
                 job.error = e
                 self.errors.append(f"{type(e).__name__}: {e}")
                 d.workers._give_up(entry, e)
