@@ -44,16 +44,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from model_harness import (
-    BUCKET,
-    Conn,
-    FakeClock,
-    Harness,
-    clocked,
-    content,
-    gen_of,
-    version_of,
-)
+from model_fakes import BUCKET, Conn, FakeClock, clocked, content, gen_of, version_of
+from model_harness import Harness
 
 from s3cache.daemon.recovery import cached_files
 from s3cache.errors import PinQuotaExceeded
