@@ -67,6 +67,7 @@ KNOWN = frozenset({
     "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
     "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
     "superseded_served",  # a refetch of an object S3 changed fails for good: the old bytes stay (item 8b)
+    "restart_forgets_refetch",  # a refetch verify asked for is forgotten by a restart: old bytes served
 })
 
 
@@ -350,6 +351,8 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         if "restart_leases" in self.known:
             for r in READERS:
                 self.resolved[r].clear()
+        if "restart_forgets_refetch" in self.known:
+            self.superseded.clear()
         after, catalog = self.h.d.space.ready, self.h.catalog
         for uri, rec in before.items():
             if uri in after and (after[uri].path, after[uri].crc32c) == (rec.path, rec.crc32c):
