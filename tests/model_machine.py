@@ -66,7 +66,7 @@ KNOWN = frozenset({
     "wall_clock_readers",  # a step of the wall clock forgets every reader (item 14)
     "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
     "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
-    "superseded_served",  # a refetch of an object S3 changed fails for good: the old bytes stay (item 8b)
+    "superseded_served",  # a reader asking for an object known changed in S3 gets the old bytes (item 8)
     "restart_forgets_refetch",  # a refetch verify asked for is forgotten by a restart: old bytes served
 })
 
@@ -253,7 +253,8 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         if rec is None or rec.path != path:
             self._violate(f"{reader} was given {path} for {uri}, which is not its ready file")
             return
-        if uri in self.superseded and self.superseded[uri] == (rec.path, rec.fetched_at):
+        if uri in self.superseded and self.superseded[uri] == (rec.path, rec.fetched_at) \
+                and "superseded_served" not in self.known:
             self._violate(f"{reader} was given {uri}'s file that verify found superseded in S3")
         self.resolved[reader][uri] = (seq, self.clock.mono)
 

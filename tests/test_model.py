@@ -157,3 +157,17 @@ def test_a_refetch_verify_asked_for_survives_a_restart():
         lambda m: m.verify_source(uri=KEYS[0]),
         lambda m: m.restart(False),
     ], known=KNOWN - {"restart_forgets_refetch"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 8: a reader asking for an object verify --source found changed in S3 "
+                          "is given the old bytes as current while the refetch is pending")
+def test_an_object_known_changed_is_not_served_old_while_it_is_fetched_again():
+    replay([
+        sized(700),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.settle(),
+        lambda m: m.s3_overwrite(uri=KEYS[0], size=600),
+        lambda m: m.verify_source(uri=KEYS[0]),
+        lambda m: m.want("host:1", KEYS[0]),
+    ], known=KNOWN - {"superseded_served"})
