@@ -83,6 +83,12 @@ def entry_spec():
                      st.sampled_from([False, False, False, True]))
 
 
+def _same(rec) -> tuple:
+    """What tells one cached file from another of the same URI (a refetch renames over the same path,
+    maybe within the same second): as ``Space.withdraw`` tells them."""
+    return rec.path, rec.fetched_at, rec.crc32c
+
+
 class DaemonModel(Promises, RuleBasedStateMachine):
     def __init__(self, known: frozenset[str] = KNOWN) -> None:
         super().__init__()
@@ -106,7 +112,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         # lease holds the two files it resolved last for --lease seconds.
         self.resolved: dict[str, dict[str, tuple[int, float]]] = {r: {} for r in READERS}
         self.seq = 0
-        self.superseded: dict[str, tuple[str, float]] = {}  # uri -> (path, fetched_at) verify found changed
+        self.superseded: dict[str, tuple] = {}  # uri -> the file (``_same``) verify found changed in S3
         self.evictions_checked = 0
         self.violations: list[str] = []
         STATS["sequences"] += 1
@@ -253,7 +259,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         if rec is None or rec.path != path:
             self._violate(f"{reader} was given {path} for {uri}, which is not its ready file")
             return
-        if uri in self.superseded and self.superseded[uri] == (rec.path, rec.fetched_at) \
+        if uri in self.superseded and self.superseded[uri] == _same(rec) \
                 and "superseded_served" not in self.known:
             self._violate(f"{reader} was given {uri}'s file that verify found superseded in S3")
         self.resolved[reader][uri] = (seq, self.clock.mono)
@@ -331,7 +337,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         rec = d.space.ready.get(uri)
         report = d.maintenance.verify([uri], False, True)
         if rec is not None and report["changed"]:
-            self.superseded[uri] = (rec.path, rec.fetched_at)
+            self.superseded[uri] = _same(rec)
 
     @rule(max_size=st.sampled_from([900, 1500, 2000, 4000]), lease=st.sampled_from([5.0, 60.0, 600.0]))
     def sighup(self, max_size, lease):

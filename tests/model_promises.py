@@ -161,8 +161,8 @@ class Promises:
         """Objects verify found changed in S3 whose old file is still the ready one."""
         d = self.h.d
         ready = d.space.ready
-        stale = [u for u, (path, at) in self.superseded.items()
-                 if (r := ready.get(u)) is not None and (r.path, r.fetched_at) == (path, at)]
+        stale = [u for u, was in self.superseded.items()
+                 if (r := ready.get(u)) is not None and (r.path, r.fetched_at, r.crc32c) == was]
         if "superseded_served" in self.known:  # its refetch failed for good: the old file stays (known)
             stale = [u for u in stale if not ((f := d.schedule.failed.get(u)) and f.permanent)]
         return stale
