@@ -25,8 +25,10 @@ reproducible."""
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +217,7 @@ class Harness:
     @staticmethod
     def _wait(event: threading.Event, what: str) -> None:
         if not event.wait(PATIENCE):
+            faulthandler.dump_traceback(sys.stderr)  # where every thread is: a hang is a bug to find
             raise AssertionError(f"waited {PATIENCE:.0f} s for {what}")
 
     def publish(self) -> None:
