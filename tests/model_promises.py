@@ -163,6 +163,8 @@ class Promises:
         ready = d.space.ready
         stale = [u for u, was in self.superseded.items()
                  if (r := ready.get(u)) is not None and (r.path, r.fetched_at, r.crc32c) == was]
-        if "superseded_served" in self.known:  # its refetch failed for good: the old file stays (known)
-            stale = [u for u in stale if not ((f := d.schedule.failed.get(u)) and f.permanent)]
+        if "superseded_served" in self.known:  # its refetch failed for good or was dropped (item 8, known)
+            sched = d.schedule
+            stale = [u for u in stale if not ((f := sched.failed.get(u)) and f.permanent)
+                     and (u in sched.fetching or sched.demand.has(u) or u in sched.blocked)]
         return stale
