@@ -1,0 +1,170 @@
+"""The promises tests/model_machine.py checks after every step, as a mixin of its state machine: each
+``_check_*`` reads the parts under the state lock and records a violation naming what broke; ``check``
+(the machine's invariant) fails the step if any was recorded.
+
+Uses the machine's attributes: ``h`` (the harness), ``clock``, ``known`` (promises not checked),
+``pending``, ``resolved``, ``superseded``, ``ceiling``, ``excused``, ``evictions_checked``,
+``violations``, and its ``_read_messages``."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis.stateful import invariant
+from model_fakes import content, gen_of
+
+from s3cache.daemon.recovery import cached_files
+from s3cache.policy.leases import LEASE_SHARE
+from s3cache.store.index import READY
+
+# What the runs did, over every sequence, for the report of a long run (S3CACHE_MODEL_STATS=1 prints it).
+STATS: Counter = Counter()
+
+
+class Promises:
+    """The invariant and its checks (see the module docstring)."""
+
+    def _violate(self, what: str) -> None:
+        self.violations.append(what)
+
+    def _protected(self) -> set[str]:
+        """Files readers' leases must hold now (README, "What a reader is promised"): each reader's two
+        files resolved last, within --lease seconds of resolving each."""
+        lease, now = self.h.d.s.lease, self.clock.mono
+        out = set()
+        for seen in self.resolved.values():
+            newest = sorted(seen.items(), key=lambda kv: kv[1][0])[-2:]
+            out |= {uri for uri, (_, when) in newest if now - when < lease}
+        return out
+
+    @invariant()
+    def check(self):
+        STATS["steps"] += 1
+        h = self.h
+        d = h.d
+        self._read_messages()
+        protected = self._protected()
+        for victims, held, pinned in h.evictions[self.evictions_checked:]:
+            for v in victims:
+                if v.uri in pinned:
+                    self._violate(f"pinned {v.uri} evicted")
+                if v.uri in held or v.uri in protected:
+                    self._violate(f"{v.uri} evicted while a reader's lease holds it")
+        self.evictions_checked = len(h.evictions)
+        if h.errors:
+            self._violate(f"a worker's outcome could not be routed: {h.errors}")
+        with d.cond:
+            self._check_space(d)
+            self._check_disk(d)
+            self._check_waits(d)
+            self._check_status(d)
+        assert not self.violations, "\n".join(self.violations)
+
+    def _check_space(self, d) -> None:
+        sp = d.space
+        if sp.used != sum(r.size for r in sp.ready.values()):
+            self._violate(f"ready bytes {sp.used} are not the sum of ready files")
+        if sp.reserved != sum(sp.reservations.values()):
+            self._violate(f"reserved bytes {sp.reserved} are not the sum of reservations")
+        total = sp.used + sp.reserved
+        if total > max(d.s.max_size, self.ceiling):
+            self._violate(f"ready {sp.used} + reserved {sp.reserved} bytes exceed --max-size {d.s.max_size}"
+                          + (f" and the {self.ceiling} bytes cached when it shrank" if self.ceiling else ""))
+        self.ceiling = min(self.ceiling, total) if total > d.s.max_size else 0
+        leak = set(sp.reservations) - set(d.schedule.fetching)
+        if leak:
+            self._violate(f"bytes reserved for downloads not in flight: {sorted(leak)}")
+
+    def _check_disk(self, d) -> None:
+        """The index, the files and the resident set agree; each file has its version's bytes."""
+        rows = dict(d.index.items())
+        ready = d.space.ready
+        if set(rows) != set(ready):
+            self._violate(f"index rows {sorted(rows)} are not the ready files {sorted(ready)}")
+        paths = {r.path for r in ready.values()}
+        orphans = set(cached_files(d.store)) - paths
+        if orphans:
+            self._violate(f"files on disk that no ready record names: {sorted(orphans)}")
+        for uri, rec in ready.items():
+            row = rows.get(uri)
+            if row is not None and (row.state != READY or row.path != rec.path):
+                self._violate(f"{uri}: index row {row} is not its ready record {rec}")
+            path = d.store.layout.abspath(rec.path)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                self._violate(f"{uri}: its ready file cannot be read: {e}")
+                continue
+            if data != content(uri, gen_of(rec.version), len(data)) or len(data) != rec.size:
+                self._violate(f"{uri}: the file does not hold S3's bytes of {rec.version}")
+            pos = d.schedule.position(uri)
+            # A listed size is a hint: S3's size at the fetch wins (the object was rewritten since the
+            # listing), as at publish; a stated size, a version or a checksum must match.
+            if pos is not None and (why := rec.stale_for(d.schedule.catalog.entry(pos), hinted_size=False)):
+                self._violate(f"{uri} is ready as current though the manifest says otherwise: {why}")
+
+    def _check_waits(self, d) -> None:
+        sched = d.schedule
+        waited = {u for u, cs in d.readers.waiters.items() if cs}
+        if waited != {u for _, u in self.pending}:
+            self._violate(f"the daemon has readers waiting on {sorted(waited)}, the readers wait on "
+                          f"{sorted({u for _, u in self.pending})}")
+        for uri in waited:
+            if d.space.is_ready(uri) and uri not in sched.replacing:
+                self._violate(f"a reader still waits on {uri}, which is ready (a lost answer)")
+            elif not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked):
+                if self._excused(uri):
+                    continue
+                self._violate(f"a reader waits on {uri}, which is neither queued, in flight nor waiting "
+                              f"for room (a lost wake-up)")
+        for uri in self._stale():
+            if uri not in sched.replacing:
+                self._violate(f"{uri} changed in S3 (verify said so) and its refetch was dropped: the old "
+                              f"bytes stay served as current")
+
+    def _excused(self, uri: str) -> bool:
+        """A reader's want of ``uri`` is lost by the known defect "unlisted_blocked_want" (state lock held)."""
+        d = self.h.d
+        sched = d.schedule
+        if ("unlisted_blocked_want" in self.known and sched.position(uri) is None and d.readers.is_waited(uri)
+                and not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked)):
+            self.excused.add(uri)
+        return uri in self.excused
+
+    def _check_status(self, d) -> None:
+        st_ = d.status()
+        sp, sched = d.space, d.schedule
+        in_flight = set(self.h.jobs) | set(self.h.queued)
+        want = {
+            "objects.ready": len(sp.ready),
+            "bytes.ready": sum(r.size for r in sp.ready.values()),
+            "bytes.reserved": sum(sp.reservations.values()),
+            "bytes.max": d.s.max_size,
+            "objects.fetching": len(in_flight),
+            "objects.failed": len(sched.failed),
+            "failed_permanent": sum(1 for _, f in sched.failed.items() if f.permanent),
+            "manifest_entries": len(self.h.catalog),
+            "evicted": self.h.evicted_here,
+            "waiting": len({u for _, u in self.pending}),
+            "pinned.files": sum(1 for u in sp.ready if sp.is_pinned(u)),
+        }
+        if "sighup_leases" not in self.known:  # README: the lease budget is a 32nd of --max-size
+            want["leases.budget"] = d.s.max_size // LEASE_SHARE
+        got = {k: st_[k.split(".")[0]][k.split(".")[1]] if "." in k else st_[k] for k in want}
+        if got != want:
+            self._violate(f"status says {got}, the parts hold {want}")
+        if st_["objects"]["queued"] < 0 or st_["loop_errors"]:
+            self._violate(f"status: {st_['objects']}, loop errors {st_['loop_errors']}")
+
+    def _stale(self) -> list[str]:
+        """Objects verify found changed in S3 whose old file is still the ready one."""
+        d = self.h.d
+        ready = d.space.ready
+        stale = [u for u, was in self.superseded.items()
+                 if (r := ready.get(u)) is not None and (r.path, r.fetched_at, r.crc32c) == was]
+        if "superseded_served" in self.known:  # its refetch failed for good or was dropped (item 8, known)
+            sched = d.schedule
+            stale = [u for u in stale if not ((f := sched.failed.get(u)) and f.permanent)
+                     and (u in sched.fetching or sched.demand.has(u) or u in sched.blocked)]
+        return stale

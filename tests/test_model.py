@@ -1,0 +1,188 @@
+"""The model of the daemon (tests/model_machine.py) as CI runs it, and the sequences it found as example
+tests.
+
+CI runs ``S3CACHE_MODEL_EXAMPLES`` (default 100) derandomized sequences of up to ``S3CACHE_MODEL_STEPS``
+(default 50) steps: the same sequences every run. A longer run explores new ones::
+
+    S3CACHE_MODEL_RANDOM=1 S3CACHE_MODEL_EXAMPLES=1500 S3CACHE_MODEL_STEPS=60 S3CACHE_MODEL_STATS=1 \
+        pytest -p no:logging --timeout 0 tests/test_model.py -k DaemonModel
+
+(``--hypothesis-seed=N`` repeats one; ``S3CACHE_MODEL_STATS=1`` prints how many sequences and steps ran
+and what they did). A failing sequence shrinks to a minimal one: keep it below as a ``replay`` of its
+steps. A promise known broken is named in ``model_machine.KNOWN`` and has a strict-xfail example here;
+when the fix lands the example passes, the xfail fails, and the name leaves ``KNOWN``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from model_machine import KEYS, KNOWN, DaemonModel
+
+EXAMPLES = int(os.environ.get("S3CACHE_MODEL_EXAMPLES", "100"))
+STEPS = int(os.environ.get("S3CACHE_MODEL_STEPS", "50"))
+
+DaemonModel.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
+    derandomize=not os.environ.get("S3CACHE_MODEL_RANDOM"),  # a long run explores new sequences
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+TestDaemonModel = DaemonModel.TestCase
+
+
+# == the sequences the model found, and the known defects, as example tests ==========================
+
+def replay(steps, known=frozenset()):
+    """Run ``steps`` (callables taking the machine) on a fresh machine checking every promise not in
+    ``known``, with the checks after each step, then the teardown (which settles the daemon first)."""
+    m = DaemonModel(known=known)
+    try:
+        m.check()
+        for step in steps:
+            step(m)
+            m.check()
+    finally:
+        m.teardown()
+
+
+def sized(*sizes):
+    """The initial rule: the bucket with these sizes and a manifest stating them."""
+    return lambda m: m.objects(sizes=list(sizes) + [100] * (len(KEYS) - len(sizes)), listed=True)
+
+
+def fetch_one(m):
+    m.start_fetch()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 6: a permanent failure of an older entry's fetch is charged to the "
+                          "corrected entry, which is then never fetched")
+def test_a_permanent_failure_counts_only_against_the_entry_its_fetch_used():
+    right, wrong = ("none", "right", "latest", False), ("none", "wrong", "latest", False)
+    replay([
+        sized(100),
+        lambda m: m.install_manifest(keys=[KEYS[0]], specs=[wrong] * len(KEYS)),
+        fetch_one,  # the fetch of the entry with the wrong sha256
+        lambda m: m.install_manifest(keys=[KEYS[0]], specs=[right] * len(KEYS)),  # corrected meanwhile
+        lambda m: m.finish_fetch(0, "ok"),  # the old fetch fails WrongChecksum
+    ])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 9: a restart forgets every lease, and a file a reader resolved "
+                          "is evicted within its lease")
+def test_a_lease_given_before_a_restart_holds_after_it():
+    replay([
+        sized(900, 900, 900),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.workers_run(1),  # k0 lands; host:1 resolved it
+        lambda m: m.restart(False),
+        lambda m: m.want("host:2", KEYS[1]),
+        lambda m: m.workers_run(1),
+        lambda m: m.want("host:2", KEYS[2]),
+        lambda m: m.workers_run(1),  # room for k2: k0 must stay, k1 is host:2's own
+    ], known=KNOWN - {"restart_leases"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 7: SIGHUP's --max-size does not reach the leases' budget")
+def test_sighup_max_size_reaches_the_lease_budget():
+    replay([sized(100), lambda m: m.sighup(max_size=900, lease=600.0)], known=KNOWN - {"sighup_leases"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 14: ReaderTracker uses the wall clock; a step forgets every reader")
+def test_a_wall_clock_step_forgets_no_reader():
+    replay([
+        sized(100, 100, 100, 100),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.wall_clock_steps(7200.0),
+    ], known=KNOWN - {"wall_clock_readers"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="a SIGHUP that shrinks --max-size evicts nothing: the ready bytes stay above the "
+                          "new --max-size (README: they never exceed it) until later admissions evict")
+def test_a_smaller_max_size_is_kept_once_sighup_applies_it():
+    replay([
+        sized(50, 50, 801),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.want("host:1", KEYS[1]),
+        lambda m: m.want("host:1", KEYS[2]),
+        lambda m: m.settle(),  # 901 bytes cached
+        lambda m: m.sighup(max_size=900, lease=600.0),
+    ], known=KNOWN - {"shrink_max_size"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Schedule.resume_prefetch drops a reader's want blocked for room once the manifest "
+                          "no longer lists its object (entry_for is None): the reader waits until its timeout")
+def test_a_want_blocked_for_room_is_not_lost_when_the_manifest_drops_its_object():
+    replay([
+        sized(700),
+        lambda m: m.disk_fills(),
+        lambda m: m.install_manifest(keys=[KEYS[0]], specs=[("right", "none", "latest", False)] * len(KEYS)),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.workers_run(1),  # no room on the filesystem: blocked
+        lambda m: m.install_manifest(keys=[], specs=[("none", "none", "latest", False)] * len(KEYS)),
+        lambda m: m.housekeeping(),  # blocked work is reconsidered: the want must stay queued
+    ], known=KNOWN - {"unlisted_blocked_want"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 8: the refetch of an object verify --source found changed fails for "
+                          "good (SizeMismatch against the manifest's size) and the old bytes stay served as "
+                          "current")
+def test_an_object_known_changed_is_not_served_old_when_its_refetch_fails_for_good():
+    replay([
+        sized(700),
+        lambda m: m.workers_run(1),  # k0 cached, 700 bytes as the manifest states
+        lambda m: m.s3_overwrite(uri=KEYS[0], size=600),
+        lambda m: m.verify_source(uri=KEYS[0]),  # "changed in S3 ... fetching again"
+        lambda m: m.settle(),
+    ], known=KNOWN - {"superseded_served"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the refetch verify --source asked for lives only in memory: after a restart the old "
+                          "bytes of an object known changed in S3 are served as current (found by the model)")
+def test_a_refetch_verify_asked_for_survives_a_restart():
+    replay([
+        sized(700),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.workers_run(1),
+        lambda m: m.s3_overwrite(uri=KEYS[0], size=600),
+        lambda m: m.verify_source(uri=KEYS[0]),
+        lambda m: m.restart(False),
+    ], known=KNOWN - {"restart_forgets_refetch", "superseded_served"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 8: a reader asking for an object verify --source found changed in S3 "
+                          "is given the old bytes as current while the refetch is pending")
+def test_an_object_known_changed_is_not_served_old_while_it_is_fetched_again():
+    replay([
+        sized(700),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.settle(),
+        lambda m: m.s3_overwrite(uri=KEYS[0], size=600),
+        lambda m: m.verify_source(uri=KEYS[0]),
+        lambda m: m.want("host:1", KEYS[0]),
+    ], known=KNOWN - {"superseded_served"})
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 26 item 8a: the refetch of an object verify found changed is refused room once "
+                          "(blocked), then dropped when blocked work is reconsidered: old bytes served for good")
+def test_a_refetch_refused_room_once_is_not_dropped():
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),
+        lambda m: m.want("host:1", KEYS[1]),
+        lambda m: m.settle(),
+        lambda m: m.pin(pin=True, uri=KEYS[0]),  # 1400 of 2000 bytes held
+        lambda m: m.s3_overwrite(size=600, uri=KEYS[1]),
+        lambda m: m.verify_source(uri=KEYS[1]),
+        lambda m: m.settle(),
+    ], known=KNOWN - {"superseded_served"})
