@@ -14,6 +14,7 @@ import threading
 import time as real_time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from s3cache.daemon import (
@@ -28,7 +29,7 @@ from s3cache.daemon import (
 )
 from s3cache.errors import FetchFailed
 from s3cache.fetch.fetcher import Fetched
-from s3cache.fetch.retry import Cancelled
+from s3cache.fetch.retry import Cancelled, Outage
 from s3cache.fetch.s3api import Counters, Described
 from s3cache.manifest.parse import Entry
 
@@ -164,8 +165,11 @@ class FakeFetcher:
         self.h = harness
         self.counters = Counters()
         self.promoted: list[str] = []
+        # The fake S3 is never unreachable: the real outage tracker, which nothing here ever trips.
+        self.policy = SimpleNamespace(outage=Outage())
 
-    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False) -> Fetched:
+    def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
+              early: int | None = None) -> Fetched:
         job = self.h.jobs[entry.uri]
         job.in_fetch = True
         job.parked.set()
@@ -177,7 +181,7 @@ class FakeFetcher:
         self.promoted.append(uri)
         return uri in self.h.jobs
 
-    def describe(self, entry: Entry) -> Described:
+    def describe(self, entry: Entry, checks: bool = True) -> Described:
         gen = self.h.s3.current(entry.uri)
         if gen is None:
             raise FetchFailed(entry.uri, "NoSuchKey", "the object does not exist")

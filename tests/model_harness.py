@@ -47,6 +47,7 @@ from model_fakes import (
 )
 
 from s3cache.daemon.maintenance import open_index
+from s3cache.daemon.ops import Ops
 from s3cache.daemon.reload import Manifests
 from s3cache.daemon.root import Daemon
 from s3cache.errors import FetchFailed, ObjectChanged, WrongChecksum
@@ -116,6 +117,10 @@ class Harness:
         d.manifests = Manifests(lambda: d.s, d.cond, lister=lambda *a: [], spawn=lambda *a, **k: None,
                                 exclusive=lambda: d.space.exclusive(), install_parts=d._install_parts)
         d.manifests.install(self.catalog)
+        # Serving from here, as Daemon._start ends: requests (and status) reach the parts, not 'starting'.
+        d._ops = Ops(cond=d.cond, space=d.space, schedule=d.schedule, readers=d.readers,
+                     maintenance=d.maintenance, watch=lambda: d.manifests.watch, status=d.status,
+                     rate=d.throughput.rate)
         self.d = d
 
     def restart(self, crash: bool) -> None:

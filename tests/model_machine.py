@@ -60,9 +60,7 @@ MAX_IN_FLIGHT = 3  # worker threads
 # Promises known broken, each fixed by another change now; the machine leaves them unchecked and an
 # xfail(strict) example below shows each one.
 KNOWN = frozenset({
-    "wrong_entry",  # a permanent failure of an older entry's fetch is charged to the entry in force (item 6)
     "restart_leases",  # a restart forgets every lease (item 9)
-    "sighup_leases",  # SIGHUP's lease and max_size do not reach the leases (item 7)
     "wall_clock_readers",  # a step of the wall clock forgets every reader (item 14)
     "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
     "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it

@@ -56,9 +56,6 @@ def fetch_one(m):
     m.start_fetch()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 26 item 6: a permanent failure of an older entry's fetch is charged to the "
-                          "corrected entry, which is then never fetched")
 def test_a_permanent_failure_counts_only_against_the_entry_its_fetch_used():
     right, wrong = ("none", "right", "latest", False), ("none", "wrong", "latest", False)
     replay([
@@ -86,8 +83,6 @@ def test_a_lease_given_before_a_restart_holds_after_it():
     ], known=KNOWN - {"restart_leases"})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 26 item 7: SIGHUP's --max-size does not reach the leases' budget")
 def test_sighup_max_size_reaches_the_lease_budget():
     replay([sized(100), lambda m: m.sighup(max_size=900, lease=600.0)], known=KNOWN - {"sighup_leases"})
 
@@ -131,10 +126,6 @@ def test_a_want_blocked_for_room_is_not_lost_when_the_manifest_drops_its_object(
     ], known=KNOWN - {"unlisted_blocked_want"})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 26 item 8: the refetch of an object verify --source found changed fails for "
-                          "good (SizeMismatch against the manifest's size) and the old bytes stay served as "
-                          "current")
 def test_an_object_known_changed_is_not_served_old_when_its_refetch_fails_for_good():
     replay([
         sized(700),
