@@ -43,7 +43,7 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     pod = spec["template"]["spec"]
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     (c,) = [c for c in pod["containers"] if c["name"] == "s3cache"]
-    ctx = parse_command(c["command"])
+    ctx = parse_command(expand(c["command"], c, {"status.podIP": "10.1.2.3"}))
     assert ctx.info_name == "serve"
     p = ctx.params
     assert p["manifest_dir"] is not None and p["max_size"] > 0 and p["metrics_addr"]
@@ -64,9 +64,97 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    # metrics: a port for the scraper, matching --metrics-addr (non-loopback is explicitly allowed)
+    # metrics: a port for the scraper, matching --metrics-addr (non-loopback is explicitly allowed); and
+    # the peer tier's port, matching --peer-addr
     port = int(p["metrics_addr"].rpartition(":")[2])
-    assert {pt["containerPort"] for pt in c["ports"]} == {port} and p["metrics_allow_remote"]
+    ports = {pt["name"]: pt["containerPort"] for pt in c["ports"]}
+    assert ports == {"metrics": port, "peer": int(p["peer_addr"].rpartition(":")[2])} and p["metrics_allow_remote"]
+
+
+def daemon_container() -> tuple[dict, dict]:
+    """The DaemonSet's pod spec and its s3cache container."""
+    pod = docs("daemonset.yaml")["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = [c for c in pod["containers"] if c["name"] == "s3cache"]
+    return pod, c
+
+
+def expand(argv: list[str], container: dict, values: dict[str, str]) -> list[str]:
+    """``argv`` with each ``$(VAR)`` of the container's env replaced as the kubelet does; a variable taken
+    from the pod's fields (``fieldRef``) gets ``values[fieldPath]``."""
+    env = {e["name"]: e.get("value") or values[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in container["env"]}
+    out = []
+    for a in argv:
+        for name, value in env.items():
+            a = a.replace(f"$({name})", value)
+        assert "$(" not in a, f"{a}: a variable the container does not define"
+        out.append(a)
+    return out
+
+
+def test_the_peer_tier_has_its_port_a_headless_service_and_a_private_secret():
+    """The DaemonSet's peer flags name what peers.yaml ships: --peers dns: the headless Service selecting
+    the daemon pods, on the port --peer-addr listens on; --peer-secret-file the shipped Secret's key,
+    mounted as a plain file (a Secret volume's entries are symlinks, which the daemon will not open),
+    readable by the daemon's group and not by others; and the Secret ships no key every cluster would share."""
+    from s3cache.peer.members import source_kind
+
+    pod, c = daemon_container()
+    ds = docs("daemonset.yaml")["DaemonSet"]
+    p = parse_command(expand(c["command"], c, {"status.podIP": "10.1.2.3"})).params
+    assert p["peer_addr"].startswith("10.1.2.3:")
+    peer_port = int(p["peer_addr"].rpartition(":")[2])
+    shipped = docs("peers.yaml")
+    svc = shipped["Service"]
+    assert source_kind(p["peers"]) == "dns"
+    name, namespace, rest = p["peers"][len("dns:"):].split(".", 2)
+    assert (name, namespace) == (svc["metadata"]["name"], svc["metadata"]["namespace"]) and rest.startswith("svc")
+    assert namespace == ds["metadata"]["namespace"]
+    assert svc["spec"]["clusterIP"] == "None" and not svc["spec"].get("publishNotReadyAddresses")
+    assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    (sp,) = svc["spec"]["ports"]
+    ports = {pt["name"]: pt["containerPort"] for pt in c["ports"]}
+    assert sp["port"] == peer_port == ports[sp["targetPort"]]
+
+    secret = shipped["Secret"]
+    assert not secret.get("data") and not secret.get("stringData")  # each cluster sets its own key
+    mount = mounts_of(c)[str(p["peer_secret_file"])]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"] and mount.get("readOnly")
+    assert mount["subPath"] in {i["path"] for i in vol["secret"]["items"]}  # one regular file, not a symlink
+    mode = vol["secret"]["defaultMode"]
+    assert mode & 0o007 == 0 and mode & 0o040  # the daemon's group reads it (fsGroup), others never
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+    policy = shipped["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    assert set(rules) == set(ports)  # every port the daemon opens is admitted, and only those
+    assert [f["podSelector"]["matchLabels"] for f in rules["peer"]] == [policy["spec"]["podSelector"]["matchLabels"]]
+
+
+def test_the_daemonsets_peer_flags_start_a_real_daemon(tmp_path, s3, bucket, daemons):
+    """The DaemonSet's peer flags as written, with the pod's IP 127.0.0.1, a free port, localhost for the
+    Service's name and the secret file in the mode the Secret volume gives it: the daemon starts, finds
+    itself in DNS, and serves."""
+    from s3cache.testing import free_port
+
+    pod, c = daemon_container()
+    argv = expand(c["command"], c, {"status.podIP": "127.0.0.1"})
+    port = free_port()
+    vol = next(v for v in pod["volumes"] if "secret" in v)
+    secret = tmp_path / "peer-secret"
+    secret.write_text(os.urandom(32).hex())
+    os.chmod(secret, vol["secret"]["defaultMode"])
+    peer_args = []
+    for flag in ("--peers", "--peer-addr", "--peer-secret-file"):
+        value = argv[argv.index(flag) + 1]
+        value = {"--peers": "dns:localhost", "--peer-secret-file": str(secret)}.get(flag, value)
+        peer_args += [flag, value.replace(":7480", f":{port}")]
+    s3.put_object(Bucket=bucket, Key="train-0", Body=b"a" * 100)
+    d = daemons(tmp_path / "cache", manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/train-0"]),
+                args=peer_args)
+    st = d.status()["peers"]
+    assert st["me"] == f"127.0.0.1:{port}" and st["hosts"] >= 1
 
 
 def test_every_namespace_used_is_shipped_and_admits_hostpath_volumes():
