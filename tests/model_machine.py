@@ -55,7 +55,8 @@ READERS = ("host:1", "host:2", "host:3")
 KEYS = tuple(BUCKET + f"k{i}" for i in range(6))
 MISSING = BUCKET + "never-uploaded"
 OUTCOMES = ("ok", "ok", "ok", "transient", "changed", "changed_for_good", "disk_full")
-MAX_IN_FLIGHT = 3  # worker threads
+WORKERS = 3  # --workers: prefetch's connections
+MAX_IN_FLIGHT = 2 * WORKERS  # worker threads (Workers.threads): as many again kept for readers' objects
 
 # Promises known broken, each fixed by another change now; the machine leaves them unchecked and an
 # xfail(strict) example below shows each one.
@@ -101,7 +102,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         self._clocked = clocked(self.clock)
         self._clocked.__enter__()
         self.h = Harness(self.tmp / "cache", Settings(cache_dir=self.tmp / "cache", max_size=2000, lease=600.0,
-                                                      min_free=0.0, workers=MAX_IN_FLIGHT,
+                                                      min_free=0.0, workers=WORKERS,
                                                       allow=("s3://",)), self.clock)
         self.conns = {r: Conn(r) for r in READERS}
         self.read = {r: 0 for r in READERS}  # messages of each connection already looked at

@@ -165,6 +165,8 @@ class Promises:
                  if (r := ready.get(u)) is not None and (r.path, r.fetched_at, r.crc32c) == was]
         if "superseded_served" in self.known:  # its refetch failed for good or was dropped (item 8, known)
             sched = d.schedule
+            # Blocked for room is the same known defect (item 8a: a refetch refused room is not tried
+            # again; test_a_refetch_refused_room_once_is_not_dropped shows it).
             stale = [u for u in stale if not ((f := sched.failed.get(u)) and f.permanent)
-                     and (u in sched.fetching or sched.demand.has(u) or u in sched.blocked)]
+                     and (u in sched.fetching or sched.demand.has(u))]
         return stale
