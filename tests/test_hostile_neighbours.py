@@ -281,7 +281,10 @@ for _ in range(count):
     held.append(s)
 s = socket.socket(socket.AF_UNIX)
 s.connect(sock)
-s.sendall(b'{"op": "hello"}\n')
+try:
+    s.sendall(b'{"op": "hello"}\n')
+except (BrokenPipeError, ConnectionResetError):
+    pass  # refused at accept and already closed: its answer (Busy) is still there to read
 last = json.loads(s.makefile().readline())
 # Refusals are sent at accept, in order: all are there once the last connection was answered.
 refused = sum(b"Busy" in h.recv(4096) for h in select.select(held, [], [], 1.0)[0]) if held else 0
