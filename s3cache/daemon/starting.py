@@ -16,8 +16,9 @@ serves, ``Starting.answer`` replies to each request:
   the daemon to serve; a reader's order announcement is simply not taken).
 
 Under systemd (``Type=notify``) a thread sends ``EXTEND_TIMEOUT_USEC`` every ``EXTEND_EVERY`` seconds
-while starting, each granting ``EXTEND_BY`` more, so ``TimeoutStartSec`` bounds a stuck step, not a
-slow one that still moves.
+while starting, each granting ``EXTEND_BY`` more, so ``TimeoutStartSec`` never kills a slow reconcile
+or listing. The messages come from a thread of their own, so a step that hangs is extended too: status
+shows the step and how long it has run, for an operator (or a startupProbe) to judge.
 
 Threads: ``answer`` runs on the control server's handler threads, ``step``/``listed`` on the starting
 thread; the little state they share is under ``_lock`` (a leaf lock).
