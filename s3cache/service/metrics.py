@@ -227,7 +227,7 @@ def families(st: dict) -> Iterator:
 
 def _peer_families(p: dict) -> Iterator:
     """The peer tier's figures (status's ``peers``, present with ``--peers``)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily
 
     objects = CounterMetricFamily("s3cache_source_objects", "Objects fetched, by source (s3 or peer).",
                                   labels=["source"])
