@@ -1,0 +1,274 @@
+"""CPU per GB and per object: the daemon (after start-up, and start-up alone) against plain boto3 threads
+and AWS's Common Runtime S3 client (``awscrt.s3.S3Client``), large and small objects separately, on one
+moto server in one run; and what that means in cores for 10, 100 and 400 Gb/s.
+
+    python -m bench.cpu [--large 16x16M] [--small 256x256K] [--workers 16] [--rounds 3] [--out FILE]
+
+Objects are uploaded as boto3 does by default (with a CRC32). Each round fetches each set with each
+client, in this order, so drift hits each alike:
+
+* boto3: a fresh client on ``--workers`` threads, ``get_object`` streamed in 1 MiB reads to a temp file,
+  then renamed (no fsync). botocore validates the whole-object CRC32 as it streams (its default).
+* crt: one ``S3Client`` (its own part splitting and connection count), each object to a temp file, then
+  renamed. No checksum validation: with moto it validates nothing (it asks for the checksum in a
+  header spelled in lower case, which moto ignores), so asking for it would cost a HEAD for nothing.
+* daemon: ``s3cache serve`` started on an empty manifest (its start-up CPU is that until it is ready),
+  then the set's URIs arrive in the manifest; CPU from then until every object is ready: GETs, the
+  checksum checked, the local CRC32C, fsync of file and directory, the index, status -- all of it.
+
+CPU is the process's user + system time (every thread, native ones included); the bench process does
+nothing else while boto3 or the CRT run in it. The median of ``--rounds`` is reported, with ratios
+against boto3 in the same run. Start-up to the first GET (CPU and wall) comes from ``bench.startup``.
+
+The cores table: cores = (rate in GB/s) x (CPU-s per GB measured at that object size). On loopback there
+is no TLS: over HTTPS each client pays the cipher on top (AES-GCM, roughly 0.2-0.4 CPU-s per GB with
+AES-NI), the same for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from s3cache.service.config import human_size, parse_size
+from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, MotoServer, wait_for
+
+from .proc import cpu_seconds
+
+GB = 1e9
+RATES_GBIT = (10, 100, 400)
+
+
+@dataclass
+class ObjSet:
+    name: str
+    count: int
+    size: int
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.count * self.size
+
+
+@dataclass
+class Run:
+    cpu: float
+    wall: float
+    requests: int = 0
+
+
+def parse_set(name: str, text: str) -> ObjSet:
+    count, _, size = text.partition("x")
+    return ObjSet(name, int(count), parse_size(size))
+
+
+def upload(moto: MotoServer, sets: list[ObjSet]) -> None:
+    s3 = moto.client()
+    s3.create_bucket(Bucket="bench")
+    for s in sets:
+        s.keys = [f"{s.name}/{i:05d}.bin" for i in range(s.count)]
+        rnd = os.urandom(s.size + 4096)
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda ik: s3.put_object(Bucket="bench", Key=ik[1], Body=rnd[ik[0] % 4096:][:s.size]),
+                        enumerate(s.keys)))
+
+
+def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
+    import boto3
+    import botocore.config
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing",
+                      config=botocore.config.Config(max_pool_connections=workers))
+
+    def one(key: str) -> None:
+        body = s3.get_object(Bucket="bench", Key=key)["Body"]
+        name = out / key.replace("/", "_")
+        with open(f"{name}.tmp", "wb") as f:
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                f.write(chunk)
+        os.rename(f"{name}.tmp", name)
+
+    c0, t0 = time.process_time(), time.monotonic()
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(one, s.keys))
+    return Run(time.process_time() - c0, time.monotonic() - t0, len(s.keys))
+
+
+class Crt:
+    """One awscrt S3Client against the endpoint, plain HTTP, signed with the fake credentials."""
+
+    def __init__(self, port: int) -> None:
+        from awscrt.auth import AwsCredentialsProvider
+        from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+        from awscrt.s3 import S3Client, S3RequestTlsMode
+
+        self.host = f"127.0.0.1:{port}"
+        elg = EventLoopGroup()
+        bootstrap = ClientBootstrap(elg, DefaultHostResolver(elg))
+        creds = AwsCredentialsProvider.new_static(FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                                  FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        self.client = S3Client(bootstrap=bootstrap, region="us-east-1", credential_provider=creds,
+                               tls_mode=S3RequestTlsMode.DISABLED, throughput_target_gbps=10)
+
+    def run(self, s: ObjSet, out: Path) -> Run:
+        from awscrt.http import HttpHeaders, HttpRequest
+        from awscrt.s3 import S3RequestType
+
+        done: list = []
+        lock = threading.Lock()
+        all_done = threading.Event()
+        keep = []
+
+        def finished(name: Path, **kw) -> None:
+            if kw.get("error") is None:
+                os.rename(f"{name}.tmp", name)
+            with lock:
+                done.append(kw.get("error"))
+                if len(done) == len(s.keys):
+                    all_done.set()
+
+        c0, t0 = time.process_time(), time.monotonic()
+        for key in s.keys:
+            name = out / key.replace("/", "_")
+            req = HttpRequest("GET", f"/bench/{key}", HttpHeaders([("Host", self.host)]))
+            keep.append(self.client.make_request(type=S3RequestType.GET_OBJECT, request=req,
+                                                 recv_filepath=f"{name}.tmp",
+                                                 on_done=lambda name=name, **kw: finished(name, **kw)))
+        if not all_done.wait(600):
+            raise RuntimeError("the CRT did not finish in 600 s")
+        errors = [e for e in done if e is not None]
+        if errors:
+            raise RuntimeError(f"the CRT failed {len(errors)} objects: {errors[0]!r}")
+        return Run(time.process_time() - c0, time.monotonic() - t0)
+
+
+def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int) -> tuple[Run, float]:
+    """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest)."""
+    manifest = tmp / "manifest.txt"
+    manifest.write_text("")
+    with DaemonProcess(tmp / "cache", url, manifest=manifest,
+                       args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
+                             "--min-free", "0"]) as d:
+        pid = d.proc.pid
+        # An idle daemon's housekeeping settles first, so the set's CPU is only the set's.
+        startup = cpu_seconds(pid)
+        before = d.status()["requests"]
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        new = tmp / "manifest.new"
+        new.write_text("".join(f"s3://bench/{k}\n" for k in s.keys))
+        os.replace(new, manifest)
+        # Polled slowly: each status request is the daemon's CPU too.
+        st = wait_for(lambda: (lambda st: st if st["objects"]["ready"] == s.count else None)(d.status()),
+                      600, "every object ready", interval=0.2)
+        cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
+        requests = st["requests"] - before
+    return Run(cpu, wall, requests), startup
+
+
+def med(runs: list[Run], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in runs)
+
+
+def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
+    lines = [f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
+             f"({os.cpu_count()} cores)", ""]
+    lines.append("| objects | client | CPU-s/GB | ms CPU/object | x boto3 | MB/s | GETs/object |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for s in sets:
+        base = med(results[s.name]["boto3"], "cpu") / (s.total / GB)
+        for who, runs in results[s.name].items():
+            cpu = med(runs, "cpu")
+            per_gb = cpu / (s.total / GB)
+            gets = med(runs, "requests") / s.count if who != "crt" else float("nan")
+            lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {1000 * cpu / s.count:.2f} | "
+                         f"{per_gb / base:.2f} | {s.total / med(runs, 'wall') / 1e6:,.0f} | "
+                         + (f"{gets:.1f}" if gets == gets else "-") + " |")
+    lines.append("")
+    lines.append(f"daemon start-up, exec to ready on an empty manifest: median {statistics.median(startups):.2f} CPU-s")
+    if first is not None:
+        lines.append(f"daemon start-up, exec to its first GET (bench.startup): median {first[0] * 1000:.0f} ms wall, "
+                     f"{first[1]:.2f} CPU-s")
+    lines.append("")
+    lines.append("Cores to fill a link, from the CPU-s per GB above (no TLS; cores = GB/s x CPU-s/GB):")
+    lines.append("")
+    whos = list(next(iter(results.values())).keys())
+    lines.append("| objects | " + " | ".join(f"{w} @ {g} Gb/s" for g in RATES_GBIT for w in whos) + " |")
+    lines.append("|---|" + "---:|" * (len(whos) * len(RATES_GBIT)))
+    for s in sets:
+        row = []
+        for g in RATES_GBIT:
+            for w in whos:
+                per_gb = med(results[s.name][w], "cpu") / (s.total / GB)
+                row.append(f"{g / 8 * per_gb:.1f}")
+        lines.append(f"| {human_size(s.size)} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.cpu")
+    ap.add_argument("--large", default="16x16M", help="COUNTxSIZE of the large set")
+    ap.add_argument("--small", default="256x256K", help="COUNTxSIZE of the small set")
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-crt", action="store_true")
+    ap.add_argument("--no-startup", action="store_true", help="skip bench.startup's time to the first GET")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    a = ap.parse_args()
+    sets = [parse_set("large", a.large), parse_set("small", a.small)]
+    results: dict = {s.name: {"boto3": [], "crt": [], "daemon": []} for s in sets}
+    startups: list[float] = []
+    crt_note = ""
+    with tempfile.TemporaryDirectory(prefix="s3cache-cpu-") as tmp, MotoServer() as moto:
+        upload(moto, sets)
+        crt = None
+        if not a.no_crt:
+            try:
+                crt = Crt(moto.port)
+            except ImportError as e:
+                crt_note = f"(no CRT column: {e})"
+        if crt is None:
+            for s in sets:
+                del results[s.name]["crt"]
+        for r in range(a.rounds):
+            for s in sets:
+                work = Path(tmp) / f"r{r}-{s.name}"
+                for who in results[s.name]:
+                    out = work / who
+                    out.mkdir(parents=True)
+                    if who == "boto3":
+                        results[s.name][who].append(boto3_run(moto.url, s, out, a.workers))
+                    elif who == "crt":
+                        results[s.name][who].append(crt.run(s, out))
+                    else:
+                        run, startup = daemon_run(moto.url, s, out, a.workers)
+                        results[s.name][who].append(run)
+                        startups.append(startup)
+                    _rmtree(out)
+        first = None
+        if not a.no_startup:
+            from .startup import first_gets
+
+            first = first_gets(moto, Path(tmp), runs=5)
+    text = report(sets, results, startups, first, a.rounds) + (f"\n\n{crt_note}" if crt_note else "")
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
