@@ -40,7 +40,7 @@ from pathlib import Path
 from s3cache.service.config import human_size, parse_size
 from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, MotoServer, wait_for
 
-from .proc import cpu_seconds
+from .proc import compiled, cpu_seconds
 
 GB = 1e9
 RATES_GBIT = (10, 100, 400)
@@ -181,15 +181,17 @@ def med(runs: list[Run], attr: str) -> float:
 def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
     lines = [f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
              f"({os.cpu_count()} cores)", ""]
-    lines.append("| objects | client | CPU-s/GB | ms CPU/object | x boto3 | MB/s | GETs/object |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for s in sets:
         base = med(results[s.name]["boto3"], "cpu") / (s.total / GB)
         for who, runs in results[s.name].items():
             cpu = med(runs, "cpu")
             per_gb = cpu / (s.total / GB)
             gets = med(runs, "requests") / s.count if who != "crt" else float("nan")
-            lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {1000 * cpu / s.count:.2f} | "
+            lo, hi = (min(r.cpu for r in runs) / (s.total / GB), max(r.cpu for r in runs) / (s.total / GB))
+            lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {lo:.2f}-{hi:.2f} | "
+                         f"{1000 * cpu / s.count:.2f} | "
                          f"{per_gb / base:.2f} | {s.total / med(runs, 'wall') / 1e6:,.0f} | "
                          + (f"{gets:.1f}" if gets == gets else "-") + " |")
     lines.append("")
@@ -224,6 +226,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     a = ap.parse_args()
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
+    compiled()
     results: dict = {s.name: {"boto3": [], "crt": [], "daemon": []} for s in sets}
     startups: list[float] = []
     crt_note = ""

@@ -23,7 +23,7 @@ from pathlib import Path
 from s3cache.testing import FAKE_CREDENTIALS, MotoServer, wait_for
 from s3cache.testing.faultproxy import FaultProxy
 
-from .proc import cpu_seconds
+from .proc import compiled, cpu_seconds
 
 
 def one(proxy: FaultProxy, tmp: Path, i: int, importtime: bool = False) -> tuple[float, float, str]:
@@ -65,6 +65,7 @@ def top_imports(stderr: str, n: int) -> list[tuple[int, str]]:
 
 def first_gets(moto: MotoServer, tmp: Path, runs: int = 5) -> tuple[float, float]:
     """Medians of (seconds, CPU-s) from exec to the first GET over ``runs`` starts, on a running moto."""
+    compiled()
     s3 = moto.client()
     if not any(b["Name"] == "bench" for b in s3.list_buckets().get("Buckets", [])):
         s3.create_bucket(Bucket="bench")
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args()
+    compiled()
     with tempfile.TemporaryDirectory(prefix="s3cache-startup-") as tmp, MotoServer() as moto:
         s3 = moto.client()
         s3.create_bucket(Bucket="bench")
