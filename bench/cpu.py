@@ -178,6 +178,15 @@ def med(runs: list[Run], attr: str) -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
 
+def split_costs(sets: list[ObjSet], results: dict, who: str) -> tuple[float, float]:
+    """(CPU-s per byte, CPU-s per object) that fit both sets' medians exactly."""
+    (a, b) = sets
+    per_a = med(results[a.name][who], "cpu") / a.count
+    per_b = med(results[b.name][who], "cpu") / b.count
+    per_byte = (per_a - per_b) / (a.size - b.size)
+    return per_byte, per_b - per_byte * b.size
+
+
 def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
     lines = [f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
              f"({os.cpu_count()} cores)", ""]
@@ -199,6 +208,16 @@ def report(sets: list[ObjSet], results: dict, startups: list[float], first: tupl
     if first is not None:
         lines.append(f"daemon start-up, exec to its first GET (bench.startup): median {first[0] * 1000:.0f} ms wall, "
                      f"{first[1]:.2f} CPU-s")
+    if len(sets) == 2 and sets[0].size != sets[1].size:
+        lines.append("")
+        lines.append("Split into a cost per byte and a cost per object (its requests, file, index), from the two "
+                     "sets: CPU per object = per object + size x per byte:")
+        lines.append("")
+        lines.append("| client | CPU-s per GB (bytes) | ms CPU per object (requests) |")
+        lines.append("|---|---:|---:|")
+        for who in results[sets[0].name]:
+            per_byte, per_object = split_costs(sets, results, who)
+            lines.append(f"| {who} | {per_byte * GB:.2f} | {per_object * 1000:.2f} |")
     lines.append("")
     lines.append("Cores to fill a link, from the CPU-s per GB above (no TLS; cores = GB/s x CPU-s/GB):")
     lines.append("")
