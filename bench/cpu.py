@@ -76,9 +76,13 @@ def upload(moto: MotoServer, sets: list[ObjSet]) -> None:
     for s in sets:
         s.keys = [f"{s.name}/{i:05d}.bin" for i in range(s.count)]
         rnd = os.urandom(s.size + 4096)
+
+        def put(ik: tuple[int, str], rnd: bytes = rnd, size: int = s.size) -> None:
+            i, key = ik
+            s3.put_object(Bucket="bench", Key=key, Body=rnd[i % 4096:][:size])  # no two objects alike
+
         with ThreadPoolExecutor(8) as ex:
-            list(ex.map(lambda ik: s3.put_object(Bucket="bench", Key=ik[1], Body=rnd[ik[0] % 4096:][:s.size]),
-                        enumerate(s.keys)))
+            list(ex.map(put, enumerate(s.keys)))
 
 
 def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
@@ -93,7 +97,7 @@ def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
         body = s3.get_object(Bucket="bench", Key=key)["Body"]
         name = out / key.replace("/", "_")
         with open(f"{name}.tmp", "wb") as f:
-            for chunk in iter(lambda: body.read(1 << 20), b""):
+            while chunk := body.read(1 << 20):
                 f.write(chunk)
         os.rename(f"{name}.tmp", name)
 
@@ -159,16 +163,18 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int) -> tuple[Run, float
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
                              "--min-free", "0"]) as d:
         pid = d.proc.pid
-        # An idle daemon's housekeeping settles first, so the set's CPU is only the set's.
-        startup = cpu_seconds(pid)
+        startup = cpu_seconds(pid)  # DaemonProcess returned once it answers as ready
         before = d.status()["requests"]
         c0, t0 = cpu_seconds(pid), time.monotonic()
         new = tmp / "manifest.new"
         new.write_text("".join(f"s3://bench/{k}\n" for k in s.keys))
         os.replace(new, manifest)
         # Polled slowly: each status request is the daemon's CPU too.
-        st = wait_for(lambda: (lambda st: st if st["objects"]["ready"] == s.count else None)(d.status()),
-                      600, "every object ready", interval=0.2)
+        def all_ready() -> dict | None:
+            st = d.status()
+            return st if st["objects"]["ready"] == s.count else None
+
+        st = wait_for(all_ready, 600, "every object ready", interval=0.2)
         cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
         requests = st["requests"] - before
     return Run(cpu, wall, requests), startup
@@ -188,8 +194,8 @@ def split_costs(sets: list[ObjSet], results: dict, who: str) -> tuple[float, flo
 
 
 def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
-    lines = [f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
-             f"({os.cpu_count()} cores)", ""]
+    lines = [(f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
+              f"({os.cpu_count()} cores)"), ""]
     lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for s in sets:
@@ -197,12 +203,12 @@ def report(sets: list[ObjSet], results: dict, startups: list[float], first: tupl
         for who, runs in results[s.name].items():
             cpu = med(runs, "cpu")
             per_gb = cpu / (s.total / GB)
-            gets = med(runs, "requests") / s.count if who != "crt" else float("nan")
+            gets = f"{med(runs, 'requests') / s.count:.1f}" if who != "crt" else "-"  # the CRT's are its own
             lo, hi = (min(r.cpu for r in runs) / (s.total / GB), max(r.cpu for r in runs) / (s.total / GB))
             lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {lo:.2f}-{hi:.2f} | "
                          f"{1000 * cpu / s.count:.2f} | "
                          f"{per_gb / base:.2f} | {s.total / med(runs, 'wall') / 1e6:,.0f} | "
-                         + (f"{gets:.1f}" if gets == gets else "-") + " |")
+                         f"{gets} |")
     lines.append("")
     lines.append(f"daemon start-up, exec to ready on an empty manifest: median {statistics.median(startups):.2f} CPU-s")
     if first is not None:
