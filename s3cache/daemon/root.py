@@ -19,9 +19,10 @@ control socket's requests are answered by ``ops.Ops``.
 Threads: workers (``--workers``), the publisher, housekeeping (usage to the index once a second,
 throughput samples, leases and idle readers expiring, progress, systemd's STATUS= and WATCHDOG=), the
 usage-note reader, the SIGHUP reload, the control server's, the manifest watcher's, and
-``--revalidate``'s. Each of ours runs under ``supervise.supervised``: an exception in one iteration is
-logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
-with exit code 1, for systemd to restart it.
+``--revalidate``'s; and the parts' own (the verifier, the signals thread, the starting keep-alive,
+the peer listener), started through ``self.supervisor``. Each runs under ``supervise.supervised``: an
+exception in one iteration is logged once and counted in status (``loop_errors``), and a thread that
+dies anyway stops the daemon with exit code 1, for systemd to restart it.
 
 systemd (``notify``): STATUS= and EXTEND_TIMEOUT_USEC= while starting (starting.py), READY=1 once the
 cache is reconciled, the index and the manifest loaded and the parts answer the control socket; STATUS= progress lines; WATCHDOG=1 from housekeeping,
@@ -67,7 +68,7 @@ from .signals import Signals
 from .space import Space
 from .starting import Starting
 from .status import Progress, Throughput, assemble, measure
-from .supervise import LoopErrors, supervised
+from .supervise import LoopErrors, Supervisor
 from .workers import Workers
 
 log = logging.getLogger("s3cache.daemon")
@@ -104,8 +105,12 @@ class Daemon:
         self.maintenance: Maintenance | None = None
         self.peering: Peering | None = None  # --peers: the workers fetch through it, peers are served
         self._ops: Ops | None = None  # answers the control socket once serving (before: _starting)
+        self.loop_errors = LoopErrors()
+        # Every loop of ours, the parts' own included, runs under it (counted in loop_errors).
+        self.supervisor = Supervisor(self.loop_errors, self.stopping, self._thread_died)
         self._starting = Starting(str(self.store.layout.root),
-                                  str(settings.manifest_source) if settings.manifest_source else None)
+                                  str(settings.manifest_source) if settings.manifest_source else None,
+                                  supervisor=self.supervisor)
         self._tracker: ReaderTracker | None = None  # where each reader is (space, schedule, readers share it)
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
@@ -113,7 +118,6 @@ class Daemon:
         self.exit_code = 0
         self.started_at = time.time()
         self.fetch_histogram = FetchHistogram()  # served by --metrics-addr; recorded by the workers
-        self.loop_errors = LoopErrors()
         self.errors_by_code: dict[str, int] = {}
         self.serving = False  # READY was sent: the daemon ran, and says "stopped" when it stops
         self.on_progress: Callable[[dict], None] | None = None  # serve's terminal bar; else log lines
@@ -203,7 +207,7 @@ class Daemon:
         self.throughput.sample()  # throughput counts from here
         ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
                   maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
-                  rate=self.throughput.rate, head=fetcher.api.head)
+                  rate=self.throughput.rate, head=fetcher.api.head, supervisor=self.supervisor)
         if self.peering is not None:  # like the readers' requests: only once the cache is reconciled
             self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited,
                                self._spawn)
@@ -239,14 +243,13 @@ class Daemon:
                                errors=self.loop_errors)
         self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)
 
-    def _spawn(self, target, name: str, *, loop: str | None = None, stopping: threading.Event | None = None) -> None:
+    def _spawn(self, target, name: str, *, loop: str | None = None,
+               stopping: threading.Event | None = None) -> threading.Thread:
         """Run ``target`` on a thread under ``supervised`` (``loop``: its name in ``loop_errors``;
-        ``stopping``: the event that ends it, when not the daemon's)."""
-        loop = loop or name.removeprefix("s3cache-")
-        body = supervised(loop, target, self.loop_errors, stopping or self.stopping, self._thread_died)
-        t = threading.Thread(target=body, name=name, daemon=True)
-        t.start()
+        ``stopping``: the event that ends it, when not the daemon's); teardown waits for it."""
+        t = self.supervisor.start(name, target, loop=loop, stopping=stopping)
         self._threads.append(t)
+        return t
 
     def _thread_died(self, loop: str, why: str) -> None:
         """A thread ended that should not have: say so, and exit non-zero so systemd restarts us."""
@@ -280,6 +283,8 @@ class Daemon:
             self.manifests.close()
         if self.publisher is not None:
             self.publisher.stop()
+        if self.peering is not None:  # its listener is one of the threads waited for below
+            self.peering.stop()
         # A GET waiting for its answer holds its thread until S3 answers (or its read timeout): hang up
         # again until every thread has ended, as one may have sent a request after the first hang-up.
         deadline = time.monotonic() + 10
@@ -290,8 +295,6 @@ class Daemon:
                 t.join(timeout=0.2)
         if self.server is not None:
             self.server.stop()
-        if self.peering is not None:
-            self.peering.stop()
         if self.fetcher is not None:
             self.fetcher.close()
         try:
@@ -314,7 +317,7 @@ class Daemon:
     def run(self) -> int:
         """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
         # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
-        signals = Signals(on_stop=self.stop, on_hup=self._hup.set)
+        signals = Signals(on_stop=self.stop, on_hup=self._hup.set, supervisor=self.supervisor)
         if threading.current_thread() is threading.main_thread():
             signals.install()
         try:
