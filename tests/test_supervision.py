@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def test_the_starting_keep_alive_and_the_peer_listener_run_supervised_and_end_wi
     """Both run on the supervisor's threads (named as before) and stop as they did, not counted as deaths."""
     sup, deaths = supervisor()
     sock = tmp_path / "notify"
-    import socket
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(sock))
     monkeypatch.setenv("NOTIFY_SOCKET", str(sock))
