@@ -142,6 +142,45 @@ def proxy(moto):
     p.stop()
 
 
+@pytest.fixture
+def aws_proxy(moto):
+    """A fault proxy in front of moto that answers ranged GETs as AWS does: with no checksum headers
+    (moto sends them when a range covers the whole object). The integrity tests' proxy."""
+    from s3cache.testing.faultproxy import FaultProxy
+
+    p = FaultProxy(moto.port, ranged_checksums=False).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def fetch_attempts() -> int:
+    """``fetcher``'s default ``max_attempts``; a test module overrides this fixture to change it."""
+    return 5
+
+
+@pytest.fixture
+def fetcher(aws_proxy, store, fetch_attempts):
+    """``fetcher(part_size=MiB, max_attempts=fetch_attempts, **Fetcher kwargs) -> Fetcher`` through
+    ``aws_proxy`` into ``store``'s temp files, four workers; each is closed at the end of the test."""
+    import threading
+
+    from s3cache.fetch.fetcher import Fetcher, make_client
+
+    made = []
+
+    def make(part_size=1 << 20, max_attempts=None, **kw):
+        f = Fetcher(make_client(aws_proxy.url, "us-east-1", 16, 5, 10), part_size=part_size, workers=4,
+                    max_attempts=fetch_attempts if max_attempts is None else max_attempts,
+                    cancel=threading.Event(), new_temp=store.new_temp, discard=store.discard, **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
 def put_objects(s3, bucket: str, prefix: str, n: int, size: int, width: int = 2) -> dict[str, bytes]:
     """Upload ``n`` objects of ``size`` random bytes as ``prefix/NN``; their URIs and bytes, in order."""
     data = {}

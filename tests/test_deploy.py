@@ -55,10 +55,12 @@ def test_daemonset_is_complete_and_its_commands_are_valid():
     manifest_dir = str(p["manifest_dir"])
     assert volumes[mounts[manifest_dir]["name"]]["configMap"]["name"] == docs("configmap.yaml")["ConfigMap"]["metadata"]["name"]
     assert all(key.endswith(".txt") for key in docs("configmap.yaml")["ConfigMap"]["data"])  # each key a job
-    # probes run a real status command against the same cache dir
+    # probes run a real status command against the same cache dir: alive while starting (startup,
+    # liveness), ready only once serving (readiness)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         pctx = parse_command(c[probe]["exec"]["command"])
-        assert pctx.info_name == "status" and pctx.params["as_json"] and pctx.params["cache_dir"] == p["cache_dir"]
+        assert pctx.info_name == "status" and pctx.params["cache_dir"] == p["cache_dir"]
+        assert pctx.params["ready"] == (probe == "readinessProbe"), probe
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
     sc = c["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
@@ -224,7 +226,7 @@ def test_the_examples_commands_work_against_a_real_daemon(tmp_path, s3, bucket, 
     assert subprocess.run(probe_cmd, capture_output=True, timeout=120).returncode != 0  # no daemon: not ready
     d = daemons(cache, manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/train-0"]))
     r = subprocess.run(probe_cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and '"objects"' in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith("ready: serving "), r.stdout + r.stderr
 
     (c,) = docs("pod-example.yaml")["Pod"]["spec"]["containers"]
     assert c["command"][:2] == ["python", "-c"]

@@ -1,6 +1,6 @@
 """Every size and checksum S3 states, checked; and no right object refused for good (issue 28).
 
-The fetcher fetches from moto's S3 server through the fault proxy, which can answer a ranged GET with a
+The fetcher fetches from moto's S3 server through the fault aws_proxy, which can answer a ranged GET with a
 200 carrying only the range, lie in a Content-Range total, drop x-amz-checksum-type or a part count, and
 send checksums moto does not (SHA-512, MD5, XXHASH) or an ETag that is not an MD5.
 """
@@ -21,35 +21,17 @@ import xxhash
 
 from s3cache.errors import FetchFailed, NoChecksum
 from s3cache.fetch.checksum import Digest, Expectation
-from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef
-from s3cache.testing.faultproxy import FaultProxy
 
 KiB, MiB = 1 << 10, 1 << 20
 
 
 @pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port, ranged_checksums=False).start()  # AWS sends no checksum on a ranged GET
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def fetcher(proxy, store):
-    made = []
-
-    def make(part_size=MiB, max_attempts=4, **kw):
-        f = Fetcher(make_client(proxy.url, "us-east-1", 16, 5, 10), part_size=part_size, workers=4,
-                    max_attempts=max_attempts, cancel=threading.Event(), new_temp=store.new_temp,
-                    discard=store.discard, **kw)
-        made.append(f)
-        return f
-
-    yield make
-    for f in made:
-        f.close()
+def fetch_attempts() -> int:
+    """These fetches give up after four attempts (conftest's ``fetcher`` takes five)."""
+    return 4
 
 
 def nth_get(n: int, fault: str):
@@ -87,24 +69,24 @@ def multipart(client, bucket: str, key: str, parts: list[bytes], complete: dict 
 # -- item 1 and 7: every size claim against the HEAD ----------------------------------------------------
 
 @pytest.mark.parametrize("fault", ["range-as-200", "lie-total"])
-def test_an_answer_with_only_part_of_the_object_is_never_published(s3, bucket, proxy, fetcher, fault):
+def test_an_answer_with_only_part_of_the_object_is_never_published(s3, bucket, aws_proxy, fetcher, fault):
     body = os.urandom(3 * MiB + 5)
     s3.put_object(Bucket=bucket, Key="k", Body=body, ServerSideEncryption="aws:kms")  # checked by size alone
-    proxy.plan = nth_get(1, fault)
+    aws_proxy.plan = nth_get(1, fault)
     got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults[fault] == 1
+    assert aws_proxy.faults[fault] == 1
     assert len(data) == len(body) and data == body and got.method == "size"
 
 
-def test_one_wrong_total_does_not_fail_an_entry_that_states_its_size(s3, bucket, proxy, fetcher):
+def test_one_wrong_total_does_not_fail_an_entry_that_states_its_size(s3, bucket, aws_proxy, fetcher):
     body = os.urandom(3 * MiB + 5)
     s3.put_object(Bucket=bucket, Key="k", Body=body)
-    proxy.plan = nth_get(1, "lie-total")
+    aws_proxy.plan = nth_get(1, "lie-total")
     f = fetcher()
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k"), size=len(body)))
-    assert proxy.faults["lie-total"] == 1 and data == body and got.method == "etag-md5"
+    assert aws_proxy.faults["lie-total"] == 1 and data == body and got.method == "etag-md5"
     # A size S3 itself confirms is still a permanent mismatch.
-    proxy.plan = lambda m, p, q: None
+    aws_proxy.plan = lambda m, p, q: None
     with pytest.raises(FetchFailed, match=f"S3 says {len(body)} bytes, the manifest says {len(body) + 1}"):
         f.fetch(Entry(ObjectRef(bucket, "k"), size=len(body) + 1), admit=lambda n: True)
 
@@ -123,16 +105,16 @@ def test_xxhash_values_are_s3s_canonical_big_endian_digests():
 
 
 @pytest.mark.parametrize("algo", sorted(NEWER))
-def test_newer_s3_checksums_are_verified(s3, bucket, proxy, fetcher, algo):
+def test_newer_s3_checksums_are_verified(s3, bucket, aws_proxy, fetcher, algo):
     body = os.urandom(2 * MiB + 3)
     s3.put_object(Bucket=bucket, Key="k", Body=body, ServerSideEncryption="aws:kms")  # the ETag is no MD5
     value = base64.b64encode(NEWER[algo](body).digest()).decode()
     # Sent on HEADs and whole answers, as S3 does; the first GET's bytes are flipped.
-    proxy.headers_for = lambda m, p, st: {f"x-amz-checksum-{algo}": value} if st != 206 else {}
-    proxy.plan = nth_get(1, "flip")
+    aws_proxy.headers_for = lambda m, p, st: {f"x-amz-checksum-{algo}": value} if st != 206 else {}
+    aws_proxy.plan = nth_get(1, "flip")
     f = fetcher(require_checksum=True)
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults["flip"] == 1 and data == body and got.method == f"s3-{algo}"
+    assert aws_proxy.faults["flip"] == 1 and data == body and got.method == f"s3-{algo}"
     assert f.counters.retries == 1
 
 
@@ -150,7 +132,7 @@ def test_crc64nvme_is_never_read_as_composite():
     assert claim == Expectation("s3-crc64nvme", "01" * 8)
 
 
-def test_a_copy_of_a_composite_checksum_object_is_verified_by_its_md5_etag(moto, s3, bucket, proxy, fetcher):
+def test_a_copy_of_a_composite_checksum_object_is_verified_by_its_md5_etag(moto, s3, bucket, aws_proxy, fetcher):
     crt = moto.client()
     body = multipart(crt, bucket, "src", [os.urandom(5 * MiB), os.urandom(MiB)], ChecksumAlgorithm="CRC32")
     s3.copy_object(Bucket=bucket, Key="k", CopySource={"Bucket": bucket, "Key": "src"})
@@ -158,11 +140,11 @@ def test_a_copy_of_a_composite_checksum_object_is_verified_by_its_md5_etag(moto,
     f = fetcher(part_size=4 * MiB)
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "etag-md5"
-    assert proxy.gets(f"/{bucket}/k") == 2  # one download: the ETag agreeing settles it
+    assert aws_proxy.gets(f"/{bucket}/k") == 2  # one download: the ETag agreeing settles it
 
 
 @pytest.mark.parametrize("declared", [True, False])
-def test_a_full_object_checksum_from_a_server_that_does_not_say_so(moto, bucket, proxy, fetcher, declared):
+def test_a_full_object_checksum_from_a_server_that_does_not_say_so(moto, bucket, aws_proxy, fetcher, declared):
     crt = moto.client()
     parts = [os.urandom(5 * MiB), os.urandom(MiB)]
     crc = base64.b64encode(zlib.crc32(b"".join(parts)).to_bytes(4, "big")).decode()
@@ -170,22 +152,22 @@ def test_a_full_object_checksum_from_a_server_that_does_not_say_so(moto, bucket,
     body = multipart(crt, bucket, "k", parts, {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32": crc},
                      ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
     assert crt.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")["ChecksumType"] == "FULL_OBJECT"
-    proxy.plan = lambda m, p, q: None if declared else "no-checksum-type"
+    aws_proxy.plan = lambda m, p, q: None if declared else "no-checksum-type"
     f = fetcher(part_size=4 * MiB)
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k")))
-    assert data == body and got.method == "s3-crc32" and (declared or proxy.faults["no-checksum-type"] >= 1)
-    assert proxy.gets(f"/{bucket}/k") == 2  # one download in two parts
+    assert data == body and got.method == "s3-crc32" and (declared or aws_proxy.faults["no-checksum-type"] >= 1)
+    assert aws_proxy.gets(f"/{bucket}/k") == 2  # one download in two parts
 
 
-def test_an_etag_that_is_not_an_md5_leaves_the_size_alone(s3, bucket, proxy, fetcher, caplog):
+def test_an_etag_that_is_not_an_md5_leaves_the_size_alone(s3, bucket, aws_proxy, fetcher, caplog):
     body = os.urandom(200 * KiB)
     s3.put_object(Bucket=bucket, Key="k", Body=body)
     fake = '"' + "ab" * 16 + '"'  # 32 hex digits, as Swift SLOs and S3 directory buckets send
-    proxy.headers_for = lambda m, p, st: {"ETag": fake}
+    aws_proxy.headers_for = lambda m, p, st: {"ETag": fake}
     with caplog.at_level(logging.WARNING, logger="s3cache.fetch"):
         got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "size"
-    assert proxy.gets(f"/{bucket}/k") == 3  # three identical downloads tell it from a transfer error
+    assert aws_proxy.gets(f"/{bucket}/k") == 3  # three identical downloads tell it from a transfer error
     assert any("size alone" in r.getMessage() for r in caplog.records)
     with pytest.raises(NoChecksum):
         fetcher(require_checksum=True).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
@@ -194,7 +176,7 @@ def test_an_etag_that_is_not_an_md5_leaves_the_size_alone(s3, bucket, proxy, fet
 # -- item 4: empty parts ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [(5 * MiB, 5 * MiB, 0), (0,)])
-def test_multipart_uploads_with_an_empty_part_are_verified_by_their_etag(s3, bucket, proxy, fetcher, sizes):
+def test_multipart_uploads_with_an_empty_part_are_verified_by_their_etag(s3, bucket, aws_proxy, fetcher, sizes):
     body = multipart(s3, bucket, "k", [os.urandom(n) for n in sizes])
     got, data = fetch_bytes(fetcher(part_size=4 * MiB, max_attempts=2), Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "etag-multipart" and got.etag.endswith(f"-{len(sizes)}")
@@ -202,15 +184,15 @@ def test_multipart_uploads_with_an_empty_part_are_verified_by_their_etag(s3, buc
 
 # -- item 6: a server that ignores partNumber ----------------------------------------------------------
 
-def test_a_server_that_ignores_part_numbers_leaves_an_etag_only_object_its_size(s3, bucket, proxy, fetcher, caplog):
+def test_a_server_that_ignores_part_numbers_leaves_an_etag_only_object_its_size(s3, bucket, aws_proxy, fetcher, caplog):
     body = multipart(s3, bucket, "k", [os.urandom(5 * MiB), os.urandom(MiB)])
-    proxy.plan = lambda m, p, q: "no-parts-count" if m == "HEAD" and "partNumber" in q else None
+    aws_proxy.plan = lambda m, p, q: "no-parts-count" if m == "HEAD" and "partNumber" in q else None
     with caplog.at_level(logging.WARNING, logger="s3cache.fetch"):
         got, data = fetch_bytes(fetcher(part_size=8 * MiB, max_attempts=3), Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "size"
-    assert proxy.faults["no-parts-count"] == 3  # asked three times, once per answer, then given up
+    assert aws_proxy.faults["no-parts-count"] == 3  # asked three times, once per answer, then given up
     # Left with its size alone, which a HEAD confirms.
-    assert len([x for x in proxy.seen(f"/{bucket}/k", "HEAD") if "partNumber" not in x.query]) == 1
+    assert len([x for x in aws_proxy.seen(f"/{bucket}/k", "HEAD") if "partNumber" not in x.query]) == 1
     assert any("ignores partNumber" in r.getMessage() for r in caplog.records)
     with pytest.raises(NoChecksum):
         fetcher(part_size=8 * MiB, require_checksum=True).fetch(Entry(ObjectRef(bucket, "k")), admit=lambda n: True)
@@ -218,7 +200,7 @@ def test_a_server_that_ignores_part_numbers_leaves_an_etag_only_object_its_size(
 
 # -- item 3: the manifest states S3's default checksums too ---------------------------------------------
 
-def test_manifest_lines_state_crc64nvme_and_crc32_and_fetches_check_them(moto, bucket, proxy, fetcher):
+def test_manifest_lines_state_crc64nvme_and_crc32_and_fetches_check_them(moto, bucket, aws_proxy, fetcher):
     from awscrt.checksums import crc64nvme
 
     from s3cache.errors import WrongChecksum

@@ -153,3 +153,32 @@ def test_a_starting_daemon_extends_systemds_start_timeout(tmp_path, moto, s3, bu
     finally:
         assert d.stop() == 0
         manager.close()
+
+
+def test_status_ready_fails_while_the_daemon_starts_or_is_absent_and_passes_once_it_serves(tmp_path, moto, s3,
+                                                                                           bucket, daemons):
+    """The readiness probe's command: a starting daemon is alive (``status --json`` exits 0) but must not
+    be counted ready, or a DaemonSet sends traffic to a pod that cannot serve yet."""
+    s3.put_object(Bucket=bucket, Key="p/0", Body=b"p0")
+    m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/p/"])  # start-up lists p/: held at the gate
+    cache = tmp_path / "cache"
+    runner = CliRunner()
+    r = runner.invoke(main, ["status", "--cache-dir", str(cache), "--ready"])
+    assert r.exit_code == 1 and "no s3cache daemon serves" in r.stderr, r.output
+    gate = Gate(moto.port)
+    try:
+        d = daemons(cache, manifest=m, args=["--endpoint-url", gate.url, "--read-timeout", "300"], wait=False)
+        wait_for(lambda: (st := status_now(d.cache_dir)) and st["step"].startswith("reading"), 60,
+                 "the control socket to answer while the manifest is read")
+        r = runner.invoke(main, ["status", "--cache-dir", str(cache), "--ready"])
+        assert r.exit_code == 3, r.output
+        [line] = r.stderr.splitlines()
+        assert line.startswith("s3cache: not ready: the daemon") and f"is starting: reading the manifest {m}" in line
+        assert r.stdout == ""
+        gate.open()
+        d.wait_until(lambda st: st.get("state") != "starting", what="the daemon to serve")
+        r = runner.invoke(main, ["status", "--cache-dir", str(cache), "--ready"])
+        assert r.exit_code == 0 and r.stdout.startswith("ready: serving "), r.output
+        d.stop()
+    finally:
+        gate.stop()

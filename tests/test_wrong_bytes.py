@@ -1,6 +1,6 @@
 """Never a wrong byte against the answers real servers and proxies give (issue 20).
 
-The fetcher, and then the real daemon, fetch from moto's S3 server through the fault proxy, which
+The fetcher, and then the real daemon, fetch from moto's S3 server through the fault aws_proxy, which
 answers a ranged GET with the whole object (200), with another range of the same length (a shifted
 206), without x-amz-checksum-* headers (as AWS answers every ranged GET), or with a byte flipped.
 """
@@ -21,36 +21,12 @@ from boto3.s3.transfer import TransferConfig
 from conftest import write_manifest
 
 from s3cache import resolve
-from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef
 from s3cache.store.index import Index
-from s3cache.testing.faultproxy import FaultProxy
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-def proxy(moto):
-    p = FaultProxy(moto.port, ranged_checksums=False).start()  # AWS sends no checksum on a ranged GET
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def fetcher(proxy, store):
-    made = []
-
-    def make(part_size=MiB, max_attempts=5, **kw):
-        f = Fetcher(make_client(proxy.url, "us-east-1", 16, 5, 10), part_size=part_size, workers=4,
-                    max_attempts=max_attempts, cancel=threading.Event(), new_temp=store.new_temp,
-                    discard=store.discard, **kw)
-        made.append(f)
-        return f
-
-    yield make
-    for f in made:
-        f.close()
 
 
 def on_nth(n: int | set[int], fault: str, method: str = "GET", query: str = ""):
@@ -86,63 +62,63 @@ def multipart(s3, bucket: str, key: str, parts: list[bytes], **extra) -> bytes:
 
 # -- item 1: never write outside the requested range --------------------------------------------------
 
-def test_a_part_answered_with_the_whole_object_is_never_written_past_its_range(moto, bucket, proxy, fetcher):
+def test_a_part_answered_with_the_whole_object_is_never_written_past_its_range(moto, bucket, aws_proxy, fetcher):
     body = os.urandom(4 * MiB + 123)
     moto.client().put_object(Bucket=bucket, Key="k", Body=body)  # with boto3's default CRC32
-    proxy.plan = on_nth(3, "ignore-range")  # a later part comes back as the whole object, with 200
+    aws_proxy.plan = on_nth(3, "ignore-range")  # a later part comes back as the whole object, with 200
     got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults["ignore-range"] == 1
+    assert aws_proxy.faults["ignore-range"] == 1
     assert len(data) == len(body) and data == body
     assert got.method == "s3-crc32"
 
 
-def test_a_whole_object_answer_to_the_first_request_is_taken_as_the_object(s3, bucket, proxy, fetcher):
+def test_a_whole_object_answer_to_the_first_request_is_taken_as_the_object(s3, bucket, aws_proxy, fetcher):
     body = os.urandom(3 * MiB + 1)
     s3.put_object(Bucket=bucket, Key="k", Body=body)
-    proxy.plan = on_nth(1, "ignore-range")
+    aws_proxy.plan = on_nth(1, "ignore-range")
     got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
     assert data == body and got.method == "etag-md5"
-    assert proxy.gets(f"/{bucket}/k") == 1  # the body was all of it: no part asked for again
+    assert aws_proxy.gets(f"/{bucket}/k") == 1  # the body was all of it: no part asked for again
 
 
 # -- item 2: Content-Range on every part --------------------------------------------------------------
 
 @pytest.mark.parametrize("nth", [1, 2])  # the first answer, and a later part
-def test_a_shifted_range_is_rejected_even_for_an_object_checked_by_size(s3, bucket, proxy, fetcher, nth):
+def test_a_shifted_range_is_rejected_even_for_an_object_checked_by_size(s3, bucket, aws_proxy, fetcher, nth):
     body = os.urandom(3 * MiB + 5)
     s3.put_object(Bucket=bucket, Key="k", Body=body, ServerSideEncryption="aws:kms")  # no usable check
-    proxy.plan = on_nth(nth, "shift")
+    aws_proxy.plan = on_nth(nth, "shift")
     got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults["shift"] == 1
+    assert aws_proxy.faults["shift"] == 1
     assert data == body and got.method == "size"
 
 
 # -- item 3: no silent "size alone" -------------------------------------------------------------------
 
-def test_checksums_missing_from_a_ranged_answer_are_asked_for(moto, bucket, proxy, fetcher):
+def test_checksums_missing_from_a_ranged_answer_are_asked_for(moto, bucket, aws_proxy, fetcher):
     body = os.urandom(200 * KiB)
     moto.client().put_object(Bucket=bucket, Key="k", Body=body, ServerSideEncryption="aws:kms")  # CRC32
-    proxy.plan = on_nth(1, "flip")
+    aws_proxy.plan = on_nth(1, "flip")
     f = fetcher()
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults["flip"] == 1
+    assert aws_proxy.faults["flip"] == 1
     assert data == body and got.method == "s3-crc32"
     assert f.counters.retries == 1
 
 
-def test_a_part_head_without_a_part_count_is_retried_not_taken_for_size_alone(s3, bucket, proxy, fetcher):
+def test_a_part_head_without_a_part_count_is_retried_not_taken_for_size_alone(s3, bucket, aws_proxy, fetcher):
     body = multipart(s3, bucket, "k", [os.urandom(5 * MiB), os.urandom(5 * MiB), os.urandom(MiB)])
     # Twice: the fetcher used to ask twice (for the HEAD's check and for the ETag's) and fell back to the
     # size alone when both answers lacked it.
-    proxy.plan = on_nth({1, 2}, "no-parts-count", method="HEAD", query="partNumber")
+    aws_proxy.plan = on_nth({1, 2}, "no-parts-count", method="HEAD", query="partNumber")
     got, data = fetch_bytes(fetcher(part_size=4 * MiB), Entry(ObjectRef(bucket, "k")))
-    assert proxy.faults["no-parts-count"] == 2
+    assert aws_proxy.faults["no-parts-count"] == 2
     assert data == body and got.method == "etag-multipart"
 
 
 # -- item 4: size-only objects are named, and can be refused ------------------------------------------
 
-def test_size_only_is_warned_about_once_and_refused_when_checksums_are_required(s3, bucket, proxy, fetcher,
+def test_size_only_is_warned_about_once_and_refused_when_checksums_are_required(s3, bucket, aws_proxy, fetcher,
                                                                                caplog, store):
     from s3cache.errors import NoChecksum
 
@@ -164,7 +140,7 @@ def test_size_only_is_warned_about_once_and_refused_when_checksums_are_required(
 
 # -- item 5 and 6: uneven parts, DSSE -----------------------------------------------------------------
 
-def test_multipart_with_uneven_parts_verifies_by_its_etag(s3, bucket, proxy, fetcher):
+def test_multipart_with_uneven_parts_verifies_by_its_etag(s3, bucket, aws_proxy, fetcher):
     body = multipart(s3, bucket, "k", [os.urandom(5 * MiB), os.urandom(6 * MiB), os.urandom(5 * MiB)])
     f = fetcher(part_size=4 * MiB, max_attempts=2)
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k")))
@@ -185,7 +161,7 @@ def test_a_kms_etag_is_never_taken_for_an_md5():
 
 # -- item 7: the strongest check, the manifest's beside it, and wrong claims fail at once --------------
 
-def test_s3_sha256_is_preferred_and_a_wrong_manifest_crc32c_fails_after_one_download(moto, bucket, proxy, fetcher):
+def test_s3_sha256_is_preferred_and_a_wrong_manifest_crc32c_fails_after_one_download(moto, bucket, aws_proxy, fetcher):
     from s3cache.errors import WrongChecksum
 
     body = os.urandom(3 * MiB + 3)
@@ -194,29 +170,29 @@ def test_s3_sha256_is_preferred_and_a_wrong_manifest_crc32c_fails_after_one_down
     f = fetcher()
     got, data = fetch_bytes(f, Entry(ObjectRef(bucket, "k"), crc32c=crc))
     assert data == body and got.method == "s3-sha256" and got.also == ("crc32c",)
-    gets = proxy.gets(f"/{bucket}/k")
+    gets = aws_proxy.gets(f"/{bucket}/k")
     wrong = format(int(crc, 16) ^ 1, "08x")
     with pytest.raises(WrongChecksum, match="manifest's checksum is wrong"):
         f.fetch(Entry(ObjectRef(bucket, "k"), crc32c=wrong), admit=lambda n: True)
-    assert proxy.gets(f"/{bucket}/k") - gets == 4  # one download (four 1 MiB parts), not one per attempt
+    assert aws_proxy.gets(f"/{bucket}/k") - gets == 4  # one download (four 1 MiB parts), not one per attempt
 
 
-def test_a_stable_mismatch_with_no_second_check_fails_after_three_downloads(s3, bucket, proxy, fetcher):
+def test_a_stable_mismatch_with_no_second_check_fails_after_three_downloads(s3, bucket, aws_proxy, fetcher):
     from s3cache.errors import WrongChecksum
 
     s3.put_object(Bucket=bucket, Key="k", Body=b"y" * 5000, ServerSideEncryption="aws:kms")
     f = fetcher(max_attempts=8)
     with pytest.raises(WrongChecksum, match="3 downloads"):
         f.fetch(Entry(ObjectRef(bucket, "k"), sha256="0" * 64), admit=lambda n: True)
-    assert proxy.gets(f"/{bucket}/k") == 3
+    assert aws_proxy.gets(f"/{bucket}/k") == 3
 
 
-def test_a_flipped_byte_under_a_manifest_checksum_is_still_retried(s3, bucket, proxy, fetcher):
+def test_a_flipped_byte_under_a_manifest_checksum_is_still_retried(s3, bucket, aws_proxy, fetcher):
     body = os.urandom(100 * KiB)
     s3.put_object(Bucket=bucket, Key="k", Body=body, ServerSideEncryption="aws:kms")
-    proxy.plan = on_nth(1, "flip")
+    aws_proxy.plan = on_nth(1, "flip")
     got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k"), sha256=hashlib.sha256(body).hexdigest()))
-    assert data == body and got.method == "sha256" and proxy.faults["flip"] == 1
+    assert data == body and got.method == "sha256" and aws_proxy.faults["flip"] == 1
 
 
 # -- end to end: every kind of object, every bad answer, through the real daemon -----------------------
@@ -263,7 +239,7 @@ def kinds(moto, s3, bucket) -> dict[str, tuple[bytes, str, str]]:
     return out
 
 
-def test_every_kind_of_object_survives_every_bad_answer(tmp_path, moto, s3, bucket, proxy, daemons):
+def test_every_kind_of_object_survives_every_bad_answer(tmp_path, moto, s3, bucket, aws_proxy, daemons):
     objects = kinds(moto, s3, bucket)
     size_only = {f"/{bucket}/{k}" for k, (_, _, m) in objects.items() if m == "size"}
     seen: Counter = Counter()
@@ -280,14 +256,14 @@ def test_every_kind_of_object_survives_every_bad_answer(tmp_path, moto, s3, buck
         faults = ["shift", "ignore-range"] if path in size_only else ["flip", "shift", "ignore-range"]
         return faults[n - 1] if n <= len(faults) else None
 
-    proxy.plan = plan
+    aws_proxy.plan = plan
     m = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/{k} {f}".strip() for k, (_, f, _) in objects.items()])
-    d = daemons(manifest=m, args=["--endpoint-url", proxy.url, "--part-size", "1M", "--prefetch-part-size", "1M",
+    d = daemons(manifest=m, args=["--endpoint-url", aws_proxy.url, "--part-size", "1M", "--prefetch-part-size", "1M",
                                   "--workers", "4", "--max-attempts", "10"])
     st = d.wait_until(lambda st: st["objects"]["ready"] + st["objects"]["failed"] == len(objects), timeout=300,
                       what="every object to land through the bad answers")
     assert st["objects"]["failed"] == 0, st["failures"]
-    assert set(proxy.faults) == {"flip", "shift", "ignore-range"}, proxy.faults
+    assert set(aws_proxy.faults) == {"flip", "shift", "ignore-range"}, aws_proxy.faults
     uris = [f"s3://{bucket}/{k}" for k in objects]
     paths = resolve(uris, cache_dir=d.cache_dir)
     for key, path in zip(objects, paths):
@@ -299,4 +275,4 @@ def test_every_kind_of_object_survives_every_bad_answer(tmp_path, moto, s3, buck
     finally:
         idx.close()
     assert methods == {k: want for k, (_, _, want) in objects.items()}
-    print(f"faults: {dict(proxy.faults)}; requests: {proxy.total()}")
+    print(f"faults: {dict(aws_proxy.faults)}; requests: {aws_proxy.total()}")

@@ -36,6 +36,8 @@ log = logging.getLogger("s3cache.daemon")
 
 MAX_VERIFY_QUEUED = 8  # verify requests waiting for the verifier thread; more are answered Busy
 
+from .supervise import Supervisor
+
 if TYPE_CHECKING:
     from .maintenance import Maintenance
     from .manifest_watch import ManifestWatch
@@ -64,7 +66,9 @@ class Ops:
 
     def __init__(self, *, cond: threading.Condition, space: Space, schedule: Schedule, readers: Readers,
                  maintenance: Maintenance, watch: Callable[[], ManifestWatch | None], status: Callable[[], dict],
-                 rate: Callable[[], float], head: Callable[[Entry], object] | None = None) -> None:
+                 rate: Callable[[], float], head: Callable[[Entry], object] | None = None,
+                 supervisor: Supervisor | None = None) -> None:
+        self.supervisor = supervisor or Supervisor.standalone()  # runs the verifier (loop_errors "verify")
         self.cond = cond
         self.head = head  # HEADs an object, raising FetchFailed when S3 refuses it
         self.space = space
@@ -121,8 +125,7 @@ class Ops:
                     "code": E_BUSY}
         with self._verifier_lock:
             if self._verifier is None:
-                self._verifier = threading.Thread(target=self._verify_loop, name="s3cache-verify", daemon=True)
-                self._verifier.start()
+                self._verifier = self.supervisor.start("s3cache-verify", self._verify_loop)
         return None
 
     def _verify_loop(self) -> None:
@@ -134,9 +137,9 @@ class Ops:
                 reply = {"report": self.maintenance.verify(uris, everything, source)}
             except S3CacheError as e:
                 reply = {"error": str(e), "code": type(e).__name__}
-            except Exception as e:  # a bug: answer, log, keep verifying for the next one
-                log.error("verify failed", exc_info=e)
-                reply = {"error": f"{type(e).__name__}: {e}", "code": E_FAILED}
+            except Exception as e:  # a bug: answer, then the supervisor counts it and verifies on
+                conn.send({"error": f"{type(e).__name__}: {e}", "code": E_FAILED})
+                raise
             conn.send(reply)
 
     def pin(self, conn: Connection, uris: list[str], pin: bool) -> dict:

@@ -77,13 +77,13 @@ class Peering:
             raise ConfigError(f"--peer-addr {self.me}: cannot listen there: {e.strerror}") from None
 
     def start(self, space: Space, schedule: Schedule, readers: Readers, cond: threading.Condition,
-              edited: Callable[[], bool], spawn: Callable[[Callable[[], None], str], None]) -> None:
+              edited: Callable[[], bool], spawn: Callable[..., threading.Thread]) -> None:
         """Serve peers (after the cache is reconciled and the manifest installed). ``edited``: whether
         the manifest on disk is newer than the one in force (an edit is on its way in). ``spawn``
         runs the membership refresh on a supervised thread (a file or DNS is read again)."""
         self._parts = (space, schedule, readers, cond)
         self._edited = edited
-        self.server.start()
+        self.server.start(spawn)  # supervised too: its listener's errors count in loop_errors
         if self.members.dynamic:
             spawn(self._refresh_loop, "s3cache-peers")
 

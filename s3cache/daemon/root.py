@@ -12,16 +12,19 @@ happened only through a callable handed to it here):
 * ``status``   — ``status`` assembled from the parts' reports, throughput, progress lines;
 * ``ops``      — the control socket's requests, each routed to the part that answers it; who may pin.
 
-What is left here: building and wiring the parts (``_wire``), the threads and their lifecycle, the
-callables through which parts report to each other (``_published``, ``_fail``), and housekeeping. The
-control socket's requests are answered by ``ops.Ops``.
+What is left here: the daemon's state and lifecycle (``start``, ``stop``, ``wait``, ``run``), its
+threads (``_spawn``), the callables through which parts report to each other (``_published``,
+``_fail``), and housekeeping. Start-up (building, wiring and starting the parts) is startup.py's,
+teardown (stopping the threads, closing in order) teardown.py's; the control socket's requests are
+answered by ``ops.Ops``.
 
 Threads: workers (``--workers``), the publisher, housekeeping (usage to the index once a second,
 throughput samples, leases and idle readers expiring, progress, systemd's STATUS= and WATCHDOG=), the
 usage-note reader, the SIGHUP reload, the control server's, the manifest watcher's, and
-``--revalidate``'s. Each of ours runs under ``supervise.supervised``: an exception in one iteration is
-logged once and counted in status (``loop_errors``), and a thread that dies anyway stops the daemon
-with exit code 1, for systemd to restart it.
+``--revalidate``'s; and the parts' own (the verifier, the signals thread, the starting keep-alive,
+the peer listener), started through ``self.supervisor``. Each runs under ``supervise.supervised``: an
+exception in one iteration is logged once and counted in status (``loop_errors``), and a thread that
+dies anyway stops the daemon with exit code 1, for systemd to restart it.
 
 systemd (``notify``): STATUS= and EXTEND_TIMEOUT_USEC= while starting (starting.py), READY=1 once the
 cache is reconciled, the index and the manifest loaded and the parts answer the control socket; STATUS= progress lines; WATCHDOG=1 from housekeeping,
@@ -43,22 +46,20 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from s3cache.fetch.fetcher import Fetcher, make_client
+from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.refs import format_uri, shown
-from s3cache.manifest.scope import Scope
 from s3cache.policy.evict import ReaderTracker
 from s3cache.service import notify
-from s3cache.service.config import Settings, human_size, redact_urls
+from s3cache.service.config import Settings, redact_urls
 from s3cache.service.metrics import FetchHistogram
 from s3cache.sockets.control import Server
 from s3cache.store.files import Store
 from s3cache.store.index import Index, Record
 
-from .maintenance import Maintenance, open_index
+from .maintenance import Maintenance
 from .ops import Ops
 from .peering import Peering
-from .peering import build as build_peering
 from .publisher import Publisher
 from .readers import Readers
 from .reload import Manifests, Reload
@@ -66,8 +67,10 @@ from .schedule import Schedule
 from .signals import Signals
 from .space import Space
 from .starting import Starting
+from .startup import reader_idle, start_up, wire
 from .status import Progress, Throughput, assemble, measure
-from .supervise import LoopErrors, supervised
+from .supervise import LoopErrors, Supervisor
+from .teardown import tear_down
 from .workers import Workers
 
 log = logging.getLogger("s3cache.daemon")
@@ -104,8 +107,12 @@ class Daemon:
         self.maintenance: Maintenance | None = None
         self.peering: Peering | None = None  # --peers: the workers fetch through it, peers are served
         self._ops: Ops | None = None  # answers the control socket once serving (before: _starting)
+        self.loop_errors = LoopErrors()
+        # Every loop of ours, the parts' own included, runs under it (counted in loop_errors).
+        self.supervisor = Supervisor(self.loop_errors, self.stopping, self._thread_died)
         self._starting = Starting(str(self.store.layout.root),
-                                  str(settings.manifest_source) if settings.manifest_source else None)
+                                  str(settings.manifest_source) if settings.manifest_source else None,
+                                  supervisor=self.supervisor)
         self._tracker: ReaderTracker | None = None  # where each reader is (space, schedule, readers share it)
         self._threads: list[threading.Thread] = []
         self.throughput = Throughput(lambda: self.fetcher.counters.bytes if self.fetcher else 0)
@@ -113,7 +120,6 @@ class Daemon:
         self.exit_code = 0
         self.started_at = time.time()
         self.fetch_histogram = FetchHistogram()  # served by --metrics-addr; recorded by the workers
-        self.loop_errors = LoopErrors()
         self.errors_by_code: dict[str, int] = {}
         self.serving = False  # READY was sent: the daemon ran, and says "stopped" when it stops
         self.on_progress: Callable[[dict], None] | None = None  # serve's terminal bar; else log lines
@@ -154,99 +160,20 @@ class Daemon:
         if self._ops is not None:
             self.readers.closed(conn)
 
-    def _listing(self, lister: Callable) -> Callable:
-        """``lister`` (Fetcher.list) reporting each prefix line listed while starting."""
-        def listed(bucket: str, prefix: str):
-            got = lister(bucket, prefix)
-            if self._ops is None:
-                self._starting.listed(len(got))
-            return got
-        return listed
-
     def _start(self) -> None:
-        s, lay = self.s, self.store.layout
-        removed = self.store.clean_tmp()
-        if removed:
-            log.info("removed %d temp file(s) left by an interrupted run", removed)
-        client = make_client(s.endpoint_url, s.region, pool=s.workers * 2 + 4,
-                             connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
-        self.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
-                                         workers=s.workers, max_attempts=s.max_attempts, cancel=self.stopping,
-                                         new_temp=self.store.new_temp, discard=self.store.discard,
-                                         require_checksum=s.require_checksum)
-        self.peering = build_peering(s, fetcher, self.store, self.stopping)
-        self.manifests = manifests = Manifests(lambda: self.s, self.cond, lister=self._listing(fetcher.list),
-                                               spawn=self._spawn,
-                                               exclusive=lambda: self.space.exclusive(),
-                                               install_parts=self._install_parts)
-        self._reload = Reload(flags=self._flags, config_file=self._config_file, hup=self._hup,
-                              stopping=self.stopping, cond=self.cond, settings=lambda: self.s,
-                              apply=self._apply_settings, revalidate=self._start_revalidate, manifests=manifests,
-                              work_changed=lambda: self.schedule.work_changed(),
-                              progress_line=lambda: self._progress()["line"])
-        catalog = Catalog()
-        if s.manifest_source is not None:
-            self._starting.step(f"reading the manifest {s.manifest_source}")
-            manifests.watch = manifests.new_watch(str(s.manifest_source), s.manifest_is_dir)
-            catalog = manifests.watch.read()
-        self._starting.step("reconciling the cache dir with its index")
-        self.index, damaged = open_index(self.store)
-        self._wire(self.index, fetcher)
-        if damaged:
-            self.maintenance.rebuild(catalog)
-        else:
-            self.maintenance.reconcile(catalog)
-        if manifests.watch is not None:
-            manifests.install(catalog)
-            # Watch before anyone can see us serving, so an edit made right after start is not missed.
-            manifests.start_watch(manifests.watch)
-        self.throughput.sample()  # throughput counts from here
-        ops = Ops(cond=self.cond, space=self.space, schedule=self.schedule, readers=self.readers,
-                  maintenance=self.maintenance, watch=lambda: manifests.watch, status=self.status,
-                  rate=self.throughput.rate, head=fetcher.api.head)
-        if self.peering is not None:  # like the readers' requests: only once the cache is reconciled
-            self.peering.start(self.space, self.schedule, self.readers, self.cond, self._manifest_edited,
-                               self._spawn)
-        self._spawn(self._use_loop, "s3cache-use")
-        self._spawn(self.publisher.run, "s3cache-publish")
-        self._spawn(self._housekeeping_loop, "s3cache-housekeeping")
-        self._spawn(self._reload.loop, "s3cache-reload")
-        for i in range(self.workers.threads):
-            self._spawn(self.workers.run, f"s3cache-worker-{i}", loop="workers")
-        self._start_revalidate(s.revalidate)
-        self._ops = ops  # requests reach the parts from now on
-        log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
-                 len(self.schedule.catalog), len(self.space.ready), human_size(self.space.used),
-                 human_size(s.max_size))
+        start_up(self)
 
     def _wire(self, index: Index, fetcher: Fetcher) -> None:
-        """Build the parts bottom up; callables let a lower part report to one built after it."""
-        s, store, cond = self.s, self.store, self.cond
-        tracker = self._tracker = ReaderTracker(idle=_reader_idle(s))
-        self.space = Space(s, store, index, cond, tracker, drain_notes=lambda: self.readers.drain(),
-                           on_evicted=lambda victims: self.schedule.evicted(victims))
-        self.schedule = Schedule(s, self.space, cond, tracker, self.stopping,
-                                 is_waited=lambda uri: self.readers.is_waited(uri))
-        self.publisher = Publisher(store, index, self.space, cond, on_published=self._published,
-                                   on_failed=self._fail, on_superseded=self.schedule.superseded)
-        self.readers = Readers(self.schedule, self.space, store, cond, tracker, notes=self._notes,
-                               promote=fetcher.promote,
-                               scope=Scope(s.allow, has_manifest=s.manifest_source is not None),
-                               manifest_edited=self._manifest_edited)
-        source = self.peering.source if self.peering is not None else fetcher
-        self.workers = Workers(s, self.schedule, self.space, source, cond, is_waited=self.readers.is_waited,
-                               publish=self.publisher.put, fail=self._fail, histogram=self.fetch_histogram,
-                               errors=self.loop_errors)
-        self.maintenance = Maintenance(store, index, self.space, self.schedule, cond, describe=fetcher.describe)
+        """Build the parts bottom up (startup.wire); the model tests build a daemon this way."""
+        wire(self, index, fetcher)
 
-    def _spawn(self, target, name: str, *, loop: str | None = None, stopping: threading.Event | None = None) -> None:
+    def _spawn(self, target, name: str, *, loop: str | None = None,
+               stopping: threading.Event | None = None) -> threading.Thread:
         """Run ``target`` on a thread under ``supervised`` (``loop``: its name in ``loop_errors``;
-        ``stopping``: the event that ends it, when not the daemon's)."""
-        loop = loop or name.removeprefix("s3cache-")
-        body = supervised(loop, target, self.loop_errors, stopping or self.stopping, self._thread_died)
-        t = threading.Thread(target=body, name=name, daemon=True)
-        t.start()
+        ``stopping``: the event that ends it, when not the daemon's); teardown waits for it."""
+        t = self.supervisor.start(name, target, loop=loop, stopping=stopping)
         self._threads.append(t)
+        return t
 
     def _thread_died(self, loop: str, why: str) -> None:
         """A thread ended that should not have: say so, and exit non-zero so systemd restarts us."""
@@ -275,46 +202,12 @@ class Daemon:
         self._teardown()
 
     def _teardown(self) -> None:
-        self.stop()
-        if self.manifests is not None:
-            self.manifests.close()
-        if self.publisher is not None:
-            self.publisher.stop()
-        # A GET waiting for its answer holds its thread until S3 answers (or its read timeout): hang up
-        # again until every thread has ended, as one may have sent a request after the first hang-up.
-        deadline = time.monotonic() + 10
-        for t in self._threads:
-            while t.is_alive() and time.monotonic() < deadline:
-                if self.fetcher is not None:
-                    self.fetcher.abort()
-                t.join(timeout=0.2)
-        if self.server is not None:
-            self.server.stop()
-        if self.peering is not None:
-            self.peering.stop()
-        if self.fetcher is not None:
-            self.fetcher.close()
-        try:
-            if self.space is not None:
-                self.space.flush()
-            self.store.clean_tmp()
-        except OSError as e:  # the cache dir may have vanished under us
-            log.error("could not clean up %s: %s", self.store.layout.root, e.strerror)
-        if self.index is not None:
-            try:
-                self.index.close()
-            except Exception:
-                pass
-        if self.space is not None:
-            self.space.close()
-        self.store.close()
-        if self.serving:  # a daemon that never started has nothing to report stopping
-            log.info("stopped")
+        tear_down(self)
 
     def run(self) -> int:
         """start(), stop on SIGTERM or SIGINT, clean up, return the exit code. For ``s3cache serve``."""
         # Handlers first: systemd may send SIGTERM while start() is still reconciling or listing.
-        signals = Signals(on_stop=self.stop, on_hup=self._hup.set)
+        signals = Signals(on_stop=self.stop, on_hup=self._hup.set, supervisor=self.supervisor)
         if threading.current_thread() is threading.main_thread():
             signals.install()
         try:
@@ -345,7 +238,7 @@ class Daemon:
         self.s = merged
         self.space.apply(merged)  # with the copies its leases hold (duration, budget)
         self.schedule.s = self.workers.s = merged
-        self._tracker.idle = _reader_idle(merged)
+        self._tracker.idle = reader_idle(merged)
 
     def reload(self) -> None:
         """What SIGHUP does (``Reload.reload``): the configuration and the manifest again."""
@@ -462,11 +355,6 @@ class Daemon:
         if peers is not None:
             st["peers"] = peers
         return st
-
-
-def _reader_idle(s: Settings) -> float:
-    """Seconds of silence after which a reader is forgotten: never while its lease could hold a file."""
-    return max(s.lease, 60.0)
 
 
 def _about(uri: str, message: str) -> str:

@@ -21,6 +21,8 @@ import signal
 import threading
 from collections.abc import Callable
 
+from .supervise import Supervisor
+
 log = logging.getLogger("s3cache.daemon")
 
 _STOP = (signal.SIGTERM, signal.SIGINT)
@@ -34,7 +36,11 @@ def _nothing(signum: int, frame: object) -> None:
 class Signals:
     """Install with ``install`` (from the main thread), undo with ``close``."""
 
-    def __init__(self, on_stop: Callable[[], None], on_hup: Callable[[], None]) -> None:
+    def __init__(self, on_stop: Callable[[], None], on_hup: Callable[[], None], *,
+                 supervisor: Supervisor | None = None) -> None:
+        """``supervisor``: runs the thread (loop_errors "signals"; a call that raises is counted there)."""
+        self._supervisor = supervisor or Supervisor.standalone()
+        self._closing = threading.Event()  # set by ``close``: the thread's return is expected
         self._on_stop = on_stop
         self._on_hup = on_hup
         self._old: dict[int, object] = {}
@@ -45,8 +51,8 @@ class Signals:
     def install(self) -> Signals:
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._w, False)  # the C handler must never block; a full pipe drops a byte
-        self._thread = threading.Thread(target=self._run, name="s3cache-signals", daemon=True)
-        self._thread.start()
+        self._closing.clear()
+        self._thread = self._supervisor.start("s3cache-signals", self._run, stopping=self._closing)
         self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         for sig in (*_STOP, signal.SIGHUP):
             self._old[sig] = signal.signal(sig, _nothing)
@@ -61,14 +67,13 @@ class Signals:
             for signum in data:
                 if signum == _CLOSE:
                     return
-                try:
+                # The pipe must keep being read: a later SIGTERM still has to stop us.
+                with self._supervisor.errors.guard("signals", f"handling signal {signum}"):
                     if signum in _STOP:
                         log.info("%s: stopping", signal.Signals(signum).name)
                         self._on_stop()
                     elif signum == signal.SIGHUP:
                         self._on_hup()
-                except Exception:  # the pipe must keep being read: a later SIGTERM still has to stop us
-                    log.exception("handling signal %d failed", signum)
 
     def close(self) -> None:
         if self._thread is None:
@@ -77,6 +82,7 @@ class Signals:
             signal.signal(sig, old)
         signal.set_wakeup_fd(self._old_fd)
         os.set_blocking(self._w, True)
+        self._closing.set()
         os.write(self._w, bytes([_CLOSE]))
         self._thread.join()
         os.close(self._r)

@@ -34,6 +34,8 @@ from typing import Any
 from s3cache.service import notify
 from s3cache.sockets.control import PROTOCOL, Connection
 
+from .supervise import Supervisor
+
 EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while starting
 EXTEND_BY = 30.0  # seconds each one grants (several intervals: a late message must not be fatal)
 
@@ -41,7 +43,8 @@ EXTEND_BY = 30.0  # seconds each one grants (several intervals: a late message m
 class Starting:
     """The start-up's current step and progress, and the answers given meanwhile (see module doc)."""
 
-    def __init__(self, cache_dir: str, manifest: str | None) -> None:
+    def __init__(self, cache_dir: str, manifest: str | None, *, supervisor: Supervisor | None = None) -> None:
+        self._supervisor = supervisor or Supervisor.standalone()  # runs the keep-alive (loop_errors "starting")
         self._cache_dir = cache_dir
         self._manifest = manifest
         self._lock = threading.Lock()
@@ -107,8 +110,7 @@ class Starting:
                 notify.extend_timeout(EXTEND_BY)
                 if self._done.wait(EXTEND_EVERY):
                     return
-        self._keepalive = threading.Thread(target=run, name="s3cache-starting", daemon=True)
-        self._keepalive.start()
+        self._keepalive = self._supervisor.start("s3cache-starting", run, stopping=self._done)
 
     def finish(self) -> None:
         """Start-up ended (served, or failed): stop the keep-alives; tell readers who asked meanwhile."""

@@ -107,3 +107,36 @@ def supervised(name: str, body: Callable[[], object], errors: LoopErrors, stoppi
             return
 
     return run
+
+
+class Supervisor:
+    """Starts threads whose targets run under ``supervised``, all counted in one ``LoopErrors`` and
+    reporting a death to one ``on_death``. The daemon owns one (root.py) and hands it to every part
+    that runs a loop of its own (the verifier, the signals thread, the starting keep-alive, the peer
+    listener), so that no loop of the daemon can fail unseen.
+
+    ``standalone()``: one of its own, for a part used outside a daemon (a test, a tool), whose deaths are
+    only logged."""
+
+    def __init__(self, errors: LoopErrors, stopping: threading.Event,
+                 on_death: Callable[[str, str], None]) -> None:
+        self.errors = errors
+        self.stopping = stopping
+        self.on_death = on_death
+
+    @classmethod
+    def standalone(cls) -> Supervisor:
+        def died(loop: str, why: str) -> None:
+            log.critical("the %s thread died (%s)", loop, why)
+        return cls(LoopErrors(), threading.Event(), died)
+
+    def start(self, name: str, body: Callable[[], object], *, loop: str | None = None,
+              stopping: threading.Event | None = None) -> threading.Thread:
+        """Start a daemon thread ``name`` running ``body`` under ``supervised``; ``loop`` is its name in
+        ``loop_errors`` (default: ``name`` without ``s3cache-``), ``stopping`` the event whose being set
+        makes ``body`` returning normal (default: the daemon's)."""
+        loop = loop or name.removeprefix("s3cache-")
+        target = supervised(loop, body, self.errors, stopping or self.stopping, self.on_death)
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        return t

@@ -45,6 +45,7 @@ class Found(NamedTuple):
 
 
 Find = Callable[[str, float], "Found | None"]
+Spawn = Callable[..., threading.Thread]  # (target, name, *, stopping) -> a started, supervised thread
 
 
 class _Counts:
@@ -171,18 +172,29 @@ class PeerServer:
         self._http = _Http((host.strip("[]"), int(port)), _Handler, bind_and_activate=True)
         self._http.owner = self
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
         return self._http.server_address[:2]
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="s3cache-peer-server", daemon=True)
-        self._thread.start()
+    def start(self, spawn: Spawn | None = None) -> None:
+        """Serve on a thread of its own. ``spawn(target, name, stopping=event) -> Thread``: the daemon's
+        supervised start (an exception escaping ``serve_forever`` is counted in loop_errors and it serves
+        again); without one, a plain thread."""
+        self._stopped.clear()
+        if spawn is None:
+            self._thread = threading.Thread(target=self._serve, name="s3cache-peer-server", daemon=True)
+            self._thread.start()
+        else:
+            self._thread = spawn(self._serve, "s3cache-peer-server", stopping=self._stopped)
+
+    def _serve(self) -> None:
+        self._http.serve_forever(poll_interval=0.5)
 
     def stop(self) -> None:
         if self._thread is not None:
+            self._stopped.set()  # before shutdown: serve_forever returning is then expected
             self._http.shutdown()
             self._thread.join(timeout=10)
         self._http.server_close()

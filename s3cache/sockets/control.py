@@ -13,7 +13,8 @@ it: an error reply and the connection closed), a usage record at most ``wire.MAX
 capped, and when accept() runs out of descriptors (EMFILE/ENFILE) the server backs off and tries again.
 One uid (other than root and the daemon's own) may hold at most ``MAX_CONNECTIONS_PER_UID`` of the
 connections (more are answered Busy and closed), and a connection that sends no complete request within
-``IDLE_TIMEOUT`` seconds of connecting is closed: one group member cannot take every slot.
+``IDLE_TIMEOUT`` seconds of connecting is closed: one group member cannot take every slot (the rules
+are admission.py's; this loop applies them).
 A crash of the I/O thread is logged with its traceback and the loop restarts; if it keeps crashing the
 server is marked ``failed`` and ``on_crash`` is called (by default: the process exits 70, so systemd
 restarts it).
@@ -31,13 +32,11 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-from s3cache.errors import UntrustedCacheDir
 from s3cache.reader.client import Client, UseNotes  # noqa: F401  (re-exported: the readers' side)
 from s3cache.reader.wire import (  # noqa: F401
     E_BUSY,
@@ -52,6 +51,8 @@ from s3cache.reader.wire import (  # noqa: F401
 
 from .connection import MAX_INBOX, MAX_OUTBOUND, SOFT_OUTBOUND, Connection, _peer  # noqa: F401 (re-exported)
 from .handlers import HANDLER_THREADS, Handler, Requests  # noqa: F401  (re-exported)
+from .admission import Admission
+from .binding import bind_socket
 from .usage_socket import EXHAUSTED, USE_CONN, UseChannel
 
 log = logging.getLogger("s3cache.control")
@@ -83,15 +84,11 @@ class Server:
         self._on_crash = on_crash
         self.max_connections = max_connections
         self.max_outbound = max_outbound
-        self.max_per_uid = max_per_uid
-        self.idle_timeout = idle_timeout
-        self._per_uid: dict[int, int] = {}  # open connections per peer uid (I/O thread only)
-        self._silent: dict[Connection, float] = {}  # connections yet to send a request -> when accepted
-        self._next_idle_check = 0.0
         self.failed = threading.Event()
         self.crash: BaseException | None = None
         self.stats = {"connections": 0, "dropped_slow": 0, "bad_requests": 0, "accept_errors": 0,
                       "crashes": 0, "refused_busy": 0, "refused_uid": 0, "closed_idle": 0}
+        self._admission = Admission(max_per_uid, idle_timeout, self.stats)  # I/O thread only
         self._stop = threading.Event()
         self._conns: set[Connection] = set()
         self._lock = threading.Lock()  # guards _dirty and _closing
@@ -106,43 +103,10 @@ class Server:
         self._accept_paused_until: float | None = None
         self._accept_backoff = 0.0
         self._crash_times: deque[float] = deque()
-        self.ctl = self._bind(ctl_path)
+        self.ctl = bind_socket(ctl_path)
         self.ctl.listen(128)
         self.ctl.setblocking(False)
-        self.use = UseChannel(self._bind(use_path), self, max_use_connections)
-
-    @staticmethod
-    def _bind(path: str) -> socket.socket:
-        """Bind ``path`` (mode 0660) inside its directory as opened and checked once: the daemon's own,
-        written by nobody else, never through a symlink; the unlink, bind and chmod all go through that
-        descriptor, so a directory swapped in on the way (a writable parent higher up) is refused, not
-        written into."""
-        parent, name = os.path.split(path)
-        try:
-            dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise UntrustedCacheDir(f"cannot open {parent} for the daemon's sockets without following a "
-                                    f"symlink: {e.strerror}") from None
-        try:
-            st = os.fstat(dfd)
-            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise UntrustedCacheDir(f"{parent} is not the daemon's own directory (owner uid {st.st_uid}, mode "
-                                        f"{stat.S_IMODE(st.st_mode):04o}): not binding its sockets there")
-            try:
-                os.unlink(name, dir_fd=dfd)  # a socket left by a killed daemon; we hold the cache lock
-            except FileNotFoundError:
-                pass
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            via = f"/proc/self/fd/{dfd}/{name}"  # the checked directory itself, whatever the path says now
-            old = os.umask(0o117)
-            try:
-                s.bind(via if os.path.isdir(f"/proc/self/fd/{dfd}") else path)
-            finally:
-                os.umask(old)
-            os.chmod(name, 0o660, dir_fd=dfd)
-            return s
-        finally:
-            os.close(dfd)
+        self.use = UseChannel(bind_socket(use_path), self, max_use_connections)
 
     # -- life -------------------------------------------------------------------------------------------
 
@@ -261,15 +225,10 @@ class Server:
         self._listen(self._accept_paused_until is None and len(self._conns) < self.max_connections)
 
     def _close_silent(self) -> None:
-        """Close connections that sent no request within ``idle_timeout`` of connecting (once a second)."""
-        now = time.monotonic()
-        if now < self._next_idle_check or not self._silent:
-            return
-        self._next_idle_check = now + min(1.0, self.idle_timeout / 2)
-        for c, since in list(self._silent.items()):
-            if now - since > self.idle_timeout:
-                self.stats["closed_idle"] += 1
-                self._close(c)
+        """Close connections that sent no request within the idle timeout of connecting (admission.py)."""
+        for c in self._admission.idle():
+            self.stats["closed_idle"] += 1
+            self._close(c)
 
     def _listen(self, on: bool) -> None:
         registered = self._is_registered(self.ctl)
@@ -307,19 +266,10 @@ class Server:
                 return
             sock.setblocking(False)
             conn = Connection(self, sock)
-            if conn.uid not in (0, os.geteuid()) and self._per_uid.get(conn.uid, 0) >= self.max_per_uid:
-                self.stats["refused_uid"] += 1
-                try:  # one line into an empty socket buffer: never blocks
-                    sock.send(encode({"error": f"uid {conn.uid} has {self.max_per_uid} connections to the daemon "
-                                               f"open already: close some", "code": E_BUSY}))
-                    while sock.recv(1 << 16):  # what it sent already: closed unread, the kernel would
-                        pass                   # reset the client's side and drop our answer with it
-                except OSError:
-                    pass
+            if not self._admission.admit(conn):
+                self._admission.refuse(sock, conn.uid)
                 self._close_sock(sock)
                 continue
-            self._per_uid[conn.uid] = self._per_uid.get(conn.uid, 0) + 1
-            self._silent[conn] = time.monotonic()
             self._conns.add(conn)
             self.stats["connections"] += 1
             self._interest(conn)
@@ -369,7 +319,7 @@ class Server:
             self._close(c)
             return
         if lines:
-            self._silent.pop(c, None)
+            self._admission.spoke(c)
             with c._lock:
                 c._inbox.extend(lines)
             self._requests.dispatch(c)
@@ -432,15 +382,10 @@ class Server:
         if c._events:
             self._sel.unregister(c.sock)
             c._events = 0
-        self._silent.pop(c, None)
         if c in self._conns:
             self._conns.discard(c)
             self._close_sock(c.sock)
-            left = self._per_uid.get(c.uid, 1) - 1
-            if left > 0:
-                self._per_uid[c.uid] = left
-            else:
-                self._per_uid.pop(c.uid, None)
+            self._admission.released(c)
         if call:
             self._requests.closed(c)
 

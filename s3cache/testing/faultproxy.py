@@ -32,7 +32,8 @@ does (moto sends them when the range covers the whole object).
 what came back (a ``412``), and whether it is still in flight (``done``); ``statuses(path)`` counts the answers for one object.
 
 ``latency`` delays every response by that many seconds (added before the response is sent), and
-``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection.
+``bandwidth`` (bytes/s per connection) paces the body, like one S3 connection; ``link_bandwidth``
+(bytes/s shared by all connections) is a saturated link: more connections add no throughput.
 
 Connections in use: a request is *busy* from the moment its head arrives until the last byte of its
 answer is written. ``busy()`` is how many are busy now, ``peak_busy`` the most at once, ``timeline``
@@ -86,7 +87,7 @@ class Exchange:
 
 class FaultProxy:
     def __init__(self, upstream_port: int, plan: Plan | None = None, *, latency: float = 0.0,
-                 bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0,
+                 bandwidth: float = 0.0, link_bandwidth: float = 0.0, stall_seconds: float = 5.0, seed: int = 0,
                  ranged_checksums: bool = True,
                  headers_for: Callable[[str, str, int], dict[str, str]] | None = None) -> None:
         self.upstream_port = upstream_port
@@ -94,6 +95,8 @@ class FaultProxy:
         self.plan = plan or (lambda m, p, q: None)
         self.latency = latency
         self.bandwidth = bandwidth
+        self.link_bandwidth = link_bandwidth
+        self._link_free_at = 0.0  # when the shared link has sent every chunk booked so far (loop thread only)
         self.stall_seconds = stall_seconds
         self.ranged_checksums = ranged_checksums
         self.rng = random.Random(seed)
@@ -370,6 +373,11 @@ class FaultProxy:
             sent = await self._paced(writer, body[i : i + _STEP], start, sent, rid)
 
     async def _paced(self, writer: asyncio.StreamWriter, chunk: bytes, start: float, sent: int, rid: int = 0) -> int:
+        if self.link_bandwidth:
+            # Each chunk books the shared link after every chunk booked before it, whichever connection's.
+            now = time.monotonic()
+            self._link_free_at = max(self._link_free_at, now) + len(chunk) / self.link_bandwidth
+            await asyncio.sleep(self._link_free_at - now)
         writer.write(chunk)
         await writer.drain()
         sent += len(chunk)
