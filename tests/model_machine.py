@@ -65,8 +65,6 @@ KNOWN = frozenset({
     "wall_clock_readers",  # a step of the wall clock forgets every reader (item 14)
     "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
     "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
-    "superseded_served",  # a reader asking for an object known changed in S3 gets the old bytes (item 8)
-    "restart_forgets_refetch",  # a refetch verify asked for is forgotten by a restart: old bytes served
 })
 
 

@@ -187,9 +187,10 @@ class Space(Pins, RoomReports):
         return list(self.ready.items()) if uris is None else [(u, self.ready[u]) for u in uris if u in self.ready]
 
     def ready_path(self, uri: str) -> str | None:
-        """The file of a ready object; a file removed behind our back is forgotten (fetched again)."""
+        """The file of a ready object; a file removed behind our back is forgotten (fetched again).
+        None for a file marked superseded (``Record.superseded``): it is never handed out as current."""
         rec = self.ready.get(uri)
-        if rec is None:
+        if rec is None or rec.superseded:
             return None
         if self.store.exists(rec.path):
             return rec.path
@@ -334,9 +335,11 @@ class Space(Pins, RoomReports):
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + self.quarantine_bytes + size - low - need)
-            # Never the cached copy of ``uri`` itself: a refetch keeps it readable until the new one is
-            # verified (``Schedule.replace``), so both count until the publish replaces it.
-            victims = choose_victims([r for r in self.residents() if r.uri != uri], need=need, extra=extra,
+            # The cached copy of ``uri`` itself only once superseded (no longer handed out; leases and
+            # pins still hold it): else a new version that fits only in its place never would.
+            own = self.ready.get(uri)
+            victims = choose_victims([r for r in self.residents() if r.uri != uri or (own and own.superseded)],
+                                     need=need, extra=extra,
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,

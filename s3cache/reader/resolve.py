@@ -41,7 +41,7 @@ from s3cache.manifest.refs import ObjectRef, format_uri, parse_uri
 from s3cache.policy import order
 from s3cache.service.config import default_cache_dir
 from s3cache.store import paths
-from s3cache.store.layout import Layout
+from s3cache.store.layout import SUPERSEDED_BIT, Layout
 from s3cache.store.paths import PRIVATE_DIR
 
 from .client import Client, UseNotes
@@ -69,8 +69,10 @@ class Resolver:
     # -- fast path ---------------------------------------------------------------------------------
 
     def _find(self, ref: ObjectRef) -> str | None:
-        """The cached file of ``ref``: a regular file (not a symlink) owned by the cache dir's owner, or
-        None. Raises UntrustedCacheDir for a cache dir the daemon would refuse (``trusted_owner``)."""
+        """The cached file of ``ref``: a regular file (not a symlink) owned by the cache dir's owner and
+        not marked superseded (``SUPERSEDED_BIT``: S3 holds a newer version, which the daemon is fetching;
+        the mode comes with the lstat, so the check is free), or None. Raises UntrustedCacheDir for a
+        cache dir the daemon would refuse (``trusted_owner``)."""
         if self._owner is None:
             self._owner = trusted_owner(self.root)
             if self._owner is None:
@@ -81,7 +83,7 @@ class Resolver:
                 st = os.lstat(p)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_uid == self._owner:
+            if stat.S_ISREG(st.st_mode) and st.st_uid == self._owner and not st.st_mode & SUPERSEDED_BIT:
                 return p
         return None
 
