@@ -182,6 +182,8 @@ class Maintenance:
         at the path with another inode (a new copy renamed over it) is never marked."""
         marked = self._index.mark_superseded(uri, rec)  # an fsync: outside the locks
         with self._space.exclusive():  # no reader between seeing the file and telling us
+            # Readers handed the old file before now keep their lease on it; later wants lease the new one.
+            self._space.apply_notes()
             cur = self._space.ready.get(uri)
             if cur is None or not _same(cur, rec):
                 return  # evicted, or the new version published meanwhile

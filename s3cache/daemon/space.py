@@ -202,7 +202,7 @@ class Space(Pins, RoomReports):
         file). False if it is not ready; then ``reader``'s lease on it starts when it lands
         (``commit``), at the place in its order this call took (``Leases.ticket``)."""
         rec = self.ready.get(uri)
-        if rec is None:
+        if rec is None or rec.superseded:  # a superseded file is not handed out: the new one's lease
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
                 if len(self._awaited) >= 100_000 and uri not in self._awaited:
                     del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
@@ -302,6 +302,11 @@ class Space(Pins, RoomReports):
         with self._lease.held():
             with self._cond:
                 yield
+
+    def apply_notes(self) -> None:
+        """Apply every usage note readers sent so far (inside ``exclusive()``: then no reader is between
+        seeing a file and telling us, so every file handed out before now holds its lease)."""
+        self._drain_notes()
 
     def admit(self, entry: Entry, size: int, demand: bool) -> bool:
         """Reserve ``size`` bytes for ``entry`` under --max-size and on the filesystem, evicting by
