@@ -340,11 +340,14 @@ class Space(Pins, RoomReports):
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + self.quarantine_bytes + size - low - need)
-            # The cached copy of ``uri`` itself only once superseded (no longer handed out; leases and
-            # pins still hold it): else a new version that fits only in its place never would.
+            # The cached copy of ``uri`` itself only once superseded (no longer handed out), held then by
+            # readers' leases and a pin, not by a reader's position (the new version's): else a new
+            # version that fits only in its place never would.
+            residents = [r for r in self.residents() if r.uri != uri]
             own = self.ready.get(uri)
-            victims = choose_victims([r for r in self.residents() if r.uri != uri or (own and own.superseded)],
-                                     need=need, extra=extra,
+            if own is not None and own.superseded:
+                residents.append(Resident(uri, own.size, own.last_used, own.fetched_at, None, self.is_pinned(uri)))
+            victims = choose_victims(residents, need=need, extra=extra,
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
