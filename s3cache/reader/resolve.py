@@ -4,9 +4,9 @@ Fast path (the file is there, not marked superseded): under the cache's lease lo
 ``stat`` the candidate paths and send the daemon one usage note for the whole batch over a connection
 kept open. No round trip, no index access: a few syscalls per call. The shared lock is what makes the
 lease exact: eviction takes it exclusively and reads every pending note first, so a file this function
-returns is never evicted within its lease. ``flock`` belongs to the open file description, which all threads of a process share, so the
-process holds it through one counted lock (``SharedLease``): taken on the first holder, released after
-the last, never dropped by one thread under another.
+returns is never evicted within its lease. ``flock`` belongs to the open file description, which all
+threads of a process share, so the process holds it through one counted lock (``SharedLease``): taken on
+the first holder, released after the last, never dropped by one thread under another.
 
 Slow path (a file is missing): ask the daemon over ``ctl.sock`` (which puts the objects at the front of
 its queue), then sleep until it pushes news of them ("ready" or "failed"). A file the daemon calls ready
