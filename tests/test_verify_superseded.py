@@ -62,7 +62,7 @@ def verify_source(d, uri: str) -> None:
 
 
 class Resolving:
-    """``resolve([uri])`` in a thread; ``bytes`` is what the returned path held when it returned."""
+    """``resolve([uri])`` in a thread; ``got`` is what the returned path held when it returned."""
 
     def __init__(self, uri: str, cache_dir: Path) -> None:
         self.got: bytes | None = None
