@@ -144,9 +144,6 @@ def test_an_object_known_changed_is_not_served_old_when_its_refetch_fails_for_go
     ], known=KNOWN - {"superseded_served"})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the refetch verify --source asked for lives only in memory: after a restart the old "
-                          "bytes of an object known changed in S3 are served as current (found by the model)")
 def test_a_refetch_verify_asked_for_survives_a_restart():
     replay([
         sized(700),
@@ -158,9 +155,6 @@ def test_a_refetch_verify_asked_for_survives_a_restart():
     ], known=KNOWN - {"restart_forgets_refetch", "superseded_served"})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 26 item 8: a reader asking for an object verify --source found changed in S3 "
-                          "is given the old bytes as current while the refetch is pending")
 def test_an_object_known_changed_is_not_served_old_while_it_is_fetched_again():
     replay([
         sized(700),
@@ -172,9 +166,6 @@ def test_an_object_known_changed_is_not_served_old_while_it_is_fetched_again():
     ], known=KNOWN - {"superseded_served"})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 26 item 8a: the refetch of an object verify found changed is refused room once "
-                          "(blocked), then dropped when blocked work is reconsidered: old bytes served for good")
 def test_a_refetch_refused_room_once_is_not_dropped():
     replay([
         lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),

@@ -11,12 +11,14 @@ import threading
 from io import StringIO
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import gets_per_epoch, put_objects, write_manifest
 from rich.console import Console
 
 from s3cache import iter_resolve, resolve
 from s3cache.cli import main
+from s3cache.errors import FetchFailed
 from s3cache.policy import simulate
 from s3cache.service.progress import render
 from s3cache.testing import FAKE_CREDENTIALS, wait_for
@@ -143,8 +145,7 @@ def test_a_reader_is_never_starved_when_the_filesystem_is_the_limit(tmp_path, s3
 def test_an_object_that_grew_in_s3_is_never_published_past_max_size(tmp_path, s3, bucket, daemons):
     """Issue 17.11: a refetch reserves the size of the old copy; the real size is admitted again. Here it
     can never fit beside the pin (800 + 300 KiB > 1 MiB): the refetch fails (PinnedFull, retried with
-    backoff) and the old copy, kept readable until a new one is verified, is neither evicted for its own
-    replacement nor replaced."""
+    backoff); the old copy, known superseded, is never handed out again: a reader gets PinnedFull."""
     a, b = f"s3://{bucket}/grow/a", f"s3://{bucket}/grow/b"
     old = os.urandom(300 * KiB)
     s3.put_object(Bucket=bucket, Key="grow/a", Body=old)
@@ -164,14 +165,16 @@ def test_an_object_that_grew_in_s3_is_never_published_past_max_size(tmp_path, s3
     log = d.log()
     assert "not the 300.0 KiB reserved for it" in log  # reserved as the old copy, then admitted again
     assert "a reader waits for room for " + a + " (800.0 KiB" in log
-    assert Path(resolve([a], cache_dir=d.cache_dir, timeout=30)[0]).read_bytes() == old
+    with pytest.raises(FetchFailed, match="PinnedFull"):  # the reason, never the old bytes
+        resolve([a], cache_dir=d.cache_dir, timeout=30)
     # its backoff passes: tried again (the housekeeping loop releases it), failing the same way
     d.wait_until(lambda st: any(f["uri"] == a and f["attempts"] >= 2 for f in st["failures"]),
                  what="the refetch to be retried")
     assert "releasing failures whose backoff passed failed" not in d.log()
     st = d.status()
     assert st["bytes"]["ready"] + st["bytes"]["reserved"] <= max_size, st["bytes"]
-    assert Path(resolve([a], cache_dir=d.cache_dir, timeout=30)[0]).read_bytes() == old
+    with pytest.raises(FetchFailed, match="PinnedFull"):
+        resolve([a], cache_dir=d.cache_dir, timeout=30)
 
 
 def test_a_full_disk_during_prefetch_never_loses_the_object(tmp_path, s3, bucket, proxy, daemons, small_fs):

@@ -124,7 +124,7 @@ class Announced:
                     out.append({"uri": raw, "state": "invalid", "text": str(e)})
                     continue
                 item: dict = {"uri": uri}
-                if space.is_ready(uri):
+                if space.is_ready(uri) and not space.ready[uri].superseded:  # superseded: its refetch says
                     item.update(state="ready", text="it is ready now (it landed just after the timeout)")
                 elif (f := sched.failed.get(uri)) is not None:
                     code, message = f.code, f.message

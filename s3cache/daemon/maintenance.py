@@ -9,8 +9,10 @@ Invariants it keeps:
 
 * a file is withdrawn only if it is still the one that was checked (same path, same inode, no new copy
   being published), under the lease lock, file before row (``Space.withdraw``);
-* a changed object is fetched again while its cached file stays readable until the new one is verified
-  and replaces it: only a definitive answer (another ETag or size) counts;
+* a changed object (only a definitive answer counts: another ETag or size) is marked superseded before
+  ``verify`` reports it, durably (the index row, then the file's mode for readers' fast path), and
+  fetched again: from then on no new ``resolve`` is handed the old file, whose bytes stay only for
+  readers that already have it, until the new version replaces it (``supersede``);
 * recovery's invariants (recovery.py): nothing verified is re-downloaded, nothing unverified is served.
 
 State: none of its own beyond its collaborators. Locks: the state lock only through the space and the
@@ -24,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 from s3cache.errors import FetchFailed, S3CacheError
 from s3cache.fetch.checksum import digest_file
@@ -48,6 +51,7 @@ class Maintenance:
     def __init__(self, store: Store, index: Index, space: Space, schedule: Schedule,
                  cond: threading.Condition, *, describe: Callable) -> None:
         self._store = store
+        self._index = index
         self._space = space
         self._schedule = schedule
         self._cond = cond
@@ -66,8 +70,15 @@ class Maintenance:
         self._recovery.rebuild(catalog)
 
     def reconcile(self, catalog: Catalog | None = None) -> None:
-        """``Recovery.reconcile``: make the index agree with the disk without re-hashing ready files."""
+        """``Recovery.reconcile``: make the index agree with the disk without re-hashing ready files;
+        the files it found marked superseded are fetched again (their mark outlives restarts)."""
         self._recovery.reconcile(catalog)
+        with self._cond:
+            for uri in self._recovery.superseded:
+                rec = self._space.ready.get(uri)
+                if rec is not None and rec.superseded:
+                    self._schedule.replace(uri)
+        self._recovery.superseded.clear()
 
     def recheck_held(self, catalog: Catalog) -> None:
         """``Recovery.recheck_held``: re-check files kept aside while S3 could not vouch for them."""
@@ -83,9 +94,10 @@ class Maintenance:
         """Re-hash cached files against their recorded CRC32C; with ``source``, also ask S3 (HEAD)
         whether each object changed since it was cached. A mismatch is moved to the quarantine folder
         (removed if it cannot be) and the object fetched again; a file that could be neither stays and
-        is reported with the error. A changed object is fetched again while its cached file stays
-        readable until the new one is verified and replaces it: only a definitive answer (another
-        ETag or size) counts, and a good copy is never deleted first. ``source`` costs one HEAD per
+        is reported with the error. A changed object is marked superseded and fetched again
+        (``supersede``): only a definitive answer (another ETag or size) counts; its old file is no
+        longer handed out, and stays for readers that already have it until the new version replaces
+        it. ``source`` costs one HEAD per
         object; an object S3 gives no usable answer about is listed under ``errors`` and the others are
         still checked. Returns a report."""
         with self._cond:
@@ -150,15 +162,43 @@ class Maintenance:
                     report["errors"].append({"uri": uri, "error": str(e)[:300]})
                     continue
                 if (now_is.etag and rec.etag and now_is.etag != rec.etag) or now_is.size != rec.size:
-                    with self._cond:
-                        if self._space.ready.get(uri) is not None:
-                            self._schedule.replace(uri)
+                    self.supersede(uri, rec, ino)
                     log.info("verify: %s changed in S3 since it was cached; fetching it again (the cached "
-                             "file stays until the new one is verified)", uri)
+                             "file is no longer handed out; readers asking wait for the new one)", uri)
                     report["changed"].append({"uri": uri, "etag": now_is.etag, "was": rec.etag})
                     continue
             report["ok"] += 1
         return report
+
+    def supersede(self, uri: str, rec: Record, hashed: int | None = None) -> None:
+        """S3 holds another object than ``rec``'s file: mark it superseded (durably, then on the file
+        for readers' fast path: ``Store.mark_superseded``) and fetch the object again. From the return
+        on, no new ``resolve`` (fast path, ``want``, a peer) is handed the old file: readers asking wait
+        for the new version or get the error that ends its fetch; a reader that already has the file
+        keeps reading it. The row is marked before the file (a SIGKILL between: reconcile marks the file
+        at start). A file already evicted or replaced by a new version is left alone. Where the mark
+        cannot be kept (the row changed under us, or the filesystem drops the bit) the old file is taken
+        out of readers' reach instead (``withdraw``). ``hashed``: the old file's inode, when known; a file
+        at the path with another inode (a new copy renamed over it) is never marked."""
+        marked = self._index.mark_superseded(uri, rec)  # an fsync: outside the locks
+        with self._space.exclusive():  # no reader between seeing the file and telling us
+            # Readers handed the old file before now keep their lease on it; later wants lease the new one.
+            self._space.apply_notes()
+            cur = self._space.ready.get(uri)
+            if cur is None or not _same(cur, rec):
+                return  # evicted, or the new version published meanwhile
+            self._space.ready[uri] = replace(cur, superseded=True)  # ``want`` and peers: not handed out
+            self._schedule.replace(uri)
+            if marked and self._store.mark_superseded(cur.path, hashed):
+                return
+            if self._schedule.is_fetching(uri):
+                # A new copy is on its way, maybe renamed over the path already (its ``publishing`` row
+                # replaced this one): that file is not the one to mark, and its commit replaces ``cur``.
+                return
+            done, _, error = self._space.withdraw(uri, cur, quarantine=False)  # fetched again: ``replace``
+        if not done:
+            log.error("verify: %s changed in S3 and its old copy could be neither marked nor removed: %s", uri,
+                      error)
 
     def withdraw(self, uri: str, rec: Record, quarantine: bool,
                  hashed: int | None = None) -> tuple[bool, str | None, str | None]:
@@ -211,3 +251,8 @@ class Maintenance:
             if report["changed"] or report["mismatched"]:
                 log.info("revalidated %d file(s): %d changed in S3, %d corrupt", report["checked"],
                          len(report["changed"]), len(report["mismatched"]))
+
+
+def _same(a: Record, b: Record) -> bool:
+    """The same cached file: same place, same fetch, same bytes (as ``Space.withdraw`` tells them)."""
+    return (a.path, a.fetched_at, a.crc32c) == (b.path, b.fetched_at, b.crc32c)

@@ -230,13 +230,15 @@ class Publisher:
         if not self._unwritten:
             return True
         with self._cond:  # a file evicted or replaced meanwhile needs no row (eviction deleted it)
-            rows = [(u, r) for u, r in self._unwritten.items() if _same_file(self._space.ready.get(u), r)]
+            # with the space's ``superseded`` mark: verify may have found it changed in S3 meanwhile
+            rows = [(u, replace(r, superseded=cur.superseded)) for u, r in self._unwritten.items()
+                    if _same_file(cur := self._space.ready.get(u), r)]
             for u in [u for u in self._unwritten if not _same_file(self._space.ready.get(u), self._unwritten[u])]:
                 del self._unwritten[u]
         if not self._write_or_log(lambda: self._index.put_many(rows), f"writing {len(rows)} 'ready' row(s)"):
             return False
         for uri, rec in rows:
-            if self._unwritten.get(uri) is rec:
+            if _same_file(self._unwritten.get(uri), rec):
                 del self._unwritten[uri]
         return True
 

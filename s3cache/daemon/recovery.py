@@ -35,6 +35,7 @@ from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import from_identity, make_ref
 from s3cache.store.files import Store
 from s3cache.store.index import PUBLISHING, READY, Index, IndexCorrupt, Record, claims_of
+from s3cache.store.layout import SUPERSEDED_BIT
 from s3cache.store.paths import HASHED_DIR, PRIVATE_DIR, readable_path
 
 from .space import Space
@@ -72,6 +73,14 @@ def _changed_on_disk(path: str, rec: Record) -> str | None:
     except OSError as e:
         return f"cannot read it: {e.strerror}"
     return None
+
+
+def _marked_superseded(path: str) -> bool:
+    """The file carries ``SUPERSEDED_BIT`` (``Store.mark_superseded``): its object changed in S3."""
+    try:
+        return bool(os.lstat(path).st_mode & SUPERSEDED_BIT)
+    except OSError:
+        return False
 
 
 def cached_files(store: Store) -> Iterator[str]:
@@ -112,6 +121,7 @@ class Recovery:
         self._cond = cond
         self._describe = describe  # Fetcher.describe: one HEAD
         self.held: dict[str, tuple[str, str]] = {}  # uri -> (its path, where it waits unverified)
+        self.superseded: list[str] = []  # ready files reconcile found marked superseded: to fetch again
 
     def rebuild(self, catalog: Catalog) -> None:
         """Re-verify every file on disk and index those that pass; remove those that definitively fail.
@@ -133,7 +143,9 @@ class Recovery:
             bucket, _, key = rel.partition("/")
             rec = None
             aside = False
-            if bucket != HASHED_DIR:
+            if _marked_superseded(self._store.layout.abspath(rel)):
+                log.info("%s was marked superseded (S3 holds a newer version): removing it", rel)
+            elif bucket != HASHED_DIR:
                 try:
                     ref = make_ref(bucket, key)
                     pos = catalog.position(ref.uri)
@@ -279,7 +291,9 @@ class Recovery:
 
         ``publishing`` rows (a crash between intent and ready) are settled by checking their file's size
         and local CRC32C; ``ready`` rows whose file is gone, or changed (``_changed_on_disk``), are dropped
-        (a changed file quarantined), so the object is fetched again.
+        (a changed file quarantined), so the object is fetched again. A row marked superseded keeps its
+        file out of readers' reach (its mark set again, or the file removed) and is listed in
+        ``superseded`` for the caller to fetch again.
         Files an earlier rebuild kept aside unverified are re-checked first (``recheck_held``).
         """
         self.recheck_held(catalog if catalog is not None else Catalog())
@@ -309,6 +323,14 @@ class Recovery:
                           f"quarantined at {where}" if where else error or "removed")
                 drop.append(uri)
                 continue
+            elif rec.superseded and not self._store.mark_superseded(rec.path):
+                # The row says S3 has a newer version; the file's mark (set after the row, maybe not
+                # before a crash) could not be set now: the old bytes must not be found by readers.
+                self._store.remove(rec.path)
+                drop.append(uri)
+                continue
+            if rec.superseded:
+                self.superseded.append(uri)
             keep.append((uri, rec))
         with self._cond:
             self._space.load(keep)

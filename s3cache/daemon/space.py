@@ -187,9 +187,10 @@ class Space(Pins, RoomReports):
         return list(self.ready.items()) if uris is None else [(u, self.ready[u]) for u in uris if u in self.ready]
 
     def ready_path(self, uri: str) -> str | None:
-        """The file of a ready object; a file removed behind our back is forgotten (fetched again)."""
+        """The file of a ready object; a file removed behind our back is forgotten (fetched again).
+        None for a file marked superseded (``Record.superseded``): it is never handed out as current."""
         rec = self.ready.get(uri)
-        if rec is None:
+        if rec is None or rec.superseded:
             return None
         if self.store.exists(rec.path):
             return rec.path
@@ -201,7 +202,7 @@ class Space(Pins, RoomReports):
         file). False if it is not ready; then ``reader``'s lease on it starts when it lands
         (``commit``), at the place in its order this call took (``Leases.ticket``)."""
         rec = self.ready.get(uri)
-        if rec is None:
+        if rec is None or rec.superseded:  # a superseded file is not handed out: the new one's lease
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
                 if len(self._awaited) >= 100_000 and uri not in self._awaited:
                     del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
@@ -302,6 +303,11 @@ class Space(Pins, RoomReports):
             with self._cond:
                 yield
 
+    def apply_notes(self) -> None:
+        """Apply every usage note readers sent so far (inside ``exclusive()``: then no reader is between
+        seeing a file and telling us, so every file handed out before now holds its lease)."""
+        self._drain_notes()
+
     def admit(self, entry: Entry, size: int, demand: bool) -> bool:
         """Reserve ``size`` bytes for ``entry`` under --max-size and on the filesystem, evicting by
         policy if needed. False: no room yet (``waits`` says what holds it). A URI already reserved
@@ -334,9 +340,14 @@ class Space(Pins, RoomReports):
             target = target_distance(self.catalog.position(uri), demand, fut, n)
             low = int(self.s.max_size * self.s.low_watermark)
             extra = max(0, self.used + self.reserved + self.quarantine_bytes + size - low - need)
-            # Never the cached copy of ``uri`` itself: a refetch keeps it readable until the new one is
-            # verified (``Schedule.replace``), so both count until the publish replaces it.
-            victims = choose_victims([r for r in self.residents() if r.uri != uri], need=need, extra=extra,
+            # The cached copy of ``uri`` itself only once superseded (no longer handed out), held then by
+            # readers' leases and a pin, not by a reader's position (the new version's): else a new
+            # version that fits only in its place never would.
+            residents = [r for r in self.residents() if r.uri != uri]
+            own = self.ready.get(uri)
+            if own is not None and own.superseded:
+                residents.append(Resident(uri, own.size, own.last_used, own.fetched_at, None, self.is_pinned(uri)))
+            victims = choose_victims(residents, need=need, extra=extra,
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,

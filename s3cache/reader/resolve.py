@@ -1,12 +1,12 @@
 """``resolve()``: from ``s3://bucket/key`` to a local path whose bytes were verified, waiting if needed.
 
-Fast path (the file is there): under the cache's lease lock, held shared, ``stat`` the candidate paths
-and send the daemon one usage note for the whole batch over a connection kept open. No round trip, no
-index access: a few syscalls per call. The shared lock is what makes the lease exact: eviction takes it
-exclusively and reads every pending note first, so a file this function returns is never evicted within
-its lease. ``flock`` belongs to the open file description, which all threads of a process share, so the
-process holds it through one counted lock (``SharedLease``): taken on the first holder, released after
-the last, never dropped by one thread under another.
+Fast path (the file is there, not marked superseded): under the cache's lease lock, held shared,
+``stat`` the candidate paths and send the daemon one usage note for the whole batch over a connection
+kept open. No round trip, no index access: a few syscalls per call. The shared lock is what makes the
+lease exact: eviction takes it exclusively and reads every pending note first, so a file this function
+returns is never evicted within its lease. ``flock`` belongs to the open file description, which all
+threads of a process share, so the process holds it through one counted lock (``SharedLease``): taken on
+the first holder, released after the last, never dropped by one thread under another.
 
 Slow path (a file is missing): ask the daemon over ``ctl.sock`` (which puts the objects at the front of
 its queue), then sleep until it pushes news of them ("ready" or "failed"). A file the daemon calls ready
@@ -41,7 +41,7 @@ from s3cache.manifest.refs import ObjectRef, format_uri, parse_uri
 from s3cache.policy import order
 from s3cache.service.config import default_cache_dir
 from s3cache.store import paths
-from s3cache.store.layout import Layout
+from s3cache.store.layout import SUPERSEDED_BIT, Layout
 from s3cache.store.paths import PRIVATE_DIR
 
 from .client import Client, UseNotes
@@ -69,8 +69,10 @@ class Resolver:
     # -- fast path ---------------------------------------------------------------------------------
 
     def _find(self, ref: ObjectRef) -> str | None:
-        """The cached file of ``ref``: a regular file (not a symlink) owned by the cache dir's owner, or
-        None. Raises UntrustedCacheDir for a cache dir the daemon would refuse (``trusted_owner``)."""
+        """The cached file of ``ref``: a regular file (not a symlink) owned by the cache dir's owner and
+        not marked superseded (``SUPERSEDED_BIT``: S3 holds a newer version, which the daemon is fetching;
+        the mode comes with the lstat, so the check is free), or None. Raises UntrustedCacheDir for a
+        cache dir the daemon would refuse (``trusted_owner``)."""
         if self._owner is None:
             self._owner = trusted_owner(self.root)
             if self._owner is None:
@@ -81,7 +83,7 @@ class Resolver:
                 st = os.lstat(p)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_uid == self._owner:
+            if stat.S_ISREG(st.st_mode) and st.st_uid == self._owner and not st.st_mode & SUPERSEDED_BIT:
                 return p
         return None
 

@@ -31,7 +31,7 @@ from s3cache.manifest.refs import ObjectRef
 
 from . import paths
 from .cachedir import CacheDir, default_name_probe
-from .layout import LEASE_LOCK, Layout  # noqa: F401  (re-exported: readers have always found it here)
+from .layout import LEASE_LOCK, SUPERSEDED_BIT, Layout  # noqa: F401  (re-exported: readers have always found it here)
 from .tree import Tree, close_all, split
 
 
@@ -213,6 +213,33 @@ class Store:
             self.tree.prune(parts, fds)
         finally:
             close_all(fds)
+
+    def mark_superseded(self, rel: str, inode: int | None = None) -> bool:
+        """Set ``SUPERSEDED_BIT`` on the published file at ``rel`` (readers' ``resolve`` then passes it
+        by). Its permissions and bytes stay: whoever has it open, or resolved it earlier, still reads it.
+        False if there is no regular file there, or not the one with ``inode`` (when given), or the
+        filesystem did not keep the bit (the caller must then take the file out of readers' reach
+        another way). Idempotent."""
+        try:
+            parts = split(rel)
+            fds = self.tree.walk(parts[:-1], create=False)
+        except (FileNotFoundError, NotADirectoryError, CacheDirError):
+            return False
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fds[-1])
+        except OSError:  # gone, or a symlink (ELOOP): nothing of ours to mark
+            return False
+        finally:
+            close_all(fds)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (inode is not None and st.st_ino != inode):
+                return False
+            if not st.st_mode & SUPERSEDED_BIT:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | SUPERSEDED_BIT)
+            return bool(os.fstat(fd).st_mode & SUPERSEDED_BIT)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def quarantine_name(rel: str, when: float) -> str:

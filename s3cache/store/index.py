@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _META = "\x00meta:"  # a prefix no s3:// URI can start with
 PUBLISHING = "publishing"
 READY = "ready"
-SCHEMA = 2  # 2: rows carry ``claims``; rows of schema 1 load with it empty
+SCHEMA = 3  # 2: rows carry ``claims``; 3: ``superseded``; rows of older schemas load with them empty
 
 
 def claims_of(entry: Entry) -> str:
@@ -44,6 +44,11 @@ class Record:
 
     ``claims`` is ``claims_of`` the manifest entry the file was fetched and verified for: a later manifest
     whose entry claims something else (another checksum, version or stated size) makes the file stale.
+
+    ``superseded``: S3 was found to hold another object (``verify --source``, ``--revalidate``). The file
+    is kept for readers that already have it, never handed out as current again, and the object is
+    fetched again; the new version's row replaces this one. Durable so that a restart (or a SIGKILL)
+    does not turn the old bytes back into the current ones.
     """
 
     state: str
@@ -56,6 +61,7 @@ class Record:
     fetched_at: float = 0.0
     last_used: float = 0.0
     claims: str = ""
+    superseded: bool = False
 
     def stale_for(self, entry: Entry, *, hinted_size: bool = True) -> str | None:
         """Why this file is not the object ``entry`` describes, or None if it is. A size the manifest
@@ -149,6 +155,17 @@ class Index:
                     self._cache.set(uri, {**row, "last_used": rec.last_used})
                     done += 1
         return done
+
+    def mark_superseded(self, uri: str, rec: Record) -> bool:
+        """Mark ``uri``'s row superseded if it still holds exactly ``rec``'s file (same path and fetch
+        time), in one transaction; a row deleted or replaced meanwhile (evicted, or the new version
+        published) is left alone. Returns whether the row was marked."""
+        with self._cache.transact():
+            row = self._cache.get(uri)
+            if row is None or row.get("path") != rec.path or row.get("fetched_at") != rec.fetched_at:
+                return False
+            self._cache.set(uri, {**row, "superseded": True})
+            return True
 
     def delete_many(self, uris: Iterable[str]) -> None:
         with self._cache.transact():

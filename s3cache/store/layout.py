@@ -9,11 +9,19 @@ the lease lock without loading the daemon's store. Invariant: every private path
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from . import paths
 
 LEASE_LOCK = "lease.lock"
+
+# The mode bit that marks a cached file whose object S3 now holds another version of (the index row's
+# ``superseded``): a reader's fast path (``resolve``) already has the file's mode from the lstat it makes,
+# so it skips a marked file at no cost and asks the daemon, which answers with the new version. The
+# sticky bit has no meaning for a regular file on Linux, and it leaves every permission as it was: a
+# reader that resolved the file before it was marked still opens it within its lease.
+SUPERSEDED_BIT = stat.S_ISVTX
 
 
 @dataclass(frozen=True)
