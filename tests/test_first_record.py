@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from conftest import write_manifest
 
-from s3cache import resolve
+from s3cache import iter_resolve, resolve
 from s3cache.fetch.link import Link
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
@@ -117,6 +117,34 @@ def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connection
         st = d.status()
         assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
         assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]  # big's CRC32, its bytes fed in order
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_a_readers_next_files_hinted_before_the_manifest_lists_them_come_over_many_connections(tmp_path, moto, s3,
+                                                                                                bucket, daemons):
+    """No manifest lists them yet (a job reads before the daemon installed its manifest; the objects are
+    in the demand scope by --allow): a reader waits on the first of eight 6 MiB objects and hints the
+    rest. Its next three files come as the first files of a manifest would, a 1 MiB first range and
+    then the rest in ranges, not each in one GET on one connection beside all the others."""
+    uris = [f"s3://{bucket}/h/{i}" for i in range(8)]
+    data = {u: os.urandom(6 * MiB) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(args=["--workers", "6", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        for u, path in zip(uris, iter_resolve(uris, cache_dir=d.cache_dir, timeout=120)):
+            with open(path, "rb") as f:
+                assert f.read() == data[u]
+        for i in range(1, 8):
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/h/{i}")]  # in the order sent
+            if i < 4:
+                assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
+            else:  # plain prefetch: one GET of --prefetch-part-size (cut and re-split if the reader came)
+                assert asked[0] == "bytes=0-67108863", (i, asked)
+        assert d.status()["loop_errors"] == {}
         assert d.stop() == 0, d.log()
     finally:
         proxy.stop()
