@@ -407,8 +407,8 @@ def report(cells: list[Cell], a) -> str:
 def first_files_table(cells: list[Cell]) -> list[str]:
     """What the first record waits on: per cell and s3cache contender, the medians over rounds of when
     each of the first files' GETs reached S3 and when its last byte left, beside the first record."""
-    out = [f"What the first record waits on (medians over rounds, s from the job's start): the first "
-           f"{FIRST_FILES} files' first GET sent / last byte sent, at the proxy; then the first record.", "",
+    out = [(f"What the first record waits on (medians over rounds, s from the job's start): the first "
+            f"{FIRST_FILES} files' first GET sent / last byte sent, at the proxy; then the first record."), "",
            "| cell | contender | " + " | ".join(f"file {i}" for i in range(FIRST_FILES)) + " | first record |",
            "|---|---|" + "---|" * FIRST_FILES + "---:|"]
     for c in cells:
