@@ -9,6 +9,8 @@ import os
 import threading
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import write_manifest
 
 from s3cache import iter_resolve, resolve
@@ -117,6 +119,44 @@ def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connection
         st = d.status()
         assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
         assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]  # big's CRC32, its bytes fed in order
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("checksum", ["md5", "crc32"])
+def test_a_prefetch_in_ranged_parts_a_reader_starts_waiting_on_is_split_further(tmp_path, moto, s3, bucket, daemons,
+                                                                               checksum):
+    """A 24 MiB prefetch streams in three 8 MiB ranged parts (--prefetch-part-size 8M), one connection
+    each at 2 MiB/s, when a reader asks for it: the rest of each part comes in smaller ranges over the
+    free connections (each part's GET is cut short at a chunk), and the file is whole and verified:
+    by its MD5 ETag (no additional checksum: the digest fed in order, from the file for the rest) or by
+    its CRC32 (each part's CRC fed its rest from the file, then joined)."""
+    body = os.urandom(24 * MiB)
+    (moto.client() if checksum == "crc32" else s3).put_object(Bucket=bucket, Key="big", Body=body)
+    head = [f"s3://{bucket}/head/{i}" for i in range(4)]  # the job's first files, out of the way
+    for uri in head:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"h" * 1000)
+    uri = f"s3://{bucket}/big"
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", head + [uri]),
+                    args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0",
+                          "--prefetch-part-size", "8M"])
+        part_starts = {0, 8 * MiB, 16 * MiB}
+        wait_for(lambda: len([x for x in proxy.seen(f"/{bucket}/big") if x.status == 206 and not x.done]) == 3,
+                 120, "the prefetch of big streaming its three parts")
+        with open(resolve(uri, cache_dir=d.cache_dir, timeout=120), "rb") as f:
+            assert f.read() == body
+        asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/big")]
+        starts = [int(r.split("=")[1].split("-")[0]) for r in asked]
+        assert set(starts[:3]) == part_starts, asked  # the prefetch's layout: three 8 MiB parts
+        later = [s for s in starts[3:] if s not in part_starts]
+        assert len(later) >= 3, asked  # each part's rest, in ranges of its own
+        st = d.status()
+        assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
+        if checksum == "crc32":
+            assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]
         assert d.stop() == 0, d.log()
     finally:
         proxy.stop()

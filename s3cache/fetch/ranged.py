@@ -4,6 +4,10 @@ see ``resplit.py``). The fetcher (``fetcher.py``) sends the first GET and decide
 length; this module sends the other parts, each on a slot of the ``Link`` and retried on its own, and
 writes them with ``pwrite`` at their offsets.
 
+A part of a prefetch that a reader starts waiting on (promoted) stops at its next chunk when much of it
+is left, and its rest comes in smaller parts over the free connections, as a whole-object stream's does
+(``resplit.py``): a 64 MiB part on one connection kept a reader waiting for it at one connection's rate.
+
 Invariants: every part is a ranged GET pinned to the first answer's version (``If-Match`` on its ETag,
 or the manifest's VersionId) and its answer must be exactly its range (``check_ranged``); when a call
 returns or raises, no part of it is running or will run (none may write into the file once the caller
@@ -13,20 +17,26 @@ behind plain prefetch's; a part's digest is joined into the object's only when i
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import botocore.exceptions
 
 from s3cache.manifest.parse import Entry
 
 from .checksum import Digest
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
-from .parts import Span, check_ranged, spans
+from .parts import FLOOR, Span, check_ranged, spans
+from .resplit import CutBody, read_into
 from .retry import BadResponse, Retry, RetryPolicy, classify
 from .s3api import Counters, ObjectApi
 from .stream import Streams
 from .verifier import Checks, Verifier
+
+log = logging.getLogger("s3cache.fetch")
 
 
 class Priority:
@@ -77,6 +87,26 @@ class RangedParts:
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None, prio: Priority) -> None:
         self.streams.copy(body, fd, offset, expect_len, digest, waited=prio)
 
+    def _stream_cut(self, entry: Entry, body: CutBody, fd: int, span: Span, total: int, pin: str | None,
+                    digest, prio: Priority, release: Callable[[], None]) -> None:
+        """Stream one part into the file and ``digest``. Cut short for a reader who started waiting on
+        the prefetch (``body.at``), its slot is released and the rest of the part comes in ranged parts
+        over the free connections (``span``), then is fed to ``digest`` from the file, in order."""
+        try:
+            self._stream(body, fd, span.start, span.length, digest, prio)
+        except botocore.exceptions.IncompleteReadError:
+            if body.at is None:
+                raise
+        if body.at is None:
+            return
+        release()
+        start = span.start + body.at
+        self.span(entry, fd, Span(start, span.end), total, pin, prio)
+        if digest is not None:
+            self.counters.add(readback=read_into(digest, fd, start, span.end + 1))
+        log.debug("%s: a reader waits on it; the last %d bytes of a part came in parts", entry.uri,
+                  span.end + 1 - start)
+
     def span(self, entry: Entry, fd: int, span: Span, total: int, pin: str | None, prio: Priority) -> None:
         """Write ``span`` of the object into the file in ranged parts over the connections this fetch may
         use (each retried on its own, pinned by ``pin``), without a digest."""
@@ -124,20 +154,24 @@ class RangedParts:
         settled = threading.Event()
         final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
 
-        def stream(body, span: Span) -> None:
+        def cut(left: int) -> bool:  # a reader now waits on this prefetch: the rest of a long part in parts
+            return prio.promoted and left >= CUT_LEFT and self._length(left, True) < left
+
+        def stream(body, span: Span, release: Callable[[], None]) -> None:
             settled.wait()
             split = final[1]
+            body = CutBody(body, span.length, cut)
             if isinstance(split, InOrderDigest):
                 attempt = split.attempt(span.start)
                 try:
-                    self._stream(body, fd, span.start, span.length, attempt, prio)
+                    self._stream_cut(entry, body, fd, span, total, pin, attempt, prio, release)
                 except BaseException:
                     split.failed(attempt)
                     raise
                 split.finished(attempt)
                 return
             d = split.part() if split is not None else None
-            self._stream(body, fd, span.start, span.length, d, prio)
+            self._stream_cut(entry, body, fd, span, total, pin, d, prio, release)
             if split is not None:
                 split.done(span.start, d)
 
@@ -153,7 +187,7 @@ class RangedParts:
         def once(span: Span) -> None:
             part_slot = Slot(self.link, prio)
             try:
-                stream(get(span), span)
+                stream(get(span), span, part_slot.release)
             finally:
                 part_slot.release()
 
@@ -176,7 +210,7 @@ class RangedParts:
             finally:
                 settled.set()  # on failure too: the parts must not wait for ever
             try:
-                stream(first_body, layout[0])
+                stream(first_body, layout[0], slot.release)
             except Exception as e:
                 verdict = classify(e, uri)
                 if not isinstance(verdict, Retry):
@@ -192,6 +226,9 @@ class RangedParts:
             self.counters.add(readback=final[1].readback)
             return final[0], final[1].result(total)
         return final[0], final[1].joined()
+
+
+CUT_LEFT = 4 * FLOOR  # a part with less left ends on its connection: a cut costs a request's round trip
 
 
 def _settle_all(futures: list[Future]) -> None:
