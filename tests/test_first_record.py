@@ -10,7 +10,6 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import write_manifest
 
 from s3cache import iter_resolve, resolve
