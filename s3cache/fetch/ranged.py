@@ -30,6 +30,7 @@ from .checksum import Digest
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
 from .parts import FLOOR, Span, check_ranged, spans
+from .pool import OrderedPool
 from .resplit import CutBody, read_into
 from .retry import BadResponse, Retry, RetryPolicy, classify
 from .s3api import Counters, ObjectApi
@@ -72,17 +73,24 @@ class RangedParts:
         self.counters = counters
         self._length = length
         # Three part pools, so that a reader's object never queues behind parts of background prefetch,
-        # and early prefetch's parts (which wait for slots ahead of plain prefetch's) not behind them either.
+        # and early prefetch's parts (which wait for slots ahead of plain prefetch's) not behind them
+        # either; early parts start in the job's order of their files (``pool.py``).
         self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
         self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
-        self._early_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-earlypart")
+        self._early_parts = OrderedPool(workers, "s3cache-earlypart")
 
     def close(self) -> None:
         for pool in (self._parts, self._fg_parts, self._early_parts):
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _pool(self, prio: Priority) -> ThreadPoolExecutor:
-        return self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
+    def _submit(self, prio: Priority, fn: Callable, *args) -> Future:
+        """Run a part on the pool of its fetch's kind: a reader's, early prefetch's (its file's order
+        first), or plain prefetch's."""
+        if prio.foreground:
+            return self._fg_parts.submit(fn, *args)
+        if prio.early:
+            return self._early_parts.submit(fn, *args, rank=prio.order)
+        return self._parts.submit(fn, *args)
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None, prio: Priority) -> None:
         self.streams.copy(body, fd, offset, expect_len, digest, waited=prio)
@@ -127,8 +135,7 @@ class RangedParts:
             finally:
                 part_slot.release()
 
-        pool = self._pool(prio)
-        futures = [pool.submit(self.policy.run, uri, lambda p=p: once(p)) for p in layout]
+        futures = [self._submit(prio, self.policy.run, uri, lambda p=p: once(p)) for p in layout]
         try:
             for f in futures:
                 f.result()
@@ -195,8 +202,7 @@ class RangedParts:
             self.policy.run(uri, lambda: once(span))
 
         layout = spans(total, self._length(total - asked.length, prio.spread), asked.length)
-        pool = self._pool(prio)
-        futures = [pool.submit(part, s) for s in layout[1:]]
+        futures = [self._submit(prio, part, s) for s in layout[1:]]
         try:
             try:
                 final[0] = self.verifier.settle(entry, first, etag, False, total, confirm)
