@@ -106,3 +106,31 @@ def test_a_manifest_written_in_place_still_waits_to_hold_still(slow_settle, capl
     path.write_text("s3://bkt/a\ns3://bkt/b\n")
     wait_for(lambda: "modified" in caplog.text and "ago" in caplog.text, 30, "the watch to wait for it to hold still")
     assert installed == []
+
+
+def test_a_job_file_renamed_into_a_manifest_directory_is_read_without_waiting(tmp_path):
+    """Under --manifest-dir the same holds per job file: a job renamed into the directory (its temporary
+    written beside it under a name that is not a job's) is installed at once despite a minute of settle."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "a.txt").write_text("s3://bkt/a\n")
+    os.utime(jobs / "a.txt", (0, 0))
+    installed: list[Catalog] = []
+    stopping = threading.Event()
+    w = ManifestWatch(str(jobs), lister=refuse, install=installed.append, stopping=stopping, settle=60.0,
+                      directory=True)
+    thread = threading.Thread(target=w.reload_loop)
+    try:
+        assert len(w.read()) == 1
+        w.watch()
+        thread.start()
+        tmp = jobs / ".b.txt.tmp"
+        tmp.write_text("s3://bkt/b\ns3://bkt/c\n")
+        os.replace(tmp, jobs / "b.txt")
+        wait_for(lambda: installed and len(installed[-1]) == 3, 30, "the renamed job to be installed")
+    finally:
+        stopping.set()
+        w.wake()
+        if thread.ident is not None:
+            thread.join(timeout=10)
+        w.stop()
