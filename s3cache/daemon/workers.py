@@ -12,7 +12,8 @@ Invariants it keeps:
   cancelled at shutdown; in every case it leaves the fetching set, and a reservation it took is
   released (or turned into ready bytes by the publisher);
 * a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch); the first
-  files of each job are fetched *early*: laid out the same way, behind readers, ahead of other prefetch;
+  files of each job, and a reader's next files it hinted before a manifest listed them, are fetched
+  *early*: laid out the same way, behind readers, ahead of other prefetch;
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).
@@ -41,7 +42,6 @@ from .space import Space
 from .supervise import LoopErrors
 
 log = logging.getLogger("s3cache.daemon")
-
 
 
 class Workers:
