@@ -50,6 +50,7 @@ RECORD = 100 << 10
 FULL = {1 * MiB: 192, 16 * MiB: 32, 256 * MiB: 3}
 QUICK = {1 * MiB: 64, 16 * MiB: 16, 256 * MiB: 1}
 BANDWIDTHS = (8_000_000, 80_000_000)
+FIRST_FILES = 3  # TFRecordDataset with AUTOTUNE emits its first record once about this many are open
 CONTENDERS = ("plain", "one object", "pipelined ceiling", "s3cache running", "s3cache with the job")
 
 
@@ -84,6 +85,8 @@ class Sample:
     gets: int = 0
     startup: float = float("nan")
     timeline: list = field(default_factory=list)  # connections streaming, per 100 ms
+    # the first FIRST_FILES objects: (first GET sent, last answer done) in seconds from the round's start
+    first_files: list = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +218,7 @@ class Matrix:
             sample.streaming = statistics.mean(stream)
             sample.timeline = stream
             sample.gets = sum(1 for m, *_ in links["requests"] if m == "GET")
+            sample.first_files = first_files(links["requests"], keys[:FIRST_FILES], t0)
             cell.samples.setdefault(who, []).append(sample)
             return sample
 
@@ -305,6 +309,17 @@ class Matrix:
         shutil.rmtree(work)
 
 
+def first_files(requests: list, keys: list[str], t0: float) -> list[tuple[float, float]]:
+    """For each key, when its first GET reached the proxy and when its last answer ended, in seconds
+    after ``t0`` (monotonic: the proxy's process stamps them with the same clock). A stream cut short
+    (a re-split prefetch) is not logged, so "sent" is then its first logged part's."""
+    out = []
+    for k in keys:
+        mine = [(r[4], r[5]) for r in requests if r[0] == "GET" and r[1] == f"/bench/{k}"]
+        out.append((min(s for s, _ in mine) - t0, max(e for _, e in mine) - t0) if mine else (float("nan"),) * 2)
+    return out
+
+
 def run(a) -> list[Cell]:
     counts = QUICK if a.quick else FULL
     cells = [Cell(bw, size, count) for bw in BANDWIDTHS for size, count in counts.items()]
@@ -386,7 +401,25 @@ def report(cells: list[Cell], a) -> str:
                     f"| {' '.join(f'{v:.2f}' for v in rounds['ttfr with the job'])} "
                     f"| {rounds['worst first record (with the job)']:.2f}x "
                     f"| {' '.join(f'{v:.0f}' for v in rounds['cold MB/s'])} | {rounds['cold spread']:.0%} |")
-    return "\n".join(lines + ["", "Goals per cell:"] + goals + ["", *ROUNDS_HEAD, *rows])
+    return "\n".join(lines + ["", "Goals per cell:"] + goals + ["", *ROUNDS_HEAD, *rows, "", *first_files_table(cells)])
+
+
+def first_files_table(cells: list[Cell]) -> list[str]:
+    """What the first record waits on: per cell and s3cache contender, the medians over rounds of when
+    each of the first files' GETs reached S3 and when its last byte left, beside the first record."""
+    out = [(f"What the first record waits on (medians over rounds, s from the job's start): the first "
+            f"{FIRST_FILES} files' first GET sent / last byte sent, at the proxy; then the first record."), "",
+           "| cell | contender | " + " | ".join(f"file {i}" for i in range(FIRST_FILES)) + " | first record |",
+           "|---|---|" + "---|" * FIRST_FILES + "---:|"]
+    for c in cells:
+        for w in ("s3cache running", "s3cache with the job"):
+            ss = [s for s in c.samples.get(w, []) if len(s.first_files) == FIRST_FILES]
+            if not ss:
+                continue
+            med = [tuple(statistics.median(s.first_files[i][j] for s in ss) for j in (0, 1)) for i in range(FIRST_FILES)]
+            out.append(f"| {c.name} | {w} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in med)
+                       + f" | {c.med(w, 'ttfr'):.2f} |")
+    return out
 
 
 ROUNDS_HEAD = [

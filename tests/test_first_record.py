@@ -9,9 +9,10 @@ import os
 import threading
 from types import SimpleNamespace
 
+import pytest
 from conftest import write_manifest
 
-from s3cache import resolve
+from s3cache import iter_resolve, resolve
 from s3cache.fetch.link import Link
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
@@ -117,6 +118,72 @@ def test_a_prefetch_a_reader_starts_waiting_on_is_split_over_the_free_connection
         st = d.status()
         assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
         assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]  # big's CRC32, its bytes fed in order
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("checksum", ["md5", "crc32"])
+def test_a_prefetch_in_ranged_parts_a_reader_starts_waiting_on_is_split_further(tmp_path, moto, s3, bucket, daemons,
+                                                                               checksum):
+    """A 24 MiB prefetch streams in three 8 MiB ranged parts (--prefetch-part-size 8M), one connection
+    each at 2 MiB/s, when a reader asks for it: the rest of each part comes in smaller ranges over the
+    free connections (each part's GET is cut short at a chunk), and the file is whole and verified:
+    by its MD5 ETag (no additional checksum: the digest fed in order, from the file for the rest) or by
+    its CRC32 (each part's CRC fed its rest from the file, then joined)."""
+    body = os.urandom(24 * MiB)
+    (moto.client() if checksum == "crc32" else s3).put_object(Bucket=bucket, Key="big", Body=body)
+    head = [f"s3://{bucket}/head/{i}" for i in range(4)]  # the job's first files, out of the way
+    for uri in head:
+        s3.put_object(Bucket=bucket, Key=uri.split("/", 3)[3], Body=b"h" * 1000)
+    uri = f"s3://{bucket}/big"
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", head + [uri]),
+                    args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0",
+                          "--prefetch-part-size", "8M"])
+        part_starts = {0, 8 * MiB, 16 * MiB}
+        wait_for(lambda: len([x for x in proxy.seen(f"/{bucket}/big") if x.status == 206 and not x.done]) == 3,
+                 120, "the prefetch of big streaming its three parts")
+        with open(resolve(uri, cache_dir=d.cache_dir, timeout=120), "rb") as f:
+            assert f.read() == body
+        asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/big")]
+        starts = [int(r.split("=")[1].split("-")[0]) for r in asked]
+        assert set(starts[:3]) == part_starts, asked  # the prefetch's layout: three 8 MiB parts
+        later = [s for s in starts[3:] if s not in part_starts]
+        assert len(later) >= 3, asked  # each part's rest, in ranges of its own
+        st = d.status()
+        assert st["loop_errors"] == {} and st["objects"]["ready"] == 5
+        if checksum == "crc32":
+            assert st["verified_by"].get("s3-crc32") == 1, st["verified_by"]
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_a_readers_next_files_hinted_before_the_manifest_lists_them_come_over_many_connections(tmp_path, moto, s3,
+                                                                                                bucket, daemons):
+    """No manifest lists them yet (a job reads before the daemon installed its manifest; the objects are
+    in the demand scope by --allow): a reader waits on the first of eight 6 MiB objects and hints the
+    rest. Its next three files come as the first files of a manifest would, a 1 MiB first range and
+    then the rest in ranges, not each in one GET on one connection beside all the others."""
+    uris = [f"s3://{bucket}/h/{i}" for i in range(8)]
+    data = {u: os.urandom(6 * MiB) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(args=["--workers", "6", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        for u, path in zip(uris, iter_resolve(uris, cache_dir=d.cache_dir, timeout=120)):
+            with open(path, "rb") as f:
+                assert f.read() == data[u]
+        for i in range(1, 8):
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/h/{i}")]  # in the order sent
+            if i < 4:
+                assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
+            else:  # plain prefetch: one GET of --prefetch-part-size (cut and re-split if the reader came)
+                assert asked[0] == "bytes=0-67108863", (i, asked)
+        assert d.status()["loop_errors"] == {}
         assert d.stop() == 0, d.log()
     finally:
         proxy.stop()

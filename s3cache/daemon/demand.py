@@ -165,6 +165,11 @@ class DemandQueue:
         return self._count.keys()
 
 
+# The first files of each job (of the manifest; a reader's next files, from its ahead hints, before the
+# manifest lists them) are fetched early: as a reader's object is, ahead of other prefetch (workers.py).
+FIRST_FILES = 4
+
+
 MAX_PER_CONNECTION = 1_024  # one want's worth (wire.MAX_URIS): a streaming reader waits on ~16
 MAX_PER_UID = 4_096  # all connections of one uid
 MAX_TOTAL = 10_000  # every reader: as many as the schedule remembers outside the manifest (MAX_EXTRA)

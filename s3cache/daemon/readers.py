@@ -42,7 +42,7 @@ from s3cache.store.files import Store
 from s3cache.store.index import Record
 
 from .announce import MAX_READERS, MAX_URI_CHARS, Announced
-from .demand import OutsideDemand
+from .demand import FIRST_FILES, OutsideDemand
 from .schedule import Schedule
 from .space import Space
 
@@ -247,9 +247,9 @@ class Readers(Announced):
             # After the waits are set up, so the reader's lease on each pending file starts when it lands.
             if counted:
                 self.note_use(reader, uris, hit=False)
-            for ref in hints:
+            for rank, ref in enumerate(hints, 1):  # rank: its place after the file(s) waited on
                 if self._scope.allows(ref, self._schedule.catalog):
-                    self._schedule.hint(ref)
+                    self._schedule.hint(ref, rank if rank < FIRST_FILES else None)
                 else:
                     self.hints_out_of_scope += 1
             self._cond.notify_all()

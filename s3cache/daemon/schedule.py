@@ -51,6 +51,7 @@ from .demand import DemandQueue
 from .failures import RECHECK, Failure, Failures
 from .space import Space
 
+MAX_HINT_RANKS = 256  # hints' ranks remembered (a few per want; taken when fetched)
 MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
 LOOK = 64  # demand entries looked at for one a reader waits on while prefetch holds its share of threads
 
@@ -77,6 +78,9 @@ class Schedule:
         self.demand = DemandQueue()
         self.hints_accepted = 0
         self.hints_dropped = 0  # hints for objects outside the manifest beyond MAX_EXTRA
+        # uri -> its place among a reader's next files, for hints of the first few (workers._opens_first
+        # takes it); the oldest forgotten beyond MAX_HINT_RANKS
+        self.hint_rank: dict[str, int] = {}
         self.retries = 0  # failed objects released for another attempt by their backoff
         self.cursors = Cursors(None, 0)
         self.prefetch_paused = False
@@ -385,11 +389,13 @@ class Schedule:
         for e in reversed(entries):
             self.demand.appendleft(e)
 
-    def hint(self, ref: ObjectRef) -> None:
+    def hint(self, ref: ObjectRef, rank: int | None = None) -> None:
         """A reader will soon want ``ref``: an object outside the manifest is queued behind the demand,
         with no one waiting on it yet (for listed objects the readahead policy already knows). A failed
         object is not queued by a hint (its retry is scheduled, or it failed for good). Costs O(1): hints
-        come by the thousand. Beyond MAX_EXTRA objects outside the manifest, hints are dropped (counted)."""
+        come by the thousand. Beyond MAX_EXTRA objects outside the manifest, hints are dropped (counted).
+        ``rank``: its place among the reader's next files (1: the one after the file it waits on), kept
+        in ``hint_rank`` when queued."""
         uri = ref.uri
         if (self._space.is_ready(uri) or uri in self.fetching or uri in self.failed or self.demand.has(uri)
                 or uri in self.catalog):
@@ -398,6 +404,10 @@ class Schedule:
             self.hints_dropped += 1
             return
         self.hints_accepted += 1
+        if rank is not None:
+            self.hint_rank[uri] = rank
+            if len(self.hint_rank) > MAX_HINT_RANKS:
+                del self.hint_rank[next(iter(self.hint_rank))]
         self.demand.append(self._remember_extra(Entry(ref)) if uri not in self.extra else self.extra[uri])
 
     def fetch_soon(self, ref: ObjectRef) -> None:

@@ -12,7 +12,8 @@ Invariants it keeps:
   cancelled at shutdown; in every case it leaves the fetching set, and a reservation it took is
   released (or turned into ready bytes by the publisher);
 * a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch); the first
-  files of each job are fetched *early*: laid out the same way, behind readers, ahead of other prefetch;
+  files of each job, and a reader's next files it hinted before a manifest listed them, are fetched
+  *early*: laid out the same way, behind readers, ahead of other prefetch;
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).
@@ -35,13 +36,12 @@ from s3cache.manifest.refs import shown
 from s3cache.service.config import Settings
 from s3cache.service.metrics import FetchHistogram
 
+from .demand import FIRST_FILES
 from .schedule import Schedule
 from .space import Space
 from .supervise import LoopErrors
 
 log = logging.getLogger("s3cache.daemon")
-
-FIRST_FILES = 4  # per job: prefetched early, as a reader's files are (``Workers._opens_first``)
 
 
 class Workers:
@@ -97,7 +97,7 @@ class Workers:
             # the demand queue too, and must not compete with the one it waits on.
             with self._cond:
                 foreground = demand and self._is_waited(uri)
-                early = None if demand else self._opens_first(uri)
+                early = None if foreground else self._opens_first(uri)
             started = time.monotonic()
             fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground,
                                           early=early)
@@ -165,10 +165,16 @@ class Workers:
         a manifest directory), None if none (state lock held). A job that just wrote its manifest reads
         them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
         first record once about three files are open, so those come as a reader's file would: a
-        small first part, then the rest over many connections, ahead of other prefetch (``early``)."""
+        small first part, then the rest over many connections, ahead of other prefetch (``early``).
+
+        An object the manifest does not list (yet) is one of them when a reader's ahead hint put it
+        among its next ``FIRST_FILES`` (``Schedule.hint_rank``): a job that reads before the daemon
+        installed its manifest (``--allow``) hints its next files, which would otherwise each come on one
+        connection, in parallel with fifteen others, while its first record waits for them."""
         pos = self._schedule.position(uri)
         if pos is None:
-            return None
+            rank = self._schedule.hint_rank.pop(uri, None)
+            return rank if rank is not None and rank < FIRST_FILES else None
         jobs = self._schedule.catalog.jobs
         nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
         return nth if nth < FIRST_FILES else None

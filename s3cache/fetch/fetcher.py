@@ -8,8 +8,8 @@ Per object:
   part this is the only request: there is no HEAD round trip, which is what matters for small objects.
   Its ``Content-Range`` gives the total size and its ETag pins the version.
 * Further parts are ranged GETs with ``IfMatch=<etag>`` (or the manifest's VersionId), fetched in
-  parallel and written with ``pwrite`` at their offsets, so an overwrite in S3 mid-download yields a 412
-  (``ObjectChanged``) and never a file mixed from two versions.
+  parallel and written with ``pwrite`` at their offsets (``ranged.py``), so an overwrite in S3
+  mid-download yields a 412 (``ObjectChanged``) and never a file mixed from two versions.
 * Every GET streams on a slot of the ``Link`` (``link.py``): at most ``workers`` connections stream at
   once. A waited-on object is spread over the free connections and half of prefetch's (parts from its
   size and that count, 1 MiB at least, ``part_size`` at most), taking slots before prefetch does; a
@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import botocore.exceptions
@@ -43,13 +42,13 @@ from s3cache.manifest.parse import Entry, Listed
 from .checksum import Digest, have_crc64nvme
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
-from .partdigest import InOrderDigest, SplitDigest
-from .parts import FLOOR, Span, check_ranged, first_answer, first_span, part_length, spans, status
+from .parts import FLOOR, Span, first_answer, first_span, part_length, status
+from .ranged import Priority, RangedParts
 from .resplit import CutBody, read_into
-from .retry import BadResponse, Cancelled, Retry, RetryPolicy, classify, error_code
+from .retry import BadResponse, Cancelled, RetryPolicy, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .stream import DiskFull, Streams
-from .verifier import Checks, Verifier
+from .verifier import Verifier
 
 __all__ = ["Cancelled", "Counters", "Described", "DiskFull", "Fetched", "Fetcher", "NeedSpace", "make_client"]
 
@@ -75,25 +74,6 @@ class Fetched:
     method: str
     crc32c: str
     also: tuple[str, ...] = ()  # claims checked beside ``method`` (the manifest's, when S3's was stronger)
-
-
-class _Priority:
-    """Whether a reader waits on this fetch; a prefetch can be promoted while it runs. ``early``: a
-    prefetch of one of the first files a job opens, laid out like a reader's, the job's ``order``-th
-    (see ``Link``)."""
-
-    __slots__ = ("early", "foreground", "order", "promoted")
-
-    def __init__(self, foreground: bool, early: int | None = None) -> None:
-        self.foreground = foreground
-        self.promoted = False
-        self.early = early is not None and not foreground
-        self.order = early or 0
-
-    @property
-    def spread(self) -> bool:
-        """Laid out over the free connections in small parts, as a reader's object is."""
-        return self.foreground or self.early
 
 
 class Fetcher:
@@ -129,19 +109,16 @@ class Fetcher:
         self.policy = RetryPolicy(max_attempts, cancel, self.counters)
         self.api = ObjectApi(client, self.policy, self.counters)
         self.verifier = Verifier(self.api, require_checksum)
-        # Two part pools, so that a reader's object never queues behind parts of background prefetch.
-        self._parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-part")
-        self._fg_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-fgpart")
-        # Early prefetch's parts wait for slots ahead of plain prefetch's: not queued behind them either.
-        self._early_parts = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3cache-earlypart")
         self._fg_active = 0
         self._fg_lock = threading.Lock()
         self._fg_idle = threading.Event()  # set while no reader is waiting on a fetch
         self._fg_idle.set()
         self.link = Link(workers, cancel)
         self._ports = endpoint_ports(client)
-        self._inflight: dict[str, _Priority] = {}
+        self._inflight: dict[str, Priority] = {}
         self.streams = Streams(cancel, self.link, self.counters)
+        self.parts = RangedParts(self.api, self.policy, self.verifier, self.link, self.streams, self.counters,
+                                 self._part_length, workers)
 
     def abort(self) -> None:
         """Stopping: wake every read blocked on a response body (see ``Streams.abort``), and every request
@@ -150,9 +127,7 @@ class Fetcher:
         hang_up(self._ports)
 
     def close(self) -> None:
-        self._parts.shutdown(wait=True, cancel_futures=True)
-        self._fg_parts.shutdown(wait=True, cancel_futures=True)
-        self._early_parts.shutdown(wait=True, cancel_futures=True)
+        self.parts.close()
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
@@ -164,7 +139,7 @@ class Fetcher:
         return self.api.describe(entry, checks)
 
     def _stream(self, body, fd: int, offset: int, expect_len: int, digest: Digest | None,
-                prio: _Priority | None = None) -> None:
+                prio: Priority | None = None) -> None:
         self.streams.copy(body, fd, offset, expect_len, digest, waited=prio)
 
     # -- one object --------------------------------------------------------------------------------
@@ -185,7 +160,7 @@ class Fetcher:
         uri = entry.uri
         changed = 0
         seen: dict = {}  # wrong digests of earlier attempts, and how many attempts gave each
-        prio = _Priority(foreground, early)
+        prio = Priority(foreground, early)
         with self._fg_lock:
             self._inflight[uri] = prio
             if foreground:
@@ -254,7 +229,7 @@ class Fetcher:
         low = min(self.part_size, self.prefetch_part_size)
         return part_length(nbytes, share, low, self.prefetch_part_size)
 
-    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict) -> Fetched:
+    def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         asked: Span | None = first_span(self._first_length(entry, prio.spread))
         slot = Slot(self.link, prio)
         try:
@@ -273,7 +248,7 @@ class Fetcher:
         finally:
             slot.release()
 
-    def _fetch_first(self, entry: Entry, admit: Callable[[int], bool], prio: _Priority, seen: dict, resp: dict,
+    def _fetch_first(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict, resp: dict,
                      asked: Span | None, slot: Slot) -> Fetched:
         uri = entry.uri
         body = resp["Body"]
@@ -312,7 +287,7 @@ class Fetcher:
                 digest = Digest(checks.expect, checks.also)
                 self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
-                checks, digest = self._fetch_rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
+                checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
             # Writes never leave their ranges; the file's length is the object's all the same.
             os.ftruncate(fd, total)
             if os.fstat(fd).st_size != total:
@@ -327,7 +302,7 @@ class Fetcher:
             if not ok:
                 self._discard(tmp)
 
-    def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: _Priority,
+    def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: Priority,
                       slot: Slot) -> None:
         """Stream a whole-object answer into the file and, in order, into ``digest``. A prefetch that a
         reader starts waiting on (promoted) with at least two parts' worth left stops at its next chunk;
@@ -346,137 +321,6 @@ class Fetcher:
         slot.release()
         if cuttable.at is not None:
             start = cuttable.at
-            self._fetch_span(entry, fd, Span(start, total - 1), total, None if entry.version else etag, prio)
+            self.parts.span(entry, fd, Span(start, total - 1), total, None if entry.version else etag, prio)
             self.counters.add(readback=read_into(digest, fd, start, total))
             log.debug("%s: a reader waits on it; its last %d bytes came in parts", entry.uri, total - start)
-
-    def _fetch_span(self, entry: Entry, fd: int, span: Span, total: int, pin: str | None, prio: _Priority) -> None:
-        """Write ``span`` of the object into the file in ranged parts over the connections this fetch may
-        use (each retried on its own, pinned by ``pin``), without a digest."""
-        uri = entry.uri
-        length = self._part_length(span.length, prio.spread)
-        layout = [Span(s, min(span.end, s + length - 1)) for s in range(span.start, span.end + 1, length)]
-
-        def once(part: Span) -> None:
-            part_slot = Slot(self.link, prio)
-            try:
-                resp = self.api.get(entry, part, pin)
-                try:
-                    check_ranged(resp, part, total)
-                except BadResponse:
-                    resp["Body"].close()
-                    raise
-                self._stream(resp["Body"], fd, part.start, part.length, None, prio)
-            finally:
-                part_slot.release()
-
-        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
-        futures = [pool.submit(self.policy.run, uri, lambda p=p: once(p)) for p in layout]
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            for f in futures:
-                f.cancel()
-            for f in futures:  # none may write into the file once the caller closes it
-                if not f.cancelled():
-                    try:
-                        f.exception()
-                    except Exception:
-                        pass
-
-    def _fetch_rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: _Priority,
-                    asked: Span, slot: Slot, confirm: bool = False) -> tuple[Checks, Digest]:
-        """Write part 0 from the open first answer and the other parts in parallel, each pinned by
-        If-Match and each answer checked to be exactly its range; return the checks and the whole
-        object's digest.
-
-        A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
-        multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
-        that round trip was most of the time to a waiting reader's first file. Parts start writing
-        once the checks are settled, each feeding its own CRCs when they are CRCs (SplitDigest); a hash
-        that needs the bytes in order (MD5, SHA) is fed by the part at the frontier as it streams, and
-        reads back only what landed out of order (InOrderDigest), not the whole file.
-        """
-        uri = entry.uri
-        first_body = first["Body"]
-        pin = None if entry.version else etag
-        settled = threading.Event()
-        final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
-
-        def stream(body, span: Span) -> None:
-            settled.wait()
-            split = final[1]
-            if isinstance(split, InOrderDigest):
-                attempt = split.attempt(span.start)
-                try:
-                    self._stream(body, fd, span.start, span.length, attempt, prio)
-                except BaseException:
-                    split.failed(attempt)
-                    raise
-                split.finished(attempt)
-                return
-            d = split.part() if split is not None else None
-            self._stream(body, fd, span.start, span.length, d, prio)
-            if split is not None:
-                split.done(span.start, d)
-
-        def get(span: Span):
-            resp = self.api.get(entry, span, pin)
-            try:
-                check_ranged(resp, span, total)
-            except BadResponse:
-                resp["Body"].close()
-                raise
-            return resp["Body"]
-
-        def once(span: Span) -> None:
-            part_slot = Slot(self.link, prio)
-            try:
-                stream(get(span), span)
-            finally:
-                part_slot.release()
-
-        def part(span: Span) -> None:
-            self.policy.run(uri, lambda: once(span))
-
-        layout = spans(total, self._part_length(total - asked.length, prio.spread), asked.length)
-        pool = self._fg_parts if prio.foreground else self._early_parts if prio.early else self._parts
-        futures = [pool.submit(part, s) for s in layout[1:]]
-        try:
-            try:
-                final[0] = self.verifier.settle(entry, first, etag, False, total, confirm)
-                if SplitDigest.splittable(final[0].expect, final[0].also):
-                    final[1] = SplitDigest(final[0].expect, final[0].also)
-                else:
-                    final[1] = InOrderDigest(Digest(final[0].expect, final[0].also), fd)
-            except BaseException:
-                first_body.close()
-                raise
-            finally:
-                settled.set()  # on failure too: the parts must not wait for ever
-            try:
-                stream(first_body, layout[0])
-            except Exception as e:
-                verdict = classify(e, uri)
-                if not isinstance(verdict, Retry):
-                    raise
-                slot.release()
-                part(layout[0])  # retry only the first part, the others are already under way
-            slot.release()
-            for f in futures:
-                f.result()
-        finally:
-            for f in futures:
-                f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    try:
-                        f.exception()
-                    except Exception:
-                        pass
-        if isinstance(final[1], InOrderDigest):
-            self.counters.add(readback=final[1].readback)
-            return final[0], final[1].result(total)
-        return final[0], final[1].joined()
-
