@@ -180,3 +180,22 @@ def test_checksums_include_s3s_and_boto3s_defaults(moto, bucket):
     got = {e.ref.key: e for e in parse(out.getvalue().splitlines(), "-")}
     assert got["d/crc32"].crc32 == f"{zlib.crc32(body):08x}" and got["d/crc32"].crc64nvme is None
     assert got["d/nvme"].crc64nvme == f"{crc64nvme(body):016x}"
+
+
+def test_an_encrypted_objects_etag_is_never_written_as_md5(moto, s3, bucket):
+    """Under SSE-KMS (and DSSE-KMS) S3's ETag is 32 hex but not the MD5 of the bytes, so ``--checksums``
+    must not write it as ``md5=``; the object's additional checksum is written instead when it has one."""
+    body = b"secret" * 700
+    s3.put_object(Bucket=bucket, Key="e/kms", Body=body, ServerSideEncryption="aws:kms")
+    s3.put_object(Bucket=bucket, Key="e/dsse", Body=body, ServerSideEncryption="aws:kms:dsse")
+    moto.client().put_object(Bucket=bucket, Key="e/kms-sha", Body=body, ServerSideEncryption="aws:kms",
+                             ChecksumAlgorithm="SHA256")
+    s3.put_object(Bucket=bucket, Key="e/plain", Body=body)
+    head = s3.head_object(Bucket=bucket, Key="e/kms")
+    assert head["ServerSideEncryption"] == "aws:kms" and len(head["ETag"].strip('"')) == 32  # what it's about
+    r = run(moto, f"s3://{bucket}/e/", "--checksums")
+    assert r.exit_code == 0, r.stderr
+    got = {e.ref.key: e for e in parse(r.stdout.splitlines(), "-")}
+    assert got["e/kms"].md5 is None and got["e/dsse"].md5 is None
+    assert got["e/kms-sha"].md5 is None and got["e/kms-sha"].sha256 == hashlib.sha256(body).hexdigest()
+    assert got["e/plain"].md5 == hashlib.md5(body).hexdigest()
