@@ -207,7 +207,8 @@ class Readers(Announced):
         with self._cond:
             if counted:
                 self.drain()  # the reader's earlier notes first, so its position moves in order
-                missed = [u for u in uris if not self._space.is_ready(u)]
+                # A superseded copy is not handed out: a want for it waits for the refetch, a miss.
+                missed = [u for u in uris if not self._space.is_ready(u) or self._space.ready[u].superseded]
                 misses = len(missed)
                 self.misses += misses
                 for u in missed if self.job_stats.jobs else ():

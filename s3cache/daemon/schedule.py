@@ -433,14 +433,16 @@ class Schedule:
         """This part's piece of ``status`` (state lock held). Proportional to what is cached and in
         flight, not to the manifest: status must stay fast with a million entries."""
         catalog = self.catalog
-        in_manifest_ready = sum(1 for u in self._space.ready_uris() if u in catalog)
+        # A superseded copy is not ready (never handed out): its object counts as queued or fetching.
+        ready = self._space.ready
+        in_manifest_ready = sum(1 for u, r in ready.items() if u in catalog and not r.superseded)
         failed_in_manifest = sum(1 for u in self.failed if u in catalog)
         # Each object once: the manifest's not yet ready, failed or in flight, then the demand queue's
         # others (objects outside the manifest; listed ones are already counted).
         queued = max(0, len(catalog) - in_manifest_ready - failed_in_manifest
                      - sum(1 for u in self.fetching if u in catalog))
         queued += sum(1 for u in self.demand.uris() if u not in catalog and u not in self.fetching
-                      and u not in self.failed and not self._space.is_ready(u))
+                      and u not in self.failed and (u not in ready or ready[u].superseded))
         now = time.monotonic()
         permanent, transient = self.failed.counts()
         retry_at = [f.retry_at for _, f in self.failed.items() if f.retry_at is not None]

@@ -106,7 +106,7 @@ def measure(cond: threading.Condition, schedule: Schedule, space: Space, rate: C
         mb = manifest_bytes(schedule, space)
         sched = schedule.status()
         catalog = schedule.catalog
-        done = sum(1 for u in space.ready_uris() if u in catalog)
+        done = sum(1 for u, r in space.ready.items() if u in catalog and not r.superseded)
         pending = sched["queued"] + sched["fetching"]
     total = mb["total"] if mb["unknown_sizes"] == 0 else None
     bps = rate()
@@ -163,6 +163,9 @@ def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Sc
     """The ``status`` reply, from each part's report (state lock held by the caller). ``watch``: the
     manifest watch or None; ``server``: the socket server or None; ``counters``: the fetcher's or None."""
     sched, spc, rdr = schedule.status(), space.status(), readers.status()
+    # A copy verify found superseded stays on disk (readers holding it keep reading) but is never handed
+    # out: its object is not ready but queued or fetching again (Schedule.status counts it there).
+    superseded = sum(1 for r in space.ready.values() if r.superseded)
     stats = {**publisher.status(), "evicted": spc["evicted"], "evicted_bytes": spc["evicted_bytes"],
              "hits": rdr["hits"], "misses": rdr["misses"],
              "failures_total": sched["failures_total"], "wait_seconds": rdr["wait_seconds"]}
@@ -172,7 +175,7 @@ def assemble(*, root: str, started_at: float, manifest: str | None, schedule: Sc
         "uptime": round(time.time() - started_at, 1),
         "manifest": manifest,
         "manifest_entries": sched["manifest_entries"],
-        "objects": {"queued": sched["queued"], "fetching": sched["fetching"], "ready": spc["ready"],
+        "objects": {"queued": sched["queued"], "fetching": sched["fetching"], "ready": spc["ready"] - superseded,
                     "failed": sched["failed"]},
         "bytes": spc["bytes"],
         "throughput_bytes_per_s": round(throughput),
