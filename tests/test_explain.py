@@ -4,6 +4,8 @@ failure inside ``s3cache.tf.files`` carries the S3 error code and the URI. Real 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import write_manifest
@@ -44,4 +46,28 @@ def test_a_timeout_behind_leased_files_says_who_holds_the_space(tmp_path, s3, bu
         if "waiting for space" in msg:
             break
         assert f"first {uris[2]}: queued behind 0 other file(s)" in msg, msg
-    assert f"first {uris[2]}: waiting for space: 128.0 KiB of the 128.0 KiB cache held by leases" in msg, msg
+    assert (f"first {uris[2]}: waiting for space: 128.0 KiB of the 128.0 KiB cache in use; eviction may not "
+            f"take 128.0 KiB leased by 1 reader(s)") in msg, msg
+
+
+def test_a_timeout_behind_leases_of_a_reader_that_left_names_who_holds_what(tmp_path, s3, bucket, daemons):
+    """Another reader process leased two files and exited: the message counts the readers whose leases
+    hold bytes (that one, not every reader the daemon knows, nor none), and names only the reasons that
+    hold bytes (it said "leases of N reader(s), 0 B pinned, 0 B reserved" with N the readers known)."""
+    uris = []
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"x/{i}", Body=os.urandom(64 * KiB))
+        uris.append(f"s3://{bucket}/x/{i}")
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                args=["--max-size", str(128 * KiB), "--lease", "600", "--min-free", "0"])
+    subprocess.run([sys.executable, "-c", "import sys; from s3cache import resolve; "
+                    "resolve(sys.argv[2:], cache_dir=sys.argv[1], timeout=120)", str(d.cache_dir), *uris[:2]],
+                   check=True, timeout=180)
+    for _ in range(10):  # until a worker has tried to admit it (under load it may still be queued)
+        with pytest.raises(ResolveTimeout) as e:
+            resolve(uris[2], cache_dir=d.cache_dir, timeout=2)
+        msg = str(e.value)
+        if "waiting for space" in msg:
+            break
+    assert "128.0 KiB of the 128.0 KiB cache in use; eviction may not take " in msg, msg
+    assert "leased by 1 reader(s)" in msg and " 0 B " not in msg, msg

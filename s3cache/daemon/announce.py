@@ -136,7 +136,7 @@ class Announced:
                                 text=f"fetching, one of {len(sched.fetching)} download(s) in flight, "
                                      f"{throughput / 1e6:.1f} MB/s in all")
                 elif uri in sched.blocked or space.disk_full or sched.prefetch_paused:
-                    item.update(state="waiting_for_space", **self._room())
+                    item.update(state="waiting_for_space", **self._room(uri))
                     item["text"] = self._room_text(item)
                 elif uri in demand:
                     ahead = demand.index(uri)
@@ -149,8 +149,10 @@ class Announced:
                 out.append(item)
         return out
 
-    def _room(self) -> dict:
-        """Who holds the cache's bytes (state lock held)."""
+    def _room(self, uri: str) -> dict:
+        """Who holds the cache's bytes (state lock held): the space's record of why ``uri``'s last
+        admission was refused (its limit, --max-size or the filesystem, what it was short, and what held
+        the bytes eviction may not take, by reason), else what pins, leases and downloads hold now."""
         sp, now = self._space, time.time()
         lease = sp.s.lease
         held = pinned = 0
@@ -159,16 +161,30 @@ class Announced:
                 pinned += r.size
             elif leased(r, now, lease):
                 held += r.size
+        refused = sp.waits.get(uri) or {}
+        why = refused.get("held") or {"leased": held, "pinned": pinned, "in_flight": sp.reserved}
         return {"max": sp.s.max_size, "used": sp.used, "reserved": sp.reserved, "leased": held, "pinned": pinned,
-                "disk_full": sp.disk_full, "readers": len(self.tracker)}
+                "disk_full": sp.disk_full, "readers": sp.leases.holders(time.monotonic()),
+                "limit": refused.get("limit", "max_size"), "need": refused.get("need", 0), "held": why}
 
     @staticmethod
     def _room_text(r: dict) -> str:
+        """Names what keeps the room: only the reasons that hold bytes (a reason at 0 is not a cause)."""
         if r["disk_full"]:
             return "waiting for space: the filesystem under the cache dir is full"
-        return (f"waiting for space: {human_size(r['leased'])} of the {human_size(r['max'])} cache held by "
-                f"leases of {r['readers']} reader(s), {human_size(r['pinned'])} pinned, "
-                f"{human_size(r['reserved'])} reserved by downloads in flight")
+        held = r["held"]
+        parts = [f"{human_size(held[k])} {what}" for k, what in (
+            ("leased", f"leased by {r['readers']} reader(s)"), ("pinned", "pinned by the manifest"),
+            ("being_read", "being read"), ("unread_prefetch", "prefetched and not read yet"),
+            ("needed_sooner", "needed sooner by readers"), ("in_flight", "reserved by downloads in flight"))
+            if held.get(k)]
+        holders = ", ".join(parts) or "nothing the daemon may not evict (room frees as files are evicted)"
+        if r["limit"] == "filesystem":
+            return (f"waiting for space: the filesystem under the cache dir has too little free space "
+                    f"({human_size(r['need'])} short, --min-free counted), not the cache's "
+                    f"{human_size(r['max'])} limit; the cache holds {human_size(r['used'])}: {holders}")
+        return (f"waiting for space: {human_size(r['used'] + r['reserved'])} of the {human_size(r['max'])} "
+                f"cache in use; eviction may not take {holders}")
 
 
 def _whole(msg: dict, name: str) -> int:
