@@ -91,6 +91,35 @@ def test_gives_up_after_max_attempts_naming_the_last_code():
     assert op.calls == 3 and ei.value.code == "InternalError" and "3 attempts" in str(ei.value)
 
 
+class Recording(threading.Event):
+    """The policy's cancel event, noting each backoff wait (``wait(delay)``) in ``events`` beside the
+    operation's calls: the order of events, not a clock, shows when the policy waits."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.events.append("wait")
+        return super().wait(0)  # the order is what is checked: no need to sit out the backoff
+
+
+def test_the_last_attempt_is_not_followed_by_a_backoff():
+    """The caller learns at once that the last attempt failed: no wait after it, and no retry counted."""
+    events: list[str] = []
+    failing = Flaky(*[client_error("InternalError", 500)] * 10)
+
+    def op() -> str:
+        events.append("call")
+        return failing()
+
+    counters = Counters()
+    with pytest.raises(FetchFailed):
+        RetryPolicy(3, Recording(events), counters).run("s3://b/k", op)
+    assert events == ["call", "wait", "call", "wait", "call"]
+    assert counters.retries == 2
+
+
 def test_a_checksum_mismatch_that_never_clears_is_raised_as_itself():
     op = Flaky(*[ChecksumMismatch("bad")] * 5)
     with pytest.raises(ChecksumMismatch):
@@ -158,7 +187,8 @@ def test_s3_unreachable_is_told_in_three_lines_not_one_per_attempt(caplog):
         clock.t += 1.0
     told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(told) == 1 and told[0].startswith("S3 is unreachable (EndpointConnectionError")
-    assert sum("retrying" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 60
+    # two retries an object: none after its third and last attempt
+    assert sum("retrying" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 40
     clock.t += 60  # a minute on, still refused: one summary
     with pytest.raises(FetchFailed):
         p.run("s3://b/k00", Flaky(*[refused] * 3))

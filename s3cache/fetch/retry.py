@@ -10,7 +10,8 @@ Invariants:
 * Our own typed errors (``S3CacheError``) pass through untouched unless they say they are transient
   (``ChecksumMismatch``: a byte flipped on the wire; ``BadResponse``: an answer that does not fit the
   request). ``WrongChecksum`` is a mismatch known not to be transient: it is never retried.
-* Backoff is exponential with full jitter, capped at 20 s. A throttled answer (SlowDown, 429, 503)
+* Backoff is exponential with full jitter, capped at 20 s, and only between attempts: after the last
+  one the failure is raised at once. A throttled answer (SlowDown, 429, 503)
   pushes back every request of every worker until the backoff has passed, so a burst of 503s is not
   answered by a retry storm.
 * Setting ``cancel`` ends every wait at once with ``Cancelled``.
@@ -226,10 +227,12 @@ class RetryPolicy:
                     raise verdict from e
                 last = verdict.cause
                 delay = self.backoff(attempt)
-                self.counters.add(retries=1, throttled=int(verdict.throttled))
-                if verdict.throttled:
+                if verdict.throttled:  # the other workers slow down even when this one gives up
                     with self._lock:
                         self._throttle_until = max(self._throttle_until, time.monotonic() + delay)
+                if attempt + 1 == self.max_attempts:
+                    break  # no backoff after the last attempt: the caller learns of the failure at once
+                self.counters.add(retries=1, throttled=int(verdict.throttled))
                 log.debug("retrying %s after %s (attempt %d/%d, %.2fs)", uri,
                           type(last).__name__, attempt + 1, self.max_attempts, delay)
                 if self.cancel.wait(delay):
