@@ -93,3 +93,35 @@ def test_the_starting_keep_alive_and_the_peer_listener_run_supervised_and_end_wi
         peer.stop()
         listener.close()
     assert deaths == [] and sup.errors.status() == {}
+
+
+def test_the_backoff_doubles_while_a_loop_keeps_failing_and_starts_over_after_a_healthy_run():
+    """The order of events under an injected clock, not timing: each restart's backoff is what the
+    supervisor asks the stopping event to wait. Before, it never started over: a loop that had failed
+    a few times long ago waited the maximum (10 s) after every later failure."""
+    from s3cache.daemon.supervise import BACKOFF, HEALTHY, supervised
+
+    now = [0.0]
+    waits: list[float] = []
+
+    class Stopping(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return super().wait(0)
+
+    runs = iter([0.0] * 8 + [HEALTHY, 1.0, None])  # how long each run lasts before it raises
+
+    def body() -> None:
+        lasted = next(runs)
+        if lasted is None:
+            stopping.set()
+            return
+        now[0] += lasted
+        raise RuntimeError("a loop error")
+
+    stopping = Stopping()
+    deaths: list[str] = []
+    supervised("loop", body, LoopErrors(), stopping, lambda n, why: deaths.append(why), clock=lambda: now[0])()
+    doubling = [min(BACKOFF[0] * 2 ** i, BACKOFF[1]) for i in range(8)]
+    assert waits == pytest.approx(doubling + [BACKOFF[0], BACKOFF[0] * 2]) and doubling[-1] == BACKOFF[1]
+    assert deaths == []

@@ -17,7 +17,6 @@ exception; the parts' state is touched only under the state lock, inside the par
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import socket
@@ -31,8 +30,6 @@ from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.sockets.control import E_BUSY, E_FAILED, PROTOCOL, Connection
 from s3cache.sockets.usage_socket import holder_of, lease_name
-
-log = logging.getLogger("s3cache.daemon")
 
 MAX_VERIFY_QUEUED = 8  # verify requests waiting for the verifier thread; more are answered Busy
 

@@ -26,6 +26,7 @@ log = logging.getLogger("s3cache.daemon")
 
 REPEAT_LOG = 60.0  # seconds between summaries of one repeating failure
 BACKOFF = (0.1, 10.0)  # a loop that raised restarts after this, doubling up to the maximum
+HEALTHY = 60.0  # a run this long without an exception starts the backoff over from its minimum
 
 
 class LoopErrors:
@@ -79,11 +80,15 @@ class LoopErrors:
 
 
 def supervised(name: str, body: Callable[[], object], errors: LoopErrors, stopping: threading.Event,
-               on_death: Callable[[str, str], None]) -> Callable[[], None]:
+               on_death: Callable[[str, str], None],
+               clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
     """A thread target running ``body`` (a loop) until the daemon stops.
 
     ``body`` raising an Exception: recorded under ``name``, and ``body`` runs again after a backoff
     (the loop resumes with its next iteration; a loop keeps its state in its object, not its frame).
+    The backoff doubles from ``BACKOFF[0]`` up to ``BACKOFF[1]`` while the failures come close together,
+    and starts over once a run lasted ``HEALTHY`` seconds (``clock``'s), so that a loop that failed a
+    few times long ago restarts at once after its next failure instead of waiting the maximum.
     ``body`` returning while ``stopping`` is not set, or raising a BaseException: ``on_death(name,
     why)``, and the thread ends.
     """
@@ -91,10 +96,13 @@ def supervised(name: str, body: Callable[[], object], errors: LoopErrors, stoppi
     def run() -> None:
         delay = BACKOFF[0]
         while True:
+            began = clock()
             try:
                 body()
             except Exception as e:
                 errors.record(name, e)
+                if clock() - began >= HEALTHY:
+                    delay = BACKOFF[0]
                 if stopping.wait(delay):
                     return
                 delay = min(delay * 2, BACKOFF[1])
