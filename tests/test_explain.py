@@ -60,9 +60,8 @@ def test_a_timeout_behind_leases_of_a_reader_that_left_names_who_holds_what(tmp_
         uris.append(f"s3://{bucket}/x/{i}")
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
                 args=["--max-size", str(128 * KiB), "--lease", "600", "--min-free", "0"])
-    subprocess.run([sys.executable, "-c", "import sys; from s3cache import resolve; "
-                    "resolve(sys.argv[2:], cache_dir=sys.argv[1], timeout=120)", str(d.cache_dir), *uris[:2]],
-                   check=True, timeout=180)
+    reader = "import sys; from s3cache import resolve; resolve(sys.argv[2:], cache_dir=sys.argv[1], timeout=120)"
+    subprocess.run([sys.executable, "-c", reader, str(d.cache_dir), *uris[:2]], check=True, timeout=180)
     for _ in range(10):  # until a worker has tried to admit it (under load it may still be queued)
         with pytest.raises(ResolveTimeout) as e:
             resolve(uris[2], cache_dir=d.cache_dir, timeout=2)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from s3cache.errors import ConfigError
+from s3cache.service.config import peer_address
 
 from .owners import RendezvousOwners
 
@@ -45,11 +46,7 @@ _ADDR = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
 def _addr(text: str, where: str) -> str:
-    text = text.strip()
-    m = _ADDR.fullmatch(text)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ConfigError(f"{where}: not HOST:PORT: {text!r} (expected e.g. 10.0.0.7:7480)")
-    return text
+    return peer_address(text, where)  # one spelling per address: hosts are compared as text
 
 
 def parse_list(text: str, where: str = "--peers") -> list[str]:

@@ -157,6 +157,10 @@ class _Http(socketserver.ThreadingMixIn, http.server.HTTPServer):
         log.debug("peer connection from %s ended with an error", client_address[0], exc_info=True)
 
 
+class _Http6(_Http):
+    address_family = socket.AF_INET6  # socketserver binds IPv4 unless told; "::1" is not an IPv4 host
+
+
 class PeerServer:
     """Serves ``find``'s files on ``addr`` (HOST:PORT) to requests signed with ``secret``."""
 
@@ -169,7 +173,8 @@ class PeerServer:
         self.idle = idle
         self.rate = rate
         self.counts = _Counts()
-        self._http = _Http((host.strip("[]"), int(port)), _Handler, bind_and_activate=True)
+        v6 = host.startswith("[")  # HOST:PORT as config.peer_address writes it
+        self._http = (_Http6 if v6 else _Http)((host.strip("[]"), int(port)), _Handler, bind_and_activate=True)
         self._http.owner = self
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()

@@ -12,7 +12,9 @@ its names are re-exported here, where the rest of the code has always imported t
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,43 @@ from .kinds import (  # noqa: F401 (re-exported)
 )
 
 DEFAULT_CACHE_DIR = "/var/cache/s3cache"
+_HOST_PORT = re.compile(r"(\[([^\]]*)\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+
+
+def peer_address(text: str, where: str = "--peer-addr") -> str:
+    """``text`` (HOST:PORT) in the one form every host writes a peer: an IPv6 address in brackets and
+    compressed (``[::1]:7480`` however it was spelled), the port without leading zeros. Peers are
+    compared as text (``--peer-addr`` must be in ``--peers``, owners are picked by it), so two
+    spellings of one address must become one. Raises ConfigError naming ``where``."""
+    text = text.strip() if isinstance(text, str) else repr(text)
+    m = _HOST_PORT.fullmatch(text)
+    if m is None or not 0 < int(m.group(3)) < 65536:
+        hint = ("an IPv6 address goes in brackets, e.g. [fd00::7]:7480" if text.count(":") > 1
+                and not text.startswith("[") else "expected e.g. 10.0.0.7:7480 or [fd00::7]:7480")
+        raise ConfigError(f"{where}: not HOST:PORT: {text!r} ({hint})")
+    port = int(m.group(3))
+    if m.group(2) is None:
+        return f"{m.group(1)}:{port}"
+    try:
+        ip = ipaddress.IPv6Address(m.group(2))
+    except ValueError:
+        raise ConfigError(f"{where}: not an IPv6 address in brackets: {text!r}") from None
+    return f"[{ip.compressed}]:{port}"
+
+
+class PeerAddr(Kind):
+    """``HOST:PORT`` of a peer (``peer_address``: an IPv6 address as ``[::1]:7480``)."""
+
+    metavar = "HOST:PORT"
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"not HOST:PORT: {raw!r} (expected e.g. 10.0.0.7:7480 or [fd00::7]:7480)")
+        return peer_address(raw)
+
+    def check(self, value: str) -> None:
+        if peer_address(value) != value:  # a Settings built in code holds the canonical form too
+            raise ConfigError(f"--peer-addr {value!r} is not written as {peer_address(value)!r}")
 ENV_PREFIX = "S3CACHE_"
 
 
@@ -159,8 +198,8 @@ class Settings:
                                 "'tf_config' (TF_CONFIG's chief and workers) or dns:NAME (a headless "
                                 "Service), the last two on --peer-addr's port; a file or DNS is read again "
                                 "every 30 s. Needs --peer-addr and --peer-secret-file.")
-    peer_addr: str | None = setting(MetricsAddr(), None, "This host in --peers: HOST:PORT, where it serves its "
-                                    "files to peers.")
+    peer_addr: str | None = setting(PeerAddr(), None, "This host in --peers: HOST:PORT, where it serves its "
+                                    "files to peers (an IPv6 address in brackets: [fd00::7]:7480).")
     peer_secret_file: Path | None = setting(PATH, None, "A file holding the secret (16 bytes or more) that "
                                             "signs requests between peers; not readable by others.")
     peer_timeout: float = setting(Number(0, lo_open=True, what="seconds"), 2.0, "Seconds a fetch waits on "
