@@ -35,17 +35,16 @@ from s3cache.errors import (
     ResolveTimeout,
     S3CacheError,
     UnsafeKey,
-    UntrustedCacheDir,
 )
 from s3cache.manifest.refs import ObjectRef, format_uri, parse_uri
 from s3cache.policy import order
 from s3cache.service.config import default_cache_dir
 from s3cache.store import paths
 from s3cache.store.layout import SUPERSEDED_BIT, Layout
-from s3cache.store.paths import PRIVATE_DIR
 
 from .client import Client, UseNotes
 from .lease import SharedLease
+from .trust import trusted_owner
 from .wire import MAX_AHEAD, MAX_URIS
 
 WANT_WINDOW = 16  # how many missing files a streaming reader asks for at once
@@ -248,34 +247,6 @@ class Resolver:
             raise DaemonNotRunning(f"{self.root} (the daemon closed the connection {done} times)")
         client.reconnect()
         return done + 1
-
-
-def trusted_owner(root: str) -> int | None:
-    """The uid that owns the cache dir ``root``, if a reader may trust what is in it; None if it does not
-    exist yet. Raises UntrustedCacheDir as the daemon refuses such a dir (store/trust.py): the dir or its
-    ``.s3cache`` writable by others, ``.s3cache`` not a directory of the same owner, or an owner who is
-    neither root, this reader, nor the owner of a parent only its owner may write (in a shared parent
-    such as /tmp anyone can create the dir first). Then no one else can plant a file or a symlink in
-    it, and a path under it never leads out of it."""
-    try:
-        st = os.stat(root)
-        priv = os.lstat(os.path.join(root, PRIVATE_DIR))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UntrustedCacheDir(f"cache dir {root} cannot be checked: {e.strerror}") from None
-    why = None
-    if not stat.S_ISDIR(st.st_mode) or not stat.S_ISDIR(priv.st_mode) or priv.st_uid != st.st_uid:
-        why = f"its {PRIVATE_DIR} is not a directory of the cache dir's owner"
-    elif (st.st_mode | priv.st_mode) & (stat.S_IWGRP | stat.S_IWOTH):
-        why = "it is writable by others than its owner"
-    elif st.st_uid not in (0, os.geteuid()):
-        parent = os.stat(os.path.dirname(os.path.realpath(root)))
-        if parent.st_uid != st.st_uid and (parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-            why = f"it is owned by uid {st.st_uid} in {os.path.dirname(root)}, where anyone may create it first"
-    if why is not None:
-        raise UntrustedCacheDir(f"cache dir {root} is not one a daemon would serve: {why}; not reading from it")
-    return st.st_uid
 
 
 class Shuffled:
