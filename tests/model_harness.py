@@ -75,6 +75,7 @@ class Harness:
         self.evictions: list[tuple[list, set[str], set[str]]] = []  # (victims, held, pinned) as seen then
         self.errors: list[str] = []
         self.d: Daemon | None = None
+        self.on_flush: Callable[[], None] = lambda: None  # after each Space.flush (the model's snapshot)
         self._build(settings)
 
     # -- building ------------------------------------------------------------------------------------
@@ -92,6 +93,8 @@ class Harness:
         d.index, damaged = open_index(d.store)
         self.evicted_here = 0  # files this daemon evicted (its status counts since its start)
         d._wire(d.index, d.fetcher)
+        # The reader tracker measures silence on its own clock (a duration): the test's monotonic one.
+        d._tracker.clock = self.clock.monotonic
         evicted = d.space._on_evicted
 
         def on_evicted(victims):  # what eviction saw as held and pinned when it chose these
@@ -101,6 +104,13 @@ class Harness:
             evicted(victims)
 
         d.space._on_evicted = on_evicted
+        flush = d.space.flush
+
+        def flushed():  # usage and leases written to the index: what a crash keeps of them
+            flush()
+            self.on_flush()
+
+        d.space.flush = flushed
         put = d.publisher.put
 
         def publish(entry, fetched):  # what workers handed the publisher and it has not published yet

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import Counter
 
 from hypothesis.stateful import invariant
-from model_fakes import content, gen_of
+from model_fakes import PROCESS, content, gen_of
 
 from s3cache.daemon.recovery import cached_files
-from s3cache.policy.leases import LEASE_SHARE
+from s3cache.policy.leases import LEASE_SHARE, LEASE_UID_SHARE
 from s3cache.store.index import READY
 
 # What the runs did, over every sequence, for the report of a long run (S3CACHE_MODEL_STATS=1 prints it).
@@ -28,13 +28,51 @@ class Promises:
         self.violations.append(what)
 
     def _protected(self) -> set[str]:
-        """Files readers' leases must hold now (README, "What a reader is promised"): each reader's two
-        files resolved last, within --lease seconds of resolving each."""
-        lease, now = self.h.d.s.lease, self.clock.mono
+        """Files readers' leases must hold now (docs/guarantees.md, "What a reader is promised"). A reader
+        is a process; its lease holds the two files it resolved last, each for --lease seconds from
+        resolving it. The processes of one uid (not root's, not the daemon's) hold at most about half the
+        cache between them (``LEASE_UID_SHARE`` of the smaller of --max-size and the filesystem): the
+        newest files first, each process's in turn, the file that crosses the cap still held, and two
+        files always. Those turns go in an order the daemon keeps, so a file is required only if it is
+        held in every order: when the files of the uid's other processes at its rank and the ranks before
+        it (the worst case) leave it under the cap or among the first two. A process one of whose two
+        newest files is out of its lease may hold an older file at that rank, and one that stopped waiting
+        on a file (``ghosts``) may hold it if it landed: files of a size not modelled, so beyond them the
+        uid's cap is not checked (a lower bound, never a false alarm)."""
+        d = self.h.d
+        lease, now = d.s.lease, self.clock.mono
+        cap = min(d.s.max_size, d.store.total_bytes()) // LEASE_UID_SHARE
+        ready = d.space.ready
+        by_uid: dict[int, list[tuple[list[tuple[str | None, int]], bool]]] = {}
+        for reader, seen in self.resolved.items():
+            # A want left unanswered (``ghosts``) may have landed since and be leased: a file the model
+            # does not know (None), in its place in the reader's order.
+            mine = [(seq, uri, now - when < lease, size) for uri, (seq, when, size) in seen.items()]
+            mine += [(seq, None, True, 0) for uri, seq in self.ghosts[reader].items()]
+            newest = sorted(mine, key=lambda t: t[0], reverse=True)[:2]
+            # the bytes the lease counts: the file's size when resolved, or its size now if larger
+            fresh = [(uri, max(size, ready[uri].size if uri in ready else 0))
+                     for _, uri, live, size in newest if live]
+            if fresh or newest:
+                by_uid.setdefault(PROCESS[reader][0], []).append((fresh, len(fresh) < len(newest)))
         out = set()
-        for seen in self.resolved.values():
-            newest = sorted(seen.items(), key=lambda kv: kv[1][0])[-2:]
-            out |= {uri for uri, (_, when) in newest if now - when < lease}
+        for lists in by_uid.values():
+            for i, (mine, _) in enumerate(lists):
+                for rank, (uri, _) in enumerate(mine):
+                    if uri is None:
+                        continue
+                    if len(lists) == 1:  # the uid's only holder: its two newest are held whatever the cap
+                        out.add(uri)
+                        continue
+                    before = list(mine[:rank])
+                    known = True
+                    for j, (other, unsure) in enumerate(lists):
+                        if j != i:
+                            known &= not unsure or len(other) > rank
+                            before += other[:rank + 1]
+                    known &= all(u is not None for u, _ in before)
+                    if known and (len(before) < 2 or sum(n for _, n in before) < cap):
+                        out.add(uri)
         return out
 
     @invariant()
