@@ -281,11 +281,15 @@ class Harness:
 
     def sighup(self, **changes) -> None:
         """What ``Reload.reload`` does when only live settings changed: apply them to the daemon and its
-        parts, install the manifest again (``Manifests.replace`` of the same text), wake the workers."""
+        parts, evict down to a smaller --max-size (``Space.fit_max_size``), install the manifest again
+        (``Manifests.replace`` of the same text), wake the workers."""
         d = self.d
         merged = dataclasses.replace(d.s, **changes)
+        old = d.s
         with d.cond:
             d._apply_settings(merged)
+        if merged.max_size < old.max_size:
+            d.space.fit_max_size()
         d.manifests.install(self.reread())
         with d.cond:
             d.schedule.work_changed()

@@ -62,8 +62,6 @@ MAX_IN_FLIGHT = 2 * WORKERS  # worker threads (Workers.threads): as many again k
 # Promises known broken, each fixed by another change now; the machine leaves them unchecked and an
 # xfail(strict) example below shows each one.
 KNOWN = frozenset({
-    "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
-    "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
     "superseded_served",  # a reader asking for an object known changed in S3 gets the old bytes (item 8)
     "restart_forgets_refetch",  # a refetch verify asked for is forgotten by a restart: old bytes served
 })
@@ -99,10 +97,9 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         super().__init__()
         self.known = known  # promises not checked (see KNOWN)
         self.active: dict[str, float] = {}  # reader -> when (monotonic) it last told the daemon anything
-        # With "shrink_max_size" known: the bytes a smaller --max-size left above it, which may only go
-        # down (admission evicts down to the new size), 0 once within it.
+        # The bytes a smaller --max-size left above it (leased, pinned, being read, in flight), which may
+        # only go down (admission evicts down to the new size), 0 once within it.
         self.ceiling = 0
-        self.excused: set[str] = set()  # objects whose lost wake-up is a known defect (their readers time out)
         self.tmp = Path(tempfile.mkdtemp(prefix="s3cache-model-"))
         self.clock = FakeClock()
         self._clocked = clocked(self.clock)
@@ -371,10 +368,20 @@ class DaemonModel(Promises, RuleBasedStateMachine):
 
     @rule(max_size=st.sampled_from([900, 1500, 2000, 4000]), lease=st.sampled_from([5.0, 60.0, 600.0]))
     def sighup(self, max_size, lease):
-        sp = self.h.d.space
-        if "shrink_max_size" in self.known:
-            self.ceiling = max(self.ceiling, sp.used + sp.reserved)
+        d = self.h.d
         self.h.sighup(max_size=max_size, lease=lease)
+        sp = d.space
+        if sp.used + sp.reserved > max_size:
+            # Only what eviction may not take stays above the new bound, and only goes down (_check_space)
+            with d.cond:
+                held = sp.leases.held(self.clock.mono)
+                current = d.readers.tracker.current()
+                left = [u for u in sp.ready if not (sp.is_pinned(u) or u in held
+                                                    or sp.catalog.position(u) in current)]
+            if left:
+                self._violate(f"a smaller --max-size ({max_size}) left {sorted(left)} cached above it, "
+                              f"neither pinned, leased nor being read")
+            self.ceiling = max(self.ceiling, sp.used + sp.reserved)
 
     @rule(crash=st.booleans())
     def restart(self, crash):
@@ -445,9 +452,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
             h.drain_notes()
             h.housekeeping()
             self._read_messages()
-            with h.d.cond:
-                waiting = [u for _, u in self.pending if not self._excused(u)]
-            if not (waiting or self._stale() or h.jobs or h.queued):
+            if not (self.pending or self._stale() or h.jobs or h.queued):
                 break
             if turn % 10 == 9:  # leases, idle readers and backoffs end; a blocked prefetch may cycle meanwhile
                 self.clock.advance(h.d.s.lease + 601.0)
@@ -462,9 +467,6 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         else:
             self._violate("the daemon did not settle in 300 turns")
         self._read_messages()
-        for reader in sorted({r for r, u in self.pending if u in self.excused}):
-            self.reader_leaves(reader)  # it timed out waiting (a known defect; see KNOWN)
-        self.excused.clear()
         if self.pending:
             self._violate(f"wants never answered with every fetch succeeding and room to spare: "
                           f"{sorted(self.pending)}")

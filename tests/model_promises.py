@@ -3,7 +3,7 @@
 (the machine's invariant) fails the step if any was recorded.
 
 Uses the machine's attributes: ``h`` (the harness), ``clock``, ``known`` (promises not checked),
-``pending``, ``resolved``, ``superseded``, ``ceiling``, ``excused``, ``evictions_checked``,
+``pending``, ``resolved``, ``ghosts``, ``superseded``, ``ceiling``, ``evictions_checked``,
 ``violations``, and its ``_read_messages``."""
 
 from __future__ import annotations
@@ -152,23 +152,12 @@ class Promises:
             if d.space.is_ready(uri) and uri not in sched.replacing:
                 self._violate(f"a reader still waits on {uri}, which is ready (a lost answer)")
             elif not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked):
-                if self._excused(uri):
-                    continue
                 self._violate(f"a reader waits on {uri}, which is neither queued, in flight nor waiting "
                               f"for room (a lost wake-up)")
         for uri in self._stale():
             if uri not in sched.replacing:
                 self._violate(f"{uri} changed in S3 (verify said so) and its refetch was dropped: the old "
                               f"bytes stay served as current")
-
-    def _excused(self, uri: str) -> bool:
-        """A reader's want of ``uri`` is lost by the known defect "unlisted_blocked_want" (state lock held)."""
-        d = self.h.d
-        sched = d.schedule
-        if ("unlisted_blocked_want" in self.known and sched.position(uri) is None and d.readers.is_waited(uri)
-                and not (uri in sched.fetching or sched.demand.has(uri) or uri in sched.blocked)):
-            self.excused.add(uri)
-        return uri in self.excused
 
     def _check_status(self, d) -> None:
         st_ = d.status()

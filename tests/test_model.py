@@ -100,9 +100,6 @@ def test_a_wall_clock_step_forgets_no_reader():
     ])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a SIGHUP that shrinks --max-size evicts nothing: the ready bytes stay above the "
-                          "new --max-size (README: they never exceed it) until later admissions evict")
 def test_a_smaller_max_size_is_kept_once_sighup_applies_it():
     replay([
         sized(50, 50, 801),
@@ -111,12 +108,9 @@ def test_a_smaller_max_size_is_kept_once_sighup_applies_it():
         lambda m: m.want("host:1", KEYS[2]),
         lambda m: m.settle(),  # 901 bytes cached
         lambda m: m.sighup(max_size=900, lease=600.0),
-    ], known=KNOWN - {"shrink_max_size"})
+    ])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Schedule.resume_prefetch drops a reader's want blocked for room once the manifest "
-                          "no longer lists its object (entry_for is None): the reader waits until its timeout")
 def test_a_want_blocked_for_room_is_not_lost_when_the_manifest_drops_its_object():
     replay([
         sized(700),
@@ -126,7 +120,7 @@ def test_a_want_blocked_for_room_is_not_lost_when_the_manifest_drops_its_object(
         lambda m: m.workers_run(1),  # no room on the filesystem: blocked
         lambda m: m.install_manifest(keys=[], specs=[("none", "none", "latest", False)] * len(KEYS)),
         lambda m: m.housekeeping(),  # blocked work is reconsidered: the want must stay queued
-    ], known=KNOWN - {"unlisted_blocked_want"})
+    ])
 
 
 def test_an_object_known_changed_is_not_served_old_when_its_refetch_fails_for_good():

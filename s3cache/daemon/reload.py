@@ -151,15 +151,18 @@ class Reload:
     """SIGHUP's thread (``loop``) and what it does (``reload``); see the module docstring.
 
     ``settings()`` / ``apply(merged)``: the daemon's settings, and installing new ones in the daemon and
-    its parts (under the state lock); ``revalidate(every)``: restart ``--revalidate``'s thread;
+    its parts (under the state lock); ``fit()``: evict down to a smaller ``--max-size`` at once (takes the
+    lease lock, then the state lock: called without either); ``revalidate(every)``: restart
+    ``--revalidate``'s thread;
     ``work_changed()``: wake the workers (state lock held); ``progress_line()``: for READY=1's STATUS=."""
 
     def __init__(self, *, flags: dict[str, Any], config_file: Path | None, hup: threading.Event,
                  stopping: threading.Event, cond: threading.Condition, settings: Callable[[], Settings],
                  apply: Callable[[Settings], None], revalidate: Callable[[float], None],
                  manifests: Manifests, work_changed: Callable[[], None],
-                 progress_line: Callable[[], str]) -> None:
+                 progress_line: Callable[[], str], fit: Callable[[], object] = lambda: None) -> None:
         self._flags = flags
+        self._fit = fit
         self._config_file = config_file
         self._hup = hup
         self._stopping = stopping
@@ -199,6 +202,8 @@ class Reload:
             log.warning("changed settings that take effect only after a restart: %s", ", ".join(later))
         with self._cond:
             self._apply(merged)
+        if merged.max_size < old.max_size:  # ready bytes never exceed --max-size: not even until the next admission
+            self._fit()
         logging.getLogger().setLevel(merged.log_level.upper())
         if merged.revalidate != old.revalidate:
             self._revalidate(merged.revalidate)

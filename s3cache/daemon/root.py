@@ -183,7 +183,7 @@ class Daemon:
                               stopping=self.stopping, cond=self.cond, settings=lambda: self.s,
                               apply=self._apply_settings, revalidate=self._start_revalidate, manifests=manifests,
                               work_changed=lambda: self.schedule.work_changed(),
-                              progress_line=lambda: self._progress()["line"])
+                              progress_line=lambda: self._progress()["line"], fit=lambda: self.space.fit_max_size())
         catalog = Catalog()
         if s.manifest_source is not None:
             self._starting.step(f"reading the manifest {s.manifest_source}")

@@ -214,9 +214,9 @@ class Schedule:
                 replacing = [u for u in self.blocked if u in self.replacing and u not in waiting_demand]
                 self.blocked.clear()
                 for uri in waiting_demand:
-                    e = self.entry_for(uri)
-                    if e is not None:
-                        self.demand.appendleft(e)
+                    # A reader still waits on it though the manifest may no longer list it: as an object
+                    # outside the manifest, not dropped (its reader would wait until its timeout).
+                    self.demand.appendleft(self.entry_for(uri) or self._remember_extra(Entry(from_identity(uri))))
                 for uri in replacing:
                     if self._space.is_ready(uri) and not self.demand.has(uri):
                         self.demand.append(self.entry_for(uri) or Entry(from_identity(uri)))

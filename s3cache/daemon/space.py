@@ -372,6 +372,32 @@ class Space(Pins, RoomReports):
             self._evict(victims, "a full filesystem")
             return True
 
+    def fit_max_size(self) -> int:
+        """After a SIGHUP made ``--max-size`` smaller: evict by policy (as for a waiting reader: anything
+        not pinned, leased or being read) until ready + reserved bytes are within it again, at once rather
+        than at later admissions. Bytes leases, pins, files being read and downloads already admitted
+        hold stay (they go as those end: admission evicts down to the bound). Takes the locks itself;
+        returns the bytes still above ``--max-size``."""
+        with self.exclusive():
+            self.prune_quarantine()  # its budget is a share of --max-size too
+            self._drain_notes()
+            over = self.used + self.reserved + self.quarantine_bytes - self.s.max_size
+            if over <= 0:
+                return 0
+            n = len(self.catalog)
+            fut = self._tracker.future(n)
+            victims = choose_victims(self.residents(), need=over, extra=0, readers=fut.ordered, n=n,
+                                     target_distance=None, demand=True, now=time.time(), lease=self.s.lease,
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leases.held(time.monotonic()), partial=True)
+            if victims:
+                self._evict(victims, f"a smaller --max-size ({human_size(self.s.max_size)})")
+            left = self.used + self.reserved + self.quarantine_bytes - self.s.max_size
+            log.info("--max-size is %s now: evicted %d file(s) (%s)%s", human_size(self.s.max_size),
+                     len(victims or ()), human_size(sum(v.size for v in victims or ())),
+                     f"; {human_size(left)} above it held by leases, pins, readers and downloads" if left > 0 else "")
+            return max(0, left)
+
     def _evict(self, victims: list[Resident], why: str) -> None:
         """Remove victims' files, then their rows (both locks held)."""
         for v in victims:

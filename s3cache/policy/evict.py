@@ -164,6 +164,7 @@ def choose_victims(
     future: Future | None = None,
     held: Collection[str] | None = None,
     window: int | None = None,
+    partial: bool = False,
 ) -> list[Resident] | None:
     """Victims freeing at least ``need`` bytes (plus up to ``extra`` from files with no known future).
 
@@ -173,7 +174,8 @@ def choose_victims(
     is the set of URIs under lease (``Leases.held``) and supersedes the ``lease`` seconds since last use.
     ``window``, when given, is the readahead window in files: a prefetch for a file needed that far
     ahead of a reader or further evicts nothing. Returns None, evicting nothing, when the eligible files
-    cannot free ``need`` bytes.
+    cannot free ``need`` bytes; with ``partial``, every eligible file instead (a bound that must be
+    approached even where leases and pins keep it from being met: a smaller ``--max-size``).
     """
     if future is None:
         future = Future(n, readers)
@@ -220,7 +222,7 @@ def choose_victims(
             break
         victims.append(r)
         freed += r.size
-    return victims if freed >= need else None
+    return victims if freed >= need or partial else None
 
 
 def rewind_cursor(cursor: int, victims: Iterable[Resident]) -> int:
