@@ -208,10 +208,11 @@ class Schedule:
                     pos = self.catalog.position(uri)
                     if pos is not None:
                         self.cursors.rewind(pos)
-                waiting_demand = [u for u in self.blocked if self._is_waited(u)]
+                # In URI order, not the set's (string hashes vary run to run): the same run every time.
+                waiting_demand = [u for u in sorted(self.blocked) if self._is_waited(u)]
                 # A ready object fetched again because S3 changed it: the in-order scan skips ready
                 # files, so unless queued again its new version would never come (the old one stays).
-                replacing = [u for u in self.blocked if u in self.replacing and u not in waiting_demand]
+                replacing = [u for u in sorted(self.blocked) if u in self.replacing and u not in waiting_demand]
                 self.blocked.clear()
                 for uri in waiting_demand:
                     # A reader still waits on it though the manifest may no longer list it: as an object
