@@ -16,6 +16,8 @@ when the fix lands the example passes, the xfail fails, and the name leaves ``KN
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -29,15 +31,31 @@ DaemonModel.TestCase.settings = settings(
     derandomize=not os.environ.get("S3CACHE_MODEL_RANDOM"),  # a long run explores new sequences
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
-# The machine is not yet clean: the same derandomized sequences pass or fail with the worker threads'
-# timing (about 1 run in 4 here), on two open findings: a file evicted while the model says a reader's
-# lease holds it (the lease rule is now per process, with threads' fresh files for 10 s, which the
-# model's lease rule predates), and a want left unanswered within 300 turns. Until both are settled it
-# runs only when asked (S3CACHE_MODEL=1, as the long runs are), so CI stays deterministic; the examples
-# below run always.
+# Run directly only when asked (S3CACHE_MODEL=1: the long runs); CI runs it through
+# test_the_machine_gives_one_verdict_every_run, which pins the hash seed.
 TestDaemonModel = pytest.mark.skipif(not os.environ.get("S3CACHE_MODEL"),
-                                     reason="set S3CACHE_MODEL=1: the machine's open findings make it "
-                                            "timing-dependent (see this module)")(DaemonModel.TestCase)
+                                     reason="set S3CACHE_MODEL=1 (CI runs it through "
+                                            "test_the_machine_gives_one_verdict_every_run)")(DaemonModel.TestCase)
+
+# Hypothesis's choice of derandomized sequences follows the order of string hashes (measured: the
+# second sequence already differs between PYTHONHASHSEED=1 and 2, before the daemon's parts can differ),
+# so the same run needs the same hash seed. Within one seed the machine is deterministic: each worker
+# thread runs only while the test thread waits for it to park or end, and every clock is the test's.
+HASH_SEED = "0"
+
+
+@pytest.mark.timeout(1200)  # a failing run shrinks its sequence: minutes, not the test's usual bound
+def test_the_machine_gives_one_verdict_every_run():
+    """The machine as CI runs it: EXAMPLES derandomized sequences of up to STEPS steps (about a minute
+    here), in a child interpreter with the hash seed pinned, so every run checks the same sequences."""
+    if os.environ.get("S3CACHE_MODEL"):
+        pytest.skip("S3CACHE_MODEL is set: TestDaemonModel runs the machine in this process")
+    env = {**os.environ, "S3CACHE_MODEL": "1", "PYTHONHASHSEED": HASH_SEED}
+    env.pop("S3CACHE_MODEL_RANDOM", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                          "--timeout", "1100", f"{__file__}::TestDaemonModel"],
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-30000:] + run.stderr[-5000:]
 
 
 # == the sequences the model found, and the known defects, as example tests ==========================
