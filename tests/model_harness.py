@@ -72,10 +72,12 @@ class Harness:
         self.catalog = Catalog()
         self.entries: list[Entry] = []  # the manifest's lines, as the catalog was built from them
         self.jobs: dict[str, Job] = {}
-        self.evictions: list[tuple[list, set[str], set[str]]] = []  # (victims, held, pinned) as seen then
+        # (victims, held, pinned, what the model's leases protect) as they were when eviction chose them
+        self.evictions: list[tuple[list, set[str], set[str], set[str]]] = []
         self.errors: list[str] = []
         self.d: Daemon | None = None
         self.on_flush: Callable[[], None] = lambda: None  # after each Space.flush (the model's snapshot)
+        self.protected: Callable[[], set[str]] = set  # files the model says leases hold (at each eviction)
         self._build(settings)
 
     # -- building ------------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ class Harness:
 
         def on_evicted(victims):  # what eviction saw as held and pinned when it chose these
             held = d.space.leases.held(self.clock.mono)
-            self.evictions.append((list(victims), held, {v.uri for v in victims if d.space.is_pinned(v.uri)}))
+            self.evictions.append((list(victims), held, {v.uri for v in victims if d.space.is_pinned(v.uri)},
+                                   self.protected()))
             self.evicted_here += len(victims)
             evicted(victims)
 

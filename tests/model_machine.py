@@ -122,6 +122,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         # what a restart keeps (kept_leases.py).
         self.saved: dict[str, dict[str, tuple[int, float, int]]] = {r: {} for r in READERS}
         self.h.on_flush = self._flushed
+        self.h.protected = self._protected
         self.superseded: dict[str, tuple] = {}  # uri -> the file (``_same``) verify found changed in S3
         self.evictions_checked = 0
         self.violations: list[str] = []

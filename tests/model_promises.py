@@ -81,8 +81,9 @@ class Promises:
         h = self.h
         d = h.d
         self._read_messages()
-        protected = self._protected()
-        for victims, held, pinned in h.evictions[self.evictions_checked:]:
+        # Against the leases in force when each eviction chose (a file evicted, fetched again and
+        # resolved again within one step is leased now, not then).
+        for victims, held, pinned, protected in h.evictions[self.evictions_checked:]:
             for v in victims:
                 if v.uri in pinned:
                     self._violate(f"pinned {v.uri} evicted")

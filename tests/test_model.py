@@ -205,3 +205,19 @@ def test_a_want_waiting_on_its_own_readers_newest_file_is_answered_once_the_read
         lambda m: m.want("host:1", KEYS[1]),
         lambda m: m.settle(),
     ])
+
+
+def test_a_reader_waiting_on_an_object_whose_size_hint_was_wrong_is_leased_the_file_when_it_lands():
+    # Found by the machine: the listed size (a hint) was 3 bytes off, so the fetch admitted k0 again for
+    # S3's size, and that re-admission dropped the lease host:1's want was owed when k0 landed
+    # (Space.release): a smaller --max-size then evicted the file host:1 had just been handed.
+    none = ("none", "none", "latest", False)
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.install_manifest(keys=[KEYS[1], KEYS[0], KEYS[2], KEYS[3]],
+                                     specs=[none, ("hint_wrong", "none", "latest", False)] + [none] * 4),
+        lambda m: m.workers_run(2),
+        lambda m: m.drain_notes(),
+        lambda m: m.sighup(max_size=900, lease=5.0),
+    ])

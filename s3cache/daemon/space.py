@@ -314,7 +314,8 @@ class Space(Pins, RoomReports):
             if have is not None:
                 log.info("%s is %s now, not the %s reserved for it: admitting it again", uri,
                          human_size(size), human_size(have))
-                self.release(uri)
+                # The reservation only: readers waiting on it keep the leases it starts when it lands
+                self.reserved -= self.reservations.pop(uri)
             if size > self.s.max_size:
                 return False
             if self._need(size, demand)[0] <= 0:
