@@ -47,7 +47,7 @@ from s3cache.fetch.fetcher import Fetcher, make_client
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.refs import format_uri, shown
 from s3cache.manifest.scope import Scope
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service import notify
 from s3cache.service.config import Settings, human_size, redact_urls
 from s3cache.service.metrics import FetchHistogram

@@ -44,7 +44,7 @@ from s3cache.manifest.jobs import Cursors
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.policy import evict
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service.config import Settings
 
 from .demand import DemandQueue

@@ -49,14 +49,13 @@ from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.jobs import Landed
 from s3cache.manifest.parse import Entry
 from s3cache.policy.evict import (
-    Leases,
-    ReaderTracker,
     Resident,
     choose_victims,
     readahead_files,
     target_distance,
 )
-from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE, lease_budget
+from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE, Leases, lease_budget
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import QUARANTINE_SHARE, Store
