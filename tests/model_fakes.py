@@ -21,6 +21,7 @@ from s3cache.daemon import (
     announce,
     failures,
     kept_leases,
+    leasing,
     publisher,
     readers,
     room,
@@ -67,7 +68,7 @@ class FakeClock:
         return getattr(real_time, name)
 
 
-CLOCKED = (space, schedule, readers, failures, publisher, room, workers, announce, kept_leases)
+CLOCKED = (space, schedule, readers, failures, publisher, room, workers, announce, kept_leases, leasing)
 
 
 class clocked:

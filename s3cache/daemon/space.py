@@ -54,14 +54,13 @@ from s3cache.policy.evict import (
     readahead_files,
     target_distance,
 )
-from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE, Leases, lease_budget
 from s3cache.policy.tracker import ReaderTracker
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import QUARANTINE_SHARE, Store
 from s3cache.store.index import Index, Record
 
-from . import kept_leases
+from .leasing import Leasing
 from .pins import Pins
 from .room import RoomReports
 
@@ -70,10 +69,9 @@ log = logging.getLogger("s3cache.daemon")
 # Bytes of the filesystem a download may never take: the index and directories grow as files land.
 DISK_MARGIN = 256 << 10
 
-MAX_AWAITING = 256  # processes whose lease on one file not yet ready is kept for when it lands
 
 
-class Space(Pins, RoomReports):
+class Space(Leasing, Pins, RoomReports):
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
                  tracker: ReaderTracker, *, drain_notes: Callable[[], None],
                  on_evicted: Callable[[list[int | None]], None]) -> None:
@@ -97,15 +95,7 @@ class Space(Pins, RoomReports):
         self.disk_full = False
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
-        # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
-        # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
-        # Holders are processes (uid:pid); a uid other than root and ours holds at most half the cache.
-        self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()),
-                             recent=LEASE_RECENT, uid_cap=min(settings.max_size, store.total_bytes()) // LEASE_UID_SHARE,
-                             uncapped=("0", str(os.geteuid())))
-        kept_leases.restore(index, self.leases)  # promised before a restart: kept after it
-        self._leases_saved = self.leases.changes
-        self._awaited: dict[str, dict[str, int]] = {}
+        self._open_leases(settings, store, index)  # leases.py: each reader's newest files
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
@@ -121,9 +111,7 @@ class Space(Pins, RoomReports):
     def apply(self, settings: Settings) -> None:
         """SIGHUP's live settings (state lock held), to the copies the leases made of them too."""
         self.s = settings
-        self.leases.lease = settings.lease
-        self.leases.budget = lease_budget(settings.max_size, self.store.total_bytes())
-        self.leases.uid_cap = min(settings.max_size, self.store.total_bytes()) // LEASE_UID_SHARE
+        self._apply_leases(settings)
 
     # == the resident set (state lock held) ===========================================================
 
@@ -202,16 +190,12 @@ class Space(Pins, RoomReports):
         rec = self.ready.get(uri)
         if rec is None:
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
-                if len(self._awaited) >= 100_000 and uri not in self._awaited:
-                    del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
-                holders = self._awaited.setdefault(uri, {})
-                if reader in holders or len(holders) < MAX_AWAITING:  # holders are processes: bounded
-                    holders[reader] = self.leases.ticket()
+                self._await(uri, reader)
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when
         if reader:
-            self.leases.saw(reader, uri, rec.size, time.monotonic())  # leases: monotonic time
+            self._lease_ready(reader, uri, rec.size)
         return True
 
     def forget(self, uri: str) -> Record | None:
@@ -234,9 +218,7 @@ class Space(Pins, RoomReports):
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
                 replaced.append(old)
-            for reader, place in self._awaited.pop(uri, {}).items():
-                # it may open it from now on; in its order where it took it (it may have moved on since)
-                self.leases.saw(reader, uri, rec.size, now, place=place)
+            self._lease_awaited(uri, rec.size, now)
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size
@@ -262,7 +244,7 @@ class Space(Pins, RoomReports):
     def release(self, uri: str) -> None:
         size = self.reservations.pop(uri, 0)
         self.reserved -= size
-        self._awaited.pop(uri, None)
+        self._unawait(uri)
         self.waits.pop(uri, None)
 
     def _reserve(self, uri: str, size: int) -> None:
@@ -340,7 +322,7 @@ class Space(Pins, RoomReports):
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()), window=self.window())
+                                     held=self.leased_now(), window=self.window())
             if victims is None:
                 self._refused(uri, size, need, demand, disk_short, fut, target, now)
                 return False
@@ -366,7 +348,7 @@ class Space(Pins, RoomReports):
             victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=False, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()))
+                                     held=self.leased_now())
             if not victims:
                 return False
             self._evict(victims, "a full filesystem")
@@ -389,7 +371,7 @@ class Space(Pins, RoomReports):
             victims = choose_victims(self.residents(), need=over, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=True, now=time.time(), lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()), partial=True)
+                                     held=self.leased_now(), partial=True)
             if victims:
                 self._evict(victims, f"a smaller --max-size ({human_size(self.s.max_size)})")
             left = self.used + self.reserved + self.quarantine_bytes - self.s.max_size
@@ -463,10 +445,8 @@ class Space(Pins, RoomReports):
         with self._cond:
             dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
             self._dirty_use.clear()
-            changes = self.leases.changes
-            leases = self.leases.snapshot(time.monotonic()) if changes != self._leases_saved else None
+            changes, leases = self._leases_to_save()
         if dirty:
             self.index.touch_many(dirty)
         if leases is not None:
-            kept_leases.save(self.index, leases)
-            self._leases_saved = changes
+            self._save_leases(self.index, changes, leases)
