@@ -1,8 +1,10 @@
 """The model of the daemon (tests/model_machine.py) as CI runs it, and the sequences it found as example
 tests.
 
-With ``S3CACHE_MODEL=1`` it runs ``S3CACHE_MODEL_EXAMPLES`` (default 100) derandomized sequences of up to ``S3CACHE_MODEL_STEPS``
-(default 50) steps: the same sequences every run. A longer run explores new ones::
+CI runs it through ``test_the_machine_gives_one_verdict_every_run``: ``S3CACHE_MODEL_EXAMPLES`` (default 100)
+derandomized sequences of up to ``S3CACHE_MODEL_STEPS`` (default 50) steps, about a minute here, in a child
+interpreter with ``PYTHONHASHSEED`` pinned: the same sequences and the same verdict every run. With
+``S3CACHE_MODEL=1`` it runs in this process (``TestDaemonModel``). A longer run explores new ones::
 
     S3CACHE_MODEL=1 S3CACHE_MODEL_RANDOM=1 S3CACHE_MODEL_EXAMPLES=1500 S3CACHE_MODEL_STEPS=60 S3CACHE_MODEL_STATS=1 \
         pytest -p no:logging --timeout 0 tests/test_model.py -k DaemonModel
