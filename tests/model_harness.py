@@ -284,16 +284,16 @@ class Harness:
 
     def sighup(self, **changes) -> None:
         """What ``Reload.reload`` does when only live settings changed: apply them to the daemon and its
-        parts, evict down to a smaller --max-size (``Space.fit_max_size``), install the manifest again
-        (``Manifests.replace`` of the same text), wake the workers."""
+        parts, install the manifest again (``Manifests.replace`` of the same text), evict down to a smaller
+        --max-size (``Space.fit_max_size``), wake the workers."""
         d = self.d
         merged = dataclasses.replace(d.s, **changes)
         old = d.s
         with d.cond:
             d._apply_settings(merged)
-        if merged.max_size < old.max_size:
-            d.space.fit_max_size()
         d.manifests.install(self.reread())
+        if merged.max_size < old.max_size:  # after the manifest, which may pin or unpin files
+            d.space.fit_max_size()
         with d.cond:
             d.schedule.work_changed()
 

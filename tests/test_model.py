@@ -223,3 +223,22 @@ def test_a_reader_waiting_on_an_object_whose_size_hint_was_wrong_is_leased_the_f
         lambda m: m.drain_notes(),
         lambda m: m.sighup(max_size=900, lease=5.0),
     ])
+
+
+def test_a_smaller_max_size_evicts_what_the_manifest_installed_with_it_no_longer_pins():
+    # Found by the machine: k1 was pinned by the manifest (pin=1) and under a prefix line; deleted from
+    # S3, the SIGHUP's listing drops it, so it is no longer pinned, and the eviction down to the new
+    # --max-size must come after that manifest, not before it.
+    none = ("none", "none", "latest", False)
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),
+        lambda m: m.s3_delete(uri=KEYS[0]),
+        lambda m: m.install_manifest(keys=[KEYS[0], KEYS[3], KEYS[1]],
+                                     specs=[none, none, ("hint", "none", "latest", True)] + [none] * 3),
+        lambda m: m.workers_run(1),
+        lambda m: m.start_another_fetch(),
+        lambda m: m.want("host:1", KEYS[2]),
+        lambda m: m.workers_run(2),
+        lambda m: m.s3_delete(uri=KEYS[1]),
+        lambda m: m.sighup(max_size=900, lease=5.0),
+    ])

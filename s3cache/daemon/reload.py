@@ -202,8 +202,6 @@ class Reload:
             log.warning("changed settings that take effect only after a restart: %s", ", ".join(later))
         with self._cond:
             self._apply(merged)
-        if merged.max_size < old.max_size:  # ready bytes never exceed --max-size: not even until the next admission
-            self._fit()
         logging.getLogger().setLevel(merged.log_level.upper())
         if merged.revalidate != old.revalidate:
             self._revalidate(merged.revalidate)
@@ -215,6 +213,11 @@ class Reload:
                 self._manifests.watch.refused(str(e))  # in status and the metric until one installs
             notify.ready(f"manifest not reloaded: {e}".replace("\n", " "))
             return
+        finally:
+            # Ready bytes never exceed --max-size, not even until the next admission; after the manifest,
+            # which may pin or unpin files
+            if merged.max_size < old.max_size:
+                self._fit()
         with self._cond:
             self._work_changed()
             self._cond.notify_all()
