@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from s3cache.daemon import (
     announce,
     failures,
+    kept_leases,
+    leasing,
     publisher,
     readers,
     room,
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
     from model_harness import Harness
 
 BUCKET = "s3://bkt/"
+# The readers, each a process (uid, pid) as the kernel names the other end of its sockets: the daemon's
+# leases are per process, and the processes of one uid share a cap (two processes of uid 1000 here).
+PROCESS = {"host:1": (1000, 11), "host:2": (1000, 12), "host:3": (1001, 13)}
 PATIENCE = 60.0  # seconds a test thread waits for a worker thread to park or finish (load, not logic)
 
 
@@ -63,7 +68,7 @@ class FakeClock:
         return getattr(real_time, name)
 
 
-CLOCKED = (space, schedule, readers, failures, publisher, room, workers, announce)
+CLOCKED = (space, schedule, readers, failures, publisher, room, workers, announce, kept_leases, leasing)
 
 
 class clocked:
@@ -220,10 +225,13 @@ class FakeServer:
 
 
 class Conn:
-    """A reader's control connection: what the daemon pushed to it."""
+    """A reader's control connection: what the daemon pushed to it, and the process at its other end
+    (``uid``, ``pid``: what SO_PEERCRED tells the daemon's socket server)."""
 
-    def __init__(self, reader: str) -> None:
+    def __init__(self, reader: str, uid: int, pid: int) -> None:
         self.reader = reader
+        self.uid = uid
+        self.pid = pid
         self.sent: list[dict] = []
 
     def send(self, msg: dict) -> bool:

@@ -72,9 +72,12 @@ class Harness:
         self.catalog = Catalog()
         self.entries: list[Entry] = []  # the manifest's lines, as the catalog was built from them
         self.jobs: dict[str, Job] = {}
-        self.evictions: list[tuple[list, set[str], set[str]]] = []  # (victims, held, pinned) as seen then
+        # (victims, held, pinned, what the model's leases protect) as they were when eviction chose them
+        self.evictions: list[tuple[list, set[str], set[str], set[str]]] = []
         self.errors: list[str] = []
         self.d: Daemon | None = None
+        self.on_flush: Callable[[], None] = lambda: None  # after each Space.flush (the model's snapshot)
+        self.protected: Callable[[], set[str]] = set  # files the model says leases hold (at each eviction)
         self._build(settings)
 
     # -- building ------------------------------------------------------------------------------------
@@ -92,15 +95,25 @@ class Harness:
         d.index, damaged = open_index(d.store)
         self.evicted_here = 0  # files this daemon evicted (its status counts since its start)
         d._wire(d.index, d.fetcher)
+        # The reader tracker measures silence on its own clock (a duration): the test's monotonic one.
+        d._tracker.clock = self.clock.monotonic
         evicted = d.space._on_evicted
 
         def on_evicted(victims):  # what eviction saw as held and pinned when it chose these
             held = d.space.leases.held(self.clock.mono)
-            self.evictions.append((list(victims), held, {v.uri for v in victims if d.space.is_pinned(v.uri)}))
+            self.evictions.append((list(victims), held, {v.uri for v in victims if d.space.is_pinned(v.uri)},
+                                   self.protected()))
             self.evicted_here += len(victims)
             evicted(victims)
 
         d.space._on_evicted = on_evicted
+        flush = d.space.flush
+
+        def flushed():  # usage and leases written to the index: what a crash keeps of them
+            flush()
+            self.on_flush()
+
+        d.space.flush = flushed
         put = d.publisher.put
 
         def publish(entry, fetched):  # what workers handed the publisher and it has not published yet
@@ -271,12 +284,16 @@ class Harness:
 
     def sighup(self, **changes) -> None:
         """What ``Reload.reload`` does when only live settings changed: apply them to the daemon and its
-        parts, install the manifest again (``Manifests.replace`` of the same text), wake the workers."""
+        parts, install the manifest again (``Manifests.replace`` of the same text), evict down to a smaller
+        --max-size (``Space.fit_max_size``), wake the workers."""
         d = self.d
         merged = dataclasses.replace(d.s, **changes)
+        old = d.s
         with d.cond:
             d._apply_settings(merged)
         d.manifests.install(self.reread())
+        if merged.max_size < old.max_size:  # after the manifest, which may pin or unpin files
+            d.space.fit_max_size()
         with d.cond:
             d.schedule.work_changed()
 

@@ -42,7 +42,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from model_fakes import BUCKET, Conn, FakeClock, clocked, version_of
+from model_fakes import BUCKET, PROCESS, Conn, FakeClock, clocked, version_of
 from model_harness import Harness
 from model_promises import STATS, Promises
 
@@ -51,8 +51,9 @@ from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import parse_uri
 from s3cache.service.config import Settings
 from s3cache.store.layout import SUPERSEDED_BIT
+from s3cache.sockets.usage_socket import holder_of, lease_name
 
-READERS = ("host:1", "host:2", "host:3")
+READERS = tuple(PROCESS)
 KEYS = tuple(BUCKET + f"k{i}" for i in range(6))
 MISSING = BUCKET + "never-uploaded"
 OUTCOMES = ("ok", "ok", "ok", "transient", "changed", "changed_for_good", "disk_full")
@@ -62,15 +63,18 @@ MAX_IN_FLIGHT = 2 * WORKERS  # worker threads (Workers.threads): as many again k
 # Promises known broken, each fixed by another change now; the machine leaves them unchecked and an
 # xfail(strict) example below shows each one.
 KNOWN = frozenset({
-    "restart_leases",  # a restart forgets every lease (item 9)
-    "wall_clock_readers",  # a step of the wall clock forgets every reader (item 14)
-    "shrink_max_size",  # a smaller --max-size (SIGHUP) evicts nothing: ready bytes stay above it
-    "unlisted_blocked_want",  # a want blocked for room is dropped once the manifest no longer lists it
 })
 
 
 if os.environ.get("S3CACHE_MODEL_STATS"):
     atexit.register(lambda: print("\nmodel stats:", dict(sorted(STATS.items())), file=sys.stderr))
+
+
+def _named(reader: str) -> str:
+    """What the daemon's sockets hand the readers part for ``reader``: its claimed id and the holder the
+    kernel names (``Ops`` and the usage socket build it so)."""
+    uid, pid = PROCESS[reader]
+    return lease_name(reader, holder_of(pid, uid))
 
 
 def entry_spec():
@@ -92,10 +96,9 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         super().__init__()
         self.known = known  # promises not checked (see KNOWN)
         self.active: dict[str, float] = {}  # reader -> when (monotonic) it last told the daemon anything
-        # With "shrink_max_size" known: the bytes a smaller --max-size left above it, which may only go
-        # down (admission evicts down to the new size), 0 once within it.
+        # The bytes a smaller --max-size left above it (leased, pinned, being read, in flight), which may
+        # only go down (admission evicts down to the new size), 0 once within it.
         self.ceiling = 0
-        self.excused: set[str] = set()  # objects whose lost wake-up is a known defect (their readers time out)
         self.tmp = Path(tempfile.mkdtemp(prefix="s3cache-model-"))
         self.clock = FakeClock()
         self._clocked = clocked(self.clock)
@@ -103,13 +106,22 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         self.h = Harness(self.tmp / "cache", Settings(cache_dir=self.tmp / "cache", max_size=2000, lease=600.0,
                                                       min_free=0.0, workers=WORKERS,
                                                       allow=("s3://",)), self.clock)
-        self.conns = {r: Conn(r) for r in READERS}
+        self.conns = {r: Conn(r, *PROCESS[r]) for r in READERS}
         self.read = {r: 0 for r in READERS}  # messages of each connection already looked at
         self.pending: dict[tuple[str, str], int] = {}  # (reader, uri) -> the want's place in order
-        # What each reader resolved: uri -> (its place in the reader's order, when); README: a reader's
-        # lease holds the two files it resolved last for --lease seconds.
-        self.resolved: dict[str, dict[str, tuple[int, float]]] = {r: {} for r in READERS}
+        # What each reader resolved: uri -> (its place in the reader's order, when, the file's size);
+        # a reader's lease holds the two files it resolved last for --lease seconds (_protected).
+        self.resolved: dict[str, dict[str, tuple[int, float, int]]] = {r: {} for r in READERS}
         self.seq = 0
+        # Wants a reader stopped waiting on (it left, or the daemon restarted): uri -> its place in the
+        # reader's order. The daemon may lease such a file when it lands (_protected allows for it).
+        self.ghosts: dict[str, dict[str, int]] = {r: {} for r in READERS}
+        self.noted: list[tuple[str, str, int]] = []  # (reader, uri, seq) of each note, the last ones not drained
+        # What the leases saved at the last flush hold (``resolved`` then, less notes not yet drained):
+        # what a restart keeps (kept_leases.py).
+        self.saved: dict[str, dict[str, tuple[int, float, int]]] = {r: {} for r in READERS}
+        self.h.on_flush = self._flushed
+        self.h.protected = self._protected
         self.superseded: dict[str, tuple] = {}  # uri -> the file (``_same``) verify found changed in S3
         self.evictions_checked = 0
         self.violations: list[str] = []
@@ -186,8 +198,9 @@ class DaemonModel(Promises, RuleBasedStateMachine):
     def want(self, reader, uri):
         if (reader, uri) in self.pending:
             return  # one resolve of an object at a time per reader
-        [res] = self.h.d.readers.want(self.conns[reader], reader, [uri])
-        self.active[reader] = self.clock.mono
+        [res] = self.h.d.readers.want(self.conns[reader], _named(reader), [uri])
+        self.ghosts[reader].pop(uri, None)  # its place in the reader's order is this want's now
+        self._active(reader, uri)
         self.seq += 1
         STATS[f"want {res['state']}"] += 1
         if res["state"] == "ready":
@@ -205,10 +218,11 @@ class DaemonModel(Promises, RuleBasedStateMachine):
             return
         if os.lstat(self.h.d.store.layout.abspath(rec.path)).st_mode & SUPERSEDED_BIT:
             return  # resolve's fast path passes a file marked superseded by (it asks the daemon)
-        self.h.server.use.notes.append((reader, "h", uri))
-        self.active[reader] = self.clock.mono
+        self.h.server.use.notes.append((_named(reader), "h", uri))
+        self._active(reader, uri)
         self.seq += 1
-        self.resolved[reader][uri] = (self.seq, self.clock.mono)
+        self.resolved[reader][uri] = (self.seq, self.clock.mono, rec.size)
+        self.noted.append((reader, uri, self.seq))
 
     # The common steps come more often than the rare ones (hypothesis picks rules uniformly).
     @rule(reader=st.sampled_from(READERS), uri=st.sampled_from(KEYS))
@@ -247,10 +261,25 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         self._new_connection(reader)
 
     def _new_connection(self, reader):
-        self.conns[reader] = Conn(reader)
+        self.conns[reader] = Conn(reader, *PROCESS[reader])
         self.read[reader] = 0
         for key in [k for k in self.pending if k[0] == reader]:
-            del self.pending[key]
+            self.ghosts[reader][key[1]] = self.pending.pop(key)
+
+    def _flushed(self) -> None:
+        """The daemon wrote its leases to the index: those of every resolve it has heard of, which is
+        every one but the usage notes still unread on its socket."""
+        unread = len(self.h.server.use.notes)
+        self.noted = self.noted[len(self.noted) - unread:] if unread else []
+        lost = {(r, u, seq) for r, u, seq in self.noted}
+        self.saved = {r: {u: v for u, v in seen.items() if (r, u, v[0]) not in lost}
+                      for r, seen in self.resolved.items()}
+
+    def _active(self, reader: str, uri: str) -> None:
+        """A reader told the daemon it resolved ``uri``: the tracker learns where it is only from a
+        position in the manifest (an object outside it moves no reader)."""
+        if self.h.d.schedule.position(uri) is not None:
+            self.active[reader] = self.clock.mono
 
     def _served(self, reader: str, uri: str, path: str, seq: int) -> None:
         """A reader was given ``path`` for ``uri``: it is the current, verified file."""
@@ -262,7 +291,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         if uri in self.superseded and self.superseded[uri] == _same(rec) \
                 and "superseded_served" not in self.known:
             self._violate(f"{reader} was given {uri}'s file that verify found superseded in S3")
-        self.resolved[reader][uri] = (seq, self.clock.mono)
+        self.resolved[reader][uri] = (seq, self.clock.mono, rec.size)
 
     def _read_messages(self) -> None:
         for reader, conn in self.conns.items():
@@ -341,10 +370,20 @@ class DaemonModel(Promises, RuleBasedStateMachine):
 
     @rule(max_size=st.sampled_from([900, 1500, 2000, 4000]), lease=st.sampled_from([5.0, 60.0, 600.0]))
     def sighup(self, max_size, lease):
-        sp = self.h.d.space
-        if "shrink_max_size" in self.known:
-            self.ceiling = max(self.ceiling, sp.used + sp.reserved)
+        d = self.h.d
         self.h.sighup(max_size=max_size, lease=lease)
+        sp = d.space
+        if sp.used + sp.reserved > max_size:
+            # Only what eviction may not take stays above the new bound, and only goes down (_check_space)
+            with d.cond:
+                held = sp.leases.held(self.clock.mono)
+                current = d.readers.tracker.current()
+                left = [u for u in sp.ready if not (sp.is_pinned(u) or u in held
+                                                    or sp.catalog.position(u) in current)]
+            if left:
+                self._violate(f"a smaller --max-size ({max_size}) left {sorted(left)} cached above it, "
+                              f"neither pinned, leased nor being read")
+            self.ceiling = max(self.ceiling, sp.used + sp.reserved)
 
     @rule(crash=st.booleans())
     def restart(self, crash):
@@ -355,9 +394,10 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         STATS["crashes" if crash else "restarts"] += 1
         for reader in READERS:  # their connections closed: each reader resolves again
             self._new_connection(reader)
-        if "restart_leases" in self.known:
-            for r in READERS:
-                self.resolved[r].clear()
+        # Leases are kept across a restart as the last flush saved them (a clean stop flushes; a crash
+        # loses what was granted since the last flush, at most a second's worth in the daemon).
+        self.resolved = {r: dict(seen) for r, seen in self.saved.items()}
+        self.noted = []
         if "restart_forgets_refetch" in self.known:
             self.superseded.clear()
         after, catalog = self.h.d.space.ready, self.h.catalog
@@ -387,13 +427,14 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         """An NTP step or an operator's ``date -s``: durations (leases, idle readers, backoffs) must not
         notice. The readers a reader's note made known within the idle time stay known."""
         d = self.h.d
+        self.h.drain_notes()  # the use loop applies a note as it comes: the tracker knows what was noted
         tracker = d.readers.tracker
         recent = {r for r in tracker.ids() if self.clock.mono - self.active.get(r, -1e18) < tracker.idle}
         self.clock.wall += step
         with d.cond:
-            tracker.future(len(d.schedule.catalog), self.clock.time())  # what the next scan does first
+            tracker.future(len(d.schedule.catalog))  # what the next scan does first, on the tracker's clock
             lost = recent - set(tracker.ids())
-        if lost and "wall_clock_readers" not in self.known:
+        if lost:
             self._violate(f"a wall-clock step of {step:+.0f} s forgot readers active within the idle time: "
                           f"{sorted(lost)}")
 
@@ -413,9 +454,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
             h.drain_notes()
             h.housekeeping()
             self._read_messages()
-            with h.d.cond:
-                waiting = [u for _, u in self.pending if not self._excused(u)]
-            if not (waiting or self._stale() or h.jobs or h.queued):
+            if not (self.pending or self._stale() or h.jobs or h.queued):
                 break
             if turn % 10 == 9:  # leases, idle readers and backoffs end; a blocked prefetch may cycle meanwhile
                 self.clock.advance(h.d.s.lease + 601.0)
@@ -430,9 +469,6 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         else:
             self._violate("the daemon did not settle in 300 turns")
         self._read_messages()
-        for reader in sorted({r for r, u in self.pending if u in self.excused}):
-            self.reader_leaves(reader)  # it timed out waiting (a known defect; see KNOWN)
-        self.excused.clear()
         if self.pending:
             self._violate(f"wants never answered with every fetch succeeding and room to spare: "
                           f"{sorted(self.pending)}")

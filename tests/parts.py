@@ -17,7 +17,7 @@ from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import parse_uri
 from s3cache.manifest.scope import Scope
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service.config import Settings
 from s3cache.store.files import Store
 from s3cache.store.index import READY, Index, Record

@@ -18,7 +18,7 @@ from s3cache.errors import ManifestError
 from s3cache.manifest import file as manifest_file
 from s3cache.manifest.jobs import Cursors, Jobs, job_name
 from s3cache.manifest.shard import Shard
-from s3cache.policy import evict
+from s3cache.policy import evict, tracker
 
 KiB = 1024
 
@@ -70,7 +70,7 @@ def test_a_job_nobody_reads_in_order_is_prefetched_into_free_room_after_the_read
 
 
 def test_the_tracker_counts_a_readers_steps_and_epochs_within_its_job():
-    t = evict.ReaderTracker()
+    t = tracker.ReaderTracker()
     t.jobs = Jobs(["a", "b"], [0, 4], 10)
     for i, p in enumerate([4, 5, 6, 7, 8, 9]):
         t.saw("r", p, 10, float(i))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from s3cache.policy import simulate
-from s3cache.policy.evict import ReaderTracker, Resident, choose_victims
+from s3cache.policy.evict import Resident, choose_victims
+from s3cache.policy.tracker import ReaderTracker
 
 
 def res(name, pos=None, used=0.0, pinned=False, size=1):

@@ -175,7 +175,7 @@ def test_spoofed_notes_cost_bounded_state(rig):
 def test_notes_for_files_nobody_fetches_or_awaits_keep_nothing_and_holders_per_file_are_capped(rig, conn):
     """Notes come from any group member under any holder: a note for an object neither fetching nor
     waited on leaves no awaited lease behind, and one object keeps at most MAX_AWAITING holders."""
-    from s3cache.daemon.space import MAX_AWAITING
+    from s3cache.daemon.leasing import MAX_AWAITING
 
     c, _ = conn
     rig.install(catalog(entry(B + "a", 3)))

@@ -35,7 +35,7 @@ from s3cache.manifest.jobs import Jobs, JobStats
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.manifest.scope import Scope
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.reader import wire
 from s3cache.sockets.control import Connection
 from s3cache.store.files import Store

@@ -151,15 +151,18 @@ class Reload:
     """SIGHUP's thread (``loop``) and what it does (``reload``); see the module docstring.
 
     ``settings()`` / ``apply(merged)``: the daemon's settings, and installing new ones in the daemon and
-    its parts (under the state lock); ``revalidate(every)``: restart ``--revalidate``'s thread;
+    its parts (under the state lock); ``fit()``: evict down to a smaller ``--max-size`` at once (takes the
+    lease lock, then the state lock: called without either); ``revalidate(every)``: restart
+    ``--revalidate``'s thread;
     ``work_changed()``: wake the workers (state lock held); ``progress_line()``: for READY=1's STATUS=."""
 
     def __init__(self, *, flags: dict[str, Any], config_file: Path | None, hup: threading.Event,
                  stopping: threading.Event, cond: threading.Condition, settings: Callable[[], Settings],
                  apply: Callable[[Settings], None], revalidate: Callable[[float], None],
                  manifests: Manifests, work_changed: Callable[[], None],
-                 progress_line: Callable[[], str]) -> None:
+                 progress_line: Callable[[], str], fit: Callable[[], object] = lambda: None) -> None:
         self._flags = flags
+        self._fit = fit
         self._config_file = config_file
         self._hup = hup
         self._stopping = stopping
@@ -210,6 +213,11 @@ class Reload:
                 self._manifests.watch.refused(str(e))  # in status and the metric until one installs
             notify.ready(f"manifest not reloaded: {e}".replace("\n", " "))
             return
+        finally:
+            # Ready bytes never exceed --max-size, not even until the next admission; after the manifest,
+            # which may pin or unpin files
+            if merged.max_size < old.max_size:
+                self._fit()
         with self._cond:
             self._work_changed()
             self._cond.notify_all()

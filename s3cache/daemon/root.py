@@ -49,7 +49,7 @@ from typing import Any
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.refs import format_uri, shown
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service import notify
 from s3cache.service.config import Settings, redact_urls
 from s3cache.service.metrics import FetchHistogram

@@ -4,7 +4,7 @@ Owns the manifest in fetch order (the catalog), the prefetch cursors (one per jo
 queue (demand.py; objects readers wait on or will want, served first), objects asked for outside the
 manifest (``extra``), objects blocked waiting for room, failed objects, the fetching set, and the
 readahead window. Workers take jobs from ``next_job``; everything that may create work calls
-``work_changed``.
+``work_changed``. Handing out work (the demand gate, then the prefetch scan) is handout.py's, a mixin.
 
 Invariants it keeps:
 
@@ -37,26 +37,25 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from itertools import islice
 
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.jobs import Cursors
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef, from_identity
 from s3cache.policy import evict
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service.config import Settings
 
 from .demand import DemandQueue
 from .failures import RECHECK, Failure, Failures
+from .handout import HandOut
 from .space import Space
 
 MAX_HINT_RANKS = 256  # hints' ranks remembered (a few per want; taken when fetched)
 MAX_EXTRA = 10_000  # objects outside the manifest remembered (queued, in flight or waited on)
-LOOK = 64  # demand entries looked at for one a reader waits on while prefetch holds its share of threads
 
 
-class Schedule:
+class Schedule(HandOut):
     def __init__(self, settings: Settings, space: Space, cond: threading.Condition, tracker: ReaderTracker,
                  stopping: threading.Event, *, is_waited: Callable[[str], bool]) -> None:
         self.s = settings
@@ -115,89 +114,6 @@ class Schedule:
         pos = self.catalog.position(uri)
         return self.catalog.entry(pos) if pos is not None else self.extra.get(uri)
 
-    def _wanted(self, uri: str) -> bool:
-        return (not self._space.is_ready(uri) and uri not in self.fetching
-                and uri not in self.failed and uri not in self.blocked)
-
-    # == handing out work =============================================================================
-
-    def next_job(self) -> tuple[Entry, bool] | None:
-        """Block until there is a job: (entry, True for demand). None once the daemon stops.
-
-        Called by twice ``workers`` threads (``Workers.threads``); at most ``workers`` of them are on jobs
-        no reader waits on. The others are kept for readers' objects, whose fetch so starts at once
-        whatever prefetch is doing (its GET takes a link slot first and prefetch streams yield theirs).
-        With one thread per connection, a reader's object waited for a prefetch to finish: in
-        bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
-        prefetches, against 0.54 s on an idle daemon."""
-        with self._cond:
-            while not self._stopping.is_set():
-                full = self._background() >= self.s.workers
-                e = self._next_demand(full)  # even on a full disk: admission evicts for a waiting reader
-                if e is not None:
-                    self.fetching.add(e.uri)
-                    self._fetching_as[e.uri] = e
-                    return e, True
-                if full:
-                    self._cond.wait(1.0)
-                    continue
-                if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
-                    e = self._next_prefetch()
-                    if e is not None:
-                        self.fetching.add(e.uri)
-                        self._fetching_as[e.uri] = e
-                        return e, False
-                    self._scan_idle = True  # until something changes (see work_changed)
-                self._cond.wait(1.0)
-        return None
-
-    def _background(self) -> int:
-        """Jobs in flight that no reader waits on (prefetch, hints, pins)."""
-        return sum(1 for u in self.fetching if not self._is_waited(u))
-
-    def _demand_wanted(self, e: Entry) -> bool:
-        return (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching
-
-    def _next_demand(self, waited_only: bool) -> Entry | None:
-        """The next demand job, taken off the queue; only one a reader waits on if ``waited_only``.
-
-        Entries a reader waits on are queued at the front (``push_front``, ``again``,
-        ``resume_prefetch``), behind at most entries whose reader has left since: a look at the first
-        ``LOOK`` finds them without scanning thousands of hints under the lock."""
-        d = self.demand
-        while d and not self._demand_wanted(next(iter(d))):  # the order popleft serves (round robin)
-            d.popleft()
-        if not d:
-            return None
-        if not waited_only:
-            return d.popleft()
-        for e in islice(d, LOOK):
-            if self._is_waited(e.uri) and self._demand_wanted(e):
-                d.remove(e)
-                return e
-        return None
-
-    def _size_of(self, e: Entry) -> int:
-        size = e.size if e.size is not None else self._space.size_hint(e.uri)
-        return size if size is not None else self.s.part_size
-
-    def _next_prefetch(self) -> Entry | None:
-        n = len(self.catalog)
-        if not n:
-            return None
-        fut = self._tracker.future(n)
-        if not fut:
-            cat = self.catalog
-            p = self.cursors.next(lambda q: self._wanted(cat.entry(q).uri))
-            return cat.entry(p) if p is not None else None
-        # Readers' futures are known: fill in order of next use, nearest first; beyond the readahead
-        # window only into free room (evicting for a file needed later than what is resident is a loss).
-        cat = self.catalog
-        p, self._scan_limited = evict.next_prefetch(
-            fut, lambda q: self._wanted(cat.entry(q).uri), lambda q: self._size_of(cat.entry(q)),
-            self._space.window(), self._space.room())
-        return cat.entry(p) if p is not None else None
-
     def work_changed(self) -> None:
         """Something may have become worth prefetching: let idle workers scan again."""
         self._scan_idle = False
@@ -212,15 +128,16 @@ class Schedule:
                     pos = self.catalog.position(uri)
                     if pos is not None:
                         self.cursors.rewind(pos)
-                waiting_demand = [u for u in self.blocked if self._is_waited(u)]
+                # In URI order, not the set's (string hashes vary run to run): the same run every time.
+                waiting_demand = [u for u in sorted(self.blocked) if self._is_waited(u)]
                 # A ready object fetched again because S3 changed it: the in-order scan skips ready
                 # files, so unless queued again its new version would never come (the old one stays).
-                replacing = [u for u in self.blocked if u in self.replacing and u not in waiting_demand]
+                replacing = [u for u in sorted(self.blocked) if u in self.replacing and u not in waiting_demand]
                 self.blocked.clear()
                 for uri in waiting_demand:
-                    e = self.entry_for(uri)
-                    if e is not None:
-                        self.demand.appendleft(e)
+                    # A reader still waits on it though the manifest may no longer list it: as an object
+                    # outside the manifest, not dropped (its reader would wait until its timeout).
+                    self.demand.appendleft(self.entry_for(uri) or self._remember_extra(Entry(from_identity(uri))))
                 for uri in replacing:
                     if self._space.is_ready(uri) and not self.demand.has(uri):
                         self.demand.append(self.entry_for(uri) or Entry(from_identity(uri)))

@@ -49,20 +49,18 @@ from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.jobs import Landed
 from s3cache.manifest.parse import Entry
 from s3cache.policy.evict import (
-    Leases,
-    ReaderTracker,
     Resident,
     choose_victims,
     readahead_files,
     target_distance,
 )
-from s3cache.policy.leases import LEASE_RECENT, LEASE_UID_SHARE, lease_budget
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.reader.lease import ExclusiveLease
 from s3cache.service.config import Settings, human_size
 from s3cache.store.files import QUARANTINE_SHARE, Store
 from s3cache.store.index import Index, Record
 
-from . import kept_leases
+from .leasing import Leasing
 from .pins import Pins
 from .room import RoomReports
 
@@ -71,10 +69,9 @@ log = logging.getLogger("s3cache.daemon")
 # Bytes of the filesystem a download may never take: the index and directories grow as files land.
 DISK_MARGIN = 256 << 10
 
-MAX_AWAITING = 256  # processes whose lease on one file not yet ready is kept for when it lands
 
 
-class Space(Pins, RoomReports):
+class Space(Leasing, Pins, RoomReports):
     def __init__(self, settings: Settings, store: Store, index: Index, cond: threading.Condition,
                  tracker: ReaderTracker, *, drain_notes: Callable[[], None],
                  on_evicted: Callable[[list[int | None]], None]) -> None:
@@ -98,15 +95,7 @@ class Space(Pins, RoomReports):
         self.disk_full = False
         self._disk_need = 0  # bytes the filesystem must have free before fetching resumes
         self.min_free_reached = False  # the last prefetch refused for the filesystem's free space
-        # Leases: each reader's newest files (leases.Leases); readers that took a file not yet ready,
-        # whose lease starts when it lands (uri -> reader -> its place in that reader's order).
-        # Holders are processes (uid:pid); a uid other than root and ours holds at most half the cache.
-        self.leases = Leases(settings.lease, lease_budget(settings.max_size, store.total_bytes()),
-                             recent=LEASE_RECENT, uid_cap=min(settings.max_size, store.total_bytes()) // LEASE_UID_SHARE,
-                             uncapped=("0", str(os.geteuid())))
-        kept_leases.restore(index, self.leases)  # promised before a restart: kept after it
-        self._leases_saved = self.leases.changes
-        self._awaited: dict[str, dict[str, int]] = {}
+        self._open_leases(settings, store, index)  # leases.py: each reader's newest files
         # Why admissions were refused: uri -> what holds the room (see _explain); readers' waits first.
         self.waits: dict[str, dict] = {}
         self._dirty_use: dict[str, float] = {}  # last_used changed, not yet in the index
@@ -122,9 +111,7 @@ class Space(Pins, RoomReports):
     def apply(self, settings: Settings) -> None:
         """SIGHUP's live settings (state lock held), to the copies the leases made of them too."""
         self.s = settings
-        self.leases.lease = settings.lease
-        self.leases.budget = lease_budget(settings.max_size, self.store.total_bytes())
-        self.leases.uid_cap = min(settings.max_size, self.store.total_bytes()) // LEASE_UID_SHARE
+        self._apply_leases(settings)
 
     # == the resident set (state lock held) ===========================================================
 
@@ -204,16 +191,12 @@ class Space(Pins, RoomReports):
         rec = self.ready.get(uri)
         if rec is None or rec.superseded:  # a superseded file is not handed out: the new one's lease
             if reader:  # dropped at commit or release; bounded (a want refused at once never lands)
-                if len(self._awaited) >= 100_000 and uri not in self._awaited:
-                    del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
-                holders = self._awaited.setdefault(uri, {})
-                if reader in holders or len(holders) < MAX_AWAITING:  # holders are processes: bounded
-                    holders[reader] = self.leases.ticket()
+                self._await(uri, reader)
             return False
         self.ready[uri] = rec.used(when)
         self._dirty_use[uri] = when
         if reader:
-            self.leases.saw(reader, uri, rec.size, time.monotonic())  # leases: monotonic time
+            self._lease_ready(reader, uri, rec.size)
         return True
 
     def forget(self, uri: str) -> Record | None:
@@ -236,9 +219,7 @@ class Space(Pins, RoomReports):
             old = self.forget(uri)
             if old is not None and old.path != rec.path:
                 replaced.append(old)
-            for reader, place in self._awaited.pop(uri, {}).items():
-                # it may open it from now on; in its order where it took it (it may have moved on since)
-                self.leases.saw(reader, uri, rec.size, now, place=place)
+            self._lease_awaited(uri, rec.size, now)
             self.release(uri)
             self.ready[uri] = rec
             self.used += rec.size
@@ -264,7 +245,7 @@ class Space(Pins, RoomReports):
     def release(self, uri: str) -> None:
         size = self.reservations.pop(uri, 0)
         self.reserved -= size
-        self._awaited.pop(uri, None)
+        self._unawait(uri)
         self.waits.pop(uri, None)
 
     def _reserve(self, uri: str, size: int) -> None:
@@ -320,7 +301,8 @@ class Space(Pins, RoomReports):
             if have is not None:
                 log.info("%s is %s now, not the %s reserved for it: admitting it again", uri,
                          human_size(size), human_size(have))
-                self.release(uri)
+                # The reservation only: readers waiting on it keep the leases it starts when it lands
+                self.reserved -= self.reservations.pop(uri)
             if size > self.s.max_size:
                 return False
             if self._need(size, demand)[0] <= 0:
@@ -351,7 +333,7 @@ class Space(Pins, RoomReports):
                                      readers=fut.ordered, n=n,
                                      target_distance=target, demand=demand, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()), window=self.window())
+                                     held=self.leased_now(), window=self.window())
             if victims is None:
                 self._refused(uri, size, need, demand, disk_short, fut, target, now)
                 return False
@@ -377,11 +359,37 @@ class Space(Pins, RoomReports):
             victims = choose_victims(self.residents(), need=size, extra=0, readers=fut.ordered, n=n,
                                      target_distance=None, demand=False, now=now, lease=self.s.lease,
                                      protected=self._tracker.current(), future=fut,
-                                     held=self.leases.held(time.monotonic()))
+                                     held=self.leased_now())
             if not victims:
                 return False
             self._evict(victims, "a full filesystem")
             return True
+
+    def fit_max_size(self) -> int:
+        """After a SIGHUP made ``--max-size`` smaller: evict by policy (as for a waiting reader: anything
+        not pinned, leased or being read) until ready + reserved bytes are within it again, at once rather
+        than at later admissions. Bytes leases, pins, files being read and downloads already admitted
+        hold stay (they go as those end: admission evicts down to the bound). Takes the locks itself;
+        returns the bytes still above ``--max-size``."""
+        with self.exclusive():
+            self.prune_quarantine()  # its budget is a share of --max-size too
+            self._drain_notes()
+            over = self.used + self.reserved + self.quarantine_bytes - self.s.max_size
+            if over <= 0:
+                return 0
+            n = len(self.catalog)
+            fut = self._tracker.future(n)
+            victims = choose_victims(self.residents(), need=over, extra=0, readers=fut.ordered, n=n,
+                                     target_distance=None, demand=True, now=time.time(), lease=self.s.lease,
+                                     protected=self._tracker.current(), future=fut,
+                                     held=self.leased_now(), partial=True)
+            if victims:
+                self._evict(victims, f"a smaller --max-size ({human_size(self.s.max_size)})")
+            left = self.used + self.reserved + self.quarantine_bytes - self.s.max_size
+            log.info("--max-size is %s now: evicted %d file(s) (%s)%s", human_size(self.s.max_size),
+                     len(victims or ()), human_size(sum(v.size for v in victims or ())),
+                     f"; {human_size(left)} above it held by leases, pins, readers and downloads" if left > 0 else "")
+            return max(0, left)
 
     def _evict(self, victims: list[Resident], why: str) -> None:
         """Remove victims' files, then their rows (both locks held)."""
@@ -448,10 +456,8 @@ class Space(Pins, RoomReports):
         with self._cond:
             dirty = [(u, self.ready[u]) for u in self._dirty_use if u in self.ready]
             self._dirty_use.clear()
-            changes = self.leases.changes
-            leases = self.leases.snapshot(time.monotonic()) if changes != self._leases_saved else None
+            changes, leases = self._leases_to_save()
         if dirty:
             self.index.touch_many(dirty)
         if leases is not None:
-            kept_leases.save(self.index, leases)
-            self._leases_saved = changes
+            self._save_leases(self.index, changes, leases)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from s3cache.fetch.fetcher import Fetcher, make_client
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.scope import Scope
-from s3cache.policy.evict import ReaderTracker
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.service.config import Settings, human_size
 from s3cache.store.index import Index
 
@@ -64,7 +64,7 @@ def start_up(d: Daemon) -> None:
                        stopping=d.stopping, cond=d.cond, settings=lambda: d.s,
                        apply=d._apply_settings, revalidate=d._start_revalidate, manifests=manifests,
                        work_changed=lambda: d.schedule.work_changed(),
-                       progress_line=lambda: d._progress()["line"])
+                       progress_line=lambda: d._progress()["line"], fit=lambda: d.space.fit_max_size())
     catalog = Catalog()
     if s.manifest_source is not None:
         d._starting.step(f"reading the manifest {s.manifest_source}")

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import evict
-from .evict import ReaderTracker, Resident, choose_victims
+from .evict import Resident, choose_victims
 from .order import Announcement, ListMap, permutation
+from .tracker import ReaderTracker
 
 Trace = list[tuple[str, int]]  # (reader, file)
 
