@@ -100,3 +100,179 @@ def test_a_malformed_row_is_dropped_and_the_others_kept(row):
 def test_a_state_that_is_not_a_list_of_rows_restores_nothing(rows):
     le = Leases(lease=10.0, budget=10**6)
     assert le.restore(rows, 5.0) == 0 and le.held(5.0) == set() and le.snapshot(5.0) == []
+
+
+# -- what a lease holds ----------------------------------------------------------------------------
+
+
+def test_each_reader_holds_exactly_its_min_files_newest_beyond_the_budget():
+    le = Leases(lease=10.0, budget=0, min_files=2)
+    for t, uri in enumerate("abcd"):
+        le.saw("r", uri, 1, float(t))
+    assert le.held(4.0) == {"c", "d"}
+    assert [row[1] for row in le.snapshot(4.0)] == ["c", "d"]  # the rest are no longer kept at all
+
+
+def test_a_file_leased_exactly_lease_seconds_ago_is_free():
+    le = Leases(lease=10.0, budget=10**6, min_files=2)
+    le.saw("r", "old", 1, 0.0)
+    le.saw("r", "new", 1, 5.0)
+    assert le.held(9.99) == {"old", "new"} and le.held(10.0) == {"new"}
+    assert le.snapshot(10.0) == [["r", "new", 1, 5.0, 2]]
+    assert le.held(15.0) == set() and le.holders(15.0) == 0
+
+
+def test_a_late_lease_that_is_still_fresh_is_held_behind_an_expired_newer_place():
+    le = Leases(lease=10.0, budget=10**6, min_files=2)
+    late = le.ticket()  # the reader took y first; it became ready (and leased) only later
+    le.saw("r", "a", 1, 1.0)
+    le.saw("r", "y", 1, 8.0, place=late)
+    assert le.held(11.5) == {"y"}  # a (the newest place) expired; y, behind it, did not
+
+
+def test_a_reader_gone_quiet_no_longer_takes_a_share_of_the_budget():
+    le = Leases(lease=10.0, budget=100, min_files=1)
+    le.saw("gone", "g", 40, 0.0)
+    for t, uri in enumerate(["b1", "b2", "b3"]):
+        le.saw("busy", uri, 40, 5.0 + t)
+    changes = le.changes
+    assert le.held(12.0) == {"b2", "b3"}  # the whole budget is busy's: 80 of its 120 bytes
+    assert le.changes > changes and le.holders(12.0) == 1  # the quiet reader was forgotten
+
+
+def test_the_budget_is_split_between_the_readers_active_now():
+    le = Leases(lease=10.0, budget=100, min_files=1)
+    for reader in ("p", "q"):
+        for t, uri in enumerate(["1", "2", "3"]):
+            le.saw(reader, reader + uri, 40, float(t))
+    assert le.held(3.0) == {"p3", "q3"}  # 50 bytes each: the newest file, then 80 is past the share
+    le.forget("q")
+    assert le.held(3.0) == {"p3", "p2"}
+
+
+def test_a_file_seen_again_counts_its_bytes_once_and_moves_to_the_newest():
+    le = Leases(lease=10.0, budget=40, min_files=1)
+    le.saw("r", "a", 20, 1.0)
+    le.saw("r", "b", 20, 2.0)
+    le.saw("r", "a", 20, 3.0)  # 40 bytes, not 60: b stays kept (40 - 20 is below the budget)
+    assert [row[1] for row in le.snapshot(3.0)] == ["b", "a"]
+    le.saw("r", "c", 20, 4.0)  # 60 bytes: b, the oldest, goes (60 - 20 is not below 40)
+    assert [row[1] for row in le.snapshot(4.0)] == ["a", "c"]
+
+
+def test_a_reader_keeps_old_files_while_they_fit_the_budget_and_not_past_their_lease():
+    le = Leases(lease=10.0, budget=60, min_files=1)
+    le.saw("r", "a", 20, 0.0)
+    le.saw("r", "b", 20, 1.0)
+    le.saw("r", "c", 20, 2.0)  # 60 bytes: a would leave exactly the budget, 40 < 60, so all three stay
+    assert [row[1] for row in le.snapshot(2.0)] == ["a", "b", "c"]
+    le.saw("r", "d", 20, 3.0)  # 80: a goes (60 is not below 60)
+    assert [row[1] for row in le.snapshot(3.0)] == ["b", "c", "d"]
+    le.saw("r", "e", 0, 11.5)  # b's lease ended: it goes though the bytes fit
+    assert [row[1] for row in le.snapshot(11.5)] == ["c", "d", "e"]
+
+
+# -- each thread's newest files ------------------------------------------------------------------
+
+
+def test_each_threads_two_newest_files_are_held_for_recent_seconds_whatever_the_budget():
+    le = Leases(lease=600.0, budget=0, min_files=2, recent=5.0)
+    le.saw("1:10|t1", "a", 1, 0.0)
+    le.saw("1:10|t1", "b", 1, 0.0)
+    le.saw("1:10|t2", "c", 1, 0.0)
+    le.saw("1:10|t2", "d", 1, 0.0)
+    le.saw("1:10|t1", "e", 1, 1.0)
+    assert le.held(1.0) == {"b", "c", "d", "e"}  # the process's two newest, and each thread's two
+    assert le.held(4.99) == {"b", "c", "d", "e"}
+    assert le.held(5.0) == {"d", "e"} and le.held(6.0) == {"d", "e"}  # t1's b after ``recent``; e is newest
+    assert le.holders(6.0) == 1  # threads are one holder: the process
+
+
+def test_a_thread_noting_the_same_file_twice_keeps_its_previous_file_too():
+    le = Leases(lease=600.0, budget=0, min_files=2, recent=5.0)
+    le.saw("1:10|t1", "a", 1, 0.0)
+    le.saw("1:10|t1", "b", 1, 0.0)
+    le.saw("1:10|t1", "b", 1, 0.0)  # its want, then its use
+    le.saw("1:10|t2", "c", 1, 0.0)
+    assert le.held(1.0) == {"a", "b", "c"}
+
+
+def test_thread_files_are_kept_only_with_recent_set_and_never_past_the_lease():
+    no_recent = Leases(lease=600.0, budget=0, min_files=1)
+    capped = Leases(lease=2.0, budget=0, min_files=1, recent=5.0)
+    assert capped.recent == 2.0
+    for le in (no_recent, capped):
+        le.saw("1:10|t1", "a", 1, 0.0)
+        le.saw("1:10|t2", "b", 1, 0.0)
+    assert no_recent.held(1.0) == {"b"} and capped.held(1.0) == {"a", "b"}
+    capped.saw("1:10|t2", "c", 1, 1.5)  # keeps the process active
+    assert capped.held(2.5) == {"c"}
+
+
+def test_a_process_keeps_its_most_recently_active_threads_files_up_to_max_threads():
+    from s3cache.policy.leases import MAX_THREADS
+
+    le = Leases(lease=600.0, budget=0, min_files=1, recent=100.0)
+    le.saw("1:10|t0", "f0", 1, 0.0)
+    le.saw("1:10|t1", "f1", 1, 0.0)
+    le.saw("1:10|t0", "f0", 1, 0.0)  # t0 active again: t1 is now the least recently active
+    for i in range(2, MAX_THREADS + 1):
+        le.saw(f"1:10|t{i}", f"f{i}", 1, 0.0)
+    held = le.held(1.0)
+    assert "f1" not in held and "f0" in held and len(held) == MAX_THREADS
+
+
+def test_forgetting_a_process_or_everything_drops_its_threads_files_too():
+    le = Leases(lease=600.0, budget=0, min_files=1, recent=100.0)
+    le.saw("1:10|t1", "a", 1, 0.0)
+    le.saw("1:10|t2", "b", 1, 0.0)
+    le.saw("2:20|t1", "c", 1, 0.0)
+    le.saw("2:20|t2", "d", 1, 0.0)
+    changes = le.changes
+    le.forget("1:10")
+    assert le.held(1.0) == {"c", "d"} and le.changes == changes + 1
+    le.saw("1:10|t1", "e", 1, 1.0)
+    assert le.held(1.0) == {"c", "d", "e"}
+    le.forget()
+    assert le.held(1.0) == set() and le.snapshot(1.0) == [] and le.changes == changes + 3
+    le.saw("3:30", "x", 5, 2.0)
+    le.saw("3:30", "y", 5, 2.0)
+    assert le.held(2.0) == {"y"}  # bytes counted afresh after forget: nothing left over
+
+
+# -- one uid's cap ---------------------------------------------------------------------------------
+
+
+def uid_leases(**kw) -> Leases:
+    le = Leases(lease=600.0, budget=10**6, min_files=1, **kw)
+    for holder in ("5:1", "5:2", "6:1"):
+        le.saw(holder, holder + "/old", 60, 0.0)
+        le.saw(holder, holder + "/new", 60, 1.0)
+    return le
+
+
+def test_the_processes_of_one_uid_hold_about_uid_cap_newest_first_each_in_turn():
+    le = uid_leases(uid_cap=100)
+    # uid 5: each process's newest in turn; the second crosses the cap and is still held, then no more
+    assert le.held(2.0) == {"5:1/new", "5:2/new", "6:1/new", "6:1/old"}
+    assert uid_leases(uid_cap=None).held(2.0) == {h + f for h in ("5:1", "5:2", "6:1") for f in ("/old", "/new")}
+
+
+def test_a_trusted_uid_is_not_capped():
+    le = uid_leases(uid_cap=100, uncapped={"5"})
+    assert le.held(2.0) == {"5:1/new", "5:2/new", "5:1/old", "5:2/old", "6:1/new", "6:1/old"}
+
+
+def test_a_uid_always_holds_min_files_however_small_its_cap():
+    le = Leases(lease=600.0, budget=10**6, min_files=2, uid_cap=10)
+    for uri in ("a", "b", "c"):
+        le.saw("7:1", uri, 60, 0.0)
+    assert le.held(1.0) == {"b", "c"}
+
+
+def test_holders_named_without_a_uid_are_each_their_own():
+    le = Leases(lease=600.0, budget=10**6, min_files=1, uid_cap=50)
+    for holder in ("p", "q"):
+        le.saw(holder, holder + "1", 60, 0.0)
+        le.saw(holder, holder + "2", 60, 1.0)
+    assert le.held(2.0) == {"p2", "q2"}
