@@ -288,3 +288,23 @@ def test_the_result_needs_every_byte_hashed(file):
     file.write(b, BODY[:-1] + b"!")
     with pytest.raises(ChecksumMismatch):
         bad.result(len(BODY)).check("x", len(BODY))
+
+
+def test_a_multipart_etag_hashed_in_order_forgets_a_failed_attempt_that_crossed_an_upload_part(file):
+    # The attempt fails after it fed bytes across the upload's part boundary (4096): the part MD5s it
+    # completed must be taken back out with the rest, or the retry's ETag would count them twice.
+    parts = [BODY[:4096], BODY[4096:8192], BODY[8192:]]
+    etag = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + "-3"
+    d = InOrderDigest(Digest(Expectation("etag-multipart", etag, part_size=4096),
+                             also=(crc32(BODY),)), file.fd)
+    first = d.attempt(0)
+    file.write(first, BODY[:3000])
+    d.finished(first)
+    second = d.attempt(3000)
+    file.write(second, BODY[3000:6000])
+    d.failed(second)
+    assert d.frontier == 3000
+    retry = d.attempt(3000)
+    file.write(retry, BODY[3000:])
+    d.finished(retry)
+    assert d.result(len(BODY)).check("x", len(BODY)) == "etag-multipart"
