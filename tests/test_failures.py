@@ -158,3 +158,33 @@ def test_keep_if_items_and_counts():
                                                   (B + "c", "SlowDown")]
     f.keep_if(lambda uri, x: uri != B + "a" and x.code != "SlowDown")
     assert list(f) == [B + "b"] and f.counts() == (1, 0)
+
+
+def test_dropping_a_failure_whose_count_was_already_trimmed_is_fine():
+    f = Failures(cap=2)
+    f.add(entry(B + "a"), "InternalError", "", now=0.0)
+    f.add(entry(B + "x"), "InternalError", "", now=0.0)
+    f.discard(B + "x")  # x's count stays: a's, the oldest, is trimmed when b comes
+    f.add(entry(B + "b"), "InternalError", "", now=0.0)
+    f.add(entry(B + "c"), "InternalError", "", now=0.0)  # drops a from the table
+    assert list(f) == [B + "b", B + "c"] and f.dropped == 1
+
+
+def test_a_success_of_an_object_that_never_failed_changes_nothing():
+    f = Failures()
+    f.succeeded(B + "never")  # the daemon reports every success
+    f.add(entry(B + "a"), "InternalError", "", now=0.0)
+    f.discard(B + "a")
+    f.succeeded(B + "a")  # out of the table already, its count still kept
+    assert len(f) == 0 and f.add(entry(B + "a"), "InternalError", "", now=0.0).attempts == 1
+
+
+def test_a_failure_without_a_time_is_timed_on_the_monotonic_clock_and_stamped_on_the_wall_clock():
+    import time
+
+    e = entry(B + "a")
+    before, wall = time.monotonic(), time.time()
+    got = Failures().add(e, "InternalError", "503 Slow Down")
+    assert before + 2.5 <= got.retry_at <= time.monotonic() + 5.0
+    assert wall <= got.when <= time.time() and got.entry is e
+    assert got.describe(before)["uri"] == B + "a"

@@ -54,6 +54,7 @@ def test_the_manifests_own_list_and_its_shares_need_no_upload():
     share = m.map(lists, list_digest(MANIFEST[1::3]), 3, share=(1, 3))
     assert positions(share) == [1, 4, 7] and share.index(4) == 1
     assert positions(m.map(lists, list_digest(MANIFEST[0::4]), 3, share=(0, 4))) == [0, 4, 8]
+    assert positions(m.map(lists, list_digest(MANIFEST[1::2]), 5, share=(1, 2))) == [1, 3, 5, 7, 9]
     # the share's digest is computed once per manifest, then remembered
     listed = m.listed
     m.map(lists, list_digest(MANIFEST[1::3]), 3, share=(1, 3))
@@ -127,8 +128,11 @@ def test_a_list_of_no_uris_or_too_many_is_refused(total):
         Lists().upload("d", 0, total, ["s3://b/x"])
 
 
-def test_a_list_longest_allowed_is_taken():
+def test_a_list_longest_allowed_is_taken_and_so_is_a_list_of_one():
     assert Lists().upload("d", 0, MAX_LIST_URIS, ["s3://b/x"]) == 1
+    lists = Lists()
+    d = upload_whole(lists, ["s3://b/003"])
+    assert positions(Manifest(MANIFEST).map(lists, d, 1)) == [3]
 
 
 def test_more_uris_than_announced_or_uris_that_do_not_hash_to_the_digest_are_refused():
@@ -146,7 +150,8 @@ def test_more_uris_than_announced_or_uris_that_do_not_hash_to_the_digest_are_ref
 def test_at_most_max_lists_are_kept_least_recently_announced_dropped_first():
     m, lists = Manifest(MANIFEST), Lists()
     digests = [upload_whole(lists, MANIFEST[k:k + 2]) for k in range(MAX_LISTS)]
-    assert m.map(lists, digests[0], 2) is not None  # announced again: now the most recent
+    for d in digests[1:] + digests[:1]:  # digests[0] announced again last: now the most recent
+        assert m.map(lists, d, 2) is not None
     extra = upload_whole(lists, MANIFEST[7:9] + MANIFEST[:1])
     assert m.map(lists, digests[1], 2) is None  # the least recently announced went
     assert all(m.map(lists, d, 2) is not None for d in (digests[0], *digests[2:]))
@@ -161,8 +166,8 @@ def test_uploads_under_way_are_bounded_too():
         assert lists.upload(list_digest(uris), 0, 3, uris[:1]) == 1
     with pytest.raises(ListError, match="expected 0"):  # the oldest upload under way was dropped
         lists.upload(list_digest(starts[0]), 1, 3, starts[0][1:])
-    last = starts[-1]
-    assert lists.upload(list_digest(last), 1, 3, last[1:]) == 3
+    for uris in starts[1:]:  # the MAX_LISTS newest are all still under way
+        assert lists.upload(list_digest(uris), 1, 3, uris[1:]) == 3
 
 
 def test_lists_share_a_byte_budget_and_older_lists_make_room(monkeypatch):
@@ -182,6 +187,9 @@ def test_lists_share_a_byte_budget_and_older_lists_make_room(monkeypatch):
     assert da not in lists._sizes and list_digest(big) not in lists._sizes
     # everything else went to make room for it, and it did not fit either
     assert m.map(lists, db, 20) is None and m.map(lists, dc, 20) is None
+    assert set(lists._maps) <= set(lists._uploaded)  # a dropped list's map goes with it
+    with pytest.raises(ListError, match="expected 0"):  # the refused upload is not half kept
+        lists.upload(list_digest(big), 60, 60, [])
     assert upload_whole(lists, a) == da and m.map(lists, da, 20) is not None
 
 
@@ -228,3 +236,45 @@ def test_a_list_map_remapped_onto_a_new_manifest():
     assert positions(table.remapped(lambda p: p - 1)) == [8, None]
     assert ListMap(3, start=2, step=2).index(8) is None and ListMap(3, start=2, step=2).index(6) == 2
     assert ListMap(3, start=2, step=2).index(0) is None and ListMap(3, start=2, step=2).index(3) is None
+
+
+def test_a_list_sent_in_chunks_is_budgeted_for_all_of_them(monkeypatch):
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", 3000)
+    lists = Lists()
+    big = [f"s3://b/c{i:02d}" for i in range(60)]  # ~4,000 bytes in all, ~1,300 a chunk
+    d = list_digest(big)
+    assert lists.upload(d, 0, 60, big[:20]) == 20 and lists.upload(d, 20, 60, big[20:40]) == 40
+    with pytest.raises(ListError, match="larger than"):
+        lists.upload(d, 40, 60, big[40:])
+
+
+def test_refused_chunks_leave_no_bytes_counted_against_the_budget(monkeypatch):
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", 3000)
+    m, lists = Manifest(MANIFEST), Lists()
+    a = [f"s3://b/a{i:02d}" for i in range(20)]
+    b = [f"s3://b/b{i:02d}" for i in range(20)]
+    x = [f"s3://b/x{i:02d}" for i in range(30)]
+    assert lists.upload(list_digest(x), 0, 30, x[:10]) == 10
+    with pytest.raises(ListError, match="expected 10"):
+        lists.upload(list_digest(x), 20, 30, x[20:])
+    y = x[:10]
+    assert lists.upload(list_digest(y), 0, 8, y[:5]) == 5
+    with pytest.raises(ListError, match="more than the 8 URIs announced"):
+        lists.upload(list_digest(y), 5, 8, y[5:])
+    # neither refused upload left bytes behind: two lists that fit the budget together both stay
+    da, db = upload_whole(lists, a), upload_whole(lists, b)
+    assert m.map(lists, da, 20) is not None and m.map(lists, db, 20) is not None
+
+
+def test_the_byte_budget_is_named_in_mib(monkeypatch):
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", 2 << 20)
+    uris = [f"s3://bucket/some/longer/prefix/for/the/keys/{i:08d}.tfrecord" for i in range(25_000)]
+    with pytest.raises(ListError, match="larger than the 2 MiB the daemon keeps for lists"):
+        Lists().upload("d", 0, len(uris), uris)
+
+
+def test_chunks_stop_once_their_estimate_reaches_the_byte_limit():
+    # 6 bytes a character plus 4: a 682-character URI is estimated at 4,096 bytes, 128 of them at the limit
+    uris = ["s3://b/" + "k" * 675] * 200
+    assert 6 * len(uris[0]) + 4 == 4096 and 128 * 4096 == LIST_CHUNK_BYTES
+    assert [len(c) for _, c in chunks(uris)] == [128, 72]
