@@ -61,9 +61,9 @@ def test_rows_are_restored_in_the_readers_order_whatever_order_they_are_in():
 
 
 def test_a_uri_listed_twice_counts_its_bytes_once():
-    le = Leases(lease=10.0, budget=200, min_files=1)
+    le = Leases(lease=10.0, budget=150, min_files=1)
     assert le.restore([["r", "a", 100, 1.0, 1], ["r", "a", 50, 1.5, 2]], 2.0) == 2
-    le.saw("r", "b", 100, 2.0)  # 150 bytes with a at 50: within the budget, so a stays
+    le.saw("r", "b", 100, 2.0)  # 150 bytes with a at 50: b alone is below the budget, so a stays
     assert le.held(2.0) == {"a", "b"}
 
 
@@ -276,3 +276,21 @@ def test_holders_named_without_a_uid_are_each_their_own():
         le.saw(holder, holder + "1", 60, 0.0)
         le.saw(holder, holder + "2", 60, 1.0)
     assert le.held(2.0) == {"p2", "q2"}
+
+
+def test_restored_leases_count_their_bytes_against_the_readers_budget():
+    rows = [["r", "a", 40, 1.0, 1], ["r", "b", 40, 1.5, 2]]
+    tight = Leases(lease=10.0, budget=80, min_files=1)
+    tight.restore(rows, 2.0)
+    tight.saw("r", "c", 40, 2.0)  # 120 bytes: without a, 80 is not below the budget, so a goes
+    assert [row[1] for row in tight.snapshot(2.0)] == ["b", "c"]
+    roomy = Leases(lease=10.0, budget=81, min_files=1)
+    roomy.restore(rows, 2.0)
+    roomy.saw("r", "c", 40, 2.0)  # 80 is below 81: a stays
+    assert [row[1] for row in roomy.snapshot(2.0)] == ["a", "b", "c"]
+
+
+def test_holders_count_by_the_time_of_each_lease_not_its_place():
+    le = Leases(lease=10.0, budget=10**6)
+    le.saw("r", "a", 1, 100.0)
+    assert le.holders(105.0) == 1 and le.holders(110.0) == 0

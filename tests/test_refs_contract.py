@@ -94,6 +94,7 @@ def test_format_uri_takes_a_ref_or_an_identity_and_never_decodes_the_identity():
     ("\x1b[31mred", "\\x1b[31mred"),
     ("line\u2028sep", "line\\u2028sep"),
     ("\r\t", "\\r\\t"),
+    ("back\\slash\n", "back\\slash\\n"),  # a printable backslash is left as one
 ])
 def test_printable_escapes_what_would_forge_a_log_line_or_drive_a_terminal(text, out):
     assert printable(text) == out
