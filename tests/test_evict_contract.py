@@ -100,6 +100,7 @@ def test_announcing_keeps_where_a_reader_already_is_and_refreshes_it():
     t.announce("r", order, now=8.0)
     assert t.current() == {4} and t.future(10, now=17.0).announced == [order]
     assert t.epoch_of("r") == 0
+    assert not t.future(10, now=18.01) and len(t) == 0  # silent for idle seconds since it announced
 
 
 def test_an_idle_reader_is_forgotten_only_after_idle_seconds():
@@ -212,3 +213,33 @@ def test_with_an_announced_reader_the_horizon_is_the_whole_manifest_not_one_job(
     assert sorted({k for k, _ in announced}) == list(range(10))  # the announced reader's whole epoch
     # b is read by nobody in order: its files come after the known needs (n + offset in b) unless announced sooner
     assert fut.distance(7) == min(order.distance(7), 10 + 7 - 5)
+
+
+def test_a_future_in_manifest_order_walks_forward_from_each_reader_and_wraps():
+    assert list(Future(10, [8]).upcoming())[:4] == [(0, 8), (1, 9), (2, 0), (3, 1)]
+
+
+def test_a_future_with_jobs_and_no_reader_offers_nothing():
+    assert list(Future(10, jobs=Jobs(["a", "b"], [0, 5], 10)).upcoming()) == []
+
+
+def test_jobs_nobody_reads_come_after_the_readers_needs_one_file_of_each_in_turn():
+    jobs = Jobs(["a", "b", "c"], [0, 3, 5], 8)  # a: 0-2 (read in order), b: 3-4, c: 5-7 (nobody)
+    fut = Future(8, [1], jobs=jobs)
+    assert list(fut.upcoming()) == [(0, 1), (1, 2), (2, 0), (8, 3), (8, 5), (9, 4), (9, 6), (10, 7)]
+    assert [fut.distance(p) for p in (3, 4, 5, 7)] == [8, 9, 8, 10]  # n + the offset in its own job
+
+
+def test_an_announced_reader_that_never_reads_a_file_leaves_the_in_order_readers_distance():
+    share = Announcement(4, 0, ListMap.share(10, 0, 2))  # reads 0, 2, 4, 6, 8 only
+    fut = Future(10, [0], announced=[share])
+    assert fut.distance(3) == 3
+    assert fut.distance(2) == min(2, share.distance(2))
+
+
+def test_an_announced_readers_epoch_follows_its_order_into_the_next_epoch():
+    t = ReaderTracker()
+    order = Announcement(9, 4, ListMap(10), cursor=10)  # at the end of epoch 4
+    t.announce("r", order, now=0.0)
+    assert t.saw("r", permutation(10, 9, 5)[0], 10, 1.0) == 5  # began epoch 5 without announcing it
+    assert t.epoch_of("r") == 5
