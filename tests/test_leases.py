@@ -136,8 +136,8 @@ def test_a_reader_gone_quiet_no_longer_takes_a_share_of_the_budget():
     for t, uri in enumerate(["b1", "b2", "b3"]):
         le.saw("busy", uri, 40, 5.0 + t)
     changes = le.changes
-    assert le.held(12.0) == {"b2", "b3"}  # the whole budget is busy's: 80 of its 120 bytes
-    assert le.changes > changes and le.holders(12.0) == 1  # the quiet reader was forgotten
+    assert le.held(10.0) == {"b2", "b3"}  # g's lease ended just now: the whole budget is busy's
+    assert le.changes > changes and le.holders(10.0) == 1  # the quiet reader was forgotten
 
 
 def test_the_budget_is_split_between_the_readers_active_now():
@@ -152,24 +152,50 @@ def test_the_budget_is_split_between_the_readers_active_now():
 
 def test_a_file_seen_again_counts_its_bytes_once_and_moves_to_the_newest():
     le = Leases(lease=10.0, budget=40, min_files=1)
-    le.saw("r", "a", 20, 1.0)
-    le.saw("r", "b", 20, 2.0)
-    le.saw("r", "a", 20, 3.0)  # 40 bytes, not 60: b stays kept (40 - 20 is below the budget)
-    assert [row[1] for row in le.snapshot(3.0)] == ["b", "a"]
-    le.saw("r", "c", 20, 4.0)  # 60 bytes: b, the oldest, goes (60 - 20 is not below 40)
-    assert [row[1] for row in le.snapshot(4.0)] == ["a", "c"]
+    le.saw("r", "a", 20, 101.0)
+    le.saw("r", "b", 20, 102.0)
+    le.saw("r", "a", 20, 103.0)  # 40 bytes, not 60: b stays kept (40 - 20 is below the budget)
+    assert [row[1] for row in le.snapshot(103.0)] == ["b", "a"]
+    le.saw("r", "c", 20, 104.0)  # 60 bytes: b, the oldest, goes (60 - 20 is not below 40)
+    assert [row[1] for row in le.snapshot(104.0)] == ["a", "c"]
+    le = Leases(lease=10.0, budget=40, min_files=1)
+    for t, uri in enumerate("abca"):
+        le.saw("r", uri, 20, 100.0 + t)  # 60 bytes after a again: b goes, then 40 - 20 keeps c
+    assert [row[1] for row in le.snapshot(104.0)] == ["c", "a"]
+
+
+def test_the_first_files_of_a_reader_count_from_zero_bytes():
+    le = Leases(lease=10.0, budget=21, min_files=1)
+    le.saw("r", "a", 20, 0.0)
+    le.saw("r", "b", 20, 1.0)  # 40 - 20 = 20 is below 21: a stays
+    assert [row[1] for row in le.snapshot(1.0)] == ["a", "b"]
+
+
+def test_a_reader_forgotten_and_back_counts_its_bytes_afresh():
+    le = Leases(lease=10.0, budget=9, min_files=1)
+    le.saw("r", "a", 8, 0.0)
+    le.forget("r")
+    le.forget("nobody")  # forgetting a reader that holds nothing is fine
+    le.saw("r", "b", 8, 1.0)
+    le.saw("r", "c", 1, 2.0)  # 9 bytes: 9 - 8 is below 9, b stays
+    assert [row[1] for row in le.snapshot(2.0)] == ["b", "c"]
+
+
+def test_a_fresh_table_has_nothing_to_save():
+    assert Leases(lease=10.0, budget=1).changes == 0
 
 
 def test_a_reader_keeps_old_files_while_they_fit_the_budget_and_not_past_their_lease():
     le = Leases(lease=10.0, budget=60, min_files=1)
-    le.saw("r", "a", 20, 0.0)
-    le.saw("r", "b", 20, 1.0)
-    le.saw("r", "c", 20, 2.0)  # 60 bytes: a would leave exactly the budget, 40 < 60, so all three stay
-    assert [row[1] for row in le.snapshot(2.0)] == ["a", "b", "c"]
-    le.saw("r", "d", 20, 3.0)  # 80: a goes (60 is not below 60)
-    assert [row[1] for row in le.snapshot(3.0)] == ["b", "c", "d"]
-    le.saw("r", "e", 0, 11.5)  # b's lease ended: it goes though the bytes fit
-    assert [row[1] for row in le.snapshot(11.5)] == ["c", "d", "e"]
+    for t, uri in enumerate("abc"):
+        le.saw("r", uri, 20, 100.0 + t)  # 60 bytes: without a, 40 < 60, so all three stay
+    assert [row[1] for row in le.snapshot(102.0)] == ["a", "b", "c"]
+    le.saw("r", "d", 20, 103.0)  # 80: a goes (60 is not below 60), then b stays
+    assert [row[1] for row in le.snapshot(103.0)] == ["b", "c", "d"]
+    le.saw("r", "e", 20, 104.0)  # 80 again: b goes
+    assert [row[1] for row in le.snapshot(104.0)] == ["c", "d", "e"]
+    le.saw("r", "f", 0, 112.0)  # c's lease ended exactly now: it goes though the bytes fit; d's has not
+    assert [row[1] for row in le.snapshot(112.0)] == ["d", "e", "f"]
 
 
 # -- each thread's newest files ------------------------------------------------------------------
@@ -177,15 +203,15 @@ def test_a_reader_keeps_old_files_while_they_fit_the_budget_and_not_past_their_l
 
 def test_each_threads_two_newest_files_are_held_for_recent_seconds_whatever_the_budget():
     le = Leases(lease=600.0, budget=0, min_files=2, recent=5.0)
-    le.saw("1:10|t1", "a", 1, 0.0)
-    le.saw("1:10|t1", "b", 1, 0.0)
-    le.saw("1:10|t2", "c", 1, 0.0)
-    le.saw("1:10|t2", "d", 1, 0.0)
-    le.saw("1:10|t1", "e", 1, 1.0)
-    assert le.held(1.0) == {"b", "c", "d", "e"}  # the process's two newest, and each thread's two
-    assert le.held(4.99) == {"b", "c", "d", "e"}
-    assert le.held(5.0) == {"d", "e"} and le.held(6.0) == {"d", "e"}  # t1's b after ``recent``; e is newest
-    assert le.holders(6.0) == 1  # threads are one holder: the process
+    le.saw("1:10|t1", "a", 1, 100.0)
+    le.saw("1:10|t1", "b", 1, 100.0)
+    le.saw("1:10|t2", "c", 1, 100.0)
+    le.saw("1:10|t2", "d", 1, 100.0)
+    le.saw("1:10|t1", "e", 1, 101.0)
+    assert le.held(101.0) == {"b", "c", "d", "e"}  # the process's two newest, and each thread's two
+    assert le.held(104.99) == {"b", "c", "d", "e"}
+    assert le.held(105.0) == {"d", "e"} == le.held(106.0)  # t1's b after ``recent``; d, e are newest
+    assert le.holders(106.0) == 1  # threads are one holder: the process
 
 
 def test_a_thread_noting_the_same_file_twice_keeps_its_previous_file_too():
@@ -200,11 +226,13 @@ def test_a_thread_noting_the_same_file_twice_keeps_its_previous_file_too():
 def test_thread_files_are_kept_only_with_recent_set_and_never_past_the_lease():
     no_recent = Leases(lease=600.0, budget=0, min_files=1)
     capped = Leases(lease=2.0, budget=0, min_files=1, recent=5.0)
+    one = Leases(lease=600.0, budget=0, min_files=1, recent=1.0)
     assert capped.recent == 2.0
-    for le in (no_recent, capped):
+    for le in (no_recent, capped, one):
         le.saw("1:10|t1", "a", 1, 0.0)
         le.saw("1:10|t2", "b", 1, 0.0)
-    assert no_recent.held(1.0) == {"b"} and capped.held(1.0) == {"a", "b"}
+    assert no_recent.held(0.5) == {"b"} and capped.held(1.0) == {"a", "b"}
+    assert one.held(0.5) == {"a", "b"} and one.held(1.0) == {"b"}
     capped.saw("1:10|t2", "c", 1, 1.5)  # keeps the process active
     assert capped.held(2.5) == {"c"}
 
@@ -294,3 +322,25 @@ def test_holders_count_by_the_time_of_each_lease_not_its_place():
     le = Leases(lease=10.0, budget=10**6)
     le.saw("r", "a", 1, 100.0)
     assert le.holders(105.0) == 1 and le.holders(110.0) == 0
+
+
+def test_a_file_two_threads_hold_counts_once_against_the_uid_cap():
+    le = Leases(lease=600.0, budget=0, min_files=1, uid_cap=100, recent=100.0)
+    le.saw("5:1|t1", "x", 60, 0.0)
+    le.saw("5:1|t2", "x", 60, 0.0)
+    le.saw("5:1|t3", "v", 30, 0.0)
+    le.saw("5:1|t4", "w", 10, 0.0)
+    assert le.held(1.0) == {"w", "x", "v"}  # 10 + 60 + 30: v fits under the cap once x counts once
+
+
+def test_the_uid_cap_stops_once_reached_exactly():
+    le = uid_leases(uid_cap=120)
+    assert le.held(2.0) == {"5:1/new", "5:2/new", "6:1/new", "6:1/old"}
+
+
+def test_processes_of_one_uid_holding_different_numbers_of_files_take_turns():
+    le = Leases(lease=600.0, budget=10**6, min_files=1, uid_cap=10**6)
+    for t, uri in enumerate(["a1", "a2", "a3"]):
+        le.saw("5:1", uri, 1, float(t))
+    le.saw("5:2", "b1", 1, 0.0)
+    assert le.held(3.0) == {"a1", "a2", "a3", "b1"}
