@@ -172,3 +172,10 @@ def test_a_share_index_outside_its_count_is_refused_naming_the_range():
 
     with pytest.raises(ValueError, match=r"share index 3 is not in 0\.\.2$"):
         ListMap.share(10, 3, 3)
+
+
+def test_two_entries_are_shuffled_too():
+    orders = {tuple(permutation(2, seed, 0)) for seed in range(16)}
+    assert orders == {(0, 1), (1, 0)}
+    assert all(list(permutation(2, s, 0)) == reference_permutation(2, s, 0) for s in range(16))
+    assert list(permutation(1, 5, 0)) == [0] and list(permutation(0, 5, 0)) == []

@@ -278,3 +278,29 @@ def test_chunks_stop_once_their_estimate_reaches_the_byte_limit():
     uris = ["s3://b/" + "k" * 675] * 200
     assert 6 * len(uris[0]) + 4 == 4096 and 128 * 4096 == LIST_CHUNK_BYTES
     assert [len(c) for _, c in chunks(uris)] == [128, 72]
+
+
+def _estimate(uris: list[str]) -> int:
+    """The bytes the daemon counts for a list: each URI object and its slot in the list."""
+    import sys
+
+    return sum(sys.getsizeof(u) + 8 for u in uris)
+
+
+def test_lists_that_fill_the_budget_exactly_fit_and_one_byte_less_does_not(monkeypatch):
+    a = [f"s3://b/a{i:02d}" for i in range(20)]
+    b = [f"s3://b/b{i:02d}" for i in range(20)]
+    m = Manifest(MANIFEST)
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", _estimate(a) + _estimate(b))
+    lists = Lists()
+    da, db = upload_whole(lists, a), upload_whole(lists, b)
+    assert m.map(lists, da, 20) is not None and m.map(lists, db, 20) is not None
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", _estimate(a) + _estimate(b) - 1)
+    lists = Lists()
+    da, db = upload_whole(lists, a), upload_whole(lists, b)
+    assert m.map(lists, da, 20) is None and m.map(lists, db, 20) is not None
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", _estimate(a))
+    assert upload_whole(Lists(), a) == da  # alone, exactly the budget
+    monkeypatch.setattr(order, "MAX_LIST_BYTES", _estimate(a) - 1)
+    with pytest.raises(ListError, match="larger than"):
+        upload_whole(Lists(), a)
