@@ -39,8 +39,17 @@ def test_steps_of_up_to_stride_make_a_reader_ordered_and_a_longer_one_starts_ove
     assert t.positions(100, 4.0) == [13]
     walk(t, "r", [17], 100, 4.0)  # a step of 5: not in order any more
     assert t.positions(100, 5.0) == []
-    walk(t, "r", [18, 19, 19, 20], 100, 6.0)  # the same file noted twice neither counts nor resets
+    walk(t, "r", [18, 19, 19], 100, 6.0)  # two steps since the long one; a file noted twice is no step
+    assert t.positions(100, 9.0) == []
+    walk(t, "r", [20], 100, 9.0)  # ... and does not reset the count either
     assert t.positions(100, 10.0) == [21]
+
+
+def test_the_default_stride_is_four():
+    t = ReaderTracker()
+    walk(t, "four", [0, 4, 8, 12], 100)
+    walk(t, "five", [0, 5, 10, 15], 100)
+    assert t.positions(100, 4.0) == [13]
 
 
 def test_a_small_step_back_is_notes_out_of_order_and_leaves_the_reader_where_it_was():
@@ -243,3 +252,40 @@ def test_an_announced_readers_epoch_follows_its_order_into_the_next_epoch():
     t.announce("r", order, now=0.0)
     assert t.saw("r", permutation(10, 9, 5)[0], 10, 1.0) == 5  # began epoch 5 without announcing it
     assert t.epoch_of("r") == 5
+
+
+def test_a_new_reader_starts_in_epoch_zero():
+    assert ReaderTracker().saw("r", 5, 10, 0.0) == 0
+
+
+def test_a_wrap_is_a_return_to_within_stride_of_the_top():
+    t = ReaderTracker(stride=4)
+    assert walk(t, "r", [13, 14, 15, 4], 20) == 0  # 4 files from the top: the middle, not a wrap
+    assert walk(t, "q", [13, 14, 15, 3], 20) == 1
+
+
+def test_a_step_of_exactly_stride_is_forward_and_a_longer_one_back_within_stride_is_not_a_move():
+    t = ReaderTracker(stride=4)
+    walk(t, "r", [0, 4], 8)  # 4 ahead (and 4 behind, around the end): forward
+    assert t.current() == {4}
+    walk(t, "q", [5, 1], 10)  # 6 ahead, 4 behind: a late note, not a move
+    assert t.current() == {4, 5} and t.epoch_of("q") == 0
+
+
+def test_a_readers_steps_count_within_its_own_job():
+    t = ReaderTracker(stride=4)
+    t.jobs = Jobs(["a", "b"], [0, 4], 8)
+    assert walk(t, "r", [0, 1, 2, 3, 0], 8) == 1  # a's last file, then a's first: its next epoch
+    assert t.positions(8, 5.0) == [1]
+    fut = t.future(8, now=5.0)
+    assert fut.distance(2) == 1 and fut.distance(6) == 8 + 6 - 4  # b is nobody's: after every need
+
+
+def test_moving_into_another_job_starts_the_count_over():
+    t = ReaderTracker(stride=2)
+    t.jobs = Jobs(["a", "b"], [0, 6], 12)
+    walk(t, "r", [6, 7, 8], 12)  # two steps in b
+    walk(t, "r", [1, 2], 12, 3.0)  # into a: one step since
+    assert t.positions(12, 5.0) == []
+    walk(t, "s", [6, 5], 12)  # from b's first file to a's last: another job, not a step back
+    assert 5 in t.current()

@@ -158,9 +158,9 @@ def test_a_file_seen_again_counts_its_bytes_once_and_moves_to_the_newest():
     assert [row[1] for row in le.snapshot(103.0)] == ["b", "a"]
     le.saw("r", "c", 20, 104.0)  # 60 bytes: b, the oldest, goes (60 - 20 is not below 40)
     assert [row[1] for row in le.snapshot(104.0)] == ["a", "c"]
-    le = Leases(lease=10.0, budget=40, min_files=1)
-    for t, uri in enumerate("abca"):
-        le.saw("r", uri, 20, 100.0 + t)  # 60 bytes after a again: b goes, then 40 - 20 keeps c
+    le = Leases(lease=10.0, budget=35, min_files=1)
+    for t, (uri, size) in enumerate([("a", 30), ("b", 10), ("c", 10), ("a", 30)]):
+        le.saw("r", uri, size, 100.0 + t)  # 50 bytes, a again still 50: b goes (40 is not below 35), c stays
     assert [row[1] for row in le.snapshot(104.0)] == ["c", "a"]
 
 
