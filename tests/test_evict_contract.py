@@ -289,3 +289,10 @@ def test_moving_into_another_job_starts_the_count_over():
     assert t.positions(12, 5.0) == []
     walk(t, "s", [6, 5], 12)  # from b's first file to a's last: another job, not a step back
     assert 5 in t.current()
+
+
+def test_a_jump_into_another_job_is_not_a_step_even_if_it_looks_like_one_around_the_job():
+    t = ReaderTracker(stride=2)
+    t.jobs = Jobs(["a", "b"], [0, 6], 12)
+    walk(t, "r", [6, 7, 8, 3], 12)  # 3 is one past 8 around a 6-file job, but it is a's, not b's
+    assert t.positions(12, 4.0) == []
