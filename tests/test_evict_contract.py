@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from s3cache.manifest.jobs import Jobs
 from s3cache.policy.evict import (
-    Future, ReaderTracker, Resident, choose_victims, leased, next_prefetch, readahead_files, unread_positions,
+    Future,
+    ReaderTracker,
+    Resident,
+    choose_victims,
+    leased,
+    next_prefetch,
+    readahead_files,
+    unread_positions,
 )
 from s3cache.policy.order import Announcement, ListMap, permutation
 

@@ -9,7 +9,16 @@ import pytest
 from parts import entry
 
 from s3cache.daemon.failures import (
-    FAST_BACKOFF, MAX_FAILED, PERMANENT, RECHECK, RETRY_BURST, SLOW, SLOW_BACKOFF, Failure, Failures, is_permanent,
+    FAST_BACKOFF,
+    MAX_FAILED,
+    PERMANENT,
+    RECHECK,
+    RETRY_BURST,
+    SLOW,
+    SLOW_BACKOFF,
+    Failure,
+    Failures,
+    is_permanent,
     retry_delay,
 )
 

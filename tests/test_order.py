@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import hashlib
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from s3cache.policy.order import JUMP, Announcement, ListMap, inverse, list_digest, permutation
+from s3cache.policy.order import (
+    JUMP,
+    Announcement,
+    ListMap,
+    inverse,
+    list_digest,
+    permutation,
+)
 
 
 def reference_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -116,8 +124,6 @@ def test_a_reader_that_notes_each_file_twice_stays_in_its_epoch():
 
 # -- a reader that began the next epoch without announcing it --------------------------------------
 
-from s3cache.policy.order import Announcement as _A  # noqa: E402
-
 
 def _wrap_case(n: int, cursor: int, want_r, want_r2):
     """A seed and a position whose rank in epoch 0 satisfies ``want_r`` and in epoch 1 ``want_r2``."""
@@ -130,7 +136,7 @@ def _wrap_case(n: int, cursor: int, want_r, want_r2):
 
 
 def _epoch_after(n, cursor, seed, p):
-    a = _A(seed, 0, ListMap(n), cursor)
+    a = Announcement(seed, 0, ListMap(n), cursor)
     a.saw(p)
     return a.epoch, a.cursor
 
@@ -155,9 +161,10 @@ def test_a_wrap_is_taken_only_near_the_end_of_this_epoch_and_the_start_of_the_ne
 
 def test_near_is_an_eighth_of_a_small_list_in_whole_files_and_at_least_one():
     for n, near in [(8, 1), (12, 1), (20, 2)]:
-        seed, p = _wrap_case(n, n, lambda r: r < n - near - 1, lambda r2: r2 == near)
+        far = n - near - 1  # this epoch's rank well behind the cursor
+        seed, p = _wrap_case(n, n, lambda r, far=far: r < far, lambda r2, near=near: r2 == near)
         assert _epoch_after(n, n, seed, p) == (0, n), n
-        seed, p = _wrap_case(n, n, lambda r: r < n - near - 1, lambda r2: r2 == near - 1)
+        seed, p = _wrap_case(n, n, lambda r, far=far: r < far, lambda r2, near=near: r2 == near - 1)
         assert _epoch_after(n, n, seed, p) == (1, near), n
 
 

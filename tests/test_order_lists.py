@@ -9,7 +9,15 @@ import pytest
 
 from s3cache.policy import order
 from s3cache.policy.order import (
-    LIST_CHUNK, LIST_CHUNK_BYTES, MAX_LIST_URIS, MAX_LISTS, ListError, ListMap, Lists, chunks, list_digest,
+    LIST_CHUNK,
+    LIST_CHUNK_BYTES,
+    MAX_LIST_URIS,
+    MAX_LISTS,
+    ListError,
+    ListMap,
+    Lists,
+    chunks,
+    list_digest,
 )
 
 MANIFEST = [f"s3://b/{i:03d}" for i in range(10)]
@@ -220,7 +228,7 @@ def test_chunks_of_long_keys_stay_under_the_byte_limit_and_a_huge_key_goes_alone
     long = [f"s3://b/{'k' * 2000}{i}" for i in range(100)]
     got = list(chunks(long))
     per = (LIST_CHUNK_BYTES + 6 * len(long[0]) + 4) // (6 * len(long[0]) + 4)
-    assert [len(c) for _, c in got][0] == per and [u for _, c in got for u in c] == long
+    assert len(got[0][1]) == per and [u for _, c in got for u in c] == long
     assert all(6 * sum(len(u) for u in c) < LIST_CHUNK_BYTES + 6 * len(long[0]) + 4 * len(c) for _, c in got)
     huge = ["s3://b/" + "x" * LIST_CHUNK_BYTES, "s3://b/y"]
     assert [(o, len(c)) for o, c in chunks(huge)] == [(0, 1), (1, 1)]

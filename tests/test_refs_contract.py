@@ -5,8 +5,17 @@ import pytest
 
 from s3cache.errors import UnsafeKey
 from s3cache.manifest.refs import (
-    MAX_KEY_BYTES, ObjectRef, check_key, decode_key, encode_key, format_uri, from_identity, make_ref, parse_uri,
-    printable, shown,
+    MAX_KEY_BYTES,
+    ObjectRef,
+    check_key,
+    decode_key,
+    encode_key,
+    format_uri,
+    from_identity,
+    make_ref,
+    parse_uri,
+    printable,
+    shown,
 )
 
 
