@@ -63,3 +63,77 @@ def test_off_share_answers_for_any_key_not_listed():
     c = Catalog.build([e("a"), e("b")], Shard(0, 2))
     assert c.off_share("s3://bkt/b")
     assert not any(c.off_share(f"s3://bkt/other-{i}") for i in range(300))
+
+
+def test_keys_whose_hashes_collide_are_told_apart_by_the_key(monkeypatch):
+    # 64-bit hashes of real keys practically never collide, so a weaker hash makes every key of the
+    # bucket collide: duplicates must still be found by key, and lookups walk the colliding run.
+    from s3cache.manifest import catalog
+
+    monkeypatch.setattr(catalog, "_key", lambda ref: hash(ref.bucket))
+    c = Catalog.build([e("a"), e("b", size=1), e("a", size=9), e("c"), e("b")])
+    assert [x.ref.key for x in c.entries()] == ["a", "b", "c"] and c.total == 5
+    assert c.entry(0).size is None and c.entry(1).size == 1  # each key's first occurrence is kept
+    assert [c.position(f"s3://bkt/{k}") for k in "abc"] == [0, 1, 2]
+    assert c.position("s3://bkt/d") is None and "s3://bkt/d" not in c
+
+
+def jobs_catalog(shard=WHOLE):
+    from s3cache.manifest.jobs import JobStart
+
+    return Catalog.build([JobStart("a"), *(e(f"a{i}", size=10) for i in range(4)),
+                          JobStart("b"), *(e(f"b{i}", size=i) for i in range(5)), e("b5"),
+                          JobStart("c"), e("c0")], shard)
+
+
+def test_a_directorys_jobs_follow_one_another_and_each_states_its_bytes():
+    c = jobs_catalog()
+    assert [x.ref.key for x in c.entries()] == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3", "b4", "b5", "c0"]
+    assert c.jobs.names == ["a", "b", "c"] and c.jobs.starts == [0, 4, 10] and c.total == 11
+    assert c.job_bytes == [40, 10, 0]  # b's zero-byte object and unsized b5 add nothing; c states none
+    assert c.sized == 9 and c.total_size == 50
+    assert Catalog.build([e("x")]).jobs is None and Catalog.build([e("x")]).job_bytes == []
+
+
+def test_a_share_is_taken_within_each_job():
+    c = jobs_catalog(Shard(1, 3))  # each job's own entries 1, 4, ...: as its own tf.data pipeline shards
+    assert [x.ref.key for x in c.entries()] == ["a1", "b1", "b4"]
+    assert [c.global_position(i) for i in range(3)] == [1, 5, 8]
+    assert c.jobs.starts == [0, 1, 3] and c.job_bytes == [10, 5, 0] and c.total == 11
+    assert c.off_share("s3://bkt/b2") and not c.off_share("s3://bkt/b4")
+
+
+def test_a_manifest_without_prefix_lines_has_none():
+    assert list(Catalog.build([e("x")]).prefixes) == [] and list(Catalog().prefixes) == []
+
+
+def test_a_catalog_read_again_unchanged_is_the_same_and_any_change_is_not():
+    from s3cache.manifest.jobs import JobStart
+
+    def build(*keys, shard=WHOLE, **kw):
+        return Catalog.build([k if isinstance(k, JobStart) else e(k, **kw) for k in keys], shard)
+
+    assert build("a", "b").same(build("a", "b")) and Catalog().same(Catalog.build([]))
+    assert jobs_catalog(Shard(1, 3)).same(jobs_catalog(Shard(1, 3)))
+    different = [
+        (build("a", "b"), build("a", "c")),  # a line
+        (build("a", size=5), build("a", size=5, size_is_hint=True)),  # only a flag
+        (build("a", "a", "b"), build("a", "b", "b")),  # only where the entries stand
+        (build("a", "b"), build("a", "b", "b")),  # only the count of positions
+        (build("a"), build("a", shard=Shard(0, 2))),  # only the share
+        (build("a", "b", shard=Shard(0, 2)), build("a", "c", shard=Shard(0, 2))),  # only the others' keys
+        (build(JobStart("x"), "a"), build(JobStart("y"), "a")),  # only a job's name
+        (build(JobStart("x"), "a", JobStart("y"), "b"), build(JobStart("x"), "a", "b", JobStart("y"))),
+    ]
+    for one, other in different:
+        assert not one.same(other) and not other.same(one)
+    with_prefix = build("a")
+    with_prefix.prefixes = (("bkt", "p/"),)
+    assert not with_prefix.same(build("a")) and not build("a").same(with_prefix)
+
+
+def test_moved_says_where_each_old_position_is_in_the_new_catalog():
+    old = Catalog.build([e("a"), e("b"), e("c")])
+    new = Catalog.build([e("c"), e("x"), e("a")])
+    moved = old.moved(new)
+    assert [moved(p) for p in (-1, 0, 1, 2, 3)] == [None, 2, None, 0, None]

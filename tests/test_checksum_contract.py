@@ -231,3 +231,23 @@ def test_digest_file_checks_the_manifest_claim_beside_s3s():
 def _b64(hexdigest: str) -> str:
     """The base64 form a mismatch message shows beside the hex (S3 and many manifests write base64)."""
     return base64.b64encode(bytes.fromhex(hexdigest)).decode()
+
+
+def test_an_upload_whose_last_declared_part_is_empty_counts_that_part():
+    exp = Expectation("etag-multipart", multipart_etag([BODY[:5000], BODY[5000:], b""]),
+                      part_sizes=(5000, len(BODY) - 5000, 0))
+    assert feed(Digest(exp), BODY, 3000).check("s3://b/k", len(BODY)) == "etag-multipart"
+    two = Expectation("etag-multipart", multipart_etag([BODY[:5000], BODY[5000:]]),
+                      part_sizes=(5000, len(BODY) - 5000, 0))
+    with pytest.raises(DigestMismatch):  # the same bytes as two parts are another ETag
+        feed(Digest(two), BODY, 3000).check("s3://b/k", len(BODY))
+
+
+def test_a_multipart_etag_mismatch_is_named_in_hex_only():
+    from s3cache.fetch.checksum import describe_mismatch
+
+    whole = describe_mismatch(Expectation("md5", "00" * 16), "ff" * 16)
+    assert whole == f"md5 is {'ff' * 16} (base64 /////////////////////w==), expected {'00' * 16} " \
+                    "(base64 AAAAAAAAAAAAAAAAAAAAAA==)"
+    etag = describe_mismatch(Expectation("etag-multipart", "00" * 16), "ff" * 16)
+    assert etag == f"etag-multipart is {'ff' * 16}, expected {'00' * 16}"

@@ -210,3 +210,8 @@ def test_shown_uri_shortens_past_200_characters_and_gives_the_key_length_in_byte
     assert shown_uri("bkt", "k" * 200) == "s3://bkt/" + "k" * 200
     assert shown_uri("bkt", "é" * 201) == "s3://bkt/" + "é" * 200 + "...(402 bytes)"
     assert shown_uri("bkt", "k" * 12, limit=10) == "s3://bkt/" + "k" * 10 + "...(12 bytes)"
+
+
+def test_a_size_of_many_leading_zeros_is_still_its_number():
+    assert parse_line("s3://bkt/k size=" + "0" * 20).size == 0  # past the fast path: no digits left
+    assert parse_line("s3://bkt/k size=" + "0" * 20 + "42").size == 42

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import hashlib
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from s3cache.policy.order import JUMP, Announcement, ListMap, inverse, list_digest, permutation
+from s3cache.policy.order import (
+    JUMP,
+    Announcement,
+    ListMap,
+    inverse,
+    list_digest,
+    permutation,
+)
 
 
 def reference_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -112,3 +120,69 @@ def test_a_reader_that_notes_each_file_twice_stays_in_its_epoch():
         if a.epoch == 1:
             break
     assert (a.epoch, a.cursor) == (1, k + 1)
+
+
+# -- a reader that began the next epoch without announcing it --------------------------------------
+
+
+def _wrap_case(n: int, cursor: int, want_r, want_r2):
+    """A seed and a position whose rank in epoch 0 satisfies ``want_r`` and in epoch 1 ``want_r2``."""
+    for seed in range(500):
+        this, nxt = inverse(permutation(n, seed, 0)), inverse(permutation(n, seed, 1))
+        for p in range(n):
+            if want_r(this[p]) and want_r2(nxt[p]):
+                return seed, p
+    raise AssertionError("no such seed")
+
+
+def _epoch_after(n, cursor, seed, p):
+    a = Announcement(seed, 0, ListMap(n), cursor)
+    a.saw(p)
+    return a.epoch, a.cursor
+
+
+def test_a_wrap_is_taken_only_near_the_end_of_this_epoch_and_the_start_of_the_next():
+    n, near = 64, 8  # near is n // 8 for a list this size
+    # at exactly n - near the reader is near the end: a file near the next epoch's start is a wrap
+    seed, p = _wrap_case(n, n - near, lambda r: r < n - 2 * near, lambda r2: r2 == 0)
+    assert _epoch_after(n, n - near, seed, p) == (1, 1)
+    assert _epoch_after(n, n - near - 1, seed, p) == (0, n - near - 1)  # one file earlier: not yet
+    # the next epoch's rank must be below near: 7 is near, 8 is not
+    seed, p = _wrap_case(n, n, lambda r: r < n - near, lambda r2: r2 == near - 1)
+    assert _epoch_after(n, n, seed, p) == (1, near)
+    seed, p = _wrap_case(n, n, lambda r: r < n - near, lambda r2: r2 == near)
+    assert _epoch_after(n, n, seed, p) == (0, n)
+    # and this epoch's rank must be more than near behind the cursor
+    seed, p = _wrap_case(n, n, lambda r: r == n - near, lambda r2: r2 == 0)
+    assert _epoch_after(n, n, seed, p) == (0, n)
+    seed, p = _wrap_case(n, n, lambda r: r == n - near - 1, lambda r2: r2 == 0)
+    assert _epoch_after(n, n, seed, p) == (1, 1)
+
+
+def test_near_is_an_eighth_of_a_small_list_in_whole_files_and_at_least_one():
+    for n, near in [(8, 1), (12, 1), (20, 2)]:
+        far = n - near - 1  # this epoch's rank well behind the cursor
+        seed, p = _wrap_case(n, n, lambda r, far=far: r < far, lambda r2, near=near: r2 == near)
+        assert _epoch_after(n, n, seed, p) == (0, n), n
+        seed, p = _wrap_case(n, n, lambda r, far=far: r < far, lambda r2, near=near: r2 == near - 1)
+        assert _epoch_after(n, n, seed, p) == (1, near), n
+
+
+def test_a_list_digest_is_the_sha256_of_the_uris_each_with_a_newline_cut_to_32_hex_digits():
+    want = hashlib.sha256(b"s3://b/a\ns3://b/b\n").hexdigest()[:32]
+    assert list_digest(["s3://b/a", "s3://b/b"]) == want and len(want) == 32
+    assert list_digest(["s3://b/é"]) == hashlib.sha256("s3://b/é\n".encode()).hexdigest()[:32]
+
+
+def test_a_share_index_outside_its_count_is_refused_naming_the_range():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"share index 3 is not in 0\.\.2$"):
+        ListMap.share(10, 3, 3)
+
+
+def test_two_entries_are_shuffled_too():
+    orders = {tuple(permutation(2, seed, 0)) for seed in range(16)}
+    assert orders == {(0, 1), (1, 0)}
+    assert all(list(permutation(2, s, 0)) == reference_permutation(2, s, 0) for s in range(16))
+    assert list(permutation(1, 5, 0)) == [0] and list(permutation(0, 5, 0)) == []

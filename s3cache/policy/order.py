@@ -141,16 +141,16 @@ def _order(n: int, seed: int, epoch: int) -> tuple[array, array]:
     """(permutation, inverse), memoised for the few orders in use (readers sharing a seed share them)."""
     key = (n, seed & M64, epoch & M64)
     with _perm_lock:
-        got = _perm_cache.get(key)
+        got = _perm_cache.get(key)  # pragma: no mutate (a memo: a miss only recomputes the same order)
         if got is not None:
             _perm_cache.move_to_end(key)
             return got
     perm = permutation(n, seed, epoch)  # outside the lock: ~1 s a million entries
     got = (perm, inverse(perm))
     with _perm_lock:
-        _perm_cache[key] = got
-        while len(_perm_cache) > PERM_CACHE:
-            _perm_cache.popitem(last=False)
+        _perm_cache[key] = got  # pragma: no mutate (as above)
+        while len(_perm_cache) > PERM_CACHE:  # pragma: no mutate (which order goes changes no answer)
+            _perm_cache.popitem(last=False)  # pragma: no mutate
     return got
 
 
