@@ -1,4 +1,4 @@
-"""The eviction policy's edges (s3cache.policy.evict), pure: where the reader tracker places readers
+"""The eviction policy's edges (s3cache.policy.evict and .tracker), pure: where the reader tracker places readers
 (steps, wraps, announcements, a reloaded manifest, its bound on readers), the boundaries of
 ``choose_victims`` (the readahead window, equal distances, ties), the readahead window's size and
 ``next_prefetch``'s answer when nothing is wanted. What the daemon relies on when it evicts."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 from s3cache.manifest.jobs import Jobs
 from s3cache.policy.evict import (
     Future,
-    ReaderTracker,
     Resident,
     choose_victims,
     leased,
@@ -17,6 +16,7 @@ from s3cache.policy.evict import (
     unread_positions,
 )
 from s3cache.policy.order import Announcement, ListMap, permutation
+from s3cache.policy.tracker import ReaderTracker
 
 
 def res(name, pos=None, used=0.0, fetched=0.0, size=1):
