@@ -3,6 +3,7 @@ and AWS's Common Runtime S3 client (``awscrt.s3.S3Client``), large and small obj
 moto server in one run; and what that means in cores for 10, 100 and 400 Gb/s.
 
     python -m bench.cpu [--large 16x16M] [--small 256x256K] [--workers 16] [--rounds 3] [--out FILE]
+                        [--baseline-tree DIR]
 
 Objects are uploaded as boto3 does by default (with a CRC32). Each round fetches each set with each
 client, in this order, so drift hits each alike:
@@ -15,6 +16,10 @@ client, in this order, so drift hits each alike:
 * daemon: ``s3cache serve`` started on an empty manifest (its start-up CPU is that until it is ready),
   then the set's URIs arrive in the manifest; CPU from then until every object is ready: GETs, the
   checksum checked, the local CRC32C, fsync of file and directory, the index, status -- all of it.
+
+With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
+runs that tree's daemon (``PYTHONPATH=DIR``) right after this tree's in every round: a before/after
+comparison on one moto, under the same load, interleaved so drift hits both alike.
 
 CPU is the process's user + system time (every thread, native ones included); the bench process does
 nothing else while boto3 or the CRT run in it. The median of ``--rounds`` is reported, with ratios
@@ -155,11 +160,13 @@ class Crt:
         return Run(time.process_time() - c0, time.monotonic() - t0)
 
 
-def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int) -> tuple[Run, float]:
-    """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest)."""
+def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None) -> tuple[Run, float]:
+    """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest). ``tree``: run
+    the daemon of that source tree instead of this one."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
-    with DaemonProcess(tmp / "cache", url, manifest=manifest,
+    env = {"PYTHONPATH": str(tree)} if tree is not None else None
+    with DaemonProcess(tmp / "cache", url, manifest=manifest, env=env,
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
                              "--min-free", "0"]) as d:
         pid = d.proc.pid
@@ -249,10 +256,15 @@ def main() -> None:
     ap.add_argument("--no-crt", action="store_true")
     ap.add_argument("--no-startup", action="store_true", help="skip bench.startup's time to the first GET")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run the daemon of this source tree (column daemon@base), interleaved")
     a = ap.parse_args()
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
     compiled()
-    results: dict = {s.name: {"boto3": [], "crt": [], "daemon": []} for s in sets}
+    whos = ["boto3", "crt", "daemon"] + (["daemon@base"] if a.baseline_tree else [])
+    if a.baseline_tree:
+        compiled(a.baseline_tree / "s3cache")
+    results: dict = {s.name: {w: [] for w in whos} for s in sets}
     startups: list[float] = []
     crt_note = ""
     with tempfile.TemporaryDirectory(prefix="s3cache-cpu-") as tmp, MotoServer() as moto:
@@ -279,6 +291,9 @@ def main() -> None:
                         results[s.name][who].append(boto3_run(moto.url, s, out, a.workers))
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
+                    elif who == "daemon@base":
+                        run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute())
+                        results[s.name][who].append(run)
                     else:
                         run, startup = daemon_run(moto.url, s, out, a.workers)
                         results[s.name][who].append(run)
