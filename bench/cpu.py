@@ -10,6 +10,10 @@ client, in this order, so drift hits each alike:
 
 * boto3: a fresh client on ``--workers`` threads, ``get_object`` streamed in 1 MiB reads to a temp file,
   then renamed (no fsync). botocore validates the whole-object CRC32 as it streams (its default).
+* boto3+fsync (``--boto3-fsync``): the same, with an ``fdatasync`` per file before the rename, as the
+  daemon does. Without it the page cache's write-back runs in the kernel's flusher threads, on no
+  process's clock: part of the daemon's per-byte excess over plain boto3 is only where that CPU is
+  counted.
 * crt: one ``S3Client`` (its own part splitting and connection count), each object to a temp file, then
   renamed. No checksum validation: with moto it validates nothing (it asks for the checksum in a
   header spelled in lower case, which moto ignores), so asking for it would cost a HEAD for nothing.
@@ -90,7 +94,7 @@ def upload(moto: MotoServer, sets: list[ObjSet]) -> None:
             list(ex.map(put, enumerate(s.keys)))
 
 
-def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
+def boto3_run(url: str, s: ObjSet, out: Path, workers: int, fsync: bool = False) -> Run:
     import boto3
     import botocore.config
 
@@ -104,6 +108,9 @@ def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
         with open(f"{name}.tmp", "wb") as f:
             while chunk := body.read(1 << 20):
                 f.write(chunk)
+            if fsync:
+                f.flush()
+                os.fdatasync(f.fileno())
         os.rename(f"{name}.tmp", name)
 
     c0, t0 = time.process_time(), time.monotonic()
@@ -256,12 +263,16 @@ def main() -> None:
     ap.add_argument("--no-crt", action="store_true")
     ap.add_argument("--no-startup", action="store_true", help="skip bench.startup's time to the first GET")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    ap.add_argument("--boto3-fsync", action="store_true",
+                    help="also run boto3 with an fdatasync per file (column boto3+fsync): the write-back a "
+                         "plain client leaves to the kernel's flusher threads, which no process's CPU shows")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the daemon of this source tree (column daemon@base), interleaved")
     a = ap.parse_args()
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
     compiled()
-    whos = ["boto3", "crt", "daemon"] + (["daemon@base"] if a.baseline_tree else [])
+    whos = (["boto3"] + (["boto3+fsync"] if a.boto3_fsync else []) + ["crt", "daemon"]
+            + (["daemon@base"] if a.baseline_tree else []))
     if a.baseline_tree:
         compiled(a.baseline_tree / "s3cache")
     results: dict = {s.name: {w: [] for w in whos} for s in sets}
@@ -289,6 +300,8 @@ def main() -> None:
                     os.sync()
                     if who == "boto3":
                         results[s.name][who].append(boto3_run(moto.url, s, out, a.workers))
+                    elif who == "boto3+fsync":
+                        results[s.name][who].append(boto3_run(moto.url, s, out, a.workers, fsync=True))
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
                     elif who == "daemon@base":
