@@ -183,7 +183,8 @@ class Publisher:
             self._write_ready(ready)
         with self._cond:
             late = [(e, rec) for e, f, rec in plans if self._stale(e, f) is not None]
-            fresh = [(u, rec) for u, rec in ready if u not in {e.uri for e, _ in late}]
+            late_uris = {e.uri for e, _ in late}  # once, not once per file of the batch
+            fresh = [(u, rec) for u, rec in ready if u not in late_uris]
             for old in self._space.commit(fresh):
                 self._remove(old.path)
             for _, rec in fresh:
