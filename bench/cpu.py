@@ -173,7 +173,13 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
     the daemon of that source tree instead of this one."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
-    env = {"PYTHONPATH": str(tree)} if tree is not None else None
+    if tree is None:
+        import s3cache
+
+        tree = Path(s3cache.__file__).parent.parent
+    # ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH: without
+    # PYTHONSAFEPATH a bench run from a checkout would start that checkout's daemon for every column.
+    env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
     with DaemonProcess(tmp / "cache", url, manifest=manifest, env=env,
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
                              "--min-free", "0"]) as d:
