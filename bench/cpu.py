@@ -3,7 +3,8 @@ and AWS's Common Runtime S3 client (``awscrt.s3.S3Client``), large and small obj
 moto server in one run; and what that means in cores for 10, 100 and 400 Gb/s.
 
     python -m bench.cpu [--large 16x16M] [--small 256x256K] [--workers 16] [--rounds 3] [--out FILE]
-                        [--baseline-tree DIR]
+                        [--baseline-tree DIR] [--boto3-fsync]
+    python -m bench.cpu --store-path [--small 256x256K]
 
 Objects are uploaded as boto3 does by default (with a CRC32). Each round fetches each set with each
 client, in this order, so drift hits each alike:
@@ -24,6 +25,10 @@ client, in this order, so drift hits each alike:
 With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
 runs that tree's daemon (``PYTHONPATH=DIR``) right after this tree's in every round: a before/after
 comparison on one moto, under the same load, interleaved so drift hits both alike.
+
+``--store-path`` measures only the daemon's local steps per object, no network, in this process, by
+batch size: the temp file (create, preallocate, write, fdatasync), ``plan``, the ``publishing`` intent
+transaction, rename and directory fsync, the ``ready`` transaction: what the publisher's batching buys.
 
 CPU is the process's user + system time (every thread, native ones included); the bench process does
 nothing else while boto3 or the CRT run in it. The median of ``--rounds`` is reported, with ratios
@@ -290,8 +295,15 @@ def main() -> None:
                          "plain client leaves to the kernel's flusher threads, which no process's CPU shows")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the daemon of this source tree (column daemon@base), interleaved")
+    ap.add_argument("--store-path", action="store_true",
+                    help="only the daemon's local steps per object (file, plan, index, rename), by batch size")
     a = ap.parse_args()
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
+    if a.store_path:
+        from .store_path import store_path
+
+        print(store_path(sets[1].size, max(64, sets[1].count // 64 * 64)))
+        return
     compiled()
     whos = (["boto3"] + (["boto3+fsync"] if a.boto3_fsync else []) + ["crt", "daemon"]
             + (["daemon@base"] if a.baseline_tree else []))
