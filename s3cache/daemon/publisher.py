@@ -175,7 +175,7 @@ class Publisher:
         # The order below is the crash-safety rule (see store.py).
         intents = [(e.uri, rec) for e, _, rec in plans]
         pending = self._pending_rows() if defer_ready else []
-        if not pending or not self._write_or_log(lambda: self._index.put_many(pending + intents),
+        if not pending or not self._write_or_log(lambda: self._index.settle_many(pending, intents),
                                                  f"writing {len(pending)} 'ready' row(s) with {len(intents)} intent(s)"):
             self._index.put_many(intents)
         else:
@@ -248,7 +248,10 @@ class Publisher:
                 self._unwritten[uri] = rec
 
     def _pending_rows(self) -> list[tuple[str, Record]]:
-        """The ``ready`` rows still to write, as the space holds their files now."""
+        """The ``ready`` rows still to write, as the space holds their files now. Written with
+        ``Index.settle_many``, which writes one only over its own file's row: a file evicted (row
+        deleted) or marked superseded between this look and the write keeps what eviction or the mark
+        left."""
         if not self._unwritten:
             return []
         with self._cond:  # a file evicted or replaced meanwhile needs no row (eviction deleted it)
@@ -271,7 +274,7 @@ class Publisher:
         rows = self._pending_rows()
         if not rows:
             return not self._unwritten
-        if not self._write_or_log(lambda: self._index.put_many(rows), f"writing {len(rows)} 'ready' row(s)"):
+        if not self._write_or_log(lambda: self._index.settle_many(rows), f"writing {len(rows)} 'ready' row(s)"):
             return False
         self._landed(rows)
         return True
