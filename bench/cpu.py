@@ -3,18 +3,32 @@ and AWS's Common Runtime S3 client (``awscrt.s3.S3Client``), large and small obj
 moto server in one run; and what that means in cores for 10, 100 and 400 Gb/s.
 
     python -m bench.cpu [--large 16x16M] [--small 256x256K] [--workers 16] [--rounds 3] [--out FILE]
+                        [--baseline-tree DIR] [--boto3-fsync]
+    python -m bench.cpu --store-path [--small 256x256K]
 
 Objects are uploaded as boto3 does by default (with a CRC32). Each round fetches each set with each
 client, in this order, so drift hits each alike:
 
 * boto3: a fresh client on ``--workers`` threads, ``get_object`` streamed in 1 MiB reads to a temp file,
   then renamed (no fsync). botocore validates the whole-object CRC32 as it streams (its default).
+* boto3+fsync (``--boto3-fsync``): the same, with an ``fdatasync`` per file before the rename, as the
+  daemon does. Without it the page cache's write-back runs in the kernel's flusher threads, on no
+  process's clock: part of the daemon's per-byte excess over plain boto3 is only where that CPU is
+  counted.
 * crt: one ``S3Client`` (its own part splitting and connection count), each object to a temp file, then
   renamed. No checksum validation: with moto it validates nothing (it asks for the checksum in a
   header spelled in lower case, which moto ignores), so asking for it would cost a HEAD for nothing.
 * daemon: ``s3cache serve`` started on an empty manifest (its start-up CPU is that until it is ready),
   then the set's URIs arrive in the manifest; CPU from then until every object is ready: GETs, the
   checksum checked, the local CRC32C, fsync of file and directory, the index, status -- all of it.
+
+With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
+runs that tree's daemon (``PYTHONPATH=DIR``) right after this tree's in every round: a before/after
+comparison on one moto, under the same load, interleaved so drift hits both alike.
+
+``--store-path`` measures only the daemon's local steps per object, no network, in this process, by
+batch size: the temp file (create, preallocate, write, fdatasync), ``plan``, the ``publishing`` intent
+transaction, rename and directory fsync, the ``ready`` transaction: what the publisher's batching buys.
 
 CPU is the process's user + system time (every thread, native ones included); the bench process does
 nothing else while boto3 or the CRT run in it. The median of ``--rounds`` is reported, with ratios
@@ -38,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3cache.service.config import human_size, parse_size
+from s3cache.store.paths import PRIVATE_DIR
 from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, MotoServer, wait_for
 
 from .proc import compiled, cpu_seconds
@@ -85,7 +100,7 @@ def upload(moto: MotoServer, sets: list[ObjSet]) -> None:
             list(ex.map(put, enumerate(s.keys)))
 
 
-def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
+def boto3_run(url: str, s: ObjSet, out: Path, workers: int, fsync: bool = False) -> Run:
     import boto3
     import botocore.config
 
@@ -99,6 +114,9 @@ def boto3_run(url: str, s: ObjSet, out: Path, workers: int) -> Run:
         with open(f"{name}.tmp", "wb") as f:
             while chunk := body.read(1 << 20):
                 f.write(chunk)
+            if fsync:
+                f.flush()
+                os.fdatasync(f.fileno())
         os.rename(f"{name}.tmp", name)
 
     c0, t0 = time.process_time(), time.monotonic()
@@ -155,11 +173,19 @@ class Crt:
         return Run(time.process_time() - c0, time.monotonic() - t0)
 
 
-def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int) -> tuple[Run, float]:
-    """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest)."""
+def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None) -> tuple[Run, float]:
+    """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest). ``tree``: run
+    the daemon of that source tree instead of this one."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
-    with DaemonProcess(tmp / "cache", url, manifest=manifest,
+    if tree is None:
+        import s3cache
+
+        tree = Path(s3cache.__file__).parent.parent
+    # ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH: without
+    # PYTHONSAFEPATH a bench run from a checkout would start that checkout's daemon for every column.
+    env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+    with DaemonProcess(tmp / "cache", url, manifest=manifest, env=env,
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
                              "--min-free", "0"]) as d:
         pid = d.proc.pid
@@ -169,15 +195,30 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int) -> tuple[Run, float
         new = tmp / "manifest.new"
         new.write_text("".join(f"s3://bench/{k}\n" for k in s.keys))
         os.replace(new, manifest)
-        # Polled slowly: each status request is the daemon's CPU too.
+        # Each status request is the daemon's CPU too (1-3 ms; polled every 0.2 s it was 5-15% of the
+        # small set's): wait on the published files from here, then ask once or twice for the rows.
+        cache = tmp / "cache"
+        wait_for(lambda: _published_files(cache) >= s.count, 600, "every object's file published",
+                 interval=0.02)
+
         def all_ready() -> dict | None:
             st = d.status()
             return st if st["objects"]["ready"] == s.count else None
 
-        st = wait_for(all_ready, 600, "every object ready", interval=0.2)
+        st = wait_for(all_ready, 600, "every object ready", interval=0.02)
         cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
         requests = st["requests"] - before
     return Run(cpu, wall, requests), startup
+
+
+def _published_files(cache: Path) -> int:
+    """Files renamed into the cache (the private dir, with its temp files, not counted)."""
+    n = 0
+    for top, dirs, files in os.walk(cache):
+        if top == str(cache):
+            dirs[:] = [x for x in dirs if x != PRIVATE_DIR]
+        n += len(files)
+    return n
 
 
 def med(runs: list[Run], attr: str) -> float:
@@ -249,10 +290,26 @@ def main() -> None:
     ap.add_argument("--no-crt", action="store_true")
     ap.add_argument("--no-startup", action="store_true", help="skip bench.startup's time to the first GET")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    ap.add_argument("--boto3-fsync", action="store_true",
+                    help="also run boto3 with an fdatasync per file (column boto3+fsync): the write-back a "
+                         "plain client leaves to the kernel's flusher threads, which no process's CPU shows")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run the daemon of this source tree (column daemon@base), interleaved")
+    ap.add_argument("--store-path", action="store_true",
+                    help="only the daemon's local steps per object (file, plan, index, rename), by batch size")
     a = ap.parse_args()
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
+    if a.store_path:
+        from .store_path import store_path
+
+        print(store_path(sets[1].size, max(64, sets[1].count // 64 * 64)))
+        return
     compiled()
-    results: dict = {s.name: {"boto3": [], "crt": [], "daemon": []} for s in sets}
+    whos = (["boto3"] + (["boto3+fsync"] if a.boto3_fsync else []) + ["crt", "daemon"]
+            + (["daemon@base"] if a.baseline_tree else []))
+    if a.baseline_tree:
+        compiled(a.baseline_tree / "s3cache")
+    results: dict = {s.name: {w: [] for w in whos} for s in sets}
     startups: list[float] = []
     crt_note = ""
     with tempfile.TemporaryDirectory(prefix="s3cache-cpu-") as tmp, MotoServer() as moto:
@@ -277,8 +334,13 @@ def main() -> None:
                     os.sync()
                     if who == "boto3":
                         results[s.name][who].append(boto3_run(moto.url, s, out, a.workers))
+                    elif who == "boto3+fsync":
+                        results[s.name][who].append(boto3_run(moto.url, s, out, a.workers, fsync=True))
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
+                    elif who == "daemon@base":
+                        run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute())
+                        results[s.name][who].append(run)
                     else:
                         run, startup = daemon_run(moto.url, s, out, a.workers)
                         results[s.name][who].append(run)

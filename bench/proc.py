@@ -20,12 +20,14 @@ def memory(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def compiled() -> None:
+def compiled(package: str | os.PathLike | None = None) -> None:
     """Write s3cache's bytecode next to its sources, as pip does at install. Under
     PYTHONDONTWRITEBYTECODE (set in some CI and dev shells) every daemon start would otherwise compile
     every module again: 0.1-0.25 CPU-s that no installed daemon pays, counted as start-up."""
     import compileall
 
-    import s3cache
+    if package is None:
+        import s3cache
 
-    compileall.compile_dir(os.path.dirname(s3cache.__file__), quiet=1)
+        package = os.path.dirname(s3cache.__file__)
+    compileall.compile_dir(package, quiet=1)

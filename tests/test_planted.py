@@ -182,7 +182,8 @@ def test_publish_fsyncs_the_directory_after_the_rename_and_before_ready(tmp_path
     try:
         path = resolve(f"s3://{bucket}/dir/k", cache_dir=d.cache_dir, timeout=120)
         assert Path(path).read_bytes() == body
-        d.wait_until(lambda st: st["fetched"] == 1, what="the fetch counted")
+        # 'ready' rows are written with the next batch's intents, or alone shortly after: wait for it
+        d.wait_until(lambda st: st["fetched"] == 1 and st["ready_rows_pending"] == 0, what="the 'ready' row written")
     finally:
         calls = trace.stop()
     file_dir = os.path.dirname(os.path.realpath(path))

@@ -12,7 +12,8 @@ from parts import Rig, entry
 from s3cache.daemon.publisher import Publisher
 from s3cache.fetch.checksum import local_crc32c_of
 from s3cache.fetch.fetcher import Fetched
-from s3cache.store.index import READY
+from s3cache.store import index
+from s3cache.store.index import PUBLISHING, READY
 
 B = "s3://bkt/"
 
@@ -68,3 +69,32 @@ def test_the_thread_publishes_what_was_put_before_stop(rig):
     t.join(timeout=30)
     assert not t.is_alive()
     assert sorted(rig.published) == [B + "a", B + "b", B + "c"]
+
+
+def test_a_batch_s_ready_rows_ride_with_the_next_batch_s_intents(rig):
+    """The thread's way (``defer_ready``): a batch is ready in memory at once, its rows say ``publishing``
+    until the next batch's transaction writes them ``ready``; ``write_pending`` writes the last ones."""
+    first = [(entry(B + n), fetched(rig, b"1" * 10)) for n in ("a", "b")]
+    rig.publisher.publish(first, defer_ready=True)
+    assert rig.published == [B + "a", B + "b"] and all(rig.space.is_ready(B + n) for n in "ab")
+    assert {rig.index.get(B + n).state for n in "ab"} == {PUBLISHING}
+    assert rig.publisher.status()["ready_rows_pending"] == 2
+    rig.publisher.publish([(entry(B + "c"), fetched(rig, b"2" * 10))], defer_ready=True)
+    assert {n: rig.index.get(B + n).state for n in "abc"} == {"a": READY, "b": READY, "c": PUBLISHING}
+    assert rig.publisher.write_pending() and rig.publisher.status()["ready_rows_pending"] == 0
+    assert rig.index.get(B + "c").state == READY
+    assert rig.publisher.status()["index_errors"] == 0
+
+
+def test_a_deferred_row_the_index_refuses_fails_nothing(rig, monkeypatch):
+    """The next batch's transaction, carrying the deferred rows, fails as a full disk makes it fail: the
+    intents go alone, the batch publishes, the rows land later."""
+    rig.publisher.publish([(entry(B + "a"), fetched(rig, b"a" * 10))], defer_ready=True)
+    monkeypatch.setenv(index.FAULT_ENV, "1")
+    monkeypatch.setattr(index, "_faults_left", [-1])  # read the variable again
+    rig.publisher.publish([(entry(B + "b"), fetched(rig, b"b" * 10))], defer_ready=True)
+    assert rig.published == [B + "a", B + "b"] and rig.failed == []
+    assert rig.publisher.status()["index_errors"] == 1
+    assert {n: rig.index.get(B + n).state for n in "ab"} == {"a": PUBLISHING, "b": PUBLISHING}
+    assert rig.publisher.write_pending()
+    assert {n: rig.index.get(B + n).state for n in "ab"} == {"a": READY, "b": READY}
