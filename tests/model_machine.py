@@ -9,6 +9,8 @@ the object changed, filling the disk; publishes; manifest installs that add, dro
 (size, checksum, version, pin); objects changing in S3 and ``verify --source`` noticing; pins; SIGHUP
 settings (``max_size``, ``lease``); restarts, clean or a crash, rebuilt from the index on disk; the disk
 filling and space returning; time passing and the wall clock stepping; housekeeping's turn.
+The operators' and the host's rules (pins, verify, SIGHUP, restarts, the disk, the clocks,
+housekeeping) are a mixin, tests/model_rules_outside.py; the promises, tests/model_promises.py.
 
 After every step (``check``): no leased or pinned file evicted; ready + reserved bytes within
 ``--max-size``; the index, the files on disk and the resident set agree (no orphan, no missing file);
@@ -45,16 +47,15 @@ from hypothesis.stateful import (
 from model_fakes import BUCKET, PROCESS, Conn, FakeClock, clocked, version_of
 from model_harness import Harness
 from model_promises import STATS, Promises
+from model_rules_outside import KEYS, OutsideRules, same_file
 
-from s3cache.errors import PinQuotaExceeded
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import parse_uri
 from s3cache.service.config import Settings
-from s3cache.store.layout import SUPERSEDED_BIT
 from s3cache.sockets.usage_socket import holder_of, lease_name
+from s3cache.store.layout import SUPERSEDED_BIT
 
 READERS = tuple(PROCESS)
-KEYS = tuple(BUCKET + f"k{i}" for i in range(6))
 MISSING = BUCKET + "never-uploaded"
 OUTCOMES = ("ok", "ok", "ok", "transient", "changed", "changed_for_good", "disk_full")
 WORKERS = 3  # --workers: prefetch's connections
@@ -85,13 +86,7 @@ def entry_spec():
                      st.sampled_from([False, False, False, True]))
 
 
-def _same(rec) -> tuple:
-    """What tells one cached file from another of the same URI (a refetch renames over the same path,
-    maybe within the same second): as ``Space.withdraw`` tells them."""
-    return rec.path, rec.fetched_at, rec.crc32c
-
-
-class DaemonModel(Promises, RuleBasedStateMachine):
+class DaemonModel(Promises, OutsideRules, RuleBasedStateMachine):
     def __init__(self, known: frozenset[str] = KNOWN) -> None:
         super().__init__()
         self.known = known  # promises not checked (see KNOWN)
@@ -122,7 +117,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         self.saved: dict[str, dict[str, tuple[int, float, int]]] = {r: {} for r in READERS}
         self.h.on_flush = self._flushed
         self.h.protected = self._protected
-        self.superseded: dict[str, tuple] = {}  # uri -> the file (``_same``) verify found changed in S3
+        self.superseded: dict[str, tuple] = {}  # uri -> the file (``same_file``) verify found changed in S3
         self.evictions_checked = 0
         self.violations: list[str] = []
         STATS["sequences"] += 1
@@ -288,7 +283,7 @@ class DaemonModel(Promises, RuleBasedStateMachine):
         if rec is None or rec.path != path:
             self._violate(f"{reader} was given {path} for {uri}, which is not its ready file")
             return
-        if uri in self.superseded and self.superseded[uri] == _same(rec) \
+        if uri in self.superseded and self.superseded[uri] == same_file(rec) \
                 and "superseded_served" not in self.known:
             self._violate(f"{reader} was given {uri}'s file that verify found superseded in S3")
         self.resolved[reader][uri] = (seq, self.clock.mono, rec.size)
@@ -345,102 +340,6 @@ class DaemonModel(Promises, RuleBasedStateMachine):
     @rule()
     def publish(self):
         self.h.publish()
-
-    # == operators ===================================================================================
-
-    @rule(uri=st.sampled_from(KEYS), pin=st.booleans())
-    def pin(self, uri, pin):
-        d = self.h.d
-        with d.cond:  # what Ops.pin does once the peer may pin
-            try:
-                d.space.pin([uri], pin)
-            except PinQuotaExceeded:
-                return
-            if pin:
-                d.schedule.fetch_soon(parse_uri(uri))
-            d.schedule.work_changed()
-
-    @rule(uri=st.sampled_from(KEYS))
-    def verify_source(self, uri):
-        d = self.h.d
-        rec = d.space.ready.get(uri)
-        report = d.maintenance.verify([uri], False, True)
-        if rec is not None and report["changed"]:
-            self.superseded[uri] = _same(rec)
-
-    @rule(max_size=st.sampled_from([900, 1500, 2000, 4000]), lease=st.sampled_from([5.0, 60.0, 600.0]))
-    def sighup(self, max_size, lease):
-        d = self.h.d
-        self.h.sighup(max_size=max_size, lease=lease)
-        sp = d.space
-        if sp.used + sp.reserved > max_size:
-            # Only what eviction may not take stays above the new bound, and only goes down (_check_space)
-            with d.cond:
-                held = sp.leases.held(self.clock.mono)
-                current = d.readers.tracker.current()
-                left = [u for u in sp.ready if not (sp.is_pinned(u) or u in held
-                                                    or sp.catalog.position(u) in current)]
-            if left:
-                self._violate(f"a smaller --max-size ({max_size}) left {sorted(left)} cached above it, "
-                              f"neither pinned, leased nor being read")
-            self.ceiling = max(self.ceiling, sp.used + sp.reserved)
-
-    @rule(crash=st.booleans())
-    def restart(self, crash):
-        self._read_messages()
-        before = dict(self.h.d.space.ready)
-        self._count()
-        self.h.restart(crash)
-        STATS["crashes" if crash else "restarts"] += 1
-        for reader in READERS:  # their connections closed: each reader resolves again
-            self._new_connection(reader)
-        # Leases are kept across a restart as the last flush saved them (a clean stop flushes; a crash
-        # loses what was granted since the last flush, at most a second's worth in the daemon).
-        self.resolved = {r: dict(seen) for r, seen in self.saved.items()}
-        self.noted = []
-        if "restart_forgets_refetch" in self.known:
-            self.superseded.clear()
-        after, catalog = self.h.d.space.ready, self.h.catalog
-        for uri, rec in before.items():
-            if uri in after and (after[uri].path, after[uri].crc32c) == (rec.path, rec.crc32c):
-                continue
-            pos = catalog.position(uri)
-            if pos is None or rec.stale_for(catalog.entry(pos)) is None:  # else: S3 changed it, listed anew
-                self._violate(f"{'a crash' if crash else 'a restart'} lost the verified file of {uri}")
-
-    # == the machine it runs on ======================================================================
-
-    @rule()
-    def disk_fills(self):
-        self.h.fs.fill(leave=200)
-
-    @rule()
-    def space_returns(self):
-        self.h.fs.other = 0
-
-    @rule(seconds=st.sampled_from([1.0, 5.0, 30.0, 601.0, 3600.0]))
-    def time_passes(self, seconds):
-        self.clock.advance(seconds)
-
-    @rule(step=st.sampled_from([-7200.0, 7200.0]))
-    def wall_clock_steps(self, step):
-        """An NTP step or an operator's ``date -s``: durations (leases, idle readers, backoffs) must not
-        notice. The readers a reader's note made known within the idle time stay known."""
-        d = self.h.d
-        self.h.drain_notes()  # the use loop applies a note as it comes: the tracker knows what was noted
-        tracker = d.readers.tracker
-        recent = {r for r in tracker.ids() if self.clock.mono - self.active.get(r, -1e18) < tracker.idle}
-        self.clock.wall += step
-        with d.cond:
-            tracker.future(len(d.schedule.catalog))  # what the next scan does first, on the tracker's clock
-            lost = recent - set(tracker.ids())
-        if lost:
-            self._violate(f"a wall-clock step of {step:+.0f} s forgot readers active within the idle time: "
-                          f"{sorted(lost)}")
-
-    @rule()
-    def housekeeping(self):
-        self.h.housekeeping()
 
     # == quiescence ==================================================================================
 

@@ -5,7 +5,7 @@ leases' and the waits').
 
 Invariants it keeps:
 
-* it reports and never decides: admission and eviction stay in space.py; the only state it changes is
+* it reports and never decides: admission and eviction stay in eviction.py; the only state it changes is
   ``waits`` and ``min_free_reached`` (never the resident set, reservations or leases);
 * at most ``4 * MAX_WAITS_SHOWN`` refusals are remembered (the oldest dropped first) and at most
   ``MAX_WAITS_SHOWN`` shown, readers' waits first; a refusal older than 5 s is not shown;
