@@ -288,12 +288,10 @@ class Harness:
         --max-size (``Space.fit_max_size``), wake the workers."""
         d = self.d
         merged = dataclasses.replace(d.s, **changes)
-        old = d.s
         with d.cond:
             d._apply_settings(merged)
         d.manifests.install(self.reread())
-        if merged.max_size < old.max_size:  # after the manifest, which may pin or unpin files
-            d.space.fit_max_size()
+        d.space.fit_max_size()  # after the manifest, which may pin or unpin files; a no-op within the bound
         with d.cond:
             d.schedule.work_changed()
 

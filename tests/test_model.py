@@ -233,3 +233,17 @@ def test_a_smaller_max_size_evicts_what_the_manifest_installed_with_it_no_longer
         lambda m: m.s3_delete(uri=KEYS[1]),
         lambda m: m.sighup(max_size=900, lease=5.0),
     ])
+
+
+def test_downloads_admitted_before_a_smaller_max_size_are_evicted_down_to_it_at_the_next_reload():
+    # Found by the machine's long run: two 700-byte downloads in flight when --max-size shrinks to 900
+    # cannot be evicted then; they land above it, and the next SIGHUP (the same --max-size) must evict
+    # down to it although the bound itself did not shrink again.
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=True),
+        lambda m: m.start_another_fetch(),
+        lambda m: m.start_another_fetch(),
+        lambda m: m.sighup(lease=5.0, max_size=900),
+        lambda m: m.settle(),
+        lambda m: m.sighup(lease=5.0, max_size=900),
+    ])

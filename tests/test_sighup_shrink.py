@@ -8,7 +8,8 @@ import signal
 
 from conftest import write_manifest
 
-from s3cache.testing import DaemonProcess
+from s3cache.testing import DaemonProcess, wait_for
+from s3cache.testing.faultproxy import FaultProxy
 
 
 def test_a_smaller_max_size_evicts_down_to_it_when_sighup_applies_it(tmp_path, moto, s3, bucket):
@@ -30,3 +31,38 @@ def test_a_smaller_max_size_evicts_down_to_it_when_sighup_applies_it(tmp_path, m
         assert st["objects"]["ready"] == 2 and st["evicted"] == 1, st["objects"]
     finally:
         assert d.stop() == 0
+
+
+def test_downloads_in_flight_when_max_size_shrinks_are_evicted_down_to_it_at_the_next_sighup(tmp_path, moto, s3,
+                                                                                             bucket):
+    # Downloads admitted under the old --max-size cannot be evicted while in flight; they land above the
+    # new one. The next SIGHUP, with --max-size unchanged, must evict down to it (found by the model).
+    uris = []
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"o{i}", Body=bytes([65 + i]) * 500_000)
+        uris.append(f"s3://{bucket}/o{i}")
+    proxy = FaultProxy(moto.port, stall_seconds=600).start()
+    proxy.plan = lambda m, p, q: "stall" if m == "GET" and not proxy.release.is_set() else None
+    m = write_manifest(tmp_path / "m.txt", uris)
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'manifest = "{m}"\nmax_size = "2M"\nmin_free = 0\n')
+    d = DaemonProcess(tmp_path / "cache", proxy.url, args=["--config", str(conf)], log_path=tmp_path / "d.log")
+    try:
+        d.start()
+        wait_for(lambda: proxy.faults["stall"] >= 3, 60, "all three downloads in flight, held at the proxy")
+        conf.write_text(f'manifest = "{m}"\nmax_size = "1M"\nmin_free = 0\n')
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_until(lambda st: st["bytes"]["max"] == 1 << 20, timeout=60, what="the smaller --max-size applied")
+        proxy.release.set()
+        st = d.wait_until(lambda st: st["objects"]["ready"] == 3, timeout=60, what="the three downloads landed")
+        assert st["bytes"]["ready"] > 1 << 20  # above the bound: they were admitted under the old one
+        d.proc.send_signal(signal.SIGHUP)  # the same settings again (a ConfigMap resync)
+        st = d.wait_until(lambda st: st["bytes"]["ready"] <= 1 << 20, timeout=60,
+                          what="the ready bytes within --max-size after the next reload")
+        assert st["objects"]["ready"] == 2 and st["evicted"] == 1, st["objects"]
+    finally:
+        proxy.release.set()
+        try:
+            assert d.stop() == 0
+        finally:
+            proxy.stop()

@@ -215,9 +215,9 @@ class Reload:
             return
         finally:
             # Ready bytes never exceed --max-size, not even until the next admission; after the manifest,
-            # which may pin or unpin files
-            if merged.max_size < old.max_size:
-                self._fit()
+            # which may pin or unpin files. Also when --max-size did not shrink now: downloads admitted
+            # before an earlier shrink may have landed above it since (fit does nothing when within it).
+            self._fit()
         with self._cond:
             self._work_changed()
             self._cond.notify_all()
