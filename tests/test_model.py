@@ -56,7 +56,8 @@ def test_the_machine_gives_one_verdict_every_run():
     env.pop("S3CACHE_MODEL_RANDOM", None)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
                           "--timeout", "1100", f"{__file__}::TestDaemonModel"],
-                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         env=env, capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-30000:] + run.stderr[-5000:]
 
 
