@@ -8,8 +8,9 @@ Invariants it keeps:
 * a lease counts monotonic time (a step of the wall clock never ends or stretches one);
 * a lease owed on a file not ready is kept for at most ``MAX_AWAITING`` processes per file and
   ``MAX_AWAITED_FILES`` files (holder names and URIs come from readers: bounded), and dropped when the
-  file lands (the lease starts, at the place in the reader's order its want took) or its download ends
-  without a file (``_unawait``); a re-admission for another size is neither;
+  file lands (the lease starts, at the place in the reader's order its want took), its download ends
+  without a file (``_unawait``), or the reader stops waiting on it without having taken it
+  (``drop_owed``: its connection closed); a re-admission for another size is none of these;
 * the leases in force are written to the index only when they changed since the last write.
 
 Uses the attributes ``Space`` sets (``store``, ``index``); callers hold the state lock, except for
@@ -72,6 +73,19 @@ class Leasing:
         order where the reader took it (it may have moved on since)."""
         for reader, place in self._awaited.pop(uri, {}).items():
             self.leases.saw(reader, uri, size, now, place=place)
+
+    def owed_place(self, uri: str, reader: str) -> int | None:
+        """The place in ``reader``'s order its lease owed on ``uri`` (not ready) takes, if one is owed."""
+        return self._awaited.get(uri, {}).get(reader)
+
+    def drop_owed(self, uri: str, reader: str, places: set[int]) -> None:
+        """``reader`` stopped waiting on ``uri``: no lease is owed to it there any more, unless it took
+        the file since (its place then is none of ``places``, those its wants took)."""
+        holders = self._awaited.get(uri)
+        if holders is not None and holders.get(reader) in places:
+            del holders[reader]
+            if not holders:
+                del self._awaited[uri]
 
     def _unawait(self, uri: str) -> None:
         """``uri``'s download ended without a file: no lease is owed on it any more."""
