@@ -131,7 +131,7 @@ def test_revalidate_asks_no_more_about_an_object_whose_refetch_is_pending(tmp_pa
     for i in range(2):
         s3.put_object(Bucket=bucket, Key=f"p/{i}", Body=os.urandom(40_000))
     hold = []
-    plan = lambda m, p, q: "stall" if hold and m == "GET" and p.endswith("/p/1") else None  # noqa: E731
+    plan = lambda m, p, q: "stall" if hold and m == "GET" and p.endswith("/p/1") else None
     with FaultProxy(moto.port, plan, stall_seconds=600) as proxy:
         try:
             d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/p/{i}" for i in range(2)]),
@@ -140,7 +140,7 @@ def test_revalidate_asks_no_more_about_an_object_whose_refetch_is_pending(tmp_pa
             d.wait_until(lambda st: st["objects"]["ready"] == 2)
             hold.append(True)
             s3.put_object(Bucket=bucket, Key="p/1", Body=b"v2")
-            heads = lambda key: len(proxy.seen(f"/{bucket}/{key}", "HEAD"))  # noqa: E731
+            heads = lambda key: len(proxy.seen(f"/{bucket}/{key}", "HEAD"))
             wait_for(lambda: any(x.fault == "stall" for x in proxy.seen(f"/{bucket}/p/1", "GET")), 120,
                      "the refetch of p/1 to be held")
             changed, unchanged = heads("p/1"), heads("p/0")
