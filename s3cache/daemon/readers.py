@@ -70,9 +70,6 @@ class Readers(Announced):
         self._promote = promote
         self.waiters: dict[str, set[Connection]] = {}
         self._early_use: dict[str, float] = {}  # used by a reader between rename and "ready"
-        # uri -> holder -> (its connections waiting on it, the places its wants took): whose lease owed
-        # on a file not ready ends when the last of those connections closes (``closed``).
-        self._owed: dict[str, dict[str, tuple[set[Connection], set[int]]]] = {}
         self.epochs: dict[int, dict[str, int]] = {}  # readers' epoch -> hits and misses
         self._wanted_at: dict[str, float] = {}  # when a reader first started waiting for a file
         self.hits = 0
@@ -251,7 +248,10 @@ class Readers(Announced):
             # After the waits are set up, so the reader's lease on each pending file starts when it lands.
             if counted:
                 self.note_use(reader, uris, hit=False)
-                self._owe(conn, reader, uris)
+                holder = reader.partition("/")[2] or reader  # as note_use names it
+                for uri in uris:  # the leases owed on files not ready this want took end when conn closes
+                    if conn in self.waiters.get(uri, ()):
+                        self._space.owe_to(conn, holder, uri)
             for rank, ref in enumerate(hints, 1):  # rank: its place after the file(s) waited on
                 if self._scope.allows(ref, self._schedule.catalog):
                     self._schedule.hint(ref, rank if rank < FIRST_FILES else None)
@@ -259,18 +259,6 @@ class Readers(Announced):
                     self.hints_out_of_scope += 1
             self._cond.notify_all()
         return results
-
-    def _owe(self, conn: Connection, reader: str, uris: list[str]) -> None:
-        """Remember which lease owed on a file not ready ``conn``'s want made (``note_use`` took it)."""
-        holder = reader.partition("/")[2] or reader  # as note_use names it
-        for uri in uris:
-            if conn not in self.waiters.get(uri, ()):
-                continue
-            place = self._space.owed_place(uri, holder)
-            if place is not None:
-                conns, places = self._owed.setdefault(uri, {}).setdefault(holder, (set(), set()))
-                conns.add(conn)
-                places.add(place)
 
     def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry],
                  since: float | None = None, timed: bool = True) -> None:
@@ -342,7 +330,6 @@ class Readers(Announced):
             if used_at:
                 self._space.touch(uri, used_at)
             conns = self.waiters.pop(uri, ())
-            self._owed.pop(uri, None)
             self.outside.done(uri, conns)
             self._tell(conns, {"event": "ready", "uri": uri, "path": rec.path})
             self._stop_waiting(uri)
@@ -351,7 +338,6 @@ class Readers(Announced):
         """Fetching ``uri`` failed: answer its waiters."""
         self._early_use.pop(uri, None)
         conns = self.waiters.pop(uri, ())
-        self._owed.pop(uri, None)
         self.outside.done(uri, conns)
         self._tell(conns, {"event": "failed", "uri": uri, "code": code, "message": message})
         self._stop_waiting(uri)
@@ -380,25 +366,13 @@ class Readers(Announced):
                     del self._parked[uri]
             for uri in [u for u, cs in self.waiters.items() if conn in cs]:
                 self.waiters[uri].discard(conn)
-                self._disown(conn, uri)
+                self._space.disown(conn, uri)
                 if not self.waiters[uri]:
                     del self.waiters[uri]
                     self._stop_waiting(uri)
             unwanted = {u for u in outside if u not in self.waiters and u not in self._schedule.catalog}
             if unwanted:
                 self._schedule.demand.drop(unwanted)
-
-    def _disown(self, conn: Connection, uri: str) -> None:
-        """``conn`` stops waiting on ``uri``: its holder's lease owed on it ends with the holder's last
-        waiting connection, unless a usage note took it since (the process has the file then)."""
-        owed = self._owed.get(uri)
-        for holder, (conns, places) in list(owed.items()) if owed else ():
-            conns.discard(conn)
-            if not conns:
-                del owed[holder]
-                self._space.drop_owed(uri, holder, places)
-        if owed == {}:
-            del self._owed[uri]
 
     def status(self) -> dict:
         """This part's piece of ``status`` (state lock held). ``wait_seconds`` includes waits going on."""
