@@ -108,9 +108,6 @@ class DaemonModel(Promises, OutsideRules, RuleBasedStateMachine):
         # a reader's lease holds the two files it resolved last for --lease seconds (_protected).
         self.resolved: dict[str, dict[str, tuple[int, float, int]]] = {r: {} for r in READERS}
         self.seq = 0
-        # Wants a reader stopped waiting on (it left, or the daemon restarted): uri -> its place in the
-        # reader's order. The daemon may lease such a file when it lands (_protected allows for it).
-        self.ghosts: dict[str, dict[str, int]] = {r: {} for r in READERS}
         self.noted: list[tuple[str, str, int]] = []  # (reader, uri, seq) of each note, the last ones not drained
         # What the leases saved at the last flush hold (``resolved`` then, less notes not yet drained):
         # what a restart keeps (kept_leases.py).
@@ -194,7 +191,6 @@ class DaemonModel(Promises, OutsideRules, RuleBasedStateMachine):
         if (reader, uri) in self.pending:
             return  # one resolve of an object at a time per reader
         [res] = self.h.d.readers.want(self.conns[reader], _named(reader), [uri])
-        self.ghosts[reader].pop(uri, None)  # its place in the reader's order is this want's now
         self._active(reader, uri)
         self.seq += 1
         STATS[f"want {res['state']}"] += 1
@@ -259,7 +255,7 @@ class DaemonModel(Promises, OutsideRules, RuleBasedStateMachine):
         self.conns[reader] = Conn(reader, *PROCESS[reader])
         self.read[reader] = 0
         for key in [k for k in self.pending if k[0] == reader]:
-            self.ghosts[reader][key[1]] = self.pending.pop(key)
+            del self.pending[key]  # it stopped waiting: the file is not leased to it when it lands
 
     def _flushed(self) -> None:
         """The daemon wrote its leases to the index: those of every resolve it has heard of, which is

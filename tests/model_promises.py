@@ -3,7 +3,7 @@
 (the machine's invariant) fails the step if any was recorded.
 
 Uses the machine's attributes: ``h`` (the harness), ``clock``, ``known`` (promises not checked),
-``pending``, ``resolved``, ``ghosts``, ``superseded``, ``ceiling``, ``evictions_checked``,
+``pending``, ``resolved``, ``superseded``, ``ceiling``, ``evictions_checked``,
 ``violations``, and its ``_read_messages``."""
 
 from __future__ import annotations
@@ -36,19 +36,15 @@ class Promises:
         files always. Those turns go in an order the daemon keeps, so a file is required only if it is
         held in every order: when the files of the uid's other processes at its rank and the ranks before
         it (the worst case) leave it under the cap or among the first two. A process one of whose two
-        newest files is out of its lease may hold an older file at that rank, and one that stopped waiting
-        on a file (``ghosts``) may hold it if it landed: files of a size not modelled, so beyond them the
-        uid's cap is not checked (a lower bound, never a false alarm)."""
+        newest files is out of its lease may hold an older file at that rank (a lower bound, never a false
+        alarm). A file a reader stopped waiting on (it left) is not its: it is leased nothing for it."""
         d = self.h.d
         lease, now = d.s.lease, self.clock.mono
         cap = min(d.s.max_size, d.store.total_bytes()) // LEASE_UID_SHARE
         ready = d.space.ready
-        by_uid: dict[int, list[tuple[list[tuple[str | None, int]], bool]]] = {}
+        by_uid: dict[int, list[tuple[list[tuple[str, int]], bool]]] = {}
         for reader, seen in self.resolved.items():
-            # A want left unanswered (``ghosts``) may have landed since and be leased: a file the model
-            # does not know (None), in its place in the reader's order.
             mine = [(seq, uri, now - when < lease, size) for uri, (seq, when, size) in seen.items()]
-            mine += [(seq, None, True, 0) for uri, seq in self.ghosts[reader].items()]
             newest = sorted(mine, key=lambda t: t[0], reverse=True)[:2]
             # the bytes the lease counts: the file's size when resolved, or its size now if larger
             fresh = [(uri, max(size, ready[uri].size if uri in ready else 0))
@@ -59,8 +55,6 @@ class Promises:
         for lists in by_uid.values():
             for i, (mine, _) in enumerate(lists):
                 for rank, (uri, _) in enumerate(mine):
-                    if uri is None:
-                        continue
                     if len(lists) == 1:  # the uid's only holder: its two newest are held whatever the cap
                         out.add(uri)
                         continue
@@ -70,7 +64,6 @@ class Promises:
                         if j != i:
                             known &= not unsure or len(other) > rank
                             before += other[:rank + 1]
-                    known &= all(u is not None for u, _ in before)
                     if known and (len(before) < 2 or sum(n for _, n in before) < cap):
                         out.add(uri)
         return out

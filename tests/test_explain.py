@@ -3,6 +3,7 @@ failure inside ``s3cache.tf.files`` carries the S3 error code and the URI. Real 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from conftest import write_manifest
 
 from s3cache import ResolveTimeout, resolve
+from s3cache.store.layout import Layout
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy
 
@@ -70,3 +72,33 @@ def test_a_timeout_behind_leases_of_a_reader_that_left_names_who_holds_what(tmp_
             break
     assert "128.0 KiB of the 128.0 KiB cache in use; eviction may not take " in msg, msg
     assert "leased by 1 reader(s)" in msg and " 0 B " not in msg, msg
+
+
+def test_a_download_retrying_for_room_is_explained_as_waiting_for_space(tmp_path, s3, bucket, daemons):
+    """A reader's object refused room is handed to a worker again (every second while the reader waits)
+    and counts as fetching while that worker asks for room again: it was explained as "fetching, one of
+    1 download(s)", not as waiting for space. The test holds the worker there: it takes the lease lock
+    shared, as a reader does, so the worker's next try at room waits to evict."""
+    uris = []
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"r/{i}", Body=os.urandom(64 * KiB))
+        uris.append(f"s3://{bucket}/r/{i}")
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                args=["--max-size", str(128 * KiB), "--lease", "600", "--min-free", "0"])
+    resolve(uris[:2], cache_dir=d.cache_dir, timeout=120)  # both leased: nothing may be evicted
+    reader = "import sys; from s3cache import resolve; resolve(sys.argv[2], cache_dir=sys.argv[1], timeout=600)"
+    waiter = subprocess.Popen([sys.executable, "-c", reader, str(d.cache_dir), uris[2]], stderr=subprocess.DEVNULL)
+    fd = os.open(Layout(str(d.cache_dir.absolute())).lease_lock, os.O_RDONLY)
+    try:
+        d.wait_until(lambda st: any(w["uri"] == uris[2] and w["reader_waits"] for w in st["waiting_for_space"]),
+                     what="the reader's object to be refused room")
+        fcntl.flock(fd, fcntl.LOCK_SH)  # the worker's next try at room waits for this
+        d.wait_until(lambda st: st["objects"]["fetching"] == 1, what="a worker to try for room again")
+        with pytest.raises(ResolveTimeout) as e:
+            resolve(uris[2], cache_dir=d.cache_dir, timeout=1)
+        msg = str(e.value)
+        assert f"{uris[2]}: waiting for space: 128.0 KiB of the 128.0 KiB cache in use" in msg, msg
+    finally:
+        os.close(fd)  # drops the flock
+        waiter.kill()
+        waiter.wait()

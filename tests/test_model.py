@@ -248,3 +248,25 @@ def test_downloads_admitted_before_a_smaller_max_size_are_evicted_down_to_it_at_
         lambda m: m.settle(),
         lambda m: m.sighup(lease=5.0, max_size=900),
     ])
+
+
+def test_a_file_its_reader_stopped_waiting_on_is_not_leased_to_it_when_it_lands():
+    # host:1 resolved k0, then waited on k1 and left (its connection closed); it resolves k2. k1 landed
+    # after that was leased to host:1 at k1's place in its order, so its two newest files were k2 and
+    # k1, and k0, really one of them, could be evicted. The machine allows no such lease since.
+    def leases(m):
+        with m.h.d.cond:
+            held = m.h.d.space.leases.held(m.clock.mono)
+        assert KEYS[0] in held and KEYS[1] not in held, held
+
+    replay([
+        sized(600, 600, 600),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.workers_run(1),
+        lambda m: m.want("host:1", KEYS[1]),
+        lambda m: m.reader_leaves("host:1"),
+        lambda m: m.want("host:1", KEYS[2]),
+        lambda m: m.workers_run(2),
+        lambda m: m.drain_notes(),
+        leases,
+    ])

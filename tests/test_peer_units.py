@@ -170,6 +170,16 @@ def test_dns_gives_the_sorted_addresses_with_the_peer_port_and_this_host():
         resolve("dns:no-such-host.invalid", "127.0.0.1:7480")
 
 
+def test_dns_gives_ipv6_peers_in_the_one_spelling_of_peer_addr():
+    """getaddrinfo writes an IPv4-mapped address dotted (``::ffff:127.0.0.1``); --peer-addr is parsed to
+    ``[::ffff:7f00:1]:7480``: unnormalised, this host was listed twice and its DNS spelling never matched."""
+    from s3cache.peer.members import from_dns
+
+    assert resolve("dns:::ffff:127.0.0.1", "[::ffff:127.0.0.1]:7480") == ["[::ffff:7f00:1]:7480"]
+    assert from_dns("0:0::1", "[0::1]:07480") == ["[::1]:7480"]
+    assert from_dns("::1", "[::2]:7480") == ["[::1]:7480", "[::2]:7480"]
+
+
 def test_membership_from_a_file_follows_its_edits_and_survives_a_bad_read(tmp_path):
     from s3cache.peer.members import Membership
 

@@ -319,3 +319,33 @@ def test_a_key_and_a_key_beneath_it_in_one_batch_both_land(tmp_path):
             assert os.path.isfile(store.layout.abspath(rel))
     finally:
         store.close()
+
+
+def test_planning_a_batch_refuses_taken_paths_by_lookup_not_by_scanning_the_batch(tmp_path):
+    """A publisher batch's planned paths: a path under a planned file and a path a planned file lies
+    under are refused (each takes its hashed place instead), and the check only looks paths up (it
+    scanned every planned path per check: quadratic in the batch)."""
+    from s3cache.manifest.refs import make_ref
+    from s3cache.store.files import Store
+    from s3cache.store.tree import Planned
+
+    class Unscannable(Planned):
+        def __iter__(self):
+            raise AssertionError("is_free scanned the batch")
+
+    store = Store(str(tmp_path / "cache"))
+    store.open()
+    try:
+        planned = Unscannable()
+        for i in range(200):
+            rel = store.plan(make_ref("bkt", f"d/{i}/f"), planned)
+            assert rel == f"bkt/d/{i}/f"
+            planned.add(rel)
+        assert planned.dirs >= {"bkt", "bkt/d", "bkt/d/7"} and "bkt/d/7" not in planned
+        for key in ("d/7/f/under", "d/7"):  # under a planned file; a planned file's parent
+            assert store.plan(make_ref("bkt", key), planned).startswith(".h/"), key
+        assert store.plan(make_ref("bkt", "d/7/g"), planned) == "bkt/d/7/g"  # a sibling is free
+        assert store.plan(make_ref("bkt", "d/7/f/g"), {"bkt/d/7/f"}).startswith(".h/")  # a plain set still works
+        assert store.plan(make_ref("bkt", "d"), ["bkt/d/x"]).startswith(".h/")
+    finally:
+        store.close()

@@ -120,3 +120,32 @@ def test_verify_text_output_names_an_object_s3_gave_no_usable_answer_about(tmp_p
     assert r.exit_code == 0, r.output
     assert f"unchecked   s3://{bucket}/e/odd: " in r.output, r.output
     assert "checked 2 file(s)" in r.output and f"s3://{bucket}/e/ok" not in r.output.split("unchecked", 1)[1]
+
+
+def test_revalidate_asks_no_more_about_an_object_whose_refetch_is_pending(tmp_path, s3, bucket, moto, daemons):
+    """An object found changed is marked superseded and fetched again; until its new version lands the
+    next cycles must not HEAD it again (they did: one HEAD per cycle, for nothing). The refetch is held
+    by the proxy; cycles are counted by the HEADs of an object that did not change."""
+    from s3cache.testing.faultproxy import FaultProxy
+
+    for i in range(2):
+        s3.put_object(Bucket=bucket, Key=f"p/{i}", Body=os.urandom(40_000))
+    hold = []
+    plan = lambda m, p, q: "stall" if hold and m == "GET" and p.endswith("/p/1") else None
+    with FaultProxy(moto.port, plan, stall_seconds=600) as proxy:
+        try:
+            d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/p/{i}" for i in range(2)]),
+                        args=["--endpoint-url", proxy.url, "--revalidate", "0.2", "--read-timeout", "600",
+                              "--max-attempts", "1"])
+            d.wait_until(lambda st: st["objects"]["ready"] == 2)
+            hold.append(True)
+            s3.put_object(Bucket=bucket, Key="p/1", Body=b"v2")
+            heads = lambda key: len(proxy.seen(f"/{bucket}/{key}", "HEAD"))
+            wait_for(lambda: any(x.fault == "stall" for x in proxy.seen(f"/{bucket}/p/1", "GET")), 120,
+                     "the refetch of p/1 to be held")
+            changed, unchanged = heads("p/1"), heads("p/0")
+            wait_for(lambda: heads("p/0") >= unchanged + 3, 120, "three more revalidation cycles")
+            assert heads("p/1") == changed
+            assert d.stop() == 0  # stopping ends the held GET; then the proxy may end it too
+        finally:
+            proxy.release.set()

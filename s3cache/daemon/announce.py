@@ -124,6 +124,9 @@ class Announced:
                     out.append({"uri": raw, "state": "invalid", "text": str(e)})
                     continue
                 item: dict = {"uri": uri}
+                # Refused room and holding none since: a worker handed it again (while a reader waits,
+                # every second) is only asking for room again, not downloading it.
+                for_room = uri in sched.blocked or (uri in space.waits and uri not in space.reservations)
                 if space.is_ready(uri) and not space.ready[uri].superseded:  # superseded: its refetch says
                     item.update(state="ready", text="it is ready now (it landed just after the timeout)")
                 elif (f := sched.failed.get(uri)) is not None:
@@ -131,11 +134,11 @@ class Announced:
                     retry = "" if f.permanent else f" (retried in {max(0.0, f.retry_at - time.monotonic()):.0f} s)" \
                         if f.retry_at is not None else ""
                     item.update(state="failed", code=code, text=f"failed with {code}: {message}{retry}")
-                elif sched.is_fetching(uri):
+                elif sched.is_fetching(uri) and not for_room:
                     item.update(state="fetching", fetching=len(sched.fetching), bytes_per_s=round(throughput),
                                 text=f"fetching, one of {len(sched.fetching)} download(s) in flight, "
                                      f"{throughput / 1e6:.1f} MB/s in all")
-                elif uri in sched.blocked or space.disk_full or sched.prefetch_paused:
+                elif for_room or space.disk_full or sched.prefetch_paused:
                     item.update(state="waiting_for_space", **self._room(uri))
                     item["text"] = self._room_text(item)
                 elif uri in demand:

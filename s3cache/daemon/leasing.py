@@ -8,8 +8,9 @@ Invariants it keeps:
 * a lease counts monotonic time (a step of the wall clock never ends or stretches one);
 * a lease owed on a file not ready is kept for at most ``MAX_AWAITING`` processes per file and
   ``MAX_AWAITED_FILES`` files (holder names and URIs come from readers: bounded), and dropped when the
-  file lands (the lease starts, at the place in the reader's order its want took) or its download ends
-  without a file (``_unawait``); a re-admission for another size is neither;
+  file lands (the lease starts, at the place in the reader's order its want took), its download ends
+  without a file (``_unawait``), or the reader stops waiting on it without having taken it
+  (``disown``: its last connection waiting on it closed); a re-admission for another size is none of these;
 * the leases in force are written to the index only when they changed since the last write.
 
 Uses the attributes ``Space`` sets (``store``, ``index``); callers hold the state lock, except for
@@ -47,6 +48,9 @@ class Leasing:
         self._leases_saved = self.leases.changes
         # Readers that took a file not yet ready: uri -> reader -> its place in that reader's order.
         self._awaited: dict[str, dict[str, int]] = {}
+        # Of those, the ones readers' wants made: uri -> reader -> (its connections waiting on it, the
+        # places its wants took). Keys are always some of ``_awaited``'s.
+        self._waiting: dict[str, dict[str, tuple[set, set[int]]]] = {}
 
     def _apply_leases(self, settings: Settings) -> None:
         """SIGHUP's live settings, to the copies the leases made of them."""
@@ -58,7 +62,9 @@ class Leasing:
         """``reader`` took ``uri`` before it is ready: its lease starts when it lands, at the place in
         its order this call takes (``Leases.ticket``)."""
         if len(self._awaited) >= MAX_AWAITED_FILES and uri not in self._awaited:
-            del self._awaited[next(iter(self._awaited))]  # the oldest, not the reader's newest
+            oldest = next(iter(self._awaited))  # the oldest, not the reader's newest
+            del self._awaited[oldest]
+            self._waiting.pop(oldest, None)
         holders = self._awaited.setdefault(uri, {})
         if reader in holders or len(holders) < MAX_AWAITING:  # holders are processes: bounded
             holders[reader] = self.leases.ticket()
@@ -70,12 +76,41 @@ class Leasing:
     def _lease_awaited(self, uri: str, size: int, now: float) -> None:
         """``uri`` landed (at ``now``, monotonic): the leases owed on it start, each in its reader's
         order where the reader took it (it may have moved on since)."""
+        self._waiting.pop(uri, None)
         for reader, place in self._awaited.pop(uri, {}).items():
             self.leases.saw(reader, uri, size, now, place=place)
+
+    def owe_to(self, conn: object, reader: str, uri: str) -> None:
+        """``conn`` (a reader's connection) waits on ``uri`` for ``reader``, whose lease owed on it
+        (``touch``) ends when the last such connection closes (``disown``), unless it took the file."""
+        place = self._awaited.get(uri, {}).get(reader)
+        if place is not None:
+            conns, places = self._waiting.setdefault(uri, {}).setdefault(reader, (set(), set()))
+            conns.add(conn)
+            places.add(place)
+
+    def disown(self, conn: object, uri: str) -> None:
+        """``conn`` closed while waiting on ``uri``: a reader none of whose connections waits on it any
+        more is owed no lease there, unless it took the file since (a usage note between its rename and
+        its commit: the process has it, and its place then is none of those its wants took)."""
+        waiting = self._waiting.get(uri, {})
+        for reader, (conns, places) in list(waiting.items()):
+            conns.discard(conn)
+            if conns:
+                continue
+            del waiting[reader]
+            holders = self._awaited.get(uri, {})
+            if holders.get(reader) in places:
+                del holders[reader]
+                if not holders:
+                    del self._awaited[uri]
+        if not waiting:
+            self._waiting.pop(uri, None)
 
     def _unawait(self, uri: str) -> None:
         """``uri``'s download ended without a file: no lease is owed on it any more."""
         self._awaited.pop(uri, None)
+        self._waiting.pop(uri, None)
 
     def leased_now(self) -> set[str]:
         """The URIs leases hold now (``Leases.held``)."""

@@ -238,11 +238,13 @@ class Maintenance:
                       "not be removed: %s", shown, code, error)
 
     def revalidate_loop(self, stopping: threading.Event, every: float) -> None:
-        """``--revalidate``: every ``every`` seconds, ask S3 whether cached manifest objects changed."""
+        """``--revalidate``: every ``every`` seconds, ask S3 whether cached manifest objects changed
+        (not those known changed, whose new version is on its way: one HEAD per object found changed)."""
         while not stopping.wait(every):
             with self._cond:
-                catalog = self._schedule.catalog
-                uris = [u for u in self._space.ready_uris() if u in catalog]
+                catalog, ready = self._schedule.catalog, self._space.ready
+                # A superseded copy's refetch is pending: S3 has told us already, until the new one lands.
+                uris = [u for u in self._space.ready_uris() if u in catalog and not ready[u].superseded]
             try:
                 report = self.verify(uris, False, True)
             except Exception:

@@ -48,6 +48,7 @@ from s3cache.fetch.fetcher import Fetched
 from s3cache.manifest.parse import Entry
 from s3cache.store.files import Store
 from s3cache.store.index import PUBLISHING, READY, Index, Record, claims_of
+from s3cache.store.tree import Planned
 
 from .space import Space
 
@@ -159,7 +160,7 @@ class Publisher:
             if len(current) < len(batch):
                 self._cond.notify_all()
         plans: list[tuple[Entry, Fetched, Record]] = []
-        planned: set[str] = set()
+        planned = Planned()
         for entry, f in current:
             try:
                 rel = self._store.plan(entry.ref, planned)

@@ -248,6 +248,10 @@ class Readers(Announced):
             # After the waits are set up, so the reader's lease on each pending file starts when it lands.
             if counted:
                 self.note_use(reader, uris, hit=False)
+                holder = reader.partition("/")[2] or reader  # as note_use names it
+                for uri in uris:  # the leases owed on files not ready this want took end when conn closes
+                    if conn in self.waiters.get(uri, ()):
+                        self._space.owe_to(conn, holder, uri)
             for rank, ref in enumerate(hints, 1):  # rank: its place after the file(s) waited on
                 if self._scope.allows(ref, self._schedule.catalog):
                     self._schedule.hint(ref, rank if rank < FIRST_FILES else None)
@@ -362,6 +366,7 @@ class Readers(Announced):
                     del self._parked[uri]
             for uri in [u for u, cs in self.waiters.items() if conn in cs]:
                 self.waiters[uri].discard(conn)
+                self._space.disown(conn, uri)
                 if not self.waiters[uri]:
                     del self.waiters[uri]
                     self._stop_waiting(uri)

@@ -84,14 +84,17 @@ def from_tf_config(raw: str | None, port: int) -> list[str]:
 
 
 def from_dns(name: str, me: str, lookup: Callable = socket.getaddrinfo) -> list[str]:
-    """The addresses ``name`` resolves to, sorted, with ``me``'s port, and ``me`` among them."""
+    """The addresses ``name`` resolves to, sorted, with ``me``'s port, and ``me`` among them, each in
+    ``peer_address``'s one spelling (getaddrinfo writes an IPv4-mapped IPv6 address dotted, which
+    ``--peer-addr`` never is once parsed: the two would never match)."""
+    me = _addr(me, "--peer-addr")
     host, port = me.rsplit(":", 1)
     v6 = host.startswith("[")
     try:
         infos = lookup(name, int(port), socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise ConfigError(f"--peers dns:{name}: {e}") from None
-    hosts = {f"[{i[4][0]}]:{port}" if v6 else f"{i[4][0]}:{port}" for i in infos}
+    hosts = {_addr(f"[{i[4][0]}]:{port}" if v6 else f"{i[4][0]}:{port}", f"--peers dns:{name}") for i in infos}
     hosts.add(me)
     return sorted(hosts)
 
