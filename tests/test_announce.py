@@ -4,7 +4,6 @@ too), what the tracker then knows about each file's next use, and what it says a
 
 from __future__ import annotations
 
-
 import pytest
 from parts import Rig, catalog
 

@@ -5,7 +5,8 @@ import zlib
 
 import crc32c
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from s3cache.errors import ChecksumMismatch
 from s3cache.fetch.checksum import _COMBINERS, Expectation

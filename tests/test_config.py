@@ -16,7 +16,14 @@ from conftest import write_manifest
 from s3cache.cli import main
 from s3cache.errors import ConfigError
 from s3cache.service import config_sources
-from s3cache.service.config import TEXT, Settings, human_size, options, parse_size, setting
+from s3cache.service.config import (
+    TEXT,
+    Settings,
+    human_size,
+    options,
+    parse_size,
+    setting,
+)
 from s3cache.service.config_sources import load
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import socket
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from s3cache import resolve
 from s3cache.sockets.control import Client

@@ -10,7 +10,12 @@ from click.testing import CliRunner
 
 from s3cache.cli import main
 from s3cache.errors import FetchFailed, UnsafeKey
-from s3cache.fetch.listing import make_client, manifest_lines, parse_prefix_uri, write_manifest
+from s3cache.fetch.listing import (
+    make_client,
+    manifest_lines,
+    parse_prefix_uri,
+    write_manifest,
+)
 from s3cache.manifest.parse import parse
 
 KEYS = ["p/a b.tfrecord", "p/hash#1.tfrecord", "p/100%.tfrecord", "p/caf\u00e9/\u6570\u636e.tfrecord",

@@ -2,7 +2,8 @@ import base64
 import hashlib
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from s3cache.errors import ManifestError
 from s3cache.manifest.parse import Entry, Listed, Prefix, expand, parse, read

@@ -6,8 +6,8 @@ other shares' objects are still served on demand and reported."""
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import time
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 tests.
 
 CI runs it through ``test_the_machine_gives_one_verdict_every_run``: ``S3CACHE_MODEL_EXAMPLES`` (default 100)
-derandomized sequences of up to ``S3CACHE_MODEL_STEPS`` (default 50) steps, about a minute here, in a child
+derandomized sequences of up to ``S3CACHE_MODEL_STEPS`` (default 50) steps (10-60 s here by load), in a child
 interpreter with ``PYTHONHASHSEED`` pinned: the same sequences and the same verdict every run. With
 ``S3CACHE_MODEL=1`` it runs in this process (``TestDaemonModel``). A longer run explores new ones::
 

@@ -2,7 +2,8 @@ import os
 import unicodedata
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from s3cache.errors import UnsafeKey
 from s3cache.manifest.refs import ObjectRef, parse_uri

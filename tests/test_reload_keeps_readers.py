@@ -12,8 +12,8 @@ from s3cache import resolve
 from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef
-from s3cache.policy.tracker import ReaderTracker
 from s3cache.policy.order import Announcement, ListMap
+from s3cache.policy.tracker import ReaderTracker
 from s3cache.testing import wait_for
 
 

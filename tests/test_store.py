@@ -12,7 +12,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from s3cache.errors import CacheDirError, NameFoldingFilesystem
 from s3cache.manifest.refs import ObjectRef

@@ -9,14 +9,22 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from s3cache import FetchFailed, resolve
 from s3cache.cli import main
 from s3cache.errors import UnsafeKey
 from s3cache.fetch.listing import write_manifest as list_manifest
 from s3cache.manifest.parse import parse_line
-from s3cache.manifest.refs import ObjectRef, decode_key, encode_key, format_uri, from_identity, parse_uri
+from s3cache.manifest.refs import (
+    ObjectRef,
+    decode_key,
+    encode_key,
+    format_uri,
+    from_identity,
+    parse_uri,
+)
 
 # raw keys (what S3 stores, what `aws s3 ls` prints); "x%41" is the one the rule cannot take raw
 KEYS = ["u/a b#c.bin", "u/100%.bin", "u/x%41.bin", "u/p+q.bin", "u/Ünï ñ.bin", "u/plain.bin", "u/%zz.bin"]

@@ -14,7 +14,15 @@ from pathlib import Path
 import click
 
 from ..errors import S3CacheError
-from .common import cache_dir_option, check_uris, exit_code, main, request, run, shown_uri
+from .common import (
+    cache_dir_option,
+    check_uris,
+    exit_code,
+    main,
+    request,
+    run,
+    shown_uri,
+)
 
 
 @main.command("resolve")

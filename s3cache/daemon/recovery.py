@@ -34,7 +34,14 @@ from s3cache.manifest.catalog import Catalog
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import from_identity, make_ref
 from s3cache.store.files import Store
-from s3cache.store.index import PUBLISHING, READY, Index, IndexCorrupt, Record, claims_of
+from s3cache.store.index import (
+    PUBLISHING,
+    READY,
+    Index,
+    IndexCorrupt,
+    Record,
+    claims_of,
+)
 from s3cache.store.layout import SUPERSEDED_BIT
 from s3cache.store.paths import HASHED_DIR, PRIVATE_DIR, readable_path
 

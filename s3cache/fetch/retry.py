@@ -32,7 +32,13 @@ from typing import Protocol, TypeVar
 import botocore.exceptions
 import urllib3.exceptions
 
-from s3cache.errors import ChecksumMismatch, FetchFailed, ObjectChanged, S3CacheError, WrongChecksum
+from s3cache.errors import (
+    ChecksumMismatch,
+    FetchFailed,
+    ObjectChanged,
+    S3CacheError,
+    WrongChecksum,
+)
 from s3cache.service.config import redact_urls
 
 log = logging.getLogger("s3cache.fetch")

@@ -29,7 +29,10 @@ def manifest_uris(path: str | os.PathLike, *, endpoint_url: str | None = None,
     items = list(read(os.fspath(path)))
     if not any(isinstance(i, Prefix) for i in items):
         return [e.ref.display for e in items]
-    from .listing import _pages, make_client  # boto3: only for a manifest that lists prefixes
+    from .listing import (  # boto3: only for a manifest that lists prefixes
+        _pages,
+        make_client,
+    )
 
     client = make_client(endpoint_url, region)
 

@@ -8,7 +8,12 @@ import socket
 import threading
 import time
 
-from s3cache.errors import CacheAccessDenied, DaemonNotRunning, ProtocolError, RequestRefused
+from s3cache.errors import (
+    CacheAccessDenied,
+    DaemonNotRunning,
+    ProtocolError,
+    RequestRefused,
+)
 
 from .wire import E_TOO_LARGE, MAX_LINE, encode
 

@@ -49,10 +49,10 @@ from s3cache.reader.wire import (  # noqa: F401
     parse_request,
 )
 
-from .connection import MAX_INBOX, MAX_OUTBOUND, SOFT_OUTBOUND, Connection, _peer  # noqa: F401 (re-exported)
-from .handlers import HANDLER_THREADS, Handler, Requests  # noqa: F401  (re-exported)
 from .admission import Admission
 from .binding import bind_socket
+from .connection import MAX_INBOX, MAX_OUTBOUND, SOFT_OUTBOUND, Connection, _peer  # noqa: F401 (re-exported)
+from .handlers import HANDLER_THREADS, Handler, Requests  # noqa: F401  (re-exported)
 from .usage_socket import EXHAUSTED, USE_CONN, UseChannel
 
 log = logging.getLogger("s3cache.control")

@@ -34,7 +34,6 @@ from .cachedir import CacheDir, default_name_probe
 from .layout import LEASE_LOCK, SUPERSEDED_BIT, Layout  # noqa: F401  (re-exported: readers have always found it here)
 from .tree import Tree, close_all, split
 
-
 # Files a failed re-verification set aside are evidence, not cache: the newest few stay for a person to
 # look at (within a byte budget the daemon gives, counted against --max-size); older ones go.
 QUARANTINE_KEEP = 8

@@ -125,8 +125,8 @@ def _images(s3, cache: Path, manifest: Path, count: int, out: Callable[[str], No
 def _run(work: Path, shards: int, records: int, out: Callable[[str], None], images: int = 0) -> int:
     import tensorflow as tf
 
-    from s3cache import tf as s3tf
     from s3cache import resolve
+    from s3cache import tf as s3tf
 
     out(f"s3cache demo in {work}")
     src = work / "src"
