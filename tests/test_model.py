@@ -270,3 +270,21 @@ def test_a_file_its_reader_stopped_waiting_on_is_not_leased_to_it_when_it_lands(
         lambda m: m.drain_notes(),
         leases,
     ])
+
+
+def test_a_reader_still_waiting_after_a_transient_failure_is_leased_the_file_when_it_lands():
+    # Found by the machine's long run: host:1 waits on k0 and k2; k0's first download fails for now (503
+    # after every attempt), and its retry lands later. The lease owed to host:1 was dropped with the
+    # failed download, so the prefetch of k1 evicted k0 between its landing and host:1 opening it.
+    pinned, none = ("none", "none", "latest", True), ("none", "none", "latest", False)
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),
+        lambda m: m.want("host:1", KEYS[0]),
+        fetch_one,
+        lambda m: m.want("host:1", KEYS[2]),
+        lambda m: m.install_manifest(keys=[KEYS[0]], specs=[pinned] + [none] * 5),
+        lambda m: m.finish_fetch(0, "transient"),
+        lambda m: m.install_manifest(keys=[KEYS[1]], specs=[none] * len(KEYS)),
+        lambda m: m.settle(),
+        lambda m: m.workers_run(1),
+    ])

@@ -9,8 +9,10 @@ Invariants it keeps:
 * a lease owed on a file not ready is kept for at most ``MAX_AWAITING`` processes per file and
   ``MAX_AWAITED_FILES`` files (holder names and URIs come from readers: bounded), and dropped when the
   file lands (the lease starts, at the place in the reader's order its want took), its download ends
-  without a file (``_unawait``), or the reader stops waiting on it without having taken it
-  (``disown``: its last connection waiting on it closed); a re-admission for another size is none of these;
+  without a file while no want of that reader still waits on it (``_unawait``; a want still waiting is
+  answered when the object is fetched again), the wants on it are answered with a failure
+  (``forget_owed``), or the reader stops waiting on it without having taken it (``disown``: its last
+  connection waiting on it closed); a re-admission for another size is none of these;
 * the leases in force are written to the index only when they changed since the last write.
 
 Uses the attributes ``Space`` sets (``store``, ``index``); callers hold the state lock, except for
@@ -108,7 +110,24 @@ class Leasing:
             self._waiting.pop(uri, None)
 
     def _unawait(self, uri: str) -> None:
-        """``uri``'s download ended without a file: no lease is owed on it any more."""
+        """``uri``'s download ended without a file: no lease is owed on it any more, except to readers
+        whose wants still wait on it (a transient failure, a full disk, a reload's refetch: it is fetched
+        again and they are answered when it lands, so the file must stay theirs from then until they
+        open it). ``forget_owed`` ends those too, once their wants are answered without a file."""
+        waiting = self._waiting.get(uri)
+        holders = self._awaited.pop(uri, None)
+        if not waiting or not holders:
+            self._waiting.pop(uri, None)
+            return
+        kept = {reader: place for reader, place in holders.items() if reader in waiting}
+        if kept:
+            self._awaited[uri] = kept
+        else:
+            self._waiting.pop(uri, None)
+
+    def forget_owed(self, uri: str) -> None:
+        """The wants on ``uri`` were answered without a file (it failed for them): no lease is owed on
+        it to anyone."""
         self._awaited.pop(uri, None)
         self._waiting.pop(uri, None)
 

@@ -340,6 +340,7 @@ class Readers(Announced):
         conns = self.waiters.pop(uri, ())
         self.outside.done(uri, conns)
         self._tell(conns, {"event": "failed", "uri": uri, "code": code, "message": message})
+        self._space.forget_owed(uri)  # answered: nobody waits on it for a lease any more
         self._stop_waiting(uri)
 
     def _tell(self, conns: Iterable[Connection], msg: dict) -> None:
