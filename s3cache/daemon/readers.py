@@ -19,7 +19,8 @@ only through ``_tell`` (today under that lock; the one place to change to queue 
 
 Talks to the schedule and the space below it directly; gets readers' notes through ``notes()`` and
 promotes an in-flight fetch through ``promote(uri)``, callables handed at construction. Answers
-``order``, ``order_list`` and ``explain`` through the ``Announced`` mixin (announce.py).
+``order``, ``order_list`` and ``explain`` through the ``Announced`` mixin (announce.py); holds wants
+outside the scope while the manifest is being edited through the ``Parked`` mixin (parked.py).
 """
 
 from __future__ import annotations
@@ -43,20 +44,17 @@ from s3cache.store.index import Record
 
 from .announce import MAX_READERS, MAX_URI_CHARS, Announced
 from .demand import FIRST_FILES, OutsideDemand
+from .parked import Parked
 from .schedule import Schedule
 from .space import Space
 
 log = logging.getLogger("s3cache.daemon")
 
 MAX_AHEAD = wire.MAX_AHEAD  # ahead hints in one want; the server refuses more (TooMany) before we see it
-# A want outside the demand scope while the manifest on disk is not the one installed (a job appended
-# its object and asked at once) waits for the edit to be installed, at most this long, at most this many.
-SCOPE_WAIT_MAX = 120.0
-MAX_PARKED = 10_000
 EPOCHS_KEPT = 16  # per-epoch hit counts kept (and shown in status): the most recent epoch numbers
 
 
-class Readers(Announced):
+class Readers(Announced, Parked):
     def __init__(self, schedule: Schedule, space: Space, store: Store, cond: threading.Condition,
                  tracker: ReaderTracker, *, notes: Callable[[], Iterable[tuple[str, str, str]]],
                  promote: Callable[[str], object], scope: Scope | None = None,
@@ -274,52 +272,6 @@ class Readers(Announced):
             front.append(entry)
         else:
             self._promote(ref.uri)  # it was prefetching: now a reader waits on it
-
-    def _park(self, ref: ObjectRef, conn: Connection, edited: Callable[[], bool]) -> bool:
-        """Hold a want outside the scope while the manifest is being edited (``edited``); False: refuse
-        it now."""
-        if ref.uri not in self._parked and (len(self._parked) >= MAX_PARKED or not edited()):
-            return False
-        self._parked.setdefault(ref.uri, (ref, time.monotonic(), set()))[2].add(conn)
-        return True
-
-    def expire_parked(self) -> None:
-        """Once a second (takes the state lock): refuse parked wants whose edit is installed without
-        them, was abandoned, or that waited SCOPE_WAIT_MAX. The manifest watch is asked (a stat, a
-        listing for a directory) before the lock is taken."""
-        if not self._parked:  # read without the lock: a hint, judged again under it
-            return
-        asked = time.monotonic()
-        edited = self._edited()
-        with self._cond:
-            self.rejudge_parked(expire=True, edited=edited, asked=asked)
-
-    def rejudge_parked(self, expire: bool, edited: bool = True, asked: float = 0.0) -> None:
-        """Judge the parked wants again (state lock held): after a manifest was installed (``expire``
-        False), and once a second (``expire`` True, from ``expire_parked``: a want whose edit is
-        installed or abandoned (``edited`` False when asked at ``asked``: a want parked after that is for
-        a newer edit), or that waited SCOPE_WAIT_MAX, is refused). Now in scope: fetched for its readers
-        like any want."""
-        if not self._parked:
-            return
-        now = time.monotonic()
-        front: list[Entry] = []
-        for uri, (ref, since, conns) in list(self._parked.items()):
-            path = self._space.ready_path(uri)
-            if path is not None:  # cached meanwhile (a fetch of a job just retired landed): served
-                del self._parked[uri]
-                self._tell(conns, {"event": "ready", "uri": uri, "path": path})
-            elif self._scope.allows(ref, self._schedule.catalog):
-                del self._parked[uri]
-                self._wait_on(ref, conns, front, since)
-            elif expire and ((not edited and since <= asked) or now - since > SCOPE_WAIT_MAX):
-                del self._parked[uri]
-                self.out_of_scope += 1
-                self._tell(conns, {"event": "failed", "uri": uri, "code": OutOfScope.code,
-                                   "message": self._scope.rule()})
-        if front:
-            self._schedule.push_front(front)
-            self._cond.notify_all()
 
     def landed(self, items: list[tuple[str, Record]], now: float) -> None:
         """These files were published and are ready: start leases, answer their waiters."""
