@@ -62,6 +62,12 @@ class OutsideRules:
     @rule(max_size=st.sampled_from([900, 1500, 2000, 4000]), lease=st.sampled_from([5.0, 60.0, 600.0]))
     def sighup(self, max_size, lease):
         d = self.h.d
+        # A lease that ended stays ended: a longer --lease stretches only the leases still in force (the
+        # daemon may already have forgotten the others).
+        for seen in self.resolved.values():
+            for uri, (seq, when, size) in list(seen.items()):
+                if self.clock.mono - when >= d.s.lease:
+                    seen[uri] = (seq, float("-inf"), size)
         self.h.sighup(max_size=max_size, lease=lease)
         sp = d.space
         if sp.used + sp.reserved > max_size:

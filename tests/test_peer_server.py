@@ -139,7 +139,10 @@ def test_an_owner_fetches_an_object_it_lacks_once_for_concurrent_asks_and_notes_
     uri, body = next(iter(data.items()))
     Path(resolve(uri, cache_dir=fleet.cache_dirs[0])).unlink()  # gone behind the daemon's back
     key_path = "/" + uri.removeprefix("s3://")
-    before, st0 = proxy.gets(key_path), fleet.daemons[0].status()
+    # That resolve's usage note reaches the daemon on its own time (use.sock): wait until it counts, so
+    # that the counts below compare the peers' asks alone.
+    before, st0 = proxy.gets(key_path), fleet.daemons[0].wait_until(lambda st: st["readers"] >= 1, 60,
+                                                                    "this test's resolve noted")
     answers: list = []
     asks = [threading.Thread(target=lambda: answers.append(_get(fleet.ports[0], request_uri(uri, 30))))
             for _ in range(3)]
