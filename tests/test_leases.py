@@ -286,6 +286,16 @@ def test_the_processes_of_one_uid_hold_about_uid_cap_newest_first_each_in_turn()
     assert uid_leases(uid_cap=None).held(2.0) == {h + f for h in ("5:1", "5:2", "6:1") for f in ("/old", "/new")}
 
 
+def test_a_file_two_processes_of_one_uid_hold_counts_once_against_its_cap():
+    # Found by the model's long run: two processes of uid 5 both hold "shared" (700 bytes of a 1000-byte
+    # cap); counted twice, the uid looked full and the first process's older file lost its lease.
+    le = Leases(lease=600.0, budget=62, min_files=2, uid_cap=1000)
+    le.saw("5:1", "older", 700, 0.0)
+    le.saw("5:2", "shared", 700, 1.0)
+    le.saw("5:1", "shared", 700, 2.0)
+    assert le.held(3.0) == {"shared", "older"}
+
+
 def test_a_trusted_uid_is_not_capped():
     le = uid_leases(uid_cap=100, uncapped={"5"})
     assert le.held(2.0) == {"5:1/new", "5:2/new", "5:1/old", "5:2/old", "6:1/new", "6:1/old"}

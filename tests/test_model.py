@@ -305,3 +305,21 @@ def test_a_longer_lease_by_sighup_does_not_bring_back_a_lease_that_ended():
         lambda m: m.finish_fetch(0, "ok"),
         lambda m: m.sighup(lease=60.0, max_size=900),
     ])
+
+
+def test_a_file_two_processes_of_one_uid_hold_takes_its_bytes_once_from_the_uids_cap():
+    # Found by the machine's long run: host:1 and host:2 (one uid) both hold k0 after a restart; the
+    # uid's cap (half the cache) counted k0 twice, so host:1's k1, one of its two newest, lost its lease
+    # and was evicted for k2.
+    replay([
+        lambda m: m.objects(sizes=[700] * len(KEYS), listed=False),
+        lambda m: m.want("host:1", KEYS[1]),
+        lambda m: m.want("host:2", KEYS[0]),
+        lambda m: m.start_fetch(),
+        lambda m: m.workers_run(1),
+        lambda m: m.finish_fetch(0, "ok"),
+        lambda m: m.restart(False),
+        lambda m: m.want("host:1", KEYS[0]),
+        lambda m: m.want("host:1", KEYS[2]),
+        lambda m: m.settle(),
+    ])

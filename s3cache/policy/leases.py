@@ -51,7 +51,8 @@ class Leases:
         self.budget = budget
         self.min_files = min_files
         # Holders named "uid:pid" (the daemon's) of one uid hold at most about this many bytes in all,
-        # however many processes it runs: newest files first, each process's in turn; the file that
+        # however many processes it runs: newest files first, each process's in turn (a file several of
+        # them hold counts once); the file that
         # crosses the cap is still held, and a uid always holds ``min_files`` (a lone reader of a small
         # cache keeps its two newest files, as before the cap).
         self.uid_cap = uid_cap
@@ -138,10 +139,14 @@ class Leases:
                     out.update(u for u, _ in mine)
                 continue
             held = files = 0
+            counted: set[str] = set()  # a file two processes of the uid hold takes its bytes once
             for rank in range(max(len(m) for m in lists)):  # each process's newest, then the next ones
                 for mine in lists:
-                    if rank < len(mine) and (held < self.uid_cap or files < self.min_files):
+                    if rank >= len(mine) or mine[rank][0] in counted:
+                        continue
+                    if held < self.uid_cap or files < self.min_files:
                         out.add(mine[rank][0])
+                        counted.add(mine[rank][0])
                         held += mine[rank][1]
                         files += 1
         return out
