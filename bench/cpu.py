@@ -214,8 +214,8 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
 
 def _order(whos: list[str], r: int) -> list[str]:
     """The columns' order in round ``r``: the two daemons swap places every other round. The daemon run
-    right after the other one was measured 1.5x its CPU per GB with the same code in both columns
-    (16 x 16 MiB, 5 rounds): a fixed order would credit that to the baseline."""
+    right after the other one was measured 1.6-2.1x its CPU per GB with the same code in both columns
+    (16 x 16 MiB, 5 rounds, the trees swapped between runs): a fixed order credits that to the baseline."""
     if r % 2 and "daemon@base" in whos:
         i, j = whos.index("daemon"), whos.index("daemon@base")
         whos[i], whos[j] = whos[j], whos[i]
