@@ -13,6 +13,7 @@ import pytest
 from conftest import write_manifest
 
 from s3cache import iter_resolve, resolve
+from s3cache.daemon.demand import FIRST_FILES
 from s3cache.fetch.link import Link
 from s3cache.testing import wait_for
 from s3cache.testing.faultproxy import FaultProxy, most_at_once
@@ -55,10 +56,10 @@ def test_a_readers_object_starts_while_every_worker_streams_a_large_prefetch(tmp
 
 
 def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, moto, s3, bucket, daemons):
-    """Six connections paced at 2 MiB/s and eight 6 MiB objects, no reader yet: each of the first four
-    files of the manifest (the job opens them first) is asked for as a reader's file is, a 1 MiB first
-    range and then the rest in ranges streaming at once, instead of one GET on one connection each;
-    the files after them are plain prefetch, one GET each."""
+    """Six connections paced at 2 MiB/s and eight 6 MiB objects, no reader yet: each of the first
+    ``FIRST_FILES`` files of the manifest (the job opens them first) is asked for as a reader's file is, a
+    1 MiB first range and then the rest in ranges streaming at once, instead of one GET on one connection
+    each; the files after them are plain prefetch, one GET each."""
     uris = [f"s3://{bucket}/d/{i}" for i in range(8)]
     data = {u: os.urandom(6 * MiB) for u in uris}
     for u, body in data.items():
@@ -72,12 +73,12 @@ def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, m
         wait_for(lambda: all(x.done for x in proxy.seen(f"/{bucket}/d/")), 60, "the proxy to log every answer")
         for i, u in enumerate(uris):
             asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/d/{i}")]  # in the order sent
-            if i < 4:
+            if i < FIRST_FILES:
                 assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
             else:
                 assert asked == ["bytes=0-67108863"], (i, asked)  # one GET (of --prefetch-part-size)
         early = [(r[4], r[5]) for r in proxy.request_bytes
-                 if r[0] == "GET" and r[1] in {f"/{bucket}/d/{i}" for i in range(4)}]
+                 if r[0] == "GET" and r[1] in {f"/{bucket}/d/{i}" for i in range(FIRST_FILES)}]
         assert most_at_once(early) >= 4, early  # the first files' parts streamed side by side
         for u, body in data.items():
             with open(resolve(u, cache_dir=d.cache_dir, timeout=60), "rb") as f:
@@ -165,8 +166,9 @@ def test_a_readers_next_files_hinted_before_the_manifest_lists_them_come_over_ma
                                                                                                 bucket, daemons):
     """No manifest lists them yet (a job reads before the daemon installed its manifest; the objects are
     in the demand scope by --allow): a reader waits on the first of eight 6 MiB objects and hints the
-    rest. Its next three files come as the first files of a manifest would, a 1 MiB first range and
-    then the rest in ranges, not each in one GET on one connection beside all the others."""
+    rest. Its next files up to the ``FIRST_FILES``-th come as the first files of a manifest would, a 1 MiB
+    first range and then the rest in ranges, not each in one GET on one connection beside all the
+    others."""
     uris = [f"s3://{bucket}/h/{i}" for i in range(8)]
     data = {u: os.urandom(6 * MiB) for u in uris}
     for u, body in data.items():
@@ -179,7 +181,7 @@ def test_a_readers_next_files_hinted_before_the_manifest_lists_them_come_over_ma
                 assert f.read() == data[u]
         for i in range(1, 8):
             asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/h/{i}")]  # in the order sent
-            if i < 4:
+            if i < FIRST_FILES:
                 assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
             else:  # plain prefetch: one GET of --prefetch-part-size (cut and re-split if the reader came)
                 assert asked[0] == "bytes=0-67108863", (i, asked)

@@ -167,7 +167,10 @@ class DemandQueue:
 
 # The first files of each job (of the manifest; a reader's next files, from its ahead hints, before the
 # manifest lists them) are fetched early: as a reader's object is, ahead of other prefetch (workers.py).
-FIRST_FILES = 4
+# Two, not four: TFRecordDataset emitted its first record before its third file's last byte, and each
+# early 16 MiB file costs ~9 GETs where plain prefetch makes one (docs/benchmarks.md, "How many first
+# files"); one was slower to the first record at 8 MB/s per connection.
+FIRST_FILES = 2
 
 
 MAX_PER_CONNECTION = 1_024  # one want's worth (wire.MAX_URIS): a streaming reader waits on ~16

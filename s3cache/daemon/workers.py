@@ -164,7 +164,7 @@ class Workers:
         """Which of the ``FIRST_FILES`` a job opens first ``uri`` is (its manifest's head; each job's, in
         a manifest directory), None if none (state lock held). A job that just wrote its manifest reads
         them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
-        first record once about three files are open, so those come as a reader's file would: a
+        first record once its first file or two are open, so those come as a reader's file would: a
         small first part, then the rest over many connections, ahead of other prefetch (``early``).
 
         An object the manifest does not list (yet) is one of them when a reader's ahead hint put it
