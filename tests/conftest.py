@@ -40,7 +40,8 @@ def bucket(s3):
 
 # What a daemon's log must never show in a test that does not mean it: a traceback, a loop that survived
 # an exception (supervise.LoopErrors), a thread that died.
-UNCLEAN = ("Traceback (most recent call last)", "failed, carrying on:", "failed again", "thread died")
+UNCLEAN = ("Traceback (most recent call last)", "failed, carrying on:", "failed again", "thread died",
+           "did not stop within")
 
 
 class CheckedDaemon(DaemonProcess):

@@ -119,3 +119,23 @@ def test_sigterm_stops_the_daemon_at_once_while_it_connects_to_an_endpoint_that_
         for c in fillers:
             c.close()
         hole.close()
+
+
+def test_sigterm_while_sighup_reads_a_new_manifest_stops_the_daemon(tmp_path, s3, bucket, daemons):
+    """SIGHUP reads the manifest into a new watch on the reload thread while SIGTERM stops the daemon on
+    the signals thread. A stop that came during that read used to stop the old watch only: the new one
+    was swapped in afterwards and its thread started, and teardown waited for it until the daemon was
+    killed (a full run and 6 of 15 runs of a test under a CPU hog saw it)."""
+    uris = list(put_objects(s3, bucket, "m", 2, KiB))
+    m = write_manifest(tmp_path / "m.txt", uris)
+    # A long settle: SIGHUP's read of a manifest written in place waits this long, so the stop below
+    # certainly comes during it.
+    d = daemons(manifest=m, args=["--manifest-settle", "3"])
+    d.wait_until(lambda st: st["objects"]["ready"] == 2, what="both objects")
+    with open(m, "a") as f:  # written in place: a read waits for it to hold still
+        f.write("# edited\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading the configuration" in d.log(), 30, "SIGHUP's reload to start")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(60) == 0
+    assert "stopped" in d.log() and "did not stop within" not in d.log()

@@ -66,6 +66,11 @@ class Manifests:
         self.watch: ManifestWatch | None = None
         self.gen = 0  # bumped when SIGHUP replaces the watch: an older watch may not install
         self._stop: threading.Event | None = None  # the current watch's own stop
+        # ``stop`` may run (the signals thread) while ``replace`` (the reload thread) reads a new watch's
+        # manifest: the swap and the stop take this lock, so a watch swapped in after the stop is
+        # stopped too and its thread never started (teardown would wait for it for ever).
+        self._swap = threading.Lock()
+        self._stopped = False
         self._installed: Catalog | None = None  # the version in force (None before the first install)
 
     def new_watch(self, path: str, directory: bool = False) -> ManifestWatch:
@@ -121,14 +126,20 @@ class Manifests:
             except BaseException:
                 watch.stop()
                 raise
-        old, old_stop = self.watch, self._stop
         with self._cond:
             self.gen = gen
+        with self._swap:
+            old, old_stop = self.watch, self._stop
+            self.watch, self._stop = watch, stop
+            stopped = self._stopped
         if old is not None:
             old_stop.set()
             old.wake()
             old.stop()
-        self.watch, self._stop = watch, stop
+        if stopped:  # the daemon stops: the new watch is not started (nor its version installed)
+            if stop is not None:
+                stop.set()
+            return
         if watch is None:
             self.install(Catalog(), gen, "(none)")
             return
@@ -136,11 +147,14 @@ class Manifests:
         self.start_watch(watch)
 
     def stop(self) -> None:
-        """Ask the current watch's thread to end (the daemon is stopping)."""
-        if self._stop is not None:
-            self._stop.set()
-        if self.watch is not None:
-            self.watch.wake()
+        """Ask the current watch's thread to end (the daemon is stopping), and any watch ``replace``
+        swaps in later."""
+        with self._swap:
+            self._stopped = True
+            if self._stop is not None:
+                self._stop.set()
+            if self.watch is not None:
+                self.watch.wake()
 
     def close(self) -> None:
         if self.watch is not None:

@@ -51,6 +51,10 @@ def tear_down(d: Daemon) -> None:
             if d.fetcher is not None:
                 d.fetcher.abort()
             t.join(timeout=0.2)
+    stuck = [t.name for t in d._threads if t.is_alive()]
+    if stuck:  # a thread nothing told to stop: exiting without it, but never silently
+        log.error("thread(s) %s did not stop within %.0f s of the stop; exiting without them",
+                  ", ".join(stuck), JOIN_FOR)
     if d.server is not None:
         d.server.stop()
     if d.fetcher is not None:
