@@ -48,7 +48,6 @@ class LoopErrors:
         where = f"{loop}: {context}" if context else loop
         now = self._clock()
         with self._lock:
-            self.counts[loop] = self.counts.get(loop, 0) + 1
             seen = self._seen.get((where, what))
             if seen is None:
                 if len(self._seen) > 1000:  # distinct failures are few; bound it anyway
@@ -65,6 +64,9 @@ class LoopErrors:
             log.error("%s failed, carrying on: %s", where, what, exc_info=exc)
         elif repeats:
             log.error("%s failed again %d time(s) in the last %.0f s: %s", where, repeats, REPEAT_LOG, what)
+        # Counted once logged: whoever sees the count in status finds its line in the log already.
+        with self._lock:
+            self.counts[loop] = self.counts.get(loop, 0) + 1
 
     @contextmanager
     def guard(self, loop: str, context: str = "") -> Iterator[None]:
