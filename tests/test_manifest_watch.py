@@ -18,13 +18,14 @@ def refuse(bucket: str, prefix: str):
     raise FetchFailed(f"s3://{bucket}/{prefix}", "AccessDenied")
 
 
-@pytest.fixture
-def watched(tmp_path):
+def _watch(tmp_path, **kw):
+    """A watch on a one-line manifest that installs into a list, with its reload thread (not started);
+    stops both when the test is done."""
     path = tmp_path / "m.txt"
     path.write_text("s3://bkt/a\n")
     installed: list[Catalog] = []
     stopping = threading.Event()
-    w = ManifestWatch(str(path), lister=refuse, install=installed.append, stopping=stopping)
+    w = ManifestWatch(str(path), lister=refuse, install=installed.append, stopping=stopping, **kw)
     thread = threading.Thread(target=w.reload_loop)
     yield path, w, installed, thread
     stopping.set()
@@ -32,6 +33,11 @@ def watched(tmp_path):
     if thread.ident is not None:
         thread.join(timeout=10)
     w.stop()
+
+
+@pytest.fixture
+def watched(tmp_path):
+    yield from _watch(tmp_path)
 
 
 def test_a_prefix_that_cannot_be_listed_is_an_error_not_a_failure(watched):
@@ -65,18 +71,7 @@ def test_each_saved_version_is_installed_and_a_broken_one_is_not(watched, caplog
 @pytest.fixture
 def slow_settle(tmp_path):
     """A watch that wants a written manifest to hold still for a minute before it is read."""
-    path = tmp_path / "m.txt"
-    path.write_text("s3://bkt/a\n")
-    installed: list[Catalog] = []
-    stopping = threading.Event()
-    w = ManifestWatch(str(path), lister=refuse, install=installed.append, stopping=stopping, settle=60.0)
-    thread = threading.Thread(target=w.reload_loop)
-    yield path, w, installed, thread
-    stopping.set()
-    w.wake()
-    if thread.ident is not None:
-        thread.join(timeout=10)
-    w.stop()
+    yield from _watch(tmp_path, settle=60.0)
 
 
 def test_a_manifest_renamed_into_place_is_read_without_waiting_for_it_to_hold_still(slow_settle):

@@ -48,6 +48,19 @@ def test_signals_reach_their_calls_on_another_thread_never_inside_a_handler():
     assert all(t is not threading.main_thread() for _, t in calls)
 
 
+def _sigterm_stops_cleanly(d) -> float:
+    """SIGTERM the daemon; it must exit 0 well before any network timeout the test set (60 s or more).
+    Returns the seconds the stop took."""
+    started = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    rc = d.proc.wait(60)
+    took = time.monotonic() - started
+    d.proc = None
+    assert rc == 0, d.log()
+    assert took < 10, f"SIGTERM took {took:.1f} s"
+    return took
+
+
 def test_sigterm_stops_the_daemon_at_once_while_its_gets_wait_for_an_answer(tmp_path, moto, s3, bucket, daemons):
     """S3 accepts the requests and never answers (here: answers after ten minutes). The fetcher shut down
     bodies being read, not requests still waiting for headers, so a stop waited for the read timeout."""
@@ -58,13 +71,7 @@ def test_sigterm_stops_the_daemon_at_once_while_its_gets_wait_for_an_answer(tmp_
         d = daemons(manifest=m, args=["--workers", "4", "--endpoint-url", proxy.url])
         wait_for(lambda: len([x for x in proxy.seen(f"/{bucket}/") if x.method == "GET"]) >= 4, 60,
                  "every worker's GET waiting for its answer")
-        started = time.monotonic()
-        d.proc.send_signal(signal.SIGTERM)
-        rc = d.proc.wait(60)
-        took = time.monotonic() - started
-        d.proc = None
-        assert rc == 0, d.log()
-        assert took < 10, f"SIGTERM took {took:.1f} s"
+        took = _sigterm_stops_cleanly(d)
         print(f"stopped {took:.2f} s after SIGTERM with 4 GETs waiting for headers")
         assert "Traceback" not in d.log()
     finally:
@@ -106,13 +113,7 @@ def test_sigterm_stops_the_daemon_at_once_while_it_connects_to_an_endpoint_that_
         d = daemons(manifest=m, args=["--workers", "4", "--connect-timeout", "60",
                                       "--endpoint-url", f"http://127.0.0.1:{port}"])
         wait_for(lambda: connecting_to(port) >= 4, 60, "the daemon's four connections in SYN_SENT")
-        started = time.monotonic()
-        d.proc.send_signal(signal.SIGTERM)
-        rc = d.proc.wait(60)
-        took = time.monotonic() - started
-        d.proc = None
-        assert rc == 0, d.log()
-        assert took < 10, f"SIGTERM took {took:.1f} s"
+        took = _sigterm_stops_cleanly(d)
         print(f"stopped {took:.2f} s after SIGTERM with 4 connections in SYN_SENT")
         assert "unreachable" not in d.log()  # a hang-up of our own while stopping is not an outage
     finally:
