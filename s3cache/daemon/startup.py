@@ -4,8 +4,10 @@
 opened its sockets (which answer "starting" meanwhile, see starting.py). In order: temp files of an
 interrupted run removed; the fetcher and the peer tier built; the manifest read (its prefix lines
 listed); the index opened and the cache dir reconciled with it (or the index rebuilt when damaged);
-``wire`` builds the parts bottom up; the manifest installed and watched; the threads started; and last
-``d._ops`` set, from which moment requests reach the parts.
+``wire`` builds the parts bottom up; the manifest installed; the workers and the publisher started (the
+first GETs leave here); the manifest watched; the other threads started; and last ``d._ops`` set, from
+which moment requests reach the parts. ``serve`` runs start-up with the garbage collector off until the
+S3 client is built (``collect_again``).
 
 Contract: on return every part exists, every thread runs and the daemon answers as serving; on an
 exception (an S3CacheError for bad settings, a manifest or a cache dir it cannot use) nothing here is
@@ -16,6 +18,7 @@ the status read them there.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -51,6 +54,7 @@ def start_up(d: Daemon) -> None:
         log.info("removed %d temp file(s) left by an interrupted run", removed)
     client = make_client(s.endpoint_url, s.region, pool=s.workers * 2 + 4,
                          connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
+    collect_again()
     d.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
                                   workers=s.workers, max_attempts=s.max_attempts, cancel=d.stopping,
                                   new_temp=d.store.new_temp, discard=d.store.discard,
@@ -79,25 +83,39 @@ def start_up(d: Daemon) -> None:
         d.maintenance.reconcile(catalog)
     if manifests.watch is not None:
         manifests.install(catalog)
+    d.throughput.sample()  # throughput counts from here
+    # The first GETs leave now: the cache dir is taken, its index recovered and reconciled, the manifest
+    # installed. What follows costs ~10-20 ms (the watch's inotify thread, the other loops) and nobody
+    # sees us serving until it is done.
+    for i in range(d.workers.threads):
+        d._spawn(d.workers.run, f"s3cache-worker-{i}", loop="workers")
+    d._spawn(d.publisher.run, "s3cache-publish")
+    if manifests.watch is not None:
         # Watch before anyone can see us serving, so an edit made right after start is not missed.
         manifests.start_watch(manifests.watch)
-    d.throughput.sample()  # throughput counts from here
     ops = Ops(cond=d.cond, space=d.space, schedule=d.schedule, readers=d.readers,
               maintenance=d.maintenance, watch=lambda: manifests.watch, status=d.status,
               rate=d.throughput.rate, head=fetcher.api.head, supervisor=d.supervisor)
     if d.peering is not None:  # like the readers' requests: only once the cache is reconciled
         d.peering.start(d.space, d.schedule, d.readers, d.cond, d._manifest_edited, d._spawn)
     d._spawn(d._use_loop, "s3cache-use")
-    d._spawn(d.publisher.run, "s3cache-publish")
     d._spawn(d._housekeeping_loop, "s3cache-housekeeping")
     d._spawn(d._reload.loop, "s3cache-reload")
-    for i in range(d.workers.threads):
-        d._spawn(d.workers.run, f"s3cache-worker-{i}", loop="workers")
     d._start_revalidate(s.revalidate)
     d._ops = ops  # requests reach the parts from now on
     log.info("serving %s: %d manifest entries, %d files ready (%s of %s)", lay.root,
              len(d.schedule.catalog), len(d.space.ready), human_size(d.space.used),
              human_size(s.max_size))
+
+
+def collect_again() -> None:
+    """Turn the garbage collector back on if ``serve`` turned it off for start-up, freezing what exists by
+    now (the modules, the S3 client and its model: they live as long as the daemon) so that no later
+    collection walks them again. In-process daemons (tests) never had it off, and are left alone."""
+    if gc.isenabled():
+        return
+    gc.freeze()
+    gc.enable()
 
 
 def wire(d: Daemon, index: Index, fetcher: Fetcher) -> None:

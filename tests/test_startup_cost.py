@@ -1,0 +1,87 @@
+"""What start-up skips to reach its first GET sooner (docs/benchmarks.md, start-up), and that skipping it
+changes nothing else: the S3 client's loader looks at S3's data alone, and the garbage collector that
+``serve`` turns off for start-up is back on (with start-up's objects frozen) once the daemon serves, or
+when start-up fails."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+from click.testing import CliRunner
+from conftest import write_manifest
+
+from s3cache.cli import main
+from s3cache.fetch.s3api import make_client
+from s3cache.testing import DaemonProcess, wait_for
+
+# Runs ``s3cache serve`` (argv) in this process, and prints the collector's state once the daemon
+# answers hello: what the daemon left it at, seen from inside the real serve.
+_REPORT_ONCE_SERVING = """
+import gc, sys, threading
+from s3cache.cli import main
+from s3cache.errors import DaemonNotRunning
+from s3cache.sockets.control import Client
+from s3cache.store.layout import Layout
+from s3cache.testing import wait_for
+
+def report():
+    cache = sys.argv[sys.argv.index("--cache-dir") + 1]
+    def serving():
+        try:
+            with Client(Layout(cache).control_socket, cache, timeout=5) as c:
+                return bool(c.request({"op": "hello"}).get("ok"))
+        except (DaemonNotRunning, OSError):
+            return False
+    wait_for(serving, 60, "serving")
+    print(f"serving: gc enabled={gc.isenabled()} frozen={gc.get_freeze_count()}", flush=True)
+
+threading.Thread(target=report, daemon=True).start()
+sys.argv[0] = "s3cache"
+main()
+"""
+
+
+def test_the_s3_client_loader_looks_at_s3_alone(tmp_path, monkeypatch, moto, s3, bucket):
+    """botocore's loader lists every service it has data for to check that one exists (~400 directories,
+    per kind of model: ~10 ms of a start); ours answers from S3's directory, and still reads AWS_DATA_PATH."""
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    client = make_client(moto.url, "us-east-1", pool=2, connect_timeout=5, read_timeout=5)
+    loader = client._loader  # the session's data loader, which the client was built with
+    assert loader.list_available_services("service-2") == ["s3"]
+    assert loader.list_available_services("endpoint-rule-set-1") == ["s3"]
+    assert loader.list_available_services("no-such-model-1") == []
+    assert str(tmp_path) in loader.search_paths
+    s3.put_object(Bucket=bucket, Key="k", Body=b"hello")
+    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"hello"
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["k"]
+
+
+def test_the_daemon_collects_garbage_again_once_it_serves(tmp_path, moto, s3, bucket):
+    """serve turns the collector off for start-up; the daemon that serves has it on again, with what
+    start-up built frozen (a collection skips it), and fetches and stops as ever."""
+    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
+    manifest = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a.bin"])
+    d = DaemonProcess(tmp_path / "cache", moto.url, manifest=manifest)
+    d.cmd = [sys.executable, "-c", _REPORT_ONCE_SERVING, *d.cmd[3:]]  # serve's own arguments
+    try:
+        d.start()
+        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: gc")), None),
+                        60, "the collector's state once serving")
+        assert "enabled=True" in line, line
+        assert int(line.rsplit("frozen=", 1)[1]) > 10_000, line  # modules, botocore's model, ...
+        d.wait_until(lambda st: st["objects"]["ready"] == 1, 60, "a.bin fetched")
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_a_failed_start_leaves_the_collector_on(tmp_path):
+    """A start that fails before the daemon turns the collector back on (here, a cache dir that is a
+    file) does not leave it off in the process that ran serve."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert gc.isenabled()
+    r = CliRunner().invoke(main, ["serve", "--cache-dir", str(not_a_dir), "--endpoint-url", "http://127.0.0.1:9",
+                                  "--max-size", "1G", "--min-free", "0"])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert gc.isenabled()
