@@ -6,13 +6,19 @@ when start-up fails."""
 from __future__ import annotations
 
 import gc
+import json
+import os
 import sys
+from collections import OrderedDict
+
+import botocore.loaders
 
 from click.testing import CliRunner
 from conftest import write_manifest
 
 from s3cache.cli import main
 from s3cache.fetch.s3api import make_client
+from s3cache.fetch.s3loader import S3Loader, s3_endpoints
 from s3cache.testing import DaemonProcess, wait_for
 
 # Runs ``s3cache serve`` (argv) in this process, and prints the collector's state once the daemon
@@ -55,6 +61,26 @@ def test_the_s3_client_loader_looks_at_s3_alone(tmp_path, monkeypatch, moto, s3,
     s3.put_object(Bucket=bucket, Key="k", Body=b"hello")
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"hello"
     assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["k"]
+
+
+def test_the_s3_parts_of_endpoints_are_what_botocore_reads(tmp_path, monkeypatch):
+    """Each partition's head and S3 entry, decoded from their place in the file, equal (in order too)
+    botocore's whole endpoints.json cut to S3; a file laid out otherwise is decoded whole, and an
+    endpoints.json on AWS_DATA_PATH wins as with botocore's loader."""
+    builtin = botocore.loaders.Loader()
+    full, path = builtin.load_data_with_path("endpoints")
+    text = open(path + ".json", encoding="utf-8").read()
+    for partition in full["partitions"]:
+        partition["services"] = OrderedDict(s3=partition["services"]["s3"])
+    assert json.dumps(s3_endpoints(text)) == json.dumps(full)
+    assert S3Loader().load_data_with_path("endpoints") == (full, path)
+    assert s3_endpoints(json.dumps(json.loads(text), indent=2)) is None  # another pretty printer
+    assert s3_endpoints(text.replace('"s3" : {', '"s4" : {')) is None  # a partition without S3
+    mine = {"partitions": [{"partition": "test", "regions": {}, "services": {"s3": {}, "ec2": {}}}], "version": 3}
+    (tmp_path / "endpoints.json").write_text(json.dumps(mine))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    loaded, where = S3Loader.create(os.environ["AWS_DATA_PATH"]).load_data_with_path("endpoints")
+    assert (loaded, where) == (mine, str(tmp_path / "endpoints"))
 
 
 def test_the_daemon_collects_garbage_again_once_it_serves(tmp_path, moto, s3, bucket):

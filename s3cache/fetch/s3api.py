@@ -12,13 +12,10 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
 import botocore.config
-import botocore.exceptions
-import botocore.loaders
 import botocore.session
 
 from s3cache.manifest.parse import Entry, Listed
@@ -27,6 +24,7 @@ from .checks import manifest_expectations, plan, s3_expectations
 from .checksum import Expectation, is_per_part
 from .parts import Span, upload_parts
 from .retry import BadResponse, RetryPolicy
+from .s3loader import S3Loader
 
 log = logging.getLogger("s3cache.fetch")
 
@@ -77,32 +75,11 @@ def make_client(endpoint_url: str | None, region: str | None, pool: int,
     # botocore's session, not boto3's: boto3 adds only resource and transfer helpers we do not use, and
     # importing it (with s3transfer) cost ~70-100 ms of every daemon start before the first GET.
     session = botocore.session.get_session()
-    session.register_component("data_loader", _S3Loader.create(session.get_config_variable("data_path")))
+    # Its loader reads the S3 parts of botocore's data alone (s3loader.py): ~25 ms of every start.
+    session.register_component("data_loader", S3Loader.create(session.get_config_variable("data_path")))
     client = session.create_client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
     client.meta.events.register("before-call.s3.GetObject", _no_botocore_body_checksum)
     return client
-
-
-class _S3Loader(botocore.loaders.Loader):
-    """botocore's data loader for a session that makes only S3 clients. To check that a service exists,
-    botocore's lists every service it has data for (~400 directories, once per kind of model a client
-    loads: ~10 ms of each daemon start); this one looks in S3's directory alone. Everything else,
-    AWS_DATA_PATH included, is botocore's."""
-
-    @classmethod
-    def create(cls, search_path: str | None) -> _S3Loader:
-        """As ``botocore.loaders.create_loader`` (``search_path``: AWS_DATA_PATH, ``os.pathsep``-separated)."""
-        if search_path is None:
-            return cls()
-        return cls(extra_search_paths=[os.path.expanduser(os.path.expandvars(p))
-                                       for p in search_path.split(os.pathsep)])
-
-    def list_available_services(self, type_name: str) -> list[str]:
-        try:
-            self.determine_latest_version("s3", type_name)
-        except botocore.exceptions.DataNotFoundError:
-            return []
-        return ["s3"]
 
 
 def _no_botocore_body_checksum(context: dict, **_) -> None:
