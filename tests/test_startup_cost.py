@@ -76,6 +76,8 @@ def test_the_s3_parts_of_endpoints_are_what_botocore_reads(tmp_path, monkeypatch
     assert S3Loader().load_data_with_path("endpoints") == (full, path)
     assert s3_endpoints(json.dumps(json.loads(text), indent=2)) is None  # another pretty printer
     assert s3_endpoints(text.replace('"s3" : {', '"s4" : {')) is None  # a partition without S3
+    after = text.replace("\n    }\n  }, {\n", '\n    },\n    "zzz" : 1\n  }, {\n', 1)  # a key after services
+    assert after != text and s3_endpoints(after) is None
     mine = {"partitions": [{"partition": "test", "regions": {}, "services": {"s3": {}, "ec2": {}}}], "version": 3}
     (tmp_path / "endpoints.json").write_text(json.dumps(mine))
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))

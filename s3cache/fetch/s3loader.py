@@ -28,6 +28,7 @@ _NEXT_PARTITION = "\n  }, {\n"
 _SERVICES = '\n    "services" : {\n'
 _S3 = '      "s3" : {'
 _ENTRY_END = "\n      }"  # a service's closing brace: every line inside it is indented deeper
+_SERVICES_END = "\n    }"
 
 
 def s3_endpoints(text: str) -> OrderedDict | None:
@@ -48,11 +49,12 @@ def s3_endpoints(text: str) -> OrderedDict | None:
             return None
         first = services + len(_SERVICES)
         s3 = text.find(_S3, first, stop)
-        if (s3 < 0 or (s3 > first and text[s3 - 1] != "\n")
-                or text.find('\n    "', first, stop) >= 0):  # services must be the partition's last key
+        if s3 < 0 or (s3 > first and text[s3 - 1] != "\n"):
             return None
         s3_end = text.find(_ENTRY_END, s3, stop)
-        if s3_end < 0:
+        # Services must be the partition's last key: the first line back at its indent closes it, and
+        # closes the partition too.
+        if s3_end < 0 or text.find(_SERVICES_END, s3_end, stop) != stop - len(_SERVICES_END):
             return None
         try:
             partition = json.loads("{" + text[at:services] + '\n"services" : {' + text[s3:s3_end + len(_ENTRY_END)]
