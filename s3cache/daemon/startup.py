@@ -32,7 +32,6 @@ from s3cache.store.index import Index
 
 from .maintenance import Maintenance, open_index
 from .ops import Ops
-from .peering import build as build_peering
 from .publisher import Publisher
 from .readers import Readers
 from .reload import Manifests, Reload
@@ -59,7 +58,10 @@ def start_up(d: Daemon) -> None:
                                   workers=s.workers, max_attempts=s.max_attempts, cancel=d.stopping,
                                   new_temp=d.store.new_temp, discard=d.store.discard,
                                   require_checksum=s.require_checksum)
-    d.peering = build_peering(s, fetcher, d.store, d.stopping)
+    if s.peers is not None:  # its modules (an HTTP server, signing, membership) load only for it
+        from .peering import build
+
+        d.peering = build(s, fetcher, d.store, d.stopping)
     d.manifests = manifests = Manifests(lambda: d.s, d.cond, lister=_listing(d, fetcher.list),
                                         spawn=d._spawn,
                                         exclusive=lambda: d.space.exclusive(),
