@@ -1,7 +1,8 @@
-"""What start-up skips to reach its first GET sooner (docs/benchmarks.md, start-up), and that skipping it
-changes nothing else: the S3 client's loader looks at S3's data alone, and the garbage collector that
+"""What start-up skips or overlaps to reach its first GET sooner (docs/benchmarks.md, start-up), and that
+doing so changes nothing else: the S3 client's loader reads S3's data alone; the garbage collector that
 ``serve`` turns off for start-up is back on (with start-up's objects frozen) once the daemon serves, or
-when start-up fails."""
+when start-up fails; the peer tier is not loaded unasked; the index opened beside the manifest's
+reading is closed when that reading fails."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import sys
 from collections import OrderedDict
 
 import botocore.loaders
-
+import pytest
 from click.testing import CliRunner
 from conftest import write_manifest
 
 from s3cache.cli import main
+from s3cache.daemon.root import Daemon
+from s3cache.errors import ManifestError
 from s3cache.fetch.s3api import make_client
 from s3cache.fetch.s3loader import S3Loader, s3_endpoints
+from s3cache.service.config import Settings
 from s3cache.testing import DaemonProcess, wait_for
 
 # Runs ``s3cache serve`` (argv) in this process, and prints the collector's state once the daemon
@@ -26,6 +30,8 @@ from s3cache.testing import DaemonProcess, wait_for
 _REPORT_ONCE_SERVING = """
 import gc, sys, threading
 from s3cache.cli import main
+from s3cache.daemon.root import Daemon
+from s3cache.errors import ManifestError
 from s3cache.errors import DaemonNotRunning
 from s3cache.sockets.control import Client
 from s3cache.store.layout import Layout
@@ -116,3 +122,21 @@ def test_a_failed_start_leaves_the_collector_on(tmp_path):
                                   "--max-size", "1G", "--min-free", "0"])
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert gc.isenabled()
+
+
+def test_a_start_refused_while_the_index_opened_closes_it(tmp_path, moto):
+    """The index opens on a thread of its own while the manifest is read: a manifest refused meanwhile
+    stops the start with the manifest's error, the opened index handed to teardown (which closes it),
+    no thread left behind (the autouse fixture checks), and the cache dir free for the next daemon."""
+    bad = tmp_path / "m.txt"
+    bad.write_text("s3://bucket/ok.bin\nnot a uri\n")
+    settings = Settings(cache_dir=tmp_path / "cache", manifest=bad, endpoint_url=moto.url, max_size=1 << 30,
+                        min_free=0.0)
+    d = Daemon(settings)
+    with pytest.raises(ManifestError, match=r"m\.txt:2: "):
+        d.start()
+    assert d.index is not None  # opened meanwhile, and closed by teardown
+    again = Daemon(Settings(cache_dir=tmp_path / "cache", endpoint_url=moto.url, max_size=1 << 30, min_free=0.0))
+    again.start()
+    again.stop()
+    again.wait()
