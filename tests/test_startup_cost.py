@@ -1,12 +1,9 @@
 """What start-up skips or overlaps to reach its first GET sooner (docs/benchmarks.md, start-up), and that
-doing so changes nothing else: the S3 client's loader reads S3's data alone; the garbage collector that
-``serve`` turns off for start-up is back on (with start-up's objects frozen) once the daemon serves, or
-when start-up fails; the peer tier is not loaded unasked; the index opened beside the manifest's
-reading is closed when that reading fails."""
+doing so changes nothing else: the S3 client's loader reads S3's data alone; the peer tier is not loaded
+unasked; the index opened beside the manifest's reading is closed when that reading fails."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -14,10 +11,8 @@ from collections import OrderedDict
 
 import botocore.loaders
 import pytest
-from click.testing import CliRunner
 from conftest import write_manifest
 
-from s3cache.cli import main
 from s3cache.daemon.root import Daemon
 from s3cache.errors import ManifestError
 from s3cache.fetch.s3api import make_client
@@ -25,13 +20,11 @@ from s3cache.fetch.s3loader import S3Loader, s3_endpoints
 from s3cache.service.config import Settings
 from s3cache.testing import DaemonProcess, wait_for
 
-# Runs ``s3cache serve`` (argv) in this process, and prints the collector's state once the daemon
-# answers hello: what the daemon left it at, seen from inside the real serve.
+# Runs ``s3cache serve`` (argv) in this process, and prints the peer modules loaded once the daemon
+# answers hello: seen from inside the real serve.
 _REPORT_ONCE_SERVING = """
-import gc, sys, threading
+import sys, threading
 from s3cache.cli import main
-from s3cache.daemon.root import Daemon
-from s3cache.errors import ManifestError
 from s3cache.errors import DaemonNotRunning
 from s3cache.sockets.control import Client
 from s3cache.store.layout import Layout
@@ -47,7 +40,7 @@ def report():
             return False
     wait_for(serving, 60, "serving")
     peer = sorted(m for m in sys.modules if m.startswith(("s3cache.peer", "s3cache.daemon.peering")))
-    print(f"serving: gc enabled={gc.isenabled()} frozen={gc.get_freeze_count()} peer={peer}", flush=True)
+    print(f"serving: peer={peer}", flush=True)
 
 threading.Thread(target=report, daemon=True).start()
 sys.argv[0] = "s3cache"
@@ -92,36 +85,21 @@ def test_the_s3_parts_of_endpoints_are_what_botocore_reads(tmp_path, monkeypatch
     assert (loaded, where) == (mine, str(tmp_path / "endpoints"))
 
 
-def test_the_daemon_collects_garbage_again_once_it_serves(tmp_path, moto, s3, bucket):
-    """serve turns the collector off for start-up; the daemon that serves has it on again, with what
-    start-up built frozen (a collection skips it), has not loaded the peer tier it was not asked for,
-    and fetches and stops as ever."""
+def test_a_daemon_without_peers_never_loads_the_peer_tier(tmp_path, moto, s3, bucket):
+    """The peer tier (an HTTP server, signing, membership) loads only with --peers: a daemon without it
+    serves, fetches and stops as ever without having imported it."""
     s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
     manifest = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a.bin"])
     d = DaemonProcess(tmp_path / "cache", moto.url, manifest=manifest)
     d.cmd = [sys.executable, "-c", _REPORT_ONCE_SERVING, *d.cmd[3:]]  # serve's own arguments
     try:
         d.start()
-        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: gc")), None),
-                        60, "the collector's state once serving")
-        assert "enabled=True" in line, line
-        assert int(line.split("frozen=", 1)[1].split()[0]) > 10_000, line  # modules, botocore's model, ...
-        assert line.endswith("peer=[]"), line  # without --peers, the peer tier is never loaded
+        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: peer")), None),
+                        60, "the peer modules once serving")
+        assert line == "serving: peer=[]", line
         d.wait_until(lambda st: st["objects"]["ready"] == 1, 60, "a.bin fetched")
     finally:
         assert d.stop() == 0, d.log()
-
-
-def test_a_failed_start_leaves_the_collector_on(tmp_path):
-    """A start that fails before the daemon turns the collector back on (here, a cache dir that is a
-    file) does not leave it off in the process that ran serve."""
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("")
-    assert gc.isenabled()
-    r = CliRunner().invoke(main, ["serve", "--cache-dir", str(not_a_dir), "--endpoint-url", "http://127.0.0.1:9",
-                                  "--max-size", "1G", "--min-free", "0"])
-    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
-    assert gc.isenabled()
 
 
 def test_a_start_refused_while_the_index_opened_closes_it(tmp_path, moto):

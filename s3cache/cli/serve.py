@@ -8,7 +8,6 @@ from. Every log line serve writes is one line of printable text with URL passwor
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from pathlib import Path
@@ -86,19 +85,6 @@ def serve(config_file: Path | None, **given) -> None:
     On a terminal it draws a progress bar; otherwise (systemd, a pipe) it writes plain log lines, one
     per event, with an INFO progress line every few seconds while work is pending. SIGHUP re-reads
     the configuration and the manifest."""
-    # Start-up allocates some 100k objects that live as long as the daemon (modules, botocore's S3
-    # model): the collector walked them again and again, ~15% of a ~0.3 CPU-s start. The daemon turns
-    # it back on (startup.collect_again) once its S3 client is built, before any step that grows with
-    # the manifest or the cache.
-    gc.disable()
-    try:
-        code = _serve(config_file, given)
-    finally:
-        gc.enable()  # start-up failed before that (or serve ran in-process): never leave it off
-    sys.exit(code)
-
-
-def _serve(config_file: Path | None, given: dict) -> int:
     from s3cache.daemon.root import Daemon
 
     flags = {k: v for k, v in given.items() if v is not None}
@@ -115,12 +101,13 @@ def _serve(config_file: Path | None, given: dict) -> int:
             run(parse_addr, settings.metrics_addr, settings.metrics_allow_remote)
             metrics = run(serve_metrics, settings.metrics_addr, daemon.status, daemon.fetch_histogram,
                            allow_remote=settings.metrics_allow_remote)
-        return run(daemon.run)
+        code = run(daemon.run)
     finally:
         if metrics is not None:
             metrics.stop()
         if bar is not None:
             bar.stop()
+    sys.exit(code)
 
 
 class _OneLine(logging.Formatter):

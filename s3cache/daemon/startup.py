@@ -7,8 +7,7 @@ fetcher and the peer tier are built and the manifest read (its prefix lines list
 reconciled with the index (or the index rebuilt when damaged);
 ``wire`` builds the parts bottom up; the manifest installed; the workers and the publisher started (the
 first GETs leave here); the manifest watched; the other threads started; and last ``d._ops`` set, from
-which moment requests reach the parts. ``serve`` runs start-up with the garbage collector off until the
-S3 client is built (``collect_again``).
+which moment requests reach the parts.
 
 Contract: on return every part exists, every thread runs and the daemon answers as serving; on an
 exception (an S3CacheError for bad settings, a manifest or a cache dir it cannot use) nothing here is
@@ -19,7 +18,6 @@ the status read them there.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -60,7 +58,6 @@ def start_up(d: Daemon) -> None:
     try:
         client = make_client(s.endpoint_url, s.region, pool=s.workers * 2 + 4,
                              connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
-        collect_again()
         d.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
                                       workers=s.workers, max_attempts=s.max_attempts, cancel=d.stopping,
                                       new_temp=d.store.new_temp, discard=d.store.discard,
@@ -145,16 +142,6 @@ class _OnThread:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def collect_again() -> None:
-    """Turn the garbage collector back on if ``serve`` turned it off for start-up, freezing what exists by
-    now (the modules, the S3 client and its model: they live as long as the daemon) so that no later
-    collection walks them again. In-process daemons (tests) never had it off, and are left alone."""
-    if gc.isenabled():
-        return
-    gc.freeze()
-    gc.enable()
 
 
 def wire(d: Daemon, index: Index, fetcher: Fetcher) -> None:
