@@ -93,7 +93,7 @@ class S3Loader(botocore.loaders.Loader):
         return ["s3"]
 
     @botocore.loaders.instance_cache
-    def load_data_with_path(self, name: str):
+    def load_data_with_path(self, name: str) -> tuple[object, str]:
         if name != "endpoints":
             return super().load_data_with_path(name)
         for path in self._potential_locations(name):
