@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import botocore.loaders
 import pytest
@@ -69,7 +70,7 @@ def test_the_s3_parts_of_endpoints_are_what_botocore_reads(tmp_path, monkeypatch
     endpoints.json on AWS_DATA_PATH wins as with botocore's loader."""
     builtin = botocore.loaders.Loader()
     full, path = builtin.load_data_with_path("endpoints")
-    text = open(path + ".json", encoding="utf-8").read()
+    text = Path(path + ".json").read_text(encoding="utf-8")
     for partition in full["partitions"]:
         partition["services"] = OrderedDict(s3=partition["services"]["s3"])
     assert json.dumps(s3_endpoints(text)) == json.dumps(full)
