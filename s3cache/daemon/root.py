@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from s3cache.fetch.fetcher import Fetcher
 from s3cache.manifest.catalog import Catalog
@@ -59,7 +59,6 @@ from s3cache.store.index import Index, Record
 
 from .maintenance import Maintenance
 from .ops import Ops
-from .peering import Peering
 from .publisher import Publisher
 from .readers import Readers
 from .reload import Manifests, Reload
@@ -72,6 +71,9 @@ from .status import Progress, Throughput, assemble, measure
 from .supervise import LoopErrors, Supervisor
 from .teardown import tear_down
 from .workers import Workers
+
+if TYPE_CHECKING:  # the peer tier is loaded only with --peers (startup.py): ~3 ms of every other start
+    from .peering import Peering
 
 log = logging.getLogger("s3cache.daemon")
 
