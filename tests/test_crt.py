@@ -260,3 +260,25 @@ def test_a_forked_child_fetches_through_a_fresh_crt_client(s3, bucket, proxy, cr
     assert all(x.startswith(CRT_AGENT) for x in agents(proxy, f"/{bucket}/b"))
     # and the parent's client still works after the child's
     assert Path(f.fetch(sized(bucket, "b", len(b)), admit=lambda n: True).tmp_path).read_bytes() == b
+
+
+def test_the_daemon_prefetches_small_objects_through_the_crt_and_stops_cleanly(tmp_path, s3, bucket, proxy,
+                                                                                  daemons):
+    from conftest import write_manifest
+
+    from s3cache import resolve
+    from s3cache.daemon.demand import FIRST_FILES
+
+    bodies = {f"s/{i:02d}": os.urandom(64 * KiB + i) for i in range(FIRST_FILES + 8)}
+    for k, b in bodies.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=b)
+    lines = [f"s3://{bucket}/{k} size={len(b)}" for k, b in bodies.items()]
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", lines),
+                args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+    st = d.wait_until(lambda st: st["objects"]["ready"] == len(bodies))
+    assert st["requests"] == len(bodies)  # each CRT GET counted, and nothing else was needed
+    for i, (k, b) in enumerate(bodies.items()):
+        assert Path(resolve(f"s3://{bucket}/{k}", cache_dir=d.cache_dir)).read_bytes() == b
+        # the job's first files come as a reader's would (botocore, with the Link's priorities); the rest by CRT
+        assert [a.startswith(CRT_AGENT) for a in agents(proxy, f"/{bucket}/{k}")] == [i >= FIRST_FILES], k
+    assert d.stop() == 0  # and the daemons fixture finds no loop error or traceback in its log
