@@ -19,8 +19,10 @@ client, in this order, so drift hits each alike:
   renamed. No checksum validation: with moto it validates nothing (it asks for the checksum in a
   header spelled in lower case, which moto ignores), so asking for it would cost a HEAD for nothing.
 * daemon: ``s3cache serve`` started on an empty manifest (its start-up CPU is that until it is ready),
-  then the set's URIs arrive in the manifest; CPU from then until every object is ready: GETs, the
-  checksum checked, the local CRC32C, fsync of file and directory, the index, status -- all of it.
+  then the set's URIs arrive in the manifest, with their sizes (as a prefix listing gives them, so a
+  small object is one CRT GET unless ``--transport botocore``); CPU from then until every object is
+  ready: GETs, the checksum checked, the local CRC32C, fsync of file and directory, the index, status
+  -- all of it. Its peak RSS (VmHWM) over the run is reported beside it.
 
 With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
 runs that tree's daemon (``PYTHONPATH=DIR``) beside this tree's in every round, the two swapping places
@@ -56,7 +58,7 @@ from s3cache.service.config import human_size, parse_size
 from s3cache.store.paths import PRIVATE_DIR
 from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, MotoServer, wait_for
 
-from .proc import compiled, cpu_seconds
+from .proc import compiled, cpu_seconds, memory
 
 GB = 1e9
 RATES_GBIT = (10, 100, 400)
@@ -79,6 +81,7 @@ class Run:
     cpu: float
     wall: float
     requests: int = 0
+    rss: int = 0  # the daemon's peak RSS (VmHWM), bytes; 0 for the clients run in this process
 
 
 def parse_set(name: str, text: str) -> ObjSet:
@@ -194,7 +197,8 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
         before = d.status()["requests"]
         c0, t0 = cpu_seconds(pid), time.monotonic()
         new = tmp / "manifest.new"
-        new.write_text("".join(f"s3://bench/{k}\n" for k in s.keys))
+        # With their sizes, as a listing gives them: a small object of known size is one CRT GET.
+        new.write_text("".join(f"s3://bench/{k} size={s.size}\n" for k in s.keys))
         os.replace(new, manifest)
         # Each status request is the daemon's CPU too (1-3 ms; polled every 0.2 s it was 5-15% of the
         # small set's): wait on the published files from here, then ask once or twice for the rows.
@@ -209,7 +213,8 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
         st = wait_for(all_ready, 600, "every object ready", interval=0.02)
         cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
         requests = st["requests"] - before
-    return Run(cpu, wall, requests), startup
+        rss = memory(pid, "VmHWM")
+    return Run(cpu, wall, requests, rss), startup
 
 
 def _order(whos: list[str], r: int) -> list[str]:
@@ -232,6 +237,12 @@ def _published_files(cache: Path) -> int:
     return n
 
 
+def _rss(runs: list[Run]) -> str:
+    """The daemon's peak RSS, the most of any round ("-" for the clients measured in this process)."""
+    peak = max(r.rss for r in runs)
+    return f"{peak / 1e6:.0f}" if peak else "-"
+
+
 def med(runs: list[Run], attr: str) -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
@@ -248,8 +259,9 @@ def split_costs(sets: list[ObjSet], results: dict, who: str) -> tuple[float, flo
 def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
     lines = [(f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
               f"({os.cpu_count()} cores)"), ""]
-    lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object | "
+                 "peak RSS MB |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for s in sets:
         base = med(results[s.name]["boto3"], "cpu") / (s.total / GB)
         for who, runs in results[s.name].items():
@@ -260,7 +272,7 @@ def report(sets: list[ObjSet], results: dict, startups: list[float], first: tupl
             lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {lo:.2f}-{hi:.2f} | "
                          f"{1000 * cpu / s.count:.2f} | "
                          f"{per_gb / base:.2f} | {s.total / med(runs, 'wall') / 1e6:,.0f} | "
-                         f"{gets} |")
+                         f"{gets} | {_rss(runs)} |")
     lines.append("")
     lines.append(f"daemon start-up, exec to ready on an empty manifest: median {statistics.median(startups):.2f} CPU-s")
     if first is not None:
