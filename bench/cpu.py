@@ -24,6 +24,9 @@ client, in this order, so drift hits each alike:
   ready: GETs, the checksum checked, the local CRC32C, fsync of file and directory, the index, status
   -- all of it. Its peak RSS (VmHWM) over the run is reported beside it.
 
+With ``--botocore``, a column ``daemon@botocore`` runs this tree's daemon with ``--transport botocore``
+(every object through botocore, no CRT), in the same way: what the CRT path alone changes.
+
 With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
 runs that tree's daemon (``PYTHONPATH=DIR``) beside this tree's in every round, the two swapping places
 every other round (the second of two daemon runs costs more: use an even ``--rounds``): a before/after
@@ -177,9 +180,10 @@ class Crt:
         return Run(time.process_time() - c0, time.monotonic() - t0)
 
 
-def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None) -> tuple[Run, float]:
+def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None,
+               extra: tuple[str, ...] = ()) -> tuple[Run, float]:
     """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest). ``tree``: run
-    the daemon of that source tree instead of this one."""
+    the daemon of that source tree instead of this one; ``extra``: more flags for it."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
     if tree is None:
@@ -191,7 +195,7 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
     env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
     with DaemonProcess(tmp / "cache", url, manifest=manifest, env=env,
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
-                             "--min-free", "0"]) as d:
+                             "--min-free", "0", *extra]) as d:
         pid = d.proc.pid
         startup = cpu_seconds(pid)  # DaemonProcess returned once it answers as ready
         before = d.status()["requests"]
@@ -221,8 +225,9 @@ def _order(whos: list[str], r: int) -> list[str]:
     """The columns' order in round ``r``: the two daemons swap places every other round. The daemon run
     right after the other one was measured 1.6-2.1x its CPU per GB with the same code in both columns
     (16 x 16 MiB, 5 rounds, the trees swapped between runs): a fixed order credits that to the baseline."""
-    if r % 2 and "daemon@base" in whos:
-        i, j = whos.index("daemon"), whos.index("daemon@base")
+    others = [w for w in whos if w.startswith("daemon@")]
+    if r % 2 and others:
+        i, j = whos.index("daemon"), whos.index(others[0])
         whos[i], whos[j] = whos[j], whos[i]
     return whos
 
@@ -318,6 +323,9 @@ def main() -> None:
                          "plain client leaves to the kernel's flusher threads, which no process's CPU shows")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the daemon of this source tree (column daemon@base), interleaved")
+    ap.add_argument("--botocore", action="store_true",
+                    help="also run this tree's daemon with --transport botocore (column daemon@botocore), "
+                         "interleaved")
     ap.add_argument("--store-path", action="store_true",
                     help="only the daemon's local steps per object (file, plan, index, rename), by batch size")
     a = ap.parse_args()
@@ -329,7 +337,7 @@ def main() -> None:
         return
     compiled()
     whos = (["boto3"] + (["boto3+fsync"] if a.boto3_fsync else []) + ["crt", "daemon"]
-            + (["daemon@base"] if a.baseline_tree else []))
+            + (["daemon@base"] if a.baseline_tree else []) + (["daemon@botocore"] if a.botocore else []))
     if a.baseline_tree:
         compiled(a.baseline_tree / "s3cache")
     results: dict = {s.name: {w: [] for w in whos} for s in sets}
@@ -361,6 +369,9 @@ def main() -> None:
                         results[s.name][who].append(boto3_run(moto.url, s, out, a.workers, fsync=True))
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
+                    elif who == "daemon@botocore":
+                        run, _ = daemon_run(moto.url, s, out, a.workers, extra=("--transport", "botocore"))
+                        results[s.name][who].append(run)
                     elif who == "daemon@base":
                         run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute())
                         results[s.name][who].append(run)

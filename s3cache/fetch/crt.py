@@ -35,6 +35,7 @@ from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
 import botocore
+import botocore.credentials
 import botocore.exceptions
 
 from .retry import Cancelled
@@ -184,12 +185,22 @@ class CrtGets:
 
         elg = EventLoopGroup(1)  # one I/O thread: the CRT's CPU per request is small, cores are shared
         bootstrap = ClientBootstrap(elg, DefaultHostResolver(elg))
-        creds = None if self.anonymous else AwsCredentialsProvider.new_delegate(self._credentials)
+        creds = None if self.anonymous else self._provider(AwsCredentialsProvider)
         return S3Client(bootstrap=bootstrap, region=self.region, credential_provider=creds,
                         tls_mode=S3RequestTlsMode.ENABLED if self.tls else S3RequestTlsMode.DISABLED,
                         part_size=MAX_OBJECT, memory_limit=MEMORY_LIMIT,
                         retry_config=S3RetryConfig(retry_mode=S3RetryMode.NONE),
                         connect_timeout_ms=max(1, int(self.connect_timeout * 1000)))
+
+    def _provider(self, provider_class):
+        """botocore's credentials as the CRT's provider: fixed ones (keys from the environment or a
+        file) as they are, others through a delegate that asks botocore at each signing, so they are
+        refreshed by botocore's chain (an instance role, SSO, an assumed role)."""
+        creds = self._botocore._request_signer._credentials
+        if type(creds) is botocore.credentials.Credentials:
+            frozen = creds.get_frozen_credentials()
+            return provider_class.new_static(frozen.access_key, frozen.secret_key, frozen.token)
+        return provider_class.new_delegate(self._credentials)
 
     def _frozen(self):
         creds = self._botocore._request_signer._credentials
