@@ -54,12 +54,13 @@ def sized(bucket: str, key: str, size: int, **kw) -> Entry:
     return Entry(ObjectRef(bucket, key), size=size, **kw)
 
 
-def test_a_small_prefetch_is_one_crt_get_checked_against_s3s_checksum(moto, bucket, proxy, crt_fetcher):
+def test_a_small_prefetch_is_one_crt_get_checked_against_s3s_checksum(moto, bucket, proxy, crt_fetcher, store):
     body = os.urandom(256 * KiB)
     moto.client().put_object(Bucket=bucket, Key="k", Body=body)  # boto3's default CRC32
     f = crt_fetcher(proxy)
     got = f.fetch(sized(bucket, "k", len(body)), admit=lambda n: True)
     assert Path(got.tmp_path).read_bytes() == body
+    assert os.path.dirname(got.tmp_path) == store.layout.tmp and os.stat(got.tmp_path).st_mode & 0o777 == 0o600
     # The claim came in the CRT's answer (the x-amz-checksum-mode we sent) and was checked: no HEAD.
     assert got.method == "s3-crc32"
     [ex] = proxy.seen(f"/{bucket}/k")
@@ -282,3 +283,41 @@ def test_the_daemon_prefetches_small_objects_through_the_crt_and_stops_cleanly(t
         # the job's first files come as a reader's would (botocore, with the Link's priorities); the rest by CRT
         assert [a.startswith(CRT_AGENT) for a in agents(proxy, f"/{bucket}/{k}")] == [i >= FIRST_FILES], k
     assert d.stop() == 0  # and the daemons fixture finds no loop error or traceback in its log
+
+
+def test_refreshable_credentials_are_asked_of_botocore_at_each_signing(s3, bucket, proxy, crt_fetcher):
+    """One credential chain: credentials botocore refreshes (an instance role, SSO) sign the CRT's GETs as
+    botocore has them now, not a copy taken when the CRT's client was made."""
+    import re
+    from datetime import datetime, timedelta, timezone
+
+    import botocore.config
+    import botocore.credentials
+    import botocore.session
+
+    s3.put_object(Bucket=bucket, Key="k", Body=b"y" * 3000)
+    issued: list[str] = []
+
+    def refresh():
+        issued.append(f"AKIAROTATING{len(issued):08d}")
+        # expiring within botocore's mandatory refresh window: every use asks again (moto takes any key)
+        soon = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        return {"access_key": issued[-1], "secret_key": "testing", "token": None, "expiry_time": soon}
+
+    class Rotating(botocore.credentials.CredentialProvider):
+        METHOD = "rotating-test"
+
+        def load(self):
+            return botocore.credentials.RefreshableCredentials.create_from_metadata(refresh(), refresh, self.METHOD)
+
+    session = botocore.session.get_session()
+    session.get_component("credential_provider").insert_before("env", Rotating())
+    client = session.create_client("s3", endpoint_url=proxy.url, region_name="us-east-1",
+                                   config=botocore.config.Config(retries={"total_max_attempts": 1}))
+    f = crt_fetcher(proxy, client=client)
+    for _ in range(2):
+        assert Path(f.fetch(sized(bucket, "k", 3000), admit=lambda n: True).tmp_path).read_bytes() == b"y" * 3000
+    gets = proxy.seen(f"/{bucket}/k")
+    assert all(e.headers["user-agent"].startswith(CRT_AGENT) for e in gets)
+    signed = [re.search(r"Credential=(\w+)/", e.headers["authorization"]).group(1) for e in gets]
+    assert len(signed) == 2 and signed[0] != signed[1] and set(signed) <= set(issued), (signed, issued)
