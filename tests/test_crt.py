@@ -321,3 +321,18 @@ def test_refreshable_credentials_are_asked_of_botocore_at_each_signing(s3, bucke
     assert all(e.headers["user-agent"].startswith(CRT_AGENT) for e in gets)
     signed = [re.search(r"Credential=(\w+)/", e.headers["authorization"]).group(1) for e in gets]
     assert len(signed) == 2 and signed[0] != signed[1] and set(signed) <= set(issued), (signed, issued)
+
+
+@pytest.mark.parametrize("fault", ["flip", "short", "reset", "shift", "ignore-range", "range-as-200", "lie-total"])
+def test_every_broken_answer_of_the_proxy_is_refused_or_repaired(s3, bucket, aws_proxy, crt_fetcher, store, fault):
+    """The fault proxy's broken answers to the CRT's (ranged) GET: each is fetched again or taken only
+    when it is the object; never a wrong byte in a returned file."""
+    body = os.urandom(200 * KiB + 7)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    aws_proxy.plan = on_nth(1, fault)
+    f = crt_fetcher(aws_proxy)
+    got = f.fetch(sized(bucket, "k", len(body)), admit=lambda n: True)
+    assert aws_proxy.faults[fault] == 1
+    assert Path(got.tmp_path).read_bytes() == body and got.size == len(body)
+    assert agents(aws_proxy, f"/{bucket}/k")[0].startswith(CRT_AGENT)
+    assert temp_files(store) == [os.path.basename(got.tmp_path)]
