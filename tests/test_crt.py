@@ -336,3 +336,26 @@ def test_every_broken_answer_of_the_proxy_is_refused_or_repaired(s3, bucket, aws
     assert Path(got.tmp_path).read_bytes() == body and got.size == len(body)
     assert agents(aws_proxy, f"/{bucket}/k")[0].startswith(CRT_AGENT)
     assert temp_files(store) == [os.path.basename(got.tmp_path)]
+
+
+def test_a_full_disk_is_disk_full_and_leaves_no_temp_file(s3, bucket, proxy, small_fs):
+    """ENOSPC in the CRT's writes is the daemon's DiskFull (it evicts for room), not a transfer error."""
+    from s3cache.fetch.stream import DiskFull
+    from s3cache.store.files import Store
+
+    body = os.urandom(1536 * KiB)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    store = Store(str(small_fs("1m") / "cache"))
+    store.open()
+    f = Fetcher(make_client(proxy.url, "us-east-1", 16, 5, 10), part_size=MiB, prefetch_part_size=2 * MiB,
+                workers=2, max_attempts=3, cancel=threading.Event(), new_temp=store.new_temp,
+                discard=store.discard)
+    try:
+        with pytest.raises(DiskFull):
+            f.fetch(sized(bucket, "k", len(body)), admit=lambda n: True)
+        assert f.counters.retries == 0
+        assert agents(proxy, f"/{bucket}/k")[0].startswith(CRT_AGENT)
+        assert temp_files(store) == []
+    finally:
+        f.close()
+        store.close()

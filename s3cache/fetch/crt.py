@@ -39,6 +39,7 @@ import botocore.credentials
 import botocore.exceptions
 
 from .retry import Cancelled
+from .stream import DiskFull
 
 log = logging.getLogger("s3cache.fetch")
 
@@ -76,15 +77,6 @@ class CrtFailed(botocore.exceptions.BotoCoreError):
     fmt = "the CRT's GET failed: {name}"
 
 
-def usable() -> bool:
-    """Whether awscrt's S3 client can be imported here."""
-    try:
-        import awscrt.s3  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _botocore_fields(headers: list[tuple[str, str]]) -> dict:
     """A response's headers as botocore's GetObject output names them (the ones the checks read)."""
     out: dict = {}
@@ -96,7 +88,7 @@ def _botocore_fields(headers: list[tuple[str, str]]) -> dict:
             out["ContentLength"] = int(value)
         else:
             m = _CHECKSUM.fullmatch(low)
-            if m and low != "x-amz-checksum-type":
+            if m and m.group(1) not in ("type", "mode"):
                 out["Checksum" + m.group(1).upper()] = value
     return out
 
@@ -234,7 +226,7 @@ class CrtGets:
         GetObject output names them, with ``ResponseMetadata.HTTPStatusCode``. ``size``: the bytes
         expected, for the time allowed; an object over ``limit`` bytes is not fetched (TooLarge).
         Raises ClientError / EndpointConnectionError / CrtFailed as the botocore path would,
-        NoCredentialsError, or Cancelled when stopping."""
+        NoCredentialsError, DiskFull (ENOSPC), or Cancelled when stopping."""
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.s3 import S3RequestType
 
@@ -275,7 +267,7 @@ class CrtGets:
         finally:
             with self._lock:
                 self._inflight.discard(p)
-        return self._answer(p, bucket, key)
+        return self._answer(p, bucket, key, size)
 
     def _wait(self, p: _Pending, size: int) -> None:
         deadline = time.monotonic() + self.timeout + size / _FLOOR_RATE
@@ -290,7 +282,7 @@ class CrtGets:
                     raise TooLarge(p.too_large)
                 raise botocore.exceptions.ReadTimeoutError(endpoint_url=self.host)
 
-    def _answer(self, p: _Pending, bucket: str, key: str) -> dict:
+    def _answer(self, p: _Pending, bucket: str, key: str, size: int) -> dict:
         out = p.outcome
         error = out.get("error")
         if error is None:
@@ -306,6 +298,8 @@ class CrtGets:
                 {"Error": {"Code": code or str(status), "Message": message},
                  "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
         name = getattr(error, "name", type(error).__name__)
+        if name == "AWS_ERROR_NO_SPACE":
+            raise DiskFull(f"no space left for s3://{bucket}/{key} ({size} bytes)", size)
         if name in _ANSWERS:
             code, status = _ANSWERS[name]
             raise botocore.exceptions.ClientError(

@@ -44,7 +44,7 @@ import botocore.exceptions
 from s3cache.errors import ConfigError, ObjectChanged, S3CacheError
 from s3cache.manifest.parse import Entry, Listed
 
-from .checksum import CHUNK, Digest, have_crc64nvme
+from .checksum import Digest, have_crc64nvme
 from .crt import MAX_OBJECT, CrtGets, TooLarge
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
@@ -259,7 +259,7 @@ class Fetcher:
     def _fetch_crt(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         """One GET of the whole object through the CRT into a temp file, on a link slot held until it
         ends; then the same checks as a botocore GET's whole answer, over the bytes read back from the
-        file (a small object: they are in the page cache)."""
+        file."""
         uri, size = entry.uri, entry.size
         assert size is not None
         if not admit(size):
@@ -290,15 +290,7 @@ class Fetcher:
                     raise NeedSpace(total)
             checks = self.verifier.settle(entry, resp, etag, True, total, confirm)
             digest = Digest(checks.expect, checks.also)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            at = 0
-            while at < total:
-                n = os.preadv(fd, [view], at)
-                if not n:
-                    break
-                digest.update(view[:n])
-                at += n
+            read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
             method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
             os.fdatasync(fd)
             ok = True
