@@ -29,9 +29,9 @@ def crt_fetcher(store):
     """``crt_fetcher(proxy_or_url, **Fetcher kwargs) -> Fetcher`` with the CRT transport, into ``store``."""
     made = []
 
-    def make(url, client=None, max_attempts=3, **kw):
+    def make(url, client=None, max_attempts=3, workers=4, **kw):
         url = getattr(url, "url", url)
-        f = Fetcher(client or make_client(url, "us-east-1", 16, 5, 10), part_size=MiB, workers=4,
+        f = Fetcher(client or make_client(url, "us-east-1", 16, 5, 10), part_size=MiB, workers=workers,
                     max_attempts=max_attempts, cancel=threading.Event(), new_temp=store.new_temp,
                     discard=store.discard, **kw)
         made.append(f)
@@ -359,3 +359,43 @@ def test_a_full_disk_is_disk_full_and_leaves_no_temp_file(s3, bucket, proxy, sma
     finally:
         f.close()
         store.close()
+
+
+def test_a_readers_get_takes_the_next_slot_ahead_of_waiting_crt_prefetches(s3, bucket, proxy, crt_fetcher):
+    """Both transports share one link budget: with every slot held by a (stalled) CRT prefetch, a reader's
+    GET waits for that one request only, and goes before the CRT prefetches queued for a slot."""
+    for k in ("p0", "p1", "p2", "p3", "fg"):
+        s3.put_object(Bucket=bucket, Key=k, Body=os.urandom(20 * KiB))
+    proxy.stall_seconds = 60
+    proxy.plan = lambda m, p, q: "stall" if m == "GET" and p.endswith("/p0") and not proxy.release.is_set() else None
+    f = crt_fetcher(proxy, max_attempts=3, workers=1)  # one connection
+    outs: dict = {}
+
+    def run(key: str, fg: bool) -> None:
+        outs[key] = _outcome_fg(f, sized(bucket, key, 20 * KiB), fg)
+
+    threads = [threading.Thread(target=run, args=("p0", False))]
+    threads[0].start()
+    try:
+        wait_for(lambda: proxy.seen(f"/{bucket}/p0"), 30, "the first prefetch to hold the only slot")
+        threads += [threading.Thread(target=run, args=(k, False)) for k in ("p1", "p2", "p3")]
+        threads.append(threading.Thread(target=run, args=("fg", True)))
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: f.link.fg_waiting == 1, 30, "the reader's GET to wait for a slot")
+    finally:
+        proxy.release.set()
+        for t in threads:
+            t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(not isinstance(v, BaseException) for v in outs.values()), outs
+    order = [e.path.rsplit("/", 1)[1] for e in proxy.exchanges if e.method == "GET"]
+    assert order[0] == "p0" and order[1] == "fg", order
+    assert {a.startswith(CRT_AGENT) for k in ("p1", "p2", "p3") for a in agents(proxy, f"/{bucket}/{k}")} == {True}
+
+
+def _outcome_fg(f: Fetcher, entry: Entry, foreground: bool):
+    try:
+        return f.fetch(entry, admit=lambda n: True, foreground=foreground)
+    except BaseException as e:  # noqa: BLE001 - the test looks at it
+        return e
