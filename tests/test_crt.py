@@ -408,7 +408,7 @@ def test_a_pinned_version_and_a_multipart_object_come_through_the_crt(s3, bucket
     old = os.urandom(4000)
     v1 = s3.put_object(Bucket=bucket, Key="v", Body=old)["VersionId"]
     s3.put_object(Bucket=bucket, Key="v", Body=os.urandom(4000))
-    body = multipart(s3, bucket, "mp", [os.urandom(5 * MiB), os.urandom(300 * KiB)])
+    body = multipart(s3, bucket, "mp", [os.urandom(5 * MiB), os.urandom(300 * KiB)])  # moto: 5 MiB parts at least
     f = crt_fetcher(proxy, prefetch_part_size=8 * MiB)
     got = f.fetch(sized(bucket, "v", 4000, version=v1), admit=lambda n: True)
     assert Path(got.tmp_path).read_bytes() == old and got.version == v1
