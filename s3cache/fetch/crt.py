@@ -47,11 +47,13 @@ log = logging.getLogger("s3cache.fetch")
 # part here is one small object, so the limit only caps how many are buffered at once.
 MEMORY_LIMIT = 256 << 20
 # Largest object sent this way. A CRT GET is never cut for a reader, so a reader's object waits for at
-# most one such request's slot; its body is buffered in the CRT's memory before it is written (at most
-# workers x this, within MEMORY_LIMIT: 16 GETs of 4 MiB raised a fetcher's peak RSS by ~65 MB, of
-# 256 KiB by ~5 MB). 8 MiB takes in the smallest multipart uploads (parts are 5 MiB at least); above
-# it the per-byte cost dominates and the request path's saving is a few percent.
-MAX_OBJECT = 8 << 20
+# most one such request's slot. The CRT buffers the body before writing it and the fetcher reads the
+# file back to hash it: a copy per byte that botocore's stream does not make. Measured in a fetcher
+# (16 at once, CPU per object, CRT against botocore): 256 KiB 1.6 against 2.3-2.9 ms, 1 MiB 2.3-2.8
+# against 3.3-3.8, 2 MiB 4.0-5.0 against 4.6-4.9, 4 MiB 7.5-8.9 against 7.3-7.5: the request path's
+# saving is gone past 2 MiB. Memory: at most workers x this buffered (16 GETs of 4 MiB raised the
+# peak RSS by ~65 MB, of 256 KiB by ~5 MB).
+MAX_OBJECT = 2 << 20
 _FLOOR_RATE = 1 << 20  # bytes/s below which a request is given up as stalled (beside the timeouts)
 
 # Response headers the verifier reads, in botocore's field names.
