@@ -231,16 +231,17 @@ def test_a_forked_child_fetches_through_a_fresh_crt_client(s3, bucket, proxy, cr
     f = crt_fetcher(proxy)
     f.fetch(sized(bucket, "a", len(a)), admit=lambda n: True)  # the parent's client exists now
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report the file it got, then leave without running the parent's cleanup
-        code = 1
-        try:
-            os.close(r)
-            got = f.fetch(sized(bucket, "b", len(b)), admit=lambda n: True)
-            os.write(w, got.tmp_path.encode())
-            code = 0
-        finally:
-            os._exit(code)
+    with f.crt._lock:  # held at fork(), as by a parent's thread starting a request: the child must not hang on it
+        pid = os.fork()
+        if pid == 0:  # the child: report the file it got, then leave without running the parent's cleanup
+            code = 1
+            try:
+                os.close(r)
+                got = f.fetch(sized(bucket, "b", len(b)), admit=lambda n: True)
+                os.write(w, got.tmp_path.encode())
+                code = 0
+            finally:
+                os._exit(code)
     os.close(w)
     try:
         deadline = time.monotonic() + 60
@@ -411,3 +412,15 @@ def test_a_pinned_version_comes_through_the_crt(s3, bucket, proxy, crt_fetcher):
     assert Path(got.tmp_path).read_bytes() == old and got.version == v1
     [ex] = proxy.seen(f"/{bucket}/v")
     assert ex.headers["user-agent"].startswith(CRT_AGENT) and f"versionId={v1}" in ex.query
+
+
+def test_an_endpoint_that_refuses_connections_is_retried_as_unreachable(store, crt_fetcher):
+    from s3cache.testing import free_port
+
+    f = crt_fetcher(f"http://127.0.0.1:{free_port()}", max_attempts=2)
+    with pytest.raises(FetchFailed) as ei:
+        f.fetch(sized("b-1", "k", 1000), admit=lambda n: True)
+    # the code botocore's path gives, and the outage it opens (one line while S3 cannot be reached)
+    assert ei.value.code == "EndpointConnectionError" and f.counters.retries == 1
+    assert f.policy.outage.active
+    assert temp_files(store) == []

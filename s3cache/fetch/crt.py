@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
@@ -73,6 +74,17 @@ _ANSWERS = {"AWS_ERROR_S3_SLOW_DOWN": ("SlowDown", 503), "AWS_ERROR_S3_INTERNAL_
             "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": ("RequestTimeTooSkewed", 403)}
 
 _orphans: list = []  # a parent's clients, in a forked child: kept alive, never freed (see the invariants)
+_instances: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock a parent's thread held at fork() stays held in the child for ever: each CrtGets gets a
+    fresh one (its client is made again on first use, ``CrtGets._client``)."""
+    for gets in list(_instances):
+        gets._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class CrtFailed(botocore.exceptions.BotoCoreError):
@@ -162,6 +174,7 @@ class CrtGets:
         self._native = None
         self._inflight: set[_Pending] = set()
         self._creds_cache: tuple = (None, None)  # (botocore's frozen credentials, awscrt's copy of them)
+        _instances.add(self)
 
     # -- the native client ---------------------------------------------------------------------------
 
