@@ -85,8 +85,11 @@ class Fetched:
 class Fetcher:
     """Downloads objects into verified temp files with a pool of part workers.
 
+    ``transport``: "crt" sends a prefetch of a small object of known size through ``crt.py``, "botocore"
+    sends every GET through botocore.
+
     Invariants: at most ``workers`` GETs stream at once, each on a slot of ``link`` held from its request
-    until its body is read or closed (a reader's first, then prefetch); two part pools, so a reader's
+    until its body is read or closed, or for a CRT GET until it ends (a reader's first, then prefetch); two part pools, so a reader's
     parts never queue behind prefetch threads; ``_fg_idle`` is set exactly when no foreground fetch is in
     flight and ``link.readers`` counts those that are; ``_inflight`` holds one priority per URI being
     fetched.
