@@ -19,8 +19,13 @@ client, in this order, so drift hits each alike:
   renamed. No checksum validation: with moto it validates nothing (it asks for the checksum in a
   header spelled in lower case, which moto ignores), so asking for it would cost a HEAD for nothing.
 * daemon: ``s3cache serve`` started on an empty manifest (its start-up CPU is that until it is ready),
-  then the set's URIs arrive in the manifest; CPU from then until every object is ready: GETs, the
-  checksum checked, the local CRC32C, fsync of file and directory, the index, status -- all of it.
+  then the set's URIs arrive in the manifest, with their sizes (as a prefix listing gives them, so a
+  small object is one CRT GET unless ``--transport botocore``); CPU from then until every object is
+  ready: GETs, the checksum checked, the local CRC32C, fsync of file and directory, the index, status
+  -- all of it. Its peak RSS (VmHWM) over the run is reported beside it.
+
+With ``--botocore``, a column ``daemon@botocore`` runs this tree's daemon with ``--transport botocore``
+(every object through botocore, no CRT), in the same way: what the CRT path alone changes.
 
 With ``--baseline-tree DIR`` (a checkout of another revision), a second daemon column ``daemon@base``
 runs that tree's daemon (``PYTHONPATH=DIR``) beside this tree's in every round, the two swapping places
@@ -56,7 +61,7 @@ from s3cache.service.config import human_size, parse_size
 from s3cache.store.paths import PRIVATE_DIR
 from s3cache.testing import FAKE_CREDENTIALS, DaemonProcess, MotoServer, wait_for
 
-from .proc import compiled, cpu_seconds
+from .proc import compiled, cpu_seconds, memory
 
 GB = 1e9
 RATES_GBIT = (10, 100, 400)
@@ -79,6 +84,7 @@ class Run:
     cpu: float
     wall: float
     requests: int = 0
+    rss: int = 0  # the daemon's peak RSS (VmHWM), bytes; 0 for the clients run in this process
 
 
 def parse_set(name: str, text: str) -> ObjSet:
@@ -174,9 +180,10 @@ class Crt:
         return Run(time.process_time() - c0, time.monotonic() - t0)
 
 
-def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None) -> tuple[Run, float]:
+def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None,
+               extra: tuple[str, ...] = ()) -> tuple[Run, float]:
     """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest). ``tree``: run
-    the daemon of that source tree instead of this one."""
+    the daemon of that source tree instead of this one; ``extra``: more flags for it."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
     if tree is None:
@@ -188,13 +195,14 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
     env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
     with DaemonProcess(tmp / "cache", url, manifest=manifest, env=env,
                        args=["--workers", str(workers), "--max-size", str(2 * s.total + (256 << 20)),
-                             "--min-free", "0"]) as d:
+                             "--min-free", "0", *extra]) as d:
         pid = d.proc.pid
         startup = cpu_seconds(pid)  # DaemonProcess returned once it answers as ready
         before = d.status()["requests"]
         c0, t0 = cpu_seconds(pid), time.monotonic()
         new = tmp / "manifest.new"
-        new.write_text("".join(f"s3://bench/{k}\n" for k in s.keys))
+        # With their sizes, as a listing gives them: a small object of known size is one CRT GET.
+        new.write_text("".join(f"s3://bench/{k} size={s.size}\n" for k in s.keys))
         os.replace(new, manifest)
         # Each status request is the daemon's CPU too (1-3 ms; polled every 0.2 s it was 5-15% of the
         # small set's): wait on the published files from here, then ask once or twice for the rows.
@@ -209,15 +217,17 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
         st = wait_for(all_ready, 600, "every object ready", interval=0.02)
         cpu, wall = cpu_seconds(pid) - c0, time.monotonic() - t0
         requests = st["requests"] - before
-    return Run(cpu, wall, requests), startup
+        rss = memory(pid, "VmHWM")
+    return Run(cpu, wall, requests, rss), startup
 
 
 def _order(whos: list[str], r: int) -> list[str]:
     """The columns' order in round ``r``: the two daemons swap places every other round. The daemon run
     right after the other one was measured 1.6-2.1x its CPU per GB with the same code in both columns
     (16 x 16 MiB, 5 rounds, the trees swapped between runs): a fixed order credits that to the baseline."""
-    if r % 2 and "daemon@base" in whos:
-        i, j = whos.index("daemon"), whos.index("daemon@base")
+    others = [w for w in whos if w.startswith("daemon@")]
+    if r % 2 and others:
+        i, j = whos.index("daemon"), whos.index(others[0])
         whos[i], whos[j] = whos[j], whos[i]
     return whos
 
@@ -230,6 +240,12 @@ def _published_files(cache: Path) -> int:
             dirs[:] = [x for x in dirs if x != PRIVATE_DIR]
         n += len(files)
     return n
+
+
+def _rss(runs: list[Run]) -> str:
+    """The daemon's peak RSS, the most of any round ("-" for the clients measured in this process)."""
+    peak = max(r.rss for r in runs)
+    return f"{peak / 1e6:.0f}" if peak else "-"
 
 
 def med(runs: list[Run], attr: str) -> float:
@@ -248,8 +264,9 @@ def split_costs(sets: list[ObjSet], results: dict, who: str) -> tuple[float, flo
 def report(sets: list[ObjSet], results: dict, startups: list[float], first: tuple | None, rounds: int) -> str:
     lines = [(f"CPU per GB and per object, median of {rounds} rounds, straight to moto on loopback "
               f"({os.cpu_count()} cores)"), ""]
-    lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("| objects | client | CPU-s/GB | (min-max) | ms CPU/object | x boto3 | MB/s | requests/object | "
+                 "peak RSS MB |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for s in sets:
         base = med(results[s.name]["boto3"], "cpu") / (s.total / GB)
         for who, runs in results[s.name].items():
@@ -260,7 +277,7 @@ def report(sets: list[ObjSet], results: dict, startups: list[float], first: tupl
             lines.append(f"| {s.count} x {human_size(s.size)} | {who} | {per_gb:.2f} | {lo:.2f}-{hi:.2f} | "
                          f"{1000 * cpu / s.count:.2f} | "
                          f"{per_gb / base:.2f} | {s.total / med(runs, 'wall') / 1e6:,.0f} | "
-                         f"{gets} |")
+                         f"{gets} | {_rss(runs)} |")
     lines.append("")
     lines.append(f"daemon start-up, exec to ready on an empty manifest: median {statistics.median(startups):.2f} CPU-s")
     if first is not None:
@@ -306,6 +323,9 @@ def main() -> None:
                          "plain client leaves to the kernel's flusher threads, which no process's CPU shows")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also run the daemon of this source tree (column daemon@base), interleaved")
+    ap.add_argument("--botocore", action="store_true",
+                    help="also run this tree's daemon with --transport botocore (column daemon@botocore), "
+                         "interleaved")
     ap.add_argument("--store-path", action="store_true",
                     help="only the daemon's local steps per object (file, plan, index, rename), by batch size")
     a = ap.parse_args()
@@ -317,7 +337,7 @@ def main() -> None:
         return
     compiled()
     whos = (["boto3"] + (["boto3+fsync"] if a.boto3_fsync else []) + ["crt", "daemon"]
-            + (["daemon@base"] if a.baseline_tree else []))
+            + (["daemon@base"] if a.baseline_tree else []) + (["daemon@botocore"] if a.botocore else []))
     if a.baseline_tree:
         compiled(a.baseline_tree / "s3cache")
     results: dict = {s.name: {w: [] for w in whos} for s in sets}
@@ -349,6 +369,9 @@ def main() -> None:
                         results[s.name][who].append(boto3_run(moto.url, s, out, a.workers, fsync=True))
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
+                    elif who == "daemon@botocore":
+                        run, _ = daemon_run(moto.url, s, out, a.workers, extra=("--transport", "botocore"))
+                        results[s.name][who].append(run)
                     elif who == "daemon@base":
                         run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute())
                         results[s.name][who].append(run)

@@ -197,6 +197,7 @@ NON_DEFAULTS = {
     "endpoint_url": "http://s3.local:9000", "region": "eu-north-1", "read_timeout": "4", "connect_timeout": "3",
     "max_attempts": "2", "revalidate": "60", "log_level": "debug", "shard": "3/8",
     "metrics_addr": "127.0.0.1:9200", "metrics_allow_remote": "true", "require_checksum": "true",
+    "transport": "botocore",
     "world_readable": "true", "pin_quota": "0.25", "manifest_settle": "1.5", "allow": "s3://b-1/x/",
     "peers": "10.0.0.1:7480,10.0.0.2:7480", "peer_addr": "10.0.0.1:7480", "peer_secret_file": "/srv/peer-secret",
     "peer_timeout": "3.5", "peer_rate": "100M",

@@ -61,7 +61,7 @@ def start_up(d: Daemon) -> None:
         d.fetcher = fetcher = Fetcher(client, part_size=s.part_size, prefetch_part_size=s.prefetch_part_size,
                                       workers=s.workers, max_attempts=s.max_attempts, cancel=d.stopping,
                                       new_temp=d.store.new_temp, discard=d.store.discard,
-                                      require_checksum=s.require_checksum)
+                                      require_checksum=s.require_checksum, transport=s.transport)
         if s.peers is not None:  # its modules (an HTTP server, signing, membership) load only for it
             from .peering import build
 

@@ -18,6 +18,11 @@ Per object:
   wait for, or all of them while a reader waits on a link measured to be saturated. The first files a
   job opens (``early``) are laid out as a reader's object is, behind readers and ahead of other
   prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
+* A prefetch of a small object whose size is known (not a reader's, not an early file) is one GET through
+  AWS's Common Runtime client instead (``crt.py``, ``transport="crt"``): native code writes its body
+  into the temp file at a fraction of botocore's CPU per request; the file is then read back through
+  the same ``Digest`` and ``Verifier``. It holds a link slot for the whole request, so both transports
+  share one budget and a reader waits behind at most one small object per connection.
 * Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
 * The strongest available checksum is checked, with the size, before the file is handed back.
 
@@ -40,6 +45,7 @@ from s3cache.errors import ConfigError, ObjectChanged, S3CacheError
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
+from .crt import MAX_OBJECT, CrtGets, TooLarge
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .parts import FLOOR, Span, first_answer, first_span, part_length, status
@@ -79,8 +85,11 @@ class Fetched:
 class Fetcher:
     """Downloads objects into verified temp files with a pool of part workers.
 
+    ``transport``: "crt" sends a prefetch of a small object of known size through ``crt.py``, "botocore"
+    sends every GET through botocore.
+
     Invariants: at most ``workers`` GETs stream at once, each on a slot of ``link`` held from its request
-    until its body is read or closed (a reader's first, then prefetch); two part pools, so a reader's
+    until its body is read or closed, or for a CRT GET until it ends (a reader's first, then prefetch); two part pools, so a reader's
     parts never queue behind prefetch threads; ``_fg_idle`` is set exactly when no foreground fetch is in
     flight and ``link.readers`` counts those that are; ``_inflight`` holds one priority per URI being
     fetched.
@@ -89,7 +98,7 @@ class Fetcher:
     def __init__(self, client, *, part_size: int, workers: int, max_attempts: int,
                  cancel: threading.Event, new_temp: Callable[[str], tuple[int, str]],
                  discard: Callable[[str], None], prefetch_part_size: int | None = None,
-                 require_checksum: bool = False) -> None:
+                 require_checksum: bool = False, transport: str = "crt") -> None:
         if not have_crc64nvme():
             # S3 checksums new uploads with CRC64NVME by default; without awscrt such objects could only
             # be checked by their size. awscrt is a core dependency: its absence is a broken install.
@@ -119,11 +128,21 @@ class Fetcher:
         self.streams = Streams(cancel, self.link, self.counters)
         self.parts = RangedParts(self.api, self.policy, self.verifier, self.link, self.streams, self.counters,
                                  self._part_length, workers)
+        if transport not in ("crt", "botocore"):
+            raise ConfigError(f"unknown transport {transport!r}: crt or botocore")
+        # Small prefetch objects go through the CRT (see the module doc); None: botocore for all.
+        self.crt: CrtGets | None = None
+        if transport == "crt":
+            cfg = client.meta.config
+            self.crt = CrtGets(client, cancel, cfg.connect_timeout, cfg.read_timeout)
+        self.crt_max = min(MAX_OBJECT, self.prefetch_part_size)
 
     def abort(self) -> None:
         """Stopping: wake every read blocked on a response body (see ``Streams.abort``), and every request
         still waiting for its answer (``hangup.py``). Call after setting ``cancel``."""
         self.streams.abort()
+        if self.crt is not None:
+            self.crt.cancel_all()
         hang_up(self._ports)
 
     def close(self) -> None:
@@ -170,7 +189,7 @@ class Fetcher:
         try:
             while True:
                 try:
-                    return self.policy.run(uri, lambda: self._fetch_once(entry, admit, prio, seen))
+                    return self.policy.run(uri, lambda: self._fetch_any(entry, admit, prio, seen))
                 except ObjectChanged:
                     changed += 1
                     if changed >= 3:
@@ -228,6 +247,62 @@ class Fetcher:
         share = max(1, self.link.capacity // objects)
         low = min(self.part_size, self.prefetch_part_size)
         return part_length(nbytes, share, low, self.prefetch_part_size)
+
+    def _fetch_any(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
+        """One attempt, through the CRT when the object is a small prefetch of known size."""
+        if (self.crt is not None and not prio.spread and entry.size is not None
+                and 0 < entry.size <= self.crt_max):
+            try:
+                return self._fetch_crt(entry, admit, prio, seen)
+            except TooLarge as e:
+                log.info("%s is %d bytes in S3, %d when it was listed: fetching it in parts", entry.uri,
+                         e.size, entry.size)
+        return self._fetch_once(entry, admit, prio, seen)
+
+    def _fetch_crt(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
+        """One GET of the whole object through the CRT into a temp file, on a link slot held until it
+        ends; then the same checks as a botocore GET's whole answer, over the bytes read back from the
+        file."""
+        uri, size = entry.uri, entry.size
+        assert size is not None
+        if not admit(size):
+            raise NeedSpace(size)
+        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
+        ok = False
+        try:
+            slot = Slot(self.link, prio)
+            try:
+                self.counters.add(requests=1)
+                resp = self.crt.get(entry.ref.bucket, entry.ref.key, entry.version, tmp, size, self.crt_max)
+            finally:
+                slot.release()
+            etag = resp.get("ETag", "").strip('"')
+            version = resp.get("VersionId") or entry.version or ""
+            total = os.fstat(fd).st_size
+            if resp.get("ContentLength", total) != total:
+                raise BadResponse(f"{uri}: the answer says {resp['ContentLength']} bytes, {total} were written")
+            self.counters.add(bytes=total)
+            self.link.moved(total)
+            confirm = False
+            if total != size:
+                if not entry.size_is_hint:
+                    self.verifier.size_mismatch(entry, etag, total)
+                log.info("%s is %d bytes in S3, %d when it was listed: fetching S3's", uri, total, size)
+                confirm = True  # only a HEAD can say the body is the object (as for a botocore GET)
+                if not admit(total):
+                    raise NeedSpace(total)
+            checks = self.verifier.settle(entry, resp, etag, True, total, confirm)
+            digest = Digest(checks.expect, checks.also)
+            read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
+            method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
+            os.fdatasync(fd)
+            ok = True
+            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
+                           tuple(e.method for e in checks.also))
+        finally:
+            os.close(fd)
+            if not ok:
+                self._discard(tmp)
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         asked: Span | None = first_span(self._first_length(entry, prio.spread))

@@ -171,6 +171,9 @@ class Settings:
     revalidate: float = setting(SECONDS, 0.0, "Every this many seconds, ask S3 whether cached objects "
                                 "changed (0: never).")
     log_level: str = setting(Choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
+    transport: str = setting(Choice(("crt", "botocore")), "crt", "How small prefetched objects are fetched: "
+                             "crt (AWS's Common Runtime client, a fraction of botocore's CPU per object) or "
+                             "botocore (every object through botocore).")
     require_checksum: bool = setting(Bool(), False, "Refuse to publish an object that has no check stronger "
                                      "than its size (no manifest digest, no S3 checksum, no MD5 ETag).")
     allow: tuple[str, ...] = setting(Prefixes(), (), "Readers may also have objects under this prefix fetched "
