@@ -6,11 +6,14 @@ order of readers' next use within the readahead window).
 Invariants it keeps (see schedule.py for the rest): a job handed out is in ``fetching`` with the entry it
 was handed out with, in one step under the state lock, so it is never handed out twice at once; at most
 ``workers`` jobs no reader waits on are in flight; a worker sleeps only after a scan found nothing
-(``_scan_idle``, cleared by ``work_changed``).
+(``_scan_idle``, cleared by ``work_changed``) or while prefetch holds its share of the threads; an
+idle worker is woken by ``Schedule.wake`` (one per job ended or queued) or ``work_changed`` (all),
+and one that takes a job wakes the next while work may remain (``_hand_out``).
 
 Uses the attributes ``Schedule`` sets (``s``, ``_space``, ``_cond``, ``_tracker``, ``_stopping``,
 ``_is_waited``, ``catalog``, ``cursors``, ``demand``, ``fetching``, ``_fetching_as``, ``failed``,
-``blocked``, ``replacing``, ``prefetch_paused``, ``_scan_idle``, ``_scan_limited``). Imports no other
+``blocked``, ``replacing``, ``prefetch_paused``, ``_scan_idle``, ``_scan_limited``,
+``idle_workers``, ``wakeups``, ``wake``). Imports no other
 daemon part.
 """
 
@@ -42,24 +45,39 @@ class HandOut:
         prefetches, against 0.54 s on an idle daemon."""
         with self._cond:
             while not self._stopping.is_set():
-                full = self._background() >= self.s.workers
+                background = self._background()
+                full = background >= self.s.workers
                 e = self._next_demand(full)  # even on a full disk: admission evicts for a waiting reader
                 if e is not None:
-                    self.fetching.add(e.uri)
-                    self._fetching_as[e.uri] = e
+                    self._hand_out(e, background + (not self._is_waited(e.uri)))
                     return e, True
-                if full:
-                    self._cond.wait(1.0)
-                    continue
-                if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
+                if not full and self._may_prefetch():
                     e = self._next_prefetch()
                     if e is not None:
-                        self.fetching.add(e.uri)
-                        self._fetching_as[e.uri] = e
+                        self._hand_out(e, background + 1)
                         return e, False
                     self._scan_idle = True  # until something changes (see work_changed)
-                self._cond.wait(1.0)
+                self.idle_workers += 1
+                try:
+                    if self._cond.wait(1.0):
+                        self.wakeups += 1
+                finally:
+                    self.idle_workers -= 1
         return None
+
+    def _may_prefetch(self) -> bool:
+        return not self.prefetch_paused and not self._space.disk_full and not self._scan_idle
+
+    def _hand_out(self, e: Entry, background: int) -> None:
+        """``e`` goes to this worker; another idle one is woken if prefetch may hand out more (with
+        ``background`` jobs no reader waits on in flight, this one counted). Wakes are targeted
+        (``Schedule.wake``): an entry queued wakes one worker, a job that ended one; what frees several
+        prefetch slots at once (the disk no longer full, say) wakes one, and each worker that takes a
+        job wakes the next while slots remain, so none wakes to find nothing but at a race."""
+        self.fetching.add(e.uri)
+        self._fetching_as[e.uri] = e
+        if self.idle_workers and background < self.s.workers and self._may_prefetch():
+            self.wake()
 
     def _background(self) -> int:
         """Jobs in flight that no reader waits on (prefetch, hints, pins)."""

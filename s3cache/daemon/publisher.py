@@ -212,8 +212,7 @@ class Publisher:
             for _, rec in fresh:
                 self.fetched += 1
                 self.fetched_bytes += rec.size
-            self._on_published(fresh, now)
-            self._cond.notify_all()
+            self._on_published(fresh, now)  # each job's end wakes one idle worker (Schedule.wake)
         for uri, rec in fresh:
             log.debug("ready %s (%d bytes, %s)", uri, rec.size, rec.method)
         if late:

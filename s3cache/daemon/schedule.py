@@ -25,7 +25,9 @@ Invariants it keeps:
 
 Lock: the daemon's state ``threading.Condition``, shared with the space, the readers and the publisher
 (see space.py for why it is one lock). Every method expects it held, except ``next_job``,
-``resume_prefetch`` and ``retry_due``, which take it. Workers wait on that condition in ``next_job``.
+``resume_prefetch`` and ``retry_due``, which take it. Workers wait on that condition in ``next_job``:
+an ended job or a queued entry wakes one of them (``wake``), ``work_changed`` all; anyone else waiting
+on it for a fetch to end uses ``wait_ended``, so that a targeted wake never reaches it instead.
 
 Reads the space (ready, free bytes, known sizes, disk full) and the reader tracker (positions); learns
 whether a reader waits on an object through ``is_waited``, a callable handed at construction.
@@ -85,6 +87,9 @@ class Schedule(HandOut):
         self.prefetch_paused = False
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
+        self.idle_workers = 0  # workers waiting in next_job
+        self.wakeups = 0  # times a worker waiting in next_job was notified (its timeouts not counted)
+        self._ending: dict[str, int] = {}  # uri -> threads waiting for its fetch to end (wait_ended)
         self.failures = 0  # count of failed fetches since start, for status ("failures_total")
 
     # == the manifest =================================================================================
@@ -118,6 +123,28 @@ class Schedule(HandOut):
         """Something may have become worth prefetching: let idle workers scan again."""
         self._scan_idle = False
         self._cond.notify_all()
+
+    def wake(self, n: int = 1) -> None:
+        """``n`` more jobs may be handed out (one ended, or entries were queued): wake ``n`` idle
+        workers, not all of them (state lock held). Per object, waking every idle worker (up to twice
+        ``workers`` threads) cost more CPU than the handout itself; a woken worker that takes a job
+        wakes the next while more may remain (``HandOut._hand_out``). Workers are the state
+        condition's only waiters but for ``wait_ended``'s, which a targeted notify could reach instead:
+        while one waits, everyone is woken."""
+        if self._ending:
+            self._cond.notify_all()
+        elif self.idle_workers:
+            self._cond.notify(n)
+
+    def wait_ended(self, uri: str, timeout: float) -> bool:
+        """Wait (state lock held) until ``uri`` is not being fetched, at most ``timeout`` s. True if it is not."""
+        self._ending[uri] = self._ending.get(uri, 0) + 1
+        try:
+            return self._cond.wait_for(lambda: uri not in self.fetching, timeout=timeout)
+        finally:
+            self._ending[uri] -= 1
+            if not self._ending[uri]:
+                del self._ending[uri]
 
     def resume_prefetch(self) -> None:
         """Something changed that may make room (eviction possible, readers moved, leases expired)."""
@@ -163,6 +190,7 @@ class Schedule(HandOut):
     def _stop_fetching(self, uri: str) -> None:
         self.fetching.discard(uri)
         self._fetching_as.pop(uri, None)
+        self.wake()  # its thread may be prefetch's: another job may go out now
 
     def ended(self, uri: str) -> None:
         """A job ended without a result (cancelled, or the disk was full)."""
@@ -305,6 +333,8 @@ class Schedule(HandOut):
         """Queue ``entries`` ahead of all other demand, in this order."""
         for e in reversed(entries):
             self.demand.appendleft(e)
+        if entries:
+            self.wake(len(entries))
 
     def hint(self, ref: ObjectRef, rank: int | None = None) -> None:
         """A reader will soon want ``ref``: an object outside the manifest is queued behind the demand,
@@ -326,6 +356,7 @@ class Schedule(HandOut):
             if len(self.hint_rank) > MAX_HINT_RANKS:
                 del self.hint_rank[next(iter(self.hint_rank))]
         self.demand.append(self._remember_extra(Entry(ref)) if uri not in self.extra else self.extra[uri])
+        self.wake()
 
     def fetch_soon(self, ref: ObjectRef) -> None:
         """Queue ``ref`` behind the demand unless it is ready, queued or being fetched (a pin)."""
