@@ -109,3 +109,58 @@ def test_waiting_for_a_fetch_to_end_is_woken_although_wakes_are_targeted(rig):
     publish(rig, B + "a")  # one job ended: a targeted wake could go to an idle worker instead
     assert ended.wait(30), "wait_ended was not woken when the fetch ended"
     t.join(30)
+
+
+@pytest.fixture
+def bare(tmp_path):
+    """A rig whose jobs the test takes itself (no worker threads of the fixture)."""
+    r = Rig(tmp_path / "cache", max_size=1 << 20, lease=600.0, workers=WORKERS)
+    r.publisher = Publisher(r.store, r.index, r.space, r.cond,
+                            on_published=lambda items, now: [r.schedule.fetched(u) for u, _ in items],
+                            on_failed=lambda uri, code, msg: None)
+    yield r
+    r.stopping.set()
+    with r.cond:
+        r.cond.notify_all()
+    r.close()
+
+
+def next_job_on_a_thread(rig) -> queue.Queue:
+    """``next_job`` called by a worker thread of its own: its job arrives in the queue returned."""
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: out.put(rig.schedule.next_job()), daemon=True).start()
+    return out
+
+
+def test_a_worker_hands_its_file_on_and_takes_the_next_job_without_a_wake(bare):
+    u = [f"{B}{i:03d}" for i in range(8)]
+    bare.install(catalog(*(entry(x, 10) for x in u)))
+    jobs = [bare.schedule.next_job() for _ in range(WORKERS)]  # prefetch's share: full now
+    with bare.cond:
+        bare.schedule.landed(jobs[0][0].uri)  # its file goes to the publisher: its slot is free
+    assert next_job_on_a_thread(bare).get(timeout=30) == (entry(u[2], 10), False)
+    idle = next_job_on_a_thread(bare)  # prefetch's share is taken again: this one waits
+    wait_for(lambda: len(bare.cond._waiters) == 1, 30, "a worker waiting in next_job")
+    before = bare.schedule.wakeups
+    publish(bare, u[0])  # the job ends; its slot was given back already: nobody is woken for it
+    # (a notify takes the waiter off the list at once: had it been woken, it is back only once it ran)
+    wait_for(lambda: len(bare.cond._waiters) == 1, 30, "the worker waiting again")
+    assert bare.schedule.wakeups == before and u[0] not in bare.schedule.fetching
+    assert bare.schedule.landing == set() and idle.empty()
+
+
+def test_files_waiting_for_the_publisher_beyond_workers_hold_prefetch_back(bare):
+    u = [f"{B}{i:03d}" for i in range(8)]
+    bare.install(catalog(*(entry(x, 10) for x in u)))
+    taken = [bare.schedule.next_job()[0].uri for _ in range(WORKERS)]
+    for i in range(WORKERS):  # each landed job frees its slot, up to ``workers`` of them
+        with bare.cond:
+            bare.schedule.landed(taken[i])
+        taken.append(bare.schedule.next_job()[0].uri)
+    with bare.cond:
+        bare.schedule.landed(taken[WORKERS])  # one more than ``workers`` waiting for the publisher
+    waiting = next_job_on_a_thread(bare)
+    wait_for(lambda: bare.schedule.idle_workers == 1, 30, "the worker to wait: prefetch is held back")
+    assert waiting.empty()
+    publish(bare, taken[0])  # the publisher catches up: the worker is woken and takes a job
+    assert waiting.get(timeout=30) == (entry(u[2 * WORKERS], 10), False)

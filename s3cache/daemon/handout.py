@@ -5,7 +5,8 @@ order of readers' next use within the readahead window).
 
 Invariants it keeps (see schedule.py for the rest): a job handed out is in ``fetching`` with the entry it
 was handed out with, in one step under the state lock, so it is never handed out twice at once; at most
-``workers`` jobs no reader waits on are in flight; a worker sleeps only after a scan found nothing
+``workers`` jobs no reader waits on are downloading (``landing`` ones, whose file waits for the
+publisher, count only beyond ``workers`` of them); a worker sleeps only after a scan found nothing
 (``_scan_idle``, cleared by ``work_changed``) or while prefetch holds its share of the threads; an
 idle worker is woken by ``Schedule.wake`` (one per job ended or queued) or ``work_changed`` (all),
 and one that takes a job wakes the next while work may remain (``_hand_out``).
@@ -38,7 +39,7 @@ class HandOut:
         """Block until there is a job: (entry, True for demand). None once the daemon stops.
 
         Called by twice ``workers`` threads (``Workers.threads``); at most ``workers`` of them are on jobs
-        no reader waits on. The others are kept for readers' objects, whose fetch so starts at once
+        no reader waits on (downloading: see ``_background``). The others are kept for readers' objects, whose fetch so starts at once
         whatever prefetch is doing (its GET takes a link slot first and prefetch streams yield theirs).
         With one thread per connection, a reader's object waited for a prefetch to finish: in
         bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
@@ -80,8 +81,14 @@ class HandOut:
             self.wake()
 
     def _background(self) -> int:
-        """Jobs in flight that no reader waits on (prefetch, hints, pins)."""
-        return sum(1 for u in self.fetching if not self._is_waited(u))
+        """Jobs in flight that no reader waits on (prefetch, hints, pins), but for those whose file only
+        waits for the publisher (``landing``), up to ``workers`` of them: a worker hands its file on
+        and takes the next job at once, instead of sleeping until the publisher ends the job and wakes
+        another thread (a sleep and a wake per object); beyond that many, a slow publisher holds
+        prefetch back as before."""
+        landing = self.landing
+        n = sum(1 for u in self.fetching if u not in landing and not self._is_waited(u))
+        return n + max(0, len(landing) - self.s.workers)
 
     def _demand_wanted(self, e: Entry) -> bool:
         return (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching

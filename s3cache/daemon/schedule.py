@@ -12,8 +12,10 @@ Invariants it keeps:
   hands it out: a job is never handed out twice at once;
 * demand goes before prefetch; prefetch is not handed out while the disk is full, demand is (its
   admission counts the filesystem's free bytes and may evict for it: a waiting reader never starves);
-* at most ``workers`` jobs no reader waits on are in flight: the workers' other threads are kept for
-  objects readers wait on, so a reader's fetch never waits for a prefetch to finish (``next_job``);
+* at most ``workers`` jobs no reader waits on are downloading: the workers' other threads are kept for
+  objects readers wait on, so a reader's fetch never waits for a prefetch to finish (``next_job``); a
+  job whose file waits for the publisher (``landing``) holds no connection and counts only beyond
+  ``workers`` such jobs, so a publisher that falls behind still holds prefetch back;
 * with readers whose future is known (in order, or an announced order), prefetch goes in order of next
   use, and nothing beyond the readahead window (``evict.readahead_files``: at most a sixteenth of the
   cache) is prefetched unless it fits in free room (evicting for a file needed later than what is
@@ -73,6 +75,9 @@ class Schedule(HandOut):
         self.extra: OrderedDict[str, Entry] = OrderedDict()
         self.fetching: set[str] = set()
         self._fetching_as: dict[str, Entry] = {}  # uri in fetching -> the entry its job was handed out with
+        # Jobs in fetching whose file is downloaded and waits for the publisher: they hold no connection,
+        # so up to ``workers`` of them do not count against prefetch's share (``HandOut._background``)
+        self.landing: set[str] = set()
         self.failed = Failures()  # see failures.py: which are retried, when
         self.blocked: set[str] = set()  # waiting for room in the cache
         self.replacing: set[str] = set()  # ready, but to be fetched again (see ``replace``)
@@ -190,7 +195,18 @@ class Schedule(HandOut):
     def _stop_fetching(self, uri: str) -> None:
         self.fetching.discard(uri)
         self._fetching_as.pop(uri, None)
-        self.wake()  # its thread may be prefetch's: another job may go out now
+        if uri in self.landing:
+            self.landing.discard(uri)
+            if len(self.landing) < self.s.workers:
+                return  # it held no slot: its worker went on to the next job (``landed``)
+        self.wake()  # it held a slot: another job may go out now
+
+    def landed(self, uri: str) -> None:
+        """``uri``'s download is done and its file goes to the publisher: its slot is free for the
+        next job, which the worker that downloaded it takes without sleeping (the job stays in
+        ``fetching`` until published or failed)."""
+        if uri in self.fetching:
+            self.landing.add(uri)
 
     def ended(self, uri: str) -> None:
         """A job ended without a result (cancelled, or the disk was full)."""

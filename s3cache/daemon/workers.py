@@ -157,6 +157,8 @@ class Workers:
             self._errors.record("workers", e, f"fetching {shown(uri)}")
             self._fail(uri, "InternalError", f"{type(e).__name__}: {e}")
             return True
+        with self._cond:
+            self._schedule.landed(uri)
         self._publish(entry, fetched)
         return True
 
