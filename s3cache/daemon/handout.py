@@ -121,14 +121,20 @@ class HandOut:
         if not n:
             return None
         fut = self._tracker.future(n)
+        cat = self.catalog
+        last: list = [None, None]  # the last position parsed and its entry: each is parsed once
+
+        def entry(q: int) -> Entry:
+            if last[0] != q:
+                last[0], last[1] = q, cat.entry(q)  # parses the manifest line
+            return last[1]
+
         if not fut:
-            cat = self.catalog
-            p = self.cursors.next(lambda q: self._wanted(cat.entry(q).uri))
-            return cat.entry(p) if p is not None else None
+            p = self.cursors.next(lambda q: self._wanted(entry(q).uri))
+            return entry(p) if p is not None else None
         # Readers' futures are known: fill in order of next use, nearest first; beyond the readahead
         # window only into free room (evicting for a file needed later than what is resident is a loss).
-        cat = self.catalog
         p, self._scan_limited = evict.next_prefetch(
-            fut, lambda q: self._wanted(cat.entry(q).uri), lambda q: self._size_of(cat.entry(q)),
+            fut, lambda q: self._wanted(entry(q).uri), lambda q: self._size_of(entry(q)),
             self._space.window(), self._space.room())
-        return cat.entry(p) if p is not None else None
+        return entry(p) if p is not None else None

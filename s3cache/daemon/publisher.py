@@ -217,8 +217,9 @@ class Publisher:
                 self.fetched += 1
                 self.fetched_bytes += rec.size
             self._on_published(fresh, now)  # each job's end wakes one idle worker (Schedule.wake)
-        for uri, rec in fresh:
-            log.debug("ready %s (%d bytes, %s)", uri, rec.size, rec.method)
+        if log.isEnabledFor(logging.DEBUG):  # one look per batch, not one call per file
+            for uri, rec in fresh:
+                log.debug("ready %s (%d bytes, %s)", uri, rec.size, rec.method)
         if late:
             self._withdraw_late(late)
 
