@@ -93,9 +93,13 @@ def test_a_want_wakes_a_worker_per_object_queued(rig, tmp_path):
     assert rig.schedule.wakeups - before <= 4
 
 
-def test_waiting_for_a_fetch_to_end_is_woken_although_wakes_are_targeted(rig):
+@pytest.mark.parametrize("landed", [False, True], ids=["downloading", "landed"])
+def test_waiting_for_a_fetch_to_end_is_woken_although_wakes_are_targeted(rig, landed):
     rig.install(catalog(entry(B + "a", 10)))
     settled(rig, 1)
+    if landed:  # its file went to the publisher: its end gives no slot back, and wakes no worker
+        with rig.cond:
+            rig.schedule.landed(B + "a")
     ended = threading.Event()
 
     def wait_for_it() -> None:

@@ -195,11 +195,12 @@ class Schedule(HandOut):
     def _stop_fetching(self, uri: str) -> None:
         self.fetching.discard(uri)
         self._fetching_as.pop(uri, None)
-        if uri in self.landing:
-            self.landing.discard(uri)
-            if len(self.landing) < self.s.workers:
-                return  # it held no slot: its worker went on to the next job (``landed``)
-        self.wake()  # it held a slot: another job may go out now
+        held_slot = True
+        if uri in self.landing:  # its worker went on to the next job (``landed``): no slot to give
+            self.landing.discard(uri)  # back unless it counted, beyond ``workers`` landing jobs
+            held_slot = len(self.landing) >= self.s.workers
+        if held_slot or self._ending:
+            self.wake()  # another job may go out now; or someone waits for this one to end
 
     def landed(self, uri: str) -> None:
         """``uri``'s download is done and its file goes to the publisher: its slot is free for the
