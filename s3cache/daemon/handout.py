@@ -42,9 +42,8 @@ class HandOut:
         no reader waits on (downloading: see ``_background``). The others are kept for readers' objects,
         whose fetch so starts at once whatever prefetch is doing (its GET takes a link slot first and
         prefetch streams yield theirs). With one thread per connection, a reader's object waited for a
-        prefetch to finish: in
-        bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
-        prefetches, against 0.54 s on an idle daemon."""
+        prefetch to finish: in bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took
+        9.0 s behind 48 MiB prefetches, against 0.54 s on an idle daemon."""
         with self._cond:
             while not self._stopping.is_set():
                 background = self._background()
