@@ -7,13 +7,14 @@ import os
 import threading
 
 import pytest
-from parts import Rig, entry
+from parts import Rig, catalog, entry
 
 from s3cache.daemon.publisher import Publisher
 from s3cache.fetch.checksum import local_crc32c_of
 from s3cache.fetch.fetcher import Fetched
 from s3cache.store import index
 from s3cache.store.index import PUBLISHING, READY
+from s3cache.store.paths import PRIVATE_DIR
 
 B = "s3://bkt/"
 
@@ -98,3 +99,27 @@ def test_a_deferred_row_the_index_refuses_fails_nothing(rig, monkeypatch):
     assert {n: rig.index.get(B + n).state for n in "ab"} == {"a": PUBLISHING, "b": PUBLISHING}
     assert rig.publisher.write_pending()
     assert {n: rig.index.get(B + n).state for n in "ab"} == {"a": READY, "b": READY}
+
+
+def test_a_reload_between_the_check_and_the_commit_withdraws_the_file(rig):
+    """The entry is checked against the manifest before the rename and, if a reload installed another
+    manifest meanwhile, again before the commit: a file renamed while a reload changed what its entry
+    claims is withdrawn, not made ready (the second check is skipped only when the manifest is the same)."""
+    uri = B + "a"
+    rig.install(catalog(entry(uri, 10)))
+    superseded = []
+    rig.publisher._on_superseded = superseded.append
+    job = (entry(uri, 10), fetched(rig, b"a" * 10))
+    assert rig.space.admit(job[0], 10, demand=False)
+    renames = rig.store.publish
+
+    def reload_then_rename(items):  # the reload lands while the publisher renames (no state lock held)
+        rig.install(catalog(entry(uri, 10, sha256="0" * 64)))
+        return renames(items)
+
+    rig.store.publish = reload_then_rename
+    rig.publisher.publish([job])
+    assert superseded == [uri] and rig.published == [] and not rig.space.is_ready(uri)
+    assert rig.index.get(uri) is None and rig.publisher.status()["superseded"] == 1
+    visible = [f for top, _, files in os.walk(rig.store.layout.root) if PRIVATE_DIR not in top for f in files]
+    assert visible == []  # the renamed file was removed again

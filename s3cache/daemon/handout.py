@@ -5,12 +5,16 @@ order of readers' next use within the readahead window).
 
 Invariants it keeps (see schedule.py for the rest): a job handed out is in ``fetching`` with the entry it
 was handed out with, in one step under the state lock, so it is never handed out twice at once; at most
-``workers`` jobs no reader waits on are in flight; a worker sleeps only after a scan found nothing
-(``_scan_idle``, cleared by ``work_changed``).
+``workers`` jobs no reader waits on are downloading (``landing`` ones, whose file waits for the
+publisher, count only beyond ``workers`` of them); a worker sleeps only after a scan found nothing
+(``_scan_idle``, cleared by ``work_changed``) or while prefetch holds its share of the threads; an
+idle worker is woken by ``Schedule.wake`` (one per job ended or queued) or ``work_changed`` (all),
+and one that takes a job wakes the next while work may remain (``_hand_out``).
 
 Uses the attributes ``Schedule`` sets (``s``, ``_space``, ``_cond``, ``_tracker``, ``_stopping``,
 ``_is_waited``, ``catalog``, ``cursors``, ``demand``, ``fetching``, ``_fetching_as``, ``failed``,
-``blocked``, ``replacing``, ``prefetch_paused``, ``_scan_idle``, ``_scan_limited``). Imports no other
+``blocked``, ``replacing``, ``prefetch_paused``, ``_scan_idle``, ``_scan_limited``,
+``idle_workers``, ``wakeups``, ``wake``). Imports no other
 daemon part.
 """
 
@@ -35,35 +39,56 @@ class HandOut:
         """Block until there is a job: (entry, True for demand). None once the daemon stops.
 
         Called by twice ``workers`` threads (``Workers.threads``); at most ``workers`` of them are on jobs
-        no reader waits on. The others are kept for readers' objects, whose fetch so starts at once
-        whatever prefetch is doing (its GET takes a link slot first and prefetch streams yield theirs).
-        With one thread per connection, a reader's object waited for a prefetch to finish: in
-        bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took 9.0 s behind 48 MiB
-        prefetches, against 0.54 s on an idle daemon."""
+        no reader waits on (downloading: see ``_background``). The others are kept for readers' objects,
+        whose fetch so starts at once whatever prefetch is doing (its GET takes a link slot first and
+        prefetch streams yield theirs). With one thread per connection, a reader's object waited for a
+        prefetch to finish: in bench.demand (two workers, 4 MiB/s per connection) a 4 MiB object took
+        9.0 s behind 48 MiB prefetches, against 0.54 s on an idle daemon."""
         with self._cond:
             while not self._stopping.is_set():
-                full = self._background() >= self.s.workers
+                background = self._background()
+                full = background >= self.s.workers
                 e = self._next_demand(full)  # even on a full disk: admission evicts for a waiting reader
                 if e is not None:
-                    self.fetching.add(e.uri)
-                    self._fetching_as[e.uri] = e
+                    self._hand_out(e, background + (not self._is_waited(e.uri)))
                     return e, True
-                if full:
-                    self._cond.wait(1.0)
-                    continue
-                if not self.prefetch_paused and not self._space.disk_full and not self._scan_idle:
+                if not full and self._may_prefetch():
                     e = self._next_prefetch()
                     if e is not None:
-                        self.fetching.add(e.uri)
-                        self._fetching_as[e.uri] = e
+                        self._hand_out(e, background + 1)
                         return e, False
                     self._scan_idle = True  # until something changes (see work_changed)
-                self._cond.wait(1.0)
+                self.idle_workers += 1
+                try:
+                    if self._cond.wait(1.0):
+                        self.wakeups += 1
+                finally:
+                    self.idle_workers -= 1
         return None
 
+    def _may_prefetch(self) -> bool:
+        return not self.prefetch_paused and not self._space.disk_full and not self._scan_idle
+
+    def _hand_out(self, e: Entry, background: int) -> None:
+        """``e`` goes to this worker; another idle one is woken if prefetch may hand out more (with
+        ``background`` jobs no reader waits on in flight, this one counted). Wakes are targeted
+        (``Schedule.wake``): an entry queued wakes one worker, a job that ended one; what frees several
+        prefetch slots at once (the disk no longer full, say) wakes one, and each worker that takes a
+        job wakes the next while slots remain, so none wakes to find nothing but at a race."""
+        self.fetching.add(e.uri)
+        self._fetching_as[e.uri] = e
+        if self.idle_workers and background < self.s.workers and self._may_prefetch():
+            self.wake()
+
     def _background(self) -> int:
-        """Jobs in flight that no reader waits on (prefetch, hints, pins)."""
-        return sum(1 for u in self.fetching if not self._is_waited(u))
+        """Jobs in flight that no reader waits on (prefetch, hints, pins), but for those whose file only
+        waits for the publisher (``landing``), up to ``workers`` of them: a worker hands its file on
+        and takes the next job at once, instead of sleeping until the publisher ends the job and wakes
+        another thread (a sleep and a wake per object); beyond that many, a slow publisher holds
+        prefetch back as before."""
+        landing = self.landing
+        n = sum(1 for u in self.fetching if u not in landing and not self._is_waited(u))
+        return n + max(0, len(landing) - self.s.workers)
 
     def _demand_wanted(self, e: Entry) -> bool:
         return (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching
@@ -96,14 +121,20 @@ class HandOut:
         if not n:
             return None
         fut = self._tracker.future(n)
+        cat = self.catalog
+        last: list = [None, None]  # the last position parsed and its entry: each is parsed once
+
+        def entry(q: int) -> Entry:
+            if last[0] != q:
+                last[0], last[1] = q, cat.entry(q)  # parses the manifest line
+            return last[1]
+
         if not fut:
-            cat = self.catalog
-            p = self.cursors.next(lambda q: self._wanted(cat.entry(q).uri))
-            return cat.entry(p) if p is not None else None
+            p = self.cursors.next(lambda q: self._wanted(entry(q).uri))
+            return entry(p) if p is not None else None
         # Readers' futures are known: fill in order of next use, nearest first; beyond the readahead
         # window only into free room (evicting for a file needed later than what is resident is a loss).
-        cat = self.catalog
         p, self._scan_limited = evict.next_prefetch(
-            fut, lambda q: self._wanted(cat.entry(q).uri), lambda q: self._size_of(cat.entry(q)),
+            fut, lambda q: self._wanted(entry(q).uri), lambda q: self._size_of(entry(q)),
             self._space.window(), self._space.room())
-        return cat.entry(p) if p is not None else None
+        return entry(p) if p is not None else None

@@ -124,7 +124,7 @@ class Maintenance:
                 if done or error is not None:
                     break
                 with self._cond:  # replaced meanwhile: wait for the new copy's record, then hash it
-                    self._cond.wait_for(lambda: not self._schedule.is_fetching(uri), timeout=60)
+                    self._schedule.wait_ended(uri, timeout=60)
                     rec = self._space.ready.get(uri)
                 if rec is None:
                     break

@@ -255,7 +255,9 @@ class Readers(Announced, Parked):
                     self._schedule.hint(ref, rank if rank < FIRST_FILES else None)
                 else:
                     self.hints_out_of_scope += 1
-            self._cond.notify_all()
+            # The queued entries woke a worker each (push_front, hint); one more for a prefetch now
+            # waited on, whose slot prefetch may fill (``Schedule.wake``: not every idle worker).
+            self._schedule.wake()
         return results
 
     def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry],

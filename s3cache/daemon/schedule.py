@@ -12,8 +12,10 @@ Invariants it keeps:
   hands it out: a job is never handed out twice at once;
 * demand goes before prefetch; prefetch is not handed out while the disk is full, demand is (its
   admission counts the filesystem's free bytes and may evict for it: a waiting reader never starves);
-* at most ``workers`` jobs no reader waits on are in flight: the workers' other threads are kept for
-  objects readers wait on, so a reader's fetch never waits for a prefetch to finish (``next_job``);
+* at most ``workers`` jobs no reader waits on are downloading: the workers' other threads are kept for
+  objects readers wait on, so a reader's fetch never waits for a prefetch to finish (``next_job``); a
+  job whose file waits for the publisher (``landing``) holds no connection and counts only beyond
+  ``workers`` such jobs, so a publisher that falls behind still holds prefetch back;
 * with readers whose future is known (in order, or an announced order), prefetch goes in order of next
   use, and nothing beyond the readahead window (``evict.readahead_files``: at most a sixteenth of the
   cache) is prefetched unless it fits in free room (evicting for a file needed later than what is
@@ -25,7 +27,9 @@ Invariants it keeps:
 
 Lock: the daemon's state ``threading.Condition``, shared with the space, the readers and the publisher
 (see space.py for why it is one lock). Every method expects it held, except ``next_job``,
-``resume_prefetch`` and ``retry_due``, which take it. Workers wait on that condition in ``next_job``.
+``resume_prefetch`` and ``retry_due``, which take it. Workers wait on that condition in ``next_job``:
+an ended job or a queued entry wakes one of them (``wake``), ``work_changed`` all; anyone else waiting
+on it for a fetch to end uses ``wait_ended``, so that a targeted wake never reaches it instead.
 
 Reads the space (ready, free bytes, known sizes, disk full) and the reader tracker (positions); learns
 whether a reader waits on an object through ``is_waited``, a callable handed at construction.
@@ -71,6 +75,9 @@ class Schedule(HandOut):
         self.extra: OrderedDict[str, Entry] = OrderedDict()
         self.fetching: set[str] = set()
         self._fetching_as: dict[str, Entry] = {}  # uri in fetching -> the entry its job was handed out with
+        # Jobs in fetching whose file is downloaded and waits for the publisher: they hold no connection,
+        # so up to ``workers`` of them do not count against prefetch's share (``HandOut._background``)
+        self.landing: set[str] = set()
         self.failed = Failures()  # see failures.py: which are retried, when
         self.blocked: set[str] = set()  # waiting for room in the cache
         self.replacing: set[str] = set()  # ready, but to be fetched again (see ``replace``)
@@ -85,6 +92,9 @@ class Schedule(HandOut):
         self.prefetch_paused = False
         self._scan_idle = False  # the last scan found nothing to prefetch
         self._scan_limited = False  # ... because the readahead window stopped it
+        self.idle_workers = 0  # workers waiting in next_job
+        self.wakeups = 0  # times a worker waiting in next_job was notified (its timeouts not counted)
+        self._ending: dict[str, int] = {}  # uri -> threads waiting for its fetch to end (wait_ended)
         self.failures = 0  # count of failed fetches since start, for status ("failures_total")
 
     # == the manifest =================================================================================
@@ -118,6 +128,28 @@ class Schedule(HandOut):
         """Something may have become worth prefetching: let idle workers scan again."""
         self._scan_idle = False
         self._cond.notify_all()
+
+    def wake(self, n: int = 1) -> None:
+        """``n`` more jobs may be handed out (one ended, or entries were queued): wake ``n`` idle
+        workers, not all of them (state lock held). Per object, waking every idle worker (up to twice
+        ``workers`` threads) cost more CPU than the handout itself; a woken worker that takes a job
+        wakes the next while more may remain (``HandOut._hand_out``). Workers are the state
+        condition's only waiters but for ``wait_ended``'s, which a targeted notify could reach instead:
+        while one waits, everyone is woken."""
+        if self._ending:
+            self._cond.notify_all()
+        elif self.idle_workers:
+            self._cond.notify(n)
+
+    def wait_ended(self, uri: str, timeout: float) -> bool:
+        """Wait (state lock held) until ``uri`` is not being fetched, at most ``timeout`` s. True if it is not."""
+        self._ending[uri] = self._ending.get(uri, 0) + 1
+        try:
+            return self._cond.wait_for(lambda: uri not in self.fetching, timeout=timeout)
+        finally:
+            self._ending[uri] -= 1
+            if not self._ending[uri]:
+                del self._ending[uri]
 
     def resume_prefetch(self) -> None:
         """Something changed that may make room (eviction possible, readers moved, leases expired)."""
@@ -163,6 +195,19 @@ class Schedule(HandOut):
     def _stop_fetching(self, uri: str) -> None:
         self.fetching.discard(uri)
         self._fetching_as.pop(uri, None)
+        held_slot = True
+        if uri in self.landing:  # its worker went on to the next job (``landed``): no slot to give
+            self.landing.discard(uri)  # back unless it counted, beyond ``workers`` landing jobs
+            held_slot = len(self.landing) >= self.s.workers
+        if held_slot or self._ending:
+            self.wake()  # another job may go out now; or someone waits for this one to end
+
+    def landed(self, uri: str) -> None:
+        """``uri``'s download is done and its file goes to the publisher: its slot is free for the
+        next job, which the worker that downloaded it takes without sleeping (the job stays in
+        ``fetching`` until published or failed)."""
+        if uri in self.fetching:
+            self.landing.add(uri)
 
     def ended(self, uri: str) -> None:
         """A job ended without a result (cancelled, or the disk was full)."""
@@ -305,6 +350,8 @@ class Schedule(HandOut):
         """Queue ``entries`` ahead of all other demand, in this order."""
         for e in reversed(entries):
             self.demand.appendleft(e)
+        if entries:
+            self.wake(len(entries))
 
     def hint(self, ref: ObjectRef, rank: int | None = None) -> None:
         """A reader will soon want ``ref``: an object outside the manifest is queued behind the demand,
@@ -326,6 +373,7 @@ class Schedule(HandOut):
             if len(self.hint_rank) > MAX_HINT_RANKS:
                 del self.hint_rank[next(iter(self.hint_rank))]
         self.demand.append(self._remember_extra(Entry(ref)) if uri not in self.extra else self.extra[uri])
+        self.wake()
 
     def fetch_soon(self, ref: ObjectRef) -> None:
         """Queue ``ref`` behind the demand unless it is ready, queued or being fetched (a pin)."""

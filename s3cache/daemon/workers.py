@@ -88,8 +88,10 @@ class Workers:
         """Fetch one job and route its outcome. False: the daemon is stopping."""
         uri = entry.uri
         space = self._space
-        with self._cond:
-            size = entry.size if entry.size is not None else space.size_hint(uri)
+        size = entry.size
+        if size is None:  # the lock only for what the space learned (one fewer to take per object)
+            with self._cond:
+                size = space.size_hint(uri)
         try:
             if size is not None and not space.admit(entry, size, demand):
                 raise NeedSpace(size)
@@ -157,6 +159,8 @@ class Workers:
             self._errors.record("workers", e, f"fetching {shown(uri)}")
             self._fail(uri, "InternalError", f"{type(e).__name__}: {e}")
             return True
+        with self._cond:
+            self._schedule.landed(uri)
         self._publish(entry, fetched)
         return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import paths
 
@@ -30,11 +31,11 @@ class Layout:
 
     root: str
 
-    @property
+    @cached_property  # per object (every temp file's path): joined once
     def private(self) -> str:
         return os.path.join(self.root, paths.PRIVATE_DIR)
 
-    @property
+    @cached_property
     def tmp(self) -> str:
         return os.path.join(self.private, "tmp")
 

@@ -79,10 +79,15 @@ class Tree:
         self.dir_mode = dir_mode
 
     def own(self, fd: int, mode: int) -> None:
-        """Give the inode at ``fd`` the cache's group, then ``mode`` (after chown, which may drop setgid)."""
-        if self.gid != -1 and os.fstat(fd).st_gid != self.gid:
+        """Give the inode at ``fd`` the cache's group, then ``mode`` (after chown, which may drop setgid).
+        A mode already right is left alone: every temp file is made with its mode (umask permitting),
+        and a chmod is a journaled inode update per object, a stat is not."""
+        st = os.fstat(fd)
+        chowned = self.gid != -1 and st.st_gid != self.gid
+        if chowned:
             os.fchown(fd, -1, self.gid)
-        os.fchmod(fd, mode)
+        if chowned or stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
 
     def walk(self, parts: list[str], create: bool, made: list[int] | None = None) -> list[int]:
         """Descriptors on the directories ``parts[0]``, ``parts[0]/parts[1]``, ... (the caller closes
