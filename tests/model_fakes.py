@@ -132,19 +132,25 @@ class FakeS3:
     def sha256(self, uri: str, gen: int) -> str:
         return hashlib.sha256(self.body(uri, gen)).hexdigest()
 
-    def get(self, entry: Entry) -> tuple[int, bytes]:
-        """(generation, bytes) a GET of ``entry`` returns, or FetchFailed as S3 answers."""
-        self.gets += 1
+    def generation(self, entry: Entry) -> int:
+        """The generation a request for ``entry`` reaches (its VersionId's, else the current one), or
+        FetchFailed as S3 answers."""
         uri = entry.uri
         if entry.version:
             gen = gen_of(entry.version)
             if uri not in self.gens or gen >= len(self.gens[uri]):
                 raise FetchFailed(uri, "NoSuchVersion", "the version does not exist")
-        else:
-            gen = self.current(uri)
-            if gen is None:
-                raise FetchFailed(uri, "NoSuchKey", "the object does not exist")
-        return gen, self.body(uri, gen)
+            return gen
+        gen = self.current(uri)
+        if gen is None:
+            raise FetchFailed(uri, "NoSuchKey", "the object does not exist")
+        return gen
+
+    def get(self, entry: Entry) -> tuple[int, bytes]:
+        """(generation, bytes) a GET of ``entry`` returns, or FetchFailed as S3 answers."""
+        self.gets += 1
+        gen = self.generation(entry)
+        return gen, self.body(entry.uri, gen)
 
 
 class Job:
@@ -187,9 +193,8 @@ class FakeFetcher:
         return uri in self.h.jobs
 
     def describe(self, entry: Entry, checks: bool = True) -> Described:
-        gen = self.h.s3.current(entry.uri)
-        if gen is None:
-            raise FetchFailed(entry.uri, "NoSuchKey", "the object does not exist")
+        # As the real HEAD: of the manifest's VersionId when it names one (a pinned version never changes).
+        gen = self.h.s3.generation(entry)
         body = self.h.s3.body(entry.uri, gen)
         return Described(len(body), hashlib.md5(body).hexdigest(), version_of(gen), None)
 

@@ -323,3 +323,20 @@ def test_a_file_two_processes_of_one_uid_hold_takes_its_bytes_once_from_the_uids
         lambda m: m.want("host:1", KEYS[2]),
         lambda m: m.settle(),
     ])
+
+
+def test_verify_of_a_version_the_manifest_pins_is_not_changed_by_a_newer_upload():
+    """The manifest names the VersionId the cached file has; S3 then gets a newer upload. verify asks S3
+    about that version (as the real HEAD does), so nothing changed and the file stays served. (The
+    model's fake HEAD described the newest version: verify marked the file superseded, fetched the same
+    pinned bytes again, and the model called them old.)"""
+    specs = [("none", "none", "current", False)] + [("none", "none", "latest", False)] * 5
+    replay([
+        lambda m: m.objects(sizes=[700] * 6, listed=False),
+        lambda m: m.want(reader="host:1", uri="s3://bkt/k4"),
+        lambda m: m.settle(),
+        lambda m: m.install_manifest(keys=["s3://bkt/k4"], specs=specs),
+        lambda m: m.s3_overwrite(size=600, uri="s3://bkt/k4"),
+        lambda m: m.verify_source(uri="s3://bkt/k4"),
+        lambda m: m.settle(),
+    ])
