@@ -33,6 +33,7 @@ def rig(tmp_path):
     r.publisher = Publisher(r.store, r.index, r.space, r.cond, on_published=on_published,
                             on_failed=lambda uri, code, msg: None)
     r.jobs = queue.Queue()
+    r.schedule.idle_poll = 600.0  # a lost wake is a job never handed out (within the test's waits)
 
     def worker() -> None:  # takes jobs and leaves them in flight: only publishing ends one
         while (job := r.schedule.next_job()) is not None:
@@ -73,8 +74,7 @@ def test_a_published_job_wakes_one_idle_worker_not_all_of_them(rig):
     before = rig.schedule.wakeups
     publish(rig, first[0].uri)
     settled(rig, WORKERS)  # the freed slot went out again (one job was taken off the queue above)
-    # Every publish woke all six threads before; one is enough (none, if its notify reached a
-    # thread whose wait was timing out: that one took the job; timeouts are not counted).
+    # Every publish woke all six threads before; one is enough.
     assert rig.schedule.wakeups - before <= 1
     assert [j[0].uri for j in list(rig.jobs.queue)] == [u[1], u[2]]
 
@@ -119,6 +119,7 @@ def test_waiting_for_a_fetch_to_end_is_woken_although_wakes_are_targeted(rig, la
 def bare(tmp_path):
     """A rig whose jobs the test takes itself (no worker threads of the fixture)."""
     r = Rig(tmp_path / "cache", max_size=1 << 20, lease=600.0, workers=WORKERS)
+    r.schedule.idle_poll = 600.0
     r.publisher = Publisher(r.store, r.index, r.space, r.cond,
                             on_published=lambda items, now: [r.schedule.fetched(u) for u, _ in items],
                             on_failed=lambda uri, code, msg: None)
@@ -168,3 +169,39 @@ def test_files_waiting_for_the_publisher_beyond_workers_hold_prefetch_back(bare)
     assert waiting.empty()
     publish(bare, taken[0])  # the publisher catches up: the worker is woken and takes a job
     assert waiting.get(timeout=30) == (entry(u[2 * WORKERS], 10), False)
+
+
+def test_a_want_that_promotes_prefetches_gets_every_queued_hint_a_worker(bare, tmp_path):
+    """A reader wants two hinted files already downloading as prefetch: both become a reader's, two
+    prefetch slots come free, and the two next hints queued behind them go out at once, each to a worker
+    still idle (the others are busy downloading). The want woke one worker, which passed the wake on only
+    while prefetch could hand out more: with no manifest to prefetch from, the second hint waited for
+    the idle poll (a second)."""
+    bare.install(catalog())  # no manifest: every job is demand (hints here)
+    workers = [next_job_on_a_thread(bare) for _ in range(2 * WORKERS)]  # each takes one job, then is busy
+    wait_for(lambda: len(bare.cond._waiters) == 2 * WORKERS, 30, "every worker waiting")
+    hints = [f"{B}h{i}" for i in range(6)]
+    with control_connection(tmp_path) as (conn, _):
+        bare.readers.want(conn, "r1", [], ahead=hints)
+        wait_for(lambda: sum(not w.empty() for w in workers) == WORKERS, 30, "prefetch's share handed out")
+        first = sorted(w.queue[0][0].uri for w in workers if not w.empty())
+        assert first == hints[:WORKERS]
+        bare.readers.want(conn, "r1", first)  # both in flight: promoted, their slots free
+        wait_for(lambda: all(not w.empty() for w in workers), 30, "both idle workers to take a hint")
+    assert sorted(w.queue[0][0].uri for w in workers) == hints[:2 * WORKERS]
+
+
+def test_a_publish_that_ends_a_full_disk_wakes_the_workers_it_held_back(bare):
+    """A worker found the disk full; workers with nothing else to do wait. A publish that writes bytes
+    says the filesystem has room again: prefetch may resume, and an idle worker must be woken for it
+    (a publish ends a landing job, which frees no slot, so nothing else wakes anyone)."""
+    u = [f"{B}{i:03d}" for i in range(8)]
+    bare.install(catalog(*(entry(x, 10) for x in u)))
+    first = bare.schedule.next_job()[0].uri  # one prefetch downloading
+    with bare.cond:
+        bare.space.mark_disk_full(10)  # another worker's ENOSPC: prefetch holds back
+        bare.schedule.landed(first)  # as a worker does before handing its file to the publisher
+    idle = next_job_on_a_thread(bare)
+    wait_for(lambda: len(bare.cond._waiters) == 1, 30, "a worker waiting on the full disk")
+    publish(bare, first)
+    assert idle.get(timeout=30) == (entry(u[1], 10), False)

@@ -31,6 +31,11 @@ LOOK = 64  # demand entries looked at for one a reader waits on while prefetch h
 class HandOut:
     """``next_job`` and the scans behind it, for ``Schedule`` (a mixin: see the module doc)."""
 
+    # An idle worker looks again this often even unwoken: what changes with time alone (a backoff or a
+    # lease ending) is noticed so. Tests of the wakes raise it, so that a lost wake shows as a job never
+    # handed out rather than one handed out a second late.
+    idle_poll = 1.0
+
     def _wanted(self, uri: str) -> bool:
         return (not self._space.is_ready(uri) and uri not in self.fetching
                 and uri not in self.failed and uri not in self.blocked)
@@ -60,7 +65,7 @@ class HandOut:
                     self._scan_idle = True  # until something changes (see work_changed)
                 self.idle_workers += 1
                 try:
-                    if self._cond.wait(1.0):
+                    if self._cond.wait(self.idle_poll):
                         self.wakeups += 1
                 finally:
                     self.idle_workers -= 1
@@ -72,9 +77,10 @@ class HandOut:
     def _hand_out(self, e: Entry, background: int) -> None:
         """``e`` goes to this worker; another idle one is woken if prefetch may hand out more (with
         ``background`` jobs no reader waits on in flight, this one counted). Wakes are targeted
-        (``Schedule.wake``): an entry queued wakes one worker, a job that ended one; what frees several
-        prefetch slots at once (the disk no longer full, say) wakes one, and each worker that takes a
-        job wakes the next while slots remain, so none wakes to find nothing but at a race."""
+        (``Schedule.wake``): an entry queued wakes one worker, a job that ended one, a want one per
+        prefetch it made a reader's (each frees a slot for queued hints or pins); the disk no longer
+        full wakes all; each worker that takes a job wakes the next while prefetch slots remain, so
+        none wakes to find nothing but at a race."""
         self.fetching.add(e.uri)
         self._fetching_as[e.uri] = e
         if self.idle_workers and background < self.s.workers and self._may_prefetch():

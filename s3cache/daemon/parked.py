@@ -64,6 +64,7 @@ class Parked:
             return
         now = time.monotonic()
         front: list[Entry] = []
+        promoted = False
         for uri, (ref, since, conns) in list(self._parked.items()):
             path = self._space.ready_path(uri)
             if path is not None:  # cached meanwhile (a fetch of a job just retired landed): served
@@ -71,7 +72,7 @@ class Parked:
                 self._tell(conns, {"event": "ready", "uri": uri, "path": path})
             elif self._scope.allows(ref, self._schedule.catalog):
                 del self._parked[uri]
-                self._wait_on(ref, conns, front, since)
+                promoted |= self._wait_on(ref, conns, front, since)
             elif expire and ((not edited and since <= asked) or now - since > SCOPE_WAIT_MAX):
                 del self._parked[uri]
                 self.out_of_scope += 1
@@ -79,4 +80,5 @@ class Parked:
                                    "message": self._scope.rule()})
         if front:
             self._schedule.push_front(front)
+        if front or promoted:  # queued work, or prefetch slots a reader's want freed
             self._cond.notify_all()

@@ -211,8 +211,13 @@ class Publisher:
                 [(e, rec) for e, f, rec in plans if self._stale(e, f) is not None]
             late_uris = {e.uri for e, _ in late}  # once, not once per file of the batch
             fresh = [(u, rec) for u, rec in ready if u not in late_uris]
+            was_full = self._space.disk_full
             for old in self._space.commit(fresh):
                 self._remove(old.path)
+            if was_full and not self._space.disk_full:
+                # Room again, for every worker that slept on the full disk: a publish ends a landing job,
+                # which frees no slot and so wakes nobody (Schedule.wake).
+                self._cond.notify_all()
             for _, rec in fresh:
                 self.fetched += 1
                 self.fetched_bytes += rec.size

@@ -201,6 +201,7 @@ class Readers(Announced, Parked):
                 continue
         results = []
         front: list[Entry] = []
+        promoted = 0  # prefetches in flight this want made a reader's
         edited = functools.cache(self._edited)  # a stat (a listing for a directory): once a want at most
         with self._cond:
             if counted:
@@ -240,7 +241,7 @@ class Readers(Announced, Parked):
                     if why is not None:
                         results.append({"uri": uri, "state": "failed", "code": wire.E_TOO_MANY, "message": why})
                         continue
-                self._wait_on(ref, {conn}, front, timed=counted)
+                promoted += self._wait_on(ref, {conn}, front, timed=counted)
                 results.append({"uri": uri, "state": "pending"})
             self._schedule.push_front(front)
             # After the waits are set up, so the reader's lease on each pending file starts when it lands.
@@ -255,15 +256,17 @@ class Readers(Announced, Parked):
                     self._schedule.hint(ref, rank if rank < FIRST_FILES else None)
                 else:
                     self.hints_out_of_scope += 1
-            # The queued entries woke a worker each (push_front, hint); one more for a prefetch now
-            # waited on, whose slot prefetch may fill (``Schedule.wake``: not every idle worker).
-            self._schedule.wake()
+            # The queued entries woke a worker each (push_front, hint); one more for each prefetch now
+            # waited on, whose slot queued hints or prefetch may fill (``Schedule.wake``: not every idle
+            # worker; one for two promotions left the second hint to the idle poll).
+            if promoted:
+                self._schedule.wake(promoted)
         return results
 
     def _wait_on(self, ref: ObjectRef, conns: set[Connection], front: list[Entry],
-                 since: float | None = None, timed: bool = True) -> None:
+                 since: float | None = None, timed: bool = True) -> bool:
         """``conns`` wait for ``ref`` (since ``since``, monotonic): queued at the front (``front``) or,
-        if prefetching, promoted."""
+        if prefetching, promoted. True if it was promoted: its prefetch slot is free for another job."""
         entry, in_flight = self._schedule.ask(ref)
         self.waiters.setdefault(ref.uri, set()).update(conns)
         if timed:  # a peer's ask is not a reader waiting: it does not count in wait_seconds
@@ -272,8 +275,9 @@ class Readers(Announced, Parked):
             # In the asking uid's lane: uids are served in turn (demand.DemandQueue)
             self._schedule.demand.claim(ref.uri, getattr(next(iter(conns)), "uid", None) if conns else None)
             front.append(entry)
-        else:
-            self._promote(ref.uri)  # it was prefetching: now a reader waits on it
+            return False
+        self._promote(ref.uri)  # it was prefetching: now a reader waits on it
+        return True
 
     def landed(self, items: list[tuple[str, Record]], now: float) -> None:
         """These files were published and are ready: start leases, answer their waiters."""
