@@ -3,7 +3,7 @@ and AWS's Common Runtime S3 client (``awscrt.s3.S3Client``), large and small obj
 moto server in one run; and what that means in cores for 10, 100 and 400 Gb/s.
 
     python -m bench.cpu [--large 16x16M] [--small 256x256K] [--workers 16] [--rounds 3] [--out FILE]
-                        [--baseline-tree DIR] [--boto3-fsync]
+                        [--baseline-tree DIR] [--boto3-fsync] [--no-sizes]
     python -m bench.cpu --store-path [--small 256x256K]
 
 Objects are uploaded as boto3 does by default (with a CRC32). Each round fetches each set with each
@@ -22,7 +22,9 @@ client, in this order, so drift hits each alike:
   then the set's URIs arrive in the manifest, with their sizes (as a prefix listing gives them, so a
   small object is one CRT GET unless ``--transport botocore``); CPU from then until every object is
   ready: GETs, the checksum checked, the local CRC32C, fsync of file and directory, the index, status
-  -- all of it. Its peak RSS (VmHWM) over the run is reported beside it.
+  -- all of it. Its peak RSS (VmHWM) over the run is reported beside it. With ``--no-sizes`` the
+  manifest lists plain URIs (as tf.data jobs write them): each object's size is learned from its first
+  answer (through the CRT, a ranged GET of its first 2 MiB, unless ``--transport botocore``).
 
 With ``--botocore``, a column ``daemon@botocore`` runs this tree's daemon with ``--transport botocore``
 (every object through botocore, no CRT), in the same way: what the CRT path alone changes.
@@ -181,9 +183,10 @@ class Crt:
 
 
 def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None = None,
-               extra: tuple[str, ...] = ()) -> tuple[Run, float]:
+               extra: tuple[str, ...] = (), sizes: bool = True) -> tuple[Run, float]:
     """(the set's fetch after start-up, start-up CPU-s until ready on an empty manifest). ``tree``: run
-    the daemon of that source tree instead of this one; ``extra``: more flags for it."""
+    the daemon of that source tree instead of this one; ``extra``: more flags for it; ``sizes``: the
+    manifest's lines carry size= (else plain URIs)."""
     manifest = tmp / "manifest.txt"
     manifest.write_text("")
     if tree is None:
@@ -201,8 +204,9 @@ def daemon_run(url: str, s: ObjSet, tmp: Path, workers: int, tree: Path | None =
         before = d.status()["requests"]
         c0, t0 = cpu_seconds(pid), time.monotonic()
         new = tmp / "manifest.new"
-        # With their sizes, as a listing gives them: a small object of known size is one CRT GET.
-        new.write_text("".join(f"s3://bench/{k} size={s.size}\n" for k in s.keys))
+        # With their sizes, as a listing gives them, or (--no-sizes) plain URIs, as tf.data jobs write them.
+        size = f" size={s.size}" if sizes else ""
+        new.write_text("".join(f"s3://bench/{k}{size}\n" for k in s.keys))
         os.replace(new, manifest)
         # Each status request is the daemon's CPU too (1-3 ms; polled every 0.2 s it was 5-15% of the
         # small set's): wait on the published files from here, then ask once or twice for the rows.
@@ -326,9 +330,13 @@ def main() -> None:
     ap.add_argument("--botocore", action="store_true",
                     help="also run this tree's daemon with --transport botocore (column daemon@botocore), "
                          "interleaved")
+    ap.add_argument("--no-sizes", action="store_true",
+                    help="the daemons' manifests list plain URIs, without size= (each size learned from "
+                         "the object's first answer)")
     ap.add_argument("--store-path", action="store_true",
                     help="only the daemon's local steps per object (file, plan, index, rename), by batch size")
     a = ap.parse_args()
+    sizes = not a.no_sizes
     sets = [parse_set("large", a.large), parse_set("small", a.small)]
     if a.store_path:
         from .store_path import store_path
@@ -370,13 +378,14 @@ def main() -> None:
                     elif who == "crt":
                         results[s.name][who].append(crt.run(s, out))
                     elif who == "daemon@botocore":
-                        run, _ = daemon_run(moto.url, s, out, a.workers, extra=("--transport", "botocore"))
+                        run, _ = daemon_run(moto.url, s, out, a.workers, extra=("--transport", "botocore"),
+                                            sizes=sizes)
                         results[s.name][who].append(run)
                     elif who == "daemon@base":
-                        run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute())
+                        run, _ = daemon_run(moto.url, s, out, a.workers, a.baseline_tree.absolute(), sizes=sizes)
                         results[s.name][who].append(run)
                     else:
-                        run, startup = daemon_run(moto.url, s, out, a.workers)
+                        run, startup = daemon_run(moto.url, s, out, a.workers, sizes=sizes)
                         results[s.name][who].append(run)
                         startups.append(startup)
                     _rmtree(out)
@@ -386,6 +395,8 @@ def main() -> None:
 
             first = first_gets(moto, Path(tmp), runs=5)
     text = report(sets, results, startups, first, a.rounds) + (f"\n\n{crt_note}" if crt_note else "")
+    if not sizes:
+        text += "\n\nThe daemons' manifests listed plain URIs (--no-sizes): each size learned from its first answer."
     print(text)
     if a.out:
         a.out.write_text(text + "\n")

@@ -81,15 +81,15 @@ def test_keys_with_spaces_unicode_and_plus_are_quoted(moto, bucket, proxy, crt_f
         assert agents(proxy, f"/{bucket}/{k}")[0].startswith(CRT_AGENT)
 
 
-def test_readers_early_files_unknown_sizes_and_large_objects_keep_botocore(s3, bucket, proxy, crt_fetcher):
-    for k, n in (("fg", 1000), ("early", 1000), ("nosize", 1000), ("big", 3 * MiB)):
+def test_readers_early_files_and_large_objects_of_known_size_keep_botocore(s3, bucket, proxy, crt_fetcher):
+    for k, n in (("fg", 1000), ("early", 1000), ("big", 3 * MiB)):
         s3.put_object(Bucket=bucket, Key=k, Body=os.urandom(n))
     f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
     f.fetch(sized(bucket, "fg", 1000), admit=lambda n: True, foreground=True)
     f.fetch(sized(bucket, "early", 1000), admit=lambda n: True, early=1)
-    f.fetch(Entry(ObjectRef(bucket, "nosize")), admit=lambda n: True)
+    f.fetch(Entry(ObjectRef(bucket, "fg")), admit=lambda n: True, foreground=True)  # unknown size too
     f.fetch(sized(bucket, "big", 3 * MiB), admit=lambda n: True)
-    for k in ("fg", "early", "nosize", "big"):
+    for k in ("fg", "early", "big"):
         assert agents(proxy, f"/{bucket}/{k}") and not any(a.startswith(CRT_AGENT) for a in agents(proxy, f"/{bucket}/{k}")), k
 
 

@@ -103,6 +103,8 @@ def _botocore_fields(headers: list[tuple[str, str]]) -> dict:
             out[_FIELDS[low]] = value
         elif low == "content-length":
             out["ContentLength"] = int(value)
+        elif low == "content-range":
+            out["ContentRange"] = value
         else:
             m = _CHECKSUM.fullmatch(low)
             if m and m.group(1) not in ("type", "mode"):
@@ -128,6 +130,17 @@ class TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(f"{size} bytes")
         self.size = size
+
+
+class Unranged(Exception):
+    """A ranged GET was answered without a range (a ``200``: a server or proxy that ignores ``Range``, or
+    a cache that passes a range off as the object); the CRT refuses such an answer without handing
+    over its headers. The botocore path knows how to take it (``parts.first_answer``)."""
+
+
+# What the CRT fails a ranged GET with when the answer carried no Content-Range: a 200 that fits its
+# buffer, and one that does not.
+_UNRANGED = ("AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER", "AWS_ERROR_DEST_COPY_TOO_SMALL")
 
 
 class _Pending:
@@ -239,10 +252,18 @@ class CrtGets:
             return f"{bucket}.{host}", f"/{path}"
         return host, f"/{bucket}/{path}"
 
-    def get(self, bucket: str, key: str, version: str | None, path: str, size: int, limit: int) -> dict:
+    def get(self, bucket: str, key: str, version: str | None, path: str, size: int, limit: int,
+            ranged: bool = False) -> dict:
         """GET the whole object into ``path`` (created or truncated); its headers as botocore's
         GetObject output names them, with ``ResponseMetadata.HTTPStatusCode``. ``size``: the bytes
         expected, for the time allowed; an object over ``limit`` bytes is not fetched (TooLarge).
+
+        ``ranged``: the object's size is unknown; ask for its first ``size`` bytes only
+        (``Range: bytes=0-(size-1)``), in one request (aws-c-s3 sends a ranged GET that fits its part
+        size as it is): the answer is a ``206`` whose ``ContentRange`` and ``ContentLength`` say which
+        bytes came and the object's total, as a botocore ranged GET's would. A server that did not
+        answer with a range raises Unranged.
+
         Raises ClientError / EndpointConnectionError / CrtFailed as the botocore path would,
         NoCredentialsError, DiskFull (ENOSPC), or Cancelled when stopping."""
         from awscrt.http import HttpHeaders, HttpRequest
@@ -257,6 +278,8 @@ class CrtGets:
         # Asked for in the spelling S3 and moto both honour; the CRT's own validation sends it in one
         # moto ignores, and our Digest checks the bytes anyway.
         headers = HttpHeaders([("Host", host), ("x-amz-checksum-mode", "ENABLED")])
+        if ranged:
+            headers.add("Range", f"bytes=0-{size - 1}")
         p = _Pending()
 
         def on_headers(status_code: int, headers: list, **_) -> None:
@@ -277,7 +300,8 @@ class CrtGets:
                 raise Cancelled("stopping")
             p.request = client.make_request(type=S3RequestType.GET_OBJECT,
                                             request=HttpRequest("GET", target, headers),
-                                            recv_filepath=path, part_size=max(1 << 20, min(size, MAX_OBJECT)),
+                                            recv_filepath=path,
+                                            part_size=max(1 << 20, size if ranged else min(size, MAX_OBJECT)),
                                             on_headers=on_headers, on_done=on_done)
             self._inflight.add(p)
         try:
@@ -285,7 +309,7 @@ class CrtGets:
         finally:
             with self._lock:
                 self._inflight.discard(p)
-        return self._answer(p, bucket, key, size)
+        return self._answer(p, bucket, key, size, ranged)
 
     def _wait(self, p: _Pending, size: int) -> None:
         deadline = time.monotonic() + self.timeout + size / _FLOOR_RATE
@@ -300,7 +324,7 @@ class CrtGets:
                     raise TooLarge(p.too_large)
                 raise botocore.exceptions.ReadTimeoutError(endpoint_url=self.host)
 
-    def _answer(self, p: _Pending, bucket: str, key: str, size: int) -> dict:
+    def _answer(self, p: _Pending, bucket: str, key: str, size: int, ranged: bool) -> dict:
         out = p.outcome
         error = out.get("error")
         if error is None:
@@ -316,6 +340,8 @@ class CrtGets:
                 {"Error": {"Code": code or str(status), "Message": message},
                  "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
         name = getattr(error, "name", type(error).__name__)
+        if ranged and name in _UNRANGED:
+            raise Unranged(name)
         if name == "AWS_ERROR_NO_SPACE":
             raise DiskFull(f"no space left for s3://{bucket}/{key} ({size} bytes)", size)
         if name in _ANSWERS:

@@ -143,10 +143,13 @@ class RangedParts:
             _settle_all(futures)
 
     def rest(self, entry: Entry, first: dict, fd: int, total: int, etag: str, prio: Priority,
-             asked: Span, slot: Slot, confirm: bool = False) -> tuple[Checks, Digest]:
+             asked: Span, slot: Slot | None, confirm: bool = False) -> tuple[Checks, Digest]:
         """Write part 0 from the open first answer and the other parts in parallel, each pinned by
         If-Match and each answer checked to be exactly its range; return the checks and the whole
         object's digest.
+
+        ``first["Body"]`` None (and ``slot`` None): part 0 is in the file already (the CRT wrote it);
+        it is fed to the digest from the file, ahead of the other parts, as a part that landed first.
 
         A ranged GET carries no whole-object checksum, so a HEAD looks for one (and for the part sizes a
         multipart ETag needs) while the other parts' GETs are on their way, not before them: under load
@@ -211,19 +214,23 @@ class RangedParts:
                 else:
                     final[1] = InOrderDigest(Digest(final[0].expect, final[0].also), fd)
             except BaseException:
-                first_body.close()
+                if first_body is not None:
+                    first_body.close()
                 raise
             finally:
                 settled.set()  # on failure too: the parts must not wait for ever
-            try:
-                stream(first_body, layout[0], slot.release)
-            except Exception as e:
-                verdict = classify(e, uri)
-                if not isinstance(verdict, Retry):
-                    raise
+            if first_body is None:
+                self.counters.add(readback=_landed(final[1], fd, layout[0]))
+            else:
+                try:
+                    stream(first_body, layout[0], slot.release)
+                except Exception as e:
+                    verdict = classify(e, uri)
+                    if not isinstance(verdict, Retry):
+                        raise
+                    slot.release()
+                    part(layout[0])  # retry only the first part, the others are already under way
                 slot.release()
-                part(layout[0])  # retry only the first part, the others are already under way
-            slot.release()
             for f in futures:
                 f.result()
         finally:
@@ -232,6 +239,20 @@ class RangedParts:
             self.counters.add(readback=final[1].readback)
             return final[0], final[1].result(total)
         return final[0], final[1].joined()
+
+
+def _landed(split: SplitDigest | InOrderDigest, fd: int, span: Span) -> int:
+    """Feed ``span``, already in the file, to the object's digest as a part that streamed whole; how
+    many bytes were read back."""
+    if isinstance(split, InOrderDigest):
+        attempt = split.attempt(span.start)  # at the frontier (byte 0): hashed as it is read
+        read_into(attempt, fd, span.start, span.end + 1)
+        split.finished(attempt)
+    else:
+        d = split.part()
+        read_into(d, fd, span.start, span.end + 1)
+        split.done(span.start, d)
+    return span.length
 
 
 CUT_LEFT = 4 * FLOOR  # a part with less left ends on its connection: a cut costs a request's round trip

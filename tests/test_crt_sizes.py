@@ -1,0 +1,151 @@
+"""Prefetch objects whose size is not known (manifest lines without size=) through the CRT: one ranged
+GET of the first ``crt_max`` bytes; an object that came whole is checked as a small one of known size,
+a larger one keeps those bytes and gets its rest in botocore's pinned parts, every byte checked in
+order. Against moto over HTTP through the fault proxy, and the real daemon."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_crt import CRT_AGENT, agents, crt_fetcher, temp_files  # noqa: F401 - crt_fetcher is a fixture
+from test_wrong_bytes import multipart, on_nth
+
+from s3cache.fetch.fetcher import NeedSpace
+from s3cache.manifest.parse import Entry
+from s3cache.manifest.refs import ObjectRef
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def unsized(bucket: str, key: str) -> Entry:
+    return Entry(ObjectRef(bucket, key))
+
+
+def gets(proxy, key: str) -> list:
+    return [e for e in proxy.seen(key) if e.method == "GET"]
+
+
+def test_a_small_object_of_unknown_size_is_one_ranged_crt_get_checked(moto, bucket, proxy, crt_fetcher, store):
+    body = os.urandom(256 * KiB)
+    moto.client().put_object(Bucket=bucket, Key="k", Body=body)  # boto3's default CRC32
+    f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
+    admitted: list = []
+    got = f.fetch(unsized(bucket, "k"), admit=lambda n: admitted.append(n) or True)
+    assert Path(got.tmp_path).read_bytes() == body and got.size == len(body) and admitted == [len(body)]
+    assert got.method == "s3-crc32"  # the claim of the (whole) ranged answer, checked: no HEAD
+    [ex] = proxy.seen(f"/{bucket}/k")
+    assert ex.headers["user-agent"].startswith(CRT_AGENT) and ex.headers["range"] == f"bytes=0-{2 * MiB - 1}"
+    assert f.counters.requests == 1 and f.counters.bytes == len(body)
+    assert temp_files(store) == [os.path.basename(got.tmp_path)]
+
+
+@pytest.mark.parametrize("upload", ["md5-only", "crc32"])
+def test_a_large_object_of_unknown_size_is_one_crt_get_then_botocore_parts(moto, s3, bucket, proxy, crt_fetcher,
+                                                                            upload):
+    """md5-only: the ETag's MD5 needs the bytes in order (the first part from the file, then the parts);
+    crc32: S3's CRC, joined from the parts' own."""
+    body = os.urandom(5 * MiB + 3)
+    (s3 if upload == "md5-only" else moto.client()).put_object(Bucket=bucket, Key="k", Body=body)
+    admitted: list = []
+    counts = {}
+    for transport in ("botocore", "crt"):
+        proxy.exchanges.clear()
+        f = crt_fetcher(proxy, prefetch_part_size=2 * MiB, transport=transport)
+        got = f.fetch(unsized(bucket, "k"), admit=lambda n: admitted.append(n) or True)
+        assert Path(got.tmp_path).read_bytes() == body and got.size == len(body)
+        assert got.method == ("etag-md5" if upload == "md5-only" else "s3-crc32")
+        counts[transport] = (f.counters.requests, len(gets(proxy, f"/{bucket}/k")))
+    assert admitted == [len(body), len(body)]
+    # no more requests than botocore's path: its first GET asks for the same 2 MiB
+    assert counts["crt"] == counts["botocore"], counts
+    first, *rest = gets(proxy, f"/{bucket}/k")
+    assert first.headers["user-agent"].startswith(CRT_AGENT) and first.headers["range"] == f"bytes=0-{2 * MiB - 1}"
+    assert rest and not any(e.headers["user-agent"].startswith(CRT_AGENT) for e in rest)
+    assert {e.headers.get("if-match") for e in rest} == {got.etag}  # pinned to the first answer's version
+
+
+@pytest.mark.parametrize("nth", [1, 3], ids=["in-the-crt-part", "in-a-later-part"])
+def test_a_flipped_byte_anywhere_is_refused(s3, bucket, aws_proxy, crt_fetcher, store, nth):
+    body = os.urandom(5 * MiB)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    aws_proxy.plan = on_nth(nth, "flip")
+    f = crt_fetcher(aws_proxy, prefetch_part_size=2 * MiB)
+    got = f.fetch(unsized(bucket, "k"), admit=lambda n: True)
+    assert aws_proxy.faults["flip"] == 1 and f.counters.retries == 1
+    assert Path(got.tmp_path).read_bytes() == body and got.method == "etag-md5"
+    assert temp_files(store) == [os.path.basename(got.tmp_path)]
+    # the attempt after the refused one starts with the CRT again
+    firsts = [e for e in gets(aws_proxy, f"/{bucket}/k") if e.headers.get("range") == f"bytes=0-{2 * MiB - 1}"]
+    assert len(firsts) == 2 and all(e.headers["user-agent"].startswith(CRT_AGENT) for e in firsts)
+
+
+def test_multipart_objects_of_unknown_size(s3, bucket, aws_proxy, crt_fetcher):
+    even = multipart(s3, bucket, "even", [os.urandom(5 * MiB), os.urandom(5 * MiB), os.urandom(MiB)])
+    uneven = multipart(s3, bucket, "uneven", [os.urandom(5 * MiB), os.urandom(6 * MiB), os.urandom(5 * MiB)])
+    f = crt_fetcher(aws_proxy, prefetch_part_size=2 * MiB)
+    for key, body in (("even", even), ("uneven", uneven)):
+        got = f.fetch(unsized(bucket, key), admit=lambda n: True)
+        assert Path(got.tmp_path).read_bytes() == body and got.method == "etag-multipart", key
+        assert gets(aws_proxy, f"/{bucket}/{key}")[0].headers["user-agent"].startswith(CRT_AGENT)
+
+
+def test_an_empty_object_of_unknown_size(s3, bucket, proxy, crt_fetcher, store):
+    s3.put_object(Bucket=bucket, Key="e", Body=b"")
+    f = crt_fetcher(proxy)
+    got = f.fetch(unsized(bucket, "e"), admit=lambda n: True)
+    assert got.size == 0 and Path(got.tmp_path).read_bytes() == b""
+    # the CRT's ranged GET is answered 416 (no byte 0); the object is then asked for whole, as botocore's path does
+    assert proxy.statuses(f"/{bucket}/e") == {416: 1, 200: 1} and f.counters.requests == 2
+    assert temp_files(store) == [os.path.basename(got.tmp_path)]
+
+
+@pytest.mark.parametrize("size", [200 * KiB + 7, 5 * MiB + 1], ids=["small", "large"])
+@pytest.mark.parametrize("fault", ["flip", "short", "reset", "shift", "ignore-range", "range-as-200", "lie-total"])
+def test_every_broken_answer_to_the_first_get_is_refused_or_repaired(s3, bucket, aws_proxy, crt_fetcher, store,
+                                                                       fault, size):
+    body = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    aws_proxy.plan = on_nth(1, fault)
+    f = crt_fetcher(aws_proxy, prefetch_part_size=2 * MiB)
+    got = f.fetch(unsized(bucket, "k"), admit=lambda n: True)
+    assert aws_proxy.faults[fault] == 1
+    assert Path(got.tmp_path).read_bytes() == body and got.size == len(body)
+    assert gets(aws_proxy, f"/{bucket}/k")[0].headers["user-agent"].startswith(CRT_AGENT)
+    assert temp_files(store) == [os.path.basename(got.tmp_path)]
+
+
+def test_no_room_for_the_total_writes_no_more_and_leaves_no_temp_file(s3, bucket, proxy, crt_fetcher, store):
+    s3.put_object(Bucket=bucket, Key="k", Body=os.urandom(5 * MiB))
+    f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
+    with pytest.raises(NeedSpace) as ei:
+        f.fetch(unsized(bucket, "k"), admit=lambda n: False)
+    assert ei.value.size == 5 * MiB
+    assert len(gets(proxy, f"/{bucket}/k")) == 1  # the first GET only: no part asked for
+    assert temp_files(store) == []
+
+
+def test_the_daemon_fetches_a_manifest_without_sizes_through_the_crt(tmp_path, s3, bucket, proxy, daemons):
+    from conftest import write_manifest
+
+    from s3cache import resolve
+    from s3cache.daemon.demand import FIRST_FILES
+
+    bodies = {f"s/{i:02d}": os.urandom(64 * KiB + i) for i in range(FIRST_FILES + 6)}
+    bodies["s/zz-large"] = os.urandom(3 * MiB)
+    for k, b in bodies.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=b)
+    lines = [f"s3://{bucket}/{k}" for k in bodies]
+    d = daemons(manifest=write_manifest(tmp_path / "m.txt", lines),
+                args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+    st = d.wait_until(lambda st: st["objects"]["ready"] == len(bodies))
+    for i, (k, b) in enumerate(bodies.items()):
+        assert Path(resolve(f"s3://{bucket}/{k}", cache_dir=d.cache_dir)).read_bytes() == b
+        # the job's first files come as a reader's would (botocore); the rest start with one CRT GET
+        assert agents(proxy, f"/{bucket}/{k}")[0].startswith(CRT_AGENT) == (i >= FIRST_FILES), k
+    large = proxy.seen(f"/{bucket}/s/zz-large") + proxy.seen(f"/{bucket}/s/zz-large", "HEAD")
+    # the small ones: one request each; the large one: its CRT GET, its part, the HEAD asking for a checksum
+    assert st["requests"] == len(bodies) - 1 + len(large), [(e.method, e.headers.get("range")) for e in large]
+    assert [e.method for e in large].count("GET") == 2  # 2 MiB by the CRT, then the last 1 MiB in one part
+    assert d.stop() == 0  # and the daemons fixture finds no loop error or traceback in its log
