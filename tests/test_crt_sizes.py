@@ -6,17 +6,35 @@ order. Against moto over HTTP through the fault proxy, and the real daemon."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
-from test_crt import CRT_AGENT, agents, crt_fetcher, temp_files  # noqa: F401 - crt_fetcher is a fixture
+from test_crt import CRT_AGENT, agents, temp_files
 from test_wrong_bytes import multipart, on_nth
 
-from s3cache.fetch.fetcher import NeedSpace
+from s3cache.fetch.fetcher import Fetcher, NeedSpace, make_client
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import ObjectRef
+from s3cache.testing import wait_for
 
 KiB, MiB = 1 << 10, 1 << 20
+
+
+@pytest.fixture
+def crt_fetcher(store):
+    """``crt_fetcher(proxy, **Fetcher kwargs) -> Fetcher`` (CRT transport unless told), into ``store``."""
+    made = []
+
+    def make(proxy, workers=4, **kw):
+        f = Fetcher(make_client(proxy.url, "us-east-1", 16, 5, 10), part_size=MiB, workers=workers,
+                    max_attempts=3, cancel=threading.Event(), new_temp=store.new_temp, discard=store.discard, **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
 
 
 def unsized(bucket: str, key: str) -> Entry:
@@ -149,3 +167,27 @@ def test_the_daemon_fetches_a_manifest_without_sizes_through_the_crt(tmp_path, s
     assert st["requests"] == len(bodies) - 1 + len(large), [(e.method, e.headers.get("range")) for e in large]
     assert [e.method for e in large].count("GET") == 2  # 2 MiB by the CRT, then the last 1 MiB in one part
     assert d.stop() == 0  # and the daemons fixture finds no loop error or traceback in its log
+
+
+def test_a_reader_that_waits_on_it_during_the_crt_get_gets_the_rest_over_the_free_connections(s3, bucket, proxy,
+                                                                                               crt_fetcher):
+    """Promoted while its CRT GET is on its way (bounded: crt_max bytes), a prefetch's rest is laid out as
+    a reader's object is, in small parts over the free connections; unpromoted, its share (one connection
+    here) would take the rest in one part."""
+    body = os.urandom(6 * MiB)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
+    proxy.latency = 0.5
+    f = crt_fetcher(proxy, workers=1, prefetch_part_size=8 * MiB)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(f.fetch(unsized(bucket, "k"), admit=lambda n: True)))
+    t.start()
+    try:
+        wait_for(lambda: proxy.seen(f"/{bucket}/k"), 30, "the CRT's GET to reach the proxy")
+        assert f.promote(f"s3://{bucket}/k")
+    finally:
+        t.join(60)
+    assert not t.is_alive() and Path(out[0].tmp_path).read_bytes() == body
+    first, *rest = gets(proxy, f"/{bucket}/k")
+    assert first.headers["user-agent"].startswith(CRT_AGENT)
+    assert [e.headers["range"] for e in rest] == [f"bytes={s}-{s + MiB - 1}" for s in range(2 * MiB, 6 * MiB, MiB)]
+    assert f.link.readers == 0 and f._fg_idle.is_set()  # the promotion's count ended with the fetch

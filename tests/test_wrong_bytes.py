@@ -76,7 +76,7 @@ def test_a_whole_object_answer_to_the_first_request_is_taken_as_the_object(s3, b
     body = os.urandom(3 * MiB + 1)
     s3.put_object(Bucket=bucket, Key="k", Body=body)
     aws_proxy.plan = on_nth(1, "ignore-range")
-    got, data = fetch_bytes(fetcher(), Entry(ObjectRef(bucket, "k")))
+    got, data = fetch_bytes(fetcher(transport="botocore"), Entry(ObjectRef(bucket, "k")))  # botocore takes a 200
     assert data == body and got.method == "etag-md5"
     assert aws_proxy.gets(f"/{bucket}/k") == 1  # the body was all of it: no part asked for again
 
@@ -274,5 +274,9 @@ def test_every_kind_of_object_survives_every_bad_answer(tmp_path, moto, s3, buck
         methods = {uri.rsplit("/", 1)[1]: rec.method for uri, rec in idx.items()}
     finally:
         idx.close()
-    assert methods == {k: want for k, (_, _, want) in objects.items()}
+    want = {k: want for k, (_, _, want) in objects.items()}
+    # Small objects the CRT fetches whole: its ranged GET answered with the whole object (the third fault) is
+    # asked again through botocore, whose 206 carries no checksum (as AWS's): their MD5 ETag checks them.
+    want.update({"s3-sha1": "etag-md5", "s3-crc32c": "etag-md5"})
+    assert methods == want
     print(f"faults: {dict(aws_proxy.faults)}; requests: {aws_proxy.total()}")
