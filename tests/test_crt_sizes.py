@@ -100,10 +100,10 @@ def test_a_flipped_byte_anywhere_is_refused(s3, bucket, aws_proxy, crt_fetcher, 
 
 
 def test_multipart_objects_of_unknown_size(s3, bucket, aws_proxy, crt_fetcher):
-    even = multipart(s3, bucket, "even", [os.urandom(5 * MiB), os.urandom(5 * MiB), os.urandom(MiB)])
-    uneven = multipart(s3, bucket, "uneven", [os.urandom(5 * MiB), os.urandom(6 * MiB), os.urandom(5 * MiB)])
+    even = multipart(s3, bucket, "a/even", [os.urandom(5 * MiB), os.urandom(5 * MiB), os.urandom(MiB)])
+    uneven = multipart(s3, bucket, "b/uneven", [os.urandom(5 * MiB), os.urandom(6 * MiB), os.urandom(5 * MiB)])
     f = crt_fetcher(aws_proxy, prefetch_part_size=2 * MiB)
-    for key, body in (("even", even), ("uneven", uneven)):
+    for key, body in (("a/even", even), ("b/uneven", uneven)):  # two folders: neither learned large yet
         got = f.fetch(unsized(bucket, key), admit=lambda n: True)
         assert Path(got.tmp_path).read_bytes() == body and got.method == "etag-multipart", key
         assert gets(aws_proxy, f"/{bucket}/{key}")[0].headers["user-agent"].startswith(CRT_AGENT)
@@ -191,3 +191,20 @@ def test_a_reader_that_waits_on_it_during_the_crt_get_gets_the_rest_over_the_fre
     assert first.headers["user-agent"].startswith(CRT_AGENT)
     assert [e.headers["range"] for e in rest] == [f"bytes={s}-{s + MiB - 1}" for s in range(2 * MiB, 6 * MiB, MiB)]
     assert f.link.readers == 0 and f._fg_idle.is_set()  # the promotion's count ended with the fetch
+
+
+def test_a_folder_whose_last_object_was_large_sends_its_next_through_botocore(s3, bucket, proxy, crt_fetcher):
+    """A larger object costs the CRT's way a GET and a HEAD more than botocore's one GET: once a folder's
+    object of unknown size was larger than crt_max, its next goes through botocore, until one is small."""
+    sizes = {"big/a": 5 * MiB, "big/b": 5 * MiB, "big/c": 100 * KiB, "big/d": 5 * MiB, "small/x": 100 * KiB}
+    bodies = {k: os.urandom(n) for k, n in sizes.items()}
+    for k, b in bodies.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=b)
+    f = crt_fetcher(proxy, prefetch_part_size=8 * MiB)
+    for k in ("big/a", "big/b", "small/x", "big/c", "big/d"):
+        assert Path(f.fetch(unsized(bucket, k), admit=lambda n: True).tmp_path).read_bytes() == bodies[k], k
+    via = {k: [e.headers["user-agent"].startswith(CRT_AGENT) for e in gets(proxy, f"/{bucket}/{k}")] for k in bodies}
+    assert {k: v[0] for k, v in via.items()} == {"big/a": True, "big/b": False, "small/x": True, "big/c": False,
+                                                 "big/d": True}, via
+    assert not any(any(v[1:]) for v in via.values()), via  # after a CRT GET, only botocore's parts
+    assert gets(proxy, f"/{bucket}/big/b")[0].headers["range"] == f"bytes=0-{8 * MiB - 1}"  # one GET, as before

@@ -32,54 +32,33 @@ a failed fetch leaves no temp file; a failed attempt's digest is never joined in
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import botocore.exceptions
 
-from s3cache.errors import ConfigError, ObjectChanged, S3CacheError
+from s3cache.errors import ConfigError, ObjectChanged
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
 from .crt import MAX_OBJECT, CrtGets, TooLarge, Unranged
+from .crtpath import CrtPath
+from .fetched import Fetched, NeedSpace, preallocate, seal
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .parts import FLOOR, Span, first_answer, first_span, part_length, status
 from .ranged import Priority, RangedParts
 from .resplit import CutBody, read_into
-from .retry import BadResponse, Cancelled, RetryPolicy, error_code
+from .retry import Cancelled, RetryPolicy, error_code
 from .s3api import Counters, Described, ObjectApi, make_client
 from .stream import DiskFull, Streams
-from .verifier import Checks, Verifier
+from .verifier import Verifier
 
 __all__ = ["Cancelled", "Counters", "Described", "DiskFull", "Fetched", "Fetcher", "NeedSpace", "make_client"]
 
 log = logging.getLogger("s3cache.fetch")
-
-
-class NeedSpace(S3CacheError):
-    """The object's size became known and the cache has no room for it yet."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        super().__init__(f"no room for {size} bytes")
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """A verified temp file ready to publish."""
-
-    tmp_path: str
-    size: int
-    etag: str
-    version: str
-    method: str
-    crc32c: str
-    also: tuple[str, ...] = ()  # claims checked beside ``method`` (the manifest's, when S3's was stronger)
 
 
 class Fetcher:
@@ -132,10 +111,13 @@ class Fetcher:
             raise ConfigError(f"unknown transport {transport!r}: crt or botocore")
         # Small prefetch objects go through the CRT (see the module doc); None: botocore for all.
         self.crt: CrtGets | None = None
+        self.crt_max = min(MAX_OBJECT, self.prefetch_part_size)
+        self._crt: CrtPath | None = None
         if transport == "crt":
             cfg = client.meta.config
             self.crt = CrtGets(client, cancel, cfg.connect_timeout, cfg.read_timeout)
-        self.crt_max = min(MAX_OBJECT, self.prefetch_part_size)
+            self._crt = CrtPath(self.crt, self.crt_max, self.link, self.counters, self.verifier, self.parts,
+                                new_temp, discard)
 
     def abort(self) -> None:
         """Stopping: wake every read blocked on a response body (see ``Streams.abort``), and every request
@@ -189,7 +171,10 @@ class Fetcher:
         try:
             while True:
                 try:
-                    return self.policy.run(uri, lambda: self._fetch_any(entry, admit, prio, seen))
+                    fetched = self.policy.run(uri, lambda: self._fetch_any(entry, admit, prio, seen))
+                    if entry.size is None and self._crt is not None:
+                        self._crt.learn(entry, fetched.size)
+                    return fetched
                 except ObjectChanged:
                     changed += 1
                     if changed >= 3:
@@ -249,113 +234,25 @@ class Fetcher:
         return part_length(nbytes, share, low, self.prefetch_part_size)
 
     def _fetch_any(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
-        """One attempt, through the CRT when the object is a prefetch of unknown size or small known size."""
-        if self.crt is not None and not prio.spread and entry.size is None:
-            try:
-                return self._fetch_crt_first(entry, admit, prio, seen)
-            except Unranged as e:  # a 200 to a ranged GET: only botocore's path can take it (first_answer)
-                log.info("%s: a ranged GET was answered without a range (%s): asking again through botocore",
-                         entry.uri, e)
-            except botocore.exceptions.ClientError as e:
-                if error_code(e)[1] != 416:
-                    raise
-                return self._fetch_once(entry, admit, prio, seen, ranged=False)  # empty: no byte 0 to range over
-        if (self.crt is not None and not prio.spread and entry.size is not None
-                and 0 < entry.size <= self.crt_max):
-            try:
-                return self._fetch_crt(entry, admit, prio, seen)
-            except TooLarge as e:
-                log.info("%s is %d bytes in S3, %d when it was listed: fetching it in parts", entry.uri,
-                         e.size, entry.size)
-        return self._fetch_once(entry, admit, prio, seen)
-
-    def _crt_get(self, entry: Entry, prio: Priority, tmp: str, size: int, ranged: bool) -> dict:
-        """One CRT GET into ``tmp``, on a link slot held until it ends."""
-        slot = Slot(self.link, prio)
-        try:
-            self.counters.add(requests=1)
-            return self.crt.get(entry.ref.bucket, entry.ref.key, entry.version, tmp, size, self.crt_max, ranged)
-        finally:
-            slot.release()
-
-    def _fetch_crt_first(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
-        """A prefetch of unknown size: its first ``crt_max`` bytes in one ranged CRT GET into the temp file.
-        Its Content-Range tells the total: an object that came whole is checked as ``_fetch_crt``'s; a
-        larger one is admitted for its total before another byte is written, then its rest comes in
-        botocore's ranged parts (pinned to this answer's ETag, or the manifest's VersionId), and the
-        first bytes are fed to the object's digest from the file, ahead of the parts' (``RangedParts.rest``)."""
-        uri = entry.uri
-        asked = first_span(self.crt_max)
-        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
-        ok = False
-        try:
-            resp = self._crt_get(entry, prio, tmp, self.crt_max, True)
-            etag = resp.get("ETag", "").strip('"')
-            version = resp.get("VersionId") or entry.version or ""
-            total, whole = first_answer(resp, asked)  # the CRT states the range as S3 sent it
-            written = os.fstat(fd).st_size
-            if written != resp["ContentLength"]:
-                raise BadResponse(f"{uri}: the answer says {resp['ContentLength']} bytes, {written} were written")
-            self.counters.add(bytes=written)
-            self.link.moved(written)
-            if not admit(total):
-                raise NeedSpace(total)
-            if whole:
-                checks = self.verifier.settle(entry, resp, etag, True, total)
-                digest = Digest(checks.expect, checks.also)
-                read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
+        """One attempt, through the CRT when ``crtpath`` wants it, else botocore's."""
+        if self._crt is not None and self._crt.wants(entry, prio):
+            if entry.size is None:
+                try:
+                    return self._crt.fetch_unsized(entry, admit, prio, seen)
+                except Unranged as e:  # a 200 to a ranged GET: only botocore's path takes it (first_answer)
+                    log.info("%s: a ranged GET was answered without a range (%s): asking through botocore",
+                             entry.uri, e)
+                except botocore.exceptions.ClientError as e:
+                    if error_code(e)[1] != 416:
+                        raise
+                    return self._fetch_once(entry, admit, prio, seen, ranged=False)  # empty: no byte 0
             else:
-                self._preallocate(fd, uri, total)
-                resp["Body"] = None  # its bytes are in the file already
-                checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, None)
-            method = self._seal(entry, fd, total, etag, checks, digest, seen)
-            ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
-                           tuple(e.method for e in checks.also))
-        finally:
-            os.close(fd)
-            if not ok:
-                self._discard(tmp)
-
-    def _fetch_crt(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
-        """One GET of the whole object through the CRT into a temp file, on a link slot held until it
-        ends; then the same checks as a botocore GET's whole answer, over the bytes read back from the
-        file."""
-        uri, size = entry.uri, entry.size
-        assert size is not None
-        if not admit(size):
-            raise NeedSpace(size)
-        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
-        ok = False
-        try:
-            resp = self._crt_get(entry, prio, tmp, size, False)
-            etag = resp.get("ETag", "").strip('"')
-            version = resp.get("VersionId") or entry.version or ""
-            total = os.fstat(fd).st_size
-            if resp.get("ContentLength", total) != total:
-                raise BadResponse(f"{uri}: the answer says {resp['ContentLength']} bytes, {total} were written")
-            self.counters.add(bytes=total)
-            self.link.moved(total)
-            confirm = False
-            if total != size:
-                if not entry.size_is_hint:
-                    self.verifier.size_mismatch(entry, etag, total)
-                log.info("%s is %d bytes in S3, %d when it was listed: fetching S3's", uri, total, size)
-                confirm = True  # only a HEAD can say the body is the object (as for a botocore GET)
-                if not admit(total):
-                    raise NeedSpace(total)
-            checks = self.verifier.settle(entry, resp, etag, True, total, confirm)
-            digest = Digest(checks.expect, checks.also)
-            read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
-            method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
-            os.fdatasync(fd)
-            ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
-                           tuple(e.method for e in checks.also))
-        finally:
-            os.close(fd)
-            if not ok:
-                self._discard(tmp)
+                try:
+                    return self._crt.fetch_sized(entry, admit, prio, seen)
+                except TooLarge as e:
+                    log.info("%s is %d bytes in S3, %d when it was listed: fetching it in parts", entry.uri,
+                             e.size, entry.size)
+        return self._fetch_once(entry, admit, prio, seen)
 
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict,
                     ranged: bool = True) -> Fetched:
@@ -408,13 +305,13 @@ class Fetcher:
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
         try:
-            self._preallocate(fd, uri, total)
+            preallocate(fd, uri, total)
             if checks is not None:
                 digest = Digest(checks.expect, checks.also)
                 self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
                 checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
-            method = self._seal(entry, fd, total, etag, checks, digest, seen)
+            method = seal(self.verifier, entry, fd, total, etag, checks, digest, seen)
             ok = True
             return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
                            tuple(e.method for e in checks.also))
@@ -422,30 +319,6 @@ class Fetcher:
             os.close(fd)
             if not ok:
                 self._discard(tmp)
-
-    @staticmethod
-    def _preallocate(fd: int, uri: str, total: int) -> None:
-        """Reserve the object's blocks in the temp file: a full disk is DiskFull now, not mid-stream."""
-        if total:
-            try:
-                os.posix_fallocate(fd, 0, total)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise DiskFull(f"no space left for {uri} ({total} bytes)", total) from None
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-
-    def _seal(self, entry: Entry, fd: int, total: int, etag: str, checks: Checks, digest: Digest,
-              seen: dict) -> str:
-        """The temp file holds the object's ``total`` bytes, all fed to ``digest``: check them and fsync
-        the data; the method that verified it."""
-        # Writes never leave their ranges; the file's length is the object's all the same.
-        os.ftruncate(fd, total)
-        if os.fstat(fd).st_size != total:
-            raise BadResponse(f"{entry.uri}: the temp file is {os.fstat(fd).st_size} bytes, not {total}")
-        method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
-        os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
-        return method
 
     def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: Priority,
                       slot: Slot) -> None:
