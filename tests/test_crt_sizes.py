@@ -208,3 +208,16 @@ def test_a_folder_whose_last_object_was_large_sends_its_next_through_botocore(s3
                                                  "big/d": True}, via
     assert not any(any(v[1:]) for v in via.values()), via  # after a CRT GET, only botocore's parts
     assert gets(proxy, f"/{bucket}/big/b")[0].headers["range"] == f"bytes=0-{8 * MiB - 1}"  # one GET, as before
+
+
+def test_a_pinned_version_of_unknown_size_comes_whole_from_that_version(s3, bucket, proxy, crt_fetcher):
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old = os.urandom(5 * MiB)
+    v1 = s3.put_object(Bucket=bucket, Key="v", Body=old)["VersionId"]
+    s3.put_object(Bucket=bucket, Key="v", Body=os.urandom(5 * MiB))
+    f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
+    got = f.fetch(Entry(ObjectRef(bucket, "v"), version=v1), admit=lambda n: True)
+    assert Path(got.tmp_path).read_bytes() == old and got.version == v1
+    first, *rest = gets(proxy, f"/{bucket}/v")
+    assert first.headers["user-agent"].startswith(CRT_AGENT) and rest
+    assert all(f"versionId={v1}" in e.query for e in [first, *rest])  # the version pins every part

@@ -1,10 +1,11 @@
-"""Whole-object GETs through AWS's Common Runtime S3 client (``awscrt.s3.S3Client``): a small object's
-body written by native code into a temp file the fetcher made, at a fraction of botocore's CPU per
-request (bench/cpu.py). One job: send the GET, wait for it, and answer with the response's headers in
-botocore's shape, or fail the way a botocore GET would.
+"""GETs through AWS's Common Runtime S3 client (``awscrt.s3.S3Client``): a small object's body, or the
+first bytes of one whose size is unknown (a ranged GET), written by native code into a temp file the
+fetcher made, at a fraction of botocore's CPU per request (bench/cpu.py). One job: send the GET, wait
+for it, and answer with the response's headers in botocore's shape, or fail the way a botocore GET
+would.
 
-What the fetcher keeps for itself: which objects come this way (prefetch of a small object of known
-size), the link slot each request holds, the checks (the file's bytes go through our ``Digest`` and
+What the fetcher keeps for itself (``crtpath.py``): which objects come this way (prefetch of a small
+object of known size, or of one of unknown size), the link slot each request holds, the checks (the file's bytes go through our ``Digest`` and
 ``Verifier``, never the CRT's validation: with moto it validates nothing, as it asks for checksums in a
 spelling moto ignores) and the temp file's fate.
 

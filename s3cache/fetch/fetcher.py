@@ -18,11 +18,13 @@ Per object:
   wait for, or all of them while a reader waits on a link measured to be saturated. The first files a
   job opens (``early``) are laid out as a reader's object is, behind readers and ahead of other
   prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
-* A prefetch of a small object whose size is known (not a reader's, not an early file) is one GET through
-  AWS's Common Runtime client instead (``crt.py``, ``transport="crt"``): native code writes its body
-  into the temp file at a fraction of botocore's CPU per request; the file is then read back through
-  the same ``Digest`` and ``Verifier``. It holds a link slot for the whole request, so both transports
-  share one budget and a reader waits behind at most one small object per connection.
+* A prefetch (not a reader's, not an early file) goes through AWS's Common Runtime client instead
+  (``crtpath.py``, ``crt.py``, ``transport="crt"``) when its size is known and small (one GET of the
+  whole object) or unknown (one GET of its first ``crt_max`` bytes, the rest, if any, in the ranged
+  parts above): native code writes the body into the temp file at a fraction of botocore's CPU per
+  request; the file is then read back through the same ``Digest`` and ``Verifier``. It holds a link
+  slot for the whole request, so both transports share one budget and a reader waits behind at most
+  ``crt_max`` bytes per connection.
 * Bytes are streamed in 1 MiB chunks to the temp file: memory stays flat whatever the object size.
 * The strongest available checksum is checked, with the size, before the file is handed back.
 
@@ -64,8 +66,8 @@ log = logging.getLogger("s3cache.fetch")
 class Fetcher:
     """Downloads objects into verified temp files with a pool of part workers.
 
-    ``transport``: "crt" sends a prefetch of a small object of known size through ``crt.py``, "botocore"
-    sends every GET through botocore.
+    ``transport``: "crt" sends a prefetch of a small object of known size, or of unknown size, through
+    the CRT (``crtpath.py``), "botocore" sends every GET through botocore.
 
     Invariants: at most ``workers`` GETs stream at once, each on a slot of ``link`` held from its request
     until its body is read or closed, or for a CRT GET until it ends (a reader's first, then prefetch); two part pools, so a reader's
