@@ -134,14 +134,29 @@ def test_every_broken_answer_to_the_first_get_is_refused_or_repaired(s3, bucket,
     assert temp_files(store) == [os.path.basename(got.tmp_path)]
 
 
-def test_no_room_for_the_total_writes_no_more_and_leaves_no_temp_file(s3, bucket, proxy, crt_fetcher, store):
-    s3.put_object(Bucket=bucket, Key="k", Body=os.urandom(5 * MiB))
+@pytest.mark.parametrize("room", [True, False])
+@pytest.mark.parametrize("size", [300 * KiB, 5 * MiB], ids=["small", "large"])
+def test_the_total_is_admitted_before_a_byte_is_written(s3, bucket, proxy, crt_fetcher, store, room, size):
+    """The cache's space invariant: ``admit`` reserves before a byte is written. The CRT holds the first
+    answer's body until the total it gives is admitted; refused, nothing is written and no part asked for."""
+    body = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="k", Body=body)
     f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
-    with pytest.raises(NeedSpace) as ei:
-        f.fetch(unsized(bucket, "k"), admit=lambda n: False)
-    assert ei.value.size == 5 * MiB
-    assert len(gets(proxy, f"/{bucket}/k")) == 1  # the first GET only: no part asked for
-    assert temp_files(store) == []
+    seen: list = []
+
+    def admit(n: int) -> bool:
+        seen.append((n, [os.path.getsize(os.path.join(store.layout.tmp, x)) for x in temp_files(store)]))
+        return room
+
+    if room:
+        assert Path(f.fetch(unsized(bucket, "k"), admit=admit).tmp_path).read_bytes() == body
+    else:
+        with pytest.raises(NeedSpace) as ei:
+            f.fetch(unsized(bucket, "k"), admit=admit)
+        assert ei.value.size == size
+        assert len(gets(proxy, f"/{bucket}/k")) == 1  # the first GET only: no part asked for
+        assert temp_files(store) == []
+    assert seen == [(size, [0])]  # asked once, while the temp file was still empty
 
 
 def test_the_daemon_fetches_a_manifest_without_sizes_through_the_crt(tmp_path, s3, bucket, proxy, daemons):

@@ -33,6 +33,7 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
@@ -67,6 +68,7 @@ _FIELDS = {
     "x-amz-server-side-encryption-customer-algorithm": "SSECustomerAlgorithm",
 }
 _CHECKSUM = re.compile(r"x-amz-checksum-([a-z0-9]+)")
+_CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
 _UNREACHABLE = ("CONNECTION_REFUSED", "SOCKET_TIMEOUT", "DNS", "NO_ROUTE", "CONNECT_TIMEOUT",
                 "NETWORK_DOWN", "HOST_UNREACHABLE")
 
@@ -113,6 +115,15 @@ def _botocore_fields(headers: list[tuple[str, str]]) -> dict:
     return out
 
 
+def _total(headers: list[tuple[str, str]]) -> int | None:
+    """The object's total from a ranged answer's Content-Range (None without one)."""
+    for name, value in headers:
+        if name.lower() == "content-range":
+            m = _CONTENT_RANGE.fullmatch(value)
+            return int(m.group(1)) if m else None
+    return None
+
+
 def _error_fields(body: bytes | None) -> tuple[str, str]:
     """S3's error code and message from an error body ("" when it has none or is not S3's XML)."""
     if not body:
@@ -144,16 +155,27 @@ class Unranged(Exception):
 _UNRANGED = ("AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER", "AWS_ERROR_DEST_COPY_TOO_SMALL")
 
 
+class NoRoom(Exception):
+    """``admit`` refused the object's total: the request was cancelled before a byte was written."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"no room for {size} bytes")
+        self.size = size
+
+
 class _Pending:
     """One request in flight: its native handle and what its callbacks left. ``wake`` is set when the
-    waiting thread has something to do: the request ended, or its headers said it is too large."""
+    waiting thread has something to do: the request ended, its headers said it is too large, or they
+    gave the total to admit (``asks``; the CRT's thread then waits for ``admitted``)."""
 
-    __slots__ = ("request", "done", "wake", "status", "headers", "outcome", "too_large")
+    __slots__ = ("admitted", "asks", "done", "headers", "outcome", "request", "status", "too_large", "wake")
 
     def __init__(self) -> None:
         self.request = None
         self.done = threading.Event()
         self.wake = threading.Event()
+        self.admitted = threading.Event()
+        self.asks = 0
         self.status = 0
         self.headers: list[tuple[str, str]] = []
         self.outcome: dict = {}
@@ -254,7 +276,7 @@ class CrtGets:
         return host, f"/{bucket}/{path}"
 
     def get(self, bucket: str, key: str, version: str | None, path: str, size: int, limit: int,
-            ranged: bool = False) -> dict:
+            ranged: bool = False, admit: Callable[[int], bool] | None = None) -> dict:
         """GET the whole object into ``path`` (created or truncated); its headers as botocore's
         GetObject output names them, with ``ResponseMetadata.HTTPStatusCode``. ``size``: the bytes
         expected, for the time allowed; an object over ``limit`` bytes is not fetched (TooLarge).
@@ -263,7 +285,9 @@ class CrtGets:
         (``Range: bytes=0-(size-1)``), in one request (aws-c-s3 sends a ranged GET that fits its part
         size as it is): the answer is a ``206`` whose ``ContentRange`` and ``ContentLength`` say which
         bytes came and the object's total, as a botocore ranged GET's would. A server that did not
-        answer with a range raises Unranged.
+        answer with a range raises Unranged. ``admit(total)`` (with ``ranged``) is asked, on the
+        calling thread, once the answer's headers give the object's total and before the CRT writes a
+        byte of it (the CRT holds its body until then); refused, the request is cancelled (NoRoom).
 
         Raises ClientError / EndpointConnectionError / CrtFailed as the botocore path would,
         NoCredentialsError, DiskFull (ENOSPC), or Cancelled when stopping."""
@@ -285,7 +309,15 @@ class CrtGets:
 
         def on_headers(status_code: int, headers: list, **_) -> None:
             p.status, p.headers = status_code, headers
-            if status_code == 200:
+            total = _total(headers) if admit is not None else None
+            if total is not None:
+                # The body is written to the file once this returns: wait for the caller's admission
+                # (stopping, or the caller leaving, releases it too).
+                p.asks = total
+                p.wake.set()
+                while not p.admitted.wait(0.25) and not self.cancel.is_set():
+                    pass
+            elif status_code == 200:
                 n = _botocore_fields(headers).get("ContentLength", 0)
                 if n > limit:  # the waiting thread cancels it: not from inside the CRT's callback
                     p.too_large = n
@@ -306,17 +338,24 @@ class CrtGets:
                                             on_headers=on_headers, on_done=on_done)
             self._inflight.add(p)
         try:
-            self._wait(p, size)
+            self._wait(p, size, admit)
         finally:
+            p.admitted.set()  # never leave the CRT's thread waiting in on_headers
             with self._lock:
                 self._inflight.discard(p)
         return self._answer(p, bucket, key, size, ranged)
 
-    def _wait(self, p: _Pending, size: int) -> None:
+    def _wait(self, p: _Pending, size: int, admit: Callable[[int], bool] | None) -> None:
         deadline = time.monotonic() + self.timeout + size / _FLOOR_RATE
         while not p.wake.wait(0.25) or not p.done.is_set():
+            if p.asks:
+                total, p.asks = p.asks, 0
+                p.wake.clear()  # on_done cannot come before ``admitted``: on_headers waits for it
+                self._admit(p, admit, total)
+                continue
             late = time.monotonic() > deadline
             if self.cancel.is_set() or late or p.too_large:
+                p.admitted.set()
                 p.request.cancel()
                 p.done.wait()  # on_done follows a cancel; the file is no longer written after it
                 if self.cancel.is_set():
@@ -324,6 +363,21 @@ class CrtGets:
                 if p.too_large:
                     raise TooLarge(p.too_large)
                 raise botocore.exceptions.ReadTimeoutError(endpoint_url=self.host)
+
+    @staticmethod
+    def _admit(p: _Pending, admit: Callable[[int], bool], total: int) -> None:
+        """Ask ``admit`` for the total the headers gave, then let the CRT go on, or cancel it (NoRoom)."""
+        ok = False
+        try:
+            ok = admit(total)
+        finally:
+            if not ok:
+                p.request.cancel()
+            p.admitted.set()
+            if not ok:
+                p.done.wait()  # on_done follows a cancel; the file is no longer written after it
+        if not ok:
+            raise NoRoom(total)
 
     def _answer(self, p: _Pending, bucket: str, key: str, size: int, ranged: bool) -> dict:
         out = p.outcome

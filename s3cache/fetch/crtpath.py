@@ -4,9 +4,9 @@ and how its answer becomes a verified temp file.
 * A prefetch (not a reader's object, not one of a job's first files) of known size, 0 < size <=
   ``crt_max``: one GET of the whole object (``fetch_sized``).
 * A prefetch of unknown size (a manifest line without ``size=``): one ranged GET of its first
-  ``crt_max`` bytes (``fetch_unsized``). Its Content-Range tells the total. An object that came whole is
-  checked as a sized one; a larger one keeps those bytes, is admitted for its total before another byte
-  is written, and gets its rest in botocore's ranged parts, pinned to this answer's ETag (or the
+  ``crt_max`` bytes (``fetch_unsized``). Its Content-Range tells the total, which is admitted before
+  the CRT writes a byte (it holds the body until ``admit`` answers, ``CrtGets.get``). An object that came whole is
+  checked as a sized one; a larger one keeps those bytes and gets its rest in botocore's ranged parts, pinned to this answer's ETag (or the
   manifest's VersionId), the first bytes fed to the object's digest from the file (``RangedParts.rest``).
   A larger object costs this way a GET and a HEAD more than botocore's one GET of
   ``prefetch_part_size`` would: a folder whose last object of unknown size was larger than ``crt_max``
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from s3cache.manifest.parse import Entry
 
 from .checksum import Digest
-from .crt import CrtGets
+from .crt import CrtGets, NoRoom
 from .fetched import Fetched, NeedSpace, preallocate, seal
 from .link import Link, Slot
 from .parts import first_answer, first_span
@@ -81,12 +81,16 @@ class CrtPath:
             self.learned.clear()
         self.learned[self._folder(entry)] = size > self.crt_max
 
-    def _get(self, entry: Entry, prio: Priority, tmp: str, size: int, ranged: bool) -> dict:
+    def _get(self, entry: Entry, prio: Priority, tmp: str, size: int, ranged: bool,
+             admit: Callable[[int], bool] | None = None) -> dict:
         """One CRT GET into ``tmp``, on a link slot held until it ends."""
         slot = Slot(self.link, prio)
         try:
             self.counters.add(requests=1)
-            return self.crt.get(entry.ref.bucket, entry.ref.key, entry.version, tmp, size, self.crt_max, ranged)
+            return self.crt.get(entry.ref.bucket, entry.ref.key, entry.version, tmp, size, self.crt_max, ranged,
+                                admit)
+        except NoRoom as e:
+            raise NeedSpace(e.size) from None
         finally:
             slot.release()
 
@@ -136,8 +140,15 @@ class CrtPath:
         asked = first_span(self.crt_max)
         fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
         ok = False
+        admitted: list[int] = []
+
+        def admit_once(n: int) -> bool:
+            admitted.append(n)
+            return admit(n)
+
         try:
-            resp = self._get(entry, prio, tmp, self.crt_max, True)
+            # Admitted for its total before the CRT writes a byte: the answer's headers give it
+            resp = self._get(entry, prio, tmp, self.crt_max, True, admit_once)
             etag = resp.get("ETag", "").strip('"')
             version = resp.get("VersionId") or entry.version or ""
             total, whole = first_answer(resp, asked)  # the CRT states the range as S3 sent it
@@ -146,7 +157,7 @@ class CrtPath:
                 raise BadResponse(f"{uri}: the answer says {resp['ContentLength']} bytes, {written} were written")
             self.counters.add(bytes=written)
             self.link.moved(written)
-            if not admit(total):
+            if admitted != [total] and not admit(total):
                 raise NeedSpace(total)
             if whole:
                 checks = self.verifier.settle(entry, resp, etag, True, total)
