@@ -120,7 +120,8 @@ def test_peer_figures_are_in_status_and_metrics(served):
     fleet, data = served
     uri, body = next(iter(data.items()))
     assert _get(fleet.ports[0], request_uri(uri, 1)) == (200, body)
-    st = fleet.daemons[0].status()
+    # The server counts an object once its last byte is sent, which the reader may see first.
+    st = fleet.daemons[0].wait_until(lambda st: st["peers"]["served"]["objects"] >= 1, 60, "the send counted")
     registry = CollectorRegistry()
     registry.register(StatusCollector(lambda: st))
     text = generate_latest(registry).decode()
