@@ -56,6 +56,7 @@ WINDOW = 0.5  # seconds per throughput sample
 HISTORY = 20  # windows remembered (10 s)
 FEWER = 0.6  # a window with at most this share of the streams ...
 SAME = 0.9  # ... that moved at least this share of the bytes/s: more connections stopped helping
+POLL = 0.5  # seconds a waiting stream sleeps at most: closes idle windows; every wake is notified besides
 
 
 class Waited(Protocol):
@@ -88,7 +89,7 @@ class Link:
         self._early_orders: dict[int, int] = {}  # order -> early streams of that order waiting
         self.handoff = 0
         self.early_handoff = 0  # slots plain prefetch gave up for early streams, not taken yet
-        self.readers = 0  # foreground fetches in flight (set by the fetcher)
+        self._readers = 0  # foreground fetches in flight (``readers``, set by the fetcher)
         self.peak = 0
         self.yields = 0  # times a prefetch stream gave its slot up, for tests and status
         # throughput windows
@@ -131,21 +132,25 @@ class Link:
         a free slot (it is one of the readers prefetch would otherwise wait for)."""
         with self._cond:
             if foreground:
+                # No wake here: streams check whether to yield between chunks (``should_yield``), not on
+                # this condition, and a new waiter only makes the others' conditions stricter.
                 self.fg_waiting += 1
-                self._cond.notify_all()  # prefetch streams check whether to yield
                 try:
                     while self.fg + self.bg >= self.capacity:
                         self._wait()
+                    self._tick()
+                    self.fg += 1
                 finally:
                     self.fg_waiting -= 1
                     self.handoff = min(self.handoff, self.fg_waiting)
-                self._tick()
-                self.fg += 1
+                    if not self.fg_waiting and self.fg + self.bg < self.capacity:
+                        # Prefetch held back for readers' streams may take the slots still free: two
+                        # releases before this stream ran woke a prefetch stream that went back to sleep.
+                        self._cond.notify_all()
             elif _early(waited):
                 order = _order(waited)
                 self.early_waiting += 1
                 self._early_orders[order] = self._early_orders.get(order, 0) + 1
-                self._cond.notify_all()  # plain prefetch streams check whether to yield
                 try:
                     while self.fg + self.bg >= self.capacity or (
                             (self._bg_held() or min(self._early_orders) < order) and not _promoted(waited)):
@@ -181,7 +186,7 @@ class Link:
             from .retry import Cancelled
 
             raise Cancelled("stopping")
-        self._cond.wait(0.5)
+        self._cond.wait(POLL)
         self._tick()  # time passes while everyone waits: an idle window must close (and end "limited")
 
     def wake(self) -> None:
@@ -189,9 +194,23 @@ class Link:
         with self._cond:
             self._cond.notify_all()
 
+    @property
+    def readers(self) -> int:
+        """Foreground fetches in flight (set by the fetcher). Prefetch waits for none of them to be in
+        flight while the link is limited, so the last one ending wakes it."""
+        return self._readers
+
+    @readers.setter
+    def readers(self, n: int) -> None:
+        with self._cond:
+            fewer = n < self._readers
+            self._readers = n
+            if fewer and not n:
+                self._cond.notify_all()
+
     def _bg_held(self) -> bool:
         """Whether prefetch must not stream now (lock held)."""
-        return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
+        return self.fg_waiting > 0 or (self._readers > 0 and self.limited)
 
     def _early_above(self, waited: Waited | None) -> int:
         """Early streams that ``waited``'s gives way to waiting for a slot (lock held): every one for
@@ -205,10 +224,10 @@ class Link:
         """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
         once the prefetch is promoted: a reader waits on it. An early prefetch yields to readers and to
         early prefetch of an earlier file; plain prefetch to early prefetch as well."""
-        if _promoted(waited) or not (self.fg_waiting or self.early_waiting or (self.readers and self.limited)):
+        if _promoted(waited) or not (self.fg_waiting or self.early_waiting or (self._readers and self.limited)):
             return False
         with self._cond:
-            if self.readers and self.limited:
+            if self._readers and self.limited:
                 return True
             if self.fg + self.bg < self.capacity:
                 return False
