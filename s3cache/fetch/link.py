@@ -36,6 +36,14 @@ A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader n
 keeps the kind of slot it took (a promotion changes whom it yields to, not what it holds), so each
 release matches its acquire.
 
+Wakes: every stream waiting in ``acquire`` that may take a slot is woken by the change that lets it (a
+slot released or given up, a promotion, a reader's stream taking its slot, an early stream's turn, the
+last reader's fetch ending); ``POLL`` only closes idle windows (and ends a stale verdict). A new waiter
+wakes nobody: it only makes the others' conditions stricter. A freed slot still wakes every waiter, not
+one: measured, that is 5-10 waits per release with 16 MiB objects (a few ms of CPU per GB, below what
+two runs of the same code differ by) and one wait for a whole 256 MiB object, whose CPU goes elsewhere
+(docs/how-it-works.md, "Where the CPU goes").
+
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
 ``handoff`` the slots prefetch gave up for readers' streams and they have not taken yet (exactly:
