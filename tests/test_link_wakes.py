@@ -81,21 +81,25 @@ def test_prefetch_held_for_a_reader_takes_the_slot_left_once_the_reader_has_one(
     re-checked first it saw a reader waiting and slept again; nothing woke it once the reader's stream
     had its slot.) Repeated, as the order the two wake in is the scheduler's."""
     for _ in range(200):
-        link = new_link(2)
-        link.acquire(False)
-        link.acquire(False)
-        fg, fg_done = start(lambda: link.acquire(True))
-        wait_for(lambda: link.fg_waiting == 1, DEADLINE, "the reader's stream to wait")
-        bg, bg_done = start(lambda: link.acquire(False, Prio()))
-        wait_for(lambda: bg.is_alive() and not bg_done.is_set(), DEADLINE, "the prefetch stream to wait")
-        with link._cond:  # both slots come back before either waiter runs
-            link.release(False)
-            link.release(False)
-        assert fg_done.wait(DEADLINE), "the reader's stream was not woken"
-        assert bg_done.wait(DEADLINE), "a prefetch stream slept on with a slot free and no reader waiting"
-        fg.join(DEADLINE)
-        bg.join(DEADLINE)
-        assert (link.fg, link.bg) == (1, 1)
+        two_slots_free_at_once()
+
+
+def two_slots_free_at_once() -> None:
+    link = new_link(2)
+    link.acquire(False)
+    link.acquire(False)
+    fg, fg_done = start(lambda: link.acquire(True))
+    wait_for(lambda: link.fg_waiting == 1, DEADLINE, "the reader's stream to wait")
+    bg, bg_done = start(lambda: link.acquire(False, Prio()))
+    wait_for(lambda: bg.is_alive() and not bg_done.is_set(), DEADLINE, "the prefetch stream to wait")
+    with link._cond:  # both slots come back before either waiter runs
+        link.release(False)
+        link.release(False)
+    assert fg_done.wait(DEADLINE), "the reader's stream was not woken"
+    assert bg_done.wait(DEADLINE), "a prefetch stream slept on with a slot free and no reader waiting"
+    fg.join(DEADLINE)
+    bg.join(DEADLINE)
+    assert (link.fg, link.bg) == (1, 1)
 
 
 def test_prefetch_held_on_a_saturated_link_streams_once_the_last_reader_is_done():
