@@ -141,3 +141,25 @@ def test_early_streams_take_free_slots_in_their_files_order():
         assert done.wait(DEADLINE), f"the {who} stream slept on with a slot free"
         t.join(DEADLINE)
     assert link.bg == 3 and link.early_waiting == 0
+
+
+def test_every_prefetch_stream_waiting_gets_a_slot_when_slots_come_free_one_or_two_at_a_time():
+    """Only plain prefetch waits: a freed slot wakes one of them, so a second slot freed before that one
+    ran must wake another, and every waiter ends up streaming."""
+    link = new_link(4)
+    for _ in range(4):
+        link.acquire(False)
+    waiters = [start(lambda: link.acquire(False, Prio())) for _ in range(8)]
+    wait_for(lambda: all(t.is_alive() for t, _ in waiters), DEADLINE, "the prefetch streams to start")
+    released = 0
+    while released < 8:  # each slot freed is taken by one waiter: bg is back at 4 once they have run
+        wait_for(lambda: link.bg == 4, DEADLINE, "the slots freed so far to be taken")
+        n = 2 if released % 3 == 0 else 1  # two at once (before either waiter runs), or one
+        with link._cond:
+            for _ in range(n):
+                link.release(False)
+        released += n
+    for t, done in waiters:
+        assert done.wait(DEADLINE), "a prefetch stream slept on with a slot free"
+        t.join(DEADLINE)
+    assert link.bg == 4

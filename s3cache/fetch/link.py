@@ -39,9 +39,10 @@ release matches its acquire.
 Wakes: every stream waiting in ``acquire`` that may take a slot is woken by the change that lets it (a
 slot released or given up, a promotion, a reader's stream taking its slot, an early stream's turn, the
 last reader's fetch ending); ``POLL`` only closes idle windows (and ends a stale verdict). A new waiter
-wakes nobody: it only makes the others' conditions stricter. A freed slot still wakes every waiter, not
-one: measured, that is 5-10 waits per release with 16 MiB objects (a few ms of CPU per GB, below what
-two runs of the same code differ by) and one wait for a whole 256 MiB object, whose CPU goes elsewhere
+wakes nobody: it only makes the others' conditions stricter. A freed slot wakes one waiter when only
+plain prefetch waits (any of them may take it), every waiter otherwise; waking every waiter on each
+release was 5-10 waits per release with 16 MiB objects (a few ms of CPU per GB, below what two runs of
+the same code differ by), and one wait for a whole 256 MiB object, whose CPU goes elsewhere
 (docs/how-it-works.md, "Where the CPU goes").
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
@@ -187,7 +188,7 @@ class Link:
                 self.fg -= 1
             else:
                 self.bg -= 1
-            self._cond.notify_all()
+            self._freed()
 
     def _wait(self) -> None:
         if self.cancel.is_set():
@@ -196,6 +197,16 @@ class Link:
             raise Cancelled("stopping")
         self._cond.wait(POLL)
         self._tick()  # time passes while everyone waits: an idle window must close (and end "limited")
+
+    def _freed(self) -> None:
+        """A slot came free (lock held): wake the waiters that may take it. When only plain prefetch
+        waits and nothing holds it back, any one of them may take the slot and none other can: wake one
+        (a second slot freed before it runs wakes another, as a notified waiter leaves the queue).
+        Otherwise the waiters' conditions differ (rank, file order, promotion): each re-checks its own."""
+        if self.fg_waiting or self.early_waiting or self._bg_held():
+            self._cond.notify_all()
+        else:
+            self._cond.notify()
 
     def wake(self) -> None:
         """Something a waiting stream depends on changed outside the lock (a promotion): re-check now."""
@@ -255,7 +266,7 @@ class Link:
                 self.handoff += 1
             elif self._early_above(waited) > self.early_handoff:
                 self.early_handoff += 1
-            self._cond.notify_all()
+            self._freed()
         self.acquire(False, waited)
 
     def moved(self, n: int) -> None:
