@@ -143,23 +143,24 @@ def test_early_streams_take_free_slots_in_their_files_order():
     assert link.bg == 3 and link.early_waiting == 0
 
 
-def test_every_prefetch_stream_waiting_gets_a_slot_when_slots_come_free_one_or_two_at_a_time():
-    """Only plain prefetch waits: a freed slot wakes one of them, so a second slot freed before that one
-    ran must wake another, and every waiter ends up streaming."""
+@pytest.mark.parametrize("foreground", [False, True], ids=["prefetch", "readers"])
+def test_every_stream_waiting_gets_a_slot_when_slots_come_free_one_or_two_at_a_time(foreground):
+    """Only plain prefetch waits, or only readers' streams: a freed slot wakes one of them, so a second
+    slot freed before that one ran must wake another, and every waiter ends up streaming."""
     link = new_link(4)
     for _ in range(4):
         link.acquire(False)
-    waiters = [start(lambda: link.acquire(False, Prio())) for _ in range(8)]
-    wait_for(lambda: all(t.is_alive() for t, _ in waiters), DEADLINE, "the prefetch streams to start")
+    waiters = [start(lambda: link.acquire(foreground, Prio(foreground))) for _ in range(8)]
+    wait_for(lambda: all(t.is_alive() for t, _ in waiters), DEADLINE, "the streams to start")
     released = 0
-    while released < 8:  # each slot freed is taken by one waiter: bg is back at 4 once they have run
-        wait_for(lambda: link.bg == 4, DEADLINE, "the slots freed so far to be taken")
+    while released < 8:  # each slot freed is taken by one waiter: all four are held again once they ran
+        wait_for(lambda: link.fg + link.bg == 4, DEADLINE, "the slots freed so far to be taken")
         n = 2 if released % 3 == 0 else 1  # two at once (before either waiter runs), or one
         with link._cond:
             for _ in range(n):
-                link.release(False)
+                link.release(link.bg == 0)  # the four first held first, then the waiters' own
         released += n
     for t, done in waiters:
-        assert done.wait(DEADLINE), "a prefetch stream slept on with a slot free"
+        assert done.wait(DEADLINE), "a stream slept on with a slot free"
         t.join(DEADLINE)
-    assert link.bg == 4
+    assert link.fg + link.bg == 4

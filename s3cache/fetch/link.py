@@ -38,12 +38,14 @@ release matches its acquire.
 
 Wakes: every stream waiting in ``acquire`` that may take a slot is woken by the change that lets it (a
 slot released or given up, a promotion, a reader's stream taking its slot, an early stream's turn, the
-last reader's fetch ending); ``POLL`` only closes idle windows (and ends a stale verdict). A new waiter
-wakes nobody: it only makes the others' conditions stricter. A freed slot wakes one waiter when only
-plain prefetch waits (any of them may take it), every waiter otherwise; waking every waiter on each
-release was 5-10 waits per release with 16 MiB objects (a few ms of CPU per GB, below what two runs of
-the same code differ by), and one wait for a whole 256 MiB object, whose CPU goes elsewhere
-(docs/how-it-works.md, "Where the CPU goes").
+last reader's fetch ending, the verdict changing); ``POLL`` only closes idle windows. A new waiter wakes
+nobody: it only makes the others' conditions stricter. Readers' streams wait on a condition of their
+own, and a freed slot wakes one of them per free slot (any may take it); the last to take its slot
+passes slots still free on to prefetch. Plain prefetch is woken the same way when only it waits and
+nothing holds it back; otherwise every prefetch waiter re-checks its own condition (rank, file order,
+promotion). Waking every waiter on each release was 5-10 waits per release with 16 MiB objects (a few
+ms of CPU per GB, below what two runs of the same code differ by) and one wait for a whole 256 MiB
+object, whose CPU goes elsewhere (docs/how-it-works.md, "Where the CPU goes").
 
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
@@ -90,7 +92,9 @@ class Link:
         self.capacity = capacity
         self.cancel = cancel or threading.Event()
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # prefetch streams (early or not) wait on it
+        self._fg_cond = threading.Condition(lock)  # readers' streams wait on this one
         self.fg = 0  # slots held by foreground streams
         self.bg = 0  # slots held by prefetch streams
         self.fg_waiting = 0
@@ -126,10 +130,13 @@ class Link:
             if self.streams >= 0.5:
                 per = self.rate / self.streams
                 self.per_stream = max(per, self.per_stream * 0.98)  # slowly forgets an old best
+            was = self.limited
             if self.streams < 0.5:  # the link was idle: nothing measured says it is the limit now
                 self.limited = False
             elif self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
                 self.limited = any(n <= FEWER * self.streams and r >= SAME * self.rate for n, r in self.history)
+            if self.limited != was:  # whether prefetch is held for readers changed: it re-checks
+                self._cond.notify_all()
             if self.streams >= 0.5:
                 self.history.append((self.streams, self.rate))
             self._w_start, self._w_bytes, self._w_area = now, 0, 0.0
@@ -146,16 +153,16 @@ class Link:
                 self.fg_waiting += 1
                 try:
                     while self.fg + self.bg >= self.capacity:
-                        self._wait()
+                        self._wait(self._fg_cond)
                     self._tick()
                     self.fg += 1
                 finally:
                     self.fg_waiting -= 1
                     self.handoff = min(self.handoff, self.fg_waiting)
-                    if not self.fg_waiting and self.fg + self.bg < self.capacity:
-                        # Prefetch held back for readers' streams may take the slots still free: two
-                        # releases before this stream ran woke a prefetch stream that went back to sleep.
-                        self._cond.notify_all()
+                    if self.fg + self.bg < self.capacity:
+                        # Slots still free (two released before this stream ran, or it was cancelled) go
+                        # to the next reader's stream, or to prefetch held back for readers' streams.
+                        self._freed()
             elif _early(waited):
                 order = _order(waited)
                 self.early_waiting += 1
@@ -190,27 +197,34 @@ class Link:
                 self.bg -= 1
             self._freed()
 
-    def _wait(self) -> None:
+    def _wait(self, cond: threading.Condition | None = None) -> None:
         if self.cancel.is_set():
             from .retry import Cancelled
 
             raise Cancelled("stopping")
-        self._cond.wait(POLL)
+        (cond or self._cond).wait(POLL)
         self._tick()  # time passes while everyone waits: an idle window must close (and end "limited")
 
     def _freed(self) -> None:
-        """A slot came free (lock held): wake the waiters that may take it. When only plain prefetch
-        waits and nothing holds it back, any one of them may take the slot and none other can: wake one
-        (a second slot freed before it runs wakes another, as a notified waiter leaves the queue).
-        Otherwise the waiters' conditions differ (rank, file order, promotion): each re-checks its own."""
-        if self.fg_waiting or self.early_waiting or self._bg_held():
+        """Slots came free (lock held): wake as many waiters as may take them. Readers' streams first,
+        one per free slot (any of them may take one; a notified waiter leaves the queue, so a slot freed
+        before it ran wakes another); once none waits, the last to take its slot passes the slots still
+        free on (``acquire``). Plain prefetch alike when only it waits and nothing holds it back;
+        otherwise prefetch waiters' conditions differ (rank, file order, promotion): each re-checks."""
+        free = self.capacity - self.fg - self.bg
+        if free <= 0:
+            return
+        if self.fg_waiting:
+            self._fg_cond.notify(free)
+        elif self.early_waiting or self._bg_held():
             self._cond.notify_all()
         else:
-            self._cond.notify()
+            self._cond.notify(free)
 
     def wake(self) -> None:
         """Something a waiting stream depends on changed outside the lock (a promotion): re-check now."""
         with self._cond:
+            self._fg_cond.notify_all()
             self._cond.notify_all()
 
     @property
