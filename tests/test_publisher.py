@@ -123,3 +123,36 @@ def test_a_reload_between_the_check_and_the_commit_withdraws_the_file(rig):
     assert rig.index.get(uri) is None and rig.publisher.status()["superseded"] == 1
     visible = [f for top, _, files in os.walk(rig.store.layout.root) if PRIVATE_DIR not in top for f in files]
     assert visible == []  # the renamed file was removed again
+
+
+def test_a_full_filesystem_at_the_index_commit_parks_the_job_instead_of_failing_it(small_fs):
+    """The files took the filesystem's last bytes and the index's commit found no room (SQLite's
+    "database or disk is full"): nothing was renamed, so the job waits for space as a download that hit
+    the full disk does (``on_disk_full``). It failed with PublishFailed and a traceback in the log, seen
+    once in a full run of test_disk."""
+    mount = small_fs("4m")
+    r = Rig(mount / "cache", max_size=1 << 20, lease=600.0)
+    full: list = []
+    failed: list = []
+    r.publisher = Publisher(r.store, r.index, r.space, r.cond, on_published=lambda items, now: None,
+                            on_failed=lambda uri, code, msg: failed.append((uri, code, msg)),
+                            on_disk_full=lambda e, size: full.append((e.uri, size)))
+    try:
+        f = fetched(r, b"x" * 10)
+        assert r.space.admit(entry(B + "a", 10), 10, demand=False)
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # every free block
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        r.publisher.put(entry(B + "a", 10), f)
+        r.publisher.stop()
+        r.publisher.run()
+        assert failed == [] and full == [(B + "a", 10)]
+        assert not os.path.exists(f.tmp_path) and r.index.get(B + "a") is None
+    finally:
+        (mount / "filler").unlink(missing_ok=True)
+        r.close()

@@ -35,9 +35,11 @@ the manifest's; fetch the object again as the manifest now describes it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +65,8 @@ class Publisher:
     def __init__(self, store: Store, index: Index, space: Space, cond: threading.Condition, *,
                  on_published: Callable[[list[tuple[str, Record]], float], None],
                  on_failed: Callable[[str, str, str], None],
-                 on_superseded: Callable[[str], None] = lambda uri: None) -> None:
+                 on_superseded: Callable[[str], None] = lambda uri: None,
+                 on_disk_full: Callable[[Entry, int], None] | None = None) -> None:
         self._store = store
         self._index = index
         self._space = space
@@ -71,6 +74,7 @@ class Publisher:
         self._on_published = on_published
         self._on_failed = on_failed
         self._on_superseded = on_superseded
+        self._on_disk_full = on_disk_full
         self._q: queue.Queue = queue.Queue()
         self._unwritten: dict[str, Record] = {}  # ready in memory, ``ready`` row not yet in the index
         self.fetched = 0
@@ -114,9 +118,18 @@ class Publisher:
                 self.publish(batch, defer_ready=True)
             except Exception as e:
                 # Only what comes before the rename can end up here (see publish): nothing is visible.
-                log.exception("publishing %d file(s) failed", len(batch))
-                for entry, f in batch:
-                    self._fail(entry, f, e)
+                if self._on_disk_full is not None and filesystem_full(e):
+                    # The index's commit found no room (the files took the last of it): as a download's
+                    # full disk, the jobs wait for space, not fail.
+                    log.error("publishing %d file(s): the filesystem is full (%s); prefetch paused until space "
+                              "returns", len(batch), e)
+                    for entry, f in batch:
+                        self._store.discard(f.tmp_path)
+                        self._on_disk_full(entry, f.size)
+                else:
+                    log.exception("publishing %d file(s) failed", len(batch))
+                    for entry, f in batch:
+                        self._fail(entry, f, e)
             if stop_after:
                 self.write_pending()
                 return
@@ -309,3 +322,10 @@ class Publisher:
 def _same_file(cur: Record | None, rec: Record) -> bool:
     """``cur`` (the space's record) is the file ``rec`` describes: same place, same fetch, same bytes."""
     return cur is not None and (cur.path, cur.fetched_at, cur.crc32c) == (rec.path, rec.fetched_at, rec.crc32c)
+
+
+def filesystem_full(err: BaseException) -> bool:
+    """Whether ``err`` says the filesystem had no room: ENOSPC, or SQLite's SQLITE_FULL from the index."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, sqlite3.OperationalError) and "full" in str(err)

@@ -153,7 +153,8 @@ def wire(d: Daemon, index: Index, fetcher: Fetcher) -> None:
     d.schedule = Schedule(s, d.space, cond, tracker, d.stopping,
                           is_waited=lambda uri: d.readers.is_waited(uri))
     d.publisher = Publisher(store, index, d.space, cond, on_published=d._published,
-                            on_failed=d._fail, on_superseded=d.schedule.superseded)
+                            on_failed=d._fail, on_superseded=d.schedule.superseded,
+                            on_disk_full=lambda entry, size: d.workers.published_on_a_full_disk(entry, size))
     d.readers = Readers(d.schedule, d.space, store, cond, tracker, notes=d._notes,
                         promote=fetcher.promote,
                         scope=Scope(s.allow, has_manifest=s.manifest_source is not None),

@@ -128,26 +128,7 @@ class Workers:
                 space.release(uri)
             return False
         except DiskFull as e:
-            with self._cond:
-                self._schedule.ended(uri)
-                space.release(uri)
-                space.learn_size(uri, e.size)
-            try:
-                evicted = space.evict_for_disk(e.size)
-            except Exception as err:  # the index on the full disk, say: park the job, as with no victims
-                self._errors.record("workers", err, f"evicting for {shown(uri)} on a full filesystem")
-                evicted = False
-            if evicted:
-                log.info("%s: %s; evicted files to make room, trying again", shown(uri), e)
-                with self._cond:
-                    self._schedule.again(entry, demand)
-                return True
-            log.error("%s: %s; prefetch paused until space returns", shown(uri), e)
-            with self._cond:
-                if not space.disk_full:
-                    self.disk_full_pauses += 1
-                space.mark_disk_full(e.size)
-                self._schedule.park(entry, demand)
+            self._disk_full(entry, demand, e.size, str(e))
             return True
         except FetchFailed as e:
             self._fail(uri, e.code, e.reason)
@@ -193,3 +174,37 @@ class Workers:
             self._fail(entry.uri, "InternalError", f"{type(err).__name__}: {err}")
         except Exception as again:
             self._errors.record("workers", again, f"failing {shown(entry.uri)}")
+
+    def published_on_a_full_disk(self, entry: Entry, size: int) -> None:
+        """The publisher found no room for the index's commit (its files took the last of it) and
+        discarded the file: the job waits for space as a download that hit a full disk does, rather
+        than failing (the publisher thread; takes the state lock)."""
+        with self._cond:
+            demand = self._is_waited(entry.uri)
+        self._disk_full(entry, demand, size, "no room left for the index's commit")
+
+    def _disk_full(self, entry: Entry, demand: bool, size: int, why: str) -> None:
+        """A job found the filesystem full: it ends; eviction makes room if it can (the job goes again),
+        else prefetch pauses until space returns and the job is parked."""
+        uri = entry.uri
+        space = self._space
+        with self._cond:
+            self._schedule.ended(uri)
+            space.release(uri)
+            space.learn_size(uri, size)
+        try:
+            evicted = space.evict_for_disk(size)
+        except Exception as err:  # the index on the full disk, say: park the job, as with no victims
+            self._errors.record("workers", err, f"evicting for {shown(uri)} on a full filesystem")
+            evicted = False
+        if evicted:
+            log.info("%s: %s; evicted files to make room, trying again", shown(uri), why)
+            with self._cond:
+                self._schedule.again(entry, demand)
+            return
+        log.error("%s: %s; prefetch paused until space returns", shown(uri), why)
+        with self._cond:
+            if not space.disk_full:
+                self.disk_full_pauses += 1
+            space.mark_disk_full(size)
+            self._schedule.park(entry, demand)
