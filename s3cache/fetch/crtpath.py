@@ -123,11 +123,9 @@ class CrtPath:
             checks = self.verifier.settle(entry, resp, etag, True, total, confirm)
             digest = Digest(checks.expect, checks.also)
             read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
-            method = self.verifier.verify(entry, etag, total, checks, digest, fd, seen)
-            os.fdatasync(fd)
+            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
             ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
-                           tuple(e.method for e in checks.also))
+            return fetched
         finally:
             os.close(fd)
             if not ok:
@@ -167,10 +165,9 @@ class CrtPath:
                 preallocate(fd, uri, total)
                 resp["Body"] = None  # its bytes are in the file already
                 checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, None)
-            method = seal(self.verifier, entry, fd, total, etag, checks, digest, seen)
+            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
             ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
-                           tuple(e.method for e in checks.also))
+            return fetched
         finally:
             os.close(fd)
             if not ok:

@@ -55,14 +55,15 @@ def preallocate(fd: int, uri: str, total: int) -> None:
                 raise
 
 
-def seal(verifier: Verifier, entry: Entry, fd: int, total: int, etag: str, checks: Checks, digest: Digest,
-         seen: dict) -> str:
-    """The temp file holds the object's ``total`` bytes, all fed to ``digest``: check them and fsync the
-    data; the method that verified it. ``seen``: the wrong digests of earlier attempts (``Verifier``)."""
+def seal(verifier: Verifier, entry: Entry, fd: int, tmp: str, total: int, etag: str, version: str,
+         checks: Checks, digest: Digest, seen: dict) -> Fetched:
+    """The temp file ``tmp`` (open as ``fd``) holds the object's ``total`` bytes, all fed to ``digest``:
+    check them, fsync the data, and name the result. ``seen``: the wrong digests of earlier attempts
+    (``Verifier``)."""
     # Writes never leave their ranges; the file's length is the object's all the same.
     os.ftruncate(fd, total)
     if os.fstat(fd).st_size != total:
         raise BadResponse(f"{entry.uri}: the temp file is {os.fstat(fd).st_size} bytes, not {total}")
     method = verifier.verify(entry, etag, total, checks, digest, fd, seen)
     os.fdatasync(fd)  # the data, and the size it was preallocated to; the rename is fsync'd later
-    return method
+    return Fetched(tmp, total, etag, version, method, digest.local_crc32c, tuple(e.method for e in checks.also))

@@ -313,10 +313,9 @@ class Fetcher:
                 self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
                 checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
-            method = seal(self.verifier, entry, fd, total, etag, checks, digest, seen)
+            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
             ok = True
-            return Fetched(tmp, total, etag, version, method, digest.local_crc32c,
-                           tuple(e.method for e in checks.also))
+            return fetched
         finally:
             os.close(fd)
             if not ok:
