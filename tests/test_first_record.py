@@ -55,33 +55,80 @@ def test_a_readers_object_starts_while_every_worker_streams_a_large_prefetch(tmp
         proxy.stop()
 
 
-def test_the_first_files_a_job_opens_come_over_many_connections_each(tmp_path, moto, s3, bucket, daemons):
-    """Six connections paced at 2 MiB/s and eight 6 MiB objects, no reader yet: each of the first
-    ``FIRST_FILES`` files of the manifest (the job opens them first) is asked for as a reader's file is, a
-    1 MiB first range and then the rest in ranges streaming at once, instead of one GET on one connection
-    each; the files after them are plain prefetch, one GET each."""
-    uris = [f"s3://{bucket}/d/{i}" for i in range(8)]
-    data = {u: os.urandom(6 * MiB) for u in uris}
+def _share(i: int, workers: int) -> int:
+    """The connections the ``i``-th first file is spread over: the first files together fill them."""
+    return max(1, workers // FIRST_FILES + (i < workers % FIRST_FILES))
+
+
+def test_the_first_files_a_job_opens_fill_the_connections_before_any_other_prefetch(tmp_path, moto, s3, bucket,
+                                                                                      daemons):
+    """Twice as many connections as first files (``FIRST_FILES``: what TFRecordDataset with AUTOTUNE opens
+    before its first record), paced at 2 MiB/s, and more 4 MiB objects of unknown size, no reader yet: each
+    first file is asked for in a 1 MiB first range and then its share of the connections in ranges (two
+    here: together they fill the connections, no more requests than that), and every GET of the first
+    files reaches S3 before any other object's: no other prefetch takes a connection until all their
+    bytes are asked for. The files after them are plain prefetch."""
+    workers = 2 * FIRST_FILES
+    n = FIRST_FILES + 5
+    uris = [f"s3://{bucket}/d/{i:02d}" for i in range(n)]
+    data = {u: os.urandom(4 * MiB) for u in uris}
     for u, body in data.items():
         s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
     proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
     try:
         d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
-                    args=["--workers", "6", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
-        d.wait_until(lambda st: st["objects"]["ready"] == len(uris), 120, "every object cached")
+                    args=["--workers", str(workers), "--endpoint-url", proxy.url, "--max-size", "1G",
+                          "--min-free", "0"])
+        d.wait_until(lambda st: st["objects"]["ready"] == n, 120, "every object cached")
         # The proxy logs an answer just after its last byte left, which may be after the daemon had it.
         wait_for(lambda: all(x.done for x in proxy.seen(f"/{bucket}/d/")), 60, "the proxy to log every answer")
-        for i, u in enumerate(uris):
-            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/d/{i}")]  # in the order sent
-            if i < FIRST_FILES:
-                assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) >= 3, (i, asked)
-            else:  # plain prefetch: one GET (of --prefetch-part-size), or, while its folder's sizes are
-                # unknown to the daemon, the CRT's GET of the first 2 MiB and the rest in one part
-                assert asked in (["bytes=0-67108863"], [f"bytes=0-{2 * MiB - 1}", f"bytes={2 * MiB}-{6 * MiB - 1}"]), \
-                    (i, asked)
+        first = [x for i in range(FIRST_FILES) for x in proxy.seen(f"/{bucket}/d/{i:02d}")]
+        others = [x for i in range(FIRST_FILES, n) for x in proxy.seen(f"/{bucket}/d/{i:02d}")]
+        for i in range(FIRST_FILES):
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/d/{i:02d}")]  # in the order sent
+            assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) == 1 + _share(i, workers), (i, asked)
+        assert len(first) == FIRST_FILES + workers
+        assert max(x.when for x in first) < min(x.when for x in others), \
+            [(x.path, x.headers.get("range")) for x in sorted(first + others, key=lambda x: x.when)]
+        for i in range(FIRST_FILES, n):  # plain prefetch: one GET (of --prefetch-part-size), or, while its
+            # folder's sizes are unknown to the daemon, the CRT's GET of the first 2 MiB and the rest in one part
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/d/{i:02d}")]
+            assert asked in (["bytes=0-67108863"], [f"bytes=0-{2 * MiB - 1}", f"bytes={2 * MiB}-{4 * MiB - 1}"]), \
+                (i, asked)
         early = [(r[4], r[5]) for r in proxy.request_bytes
-                 if r[0] == "GET" and r[1] in {f"/{bucket}/d/{i}" for i in range(FIRST_FILES)}]
-        assert most_at_once(early) >= 4, early  # the first files' parts streamed side by side
+                 if r[0] == "GET" and r[1] in {f"/{bucket}/d/{i:02d}" for i in range(FIRST_FILES)}]
+        assert most_at_once(early) >= workers, early  # the first files' parts filled the connections
+        for u, body in data.items():
+            with open(resolve(u, cache_dir=d.cache_dir, timeout=60), "rb") as f:
+                assert f.read() == body
+        assert d.status()["loop_errors"] == {}
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
+def test_first_files_as_many_as_the_connections_come_in_one_get_each_before_other_prefetch(tmp_path, moto, s3,
+                                                                                              bucket, daemons):
+    """Two connections, no more than the first files: each first file fills a connection on its own, so it
+    comes in one GET (parts would only add requests), and the first files' GETs reach S3 before any other
+    object's."""
+    n = FIRST_FILES + 3
+    uris = [f"s3://{bucket}/o/{i:02d}" for i in range(n)]
+    data = {u: os.urandom(3 * MiB) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=4 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
+                    args=["--workers", "2", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
+        d.wait_until(lambda st: st["objects"]["ready"] == n, 120, "every object cached")
+        wait_for(lambda: all(x.done for x in proxy.seen(f"/{bucket}/o/")), 60, "the proxy to log every answer")
+        for i in range(FIRST_FILES):
+            asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/o/{i:02d}")]
+            assert asked == ["bytes=0-67108863"], (i, asked)  # the whole object, as plain prefetch asks
+        first = [x.when for i in range(FIRST_FILES) for x in proxy.seen(f"/{bucket}/o/{i:02d}")]
+        others = [x.when for i in range(FIRST_FILES, n) for x in proxy.seen(f"/{bucket}/o/{i:02d}")]
+        assert max(first) < min(others)
         for u, body in data.items():
             with open(resolve(u, cache_dir=d.cache_dir, timeout=60), "rb") as f:
                 assert f.read() == body

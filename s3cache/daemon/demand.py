@@ -12,6 +12,7 @@ closes (``closed``), so a client that left costs nothing afterwards.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -165,12 +166,25 @@ class DemandQueue:
         return self._count.keys()
 
 
+def _first_files() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return cores + 1
+
+
 # The first files of each job (of the manifest; a reader's next files, from its ahead hints, before the
-# manifest lists them) are fetched early: as a reader's object is, ahead of other prefetch (workers.py).
-# Two, not four: TFRecordDataset emitted its first record before its third file's last byte, and each
-# early 16 MiB file costs ~9 GETs where plain prefetch makes one (docs/benchmarks.md, "How many first
-# files"); one was slower to the first record at 8 MB/s per connection.
-FIRST_FILES = 2
+# manifest lists them) are fetched early: together over every connection, and no other prefetch is
+# handed out until each of their GETs holds a connection (workers.py, handout.py). As many as
+# TFRecordDataset(num_parallel_reads=AUTOTUNE) takes before its first record: its parallel interleave
+# opens cycle_length = port::MaxParallelism() files (the cores this process may run on), and a worker
+# filling its buffer of future files asks the input for one more while holding the lock the first
+# record is taken under; s3cache.tf.files yields a path only once its file has landed, so that first
+# record waits for cores + 1 files (measured: the 3rd path on 2 cores, the 2nd under taskset -c 0). The
+# daemon runs on the job's host, so its own usable cores stand in for the job's. A job that names
+# num_parallel_reads itself may want more (4 with 2 here): those come as plain prefetch.
+FIRST_FILES = _first_files()
 
 
 MAX_PER_CONNECTION = 1_024  # one want's worth (wire.MAX_URIS): a streaming reader waits on ~16

@@ -4,7 +4,10 @@ beyond ``workers`` for readers' objects, and only then runs the prefetch scan (i
 order of readers' next use within the readahead window).
 
 Invariants it keeps (see schedule.py for the rest): a job handed out is in ``fetching`` with the entry it
-was handed out with, in one step under the state lock, so it is never handed out twice at once; at most
+was handed out with, in one step under the state lock, so it is never handed out twice at once; while a
+job's first files (``first_order``) handed out as prefetch have bytes not yet asked for (``unasked``,
+a subset of ``early``, itself of ``fetching``), no other prefetch, hint or pin is handed out: they
+would take connections and CPU the first record waits on (objects readers wait on still go); at most
 ``workers`` jobs no reader waits on are downloading (``landing`` ones, whose file waits for the
 publisher, count only beyond ``workers`` of them); a worker sleeps only after a scan found nothing
 (``_scan_idle``, cleared by ``work_changed``) or while prefetch holds its share of the threads; an
@@ -14,7 +17,8 @@ and one that takes a job wakes the next while work may remain (``_hand_out``).
 Uses the attributes ``Schedule`` sets (``s``, ``_space``, ``_cond``, ``_tracker``, ``_stopping``,
 ``_is_waited``, ``catalog``, ``cursors``, ``demand``, ``fetching``, ``_fetching_as``, ``failed``,
 ``blocked``, ``replacing``, ``prefetch_paused``, ``_scan_idle``, ``_scan_limited``,
-``idle_workers``, ``wakeups``, ``wake``). Imports no other
+``idle_workers``, ``wakeups``, ``wake``, ``work_changed``, ``hint_rank``, ``first_files``, ``early``,
+``unasked``). Imports no other
 daemon part.
 """
 
@@ -53,16 +57,18 @@ class HandOut:
             while not self._stopping.is_set():
                 background = self._background()
                 full = background >= self.s.workers
-                e = self._next_demand(full)  # even on a full disk: admission evicts for a waiting reader
+                held = bool(self.unasked)  # only the first files go, until all their bytes are asked for
+                e = self._next_demand(full, held)  # even on a full disk: admission evicts for a waiting reader
                 if e is not None:
                     self._hand_out(e, background + (not self._is_waited(e.uri)))
                     return e, True
                 if not full and self._may_prefetch():
                     e = self._next_prefetch()
-                    if e is not None:
+                    if e is not None and not (held and self.first_order(e.uri) is None):
                         self._hand_out(e, background + 1)
                         return e, False
-                    self._scan_idle = True  # until something changes (see work_changed)
+                    if e is None:  # (one held back is handed out once ``asked`` calls work_changed)
+                        self._scan_idle = True  # until something changes (see work_changed)
                 self.idle_workers += 1
                 try:
                     if self._cond.wait(self.idle_poll):
@@ -83,8 +89,34 @@ class HandOut:
         none wakes to find nothing but at a race."""
         self.fetching.add(e.uri)
         self._fetching_as[e.uri] = e
+        order = self.first_order(e.uri)
+        self.hint_rank.pop(e.uri, None)
+        if order is not None and not self._is_waited(e.uri):
+            self.early[e.uri] = order
+            self.unasked.add(e.uri)
         if self.idle_workers and background < self.s.workers and self._may_prefetch():
             self.wake()
+
+    def first_order(self, uri: str) -> int | None:
+        """Which of its job's first ``first_files`` files ``uri`` is (its place in the job's manifest),
+        None if none. An object the manifest does not list (yet) is one of them when a reader's ahead hint
+        put it among its next files (``hint_rank``; 1: the one after the file it waits on): a job that
+        reads before the daemon installed its manifest (``--allow``) hints its next files."""
+        pos = self.catalog.position(uri)
+        if pos is None:
+            rank = self.hint_rank.get(uri)
+            return rank if rank is not None and rank < self.first_files else None
+        jobs = self.catalog.jobs
+        nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
+        return nth if nth < self.first_files else None
+
+    def asked(self, uri: str) -> None:
+        """Every byte of ``uri`` has been asked for (each of its GETs holds a connection), or its job
+        ended: once no first file is left so, other prefetch may go (state lock held)."""
+        if uri in self.unasked:
+            self.unasked.discard(uri)
+            if not self.unasked:
+                self.work_changed()
 
     def _background(self) -> int:
         """Jobs in flight that no reader waits on (prefetch, hints, pins), but for those whose file only
@@ -99,8 +131,9 @@ class HandOut:
     def _demand_wanted(self, e: Entry) -> bool:
         return (not self._space.is_ready(e.uri) or e.uri in self.replacing) and e.uri not in self.fetching
 
-    def _next_demand(self, waited_only: bool) -> Entry | None:
-        """The next demand job, taken off the queue; only one a reader waits on if ``waited_only``.
+    def _next_demand(self, waited_only: bool, held: bool = False) -> Entry | None:
+        """The next demand job, taken off the queue; only one a reader waits on if ``waited_only``, or
+        one that is a reader's or one of a job's first files if ``held`` (first files still asking).
 
         Entries a reader waits on are queued at the front (``push_front``, ``again``,
         ``resume_prefetch``), behind at most entries whose reader has left since: a look at the first
@@ -110,10 +143,11 @@ class HandOut:
             d.popleft()
         if not d:
             return None
-        if not waited_only:
+        if not waited_only and not held:
             return d.popleft()
         for e in islice(d, LOOK):
-            if self._is_waited(e.uri) and self._demand_wanted(e):
+            if self._demand_wanted(e) and (self._is_waited(e.uri)
+                                           or (not waited_only and self.first_order(e.uri) is not None)):
                 d.remove(e)
                 return e
         return None

@@ -50,7 +50,7 @@ from s3cache.policy import evict
 from s3cache.policy.tracker import ReaderTracker
 from s3cache.service.config import Settings
 
-from .demand import DemandQueue
+from .demand import FIRST_FILES, DemandQueue
 from .failures import RECHECK, Failure, Failures
 from .handout import HandOut
 from .space import Space
@@ -84,9 +84,12 @@ class Schedule(HandOut):
         self.demand = DemandQueue()
         self.hints_accepted = 0
         self.hints_dropped = 0  # hints for objects outside the manifest beyond MAX_EXTRA
-        # uri -> its place among a reader's next files, for hints of the first few (workers._opens_first
-        # takes it); the oldest forgotten beyond MAX_HINT_RANKS
+        # uri -> its place among a reader's next files, for hints of the first few (taken when handed
+        # out: ``first_order``); the oldest forgotten beyond MAX_HINT_RANKS
         self.hint_rank: dict[str, int] = {}
+        self.first_files = FIRST_FILES  # how many of each job's first files are fetched early
+        self.early: dict[str, int] = {}  # uri in fetching -> its order among its job's first files (early)
+        self.unasked: set[str] = set()  # early jobs not all of whose bytes are asked for: other prefetch waits
         self.retries = 0  # failed objects released for another attempt by their backoff
         self.cursors = Cursors(None, 0)
         self.prefetch_paused = False
@@ -195,6 +198,8 @@ class Schedule(HandOut):
     def _stop_fetching(self, uri: str) -> None:
         self.fetching.discard(uri)
         self._fetching_as.pop(uri, None)
+        self.early.pop(uri, None)
+        self.asked(uri)
         held_slot = True
         if uri in self.landing:  # its worker went on to the next job (``landed``): no slot to give
             self.landing.discard(uri)  # back unless it counted, beyond ``workers`` landing jobs
@@ -208,6 +213,7 @@ class Schedule(HandOut):
         ``fetching`` until published or failed)."""
         if uri in self.fetching:
             self.landing.add(uri)
+        self.asked(uri)
 
     def ended(self, uri: str) -> None:
         """A job ended without a result (cancelled, or the disk was full)."""

@@ -13,7 +13,9 @@ Invariants it keeps:
   released (or turned into ready bytes by the publisher);
 * a reader waiting on a job makes it a foreground fetch (smaller parts, ahead of prefetch); the first
   files of each job, and a reader's next files it hinted before a manifest listed them, are fetched
-  *early*: laid out the same way, behind readers, ahead of other prefetch;
+  *early*: behind readers, ahead of other prefetch, each over its share of the connections so that
+  together they fill them (``_early``), and no other prefetch is handed out until each of their GETs
+  holds a connection (``Schedule.asked``);
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).
@@ -31,12 +33,12 @@ from collections.abc import Callable
 
 from s3cache.errors import ChecksumMismatch, FetchFailed, ObjectChanged
 from s3cache.fetch.fetcher import Cancelled, DiskFull, Fetched, Fetcher, NeedSpace
+from s3cache.fetch.parts import Early
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import shown
 from s3cache.service.config import Settings
 from s3cache.service.metrics import FetchHistogram
 
-from .demand import FIRST_FILES
 from .schedule import Schedule
 from .space import Space
 from .supervise import LoopErrors
@@ -99,7 +101,9 @@ class Workers:
             # the demand queue too, and must not compete with the one it waits on.
             with self._cond:
                 foreground = demand and self._is_waited(uri)
-                early = None if foreground else self._opens_first(uri)
+                early = None if foreground else self._early(uri)
+                if early is None:  # a reader came since the hand-out: its fetch holds nothing back
+                    self._schedule.asked(uri)
             started = time.monotonic()
             fetched = self._fetcher.fetch(entry, lambda n: space.admit(entry, n, demand), foreground=foreground,
                                           early=early)
@@ -145,24 +149,24 @@ class Workers:
         self._publish(entry, fetched)
         return True
 
-    def _opens_first(self, uri: str) -> int | None:
-        """Which of the ``FIRST_FILES`` a job opens first ``uri`` is (its manifest's head; each job's, in
-        a manifest directory), None if none (state lock held). A job that just wrote its manifest reads
-        them first, usually while it is still starting up; TFRecordDataset with AUTOTUNE emits its
-        first record once its first file or two are open, so those come as a reader's file would: a
-        small first part, then the rest over many connections, ahead of other prefetch (``early``).
+    def _early(self, uri: str) -> Early | None:
+        """How ``uri`` is fetched if the schedule handed it out as one of a job's first files (state lock
+        held): its order, and its share of the ``workers`` connections, so that the job's first files
+        together fill them, one GET each when they are at least as many (``workers // first_files``, one
+        more for the first ``workers % first_files``); a job's first record waits for all of them
+        (demand.FIRST_FILES), and more parts than connections would only add requests. ``asked`` lets
+        the schedule hand out other prefetch once every byte of it is asked for."""
+        order = self._schedule.early.get(uri)
+        if order is None:
+            return None
+        w, k = self.s.workers, self._schedule.first_files
+        share = max(1, w // k + (order % k < w % k))
 
-        An object the manifest does not list (yet) is one of them when a reader's ahead hint put it
-        among its next ``FIRST_FILES`` (``Schedule.hint_rank``): a job that reads before the daemon
-        installed its manifest (``--allow``) hints its next files, which would otherwise each come on one
-        connection, in parallel with fifteen others, while its first record waits for them."""
-        pos = self._schedule.position(uri)
-        if pos is None:
-            rank = self._schedule.hint_rank.pop(uri, None)
-            return rank if rank is not None and rank < FIRST_FILES else None
-        jobs = self._schedule.catalog.jobs
-        nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
-        return nth if nth < FIRST_FILES else None
+        def asked() -> None:
+            with self._cond:
+                self._schedule.asked(uri)
+
+        return Early(order, share, asked)
 
     def _give_up(self, entry: Entry, err: Exception) -> None:
         """End a job whose outcome could not be routed: out of the fetching set, its reservation

@@ -50,7 +50,7 @@ from .crtpath import CrtPath
 from .fetched import Fetched, NeedSpace, preallocate, seal
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
-from .parts import FLOOR, Span, first_answer, first_span, part_length, status
+from .parts import FLOOR, Early, Span, first_answer, first_span, part_length, status
 from .ranged import Priority, RangedParts
 from .resplit import CutBody, read_into
 from .retry import Cancelled, RetryPolicy, error_code
@@ -148,13 +148,14 @@ class Fetcher:
     # -- one object --------------------------------------------------------------------------------
 
     def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
-              early: int | None = None) -> Fetched:
+              early: Early | int | None = None) -> Fetched:
         """Download ``entry`` into a verified, fsync'd temp file. ``admit(size)`` reserves cache space.
 
         ``foreground``: a reader waits on it; background fetches yield to it while it runs. ``early``: a
-        prefetch of the ``early``-th file a job opens (one of its first): laid out as a reader's object
-        is (a small first part, then the rest over the free connections), ahead of other prefetch and
-        of later early files, behind readers.
+        prefetch of one of the first files a job opens (``parts.Early``): laid out over its share of the
+        connections (an int, or no share: as a reader's object is, a small first part, then the rest
+        over the free connections), ahead of other prefetch and of later early files, behind readers;
+        its ``asked`` is called once each of its GETs holds a connection.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
         at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and
@@ -213,20 +214,25 @@ class Fetcher:
         self.link.wake()  # its streams waiting for prefetch's turn now wait only for a free slot
         return True
 
-    def _first_length(self, entry: Entry, foreground: bool) -> int:
-        """What the first GET asks for. A reader's object starts with a small range when its size is
-        unknown (its Content-Range tells the size, and the rest is spread over the free connections),
-        else with its share of the layout; prefetch asks for ``prefetch_part_size`` unless its size is
-        known."""
+    def _first_length(self, entry: Entry, prio: Priority) -> int:
+        """What the first GET asks for. A reader's object (or an early file spread over more than one
+        connection) starts with a small range when its size is unknown (its Content-Range tells the
+        size, and the rest is spread over the connections), else with its share of the layout;
+        prefetch asks for ``prefetch_part_size`` unless its size is known."""
         if entry.size:
-            return self._part_length(entry.size, foreground, holding=False)
-        return min(FLOOR, self.part_size) if foreground else self.prefetch_part_size
+            return self._part_length(entry.size, prio, holding=False)
+        return min(FLOOR, self.part_size) if prio.spread and prio.share != 1 else self.prefetch_part_size
 
-    def _part_length(self, nbytes: int, foreground: bool, holding: bool = True) -> int:
+    def _part_length(self, nbytes: int, prio: Priority, holding: bool = True) -> int:
         """Parts to spread ``nbytes`` over the connections this fetch may use: a reader's object over the
-        free ones and half of prefetch's (``Link.foreground_share``); a prefetch over its share
-        (connections / objects in flight), never in parts below ``part_size``."""
-        if foreground:
+        free ones and half of prefetch's (``Link.foreground_share``); an early file with a share over
+        that many (its job's first files together fill the link, one GET each when they are as many
+        as the connections); a prefetch over its share (connections / objects in flight), never in
+        parts below ``part_size``."""
+        if prio.early and prio.share and not prio.foreground:
+            return part_length(nbytes, prio.share, min(FLOOR, self.part_size),
+                               max(self.part_size, self.prefetch_part_size))
+        if prio.spread:
             share = self.link.foreground_share(holding)
             return part_length(nbytes, share, min(FLOOR, self.part_size), self.part_size)
         with self._fg_lock:
@@ -259,7 +265,7 @@ class Fetcher:
     def _fetch_once(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict,
                     ranged: bool = True) -> Fetched:
         """One attempt through botocore; ``ranged`` False: the object is known to be empty (a 416 came)."""
-        asked: Span | None = first_span(self._first_length(entry, prio.spread)) if ranged else None
+        asked: Span | None = first_span(self._first_length(entry, prio)) if ranged else None
         slot = Slot(self.link, prio)
         try:
             resp = None
@@ -300,6 +306,8 @@ class Fetcher:
                 confirm = True
             if not admit(total):
                 raise NeedSpace(total)
+            if whole:  # its one GET is all there is to ask for
+                prio.all_asked()
             checks = self.verifier.settle(entry, resp, etag, whole, total, confirm) if whole else None
         except BaseException:
             body.close()

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .retry import BadResponse
@@ -60,6 +61,17 @@ def spans(total: int, part_size: int, first: int | None = None) -> list[Span]:
         return []
     head = min(total, first or part_size)
     return [Span(0, head - 1)] + [Span(s, min(total, s + part_size) - 1) for s in range(head, total, part_size)]
+
+
+class Early(NamedTuple):
+    """One of the first files a job opens, fetched ahead of other prefetch: the job's ``order``-th, laid
+    out over ``share`` connections (its part of the link among the job's first files; None: the free
+    connections, as a reader's object), and ``asked``, called once every byte of it has been asked for
+    (each of its GETs holds a connection), after which other prefetch may take connections."""
+
+    order: int
+    share: int | None = None
+    asked: Callable[[], None] | None = None
 
 
 MiB = 1 << 20

@@ -29,7 +29,7 @@ from s3cache.manifest.parse import Entry
 from .checksum import Digest
 from .link import Link, Slot
 from .partdigest import InOrderDigest, SplitDigest
-from .parts import FLOOR, Span, check_ranged, spans
+from .parts import FLOOR, Early, Span, check_ranged, spans
 from .pool import OrderedPool
 from .resplit import CutBody, read_into
 from .retry import BadResponse, Retry, RetryPolicy, classify
@@ -42,16 +42,26 @@ log = logging.getLogger("s3cache.fetch")
 
 class Priority:
     """Whether a reader waits on this fetch; a prefetch can be promoted while it runs. ``early``: a
-    prefetch of one of the first files a job opens, laid out like a reader's, the job's ``order``-th
-    (see ``Link``)."""
+    prefetch of one of the first files a job opens, the job's ``order``-th (see ``Link``), laid out over
+    its ``share`` of the connections (``parts.Early``; an int: its order, laid out like a reader's)."""
 
-    __slots__ = ("early", "foreground", "order", "promoted")
+    __slots__ = ("_asked", "early", "foreground", "order", "promoted", "share")
 
-    def __init__(self, foreground: bool, early: int | None = None) -> None:
+    def __init__(self, foreground: bool, early: Early | int | None = None) -> None:
         self.foreground = foreground
         self.promoted = False
         self.early = early is not None and not foreground
-        self.order = early or 0
+        if isinstance(early, int):
+            early = Early(early)
+        self.order = early.order if early is not None else 0
+        self.share = early.share if self.early else None
+        self._asked = early.asked if early is not None else None
+
+    def all_asked(self) -> None:
+        """Every byte of the object has been asked for: tell the one who wanted to know, once."""
+        asked, self._asked = self._asked, None
+        if asked is not None:
+            asked()
 
     @property
     def spread(self) -> bool:
@@ -61,10 +71,11 @@ class Priority:
 
 class RangedParts:
     """Sends an object's ranged parts on ``workers`` threads per kind of fetch (reader's, early,
-    prefetch). ``length(nbytes, spread)``: the part length to cut ``nbytes`` into (the fetcher's)."""
+    prefetch). ``length(nbytes, prio)``: the part length to cut ``nbytes`` of a fetch of ``prio`` into (the
+    fetcher's)."""
 
     def __init__(self, api: ObjectApi, policy: RetryPolicy, verifier: Verifier, link: Link, streams: Streams,
-                 counters: Counters, length: Callable[[int, bool], int], workers: int) -> None:
+                 counters: Counters, length: Callable[[int, Priority], int], workers: int) -> None:
         self.api = api
         self.policy = policy
         self.verifier = verifier
@@ -119,7 +130,7 @@ class RangedParts:
         """Write ``span`` of the object into the file in ranged parts over the connections this fetch may
         use (each retried on its own, pinned by ``pin``), without a digest."""
         uri = entry.uri
-        length = self._length(span.length, prio.spread)
+        length = self._length(span.length, prio)
         layout = [Span(s, min(span.end, s + length - 1)) for s in range(span.start, span.end + 1, length)]
 
         def once(part: Span) -> None:
@@ -165,7 +176,7 @@ class RangedParts:
         final: list = [Checks(None), None]  # the checks, and their SplitDigest or InOrderDigest
 
         def cut(left: int) -> bool:  # a reader now waits on this prefetch: the rest of a long part in parts
-            return prio.promoted and left >= CUT_LEFT and self._length(left, True) < left
+            return prio.promoted and left >= CUT_LEFT and self._length(left, prio) < left
 
         def stream(body, span: Span, release: Callable[[], None]) -> None:
             settled.wait()
@@ -194,17 +205,24 @@ class RangedParts:
                 raise
             return resp["Body"]
 
+        started: set[int] = set()  # parts whose GET was answered (a retry's again does not count twice)
+
         def once(span: Span) -> None:
             part_slot = Slot(self.link, prio)
             try:
-                stream(get(span), span, part_slot.release)
+                body = get(span)
+                if span.start:  # part 0 (retried here) was asked for first
+                    started.add(span.start)
+                    if len(started) == len(layout) - 1:
+                        prio.all_asked()
+                stream(body, span, part_slot.release)
             finally:
                 part_slot.release()
 
         def part(span: Span) -> None:
             self.policy.run(uri, lambda: once(span))
 
-        layout = spans(total, self._length(total - asked.length, prio.spread), asked.length)
+        layout = spans(total, self._length(total - asked.length, prio), asked.length)
         futures = [self._submit(prio, part, s) for s in layout[1:]]
         try:
             try:
