@@ -176,7 +176,7 @@ def _first_files() -> int:
 
 # The first files of each job (of the manifest; a reader's next files, from its ahead hints, before the
 # manifest lists them) are fetched early: together over every connection, and no other prefetch is
-# handed out until each of their GETs holds a connection (workers.py, handout.py). As many as
+# handed out until each of their GETs has been answered (workers.py, handout.py). As many as
 # TFRecordDataset(num_parallel_reads=AUTOTUNE) takes before its first record: its parallel interleave
 # opens cycle_length = port::MaxParallelism() files (the cores this process may run on), and a worker
 # filling its buffer of future files asks the input for one more while holding the lock the first

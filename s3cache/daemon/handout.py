@@ -111,7 +111,7 @@ class HandOut:
         return nth if nth < self.first_files else None
 
     def asked(self, uri: str) -> None:
-        """Every byte of ``uri`` has been asked for (each of its GETs holds a connection), or its job
+        """Every byte of ``uri`` has been asked for (each of its GETs answered), or its job
         ended: once no first file is left so, other prefetch may go (state lock held)."""
         if uri in self.unasked:
             self.unasked.discard(uri)

@@ -15,7 +15,7 @@ Invariants it keeps:
   files of each job, and a reader's next files it hinted before a manifest listed them, are fetched
   *early*: behind readers, ahead of other prefetch, each over its share of the connections so that
   together they fill them (``_early``), and no other prefetch is handed out until each of their GETs
-  holds a connection (``Schedule.asked``);
+  has been answered (``Schedule.asked``);
 * an error while routing an outcome (eviction for a full disk failing on a full index, say) never ends
   the worker: it is counted in ``errors`` (status's ``loop_errors``) and the job is parked or failed;
 * ``disk_full_pauses`` counts the times the filesystem filled (disk full went from False to True).

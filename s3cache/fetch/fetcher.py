@@ -16,8 +16,8 @@ Per object:
   prefetch object is spread over its share of the connections (``workers`` / objects in flight) in
   parts of ``part_size`` to ``prefetch_part_size``. Prefetch gives up only the slots a reader's parts
   wait for, or all of them while a reader waits on a link measured to be saturated. The first files a
-  job opens (``early``) are laid out as a reader's object is, behind readers and ahead of other
-  prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
+  job opens (``early``) are each laid out over their share of the connections (``parts.Early``), behind
+  readers and ahead of other prefetch; a prefetch a reader starts waiting on is re-split (``resplit.py``).
 * A prefetch (not a reader's, not an early file) goes through AWS's Common Runtime client instead
   (``crtpath.py``, ``crt.py``, ``transport="crt"``) when its size is known and small (one GET of the
   whole object) or unknown (one GET of its first ``crt_max`` bytes, the rest, if any, in the ranged
@@ -155,7 +155,7 @@ class Fetcher:
         prefetch of one of the first files a job opens (``parts.Early``): laid out over its share of the
         connections (an int, or no share: as a reader's object is, a small first part, then the rest
         over the free connections), ahead of other prefetch and of later early files, behind readers;
-        its ``asked`` is called once each of its GETs holds a connection.
+        its ``asked`` is called once each of its GETs has been answered.
         Raises NeedSpace when ``admit`` refuses, FetchFailed for permanent S3 errors or exhausted retries,
         ObjectChanged if the object kept changing, ChecksumMismatch if it never verified (WrongChecksum
         at once when the bytes are good and the claim is wrong), NoChecksum when ``require_checksum`` and

@@ -28,8 +28,9 @@ other prefetch yields to it and waits while it waits, so the first files come ov
 instead of one each (the job's first record waits for them) without delaying a reader's object. Among
 early streams the job's first file goes first (``Waited.order``): the first record needs the first
 file whole, then the next, not all of them at a quarter of the link each. (Holding plain prefetch back
-altogether while early files are in flight was tried: it made the first record no faster on this
-2-core machine, where the CPU is the limit, and cold epochs up to twice as long.)
+until early files had landed was tried: it made the first record no faster on this 2-core machine,
+where the CPU is the limit, and cold epochs up to twice as long; it is now held only until each early
+file's GETs are answered, by the daemon's hand-out.)
 
 A prefetch promoted while it runs (``Waited.foreground`` turned True: a reader now waits on it) is one of
 ``readers``: it neither yields for readers nor waits for them, since it would be waiting on itself. It

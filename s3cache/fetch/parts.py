@@ -67,7 +67,7 @@ class Early(NamedTuple):
     """One of the first files a job opens, fetched ahead of other prefetch: the job's ``order``-th, laid
     out over ``share`` connections (its part of the link among the job's first files; None: the free
     connections, as a reader's object), and ``asked``, called once every byte of it has been asked for
-    (each of its GETs holds a connection), after which other prefetch may take connections."""
+    (each of its GETs answered), after which other prefetch may take connections."""
 
     order: int
     share: int | None = None
