@@ -208,6 +208,7 @@ class CrtGets:
         self._lock = threading.Lock()
         self._pid = 0
         self._native = None
+        self._closed = False
         self._inflight: set[_Pending] = set()
         self._creds_cache: tuple = (None, None)  # (botocore's frozen credentials, awscrt's copy of them)
         _instances.add(self)
@@ -216,6 +217,8 @@ class CrtGets:
 
     def _client(self):
         with self._lock:
+            if self._closed:
+                raise Cancelled("the CRT client is closed")
             if self._pid != os.getpid():
                 if self._native is not None:
                     _orphans.append(self._native)  # a parent's: its threads are gone in this process
@@ -223,6 +226,16 @@ class CrtGets:
                 self._native = self._make()
                 self._pid = os.getpid()
             return self._native
+
+    def close(self) -> None:
+        """Let go of the native client (requests still in flight keep it until they end); a later
+        ``get`` raises Cancelled. Its event-loop thread and descriptors are freed by the CRT once its
+        last request is gone: asynchronously, not before this returns."""
+        with self._lock:
+            self._closed = True
+            if self._native is not None and self._pid != os.getpid():
+                _orphans.append(self._native)  # a parent's: never freed here (see the invariants)
+            self._native = None
 
     def _make(self):
         from awscrt.auth import AwsCredentialsProvider
@@ -343,6 +356,11 @@ class CrtGets:
             p.admitted.set()  # never leave the CRT's thread waiting in on_headers
             with self._lock:
                 self._inflight.discard(p)
+                # The native request holds our callbacks, which hold ``p``, until it is destroyed, and it
+                # is destroyed only once its Python handle is gone: dropping the handle is what frees it
+                # (and, with the last request, lets the client and its event loop shut down). Kept, it
+                # is a cycle through native code that no garbage collection can break.
+                p.request = None
         return self._answer(p, bucket, key, size, ranged)
 
     def _wait(self, p: _Pending, size: int, admit: Callable[[int], bool] | None) -> None:
@@ -413,4 +431,6 @@ class CrtGets:
         with self._lock:
             pending = list(self._inflight) if self._pid == os.getpid() else []
         for p in pending:
-            p.request.cancel()
+            request = p.request  # None once its GET has returned
+            if request is not None:
+                request.cancel()

@@ -130,7 +130,12 @@ class Fetcher:
         hang_up(self._ports)
 
     def close(self) -> None:
+        """Stop the part pools and let go of the CRT's native client (its threads and descriptors are
+        freed by the CRT once its last request ends), so a process that makes many fetchers does not
+        keep one event loop per fetcher it is done with."""
         self.parts.close()
+        if self.crt is not None:
+            self.crt.close()
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""
