@@ -45,7 +45,8 @@ from s3cache.errors import ConfigError, ObjectChanged
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
-from .crt import MAX_OBJECT, CrtGets, TooLarge, Unranged
+from .crt import MAX_OBJECT, CrtGets, TooLarge
+from .crterrors import Unranged
 from .crtpath import CrtPath
 from .fetched import Fetched, NeedSpace, preallocate, seal
 from .hangup import endpoint_ports, hang_up
