@@ -1,7 +1,8 @@
 """What ``s3cache serve`` never imports on its way to serving (docs/benchmarks.md, start-up): the readers'
 resolve code (the package root exports it lazily), and the TOML parser and difflib when no configuration
-file is read. Each is checked inside a real ``serve`` once it answers, and the package's public names
-still work for the readers who use them."""
+file is read. Each is checked inside a real ``serve`` once it answers, with the cyclic GC, paused while
+the daemon's modules load, running again and those modules frozen out of it; and the package's public
+names still work for the readers who use them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ UNUSED = ("s3cache.reader.resolve", "s3cache.reader.workers", "tomllib", "diffli
 # Runs ``s3cache serve`` (argv) in this process and, once the daemon answers hello, prints which of
 # UNUSED it has loaded: seen from inside the real serve, through imports of its own only.
 _REPORT_ONCE_SERVING = """
-import sys, threading, time
+import gc, sys, threading, time
 from s3cache.cli import main
 
 UNUSED = %r
@@ -37,7 +38,8 @@ def report():
         except (S3CacheError, OSError):
             pass
         time.sleep(0.05)
-    print(f"serving: loaded={sorted(m for m in UNUSED if m in sys.modules)}", flush=True)
+    print(f"serving: loaded={sorted(m for m in UNUSED if m in sys.modules)} gc={gc.isenabled()} "
+          f"frozen={gc.get_freeze_count() > 10000}", flush=True)
 
 threading.Thread(target=report, daemon=True).start()
 sys.argv[0] = "s3cache"
@@ -48,7 +50,8 @@ main()
 def test_serve_loads_neither_the_readers_resolve_nor_the_toml_parser(tmp_path, moto, s3, bucket, monkeypatch):
     """The package root imported resolve (and with it the readers' code) for every ``s3cache.<x>``
     import, the daemon's included; config_sources imported tomllib and difflib for a file most starts
-    do not have. A daemon serves and fetches as ever without any of them."""
+    do not have. A daemon serves and fetches as ever without any of them, its GC on again and the
+    daemon's modules (tens of thousands of objects) frozen out of it."""
     monkeypatch.delenv("S3CACHE_CONFIG", raising=False)
     s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
     manifest = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a.bin"])
@@ -58,7 +61,7 @@ def test_serve_loads_neither_the_readers_resolve_nor_the_toml_parser(tmp_path, m
         d.start()
         line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: loaded")), None),
                         60, "the modules loaded once serving")
-        assert line == "serving: loaded=[]", line
+        assert line == "serving: loaded=[] gc=True frozen=True", line
         d.wait_until(lambda st: st["objects"]["ready"] == 1, 60, "a.bin fetched")
     finally:
         assert d.stop() == 0, d.log()
