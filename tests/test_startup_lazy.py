@@ -2,10 +2,12 @@
 resolve code (the package root exports it lazily), and the TOML parser and difflib when no configuration
 file is read. Each is checked inside a real ``serve`` once it answers, with the cyclic GC, paused while
 the daemon's modules load, running again and those modules frozen out of it; and the package's public
-names still work for the readers who use them."""
+names still work for the readers who use them. And the S3 client's models decode as botocore's do, into
+plain dicts (what an OrderedDict per JSON object cost of every start)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -87,3 +89,39 @@ def test_the_package_still_exports_resolve_and_loads_it_on_first_use():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_s3_client_models_decode_as_botocores_in_plain_dicts(tmp_path, monkeypatch):
+    """The loader's file loader decodes each model the S3 client reads (S3's service model, its endpoint
+    ruleset, their extras, the partitions, the SDK defaults) into plain dicts equal, in order too, to
+    what botocore's own decodes into OrderedDicts; and it looks for NAME.json, then NAME.json.gz, as
+    botocore's does (a file on AWS_DATA_PATH in either form)."""
+    import gzip
+    import json
+    from collections import OrderedDict
+
+    import botocore.loaders
+
+    from s3cache.fetch.s3loader import PlainJSON, S3Loader
+
+    ours, theirs = S3Loader.create(None), botocore.loaders.Loader()
+    assert isinstance(ours.file_loader, PlainJSON)
+    for name in ("sdk-default-configuration", "partitions"):
+        mine, builtin = ours.load_data(name), theirs.load_data(name)
+        assert type(mine) is dict and json.dumps(mine) == json.dumps(builtin), name
+    for kind in ("service-2", "endpoint-rule-set-1"):
+        mine, builtin = ours.load_service_model("s3", kind), theirs.load_service_model("s3", kind)
+        assert type(mine) is dict and isinstance(builtin, OrderedDict)
+        assert json.dumps(mine) == json.dumps(builtin), kind
+    (tmp_path / "plain.json").write_text('{"b": 1, "a": [2]}')
+    (tmp_path / "packed.json.gz").write_bytes(gzip.compress(b'{"z": {"y": null}}'))
+    (tmp_path / "both.json").write_text('{"from": "json"}')
+    (tmp_path / "both.json.gz").write_bytes(gzip.compress(b'{"from": "gz"}'))
+    loader = PlainJSON()
+    assert list(loader.load_file(str(tmp_path / "plain")).items()) == [("b", 1), ("a", [2])]
+    assert loader.load_file(str(tmp_path / "packed")) == {"z": {"y": None}}
+    assert loader.load_file(str(tmp_path / "both")) == {"from": "json"}
+    assert loader.load_file(str(tmp_path / "missing")) is None
+    assert loader.exists(str(tmp_path / "packed")) and not loader.exists(str(tmp_path / "missing"))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    assert S3Loader.create(os.environ["AWS_DATA_PATH"]).load_data("packed") == {"z": {"y": None}}
