@@ -86,7 +86,7 @@ def serve(config_file: Path | None, **given) -> None:
     On a terminal it draws a progress bar; otherwise (systemd, a pipe) it writes plain log lines, one
     per event, with an INFO progress line every few seconds while work is pending. SIGHUP re-reads
     the configuration and the manifest."""
-    Daemon = _load_daemon()  # noqa: N806  (the class)
+    Daemon = _load_daemon()
     flags = {k: v for k, v in given.items() if v is not None}
     settings = _effective(config_file, given).settings
     bar = _serve_logging(settings.log_level)
