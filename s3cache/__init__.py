@@ -2,6 +2,11 @@
 
 ``from s3cache import resolve`` is all a training job needs; this module imports neither boto3 nor
 TensorFlow, so readers start fast and the daemon never loads TensorFlow.
+
+Invariant: importing the package loads its errors and version alone. ``resolve``, ``iter_resolve`` and
+``worker_share`` are loaded on first access (PEP 562 ``__getattr__``), so the daemon and the command
+line, which import ``s3cache.<subpackage>`` and so this package first, never load the readers' resolve
+code they do not use.
 """
 
 from .errors import (
@@ -22,9 +27,27 @@ from .errors import (
     S3CacheError,
     UnsafeKey,
 )
-from .reader.resolve import iter_resolve, resolve
-from .reader.workers import worker_share
 from .version import __version__
+
+# name -> the module that defines it, imported on first access (see the module doc)
+_LAZY = {"resolve": "s3cache.reader.resolve", "iter_resolve": "s3cache.reader.resolve",
+         "worker_share": "s3cache.reader.workers"}
+
+
+def __getattr__(name: str):
+    """``s3cache.resolve`` and friends: their module imported now, the name cached in this package."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 's3cache' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def manifest_uris(path, *, endpoint_url: str | None = None, region: str | None = None) -> list[str]:

@@ -94,9 +94,10 @@ def test_a_flipped_byte_anywhere_is_refused(s3, bucket, aws_proxy, crt_fetcher, 
     assert aws_proxy.faults["flip"] == 1 and f.counters.retries == 1
     assert Path(got.tmp_path).read_bytes() == body and got.method == "etag-md5"
     assert temp_files(store) == [os.path.basename(got.tmp_path)]
-    # the attempt after the refused one starts with the CRT again
+    # the refused attempt started with the CRT; its first answer taught the folder that its objects are
+    # larger than crt_max, so the next attempt is botocore's
     firsts = [e for e in gets(aws_proxy, f"/{bucket}/k") if e.headers.get("range") == f"bytes=0-{2 * MiB - 1}"]
-    assert len(firsts) == 2 and all(e.headers["user-agent"].startswith(CRT_AGENT) for e in firsts)
+    assert [e.headers["user-agent"].startswith(CRT_AGENT) for e in firsts] == [True, False]
 
 
 def test_multipart_objects_of_unknown_size(s3, bucket, aws_proxy, crt_fetcher):
@@ -166,18 +167,25 @@ def test_the_daemon_fetches_a_manifest_without_sizes_through_the_crt(tmp_path, s
     from s3cache.daemon.demand import FIRST_FILES
 
     bodies = {f"s/{i:02d}": os.urandom(64 * KiB + i) for i in range(FIRST_FILES + 6)}
-    bodies["s/zz-large"] = os.urandom(3 * MiB)
+    bodies["l/zz-large"] = os.urandom(3 * MiB)  # its own folder: it probes it
     for k, b in bodies.items():
         s3.put_object(Bucket=bucket, Key=k, Body=b)
     lines = [f"s3://{bucket}/{k}" for k in bodies]
     d = daemons(manifest=write_manifest(tmp_path / "m.txt", lines),
                 args=["--workers", "4", "--endpoint-url", proxy.url, "--max-size", "1G", "--min-free", "0"])
     st = d.wait_until(lambda st: st["objects"]["ready"] == len(bodies))
-    for i, (k, b) in enumerate(bodies.items()):
+    crt = {}
+    for k, b in bodies.items():
         assert Path(resolve(f"s3://{bucket}/{k}", cache_dir=d.cache_dir)).read_bytes() == b
-        # the job's first files come as a reader's would (botocore); the rest start with one CRT GET
-        assert agents(proxy, f"/{bucket}/{k}")[0].startswith(CRT_AGENT) == (i >= FIRST_FILES), k
-    large = proxy.seen(f"/{bucket}/s/zz-large") + proxy.seen(f"/{bucket}/s/zz-large", "HEAD")
+        crt[k] = agents(proxy, f"/{bucket}/{k}")[0].startswith(CRT_AGENT)
+    # the job's first files come as a reader's would (botocore); the rest start with one CRT GET, but
+    # those asked for while their folder's first CRT GET (its probe) was out, which take botocore's
+    probe_end = min(_answered(proxy, f"/{bucket}/{k}") for k in bodies if crt[k] and k.startswith("s/"))
+    for i, k in enumerate(bodies):
+        first = proxy.seen(f"/{bucket}/{k}")[0]
+        assert crt[k] == (i >= FIRST_FILES) or (k.startswith("s/") and i >= FIRST_FILES and first.when < probe_end), k
+    assert crt["l/zz-large"]
+    large = proxy.seen(f"/{bucket}/l/zz-large") + proxy.seen(f"/{bucket}/l/zz-large", "HEAD")
     # the small ones: one request each; the large one: its CRT GET, its part, the HEAD asking for a checksum
     assert st["requests"] == len(bodies) - 1 + len(large), [(e.method, e.headers.get("range")) for e in large]
     assert [e.method for e in large].count("GET") == 2  # 2 MiB by the CRT, then the last 1 MiB in one part
@@ -236,3 +244,58 @@ def test_a_pinned_version_of_unknown_size_comes_whole_from_that_version(s3, buck
     first, *rest = gets(proxy, f"/{bucket}/v")
     assert first.headers["user-agent"].startswith(CRT_AGENT) and rest
     assert all(f"versionId={v1}" in e.query for e in [first, *rest])  # the version pins every part
+
+
+def _answered(proxy, key: str) -> float:
+    """When the proxy sent the last byte of ``key``'s first answered GET (monotonic)."""
+    return next(end for method, path, _, _, _, end in proxy.request_bytes if method == "GET" and path == key)
+
+
+def test_while_a_folders_probe_is_out_its_other_objects_go_through_botocore(s3, bucket, proxy, crt_fetcher):
+    """Until one object of a folder has told its size, sending the others through the CRT as well would
+    cost each of them, if large, a HEAD and a part more: one probes, the rest take botocore's one GET."""
+    bodies = {k: os.urandom(100 * KiB) for k in ("f/a", "f/b", "f/c")}
+    for k, b in bodies.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=b)
+    proxy.latency = 3.0  # the probe's answer is late: the second object starts while it is out
+    f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(f.fetch(unsized(bucket, "f/a"), admit=lambda n: True)))
+    t.start()
+    try:
+        wait_for(lambda: proxy.seen(f"/{bucket}/f/a"), 30, "the probe's GET to reach the proxy")
+        b = f.fetch(unsized(bucket, "f/b"), admit=lambda n: True)
+    finally:
+        t.join(60)
+    assert Path(out[0].tmp_path).read_bytes() == bodies["f/a"] and Path(b.tmp_path).read_bytes() == bodies["f/b"]
+    probe, other = gets(proxy, f"/{bucket}/f/a")[0], gets(proxy, f"/{bucket}/f/b")[0]
+    assert probe.headers["user-agent"].startswith(CRT_AGENT)
+    assert other.when < _answered(proxy, f"/{bucket}/f/a")  # asked while the probe was out...
+    assert not other.headers["user-agent"].startswith(CRT_AGENT)  # ...so through botocore
+    proxy.latency = 0.0
+    c = f.fetch(unsized(bucket, "f/c"), admit=lambda n: True)  # the folder is known small now
+    assert Path(c.tmp_path).read_bytes() == bodies["f/c"]
+    assert gets(proxy, f"/{bucket}/f/c")[0].headers["user-agent"].startswith(CRT_AGENT)
+
+
+def test_a_folder_learns_its_objects_are_large_from_the_probes_first_answer(s3, bucket, proxy, crt_fetcher):
+    """Not when the probe's whole fetch ends: its rest (a HEAD, parts) takes round trips, and the folder's
+    next objects should not each start with a ranged CRT GET meanwhile."""
+    bodies = {k: os.urandom(5 * MiB) for k in ("g/a", "g/b")}
+    for k, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=body)
+    proxy.latency = 1.0
+    f = crt_fetcher(proxy, prefetch_part_size=2 * MiB)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(f.fetch(unsized(bucket, "g/a"), admit=lambda n: True)))
+    t.start()
+    try:
+        # the probe's first answer has come once the fetch asks for anything after it
+        wait_for(lambda: len(proxy.seen(f"/{bucket}/g/a")) + len(proxy.seen(f"/{bucket}/g/a", "HEAD")) > 1, 60,
+                 "the probe's rest to be asked for")
+        b = f.fetch(unsized(bucket, "g/b"), admit=lambda n: True)
+    finally:
+        t.join(120)
+    assert Path(out[0].tmp_path).read_bytes() == bodies["g/a"] and Path(b.tmp_path).read_bytes() == bodies["g/b"]
+    assert gets(proxy, f"/{bucket}/g/a")[0].headers["user-agent"].startswith(CRT_AGENT)
+    assert not any(e.headers["user-agent"].startswith(CRT_AGENT) for e in gets(proxy, f"/{bucket}/g/b"))

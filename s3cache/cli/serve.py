@@ -8,6 +8,7 @@ from. Every log line serve writes is one line of printable text with URL passwor
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -85,8 +86,7 @@ def serve(config_file: Path | None, **given) -> None:
     On a terminal it draws a progress bar; otherwise (systemd, a pipe) it writes plain log lines, one
     per event, with an INFO progress line every few seconds while work is pending. SIGHUP re-reads
     the configuration and the manifest."""
-    from s3cache.daemon.root import Daemon
-
+    Daemon = _load_daemon()
     flags = {k: v for k, v in given.items() if v is not None}
     settings = _effective(config_file, given).settings
     bar = _serve_logging(settings.log_level)
@@ -108,6 +108,25 @@ def serve(config_file: Path | None, **given) -> None:
         if bar is not None:
             bar.stop()
     sys.exit(code)
+
+
+def _load_daemon() -> type:
+    """The daemon's class, its modules imported with the cyclic GC paused and then frozen.
+
+    Those modules (botocore, awscrt, ours: ~60,000 objects that live as long as the process, none of
+    them garbage) are most of a start's CPU, and the GC, left on, walks the growing heap again and again
+    while they are made. Paused for this import only (bounded work, so no garbage can pile up), and
+    what it made is then frozen out of later collections (``gc.freeze``): the S3 client's creation next
+    and every later full collection skip it. ~10 ms of CPU of every start (docs/benchmarks.md)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        from s3cache.daemon.root import Daemon
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+    return Daemon
 
 
 class _OneLine(logging.Formatter):

@@ -12,9 +12,9 @@ spelling moto ignores) and the temp file's fate.
 Invariants:
 
 * The CRT never retries (``S3RetryMode.NONE``): a failure is raised as the exception botocore would
-  raise for it (a ``ClientError`` carrying S3's code and status, ``EndpointConnectionError`` when no
-  answer came, ``CrtFailed`` for a transfer that broke), so ``retry.classify`` judges both transports
-  by one rule and the one throttle holds.
+  raise for it (``crterrors.py``: a ``ClientError`` carrying S3's code and status,
+  ``EndpointConnectionError`` when no answer came, ``CrtFailed`` for a transfer that broke), so
+  ``retry.classify`` judges both transports by one rule and the one throttle holds.
 * It writes only to the path it is given (the fetcher's temp file); whatever it leaves there on failure
   is the fetcher's to discard.
 * One native client per process: it is made on first use and made again in a child after ``fork()``
@@ -35,14 +35,13 @@ import time
 import weakref
 from collections.abc import Callable
 from urllib.parse import quote, urlsplit
-from xml.etree import ElementTree
 
 import botocore
 import botocore.credentials
 import botocore.exceptions
 
+from .crterrors import failure
 from .retry import Cancelled
-from .stream import DiskFull
 
 log = logging.getLogger("s3cache.fetch")
 
@@ -69,12 +68,6 @@ _FIELDS = {
 }
 _CHECKSUM = re.compile(r"x-amz-checksum-([a-z0-9]+)")
 _CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
-_UNREACHABLE = ("CONNECTION_REFUSED", "SOCKET_TIMEOUT", "DNS", "NO_ROUTE", "CONNECT_TIMEOUT",
-                "NETWORK_DOWN", "HOST_UNREACHABLE")
-
-# Errors the CRT names instead of passing the answer on: the S3 code and status botocore would have seen.
-_ANSWERS = {"AWS_ERROR_S3_SLOW_DOWN": ("SlowDown", 503), "AWS_ERROR_S3_INTERNAL_ERROR": ("InternalError", 500),
-            "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": ("RequestTimeTooSkewed", 403)}
 
 _orphans: list = []  # a parent's clients, in a forked child: kept alive, never freed (see the invariants)
 _instances: weakref.WeakSet = weakref.WeakSet()
@@ -88,13 +81,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class CrtFailed(botocore.exceptions.BotoCoreError):
-    """A CRT request that broke after S3 answered, or for a reason of its own (a reset connection, a
-    short body): transient, as botocore's read errors are."""
-
-    fmt = "the CRT's GET failed: {name}"
 
 
 def _botocore_fields(headers: list[tuple[str, str]]) -> dict:
@@ -124,17 +110,6 @@ def _total(headers: list[tuple[str, str]]) -> int | None:
     return None
 
 
-def _error_fields(body: bytes | None) -> tuple[str, str]:
-    """S3's error code and message from an error body ("" when it has none or is not S3's XML)."""
-    if not body:
-        return "", ""
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        return "", ""
-    return root.findtext("Code") or "", root.findtext("Message") or ""
-
-
 class TooLarge(Exception):
     """The object is larger than the request was made for (its listed size was out of date): the GET
     was cancelled, and the object is the botocore path's, which splits it into parts."""
@@ -142,17 +117,6 @@ class TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(f"{size} bytes")
         self.size = size
-
-
-class Unranged(Exception):
-    """A ranged GET was answered without a range (a ``200``: a server or proxy that ignores ``Range``, or
-    a cache that passes a range off as the object); the CRT refuses such an answer without handing
-    over its headers. The botocore path knows how to take it (``parts.first_answer``)."""
-
-
-# What the CRT fails a ranged GET with when the answer carried no Content-Range: a 200 that fits its
-# buffer, and one that does not.
-_UNRANGED = ("AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER", "AWS_ERROR_DEST_COPY_TOO_SMALL")
 
 
 class NoRoom(Exception):
@@ -208,6 +172,7 @@ class CrtGets:
         self._lock = threading.Lock()
         self._pid = 0
         self._native = None
+        self._closed = False
         self._inflight: set[_Pending] = set()
         self._creds_cache: tuple = (None, None)  # (botocore's frozen credentials, awscrt's copy of them)
         _instances.add(self)
@@ -216,6 +181,8 @@ class CrtGets:
 
     def _client(self):
         with self._lock:
+            if self._closed:
+                raise Cancelled("the CRT client is closed")
             if self._pid != os.getpid():
                 if self._native is not None:
                     _orphans.append(self._native)  # a parent's: its threads are gone in this process
@@ -223,6 +190,16 @@ class CrtGets:
                 self._native = self._make()
                 self._pid = os.getpid()
             return self._native
+
+    def close(self) -> None:
+        """Let go of the native client (requests still in flight keep it until they end); a later
+        ``get`` raises Cancelled. Its event-loop thread and descriptors are freed by the CRT once its
+        last request is gone: asynchronously, not before this returns."""
+        with self._lock:
+            self._closed = True
+            if self._native is not None and self._pid != os.getpid():
+                _orphans.append(self._native)  # a parent's: never freed here (see the invariants)
+            self._native = None
 
     def _make(self):
         from awscrt.auth import AwsCredentialsProvider
@@ -289,8 +266,8 @@ class CrtGets:
         calling thread, once the answer's headers give the object's total and before the CRT writes a
         byte of it (the CRT holds its body until then); refused, the request is cancelled (NoRoom).
 
-        Raises ClientError / EndpointConnectionError / CrtFailed as the botocore path would,
-        NoCredentialsError, DiskFull (ENOSPC), or Cancelled when stopping."""
+        Raises ClientError / EndpointConnectionError / CrtFailed / DiskFull as the botocore path would
+        (``crterrors``), NoCredentialsError, or Cancelled when stopping."""
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.s3 import S3RequestType
 
@@ -343,6 +320,11 @@ class CrtGets:
             p.admitted.set()  # never leave the CRT's thread waiting in on_headers
             with self._lock:
                 self._inflight.discard(p)
+                # The native request holds our callbacks, which hold ``p``, until it is destroyed, and it
+                # is destroyed only once its Python handle is gone: dropping the handle is what frees it
+                # (and, with the last request, lets the client and its event loop shut down). Kept, it
+                # is a cycle through native code that no garbage collection can break.
+                p.request = None
         return self._answer(p, bucket, key, size, ranged)
 
     def _wait(self, p: _Pending, size: int, admit: Callable[[int], bool] | None) -> None:
@@ -381,36 +363,19 @@ class CrtGets:
 
     def _answer(self, p: _Pending, bucket: str, key: str, size: int, ranged: bool) -> dict:
         out = p.outcome
-        error = out.get("error")
-        if error is None:
+        if out.get("error") is None:
             resp = _botocore_fields(p.headers)
             resp["ResponseMetadata"] = {"HTTPStatusCode": out.get("status_code") or p.status}
             return resp
         if self.cancel.is_set():
             raise Cancelled("stopping")
-        status = out.get("status_code") or 0
-        if out.get("error_headers") is not None and status:
-            code, message = _error_fields(out.get("error_body"))
-            raise botocore.exceptions.ClientError(
-                {"Error": {"Code": code or str(status), "Message": message},
-                 "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
-        name = getattr(error, "name", type(error).__name__)
-        if ranged and name in _UNRANGED:
-            raise Unranged(name)
-        if name == "AWS_ERROR_NO_SPACE":
-            raise DiskFull(f"no space left for s3://{bucket}/{key} ({size} bytes)", size)
-        if name in _ANSWERS:
-            code, status = _ANSWERS[name]
-            raise botocore.exceptions.ClientError(
-                {"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                "GetObject")
-        if any(word in name for word in _UNREACHABLE):
-            raise botocore.exceptions.EndpointConnectionError(endpoint_url=self.host)
-        raise CrtFailed(name=name)
+        raise failure(out, endpoint=self.host, uri=f"s3://{bucket}/{key}", size=size, ranged=ranged)
 
     def cancel_all(self) -> None:
         """Stopping: cancel every request in flight (each then raises Cancelled, as ``cancel`` is set)."""
         with self._lock:
             pending = list(self._inflight) if self._pid == os.getpid() else []
         for p in pending:
-            p.request.cancel()
+            request = p.request  # None once its GET has returned
+            if request is not None:
+                request.cancel()

@@ -11,6 +11,9 @@ and how its answer becomes a verified temp file.
   A larger object costs this way a GET and a HEAD more than botocore's one GET of
   ``prefetch_part_size`` would: a folder whose last object of unknown size was larger than ``crt_max``
   sends its next ones through botocore (``wants``), as a dataset's objects are mostly alike in size.
+  The first answer's ``Content-Range`` teaches it (not the end of the whole fetch), and until a folder
+  has taught anything, one of its objects at a time probes it through the CRT while the others go
+  through botocore: a first wave of sixteen 16 MiB objects all through the CRT cost four requests each.
 
 Each CRT GET holds a link slot until it ends, so both transports share one budget and a reader waits
 behind at most ``crt_max`` bytes per connection. Every byte is checked by our ``Digest`` and
@@ -19,13 +22,15 @@ behind at most ``crt_max`` bytes per connection. Every byte is checked by our ``
 empty object has no byte 0).
 
 Invariants: as ``fetcher.py``'s (a returned ``Fetched`` names a checked temp file; a failed attempt
-leaves none). ``learned`` holds at most ``FOLDERS`` folders.
+leaves none). ``learned`` holds at most ``FOLDERS`` folders; a folder is in ``probing`` only while
+one of its objects' ranged CRT GET has not given its first answer (or failed), and not once learned.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 from s3cache.manifest.parse import Entry
@@ -62,24 +67,42 @@ class CrtPath:
         self._new_temp = new_temp
         self._discard = discard
         self.learned: dict[str, bool] = {}  # folder -> its last object of unknown size was over crt_max
+        self.probing: set[str] = set()  # folders not learned yet whose probe is on its way
+        self._lock = threading.Lock()  # learned and probing, between the fetcher's workers
 
     @staticmethod
     def _folder(entry: Entry) -> str:
         return f"{entry.ref.bucket}/{entry.ref.key.rpartition('/')[0]}"
 
     def wants(self, entry: Entry, prio: Priority) -> bool:
-        """Whether this attempt goes through the CRT (see the module doc)."""
+        """Whether this attempt goes through the CRT (see the module doc). True for an object of unknown
+        size in a folder not learned yet makes it the folder's probe: ``fetch_unsized`` must follow."""
         if prio.spread:
             return False
         if entry.size is None:
-            return not self.learned.get(self._folder(entry))
+            folder = self._folder(entry)
+            with self._lock:
+                large = self.learned.get(folder)
+                if large is None:
+                    if folder in self.probing:
+                        return False  # its size comes with the probe's first answer: botocore meanwhile
+                    self.probing.add(folder)
+                return not large
         return 0 < entry.size <= self.crt_max
 
     def learn(self, entry: Entry, size: int) -> None:
         """An object of unknown size turned out ``size`` bytes: remember it for its folder."""
-        if len(self.learned) >= FOLDERS:
-            self.learned.clear()
-        self.learned[self._folder(entry)] = size > self.crt_max
+        folder = self._folder(entry)
+        with self._lock:
+            if len(self.learned) >= FOLDERS:
+                self.learned.clear()
+            self.learned[folder] = size > self.crt_max
+            self.probing.discard(folder)
+
+    def _probed(self, entry: Entry) -> None:
+        """The probe of ``entry``'s folder ended without teaching its size (it failed)."""
+        with self._lock:
+            self.probing.discard(self._folder(entry))
 
     def _get(self, entry: Entry, prio: Priority, tmp: str, size: int, ranged: bool,
              admit: Callable[[int], bool] | None = None) -> dict:
@@ -136,7 +159,11 @@ class CrtPath:
         file, then as the module doc says. Raises Unranged, or ClientError 416 for an empty object."""
         uri = entry.uri
         asked = first_span(self.crt_max)
-        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
+        try:
+            fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
+        except BaseException:
+            self._probed(entry)
+            raise
         ok = False
         admitted: list[int] = []
 
@@ -150,6 +177,7 @@ class CrtPath:
             etag = resp.get("ETag", "").strip('"')
             version = resp.get("VersionId") or entry.version or ""
             total, whole = first_answer(resp, asked)  # the CRT states the range as S3 sent it
+            self.learn(entry, total)  # now: the folder's next objects need not wait for this one's rest
             written = os.fstat(fd).st_size
             if written != resp["ContentLength"]:
                 raise BadResponse(f"{uri}: the answer says {resp['ContentLength']} bytes, {written} were written")
@@ -172,3 +200,4 @@ class CrtPath:
             os.close(fd)
             if not ok:
                 self._discard(tmp)
+                self._probed(entry)

@@ -45,7 +45,8 @@ from s3cache.errors import ConfigError, ObjectChanged
 from s3cache.manifest.parse import Entry, Listed
 
 from .checksum import Digest, have_crc64nvme
-from .crt import MAX_OBJECT, CrtGets, TooLarge, Unranged
+from .crt import MAX_OBJECT, CrtGets, TooLarge
+from .crterrors import Unranged
 from .crtpath import CrtPath
 from .fetched import Fetched, NeedSpace, preallocate, seal
 from .hangup import endpoint_ports, hang_up
@@ -130,7 +131,12 @@ class Fetcher:
         hang_up(self._ports)
 
     def close(self) -> None:
+        """Stop the part pools and let go of the CRT's native client (its threads and descriptors are
+        freed by the CRT once its last request ends), so a process that makes many fetchers does not
+        keep one event loop per fetcher it is done with."""
         self.parts.close()
+        if self.crt is not None:
+            self.crt.close()
 
     def list(self, bucket: str, prefix: str) -> list[Listed]:
         """Every object under a prefix, in key order (ListObjectsV2, paginated)."""

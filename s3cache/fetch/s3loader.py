@@ -14,6 +14,7 @@ honoured as botocore does; a session using it answers that S3 is its only servic
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections import OrderedDict
@@ -74,6 +75,20 @@ def s3_endpoints(text: str) -> OrderedDict | None:
     return doc
 
 
+class PlainJSON(botocore.loaders.JSONFileLoader):
+    """botocore's model files (``NAME.json``, else ``NAME.json.gz``, as its own file loader looks) decoded
+    into plain dicts, which keep their order as its OrderedDicts do: S3's service model is 1.4 MB of
+    JSON, and the OrderedDict per object cost ~40% of its decoding (~3 ms of every start with the ruleset)."""
+
+    def load_file(self, file_path: str):
+        for ext in (".json", ".json.gz"):
+            if os.path.isfile(file_path + ext):
+                with open(file_path + ext, "rb") as f:
+                    raw = f.read()
+                return json.loads((gzip.decompress(raw) if ext == ".json.gz" else raw).decode("utf-8"))
+        return None
+
+
 class S3Loader(botocore.loaders.Loader):
     """botocore's data loader for a session that makes S3 clients only (see the module doc)."""
 
@@ -81,9 +96,9 @@ class S3Loader(botocore.loaders.Loader):
     def create(cls, search_path: str | None) -> S3Loader:
         """As ``botocore.loaders.create_loader`` (``search_path``: AWS_DATA_PATH, ``os.pathsep``-separated)."""
         if search_path is None:
-            return cls()
+            return cls(file_loader=PlainJSON())
         return cls(extra_search_paths=[os.path.expanduser(os.path.expandvars(p))
-                                       for p in search_path.split(os.pathsep)])
+                                       for p in search_path.split(os.pathsep)], file_loader=PlainJSON())
 
     def list_available_services(self, type_name: str) -> list[str]:
         try:

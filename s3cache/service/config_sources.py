@@ -9,10 +9,8 @@ is ``config.Settings``; nothing here knows an option by name.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +89,8 @@ def config_path(flag: Path | None, environ: Mapping[str, str]) -> tuple[Path | N
 def read_file(path: Path, table: type = Settings) -> dict[str, Any]:
     """Parsed and checked values by option name from a TOML file. Relative paths in it are taken
     relative to the file's directory."""
+    import tomllib  # a file is the exception, not the rule: most starts have none to parse
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -109,6 +109,8 @@ def read_file(path: Path, table: type = Settings) -> dict[str, Any]:
     for key, raw in doc.items():
         opt = by_name.get(key)
         if opt is None:
+            import difflib  # only for this error's hint
+
             close = difflib.get_close_matches(key.replace("-", "_").lower(), by_name, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(by_name)
             raise ConfigError(f"{path}: unknown key '{key}' ({hint})")
