@@ -180,7 +180,7 @@ class Fetcher:
         try:
             while True:
                 try:
-                    fetched = self.policy.run(uri, lambda: self._fetch_any(entry, admit, prio, seen))
+                    fetched = self.policy.run(uri, lambda: self._attempt(entry, admit, prio, seen))
                     if entry.size is None and self._crt is not None:
                         self._crt.learn(entry, fetched.size)
                     return fetched
@@ -246,6 +246,16 @@ class Fetcher:
         share = max(1, self.link.capacity // objects)
         low = min(self.part_size, self.prefetch_part_size)
         return part_length(nbytes, share, low, self.prefetch_part_size)
+
+    def _attempt(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
+        """One attempt. One that failed has asked for its bytes, if only to be refused: an early file's
+        hold on other prefetch ends (``Early.asked``), or a throttled first file would keep every other
+        object from the link until S3 let it through."""
+        try:
+            return self._fetch_any(entry, admit, prio, seen)
+        except BaseException:
+            prio.all_asked()
+            raise
 
     def _fetch_any(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         """One attempt, through the CRT when ``crtpath`` wants it, else botocore's."""
