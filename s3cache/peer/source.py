@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from s3cache.fetch.fetcher import Fetched, Fetcher
+from s3cache.fetch.parts import Early
 from s3cache.manifest.parse import Entry
 from s3cache.manifest.refs import shown
 
@@ -74,7 +75,7 @@ class PeerSource:
         self.peer_failures: dict[str, int] = {}
 
     def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
-              early: int | None = None) -> Fetched:
+              early: Early | int | None = None) -> Fetched:
         owner = self._owner(entry.uri)
         if owner != self.me and self.health.usable(owner, self._clock()):
             try:
