@@ -354,3 +354,18 @@ def test_processes_of_one_uid_holding_different_numbers_of_files_take_turns():
         le.saw("5:1", uri, 1, float(t))
     le.saw("5:2", "b1", 1, 0.0)
     assert le.held(3.0) == {"a1", "a2", "a3", "b1"}
+
+
+def test_a_thread_resolving_a_file_again_holds_it_for_recent_seconds_from_then():
+    # One of 16 threads resolves a, b, then a again 1.5 s later; the other threads' files push a out of
+    # the process's newest. Kept at its first note, a's hold ended at 2.0, 0.5 s after its second
+    # resolve, and eviction took it before the thread opened it (FileNotFoundError in test_resolve).
+    le = Leases(lease=2.0, budget=0, min_files=2, recent=2.0)
+    le.saw("1:10|t1", "a", 1, 0.0)
+    le.saw("1:10|t1", "b", 1, 0.5)
+    le.saw("1:10|t1", "a", 1, 1.5)
+    for i in range(4):
+        le.saw(f"1:10|o{i}", f"o{i}", 1, 1.6)
+    assert {"a", "b"} <= le.held(2.1)  # b: its own 2 s run to 2.5; a: renewed at 1.5, to 3.5
+    assert "a" in le.held(3.4) and "b" not in le.held(3.4)
+    assert "a" not in le.held(3.5)  # never past ``recent`` after its latest note

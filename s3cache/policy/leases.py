@@ -36,7 +36,10 @@ class Leases:
     Invariants: a file a reader resolved more than ``lease`` seconds ago is never held; at most
     ``budget`` bytes plus ``min_files`` files per reader are held, so a reader that moved on never holds
     more than its newest few files, and with ``budget`` below the cache a waiting reader can always be
-    given room. ``held`` is what ``choose_victims`` takes. Times are the caller's clock: the daemon's is
+    given room; a file one of a thread's two newest (``reader`` named ``process|thread``) is held for
+    ``recent`` seconds from that thread's LATEST note of it, whatever the budget (within the uid cap),
+    so a file a thread resolves again is held as long as a new one. ``held`` is what ``choose_victims``
+    takes. Times are the caller's clock: the daemon's is
     ``time.monotonic`` (a step of the wall clock never ends or stretches a lease).
     """
 
@@ -82,8 +85,14 @@ class Leases:
             threads = self._threads.setdefault(reader, OrderedDict())
             mine = threads.pop(thread, None) or deque(maxlen=self.min_files)
             threads[thread] = mine  # the most recently active thread last
-            if not any(u == uri for u, _, _ in mine):
-                mine.append((uri, size, now))
+            # A file the thread already holds is renewed, not skipped: the thread resolved it again
+            # and opens it soon, so its hold counts from now (kept at its first note, it ran out
+            # ``recent`` after that one and the file was evicted under the reader). Moved to the
+            # newest place, it pushes nothing out: the thread's other file stays.
+            old_when = next((w for u, _, w in mine if u == uri), None)
+            if old_when is not None:
+                mine.remove(next(e for e in mine if e[0] == uri))
+            mine.append((uri, size, now if old_when is None else max(old_when, now)))
             while len(threads) > MAX_THREADS:  # thread names are the reader's to choose: bounded
                 threads.popitem(last=False)
         q = self._recent.setdefault(reader, OrderedDict())
