@@ -369,3 +369,20 @@ def test_a_thread_resolving_a_file_again_holds_it_for_recent_seconds_from_then()
     assert {"a", "b"} <= le.held(2.1)  # b: its own 2 s run to 2.5; a: renewed at 1.5, to 3.5
     assert "a" in le.held(3.4) and "b" not in le.held(3.4)
     assert "a" not in le.held(3.5)  # never past ``recent`` after its latest note
+
+
+def test_a_file_a_thread_took_before_it_landed_does_not_push_out_the_files_it_took_since():
+    # A thread's lookup found x renamed but not yet committed (its note waits for the commit, with the
+    # place it took then), then it resolved y and wants z. x and z land after: x, older in the thread's
+    # order, must not push out y, the file the thread was just handed (it re-opens it): the daemon
+    # run of test_resolve's 16 threads lost y so.
+    le = Leases(lease=2.0, budget=0, min_files=2, recent=2.0)
+    x_place = le.ticket()  # taken when the note on x reached the daemon (Leasing._await)
+    le.saw("1:10|t1", "y", 1, 0.1)
+    z_place = le.ticket()  # its want
+    le.saw("1:10|t1", "x", 1, 0.2, place=x_place)  # x lands
+    le.saw("1:10|t1", "z", 1, 0.3, place=z_place)  # z lands
+    for i in range(4):  # the other threads' files: y and z are no longer the process's newest
+        le.saw(f"1:10|o{i}", f"o{i}", 1, 0.4)
+    held = le.held(0.5)
+    assert {"y", "z"} <= held and "x" not in held
