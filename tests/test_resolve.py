@@ -132,7 +132,7 @@ def test_a_file_a_thread_resolves_again_is_leased_from_its_second_resolve(tmp_pa
                     resolve(uri[key], cache_dir=d.cache_dir, timeout=120)
                     done[0] += 1
                 stop.wait(0.02)
-        except BaseException as e:  # reported by the main thread
+        except Exception as e:  # reported by the main thread
             failures.append(e)
 
     b = threading.Thread(target=keep_reading)
@@ -141,7 +141,8 @@ def test_a_file_a_thread_resolves_again_is_leased_from_its_second_resolve(tmp_pa
     c = threading.Thread(target=lambda: got.append(_resolve_or_error(uri["z"], d.cache_dir)))
     try:
         # x's first lease has ended (only p and q are held) while the process kept reading
-        d.wait_until(lambda st: st["objects"]["ready"] == 3 and st["leases"]["files"] == 2, 60, "x's first lease to end")
+        d.wait_until(lambda st: st["objects"]["ready"] == 3 and st["leases"]["files"] == 2, 60,
+                     "x's first lease to end")
         assert not failures, failures
         x_again = resolve(uri["x"], cache_dir=d.cache_dir, timeout=120)  # thread A resolves x again
         t1 = time.monotonic()
@@ -154,13 +155,13 @@ def test_a_file_a_thread_resolves_again_is_leased_from_its_second_resolve(tmp_pa
         c.start()  # z needs room: the cache holds x, p and q
         d.wait_until(lambda st: st["evicted"] or any(w["uri"] == uri["z"] for w in st["waiting_for_space"]),
                      60, "z's admission")
+        assert time.monotonic() - t1 < lease, "too slow to judge: x's second lease ended before the look"
         with open(x, "rb") as f:  # within x's lease from its second resolve, it must be there
             assert f.read(1) == b"x"
-        assert time.monotonic() - t1 < lease, "too slow to judge: x's second lease ended before the look"
     finally:
         stop.set()
         b.join(60)
-        if c.is_alive() or c.ident is not None:
+        if c.ident is not None:  # started
             c.join(120)
     assert got and isinstance(got[0], str), got  # z came once x's lease ended (and evicted x, or more
     assert not os.path.exists(x)  # down to the low watermark: p and q's leases may have ended too)
