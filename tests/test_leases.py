@@ -354,3 +354,35 @@ def test_processes_of_one_uid_holding_different_numbers_of_files_take_turns():
         le.saw("5:1", uri, 1, float(t))
     le.saw("5:2", "b1", 1, 0.0)
     assert le.held(3.0) == {"a1", "a2", "a3", "b1"}
+
+
+def test_a_thread_resolving_a_file_again_holds_it_for_recent_seconds_from_then():
+    # One of 16 threads resolves a, b, then a again 1.5 s later; the other threads' files push a out of
+    # the process's newest. Kept at its first note, a's hold ended at 2.0, 0.5 s after its second
+    # resolve, and eviction took it before the thread opened it (FileNotFoundError in test_resolve).
+    le = Leases(lease=2.0, budget=0, min_files=2, recent=2.0)
+    le.saw("1:10|t1", "a", 1, 0.0)
+    le.saw("1:10|t1", "b", 1, 0.5)
+    le.saw("1:10|t1", "a", 1, 1.5)
+    for i in range(4):
+        le.saw(f"1:10|o{i}", f"o{i}", 1, 1.6)
+    assert {"a", "b"} <= le.held(2.1)  # b: its own 2 s run to 2.5; a: renewed at 1.5, to 3.5
+    assert "a" in le.held(3.4) and "b" not in le.held(3.4)
+    assert "a" not in le.held(3.5)  # never past ``recent`` after its latest note
+
+
+def test_a_file_a_thread_took_before_it_landed_does_not_push_out_the_files_it_took_since():
+    # A thread's lookup found x renamed but not yet committed (its note waits for the commit, with the
+    # place it took then), then it resolved y and wants z. x and z land after: x, older in the thread's
+    # order, must not push out y, the file the thread was just handed (it re-opens it): the daemon
+    # run of test_resolve's 16 threads lost y so.
+    le = Leases(lease=2.0, budget=0, min_files=2, recent=2.0)
+    x_place = le.ticket()  # taken when the note on x reached the daemon (Leasing._await)
+    le.saw("1:10|t1", "y", 1, 0.1)
+    z_place = le.ticket()  # its want
+    le.saw("1:10|t1", "x", 1, 0.2, place=x_place)  # x lands
+    le.saw("1:10|t1", "z", 1, 0.3, place=z_place)  # z lands
+    for i in range(4):  # the other threads' files: y and z are no longer the process's newest
+        le.saw(f"1:10|o{i}", f"o{i}", 1, 0.4)
+    held = le.held(0.5)
+    assert {"y", "z"} <= held and "x" not in held

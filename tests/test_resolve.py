@@ -76,20 +76,28 @@ def test_many_threads_of_one_process_never_lose_a_leased_file_while_eviction_run
     def reader(seed: int) -> None:  # as tf.data's parallel interleave calls resolve: from many threads
         rng = random.Random(seed)
         prev = None
+        step = "resolve"
+        start = time.monotonic()
+        seen: list[str] = []  # this thread's keys, with when it resolved each: what its lease should hold
         try:
             for _ in range(10):
                 i = rng.randrange(n)
+                seen.append(f"{i}@{time.monotonic() - start:.2f}")
+                step = "resolve"
                 path = resolve(f"s3://{bucket}/s/{i:03d}", cache_dir=d.cache_dir, timeout=120)
                 got = time.monotonic()
+                step = "open right after resolve"
                 with open(path, "rb") as f:
                     if f.read(4) != i.to_bytes(4, "big"):
                         errors.append(f"wrong bytes in {path}")
-                if prev is not None and time.monotonic() - prev[1] < lease * 0.5:
+                age = None if prev is None else time.monotonic() - prev[1]
+                if prev is not None and age < lease * 0.5:
+                    step = f"re-open {age:.3f}s after its resolve"
                     open(prev[0], "rb").close()
                     reopened[0] += 1
                 prev = (path, got)
         except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(f"thread {seed}, {step}: {type(e).__name__}: {e} (its keys, at s: {seen})")
 
     threads = [threading.Thread(target=reader, args=(s,)) for s in range(16)]
     for t in threads:
@@ -100,6 +108,63 @@ def test_many_threads_of_one_process_never_lose_a_leased_file_while_eviction_run
     st = d.status()
     assert st["evicted"] > 0  # eviction did run while the threads read
     print(f"16 threads, 160 resolves, {reopened[0]} re-opens within the lease, {st['evicted']} evictions")
+
+
+def test_a_file_a_thread_resolves_again_is_leased_from_its_second_resolve(tmp_path, s3, bucket, daemons):
+    """Thread A resolves x, and again once its first lease ran out, while thread B of the same process
+    keeps resolving p and q (so x is not among the process's two newest files). A third thread's want
+    for z then needs room in a cache of three files: x, resolved again moments ago, must stay, and z
+    waits for x's lease to end. The daemon renewed nothing on the second resolve before the fix (a
+    thread's hold kept the time of its first note) and evicted x at once."""
+    size, lease = 4 * KiB, 2.0
+    for key in ("x", "p", "q", "z"):
+        s3.put_object(Bucket=bucket, Key=key, Body=key.encode() * size)
+    d = daemons(args=["--max-size", str(3 * size), "--lease", str(lease)])
+    uri = {key: f"s3://{bucket}/{key}" for key in ("x", "p", "q", "z")}
+    x = resolve(uri["x"], cache_dir=d.cache_dir, timeout=120)
+    stop, done = threading.Event(), [0]
+    failures: list[BaseException] = []
+
+    def keep_reading() -> None:  # thread B: the process's other reads
+        try:
+            while not stop.is_set():
+                for key in ("p", "q"):
+                    resolve(uri[key], cache_dir=d.cache_dir, timeout=120)
+                    done[0] += 1
+                stop.wait(0.02)
+        except Exception as e:  # reported by the main thread
+            failures.append(e)
+
+    b = threading.Thread(target=keep_reading)
+    b.start()
+    got: list = []
+    c = threading.Thread(target=lambda: got.append(_resolve_or_error(uri["z"], d.cache_dir)))
+    try:
+        # x's first lease has ended (only p and q are held) while the process kept reading
+        d.wait_until(lambda st: st["objects"]["ready"] == 3 and st["leases"]["files"] == 2, 60,
+                     "x's first lease to end")
+        assert not failures, failures
+        x_again = resolve(uri["x"], cache_dir=d.cache_dir, timeout=120)  # thread A resolves x again
+        t1 = time.monotonic()
+        assert x_again == x
+        after = done[0]
+        wait_for(lambda: done[0] >= after + 2 or failures, 60, "thread B's next resolves of p and q")
+        stop.set()
+        b.join(60)
+        assert not failures, failures
+        c.start()  # z needs room: the cache holds x, p and q
+        d.wait_until(lambda st: st["evicted"] or any(w["uri"] == uri["z"] for w in st["waiting_for_space"]),
+                     60, "z's admission")
+        assert time.monotonic() - t1 < lease, "too slow to judge: x's second lease ended before the look"
+        with open(x, "rb") as f:  # within x's lease from its second resolve, it must be there
+            assert f.read(1) == b"x"
+    finally:
+        stop.set()
+        b.join(60)
+        if c.ident is not None:  # started
+            c.join(120)
+    assert got and isinstance(got[0], str), got  # z came once x's lease ended (and evicted x, or more
+    assert not os.path.exists(x)  # down to the low watermark: p and q's leases may have ended too)
 
 
 def test_a_wait_for_the_lease_lock_is_bounded_by_the_timeout(tmp_path, s3, bucket, daemons):

@@ -11,7 +11,7 @@ at most about ``uid_cap`` bytes however many processes (or made-up reader ids) i
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 LEASE_SHARE = 32  # leases hold at most 1/32 of the cache (beyond each holder's newest two files)
@@ -36,7 +36,11 @@ class Leases:
     Invariants: a file a reader resolved more than ``lease`` seconds ago is never held; at most
     ``budget`` bytes plus ``min_files`` files per reader are held, so a reader that moved on never holds
     more than its newest few files, and with ``budget`` below the cache a waiting reader can always be
-    given room. ``held`` is what ``choose_victims`` takes. Times are the caller's clock: the daemon's is
+    given room; a file among a thread's ``min_files`` newest (``reader`` named ``process|thread``;
+    newest by place in the process's order, not by arrival: a file the thread took before it landed
+    never pushes out files it took since) is held for ``recent`` seconds from that thread's latest note
+    of it, whatever the budget (within the uid cap), so a file resolved again is held as a new one.
+    ``held`` is what ``choose_victims`` takes. Times are the caller's clock: the daemon's is
     ``time.monotonic`` (a step of the wall clock never ends or stretches a lease).
     """
 
@@ -47,7 +51,8 @@ class Leases:
         # files resolved within ``recent`` seconds are held too, whatever the budget, as each thread
         # opens its own soon; a thread that finished frees them after ``recent``, not ``lease``.
         self.recent = min(recent, lease)
-        self._threads: dict[str, OrderedDict[str, deque[tuple[str, int, float]]]] = {}
+        # process -> thread -> its newest files as (uri, size, when, place), by place
+        self._threads: dict[str, OrderedDict[str, list[tuple[str, int, float, int]]]] = {}
         self.budget = budget
         self.min_files = min_files
         # Holders named "uid:pid" (the daemon's) of one uid hold at most about this many bytes in all,
@@ -78,21 +83,15 @@ class Leases:
         those out of the lease. Without one it is the reader's newest. ``reader`` may be
         ``process|thread``: the lease is the process's, and the thread's newest files are kept fresh."""
         reader, _, thread = reader.partition("|")
+        if place is None:
+            place = self.ticket()
         if thread and self.recent > 0:
-            threads = self._threads.setdefault(reader, OrderedDict())
-            mine = threads.pop(thread, None) or deque(maxlen=self.min_files)
-            threads[thread] = mine  # the most recently active thread last
-            if not any(u == uri for u, _, _ in mine):
-                mine.append((uri, size, now))
-            while len(threads) > MAX_THREADS:  # thread names are the reader's to choose: bounded
-                threads.popitem(last=False)
+            self._thread_saw(reader, thread, uri, size, now, place)
         q = self._recent.setdefault(reader, OrderedDict())
         total = self._bytes.get(reader, 0)
         old = q.pop(uri, None)
         if old is not None:
             total -= old[0]
-        if place is None:
-            place = self.ticket()
         if q and place < next(reversed(q.values()))[2]:
             q[uri] = (size, now, place)
             q = self._recent[reader] = OrderedDict(sorted(q.items(), key=lambda kv: kv[1][2]))
@@ -106,6 +105,29 @@ class Leases:
                 break
             total -= q.popitem(last=False)[1][0]
         self._bytes[reader] = total
+
+    def _thread_saw(self, reader: str, thread: str, uri: str, size: int, now: float, place: int) -> None:
+        """``thread`` of process ``reader`` took ``uri`` at ``place`` in the process's order: keep the
+        thread's ``min_files`` files of the latest places, each with the time of its latest note.
+
+        By place, not by arrival: a file the thread took before it landed (``place`` from its ticket)
+        arrives after files the thread took since, and appended as the newest it pushed out the file the
+        thread had just been handed. A file the thread already holds is renewed, not skipped: resolved
+        again, it is opened soon again, so its hold counts from now (kept at its first note, it ran out
+        ``recent`` after that one while the thread still used it)."""
+        threads = self._threads.setdefault(reader, OrderedDict())
+        mine = threads.pop(thread, None) or []
+        threads[thread] = mine  # the most recently active thread last
+        for i, (u, _, when, at) in enumerate(mine):
+            if u == uri:
+                del mine[i]
+                now, place = max(now, when), max(place, at)
+                break
+        mine.append((uri, size, now, place))
+        mine.sort(key=lambda e: e[3])
+        del mine[: max(0, len(mine) - self.min_files)]
+        while len(threads) > MAX_THREADS:  # thread names are the reader's to choose: bounded
+            threads.popitem(last=False)
 
     def held(self, now: float) -> set[str]:
         active = {r: q for r, q in self._recent.items() if q and now - max(v[1] for v in q.values()) < self.lease}
@@ -127,7 +149,7 @@ class Leases:
                 i += 1
             seen = {u for u, _ in mine}
             for files in self._threads.get(holder, {}).values():
-                for uri, size, when in files:
+                for uri, size, when, _ in files:
                     if now - when < self.recent and uri not in seen:
                         mine.append((uri, size))
                         seen.add(uri)
