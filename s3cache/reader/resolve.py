@@ -192,8 +192,11 @@ class Resolver:
             if ask:
                 wait = min(wait, max(0.0, ask_after - now))
             if not client.buffered():
-                r, _, _ = select.select([client.fileno()], [], [], wait)
-                if not r:
+                # poll, not select: a training process may hold more than 1024 open files, and
+                # select() cannot take a descriptor numbered past that
+                poller = select.poll()
+                poller.register(client.fileno(), select.POLLIN)
+                if not poller.poll(wait * 1000):
                     continue  # look again (and ask again, if it is time)
             try:
                 event = client.receive()
