@@ -205,3 +205,23 @@ def test_a_publish_that_ends_a_full_disk_wakes_the_workers_it_held_back(bare):
     wait_for(lambda: len(bare.cond._waiters) == 1, 30, "a worker waiting on the full disk")
     publish(bare, first)
     assert idle.get(timeout=30) == (entry(u[1], 10), False)
+
+
+def test_waiting_for_a_fetch_to_end_stops_waiting_when_the_daemon_stops(rig):
+    """``verify`` waits this way for a replaced file's new copy; a stop must not wait out its timeout."""
+    rig.install(catalog(entry(B + "a", 10)))
+    settled(rig, 1)
+    out: list = []
+
+    def wait_for_it() -> None:
+        with rig.cond:
+            out.append(rig.schedule.wait_ended(B + "a", timeout=600))
+
+    t = threading.Thread(target=wait_for_it, daemon=True)
+    t.start()
+    wait_for(lambda: rig.schedule._ending, 30, "the waiter to wait")
+    rig.stopping.set()  # as DaemonRoot.stop does: set, then wake every waiter on the state lock
+    with rig.cond:
+        rig.cond.notify_all()
+    t.join(30)
+    assert out == [False], "wait_ended did not give up when the daemon stopped"

@@ -145,10 +145,13 @@ class Schedule(HandOut):
             self._cond.notify(n)
 
     def wait_ended(self, uri: str, timeout: float) -> bool:
-        """Wait (state lock held) until ``uri`` is not being fetched, at most ``timeout`` s. True if it is not."""
+        """Wait (state lock held) until ``uri`` is not being fetched, at most ``timeout`` s, and no longer
+        once the daemon is stopping (a stop cancels the fetch, whose end may never be routed here). True
+        if it is not being fetched."""
         self._ending[uri] = self._ending.get(uri, 0) + 1
         try:
-            return self._cond.wait_for(lambda: uri not in self.fetching, timeout=timeout)
+            self._cond.wait_for(lambda: uri not in self.fetching or self._stopping.is_set(), timeout=timeout)
+            return uri not in self.fetching
         finally:
             self._ending[uri] -= 1
             if not self._ending[uri]:
