@@ -148,8 +148,14 @@ class RangedParts:
 
         futures = [self._submit(prio, self.policy.run, uri, lambda p=p: once(p)) for p in layout]
         try:
-            for f in futures:
-                f.result()
+            for f, p in zip(futures, layout):
+                # A part cut short calls this on a thread of the pool these parts go to: when every
+                # thread of it is such a part, none is left to start them. A part no thread has taken
+                # yet runs here instead (the caller waits anyway), so the wait always ends.
+                if f.cancel():
+                    self.policy.run(uri, lambda p=p: once(p))
+                else:
+                    f.result()
         finally:
             _settle_all(futures)
 
