@@ -60,6 +60,28 @@ def _share(i: int, workers: int) -> int:
     return max(1, workers // FIRST_FILES + (i < workers % FIRST_FILES))
 
 
+def test_a_job_of_one_object_spreads_it_over_every_connection(tmp_path, moto, s3, bucket, daemons):
+    """Fewer objects than first files: the connections are shared between those there are, so one object
+    alone (the matrix's 256 MiB cell) takes all of them, not the share of one of ``FIRST_FILES``."""
+    workers = 4
+    body = os.urandom(8 * MiB)
+    s3.put_object(Bucket=bucket, Key="one/big", Body=body)
+    proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
+    try:
+        d = daemons(manifest=write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/one/big"]),
+                    args=["--workers", str(workers), "--endpoint-url", proxy.url, "--max-size", "1G",
+                          "--min-free", "0"])
+        d.wait_until(lambda st: st["objects"]["ready"] == 1, 120, "the object cached")
+        asked = [x.headers.get("range") for x in proxy.seen(f"/{bucket}/one/big")]
+        # a 1 MiB first range, then its other 7 MiB in one part per connection
+        assert asked[0] == f"bytes=0-{MiB - 1}" and len(asked) == 1 + workers, asked
+        with open(resolve(f"s3://{bucket}/one/big", cache_dir=d.cache_dir, timeout=60), "rb") as f:
+            assert f.read() == body
+        assert d.stop() == 0, d.log()
+    finally:
+        proxy.stop()
+
+
 def test_the_first_files_a_job_opens_fill_the_connections_before_any_other_prefetch(tmp_path, moto, s3, bucket,
                                                                                       daemons):
     """Twice as many connections as first files (``FIRST_FILES``: what TFRecordDataset with AUTOTUNE opens

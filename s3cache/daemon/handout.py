@@ -110,6 +110,16 @@ class HandOut:
         nth = pos - (jobs.bounds(pos)[0] if jobs is not None else 0)
         return nth if nth < self.first_files else None
 
+    def first_count(self, uri: str) -> int:
+        """How many first files ``uri``'s job has: ``first_files``, or fewer in a job of fewer objects
+        (whose first files then share all the connections between them)."""
+        pos = self.catalog.position(uri)
+        if pos is None:
+            return self.first_files
+        jobs = self.catalog.jobs
+        size = jobs.bounds(pos)[1] if jobs is not None else len(self.catalog)
+        return max(1, min(self.first_files, size))
+
     def asked(self, uri: str) -> None:
         """Every byte of ``uri`` has been asked for (each of its GETs answered), or its job
         ended: once no first file is left so, other prefetch may go (state lock held)."""

@@ -153,13 +153,14 @@ class Workers:
         """How ``uri`` is fetched if the schedule handed it out as one of a job's first files (state lock
         held): its order, and its share of the ``workers`` connections, so that the job's first files
         together fill them, one GET each when they are at least as many (``workers // first_files``, one
-        more for the first ``workers % first_files``); a job's first record waits for all of them
+        more for the first ``workers % first_files``; a job of fewer objects than ``first_files`` splits
+        the connections between those it has: one object alone gets them all); a job's first record waits for all of them
         (demand.FIRST_FILES), and more parts than connections would only add requests. ``asked`` lets
         the schedule hand out other prefetch once every byte of it is asked for."""
         order = self._schedule.early.get(uri)
         if order is None:
             return None
-        w, k = self.s.workers, self._schedule.first_files
+        w, k = self.s.workers, self._schedule.first_count(uri)
         share = max(1, w // k + (order % k < w % k))
 
         def asked() -> None:
