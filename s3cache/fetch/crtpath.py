@@ -37,7 +37,7 @@ from s3cache.manifest.parse import Entry
 
 from .checksum import Digest
 from .crt import CrtGets, NoRoom
-from .fetched import Fetched, NeedSpace, preallocate, seal
+from .fetched import Fetched, NeedSpace, preallocate, seal, temp_file
 from .link import Link, Slot
 from .parts import first_answer, first_span
 from .ranged import Priority, RangedParts
@@ -124,9 +124,7 @@ class CrtPath:
         assert size is not None
         if not admit(size):
             raise NeedSpace(size)
-        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
-        ok = False
-        try:
+        with temp_file(entry, self._new_temp, self._discard) as (fd, tmp):
             resp = self._get(entry, prio, tmp, size, False)
             etag = resp.get("ETag", "").strip('"')
             version = resp.get("VersionId") or entry.version or ""
@@ -146,32 +144,27 @@ class CrtPath:
             checks = self.verifier.settle(entry, resp, etag, True, total, confirm)
             digest = Digest(checks.expect, checks.also)
             read_into(digest, fd, 0, total)  # a small object, just written: from the page cache
-            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
-            ok = True
-            return fetched
-        finally:
-            os.close(fd)
-            if not ok:
-                self._discard(tmp)
+            return seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
 
     def fetch_unsized(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         """A prefetch of unknown size: its first ``crt_max`` bytes in one ranged CRT GET into the temp
         file, then as the module doc says. Raises Unranged, or ClientError 416 for an empty object."""
+        try:
+            return self._fetch_unsized(entry, admit, prio, seen)
+        except BaseException:
+            self._probed(entry)  # it failed before teaching its folder anything (else: a no-op)
+            raise
+
+    def _fetch_unsized(self, entry: Entry, admit: Callable[[int], bool], prio: Priority, seen: dict) -> Fetched:
         uri = entry.uri
         asked = first_span(self.crt_max)
-        try:
-            fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
-        except BaseException:
-            self._probed(entry)
-            raise
-        ok = False
         admitted: list[int] = []
 
         def admit_once(n: int) -> bool:
             admitted.append(n)
             return admit(n)
 
-        try:
+        with temp_file(entry, self._new_temp, self._discard) as (fd, tmp):
             # Admitted for its total before the CRT writes a byte: the answer's headers give it
             resp = self._get(entry, prio, tmp, self.crt_max, True, admit_once)
             etag = resp.get("ETag", "").strip('"')
@@ -193,11 +186,4 @@ class CrtPath:
                 preallocate(fd, uri, total)
                 resp["Body"] = None  # its bytes are in the file already
                 checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, None)
-            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
-            ok = True
-            return fetched
-        finally:
-            os.close(fd)
-            if not ok:
-                self._discard(tmp)
-                self._probed(entry)
+            return seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from s3cache.errors import S3CacheError
@@ -41,6 +43,21 @@ class Fetched:
     method: str
     crc32c: str
     also: tuple[str, ...] = ()  # claims checked beside ``method`` (the manifest's, when S3's was stronger)
+
+
+@contextmanager
+def temp_file(entry: Entry, new_temp: Callable[[str], tuple[int, str]],
+              discard: Callable[[str], None]) -> Iterator[tuple[int, str]]:
+    """An open temp file for ``entry`` (``new_temp``'s ``(fd, path)``), closed on leaving; removed
+    (``discard``) if the block raised, so a failed attempt leaves none."""
+    fd, tmp = new_temp(entry.ref.key.rsplit("/", 1)[-1])
+    try:
+        yield fd, tmp
+    except BaseException:
+        os.close(fd)
+        discard(tmp)
+        raise
+    os.close(fd)
 
 
 def preallocate(fd: int, uri: str, total: int) -> None:

@@ -35,7 +35,6 @@ a failed fetch leaves no temp file; a failed attempt's digest is never joined in
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
@@ -48,7 +47,7 @@ from .checksum import Digest, have_crc64nvme
 from .crt import MAX_OBJECT, CrtGets, TooLarge
 from .crterrors import Unranged
 from .crtpath import CrtPath
-from .fetched import Fetched, NeedSpace, preallocate, seal
+from .fetched import Fetched, NeedSpace, preallocate, seal, temp_file
 from .hangup import endpoint_ports, hang_up
 from .link import Link, Slot
 from .parts import FLOOR, Early, Span, first_answer, first_span, part_length, status
@@ -328,22 +327,14 @@ class Fetcher:
         except BaseException:
             body.close()
             raise
-        fd, tmp = self._new_temp(entry.ref.key.rsplit("/", 1)[-1])
-        ok = False
-        try:
+        with temp_file(entry, self._new_temp, self._discard) as (fd, tmp):
             preallocate(fd, uri, total)
             if checks is not None:
                 digest = Digest(checks.expect, checks.also)
                 self._stream_whole(entry, body, fd, total, etag, digest, prio, slot)
             else:
                 checks, digest = self.parts.rest(entry, resp, fd, total, etag, prio, asked, slot, confirm)
-            fetched = seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
-            ok = True
-            return fetched
-        finally:
-            os.close(fd)
-            if not ok:
-                self._discard(tmp)
+            return seal(self.verifier, entry, fd, tmp, total, etag, version, checks, digest, seen)
 
     def _stream_whole(self, entry: Entry, body, fd: int, total: int, etag: str, digest: Digest, prio: Priority,
                       slot: Slot) -> None:
