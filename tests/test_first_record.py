@@ -60,6 +60,15 @@ def _share(i: int, workers: int) -> int:
     return max(1, workers // FIRST_FILES + (i < workers % FIRST_FILES))
 
 
+def _upload(s3, bucket: str, folder: str, n: int, size: int) -> tuple[list[str], dict[str, bytes]]:
+    """``n`` objects of ``size`` random bytes, ``folder/00`` on: their URIs in order, and their bodies."""
+    uris = [f"s3://{bucket}/{folder}/{i:02d}" for i in range(n)]
+    data = {u: os.urandom(size) for u in uris}
+    for u, body in data.items():
+        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    return uris, data
+
+
 def test_a_job_of_one_object_spreads_it_over_every_connection(tmp_path, moto, s3, bucket, daemons):
     """Fewer objects than first files: the connections are shared between those there are, so one object
     alone (the matrix's 256 MiB cell) takes all of them, not the share of one of ``FIRST_FILES``."""
@@ -92,10 +101,7 @@ def test_the_first_files_a_job_opens_fill_the_connections_before_any_other_prefe
     bytes are asked for. The files after them are plain prefetch."""
     workers = 2 * FIRST_FILES
     n = FIRST_FILES + 5
-    uris = [f"s3://{bucket}/d/{i:02d}" for i in range(n)]
-    data = {u: os.urandom(4 * MiB) for u in uris}
-    for u, body in data.items():
-        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    uris, data = _upload(s3, bucket, "d", n, 4 * MiB)
     proxy = FaultProxy(moto.port, bandwidth=2 * MiB).start()
     try:
         d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),
@@ -135,10 +141,7 @@ def test_first_files_as_many_as_the_connections_come_in_one_get_each_before_othe
     comes in one GET (parts would only add requests), and the first files' GETs reach S3 before any other
     object's."""
     n = FIRST_FILES + 3
-    uris = [f"s3://{bucket}/o/{i:02d}" for i in range(n)]
-    data = {u: os.urandom(3 * MiB) for u in uris}
-    for u, body in data.items():
-        s3.put_object(Bucket=bucket, Key=u.split("/", 3)[3], Body=body)
+    uris, data = _upload(s3, bucket, "o", n, 3 * MiB)
     proxy = FaultProxy(moto.port, bandwidth=4 * MiB).start()
     try:
         d = daemons(manifest=write_manifest(tmp_path / "m.txt", uris),

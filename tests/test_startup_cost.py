@@ -89,18 +89,26 @@ def test_the_s3_parts_of_endpoints_are_what_botocore_reads(tmp_path, monkeypatch
 def test_a_daemon_without_peers_never_loads_the_peer_tier(tmp_path, moto, s3, bucket):
     """The peer tier (an HTTP server, signing, membership) loads only with --peers: a daemon without it
     serves, fetches and stops as ever without having imported it."""
+    line = serving_report(tmp_path, moto, s3, bucket, _REPORT_ONCE_SERVING, "serving: peer")
+    assert line == "serving: peer=[]", line
+
+
+def serving_report(tmp_path, moto, s3, bucket, script: str, prefix: str) -> str:
+    """Run ``serve`` (its own arguments, a one-object manifest) under ``script``, which prints a line
+    starting with ``prefix`` once the daemon answers; return that line, once the object is fetched and
+    the daemon stopped cleanly."""
     s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
     manifest = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a.bin"])
     d = DaemonProcess(tmp_path / "cache", moto.url, manifest=manifest)
-    d.cmd = [sys.executable, "-c", _REPORT_ONCE_SERVING, *d.cmd[3:]]  # serve's own arguments
+    d.cmd = [sys.executable, "-c", script, *d.cmd[3:]]  # serve's own arguments
     try:
         d.start()
-        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: peer")), None),
-                        60, "the peer modules once serving")
-        assert line == "serving: peer=[]", line
+        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith(prefix)), None),
+                        60, f"{prefix!r} once serving")
         d.wait_until(lambda st: st["objects"]["ready"] == 1, 60, "a.bin fetched")
     finally:
         assert d.stop() == 0, d.log()
+    return line
 
 
 def test_a_start_refused_while_the_index_opened_closes_it(tmp_path, moto):

@@ -11,9 +11,7 @@ import os
 import subprocess
 import sys
 
-from conftest import write_manifest
-
-from s3cache.testing import DaemonProcess, wait_for
+from test_startup_cost import serving_report
 
 # Modules the daemon must not have loaded once serving (without --config and with no default file).
 UNUSED = ("s3cache.reader.resolve", "s3cache.reader.workers", "tomllib", "difflib")
@@ -55,18 +53,8 @@ def test_serve_loads_neither_the_readers_resolve_nor_the_toml_parser(tmp_path, m
     do not have. A daemon serves and fetches as ever without any of them, its GC on again and the
     daemon's modules (tens of thousands of objects) frozen out of it."""
     monkeypatch.delenv("S3CACHE_CONFIG", raising=False)
-    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
-    manifest = write_manifest(tmp_path / "m.txt", [f"s3://{bucket}/a.bin"])
-    d = DaemonProcess(tmp_path / "cache", moto.url, manifest=manifest)
-    d.cmd = [sys.executable, "-c", _REPORT_ONCE_SERVING, *d.cmd[3:]]  # serve's own arguments
-    try:
-        d.start()
-        line = wait_for(lambda: next((x for x in d.log().splitlines() if x.startswith("serving: loaded")), None),
-                        60, "the modules loaded once serving")
-        assert line == "serving: loaded=[] gc=True frozen=True", line
-        d.wait_until(lambda st: st["objects"]["ready"] == 1, 60, "a.bin fetched")
-    finally:
-        assert d.stop() == 0, d.log()
+    line = serving_report(tmp_path, moto, s3, bucket, _REPORT_ONCE_SERVING, "serving: loaded")
+    assert line == "serving: loaded=[] gc=True frozen=True", line
 
 
 def test_the_package_still_exports_resolve_and_loads_it_on_first_use():
