@@ -31,6 +31,7 @@ from s3cache.daemon import (
 )
 from s3cache.errors import FetchFailed
 from s3cache.fetch.fetcher import Fetched
+from s3cache.fetch.parts import Early
 from s3cache.fetch.retry import Cancelled, Outage
 from s3cache.fetch.s3api import Counters, Described
 from s3cache.manifest.parse import Entry
@@ -180,9 +181,13 @@ class FakeFetcher:
         self.policy = SimpleNamespace(outage=Outage())
 
     def fetch(self, entry: Entry, admit: Callable[[int], bool], foreground: bool = False,
-              early: int | None = None) -> Fetched:
+              early: Early | int | None = None) -> Fetched:
         job = self.h.jobs[entry.uri]
         job.in_fetch = True
+        if isinstance(early, Early) and early.asked is not None:
+            # as the real fetcher says once each GET of a first file is answered: other prefetch may go
+            # while it downloads (without this the hold would last until the job ends)
+            early.asked()
         job.parked.set()
         if not job.go.wait(PATIENCE):
             raise Cancelled("the test never decided this fetch")
